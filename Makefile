@@ -1,0 +1,48 @@
+# Quick start:  `make` runs the whole pipeline on the built-in task, `make test` runs the tests.
+# Each stage is a file target, so a stage whose inputs did not change is not rerun.
+
+PY      := .venv/bin/python
+OUT     := out
+SEED    := 0
+# Extra flags per stage, e.g.  make SFT_FLAGS="--max_steps 2000"
+SFT_FLAGS ?=
+RM_FLAGS  ?=
+PPO_FLAGS ?=
+CODE    := $(wildcard nanorlhf/*.py)
+
+.PHONY: all test venv clean
+
+all: $(OUT)/report.md
+
+# The virtual environment. Without a GPU we install the CPU build of torch that is pinned here (CI and the
+# quick start must not pull a multi-GB CUDA wheel); with a GPU, pip's default torch (a CUDA build).
+.venv/stamp: pyproject.toml
+	python3 -m venv .venv
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: .venv/stamp
+
+test: .venv/stamp
+	$(PY) -m pytest -q tests
+
+$(OUT)/data/meta.json: .venv/stamp nanorlhf/tasks.py
+	$(PY) -m nanorlhf.tasks --out_dir $(OUT)/data --seed $(SEED)
+
+$(OUT)/sft/ckpt.pt: $(OUT)/data/meta.json train_sft.py $(CODE)
+	$(PY) train_sft.py --data $(OUT)/data/sft.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(SFT_FLAGS)
+
+$(OUT)/rm/ckpt.pt: $(OUT)/sft/ckpt.pt train_rm.py
+	$(PY) train_rm.py --data $(OUT)/data/prefs.jsonl --init_from $(OUT)/sft --out_dir $(OUT)/rm --seed $(SEED) $(RM_FLAGS)
+
+$(OUT)/ppo/ckpt.pt: $(OUT)/rm/ckpt.pt train_ppo.py
+	$(PY) train_ppo.py --data $(OUT)/data/prompts.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --out_dir $(OUT)/ppo --seed $(SEED) $(PPO_FLAGS)
+
+$(OUT)/report.md: $(OUT)/ppo/ckpt.pt evaluate.py
+	$(PY) evaluate.py --data $(OUT)/data/eval.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --ppo $(OUT)/ppo --out_dir $(OUT)
+
+clean:
+	rm -rf $(OUT)

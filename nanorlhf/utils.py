@@ -1,0 +1,304 @@
+"""
+The plumbing that every stage shares: errors, flags, device and dtype, checkpoints, metrics, lr schedule.
+
+Nothing here knows about RLHF; it is the part of nanoGPT's train.py that three scripts would otherwise copy.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# errors
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (a flag, a path): reported in one line, no traceback."""
+
+
+def run(main):
+    """Call main(); turn the user's mistakes into one line on stderr and exit status 2."""
+    from nanorlhf.data import DataError  # local import: data.py imports this module
+
+    try:
+        main()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# flags: a dataclass is the single source of truth for names, defaults and help
+
+
+def flag(default, help):
+    """A dataclass field with a help string, e.g. `lr: float = flag(3e-4, "peak learning rate")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(s)
+
+
+def parse_flags(cls, argv=None, description=None):
+    """
+    Build an argparse parser from a dataclass, parse argv and return an instance of the dataclass.
+    A bool field `compile: bool = False` becomes `--compile` (and `--compile false` also works).
+    Optional fields (default None) take the type of their annotation, e.g. `top_k: int | None`.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        typ = f.type
+        if isinstance(typ, str):  # under `from __future__ import annotations`
+            typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]
+        elif not isinstance(typ, type):  # `int | None`
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typ is bool:
+            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=typ, default=f.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def check(condition, message):
+    """Validate a derived size or a flag combination right after parsing."""
+    if not condition:
+        raise UserError(message)
+
+
+# -----------------------------------------------------------------------------
+# device, dtype, autocast: decided once, here
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    device_type: str  # "cuda" | "cpu" | "mps"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+
+    def autocast(self):
+        """The context every forward pass runs in: autocast on CUDA with a low-precision dtype, nothing on CPU."""
+        if self.device_type == "cpu" or self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.dtype))
+
+
+def setup_runtime(device="auto", dtype="auto", seed=0):
+    """
+    device: "auto" picks cuda when available, else cpu. dtype: "auto" picks bfloat16 on a GPU that supports it,
+    float32 otherwise. Seeds python, numpy and torch.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return Runtime(dev, dev.type, dtype)
+
+
+def maybe_compile(model, enabled):
+    """torch.compile when asked; the returned module shares parameters with `model`."""
+    return torch.compile(model) if enabled else model
+
+
+def rng_state():
+    """Every random state a resumed run needs, as plain tensors and lists (weights_only-loadable)."""
+    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()), "numpy": _numpy_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a directory; files written atomically; loading never runs code
+
+CKPT = "ckpt.pt"  # model weights, config, tokenizer, stage, flags, step
+TRAIN_STATE = "train_state.pt"  # optimizer, rng, data position: what --resume needs
+
+
+def save_checkpoint(out_dir, payload, name=CKPT):
+    """Write payload to out_dir/name via a temporary file and a rename, so a crash never leaves half a file."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    tmp = path + f".tmp{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, name=CKPT, map_location="cpu"):
+    """Load out_dir/name (or a file path) with weights_only=True."""
+    if os.path.isdir(path):
+        path = os.path.join(path, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+
+
+def model_payload(model, tok, stage, args, step, **extra):
+    """The dict every stage saves in ckpt.pt."""
+    from nanorlhf.model import ScalarGPT
+
+    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {
+        "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+        "model_config": dataclasses.asdict(raw.config),
+        "model_kind": "scalar" if isinstance(raw, ScalarGPT) else "gpt",
+        "tokenizer": tok.to_dict(),
+        "stage": stage,
+        "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
+        "step": step,
+        **extra,
+    }
+
+
+def load_model(path, device="cpu", kind=None, name=CKPT):
+    """
+    Rebuild (model, tokenizer, ckpt) from a checkpoint directory. kind="gpt" or "scalar" asserts what the
+    checkpoint must hold; kind="scalar" on a "gpt" checkpoint builds a ScalarGPT from its trunk (this is how
+    the reward model starts from the SFT model).
+    """
+    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(path, name)
+    config = GPTConfig(**ckpt["model_config"])
+    stored = ckpt["model_kind"]
+    if stored == "gpt":
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+        if kind == "scalar":
+            model = ScalarGPT.from_gpt(model)
+    elif stored == "scalar":
+        if kind == "gpt":
+            raise UserError(f"{path}: holds a scalar (reward/value) model, but a language model is needed here")
+        model = ScalarGPT(config)
+        model.load_state_dict(ckpt["model"])
+    else:
+        raise UserError(f"{path}: unknown model_kind {stored!r}")
+    return model.to(device), Tokenizer.from_dict(ckpt["tokenizer"]), ckpt
+
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def configure_optimizer(model, lr, weight_decay, betas, device_type):
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains); fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+
+def cosine_lr(step, lr, warmup, max_steps, min_lr):
+    """Linear warmup for `warmup` steps, then cosine decay from lr to min_lr at max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to out_dir/metrics.jsonl (a resumed run keeps appending)."""
+
+    def __init__(self, out_dir, resume=False):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.f = open(self.path, "a" if resume else "w")
+
+    def log(self, row):
+        self.f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self.f.flush()
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+class Timer:
+    """Seconds per step and time left, for the progress line."""
+
+    def __init__(self, total_steps, start_step=0):
+        self.t0 = time.time()
+        self.start_step = start_step
+        self.total_steps = total_steps
+
+    def eta(self, step):
+        done = step + 1 - self.start_step
+        rate = (time.time() - self.t0) / max(1, done)
+        return rate * (self.total_steps - step - 1)
+
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"

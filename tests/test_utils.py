@@ -1,0 +1,72 @@
+import dataclasses
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nanorlhf import utils
+from nanorlhf.utils import flag
+
+
+@dataclasses.dataclass
+class Flags:
+    lr: float = flag(3e-4, "learning rate")
+    steps: int = flag(10, "steps")
+    name: str = flag("a", "a name")
+    compile: bool = flag(False, "compile")
+    top_k: int | None = flag(None, "top-k")
+
+
+def test_parse_flags_types_and_bools():
+    f = utils.parse_flags(Flags, ["--lr", "0.1", "--steps", "5", "--compile", "--top_k", "3"])
+    assert f == Flags(lr=0.1, steps=5, name="a", compile=True, top_k=3)
+    assert utils.parse_flags(Flags, ["--compile", "false"]).compile is False
+    assert utils.parse_flags(Flags, []) == Flags()
+
+
+def test_cosine_lr_matches_formula():
+    lr, warmup, max_steps, min_lr = 1.0, 10, 110, 0.1
+    for step in range(0, 130):
+        if step < warmup:
+            want = lr * (step + 1) / warmup
+        elif step >= max_steps:
+            want = min_lr
+        else:
+            ratio = (step - warmup) / (max_steps - warmup)
+            want = min_lr + (lr - min_lr) * (1 + math.cos(math.pi * ratio)) / 2
+        assert utils.cosine_lr(step, lr, warmup, max_steps, min_lr) == pytest.approx(want)
+
+
+def test_save_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
+    utils.save_checkpoint(tmp_path, {"x": torch.arange(3), "step": 1})
+    good = (tmp_path / "ckpt.pt").read_bytes()
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(tmp_path, {"x": torch.arange(5), "step": 2})
+    assert (tmp_path / "ckpt.pt").read_bytes() == good  # the good file survives
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and no temporary file is left behind
+    assert utils.load_checkpoint(tmp_path)["step"] == 1
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path):
+    torch.save({"f": os.system}, tmp_path / "ckpt.pt")  # a pickle that would import a callable
+    with pytest.raises(utils.UserError, match="cannot load"):
+        utils.load_checkpoint(tmp_path)
+
+
+def test_rng_state_round_trip_through_weights_only(tmp_path):
+    utils.setup_runtime("cpu", "float32", seed=1)
+    utils.save_checkpoint(tmp_path, {"rng": utils.rng_state()}, name="s.pt")
+    want = (torch.rand(3), random.random(), np.random.rand())
+    utils.set_rng_state(utils.load_checkpoint(tmp_path, name="s.pt")["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
