@@ -1,0 +1,301 @@
+"""
+Tests for nanorlhf/tokenizer.py: byte-level and BPE round trips on arbitrary unicode, hand-derived BPE merges,
+the incremental trainer against a plain recount-every-merge reference, GPT-2's known ids from its real
+vocabulary file, no special-token injection, the template's masks, and exact checkpoint save/restore.
+"""
+
+import functools
+import io
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+from nanorlhf.tokenizer import EOS, GPT2_PATTERN, PAD, Tokenizer, load_tiktoken, save_tiktoken, train_bpe
+
+GPT2_FILE = Path(__file__).resolve().parents[2] / "shared/data/gpt2.tiktoken"
+
+# code point ranges to draw random text from: control chars, ASCII, Latin-1, Greek/Cyrillic, combining marks,
+# CJK, emoji (4-byte UTF-8), and odd whitespace; surrogates (not encodable as UTF-8) are left out
+RANGES = [(0x00, 0x1F), (0x20, 0x7E), (0x7F, 0xFF), (0x370, 0x4FF), (0x300, 0x36F), (0x4E00, 0x9FFF),
+          (0x1F300, 0x1FAFF), (0x2000, 0x206F), (0xE000, 0xE0FF)]
+PIECES = [" ", "\n", "\n\n", "\r\n", "\t", "  ", "'s", "<|endoftext|>", "<|pad|>", "Human:", "the", " 123"]
+
+
+def random_text(rng, n):
+    """n random pieces: single code points from RANGES or common multi-char pieces (incl. special strings)."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.3:
+            out.append(rng.choice(PIECES))
+        else:
+            lo, hi = rng.choice(RANGES)
+            out.append(chr(rng.randint(lo, hi)))
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_ranks():
+    rng = random.Random(0)
+    english = "The quick brown fox jumps over the lazy dog. Human: what is 2+2?\n\nAssistant: It's 4.\n"
+    text = english * 200 + random_text(rng, 5000)
+    return train_bpe(text, 400)
+
+
+@functools.lru_cache(maxsize=None)
+def make_tokenizer(source):
+    if source == "byte":
+        return Tokenizer.byte_level()
+    if source == "bpe":
+        return Tokenizer("bpe", trained_ranks())
+    if not GPT2_FILE.exists():
+        pytest.skip(f"{GPT2_FILE} not present")
+    return Tokenizer.gpt2(str(GPT2_FILE))
+
+
+SOURCES = ["byte", "bpe", "gpt2"]
+
+# -----------------------------------------------------------------------------
+# byte level
+
+def test_byte_level_roundtrip_unicode():
+    tok = Tokenizer.byte_level()
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size, tok.name) == (256, 257, 258, "byte")
+    rng = random.Random(1)
+    for _ in range(200):
+        s = random_text(rng, rng.randint(0, 60))
+        ids = tok.encode(s)
+        assert ids == list(s.encode("utf-8"))  # byte-level ids are the UTF-8 bytes, nothing else
+        assert tok.decode(ids) == s
+
+# -----------------------------------------------------------------------------
+# BPE trainer
+
+def test_bpe_hand_merges_wikipedia():
+    # Wikipedia's example, one chunk "aaabdaaabac" (a=97, b=98, c=99, d=100):
+    #   pairs aa 4, ab 2, bd 1, da 1, ba 1, ac 1            -> merge (97, 97)   = b"aa"   -> 256
+    #   ZabdZabac: Za 2, ab 2, bd, dZ, ba, ac 1             tie at 2: (97, 98) < (256, 97)
+    #                                                       -> merge (97, 98)   = b"ab"   -> 257
+    #   ZYdZYac:   ZY 2, Yd, dZ, Ya, ac 1                   -> merge (256, 257) = b"aaab" -> 258
+    #   XdXac:     Xd, dX, Xa, ac all 1; smallest pair is (97, 99)
+    #                                                       -> merge (97, 99)   = b"ac"   -> 259
+    #   X d X ac: 4 tokens, and with vocab_size=260 training stops here.
+    ranks = train_bpe("aaabdaaabac", 260)
+    expected = {bytes([i]): i for i in range(256)}
+    expected.update({b"aa": 256, b"ab": 257, b"aaab": 258, b"ac": 259})
+    assert ranks == expected
+    assert Tokenizer("t", ranks).encode("aaabdaaabac") == [258, 100, 258, 259]
+
+
+def test_bpe_merges_stay_inside_chunks():
+    # "ab ab ab" splits into chunks "ab", " ab", " ab" (the space goes with the next word), so "b " never
+    # counts as a pair: ab 3, " a" 2 -> b"ab" = 256; then (32, 256) 2 -> b" ab" = 257; then no pair is left,
+    # so training stops early at 258 ranks although 300 were asked for.
+    ranks = train_bpe("ab ab ab", 300)
+    assert len(ranks) == 258
+    assert ranks[b"ab"] == 256 and ranks[b" ab"] == 257
+    assert Tokenizer("t", ranks).encode("ab ab") == [256, 257]
+
+
+def naive_bpe(text, vocab_size):
+    """Plain reference: recount every pair over all chunks before each merge (minbpe-style)."""
+    words = Counter(regex.findall(GPT2_PATTERN, text))
+    seqs = {w: list(w.encode("utf-8")) for w in words}
+    vocab = [bytes([i]) for i in range(256)]
+    while len(vocab) < vocab_size:
+        stats = Counter()
+        for w, count in words.items():
+            for pair in zip(seqs[w], seqs[w][1:]):
+                stats[pair] += count
+        if not stats:
+            break
+        a, b = min(stats, key=lambda p: (-stats[p], p))  # most frequent, ties to the smallest pair
+        vocab.append(vocab[a] + vocab[b])
+        new_id = len(vocab) - 1
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bpe_matches_naive_reference(seed):
+    rng = random.Random(seed)
+    alphabet = ["a", "b", "c", " ", "é", "中", "\n", "1", "!"][: 3 + seed]
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(300, 1500)))
+    vocab_size = 256 + rng.randint(10, 80)
+    assert train_bpe(text, vocab_size) == naive_bpe(text, vocab_size)
+
+
+def test_bpe_roundtrip_unicode_and_compression():
+    tok = make_tokenizer("bpe")
+    assert tok.vocab_size == 402 and (tok.eos_id, tok.pad_id) == (400, 401)
+    rng = random.Random(2)
+    for _ in range(200):
+        s = random_text(rng, rng.randint(0, 60))
+        ids = tok.encode(s)
+        assert all(0 <= i < 400 for i in ids)
+        assert tok.decode(ids) == s
+    seen = "The quick brown fox jumps over the lazy dog."
+    assert len(tok.encode(seen)) < len(seen) / 3  # the merges are used by tiktoken
+
+
+def test_tiktoken_file_roundtrip(tmp_path):
+    ranks = trained_ranks()
+    path = tmp_path / "my.tiktoken"
+    save_tiktoken(ranks, path)
+    assert load_tiktoken(str(path)) == ranks
+    tok = Tokenizer.from_spec(str(path))
+    assert tok.name == "my" and tok.vocab_size == len(ranks) + 2
+    rng = random.Random(3)
+    for _ in range(50):
+        s = random_text(rng, 40)
+        assert tok.encode(s) == make_tokenizer("bpe").encode(s)
+
+
+def test_bad_tiktoken_file(tmp_path):
+    missing = tmp_path / "nope.tiktoken"
+    with pytest.raises(ValueError, match="nope.tiktoken"):
+        Tokenizer.from_spec(str(missing))
+    byte_ranks = {bytes([i]): i for i in range(256)}
+    path = tmp_path / "bad.tiktoken"
+    save_tiktoken(byte_ranks, path)
+    lines = path.read_text().splitlines()
+    for bad_line, lineno in [("YWI=", 3), ("!!!! 256", 3), ("YWI= x", 3)]:
+        path.write_text("\n".join(lines[:2] + [bad_line] + lines[2:]) + "\n")
+        with pytest.raises(ValueError, match=f"bad.tiktoken:{lineno}:"):
+            Tokenizer.from_tiktoken_file(str(path))
+    path.write_text("\n".join(["YWI= 0"] + lines[1:]) + "\n")  # b"ab" in place of byte 0
+    with pytest.raises(ValueError, match="bad.tiktoken.*missing"):
+        Tokenizer.from_tiktoken_file(str(path))
+    path.write_text("\n".join(lines) + "\nYWI= 300\n")  # rank gap
+    with pytest.raises(ValueError, match="bad.tiktoken.*0..256"):
+        Tokenizer.from_tiktoken_file(str(path))
+
+# -----------------------------------------------------------------------------
+# GPT-2
+
+@pytest.mark.skipif(not GPT2_FILE.exists(), reason="shared/data/gpt2.tiktoken not present")
+def test_gpt2_known_ids():
+    tok = Tokenizer.from_spec(str(GPT2_FILE))
+    assert (tok.name, tok.eos_id, tok.pad_id, tok.vocab_size) == ("gpt2", 50256, 50257, 50258)
+    assert tok.encode("Hello world, RLHF!") == [15496, 995, 11, 45715, 29567, 0]
+    assert tok.encode("Hello") == [15496]
+    assert tok.encode(" the") == [262]
+    assert tok.encode("\n") == [198]
+    assert tok.encode("\n\n") == [628]
+    # typed by a user, "<|endoftext|>" is the seven ordinary tokens < | end of text | >
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert tok.decode([15496, 995, tok.eos_id, tok.pad_id]) == "Hello world"
+
+# -----------------------------------------------------------------------------
+# specials, template, checkpointing (every source)
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_special_token_injection(source):
+    tok = make_tokenizer(source)
+    assert tok.pad_id != tok.eos_id
+    rng = random.Random(4)
+    texts = [EOS, PAD, f"a{EOS}b{PAD}c", f" {EOS}\n\n{PAD} "] + [random_text(rng, 50) for _ in range(100)]
+    for s in texts:
+        ids = tok.encode(s)
+        assert tok.eos_id not in ids and tok.pad_id not in ids
+        assert tok.decode(ids) == s
+        ids, mask = tok.render(s, s)
+        assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id and tok.pad_id not in ids
+        ids, mask = tok.render_messages([{"role": "system", "content": s}, {"role": "user", "content": s},
+                                         {"role": "assistant", "content": s}])
+        assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id and tok.pad_id not in ids
+
+
+def test_decode_drops_pad_and_eos():
+    tok = Tokenizer.byte_level()
+    assert tok.decode([tok.pad_id, 104, tok.eos_id, 105, tok.pad_id]) == "hi"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_render_mask(source):
+    tok = make_tokenizer(source)
+    rng = random.Random(5)
+    for _ in range(50):
+        prompt, response = random_text(rng, rng.randint(0, 30)), random_text(rng, rng.randint(0, 30))
+        ids, mask = tok.render(prompt, response)
+        # independently encoded pieces
+        head = tok.encode("\n\nHuman: " + prompt) + tok.encode("\n\nAssistant:")
+        tail = tok.encode(" " + response)
+        assert ids == head + tail + [tok.eos_id]
+        assert mask == [0] * len(head) + [1] * (len(tail) + 1)
+        assert tok.render_prompt(prompt) == head
+        assert tok.decode(head) == f"\n\nHuman: {prompt}\n\nAssistant:"
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == " " + response
+        assert tok.render_messages([{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": response}]) == (ids, mask)
+    if source == "byte":  # with bytes the expected ids can be written out directly
+        ids, mask = tok.render("2+2?", "4")
+        assert ids == list(b"\n\nHuman: 2+2?\n\nAssistant: 4") + [256]
+        assert mask == [0] * 25 + [1, 1, 1]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_render_messages_mask(source):
+    tok = make_tokenizer(source)
+    rng = random.Random(6)
+    for _ in range(30):
+        contents = [random_text(rng, rng.randint(0, 20)) for _ in range(5)]
+        roles = ["system", "user", "assistant", "user", "assistant"]
+        ids, mask = tok.render_messages([{"role": r, "content": c} for r, c in zip(roles, contents)])
+        assert len(ids) == len(mask)
+        # split into maximal runs of equal mask value: 0 (sys+user1+"Assistant:"), 1, 0, 1
+        runs = []
+        for i, m in zip(ids, mask):
+            if runs and runs[-1][0] == m:
+                runs[-1][1].append(i)
+            else:
+                runs.append((m, [i]))
+        assert [m for m, _ in runs] == [0, 1, 0, 1]
+        sys_, u1, a1, u2, a2 = contents
+        assert runs[0][1] == tok.encode(sys_) + tok.encode("\n\nHuman: " + u1) + tok.encode("\n\nAssistant:")
+        assert runs[1][1] == tok.encode(" " + a1) + [tok.eos_id]
+        assert runs[2][1] == tok.encode("\n\nHuman: " + u2) + tok.encode("\n\nAssistant:")
+        assert runs[3][1] == tok.encode(" " + a2) + [tok.eos_id]
+        assert tok.decode(ids) == f"{sys_}\n\nHuman: {u1}\n\nAssistant: {a1}\n\nHuman: {u2}\n\nAssistant: {a2}"
+    with pytest.raises(ValueError, match="role"):
+        tok.render_messages([{"role": "robot", "content": "hi"}])
+
+
+def _plain(x):
+    """True if x is built only from str/int/list/dict (what a checkpoint may hold)."""
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(_plain(v) for v in x)
+    return type(x) in (str, int)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_checkpoint_roundtrip(source):
+    tok = make_tokenizer(source)
+    d = tok.to_dict()
+    assert _plain(d)
+    buf = io.BytesIO()
+    torch.save({"tokenizer": d}, buf)
+    buf.seek(0)
+    tok2 = Tokenizer.from_dict(torch.load(buf, weights_only=True)["tokenizer"])
+    assert tok2.to_dict() == d
+    assert (tok2.name, tok2.eos_id, tok2.pad_id, tok2.vocab_size) == (tok.name, tok.eos_id, tok.pad_id, tok.vocab_size)
+    assert tok2.mergeable_ranks == tok.mergeable_ranks
+    rng = random.Random(7)
+    for _ in range(100):
+        s = random_text(rng, rng.randint(0, 60))
+        assert tok2.encode(s) == tok.encode(s)
+        assert tok2.render(s, s) == tok.render(s, s)
