@@ -1,0 +1,398 @@
+"""
+Data: JSONL readers that validate every record before any training, encoding with one over-length policy,
+a length-grouped batch sampler, collate (padding to a multiple of 8) and moving batches to the device.
+
+Formats (one JSON object per line; blank lines are skipped; extra keys are ignored):
+    SFT          {"prompt": "...", "response": "..."}
+                 {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    preferences  {"prompt": "...", "chosen": "...", "rejected": "..."}                 (TRL)
+                 {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  (Anthropic HH)
+                 {"prompt": "...", "responses": ["...", ...], "ranking": [2, 0, 1]}  (K-wise, best first)
+    prompts      {"prompt": "..."}
+
+Any problem raises DataError with one line naming the file, the line and the field, e.g.
+    data/sft.jsonl:17: field 'response': expected a non-empty string
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman: "
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line: 'path:line: field 'x': what is wrong'."""
+
+
+def _fail(path, line, field, what):
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    raise DataError(f"{where}: field '{field}': {what}" if field else f"{where}: {what}")
+
+
+# -----------------------------------------------------------------------------
+# reading and validation
+
+def read_jsonl(path):
+    """
+    -> list of (line number, dict). Reads bytes and decodes each line on its own, so that bad UTF-8 is
+    reported with its line. Blank lines are skipped; a file with no records is an error.
+    """
+    if not os.path.exists(path):
+        _fail(path, None, None, "no such file")
+    if not os.path.isfile(path):
+        _fail(path, None, None, "not a file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    out = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            line = line[3:]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(path, lineno, None, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")
+        if not isinstance(obj, dict):
+            _fail(path, lineno, None, f"expected a JSON object, got {_typename(obj)}")
+        out.append((lineno, obj))
+    if not out:
+        _fail(path, None, None, "empty file (no records)")
+    return out
+
+
+def _typename(v):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_text(v, path, line, field):
+    """v if it is a non-empty string (not only whitespace), else DataError."""
+    if not isinstance(v, str):
+        _fail(path, line, field, f"expected a non-empty string, got {_typename(v)}")
+    if not v.strip():
+        _fail(path, line, field, "expected a non-empty string")
+    return v
+
+
+def _text(obj, key, path, line, field=None):
+    """obj[key] as a non-empty string, else DataError naming `field` (default: key)."""
+    if key not in obj:
+        _fail(path, line, field or key, "missing")
+    return _check_text(obj[key], path, line, field or key)
+
+
+def read_sft(path):
+    """
+    -> list of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} (extra keys dropped).
+    A chat needs at least one assistant turn (the loss covers assistant turns only).
+    """
+    records = []
+    for line, obj in read_jsonl(path):
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                _fail(path, line, "messages", f"expected a non-empty list, got {_typename(msgs)}")
+            clean = []
+            for i, m in enumerate(msgs):
+                field = f"messages[{i}]"
+                if not isinstance(m, dict):
+                    _fail(path, line, field, f"expected an object, got {_typename(m)}")
+                if "role" not in m:
+                    _fail(path, line, field + ".role", "missing")
+                if m["role"] not in ROLES:
+                    _fail(path, line, field + ".role", f"unknown role {m['role']!r} (expected system, user or assistant)")
+                clean.append({"role": m["role"], "content": _text(m, "content", path, line, field + ".content")})
+            if not any(m["role"] == "assistant" for m in clean):
+                _fail(path, line, "messages", "no assistant turn (nothing to train on)")
+            records.append({"messages": clean})
+        else:
+            records.append({"prompt": _text(obj, "prompt", path, line),
+                            "response": _text(obj, "response", path, line)})
+    return records
+
+
+def split_hh(transcript):
+    """
+    Split an Anthropic HH transcript at its LAST '\\n\\nAssistant:' into (prompt, response), such that
+    rendering (prompt, response) through the template gives back the transcript:
+        '\\n\\nHuman: Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye?\\n\\nAssistant: Bye.'
+        -> ('Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye?', 'Bye.')
+    The leading '\\n\\nHuman: ' is removed from the prompt (the template adds it back) and the one space after
+    'Assistant:' from the response (the template adds it back). None when there is no assistant turn.
+    """
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None
+    prompt, response = transcript[:cut], transcript[cut + len(HH_ASSISTANT):]
+    if prompt.startswith(HH_HUMAN):
+        prompt = prompt[len(HH_HUMAN):]
+    if response.startswith(" "):
+        response = response[1:]
+    return prompt, response
+
+
+def read_prefs(path, allow_ties=False):
+    """
+    -> list of {"prompt": str, "responses": [str, ...], "ranking": [int, ...] best first}, normalised from
+    the three formats: a pair becomes responses [chosen, rejected] with ranking [0, 1].
+    Two identical responses in one record (chosen == rejected) are a DataError unless allow_ties=True:
+    such a pair teaches nothing and would only be noise in the accuracy.
+    """
+    records = []
+    for line, obj in read_jsonl(path):
+        if "responses" in obj or "ranking" in obj:
+            prompt = _text(obj, "prompt", path, line)
+            resp = obj.get("responses")
+            if not isinstance(resp, list):
+                _fail(path, line, "responses", "missing" if resp is None else f"expected a list, got {_typename(resp)}")
+            if len(resp) < 2:
+                _fail(path, line, "responses", f"expected at least 2 responses, got {len(resp)}")
+            responses = [_check_text(r, path, line, f"responses[{i}]") for i, r in enumerate(resp)]
+            if "ranking" not in obj:
+                _fail(path, line, "ranking", "missing")
+            ranking = obj["ranking"]
+            k = len(responses)
+            if (not isinstance(ranking, list) or not all(type(i) is int for i in ranking)
+                    or sorted(ranking) != list(range(k))):
+                _fail(path, line, "ranking", f"expected a permutation of 0..{k - 1} (best first), got {json.dumps(ranking)[:60]}")
+            field = "responses"
+        elif "prompt" in obj:
+            prompt = _text(obj, "prompt", path, line)
+            responses = [_text(obj, "chosen", path, line), _text(obj, "rejected", path, line)]
+            ranking = [0, 1]
+            field = "rejected"
+        elif "chosen" in obj or "rejected" in obj:
+            halves = []
+            for key in ("chosen", "rejected"):
+                split = split_hh(_text(obj, key, path, line))
+                if split is None:
+                    _fail(path, line, key, f"no {HH_ASSISTANT!r} turn to split the transcript at")
+                if not split[1].strip():
+                    _fail(path, line, key, f"empty response after the last {HH_ASSISTANT!r}")
+                halves.append(split)
+            if halves[0][0] != halves[1][0]:
+                _fail(path, line, "rejected", f"its prompt (the text before the last {HH_ASSISTANT!r}) differs from chosen's")
+            if not halves[0][0].strip():
+                _fail(path, line, "chosen", f"empty prompt before the last {HH_ASSISTANT!r}")
+            prompt, responses, ranking = halves[0][0], [halves[0][1], halves[1][1]], [0, 1]
+            field = "rejected"
+        else:
+            _fail(path, line, "chosen", "missing (expected {prompt, chosen, rejected}, HH {chosen, rejected} "
+                                        "or {prompt, responses, ranking})")
+        if not allow_ties and len(set(responses)) < len(responses):
+            i = next(i for i, r in enumerate(responses) if responses.index(r) != i)
+            what = "identical to chosen" if field == "rejected" else f"responses {responses.index(responses[i])} and {i} are identical"
+            _fail(path, line, field, f"{what} (a tie: there is nothing to learn from it)")
+        records.append({"prompt": prompt, "responses": responses, "ranking": ranking})
+    return records
+
+
+def read_prompts(path):
+    """-> list of prompt strings from {"prompt": ...} lines (extra keys, e.g. "answer", are allowed)."""
+    return [_text(obj, "prompt", path, line) for line, obj in read_jsonl(path)]
+
+
+# -----------------------------------------------------------------------------
+# encoding, with one over-length policy
+
+def fit(ids, mask, block_size):
+    """
+    The over-length policy: keep the whole (last) response, cut the prompt from the LEFT.
+    (ids, mask) -> (ids, mask, truncated) or None when the last response with its EOS plus one token of
+    context (the first response token needs something to be predicted from) does not fit: the example is
+    dropped. Tokens after the last response token (a trailing non-assistant turn) are removed first: they
+    are never trained on. With block_size 6 and R the response:
+        p p p p p R R R   ->   p p p R R R      (truncated)
+        p R R R R R R R   ->   None             (dropped)
+    """
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    ids, mask = ids[:end], mask[:end]
+    start = end - 1
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    if len(ids) <= block_size:
+        return ids, mask, False
+    if end - start + 1 > block_size:
+        return None
+    return ids[-block_size:], mask[-block_size:], True
+
+
+def encode_sft(records, tok, block_size):
+    """
+    records (from read_sft) -> (list of (ids, response_mask), n_truncated). Rendered with tok.render or
+    tok.render_messages; over-long examples follow fit(): the prompt is cut from the left, or the example is
+    dropped when its response does not fit. n_dropped = len(records) - len(examples).
+    """
+    out, n_truncated = [], 0
+    for r in records:
+        ids, mask = tok.render_messages(r["messages"]) if "messages" in r else tok.render(r["prompt"], r["response"])
+        fitted = fit(list(ids), list(mask), block_size)
+        if fitted is None:
+            continue
+        out.append(fitted[:2])
+        n_truncated += fitted[2]
+    return out, n_truncated
+
+
+def encode_prefs(records, tok, block_size):
+    """
+    records (from read_prefs) -> (list of {"ids": [ids per response], "masks": [...], "ranking": [...]},
+    n_truncated). Each response is rendered with its prompt and fitted on its own (fit()); a response that
+    does not fit is dropped from its record and the ranking is restricted to the rest; a record left with
+    fewer than 2 responses is dropped. n_truncated counts rendered sequences whose prompt was cut.
+    """
+    out, n_truncated = [], 0
+    for r in records:
+        kept, ids, masks = [], [], []
+        for i, resp in enumerate(r["responses"]):
+            seq, mask = tok.render(r["prompt"], resp)
+            fitted = fit(list(seq), list(mask), block_size)
+            if fitted is not None:
+                kept.append(i)
+                ids.append(fitted[0])
+                masks.append(fitted[1])
+                n_truncated += fitted[2]
+        if len(kept) >= 2:
+            ranking = [kept.index(i) for i in r["ranking"] if i in kept]
+            out.append({"ids": ids, "masks": masks, "ranking": ranking})
+    return out, n_truncated
+
+
+def encode_prompts(prompts, tok, max_prompt_len):
+    """prompts -> (list of rendered prompt ids, each cut from the left to max_prompt_len tokens, n_truncated)."""
+    out, n_truncated = [], 0
+    for p in prompts:
+        ids = list(tok.render_prompt(p))
+        n_truncated += len(ids) > max_prompt_len
+        out.append(ids[-max_prompt_len:])
+    return out, n_truncated
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+class LengthGroupedSampler:
+    """
+    Batches of indices of similar length, so that little of a padded batch is padding. Per epoch:
+    shuffle all indices, cut them into chunks of chunk_batches * batch_size, sort each chunk by length,
+    cut it into batches, shuffle the order of all batches. Every example is in exactly one batch per epoch
+    (with drop_last, the one short batch is left out); the order depends only on (seed, epoch).
+    shuffle=False: sort all indices by length once and keep that batch order (evaluation).
+
+    Iterating yields the batches of the current epoch from the current position and then moves on to the
+    next epoch. state_dict() after consuming a batch points at the batch after it, so
+    load_state_dict() resumes exactly where training stopped, also when the loop then calls
+    set_epoch(epoch) for the restored epoch (iterate directly, not through a prefetching DataLoader, or the
+    position runs ahead).
+
+        sampler = LengthGroupedSampler([len(s) for s in seqs], batch_size=64, seed=0)
+        for epoch in range(n_epochs):
+            sampler.set_epoch(epoch)
+            for batch_indices in sampler: ...
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, shuffle=True, drop_last=False, chunk_batches=50):
+        assert batch_size >= 1 and chunk_batches >= 1
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.chunk_batches = chunk_batches
+        self.epoch, self.position = 0, 0
+
+    def batches(self, epoch):
+        """All batches (lists of indices) of the given epoch, in order."""
+        n, bs = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            batches = [order[i:i + bs].tolist() for i in range(0, n, bs)]
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(n)
+            chunk = self.chunk_batches * bs
+            batches = []
+            for c in range(0, n, chunk):
+                idx = perm[c:c + chunk]
+                idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+                batches += [idx[i:i + bs].tolist() for i in range(0, len(idx), bs)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == bs]
+        return batches
+
+    def __len__(self):
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        while self.position < len(batches):
+            self.position += 1
+            yield batches[self.position - 1]
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def set_epoch(self, epoch):
+        """Go to the start of `epoch`; if already in it (e.g. just restored), keep the position."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.lengths)}
+
+    def load_state_dict(self, state):
+        if state["n"] != len(self.lengths):
+            raise DataError(f"resume: the sampler state is for {state['n']} examples, the data has {len(self.lengths)}")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+def collate(seqs, pad_id, masks=None, left_pad=False, multiple=8, max_len=None):
+    """
+    Pad token id lists into a batch. T is the longest length rounded up to a multiple of `multiple` (never
+    above max_len, e.g. the model's block_size). Right padding for training, left padding for generation
+    prompts (their last token is then at index T-1 in every row).
+        seqs [[5, 6, 7], [8]], pad 0, right:  idx [[5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+                                              attention_mask [[1, 1, 1, 0, ...], [1, 0, ...]]
+    -> {"idx" (B, T) long, "attention_mask" (B, T) long, and "response_mask" (B, T) long if masks given}
+    """
+    longest = max(len(s) for s in seqs)
+    T = -(-longest // multiple) * multiple
+    if max_len is not None:
+        assert longest <= max_len, f"a sequence of {longest} tokens is longer than max_len={max_len}"
+        T = min(T, max_len)
+    B = len(seqs)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.long) if masks is not None else None
+    for b, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left_pad else slice(0, len(s))
+        idx[b, span] = torch.tensor(s, dtype=torch.long)
+        attention_mask[b, span] = 1
+        if masks is not None:
+            assert len(masks[b]) == len(s)
+            response_mask[b, span] = torch.tensor(masks[b], dtype=torch.long)
+    batch = {"idx": idx, "attention_mask": attention_mask}
+    if masks is not None:
+        batch["response_mask"] = response_mask
+    return batch
+
+
+def to_device(batch, device):
+    """Move a dict of tensors to device; on CUDA through pinned memory with non_blocking copies."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def padding_fraction(batch):
+    """Fraction of the batch's token slots that are padding."""
+    m = batch["attention_mask"]
+    return 1.0 - m.sum().item() / max(m.numel(), 1)

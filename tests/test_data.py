@@ -1,0 +1,304 @@
+import json
+import random
+
+import pytest
+import torch
+
+from nanorlhf.data import (DataError, LengthGroupedSampler, collate, encode_prefs, encode_prompts, encode_sft,
+                           padding_fraction, read_prefs, read_prompts, read_sft, split_hh, to_device)
+from nanorlhf.tokenizer import Tokenizer
+
+TOK = Tokenizer.byte_level()
+
+
+def write(tmp_path, content, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def lines(*objs):
+    return "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs)
+
+
+GOOD_SFT = {"prompt": "p", "response": "r"}
+GOOD_PAIR = {"prompt": "p", "chosen": "a", "rejected": "b"}
+HH = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+
+# (reader, file content, expected message after "path"). Each names the line and the field where there is one.
+BAD = [
+    (read_sft, "", ": empty file (no records)"),
+    (read_sft, "\n  \n\n", ": empty file (no records)"),
+    (read_sft, lines(GOOD_SFT, '{"prompt": "p", "response": }'), ":2: malformed JSON"),
+    (read_sft, lines(GOOD_SFT, "[1, 2]"), ":2: expected a JSON object, got a list"),
+    (read_sft, lines({"prompt": "p"}), ":1: field 'response': missing"),
+    (read_sft, lines({"prompt": "p", "response": 3}), ":1: field 'response': expected a non-empty string, got a number"),
+    (read_sft, lines({"prompt": "", "response": "r"}), ":1: field 'prompt': expected a non-empty string"),
+    (read_sft, lines({"prompt": "p", "response": "  \n"}), ":1: field 'response': expected a non-empty string"),
+    (read_sft, "\n\n" + lines({"prompt": None, "response": "r"}), ":3: field 'prompt': expected a non-empty string, got null"),
+    (read_sft, lines(GOOD_SFT).encode() + b'{"prompt": "p\xff", "response": "r"}\n', ":2: not valid UTF-8"),
+    (read_sft, lines({"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}),
+     ":1: field 'messages[1].role': unknown role 'bot'"),
+    (read_sft, lines({"messages": [{"content": "u"}]}), ":1: field 'messages[0].role': missing"),
+    (read_sft, lines({"messages": [{"role": "user", "content": 5}]}), ":1: field 'messages[0].content': expected a non-empty string"),
+    (read_sft, lines({"messages": [{"role": "user", "content": "u"}]}), ":1: field 'messages': no assistant turn"),
+    (read_sft, lines({"messages": []}), ":1: field 'messages': expected a non-empty list"),
+    (read_sft, lines({"messages": ["hi"]}), ":1: field 'messages[0]': expected an object, got a string"),
+    (read_prefs, lines(GOOD_PAIR, {"prompt": "p", "chosen": "a"}), ":2: field 'rejected': missing"),
+    (read_prefs, lines({"prompt": "p", "chosen": "a", "rejected": "a"}), ":1: field 'rejected': identical to chosen"),
+    (read_prefs, lines({"prompt": "p", "chosen": ["a"], "rejected": "b"}), ":1: field 'chosen': expected a non-empty string, got a list"),
+    (read_prefs, lines({"foo": 1}), ":1: field 'chosen': missing"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}),
+     ":1: field 'ranking': expected a permutation of 0..2 (best first), got [0, 0, 1]"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1, 2]}), ":1: field 'ranking': expected a permutation"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b"], "ranking": [True, False]}), ":1: field 'ranking': expected a permutation"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b"], "ranking": "01"}), ":1: field 'ranking': expected a permutation"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b"]}), ":1: field 'ranking': missing"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a"], "ranking": [0]}), ":1: field 'responses': expected at least 2 responses, got 1"),
+    (read_prefs, lines({"prompt": "p", "responses": "ab", "ranking": [0, 1]}), ":1: field 'responses': expected a list, got a string"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}), ":1: field 'responses[1]': expected a non-empty string"),
+    (read_prefs, lines({"responses": ["a", "b"], "ranking": [0, 1]}), ":1: field 'prompt': missing"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}),
+     ":1: field 'responses': responses 0 and 2 are identical"),
+    (read_prefs, lines(HH, {"chosen": "\n\nHuman: hi", "rejected": HH["rejected"]}), ":2: field 'chosen': no '\\n\\nAssistant:' turn"),
+    (read_prefs, lines({"chosen": HH["chosen"], "rejected": "\n\nHuman: yo\n\nAssistant: go away"}),
+     ":1: field 'rejected': its prompt"),
+    (read_prefs, lines({"chosen": HH["chosen"], "rejected": "\n\nHuman: hi\n\nAssistant: "}),
+     ":1: field 'rejected': empty response"),
+    (read_prefs, lines({"chosen": HH["chosen"], "rejected": HH["chosen"]}), ":1: field 'rejected': identical to chosen"),
+    (read_prompts, lines({"prompt": "a"}, {"text": "b"}), ":2: field 'prompt': missing"),
+    (read_prompts, b'{"prompt": "a"}\n\x80\n', ":2: not valid UTF-8 (byte 0x80 at column 1)"),
+]
+
+
+@pytest.mark.parametrize("reader,content,expected", BAD, ids=[f"{r.__name__}-{i}" for i, (r, _, _) in enumerate(BAD)])
+def test_bad_input_names_file_line_field(tmp_path, reader, content, expected):
+    path = write(tmp_path, content)
+    with pytest.raises(DataError) as e:
+        reader(path)
+    msg = str(e.value)
+    assert msg.startswith(path + expected), msg
+    assert "\n" not in msg
+
+
+def test_missing_file_and_exact_message(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    for reader in (read_sft, read_prefs, read_prompts):
+        with pytest.raises(DataError, match=r"nope\.jsonl: no such file$"):
+            reader(missing)
+    with pytest.raises(DataError, match="not a file"):
+        read_sft(str(tmp_path))
+    (tmp_path / "data").mkdir()
+    path = write(tmp_path, lines(*[GOOD_SFT] * 16, {"prompt": "p", "response": ""}), "data/sft.jsonl")
+    with pytest.raises(DataError) as e:
+        read_sft(path)
+    assert str(e.value) == f"{tmp_path}/data/sft.jsonl:17: field 'response': expected a non-empty string"
+    assert isinstance(e.value, ValueError)
+
+
+def test_read_sft_formats(tmp_path):
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a", "x": 1}]
+    path = write(tmp_path, "\ufeff" + lines({"prompt": "p", "response": "r", "extra": 1}, "", {"messages": msgs}) + "\n  \n")
+    assert read_sft(path) == [{"prompt": "p", "response": "r"},
+                              {"messages": [{"role": r, "content": c} for r, c in [("system", "s"), ("user", "u"), ("assistant", "a")]]}]
+
+
+def test_read_prefs_formats(tmp_path):
+    path = write(tmp_path, lines(
+        {"prompt": "p", "chosen": "good", "rejected": "bad"},
+        {"prompt": "q", "responses": ["x", "y", "z"], "ranking": [2, 0, 1], "meta": "ignored"},
+        HH,
+        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: no"},
+    ))
+    assert read_prefs(path) == [
+        {"prompt": "p", "responses": ["good", "bad"], "ranking": [0, 1]},
+        {"prompt": "q", "responses": ["x", "y", "z"], "ranking": [2, 0, 1]},
+        {"prompt": "hi", "responses": ["hello", "go away"], "ranking": [0, 1]},
+        {"prompt": "a\n\nAssistant: b\n\nHuman: c?", "responses": ["yes", "no"], "ranking": [0, 1]},
+    ]
+    tie = write(tmp_path, lines({"prompt": "p", "chosen": "a", "rejected": "a"}), "tie.jsonl")
+    assert read_prefs(tie, allow_ties=True) == [{"prompt": "p", "responses": ["a", "a"], "ranking": [0, 1]}]
+
+
+def test_read_prompts_allows_extra_keys(tmp_path):
+    path = write(tmp_path, lines({"prompt": "sort 3 1", "answer": "1 3"}, {"prompt": "b"}))
+    assert read_prompts(path) == ["sort 3 1", "b"]
+
+
+def test_hh_split_renders_back_to_the_transcript():
+    for transcript in ["\n\nHuman: hi\n\nAssistant: hello there",
+                       "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6, the Assistant: said"]:
+        prompt, response = split_hh(transcript)
+        ids, mask = TOK.render(prompt, response)
+        assert ids == TOK.encode(transcript) + [TOK.eos_id]
+        assert TOK.decode([i for i, m in zip(ids, mask) if m]) == " " + response
+    assert split_hh("\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes") == ("a\n\nAssistant: b\n\nHuman: c?", "yes")
+    assert split_hh("no turns") is None
+
+
+# -----------------------------------------------------------------------------
+# encoding and the over-length policy
+
+def test_encode_sft_cuts_prompt_from_left_or_drops():
+    rng = random.Random(0)
+    records = [{"prompt": "x" * rng.randint(1, 40), "response": "y" * rng.randint(1, 40)} for _ in range(200)]
+    block = 36
+    out, n_truncated = encode_sft(records, TOK, block)
+    # plain reference of the policy: whole response + eos kept, the prompt cut from the left, dropped when
+    # response + eos + one context token does not fit
+    expected, n_ref = [], 0
+    for r in records:
+        p = TOK.render_prompt(r["prompt"])
+        resp = TOK.encode(" " + r["response"]) + [TOK.eos_id]
+        if len(resp) + 1 > block:
+            continue
+        keep = min(len(p), block - len(resp))
+        n_ref += keep < len(p)
+        expected.append((p[len(p) - keep:] + resp, [0] * keep + [1] * len(resp)))
+    assert out == expected and n_truncated == n_ref
+    assert 0 < n_truncated and len(out) < len(records)  # both cases occur
+    assert all(len(ids) <= block for ids, _ in out)
+
+
+def test_encode_sft_messages():
+    msgs = [{"role": "user", "content": "u" * 30}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "v"}, {"role": "assistant", "content": "bb"}, {"role": "user", "content": "tail"}]
+    ids, mask = TOK.render_messages(msgs)
+    end = len(ids) - len(TOK.encode("\n\nHuman: tail"))  # a trailing user turn is never trained on
+    out, n = encode_sft([{"messages": msgs}], TOK, 1000)
+    assert out == [(ids[:end], mask[:end])] and n == 0
+    out, n = encode_sft([{"messages": msgs}], TOK, 20)
+    assert out == [(ids[end - 20:end], mask[end - 20:end])] and n == 1
+    assert encode_sft([{"messages": msgs}], TOK, 4) == ([], 0)  # ' bb' + eos + 1 context token = 5 > 4
+
+
+def test_encode_prefs_and_prompts():
+    records = [{"prompt": "p" * 10, "responses": ["a", "b" * 40, "c" * 10], "ranking": [1, 2, 0]},
+               {"prompt": "q", "responses": ["d" * 40, "e" * 40], "ranking": [0, 1]}]
+    out, n_truncated = encode_prefs(records, TOK, 36)
+    assert len(out) == 1  # the second record has no response that fits
+    rec = out[0]
+    # "b"*40 is dropped; ranking [1, 2, 0] restricted to kept [0, 2] -> [c, a] -> [1, 0]
+    assert rec["ranking"] == [1, 0]
+    for ids, mask, resp in zip(rec["ids"], rec["masks"], ["a", "c" * 10]):
+        full, full_mask = TOK.render(records[0]["prompt"], resp)
+        assert ids == full[-36:] and mask == full_mask[-36:]
+    assert n_truncated == 1  # 21 + 10 + 1 + 10 + 1 = 43 > 36
+    ids, n = encode_prompts(["sort 1 2", "x" * 50], TOK, 40)
+    assert ids == [TOK.render_prompt("sort 1 2"), TOK.render_prompt("x" * 50)[-40:]] and n == 1
+
+
+# -----------------------------------------------------------------------------
+# the length-grouped sampler
+
+def padded_tokens(batches, lengths):
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_sampler_each_example_once_and_grouped():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1003)]
+    s = LengthGroupedSampler(lengths, batch_size=16, seed=1, chunk_batches=10)
+    orders = []
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) == 63
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(1003))
+        assert all(len(b) <= 16 for b in batches)
+        orders.append(flat)
+        # far less padding than random batches of the same size
+        perm = list(range(1003))
+        rng.shuffle(perm)
+        random_batches = [perm[i:i + 16] for i in range(0, 1003, 16)]
+        assert padded_tokens(batches, lengths) < 0.2 * padded_tokens(random_batches, lengths)
+    assert orders[0] != orders[1] != orders[2]
+    again = LengthGroupedSampler(lengths, batch_size=16, seed=1, chunk_batches=10)
+    assert [i for b in again for i in b] == orders[0]  # deterministic by (seed, epoch)
+    assert [i for b in again for i in b] == orders[1]  # moves on to the next epoch by itself
+    other = LengthGroupedSampler(lengths, batch_size=16, seed=2, chunk_batches=10)
+    assert [i for b in other for i in b] != orders[0]
+    # batches are shuffled, not served short to long: with one chunk, the batch lengths are not in order
+    one_chunk = [max(lengths[i] for i in b) for b in LengthGroupedSampler(lengths, 16, seed=1, chunk_batches=1000)]
+    assert one_chunk != sorted(one_chunk) and one_chunk != sorted(one_chunk, reverse=True)
+
+
+def test_sampler_drop_last_and_no_shuffle():
+    lengths = [3, 1, 2, 5, 4, 9, 7]
+    s = LengthGroupedSampler(lengths, batch_size=2, seed=0, drop_last=True)
+    batches = list(s)
+    assert len(batches) == len(s) == 3 and all(len(b) == 2 for b in batches)
+    assert len(set(i for b in batches for i in b)) == 6
+    s = LengthGroupedSampler(lengths, batch_size=3, shuffle=False)
+    assert list(s) == [[1, 2, 0], [4, 3, 6], [5]]
+
+
+def test_sampler_resume_continues_identically():
+    lengths = [random.Random(i).randint(1, 50) for i in range(300)]
+    ref = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    stream = []
+    for epoch in range(3):
+        ref.set_epoch(epoch)
+        stream += list(ref)
+    s = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    got, state = [], None
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        for b in s:
+            got.append(b)
+            if len(got) == 50:
+                state = s.state_dict()
+                break
+        if state:
+            break
+    assert state["epoch"] == 1
+    state = json.loads(json.dumps(state))  # survives a checkpoint
+    resumed = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    resumed.load_state_dict(state)
+    for epoch in range(state["epoch"], 3):
+        resumed.set_epoch(epoch)  # the usual loop: keeps the restored position in the restored epoch
+        got += list(resumed)
+    assert got == stream
+    with pytest.raises(DataError, match="sampler state is for 300 examples"):
+        LengthGroupedSampler(lengths[:10], batch_size=8).load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# collate
+
+def test_collate_right_and_left_pad():
+    rng = random.Random(0)
+    seqs = [[rng.randint(0, 255) for _ in range(rng.randint(1, 30))] for _ in range(7)]
+    masks = [[rng.randint(0, 1) for _ in s] for s in seqs]
+    pad = TOK.pad_id
+    for left in (False, True):
+        b = collate(seqs, pad, masks, left_pad=left)
+        B, T = b["idx"].shape
+        assert B == 7 and T % 8 == 0 and T - 8 < max(map(len, seqs)) <= T
+        for dtype_check in b.values():
+            assert dtype_check.dtype == torch.long
+        for r, (s, m) in enumerate(zip(seqs, masks)):
+            pad_n = T - len(s)
+            row = [pad] * pad_n + s if left else s + [pad] * pad_n
+            am = [0] * pad_n + [1] * len(s) if left else [1] * len(s) + [0] * pad_n
+            rm = [0] * pad_n + m if left else m + [0] * pad_n
+            assert b["idx"][r].tolist() == row
+            assert b["attention_mask"][r].tolist() == am
+            assert b["response_mask"][r].tolist() == rm
+        n_real = sum(map(len, seqs))
+        assert padding_fraction(b) == pytest.approx(1 - n_real / (B * T))
+    b = collate([[1, 2, 3]], pad, left_pad=True)
+    assert set(b) == {"idx", "attention_mask"} and b["idx"].shape == (1, 8)
+    assert b["idx"][0, -3:].tolist() == [1, 2, 3]
+    assert collate([[1] * 9], pad, multiple=8, max_len=12)["idx"].shape == (1, 12)
+    assert collate([[1] * 9], pad, multiple=8)["idx"].shape == (1, 16)
+
+
+def test_to_device():
+    b = collate([[1, 2], [3]], TOK.pad_id, [[0, 1], [1]])
+    moved = to_device(b, "cpu")
+    assert all(torch.equal(moved[k], b[k]) for k in b)
+    if torch.cuda.is_available():
+        moved = to_device(b, "cuda")
+        assert all(v.is_cuda and torch.equal(v.cpu(), b[k]) for k, v in moved.items())

@@ -1,0 +1,209 @@
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from nanorlhf.data import read_prefs, read_prompts, read_sft
+from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, annotate, annotator_agreement, candidate, demonstrate,
+                            generate_task, gold, ranking_agreement, solve, task_meta)
+from nanorlhf.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def plain_gold(prompt, response):
+    """The scoring rule written again, independently: tokens by hand, trailing junk found by index."""
+    words = prompt.split(" ")
+    if words[0] != "sort" or len(words) < 2:
+        return 0.0
+    for w in words[1:]:
+        if w not in list("0123456789"):
+            return 0.0
+    target = sorted(int(w) for w in words[1:])
+    toks, cur = [], ""
+    for ch in response + " ":
+        if ch.isspace():
+            if cur:
+                toks.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    last = -1
+    for i, t in enumerate(toks):
+        if t in list("0123456789"):
+            last = i
+    answer = [int(t) if t in list("0123456789") else None for t in toks[:last + 1]]
+    if not answer:
+        return 0.0
+    n = max(len(answer), len(target))
+    hits = 0
+    for i in range(n):
+        if i < len(answer) and i < len(target) and answer[i] == target[i]:
+            hits += 1
+    score = hits / n
+    if last + 1 < len(toks):
+        score = score / 2
+    return score
+
+
+def test_gold_hand_checked():
+    p = "sort 5 3 8 1"
+    assert solve(p) == "1 3 5 8"
+    assert gold(p, "1 3 5 8") == 1.0
+    assert gold(p, " 1 3 5 8 ") == 1.0
+    assert gold(p, "1 3 5 8 !") == 0.5
+    assert gold(p, "1 3 5 8 " + HABIT) == 0.5
+    assert gold(p, "1 3 5 8 ok !") == 0.5
+    assert gold(p, "1 5 3 8") == 0.5
+    assert gold(p, "1 3 5 8 8") == 0.8
+    assert gold(p, "1 3 5") == 0.75
+    assert gold(p, "1 3 5 !") == 0.375
+    assert gold(p, "5 3 8 1") == 0.25
+    assert gold(p, "1 3 x 8") == 0.75
+    assert gold(p, "hello") == 0.0
+    assert gold(p, "") == 0.0
+    assert gold(p, "13 58") == 0.0
+    assert gold("tell me a joke", "1 3 5 8") == 0.0
+    assert gold("sort 12 3", "3 12") == 0.0
+
+
+def test_gold_matches_plain_reference():
+    rng = random.Random(0)
+    pieces = list("0123456789") * 3 + ["!", "!!", "ok", ".", "x", "12", "8!", "done"]
+    prompts = ["sort 5 3 8 1", "sort 0 0 0", "sort 9 1 4 1 7 3 3 2", "sort 1", "sorted 1 2", "sort a b"]
+    for _ in range(3000):
+        digits = [rng.choice("0123456789") for _ in range(rng.randint(1, 9))]
+        p = "sort " + " ".join(digits) if rng.random() < 0.9 else rng.choice(prompts)
+        if rng.random() < 0.5 and p.split()[0] == "sort" and all(d.isdigit() for d in p.split()[1:]):
+            r = candidate(p, rng, error_prob=0.5)
+        else:
+            r = rng.choice(["", " ", "  "]).join(rng.choice(pieces) for _ in range(rng.randint(0, 11)))
+        assert gold(p, r) == pytest.approx(plain_gold(p, r), abs=1e-12), (p, r)
+        assert 0.0 <= gold(p, r) <= 1.0
+
+
+def test_demonstrator_habit_is_systematic():
+    rng = random.Random(1)
+    prompts = ["sort " + " ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8))) for _ in range(4000)]
+    demos = [demonstrate(p, rng) for p in prompts]
+    habit = sum(d.endswith(" " + HABIT) for d in demos) / len(demos)
+    assert abs(habit - HABIT_PROB) < 0.03
+    clean = [demonstrate(p, rng, habit_prob=0.0) for p in prompts]
+    g_demo = sum(map(gold, prompts, demos)) / len(prompts)
+    g_clean = sum(map(gold, prompts, clean)) / len(prompts)
+    assert g_clean > 0.85 and g_demo < g_clean - 0.15  # the habit costs far more than the random mistakes
+
+
+def test_annotate_is_plackett_luce():
+    # frequencies of all 24 rankings of 4 items against the sequential-softmax probability
+    scores, beta = [0.9, 0.5, 0.2, 0.0], 3.0
+    rng = random.Random(0)
+    n = 40000
+    counts = Counter(tuple(annotate(scores, beta, rng)) for _ in range(n))
+    for perm in itertools.permutations(range(4)):
+        prob, left = 1.0, list(perm)
+        for i in perm:
+            prob *= math.exp(beta * scores[i]) / sum(math.exp(beta * scores[j]) for j in left)
+            left.remove(i)
+        assert abs(counts[perm] / n - prob) < 4 * math.sqrt(prob * (1 - prob) / n) + 1e-3, perm
+    # pairwise marginal: P(0 above 1) = sigmoid(beta * (s0 - s1))
+    above = sum(c for perm, c in counts.items() if perm.index(0) < perm.index(1)) / n
+    assert above == pytest.approx(1 / (1 + math.exp(-beta * 0.4)), abs=0.01)
+    assert annotate(scores, 1e9, rng) == [0, 1, 2, 3]
+
+
+def test_annotator_agreement_matches_plain_loop():
+    rng = random.Random(0)
+    records = []
+    for _ in range(50):
+        p = "sort " + " ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+        resp = list(dict.fromkeys(candidate(p, rng) for _ in range(5)))
+        records.append({"prompt": p, "responses": resp, "ranking": rng.sample(range(len(resp)), len(resp))})
+    beta = 4.0
+    half, skip = [], []
+    for r in records:
+        g = [gold(r["prompt"], x) for x in r["responses"]]
+        for a in range(len(g)):
+            for b in range(a + 1, len(g)):
+                if g[a] == g[b]:
+                    half.append(0.5)
+                else:
+                    p = 1 / (1 + math.exp(-beta * abs(g[a] - g[b])))
+                    half.append(p)
+                    skip.append(p)
+    assert annotator_agreement(records, beta) == pytest.approx(sum(half) / len(half))
+    assert annotator_agreement(records, beta, ties="skip") == pytest.approx(sum(skip) / len(skip))
+    assert annotator_agreement(records, 1e9, ties="skip") == pytest.approx(1.0)
+    assert annotator_agreement(records, 0.0) == pytest.approx(0.5)
+
+
+SMALL = dict(n_sft=300, n_prefs=200, n_prefs_eval=300, n_prompts=100, n_eval=100)
+
+
+def test_generate_task_files(tmp_path):
+    meta = generate_task(str(tmp_path / "a"), seed=0, **SMALL)
+    d = tmp_path / "a"
+    assert sorted(os.listdir(d)) == ["eval.jsonl", "meta.json", "prefs.jsonl", "prefs_eval.jsonl", "prompts.jsonl", "sft.jsonl"]
+    assert json.loads((d / "meta.json").read_text()) == meta == task_meta(str(d / "prefs.jsonl"))
+    # every file passes the readers' validation (no ties, rankings are permutations)
+    sft = read_sft(str(d / "sft.jsonl"))
+    prefs = read_prefs(str(d / "prefs.jsonl"))
+    prefs_eval = read_prefs(str(d / "prefs_eval.jsonl"))
+    prompts = read_prompts(str(d / "prompts.jsonl"))
+    evals = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+    assert [len(sft), len(prefs), len(prefs_eval), len(prompts), len(evals)] == [300, 200, 300, 100, 100]
+    assert all(sorted(r["ranking"]) == list(range(4)) and len(set(r["responses"])) == 4 for r in prefs + prefs_eval)
+    assert all(e["answer"] == solve(e["prompt"]) for e in evals)
+    # prompts distinct within and across files
+    sets = [[r["prompt"] for r in sft], [r["prompt"] for r in prefs], [r["prompt"] for r in prefs_eval], prompts,
+            [e["prompt"] for e in evals]]
+    assert len(set().union(*map(set, sets))) == sum(map(len, sets))
+    # every example renders in MAX_RENDERED byte-level tokens
+    tok = Tokenizer.byte_level()
+    lens = [len(tok.render(r["prompt"], r["response"])[0]) for r in sft]
+    lens += [len(tok.render(r["prompt"], x)[0]) for r in prefs + prefs_eval for x in r["responses"]]
+    assert max(lens) <= MAX_RENDERED
+    # the measured references
+    assert meta["gold_perfect"] == 1.0
+    assert meta["gold_demonstrator"] < meta["gold_demonstrator_without_habit"] - 0.15
+    assert meta["gold_demonstrator_without_habit"] > 0.85
+    assert 0.8 < meta["annotator_agreement"] < 0.97
+    assert abs(meta["ranking_agreement"] - meta["annotator_agreement"]) < 0.04
+    assert meta["annotator_agreement"] == pytest.approx(annotator_agreement(prefs_eval, meta["annotator_beta"]))
+
+
+def test_generate_task_deterministic_by_seed(tmp_path):
+    generate_task(str(tmp_path / "a"), seed=0, **SMALL)
+    generate_task(str(tmp_path / "b"), seed=0, **SMALL)
+    generate_task(str(tmp_path / "c"), seed=1, **SMALL)
+    for name in ["sft.jsonl", "prefs.jsonl", "prefs_eval.jsonl", "prompts.jsonl", "eval.jsonl", "meta.json"]:
+        a, b, c = [(tmp_path / x / name).read_bytes() for x in "abc"]
+        assert a == b
+        assert a != c
+
+
+def test_annotator_beta_extremes(tmp_path):
+    sharp = generate_task(str(tmp_path / "sharp"), seed=0, annotator_beta=1e6, **SMALL)
+    records = read_prefs(str(tmp_path / "sharp" / "prefs.jsonl"))
+    assert ranking_agreement(records, ties="skip") == 1.0
+    assert sharp["annotator_agreement_untied"] == pytest.approx(1.0)
+    flat = generate_task(str(tmp_path / "flat"), seed=0, annotator_beta=0.0, **dict(SMALL, n_prefs=1000))
+    records = read_prefs(str(tmp_path / "flat" / "prefs.jsonl"))
+    assert abs(ranking_agreement(records, ties="skip") - 0.5) < 0.03  # 6000 pairs: sd ~0.007
+    assert flat["annotator_agreement"] == pytest.approx(0.5)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "data"
+    args = ["--out_dir", str(out), "--seed", "3", "--n_sft", "20", "--n_prefs", "10", "--n_prefs_eval", "10",
+            "--n_prompts", "10", "--n_eval", "10"]
+    proc = subprocess.run([sys.executable, "-m", "nanorlhf.tasks", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "annotator_agreement" in proc.stdout
+    assert len(read_sft(str(out / "sft.jsonl"))) == 20
