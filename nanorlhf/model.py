@@ -1,0 +1,534 @@
+"""
+The GPT-2 model, in the style of nanoGPT's model.py, plus what RLHF needs on top of it:
+
+- GPT: the language model (SFT model, PPO actor, frozen reference). forward() returns logits.
+- ScalarGPT: the same trunk with a Linear(n_embd, 1) head: one value per position (reward model, critic).
+- padding: forward() takes an attention_mask (B, T), 1 = real token, 0 = pad. Position ids come from the mask,
+  so a left-padded row gives the same logits at its real positions as the row alone.
+- generate(): batched sampling with a preallocated KV cache, temperature / top-k / top-p, left-padded prompts,
+  per-row EOS, and the logprob of every sampled token.
+- GPT.from_pretrained(): load a local Hugging Face GPT-2 checkpoint without importing transformers.
+
+Deliberate deviations from GPT-2 / nanoGPT:
+- Attention always goes through F.scaled_dot_product_attention; with padding it gets a boolean mask in which
+  every query may at least attend to itself, so a pad query of a left-padded row never makes a NaN.
+- GPTConfig has no layer_norm_epsilon: it is GPT-2's 1e-5 (from_pretrained refuses anything else).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (number of learned positions)
+    vocab_size: int = 258  # byte-level: 256 bytes + EOS + PAD
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as in GPT-2
+
+
+# -----------------------------------------------------------------------------
+# masks and small helpers
+
+
+def at_least_float32(x):
+    """Outputs leave the model in float32 (bf16/fp16 under autocast are upcast); a float64 model stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def last_index(mask):
+    """
+    Index of the last 1 in each row of a (B, T) 0/1 mask (0 for an all-zero row).
+    Example: [[0, 1, 1, 0], [1, 1, 1, 1]] -> [2, 3]
+    """
+    T = mask.size(-1)
+    positions = torch.arange(T, device=mask.device)
+    return (mask.long() * positions).argmax(-1)  # (B,)
+
+
+def position_ids_from_mask(attention_mask):
+    """
+    Positions count real tokens only, so padding does not shift them. Pads get a position too (clamped to 0 or
+    repeating the last one); their outputs are never used.
+    Example: [[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]] -> [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+def attention_mask_4d(attention_mask):
+    """
+    The boolean mask for F.scaled_dot_product_attention, True where query i may attend to key j:
+    j <= i (causal) and key j is a real token, and always j == i, so that a pad query (left padding) still
+    attends to one key and its softmax is not over an empty set (which would give NaN).
+    Example, one left-padded row [0, 1, 1]:
+        key  0 1 2
+        q0   1 0 0   <- pad query: only itself
+        q1   0 1 0
+        q2   0 1 1
+    (B, T) -> (B, 1, T, T)
+    """
+    T = attention_mask.size(-1)
+    ones = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device)
+    mask = ones.tril() & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+
+class KVCache:
+    """
+    The keys and values of one attention layer for every position of a generation, (B, nh, T_max, hs) each,
+    allocated once at the first update (with the dtype of the keys, so bf16 under autocast) and filled left to
+    right.
+    """
+
+    def __init__(self, T_max):
+        self.T_max = T_max
+        self.k = None
+        self.v = None
+
+    def update(self, k, v, start):
+        """Write k, v (B, nh, T, hs) at positions start..start+T-1; return the views of positions 0..start+T-1."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.T_max, hs)
+            self.v = v.new_empty(B, nh, self.T_max, hs)
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, cache=None, start=0):
+        """
+        x (B, T, C) at positions start..start+T-1. attn_mask: None (plain causal attention) or a boolean
+        (B, 1, T, start + T). With a cache, the keys/values of earlier positions come from it; a call with
+        start > 0 and no mask must be a single query (T == 1), which may see every cached key.
+        """
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # (B, nh, start + T, hs)
+        # softmax(q k^T / sqrt(hs) + mask) v, through the fused kernels (flash when there is no explicit mask)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and start == 0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None, start=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, start)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class Trunk(nn.Module):
+    """
+    What GPT and ScalarGPT share: embeddings, blocks, final LayerNorm (`self.transformer`, nanoGPT's names, so a
+    GPT state dict's `transformer.*` loads into either), the padded forward, gradient checkpointing, counts.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.grad_checkpointing = False
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+
+    def init_weights(self):
+        """GPT-2's init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def trunk(self, idx, attention_mask=None, position_ids=None):
+        """
+        idx (B, T) token ids, attention_mask (B, T) 1 = real 0 = pad (optional), position_ids (B, T) (optional,
+        by default from the mask) -> hidden states (B, T, C) after the final LayerNorm.
+        """
+        B, T = idx.size()
+        if attention_mask is None:
+            assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
+            attn_mask = None  # plain causal attention: the flash path
+            if position_ids is None:
+                position_ids = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+        else:
+            attn_mask = attention_mask_4d(attention_mask)  # (B, 1, T, T)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.grad_checkpointing and self.training:
+                # keep only the block's input; recompute its activations in the backward pass
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, attn_mask)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def num_params(self, non_embedding=False):
+        """
+        Number of parameters (the tied wte/lm_head counted once). non_embedding=True leaves out the embeddings
+        that are lookups only: the position embeddings, and for ScalarGPT also the token embeddings (in GPT they
+        are the lm_head matmul, so they count, as in nanoGPT).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+            if not isinstance(self, GPT):
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """
+        Training FLOPs (forward + backward) per token at sequence length T, PaLM appendix B:
+            6 N + 12 L H Q T     (N non-embedding params, L layers, H heads, Q head size)
+        e.g. GPT-2 124M at T=1024: 6 * 123.65e6 + 12 * 12 * 12 * 64 * 1024 = 0.855 GFLOPs per token.
+        """
+        cfg = self.config
+        T = cfg.block_size if T is None else T
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        return 6 * self.num_params(non_embedding=True) + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, T=None):
+        """Model FLOPs utilization: achieved training FLOP/s over peak_flops (e.g. 989e12 for an H100 in bf16)."""
+        return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
+
+
+class GPT(Trunk):
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.init_weights()
+
+    def forward(self, idx, attention_mask=None, position_ids=None):
+        """idx (B, T) -> logits (B, T, vocab_size), float32 also under autocast (float64 for a float64 model)."""
+        h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
+        return at_least_float32(self.lm_head(h))  # (B, T, V)
+
+    def resize_vocab(self, new_vocab_size):
+        """
+        Grow the vocabulary (e.g. GPT-2's 50257 -> 50258 for a pad token). The new rows start at the mean of the
+        old embeddings, a neutral point; wte and lm_head stay tied.
+        """
+        V, C = self.transformer.wte.weight.shape
+        assert new_vocab_size >= V, f"resize_vocab only grows the vocabulary ({V} -> {new_vocab_size})"
+        old = self.lm_head.weight.data
+        self.lm_head = nn.Linear(C, new_vocab_size, bias=False).to(device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            self.lm_head.weight[:V] = old
+            self.lm_head.weight[V:] = old.mean(0)
+        self.transformer.wte = nn.Embedding(new_vocab_size, C).to(device=old.device, dtype=old.dtype)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.config = replace(self.config, vocab_size=new_vocab_size)
+        return self
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def _forward_cached(self, idx, position_ids, attn_mask, caches, start):
+        """
+        Run tokens idx (B, T) at positions position_ids (B, T) that sit at cache slots start..start+T-1, append
+        their keys/values to the caches, and return the logits of the last one: (B, V).
+        """
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, attn_mask, cache, start)  # (B, T, C)
+        x = self.transformer.ln_f(x[:, -1])  # (B, C)
+        return at_least_float32(self.lm_head(x))  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
+                 eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True):
+        """
+        Sample up to max_new_tokens tokens after each left-padded prompt.
+
+        idx (B, T0) prompts, left-padded, with attention_mask (B, T0) (1 = real; None = no padding).
+        temperature == 0 is greedy argmax. top_k / top_p (nucleus) filter the distribution before sampling.
+        After a row emits eos_id it emits pad_id (default: eos_id); generation stops early once every row has.
+        Returns out (B, T0 + N), N <= max_new_tokens, and with return_logprobs also logprobs (B, N):
+        log softmax(logits / temperature) of each sampled token, of the distribution before top-k/top-p
+        filtering (what the PPO loss recomputes), with temperature 1 when greedy, and 0.0 at pads after eos.
+        use_cache=False recomputes the whole prefix at every step instead of using the KV cache (slow; the
+        reference the cache is tested and benchmarked against).
+
+        Example: prompts "ab" and "cde", pad P, eos E, max_new_tokens=3:
+            idx  = [[P, a, b], [c, d, e]]   attention_mask = [[0, 1, 1], [1, 1, 1]]
+            out  = [[P, a, b, x, E, P], [c, d, e, y, z, w]]
+        """
+        B, T0 = idx.size()
+        device = idx.device
+        if max_new_tokens <= 0:
+            out = idx.clone()
+            return (out, torch.zeros(B, 0, device=device)) if return_logprobs else out
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        mask = attention_mask.bool()  # (B, T0)
+        if not bool(mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts: the last column of attention_mask must be 1")
+        padded = not bool(mask.all())
+        prompt_lens = mask.sum(-1)  # (B,) real prompt tokens = position of the first new token
+        longest = int(prompt_lens.max()) + max_new_tokens - 1  # longest sequence the model is run on
+        if longest > self.config.block_size:
+            raise ValueError(f"prompt ({int(prompt_lens.max())}) + max_new_tokens ({max_new_tokens}) - 1 "
+                             f"> block_size ({self.config.block_size})")
+        if pad_id is None:
+            pad_id = eos_id if eos_id is not None else 0
+
+        T_max = T0 + max_new_tokens
+        out = torch.full((B, T_max), pad_id, dtype=idx.dtype, device=device)  # (B, T_max)
+        out[:, :T0] = idx
+        logprobs = None  # (B, N), allocated at the first step with the dtype of the logits
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+        # keys that may be attended to: the prompt's real tokens and every generated token, built once; each
+        # decode step takes a view of it
+        key_mask = torch.ones(B, T_max, dtype=torch.bool, device=device)  # (B, T_max)
+        key_mask[:, :T0] = mask
+
+        if use_cache:
+            caches = [KVCache(T_max) for _ in self.transformer.h]
+            attn_mask = attention_mask_4d(mask) if padded else None  # (B, 1, T0, T0)
+            logits = self._forward_cached(idx, position_ids_from_mask(mask), attn_mask, caches, 0)  # (B, V)
+        n = max_new_tokens
+        for i in range(max_new_tokens):
+            t = T0 + i  # the slot of the token sampled now
+            if not use_cache:
+                h = self.trunk(out[:, :t], key_mask[:, :t] if padded else None)  # (B, t, C)
+                logits = at_least_float32(self.lm_head(h[:, -1]))  # (B, V)
+            tok, logp = sample(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,), (B,)
+            if eos_id is not None:
+                tok = tok.masked_fill(finished, pad_id)
+            out[:, t] = tok
+            if return_logprobs:
+                if logprobs is None:
+                    logprobs = logp.new_zeros(B, max_new_tokens)  # (B, N)
+                logprobs[:, i] = logp.masked_fill(finished, 0.0) if eos_id is not None else logp
+            if eos_id is not None:
+                finished |= tok == eos_id
+                if bool(finished.all()):
+                    n = i + 1
+                    break
+            if use_cache and i + 1 < max_new_tokens:
+                pos = (prompt_lens + i)[:, None]  # (B, 1)
+                step_mask = key_mask[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t + 1)
+                logits = self._forward_cached(tok[:, None], pos, step_mask, caches, t)  # (B, V)
+        out = out[:, :T0 + n]
+        return (out, logprobs[:, :n]) if return_logprobs else out
+
+    # -------------------------------------------------------------------------
+    # Hugging Face GPT-2 import
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """
+        Load a Hugging Face GPT-2 checkpoint from a local directory holding config.json and model.safetensors
+        (or pytorch_model.bin), without transformers. HF's GPT-2 uses Conv1D layers, whose weights are stored
+        transposed (in, out) relative to nn.Linear (out, in); keys may carry a `transformer.` prefix or not.
+        """
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        if abs(eps - 1e-5) > 1e-12:
+            raise ValueError(f"{path}: layer_norm_epsilon {eps} is not supported (GPT-2 uses 1e-5)")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
+        n_embd = hf["n_embd"]
+        if hf.get("n_inner") not in (None, 4 * n_embd):
+            raise ValueError(f"{path}: n_inner {hf['n_inner']} is not supported (GPT-2 uses 4 * n_embd)")
+        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True)
+        st_path = os.path.join(path, "model.safetensors")
+        if os.path.exists(st_path):
+            sd_hf = load_safetensors(st_path)
+        else:
+            sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+
+        model = cls(config)
+        sd = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        loaded = set()
+        for k, v in sd_hf.items():
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+                continue  # HF's causal-mask buffers, and the lm_head that is tied to wte
+            name = k if k.startswith("transformer.") else "transformer." + k
+            if name not in sd:
+                raise ValueError(f"{path}: unexpected tensor {k!r}")
+            if name.endswith(transposed):
+                v = v.t()
+            if v.shape != sd[name].shape:
+                raise ValueError(f"{path}: {k!r} has shape {tuple(v.shape)}, expected {tuple(sd[name].shape)}")
+            with torch.no_grad():
+                sd[name].copy_(v)
+            loaded.add(name)
+        missing = set(sd) - loaded - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+        return model
+
+
+class ScalarGPT(Trunk):
+    """The GPT trunk with a scalar head: one value per position (the reward model and the critic)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        self.init_weights()
+
+    def forward(self, idx, attention_mask=None, position_ids=None):
+        """idx (B, T) -> values (B, T), float32 also under autocast (float64 for a float64 model)."""
+        h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
+        return at_least_float32(self.head(h).squeeze(-1))  # (B, T)
+
+    def score(self, idx, attention_mask):
+        """The value at the last real token of each row (left or right padding alike): (B,)."""
+        values = self(idx, attention_mask)  # (B, T)
+        return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+
+    @classmethod
+    def from_gpt(cls, gpt):
+        """A ScalarGPT with a copy of gpt's trunk and a zero head (InstructGPT starts the RM from the SFT model)."""
+        p = gpt.lm_head.weight
+        model = cls(gpt.config).to(device=p.device, dtype=p.dtype)
+        model.transformer.load_state_dict(gpt.transformer.state_dict())
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
+        model.grad_checkpointing = gpt.grad_checkpointing
+        return model
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None, return_logprobs=True):
+    """
+    Pick one token per row from logits (B, V). Returns (tokens (B,), logprobs (B,) or None), where logprobs are
+    log softmax(logits / temperature) at the chosen token, before top-k/top-p filtering (temperature 1 when
+    greedy). temperature == 0 is argmax; top_k keeps the k largest logits; top_p keeps the smallest set of
+    most likely tokens whose probability reaches top_p (always at least the most likely one).
+    """
+    if temperature == 0:
+        tok = logits.argmax(-1)  # (B,)
+        scaled = logits
+    else:
+        scaled = logits / temperature  # (B, V)
+        filtered = scaled
+        if top_k is not None:
+            v, _ = torch.topk(scaled, min(top_k, scaled.size(-1)))  # (B, k)
+            filtered = filtered.masked_fill(filtered < v[:, [-1]], float("-inf"))
+        if top_p is not None:
+            sorted_logits, sorted_idx = torch.sort(filtered, descending=True)  # (B, V)
+            sorted_probs = F.softmax(sorted_logits, dim=-1)  # (B, V)
+            # drop a token when the tokens more likely than it already reach top_p
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # (B, V)
+            drop[:, 0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            filtered = filtered.scatter(-1, sorted_idx, sorted_logits)
+        probs = F.softmax(filtered, dim=-1)  # (B, V)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    if not return_logprobs:
+        return tok, None
+    logp = F.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)  # (B,)
+    return tok, logp
+
+
+# -----------------------------------------------------------------------------
+# safetensors, read by hand
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_safetensors(path):
+    """
+    Read a .safetensors file into {name: tensor} (CPU). The format: an 8-byte little-endian header length n,
+    n bytes of JSON {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": ..},
+    then the raw little-endian tensor bytes, offsets counted from the end of the header.
+    Uses the safetensors package when it is installed.
+    """
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    if load_file is not None:
+        return load_file(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(os.path.getsize(path) - 8 - n)
+        f.readinto(data)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if end == begin:
+            t = torch.empty(info["shape"], dtype=dtype)
+        else:
+            t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+        tensors[name] = t.reshape(info["shape"])
+    return tensors

@@ -1,0 +1,523 @@
+"""
+nanorlhf/model.py against plain references: a float64 GPT-2 forward written with loops and textbook formulas
+(on Hugging Face's weight layout), naive generation that recomputes the whole prefix, rows run alone.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, attention_mask_4d, last_index, load_safetensors, sample
+
+CONFIG = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def make_gpt(config=CONFIG, seed=0, dtype=torch.float64, noise=0.0):
+    """A GPT in eval mode; noise > 0 adds N(0, noise) to every parameter so biases and LayerNorms matter."""
+    torch.manual_seed(seed)
+    model = GPT(config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return model
+
+
+def left_pad(rows, pad_id=0):
+    """Lists of ids -> idx (B, T) left-padded with pad_id, attention_mask (B, T)."""
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return idx, mask
+
+
+def to_hf(state_dict):
+    """Our state dict -> Hugging Face GPT-2 layout: Conv1D weights transposed, no lm_head (tied)."""
+    return {k: (v.t() if k.endswith(CONV1D) else v) for k, v in state_dict.items() if k != "lm_head.weight"}
+
+
+# -----------------------------------------------------------------------------
+# the plain reference
+
+
+def ref_layer_norm(x, w, b, eps=1e-5):
+    # (x - mean) / sqrt(var + eps) * w + b, biased variance
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def ref_gelu(x):
+    # GPT-2's tanh approximation
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def ref_attention(q, k, v, allowed):
+    """One head, loops over queries: q, k, v (T, hs); allowed[i] = list of keys query i sees."""
+    out = torch.zeros_like(q)
+    for i in range(q.size(0)):
+        js = allowed[i]
+        scores = torch.stack([q[i] @ k[j] for j in js]) / math.sqrt(q.size(1))
+        w = torch.exp(scores - scores.max())
+        w = w / w.sum()
+        out[i] = sum(w[n] * v[j] for n, j in enumerate(js))
+    return out
+
+
+def ref_trunk(sd, n_head, ids):
+    """Float64 GPT-2 trunk for one unpadded sequence from an HF-layout state dict: ids list -> (T, C)."""
+    p = {k.removeprefix("transformer."): v.double() for k, v in sd.items()}
+    T = len(ids)
+    x = p["wte.weight"][ids] + p["wpe.weight"][:T]
+    C = x.size(1)
+    hs = C // n_head
+    n_layer = len({k.split(".")[1] for k in p if k.startswith("h.")})
+    for l in range(n_layer):
+        w = lambda name: p[f"h.{l}.{name}"]  # noqa: E731
+        a = ref_layer_norm(x, w("ln_1.weight"), w("ln_1.bias"))
+        qkv = a @ w("attn.c_attn.weight") + w("attn.c_attn.bias")  # Conv1D: x @ W + b
+        q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+        y = torch.zeros(T, C, dtype=torch.float64)
+        for h in range(n_head):
+            s = slice(h * hs, (h + 1) * hs)
+            y[:, s] = ref_attention(q[:, s], k[:, s], v[:, s], [list(range(i + 1)) for i in range(T)])
+        x = x + y @ w("attn.c_proj.weight") + w("attn.c_proj.bias")
+        m = ref_layer_norm(x, w("ln_2.weight"), w("ln_2.bias"))
+        x = x + ref_gelu(m @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+    return ref_layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
+
+
+def ref_logits(sd, n_head, ids):
+    """(T, V) logits of the tied LM head."""
+    return ref_trunk(sd, n_head, ids) @ sd["wte.weight" if "wte.weight" in sd else "transformer.wte.weight"].double().t()
+
+
+# -----------------------------------------------------------------------------
+# attention and forward
+
+
+def test_attention_mask_4d_example():
+    m = attention_mask_4d(torch.tensor([[0, 1, 1]]))[0, 0].long()
+    assert m.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_attention_matches_plain_softmax(padded):
+    torch.manual_seed(0)
+    model = make_gpt()
+    attn = model.transformer.h[0].attn
+    B, T, C, nh = 3, 7, CONFIG.n_embd, CONFIG.n_head
+    hs = C // nh
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0
+        mask[1, :1] = 0
+    y = attn(x, attention_mask_4d(mask) if padded else None)
+    qkv = x @ attn.c_attn.weight.t() + attn.c_attn.bias
+    q, k, v = qkv.split(C, dim=2)
+    for b in range(B):
+        # each query sees the real keys at or before it, and always itself
+        allowed = [[j for j in range(i + 1) if mask[b, j] or j == i] for i in range(T)]
+        heads = [ref_attention(q[b, :, h * hs:(h + 1) * hs], k[b, :, h * hs:(h + 1) * hs], v[b, :, h * hs:(h + 1) * hs],
+                               allowed) for h in range(nh)]
+        ref = torch.cat(heads, dim=1) @ attn.c_proj.weight.t() + attn.c_proj.bias
+        assert torch.allclose(y[b], ref, atol=1e-10)
+
+
+def test_forward_matches_float64_reference():
+    model = make_gpt(noise=0.05)
+    sd = to_hf(model.state_dict())
+    torch.manual_seed(1)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 9))
+    logits = model(idx)
+    assert logits.shape == (2, 9, CONFIG.vocab_size) and logits.dtype == torch.float64
+    with torch.no_grad():
+        logits64 = model.lm_head(model.trunk(idx))
+    for b in range(2):
+        assert torch.allclose(logits64[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist()), atol=1e-10)
+
+
+def test_left_padded_rows_match_rows_alone():
+    model = make_gpt(noise=0.05)
+    sd = to_hf(model.state_dict())
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    idx, mask = left_pad(rows, pad_id=3)
+    with torch.no_grad():
+        logits = model.lm_head(model.trunk(idx, mask))  # float64
+    assert torch.isfinite(logits).all()
+    for b, r in enumerate(rows):
+        real = logits[b, -len(r):]
+        assert torch.allclose(real, ref_logits(sd, CONFIG.n_head, r), atol=1e-10)
+        alone = model.lm_head(model.trunk(torch.tensor([r])))[0]
+        assert torch.allclose(real, alone, atol=1e-10)
+
+
+def test_right_padding_and_explicit_position_ids():
+    model = make_gpt(noise=0.05)
+    idx = torch.tensor([[5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        a = model.lm_head(model.trunk(idx, mask))[0, :3]
+        b = model.lm_head(model.trunk(idx[:, :3]))[0]
+        c = model.lm_head(model.trunk(idx, mask, torch.tensor([[0, 1, 2, 3, 4]])))[0, :3]
+    assert torch.allclose(a, b, atol=1e-12) and torch.allclose(c, b, atol=1e-12)
+
+
+def test_grad_checkpointing_same_loss_and_grads():
+    config = GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32, dropout=0.1)
+    idx, mask = left_pad([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
+    results = []
+    for ckpt in (False, True):
+        model = make_gpt(config, dtype=torch.float32).train()
+        model.grad_checkpointing = ckpt
+        torch.manual_seed(123)  # same dropout masks in both runs
+        logits = model(idx, mask)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 50), idx[:, 1:].reshape(-1))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6), n
+    # and checkpointing was really used: the flag changes how many activations autograd keeps
+    model = make_gpt(config, dtype=torch.float32).train()
+    counts = []
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        n = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.__setitem__(0, n[0] + 1) or t, lambda t: t):
+            model(idx, mask)
+        counts.append(n[0])
+    assert counts[1] < counts[0]
+
+
+def test_num_params_and_flops():
+    c = CONFIG
+    C, L, V = c.n_embd, c.n_layer, c.vocab_size
+    block = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+    n = V * C + c.block_size * C + L * block + 2 * C
+    model = GPT(c)
+    assert model.num_params() == n
+    assert model.num_params(non_embedding=True) == n - c.block_size * C
+    assert model.flops_per_token(16) == 6 * (n - c.block_size * C) + 12 * L * c.n_head * (C // c.n_head) * 16
+    assert ScalarGPT(c).num_params() == n + C + 1
+
+
+def test_resize_vocab():
+    model = make_gpt(noise=0.05)
+    idx = torch.tensor([[1, 2, 3, 4]])
+    before = model(idx)
+    old = model.transformer.wte.weight.detach().clone()
+    model.resize_vocab(53)
+    after = model(idx)
+    assert after.shape == (1, 4, 53) and model.config.vocab_size == 53
+    assert torch.allclose(after[..., :50], before, atol=1e-12)
+    assert torch.allclose(model.transformer.wte.weight[50:], old.mean(0).expand(3, -1))
+    assert model.transformer.wte.weight is model.lm_head.weight
+    model(torch.tensor([[52, 51, 50]]))  # the new ids embed
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def test_generate_cache_equals_naive_greedy():
+    model = make_gpt(noise=0.05)
+    idx, mask = left_pad([[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]])
+    a, la = model.generate(idx, 12, temperature=0.0, attention_mask=mask, return_logprobs=True)
+    b, lb = model.generate(idx, 12, temperature=0.0, attention_mask=mask, return_logprobs=True, use_cache=False)
+    assert a.shape == (3, 5 + 12) and torch.equal(a, b)
+    assert torch.allclose(la, lb, atol=1e-10)
+    assert torch.equal(a[:, :5], idx)
+    # greedy: each new token is the argmax of the full forward on the generated sequence
+    full_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model.lm_head(model.trunk(a, full_mask))
+    assert torch.equal(logits[:, 4:-1].argmax(-1), a[:, 5:])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (10, None), (None, 0.8), (20, 0.9)])
+def test_generate_cache_equals_naive_sampling(top_k, top_p):
+    model = make_gpt(noise=0.3)  # larger weights: peakier distributions, so filtering matters
+    idx, mask = left_pad([[5, 6, 7, 8, 9], [11, 12], [13, 14, 15], [1]])
+    kw = dict(temperature=0.7, top_k=top_k, top_p=top_p, attention_mask=mask, return_logprobs=True)
+    a, la = model.generate(idx, 15, generator=torch.Generator().manual_seed(7), **kw)
+    b, lb = model.generate(idx, 15, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    assert torch.equal(a, b) and torch.allclose(la, lb, atol=1e-10)
+    c, _ = model.generate(idx, 15, generator=torch.Generator().manual_seed(8), **kw)
+    assert not torch.equal(a, c)  # the generator seeds the sampling
+    # the logprobs are log softmax(logits / temperature) of the full forward at the sampled tokens
+    full_mask = torch.cat([mask, torch.ones(4, 15, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model.lm_head(model.trunk(a, full_mask))[:, 4:-1] / 0.7
+    ref = F.log_softmax(logits, -1).gather(-1, a[:, 5:, None]).squeeze(-1)
+    assert torch.allclose(la, ref, atol=1e-10)
+
+
+def test_generate_sampling_respects_top_k_and_top_p():
+    model = make_gpt(noise=0.3)
+    idx, mask = left_pad([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        probs = F.softmax(model.lm_head(model.trunk(idx, mask))[:, -1], -1)  # (B, V)
+    top3 = [set(probs[b].topk(3).indices.tolist()) for b in range(2)]
+    # the nucleus for p = 0.5: most likely tokens until their mass reaches 0.5
+    nucleus = []
+    for b in range(2):
+        order, mass, keep = probs[b].argsort(descending=True).tolist(), 0.0, set()
+        for j in order:
+            keep.add(j)
+            mass += probs[b, j].item()
+            if mass >= 0.5:
+                break
+        nucleus.append(keep)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        out = model.generate(idx, 1, top_k=3, attention_mask=mask, generator=g)
+        assert all(out[b, -1].item() in top3[b] for b in range(2))
+        out = model.generate(idx, 1, top_p=0.5, attention_mask=mask, generator=g)
+        assert all(out[b, -1].item() in nucleus[b] for b in range(2))
+
+
+def test_sample_filters_by_hand():
+    # probabilities 0.4, 0.3, 0.2, 0.1 in 1000 identical rows
+    logits = torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)).expand(1000, 4)
+    g = torch.Generator().manual_seed(0)
+    for kw, allowed in ((dict(), {0, 1, 2, 3}), (dict(top_k=2), {1, 3}), (dict(top_p=0.6), {1, 3}),
+                        (dict(top_p=0.75), {1, 3, 2}), (dict(top_p=0.3), {1}), (dict(top_k=3, top_p=0.6), {1, 3})):
+        tok, logp = sample(logits, 1.0, generator=g, **kw)
+        assert set(tok.tolist()) == allowed, kw
+        # the logprob is of the unfiltered distribution
+        assert torch.allclose(logp, torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64))[tok])
+    tok, logp = sample(logits, 0.5, generator=g)
+    assert torch.allclose(logp, F.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None]).squeeze(-1))
+    tok, logp = sample(logits[:2], 0.0)
+    assert tok.tolist() == [1, 1] and torch.allclose(logp, torch.log(torch.tensor([0.4, 0.4], dtype=torch.float64)))
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    model = make_gpt(noise=0.3)
+    idx, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]])
+    greedy = model.generate(idx, 10, temperature=0.0, attention_mask=mask)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(idx, 10, temperature=1.0, top_k=1, attention_mask=mask, generator=g), greedy)
+    assert torch.equal(model.generate(idx, 10, temperature=1.0, top_p=1e-6, attention_mask=mask, generator=g), greedy)
+
+
+def test_generate_padded_batch_equals_rows_alone():
+    model = make_gpt(noise=0.1)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    idx, mask = left_pad(rows, pad_id=2)
+    out, lp = model.generate(idx, 10, temperature=0.0, attention_mask=mask, return_logprobs=True)
+    for b, r in enumerate(rows):
+        o, l = model.generate(torch.tensor([r]), 10, temperature=0.0, return_logprobs=True)
+        assert torch.equal(out[b, -10:], o[0, -10:])
+        assert torch.allclose(lp[b], l[0], atol=1e-10)
+
+
+def test_generate_eos_rows_emit_pad_after():
+    model = make_gpt(noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [20, 21], [30, 31, 32, 33, 34, 35]], pad_id=1)
+    N = 12
+    raw, raw_lp = model.generate(idx, N, temperature=0.0, attention_mask=mask, return_logprobs=True)
+    new = raw[:, -N:]
+    eos, pad = int(new[0, 2]), 49
+    out, lp = model.generate(idx, N, temperature=0.0, attention_mask=mask, eos_id=eos, pad_id=pad,
+                             return_logprobs=True)
+    # expected, row by row: the raw tokens up to and including the first eos, then pad (logprob 0)
+    stops = [(new[b] == eos).nonzero()[0].item() + 1 if (new[b] == eos).any() else N for b in range(3)]
+    n = max(stops)
+    assert out.shape == (3, idx.size(1) + n)
+    for b in range(3):
+        got = out[b, idx.size(1):]
+        assert torch.equal(got[:stops[b]], new[b, :stops[b]])
+        assert (got[stops[b]:] == pad).all()
+        assert torch.allclose(lp[b, :stops[b]], raw_lp[b, :stops[b]], atol=1e-10)
+        assert (lp[b, stops[b]:] == 0).all()
+    assert stops[0] <= 3
+
+
+def test_generate_stops_early_when_all_rows_finish():
+    model = make_gpt(noise=0.1)
+    # a model whose final hidden state is constant always predicts the same token: make it the eos
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.randn(CONFIG.n_embd, dtype=torch.float64))
+    idx, mask = left_pad([[5, 6, 7], [8]])
+    eos = int(model.generate(idx, 1, temperature=0.0, attention_mask=mask)[0, -1])
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=1)):
+        for use_cache in (True, False):
+            out, lp = model.generate(idx, 20, attention_mask=mask, eos_id=eos, pad_id=0, return_logprobs=True,
+                                     use_cache=use_cache, **kw)
+            assert out.shape == (2, 4) and (out[:, -1] == eos).all() and lp.shape == (2, 1)
+
+
+def test_generate_checks_inputs():
+    model = make_gpt()
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(torch.tensor([[1, 2, 0]]), 3, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.ones(1, 30, dtype=torch.long), 4)
+    out = model.generate(torch.ones(1, 30, dtype=torch.long), 3)  # 30 + 3 - 1 positions: fits
+    assert out.shape == (1, 33)
+
+
+def test_generate_under_cpu_bf16_autocast():
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lp = model.generate(idx, 6, attention_mask=mask, return_logprobs=True,
+                                 generator=torch.Generator().manual_seed(0))
+        logits = model(idx, mask)
+    assert out.shape == (2, 10) and torch.isfinite(lp).all() and logits.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu():
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    ref = model(idx, mask)
+    gpu = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = gpu(idx.cuda(), mask.cuda())
+        out, lp = gpu.generate(idx.cuda(), 8, attention_mask=mask.cuda(), return_logprobs=True,
+                               generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.allclose(logits.cpu()[mask.bool()], ref[mask.bool()], atol=0.1)
+    assert out.shape == (2, 12) and torch.isfinite(lp).all()
+    a = gpu.generate(idx.cuda(), 8, temperature=0.0, attention_mask=mask.cuda())
+    b = gpu.generate(idx.cuda(), 8, temperature=0.0, attention_mask=mask.cuda(), use_cache=False)
+    assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# scalar head
+
+
+def test_scalar_score_invariant_to_padding():
+    torch.manual_seed(0)
+    model = ScalarGPT(CONFIG).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    alone = torch.stack([model(torch.tensor([r]))[0, -1] for r in rows])
+    for pad in (0, 3):
+        idx, mask = left_pad(rows)
+        idx = torch.cat([torch.zeros(3, pad, dtype=torch.long), idx], 1)
+        mask = torch.cat([torch.zeros(3, pad, dtype=torch.long), mask], 1)
+        assert torch.allclose(model.score(idx, mask), alone, atol=1e-6)
+        T = max(map(len, rows)) + pad
+        ridx = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        rmask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        assert torch.allclose(model.score(ridx, rmask), alone, atol=1e-6)
+    # and the value is the head applied to the reference trunk
+    sd = to_hf({k: v for k, v in model.state_dict().items() if not k.startswith("head.")})
+    h = ref_trunk(sd, CONFIG.n_head, rows[1])[-1]
+    assert torch.allclose(alone[1], h @ model.head.weight[0] + model.head.bias[0], atol=1e-10)
+
+
+def test_last_index():
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert last_index(mask).tolist() == [2, 3, 3]
+
+
+def test_scalar_from_gpt_copies_trunk():
+    gpt = make_gpt(noise=0.05)
+    rm = ScalarGPT.from_gpt(gpt)
+    idx, mask = left_pad([[5, 6, 7], [8, 9]])
+    assert torch.allclose(rm.trunk(idx, mask), gpt.trunk(idx, mask), atol=0)
+    assert (rm.score(idx, mask) == 0).all()
+    assert rm.transformer.wte.weight.data_ptr() != gpt.transformer.wte.weight.data_ptr()  # a copy
+    # a GPT state dict's trunk loads into a ScalarGPT
+    fresh = ScalarGPT(CONFIG).double()
+    result = fresh.load_state_dict(gpt.state_dict(), strict=False)
+    assert result.unexpected_keys == ["lm_head.weight"] and set(result.missing_keys) == {"head.weight", "head.bias"}
+    assert torch.allclose(fresh.trunk(idx, mask), gpt.trunk(idx, mask), atol=0)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 import
+
+
+def random_hf_gpt2(n_layer=2, n_head=4, n_embd=32, vocab=50, n_pos=16, seed=0):
+    """Random weights in HF GPT2LMHeadModel's layout (Conv1D (in, out) weights, causal-mask buffers)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.1 * torch.randn(*shape, generator=g)  # noqa: E731
+    C = n_embd
+    sd = {"transformer.wte.weight": r(vocab, C), "transformer.wpe.weight": r(n_pos, C),
+          "transformer.ln_f.weight": 1 + r(C), "transformer.ln_f.bias": r(C)}
+    for l in range(n_layer):
+        p = f"transformer.h.{l}."
+        sd.update({
+            p + "ln_1.weight": 1 + r(C), p + "ln_1.bias": r(C),
+            p + "attn.bias": torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos),
+            p + "attn.masked_bias": torch.tensor(-1e4),
+            p + "attn.c_attn.weight": r(C, 3 * C), p + "attn.c_attn.bias": r(3 * C),
+            p + "attn.c_proj.weight": r(C, C), p + "attn.c_proj.bias": r(C),
+            p + "ln_2.weight": 1 + r(C), p + "ln_2.bias": r(C),
+            p + "mlp.c_fc.weight": r(C, 4 * C), p + "mlp.c_fc.bias": r(4 * C),
+            p + "mlp.c_proj.weight": r(4 * C, C), p + "mlp.c_proj.bias": r(C),
+        })
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    config = {"model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "n_positions": n_pos,
+              "n_ctx": n_pos, "vocab_size": vocab, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+    return sd, config
+
+
+def write_safetensors(path, tensors):
+    """The format by hand: u64 little-endian header size, JSON header, raw bytes (offsets after the header)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_pretrained_matches_reference(tmp_path, fmt):
+    sd, config = random_hf_gpt2()
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    if fmt == "safetensors":
+        # HF's save_pretrained: `transformer.` prefixes, no tied lm_head; one tensor stored as bf16
+        tensors = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        tensors["transformer.h.1.mlp.c_fc.bias"] = tensors["transformer.h.1.mlp.c_fc.bias"].bfloat16()
+        sd["transformer.h.1.mlp.c_fc.bias"] = tensors["transformer.h.1.mlp.c_fc.bias"].float()
+        write_safetensors(tmp_path / "model.safetensors", tensors)
+        back = load_safetensors(str(tmp_path / "model.safetensors"))
+        assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    else:
+        # the original hub layout: no `transformer.` prefix
+        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(str(tmp_path)).double()
+    assert model.config.block_size == 16 and model.config.vocab_size == 50 and model.config.n_head == 4
+    ids = [3, 17, 42, 8, 8, 0, 49, 21, 5, 11]
+    with torch.no_grad():
+        logits = model.lm_head(model.trunk(torch.tensor([ids])))[0]
+    assert torch.allclose(logits, ref_logits(sd, 4, ids), atol=1e-9)
+
+
+def test_from_pretrained_rejects_unknown_layouts(tmp_path):
+    sd, config = random_hf_gpt2()
+    config["layer_norm_epsilon"] = 1e-6
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="layer_norm_epsilon"):
+        GPT.from_pretrained(str(tmp_path))
+    config["layer_norm_epsilon"] = 1e-5
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    del sd["transformer.h.0.mlp.c_fc.bias"]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing"):
+        GPT.from_pretrained(str(tmp_path))
