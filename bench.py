@@ -1,0 +1,266 @@
+"""
+Benchmark one model size on the current device: how fast each stage's inner loop runs.
+
+    SFT training     tokens/s of forward + backward + AdamW step on full block_size sequences, and MFU:
+                     achieved FLOP/s (model.flops_per_token, PaLM's 6N + 12LHQT) over the device's peak
+    generation       tokens/s of GPT.generate with the KV cache and without it (use_cache=False recomputes
+                     the whole prefix at every step)
+    PPO iteration    seconds per iteration, split into rollout (generate + make_experience: scores, logprobs,
+                     values, rewards, GAE) and update (ppo_update: epochs x minibatches of actor and critic
+                     steps), with train_ppo.py's own functions on four random models
+    peak memory      per part on CUDA (torch.cuda.max_memory_allocated); on CPU the process's peak resident
+                     set so far (getrusage maxrss), which only grows from part to part
+
+Peak FLOP/s: train_common.peak_flops, as train_sft.py logs its MFU: the data-sheet dense peak for the GPUs it
+knows (H100/H200 bf16 989e12, A100 312e12; half that in float32, which runs on TF32), else the measured FLOP/s
+of a 1024 x 1024 matmul in the run's dtype, so the CPU's MFU reads "fraction of what this machine's matmul
+reaches".
+
+Weights and tokens are random; the generation benchmark passes no EOS, so it always runs all new_tokens
+steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
+    python bench.py                                           # the pipeline's CPU default model
+    python bench.py --json                                    # machine-readable
+    python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
+        --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
+"""
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import train_ppo
+from nanorlhf.losses import sft_loss
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.train_common import GPU_PEAK_FLOPS, optimizer_step, peak_flops
+from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
+from ppo_math import FixedKLController
+
+
+@dataclass
+class Config:
+    # model
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads")
+    n_embd: int = flag(128, "model width")
+    block_size: int = flag(256, "context length; SFT steps train on sequences this long")
+    vocab_size: int = flag(258, "vocabulary (258 = byte-level with EOS and PAD; GPT-2: 50304)")
+    # workload
+    batch_size: int = flag(16, "sequences per SFT step and prompts per generate() call")
+    steps: int = flag(10, "timed SFT steps (after 2 warm-up steps, 3 with --compile)")
+    prompt_len: int = flag(32, "prompt tokens for generation and PPO")
+    new_tokens: int = flag(64, "tokens generated per prompt in the generation benchmark")
+    ppo_batch_size: int = flag(64, "episodes per PPO iteration (train_ppo.py --batch_size)")
+    response_length: int = flag(24, "new tokens per PPO response (train_ppo.py --response_length)")
+    ppo_iters: int = flag(2, "timed PPO iterations (after one warm-up iteration, two with --compile)")
+    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated")
+    # system
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it) | float32 | bfloat16 | float16")
+    compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
+    seed: int = flag(0, "seed for the random weights and tokens")
+    json: bool = flag(False, "print one JSON object instead of the table")
+
+
+def sync(rt):
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops_source(rt):
+    """Where train_common.peak_flops (the number MFU divides by, shared with train_sft.py) gets its value."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        if any(key in name for key in GPU_PEAK_FLOPS):
+            return f"data-sheet dense {'bf16' if rt.dtype != 'float32' else 'TF32'} peak"
+    return f"measured 1024x1024 {rt.dtype} matmul"
+
+
+def peak_memory(rt):
+    """Bytes: CUDA's peak allocation since the last reset, or the process's peak resident set (Linux: KiB)."""
+    if rt.device_type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(rt):
+    if rt.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+
+def bench_train(cfg, model_cfg, rt):
+    """SFT steps on random full-length sequences: tokens/s and seconds per step."""
+    model = GPT(model_cfg).to(rt.device)
+    model.train()
+    fwd = maybe_compile(model, cfg.compile)
+    opt = configure_optimizer(model, 3e-4, 0.1, (0.9, 0.95), rt.device_type)
+    B, T = cfg.batch_size, cfg.block_size
+    idx = torch.randint(0, cfg.vocab_size - 2, (B, T), device=rt.device)  # (B, T), no special tokens
+    response_mask = torch.ones_like(idx)  # every target is trained on, the most work per token
+
+    def step():
+        with rt.autocast():
+            logits = fwd(idx)  # (B, T, V), plain causal attention as in train_sft.py (right padding needs no mask)
+        loss = sft_loss(logits, idx, response_mask)
+        loss.backward()
+        optimizer_step(model, opt, 3e-4, 1.0)  # train_sft.py's step: set lr, clip, AdamW, zero grads
+
+    for _ in range(3 if cfg.compile else 2):  # warm-up: allocator, kernels, compilation
+        step()
+    sync(rt)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    sync(rt)
+    dt = (time.perf_counter() - t0) / cfg.steps
+    return {"train_tokens_per_s": B * T / dt, "train_s_per_step": dt,
+            "flops_per_token": model.flops_per_token(T)}
+
+
+def bench_generate(cfg, model_cfg, rt, use_cache):
+    """Tokens/s of one batched generate() call of cfg.new_tokens tokens (EOS never stops it)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(rt.device).eval()
+    B = cfg.batch_size
+    idx = torch.randint(0, cfg.vocab_size - 2, (B, cfg.prompt_len), device=rt.device)  # (B, Tp)
+    mask = torch.ones_like(idx)
+    g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    n_warm = min(cfg.new_tokens, 4)
+    with rt.autocast():
+        model.generate(idx, n_warm, attention_mask=mask, generator=g, use_cache=use_cache)  # warm-up
+        sync(rt)
+        t0 = time.perf_counter()
+        out = model.generate(idx, cfg.new_tokens, attention_mask=mask, generator=g, use_cache=use_cache)
+        sync(rt)
+    dt = time.perf_counter() - t0
+    assert out.shape == (B, cfg.prompt_len + cfg.new_tokens)
+    return B * cfg.new_tokens / dt
+
+
+class BenchTokenizer:
+    """What train_ppo's rollout reads from a tokenizer: the ids of EOS and PAD (the last two of the vocab)."""
+
+    def __init__(self, vocab_size):
+        self.eos_id, self.pad_id = vocab_size - 2, vocab_size - 1
+
+
+def bench_ppo(cfg, model_cfg, rt):
+    """
+    Seconds per PPO iteration with train_ppo.py's functions, split as train_ppo logs it: rollout
+    (generate_responses + make_experience) and update (ppo_update), train_ppo's defaults for everything else.
+    """
+    args = train_ppo.Args(batch_size=cfg.ppo_batch_size, response_length=cfg.response_length, compile=cfg.compile)
+    check(args.batch_size % args.num_minibatches == 0,
+          f"--ppo_batch_size must be divisible by train_ppo's num_minibatches ({args.num_minibatches})")
+    torch.manual_seed(cfg.seed)
+    actor, ref = GPT(model_cfg).to(rt.device), GPT(model_cfg).to(rt.device)
+    critic, reward_model = ScalarGPT(model_cfg).to(rt.device), ScalarGPT(model_cfg).to(rt.device)
+    train_ppo.freeze(ref)
+    train_ppo.freeze(reward_model)
+    fwd_actor, fwd_critic = maybe_compile(actor, cfg.compile), maybe_compile(critic, cfg.compile)
+    betas = (args.beta1, args.beta2)
+    actor_opt = configure_optimizer(actor, args.lr, args.weight_decay, betas, rt.device_type)
+    critic_opt = configure_optimizer(critic, args.critic_lr, args.weight_decay, betas, rt.device_type)
+    kl_ctl = FixedKLController(args.kl_coef)
+    tok = BenchTokenizer(cfg.vocab_size)
+    context = torch.randint(0, cfg.vocab_size - 2, (args.batch_size, cfg.prompt_len), device=rt.device)  # (B, Tp)
+    context_mask = torch.ones_like(context)
+    n_warmup = 2 if cfg.compile else 1  # compilation: eval (rollout) and train (update) graphs, then a recompile
+    times = []
+    for it in range(n_warmup + cfg.ppo_iters):
+        sync(rt)
+        t0 = time.perf_counter()
+        actor.eval()
+        response = train_ppo.generate_responses(actor, context, context_mask, tok, args)  # (B, N), as train_ppo calls it
+        exp = train_ppo.make_experience(fwd_actor, ref, reward_model, fwd_critic, context, context_mask, response,
+                                        tok, args, kl_ctl.value, rt)
+        sync(rt)
+        t1 = time.perf_counter()
+        train_ppo.ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt)
+        sync(rt)
+        t2 = time.perf_counter()
+        if it >= n_warmup:
+            times.append((t1 - t0, t2 - t1))
+    rollout = sum(t[0] for t in times) / len(times)
+    update = sum(t[1] for t in times) / len(times)
+    return {"ppo_rollout_s": rollout, "ppo_update_s": update, "ppo_iter_s": rollout + update,
+            "ppo_episodes": args.batch_size, "ppo_epochs": args.ppo_epochs, "ppo_minibatches": args.num_minibatches}
+
+
+def main(argv=None):
+    cfg = parse_flags(Config, argv, description=__doc__)
+    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    known = ("train", "generate", "nocache", "ppo")
+    check(all(p in known for p in parts), f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
+    check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
+    check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
+          f"--prompt_len + --new_tokens ({cfg.prompt_len + cfg.new_tokens}) must fit --block_size {cfg.block_size}")
+    check(cfg.prompt_len + cfg.response_length <= cfg.block_size,
+          f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
+    check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1, "--steps, --ppo_iters, --batch_size >= 1")
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
+    check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
+        f"cpu, {torch.get_num_threads()} threads")
+    res = {"config": asdict(cfg), "device": device_name, "dtype": rt.dtype, "torch": torch.__version__,
+           "params": GPT(model_cfg).num_params()}
+    mem = {}
+    if "train" in parts:
+        reset_peak_memory(rt)
+        res.update(bench_train(cfg, model_cfg, rt))
+        mem["train"] = peak_memory(rt)
+        res["peak_flops"], res["peak_flops_source"] = peak_flops(rt), peak_flops_source(rt)
+        res["mfu"] = res["flops_per_token"] * res["train_tokens_per_s"] / res["peak_flops"]
+    if "generate" in parts:
+        reset_peak_memory(rt)
+        res["gen_tokens_per_s_kv_cache"] = bench_generate(cfg, model_cfg, rt, use_cache=True)
+        mem["generate"] = peak_memory(rt)
+    if "nocache" in parts:
+        res["gen_tokens_per_s_no_cache"] = bench_generate(cfg, model_cfg, rt, use_cache=False)
+    if "ppo" in parts:
+        reset_peak_memory(rt)
+        res.update(bench_ppo(cfg, model_cfg, rt))
+        mem["ppo"] = peak_memory(rt)
+    res["peak_memory_bytes"] = mem
+    res["peak_memory_kind"] = "cuda max_memory_allocated per part" if rt.device_type == "cuda" else \
+        "process max RSS so far (getrusage), cumulative"
+
+    if cfg.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"GPT {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, block {cfg.block_size}, vocab "
+          f"{cfg.vocab_size}: {res['params'] / 1e6:.2f}M params | {device_name} | {rt.dtype} | torch {torch.__version__}"
+          + (" | compiled" if cfg.compile else ""))
+    rows = []
+    if "train" in parts:
+        rows.append(("SFT train tokens/s", f"{res['train_tokens_per_s']:,.0f}",
+                     f"batch {cfg.batch_size} x {cfg.block_size} tokens, {res['train_s_per_step']:.3f} s/step"))
+        rows.append(("SFT MFU", f"{100 * res['mfu']:.1f}%",
+                     f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token vs {res['peak_flops'] / 1e12:.3g} TFLOP/s "
+                     f"({res['peak_flops_source']})"))
+    if "generate" in parts:
+        rows.append(("generate tokens/s, KV cache", f"{res['gen_tokens_per_s_kv_cache']:,.0f}",
+                     f"batch {cfg.batch_size}, prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens"))
+    if "nocache" in parts:
+        speedup = (f"KV cache is {res['gen_tokens_per_s_kv_cache'] / res['gen_tokens_per_s_no_cache']:.1f}x faster"
+                   if "generate" in parts else "")
+        rows.append(("generate tokens/s, no cache", f"{res['gen_tokens_per_s_no_cache']:,.0f}", speedup))
+    if "ppo" in parts:
+        rows.append(("PPO s/iteration", f"{res['ppo_iter_s']:.2f}",
+                     f"rollout {res['ppo_rollout_s']:.2f} + update {res['ppo_update_s']:.2f}; {res['ppo_episodes']} "
+                     f"episodes x {cfg.response_length} tokens, {res['ppo_epochs']} epochs x "
+                     f"{res['ppo_minibatches']} minibatches"))
+    if mem:
+        rows.append(("peak memory (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in mem.items()),
+                     res["peak_memory_kind"]))
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}s}  {value:>12s}  {note}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,633 @@
+"""
+Evaluate policies on held-out prompts and write the pipeline's report.
+
+Every policy answers the same held-out prompts with the same sampling seed, and we measure:
+
+    gold      mean gold-judge score of the responses (nanorlhf.tasks.gold; only for built-in task data)
+    rm        mean reward-model score r (at the last real token), normalised with what train_rm.py stored:
+              (r - reward_mean) / reward_std, the mean (set to 0) and std of the SFT demonstrations' rewards,
+              so 1.0 means one demonstration-std above a demonstration (raw r if none was stored; PPO
+              trains on raw r, which is what its curves show)
+    kl        KL to the reference (the SFT model), per response, on the policy's own samples:
+                  KL(pi || pi_ref) ~ sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)],  y ~ pi
+              summed over the response tokens (EOS included), then averaged over responses
+    win       win rate against the SFT model judged by the gold judge: response i of the policy against
+              response i of the SFT model (same prompt), 1 for a win, 1/2 for a tie, 0 for a loss
+    length    mean response length in tokens (EOS included, as PPO counts it)
+    eos       fraction of responses that ended with EOS (the rest ran into --max_new_tokens)
+
+The policies: the SFT model (its own row has kl = 0 and win = 1/2 by construction), the PPO model
+(--ppo), any --extra name=path checkpoints, and "init", a randomly initialised model of the SFT model's
+config, as a floor. Sampling is at --temperature, default 1.0: the distribution that PPO optimises and
+whose KL to the reference the penalty measures; --temperature 0 is greedy (the KL then uses the logits at
+temperature 1). Every policy samples from a generator seeded alike (common random numbers: two identical
+policies give identical responses, so the win rate compares the policies, not the dice).
+
+Run (what `make` runs last):
+    python evaluate.py --data out/data/eval.jsonl --sft out/sft --rm out/rm --ppo out/ppo --out_dir out
+Compare more checkpoints, e.g. the runs of the over-optimisation sweep (kl_sweep.py):
+    python evaluate.py --data out/data/eval.jsonl --sft out/sft --rm out/rm --ppo out/ppo \\
+        --extra beta0=out/sweep/beta0,default=out/sweep/default --out_dir out/sweep/eval
+
+Writes, atomically:
+    out_dir/report.md     the table, the reward model's accuracy beside the annotators' agreement, the PPO
+                          learning curves (out_dir/curves.png with matplotlib, else a text table), the
+                          over-optimisation sweep when out_dir/sweep holds one, responses side by side
+    out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
+                           "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s"}
+                          (null where a number does not apply: no --ppo, no --rm, not the built-in task)
+wall_s is the pipeline's wall time: the seconds that the SFT, RM and PPO stages spent in their loops (from their
+metrics.jsonl, see stage_seconds) plus this evaluation's own; data generation (seconds) and start-up are not counted.
+
+Deviations from InstructGPT: the judge is the task's gold function, not labelers, and the win rate is
+against our SFT model, not against the 175B SFT model; one sample per prompt by default.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import tasks
+from nanorlhf.data import collate, read_prompts
+from nanorlhf.losses import logprobs_from_logits, masked_sum
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.utils import check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime
+
+
+@dataclass
+class Config:
+    # inputs
+    data: str = flag("out/data/eval.jsonl", "held-out prompts, JSONL with a 'prompt' field")
+    sft: str = flag("out/sft", "SFT checkpoint: evaluated, and the reference for the KL and the win rate")
+    ppo: str | None = flag(None, "PPO checkpoint to evaluate")
+    rm: str | None = flag(None, "reward-model checkpoint for the rm column and the RM accuracy")
+    extra: str | None = flag(None, "more policies to evaluate, as name=path[,name=path...]")
+    init_row: bool = flag(True, "also evaluate a randomly initialised model of the SFT config (a floor)")
+    out_dir: str = flag("out", "where report.md, report.json and curves.png go")
+    # sampling
+    n_prompts: int = flag(256, "evaluate on the first n prompts of --data (all if fewer; the task writes 500)")
+    samples_per_prompt: int = flag(1, "responses sampled per prompt and policy")
+    temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
+    max_new_tokens: int | None = flag(None, "response length limit; default: the PPO run's --response_length, else 64")
+    batch_size: int = flag(64, "prompts generated and scored at once")
+    n_show: int = flag(6, "responses shown side by side in report.md")
+    seed: int | None = flag(None, "sampling seed; default: the seed the SFT checkpoint was trained with")
+    # system
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 | float16")
+
+
+# -----------------------------------------------------------------------------
+# the measurements: pure functions of tensors and lists, tested against plain loops
+
+
+def win_rate(scores, baseline_scores):
+    """
+    Mean over pairs of 1 if score > baseline, 1/2 if equal (a tie), 0 if less.
+    win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 0.5]) -> (1 + 0.5 + 0) / 3 = 0.5
+    """
+    assert len(scores) == len(baseline_scores) > 0
+    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline_scores))
+    return wins / len(scores)
+
+
+def response_mask_from(response, eos_id):
+    """
+    Which generated tokens belong to the response: everything up to and including the first EOS (after
+    it, generate() emits pad). By position, not by token id, so a sampled pad token before EOS still counts.
+    response (B, N) -> mask (B, N) long;  [a, b, EOS, pad, pad] -> [1, 1, 1, 0, 0],  [a, b, c] -> [1, 1, 1]
+    """
+    is_eos = (response == eos_id).long()  # (B, N)
+    eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
+    return (eos_before == 0).long()
+
+
+def response_logprobs(model, idx, attention_mask, prompt_len, temperature=1.0):
+    """
+    log pi(y_t | x, y_<t) of every generated token, under the logits divided by the temperature.
+
+        idx:     | pad pad x x x x | y y y EOS pad |     prompt_len = 6 columns of left-padded prompt
+        logits:    ...         ^ predicts the first y: logits[:, t] predicts idx[:, t + 1]
+
+    idx (B, T), attention_mask (B, T) -> (B, T - prompt_len) float; positions after EOS hold garbage that
+    the response mask removes.
+    """
+    logits = model(idx, attention_mask=attention_mask)  # (B, T, V)
+    return logprobs_from_logits(logits[:, prompt_len - 1:-1], idx[:, prompt_len:], temperature)  # (B, N)
+
+
+def sequence_kl(logp, ref_logp, response_mask):
+    """
+    Per response: sum over its tokens of log pi - log pi_ref (the k1 estimator of KL(pi || pi_ref) when the
+    tokens were sampled from pi). (B, N), (B, N), (B, N) -> (B,)
+    """
+    # KL(pi || pi_ref) = E_{y ~ pi} [ sum_t log pi(y_t | .) - log pi_ref(y_t | .) ]
+    return masked_sum(logp - ref_logp, response_mask, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# sampling and scoring one policy
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_norm=(0.0, 1.0), use_gold=True):
+    """
+    Sample cfg.samples_per_prompt responses per prompt from `policy` and measure each one.
+    Returns a dict of per-response lists (prompt-major order: prompt 0's samples first):
+    "prompt", "response" (text), "response_ids" (up to and including EOS), "gold", "rm", "kl", "length", "eos".
+    """
+    k = cfg.samples_per_prompt
+    lp_temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)  # same stream for every policy
+    rows = {key: [] for key in ("prompt", "response", "response_ids", "gold", "rm", "kl", "length", "eos")}
+    flat = [(p, ids) for p, ids in zip(prompts, prompt_ids) for _ in range(k)]
+    for start in range(0, len(flat), cfg.batch_size):
+        chunk = flat[start:start + cfg.batch_size]
+        batch = collate([ids for _, ids in chunk], tok.pad_id, left_pad=True, multiple=1)
+        x = batch["idx"].to(rt.device)  # (B, Tp)
+        x_mask = batch["attention_mask"].to(rt.device)  # (B, Tp)
+        prompt_len = x.size(1)
+        with rt.autocast():
+            out = policy.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, attention_mask=x_mask,
+                                  eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, Tp + N)
+        response = out[:, prompt_len:]  # (B, N)
+        r_mask = response_mask_from(response, tok.eos_id)  # (B, N)
+        attention_mask = torch.cat([x_mask, r_mask], dim=1)  # (B, Tp + N)
+        with rt.autocast():
+            logp = response_logprobs(policy, out, attention_mask, prompt_len, lp_temperature)
+            ref_logp = logp if ref is policy else response_logprobs(ref, out, attention_mask, prompt_len,
+                                                                    lp_temperature)
+            scores = rm.score(out, attention_mask).float() if rm is not None else None  # (B,)
+        kl = sequence_kl(logp, ref_logp, r_mask)  # (B,)
+        for i, (p, _) in enumerate(chunk):
+            n = int(r_mask[i].sum())
+            ids = response[i, :n].tolist()
+            text = tok.decode(ids)
+            text = text[1:] if text.startswith(" ") else text  # the template's space before the response
+            rows["prompt"].append(p)
+            rows["response"].append(text)
+            rows["response_ids"].append(ids)
+            rows["gold"].append(tasks.gold(p, text) if use_gold else None)
+            rows["rm"].append((scores[i].item() - reward_norm[0]) / reward_norm[1] if rm is not None else None)
+            rows["kl"].append(kl[i].item())
+            rows["length"].append(n)
+            rows["eos"].append(tok.eos_id in ids)
+    return rows
+
+
+def summarize(rows, sft_rows):
+    """The means of one policy's per-response lists; win rate against the SFT model's responses."""
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs and xs[0] is not None else None
+
+    def sem(xs):  # standard error of the mean
+        if not xs or xs[0] is None or len(xs) < 2:
+            return None
+        m = mean(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+    has_gold = rows["gold"] and rows["gold"][0] is not None
+    return {
+        "gold": mean(rows["gold"]),
+        "gold_sem": sem(rows["gold"]),
+        "rm": mean(rows["rm"]),
+        "kl": mean(rows["kl"]),
+        "win_rate_vs_sft": win_rate(rows["gold"], sft_rows["gold"]) if has_gold else None,
+        "length": mean(rows["length"]),
+        "eos": mean([float(e) for e in rows["eos"]]),
+        "n": len(rows["kl"]),
+    }
+
+
+# -----------------------------------------------------------------------------
+# what the stages left behind: metrics, the reward model's accuracy, wall times
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl file ([] if there is none); a half-written last line is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def rm_accuracy(rm_dir):
+    """
+    What train_rm.py measured on its held-out comparisons, from the last metrics.jsonl row that has it:
+    "accuracy" (pairwise accuracy against the annotators' labels, ties 1/2: val_acc), "annotator_agreement"
+    (the annotators' expected agreement with gold on the same pairs: the ceiling for that accuracy; built-in
+    task only) and "gold_accuracy" (the RM's agreement with gold where gold does not tie: val_gold_acc).
+    """
+    rows = list(reversed(read_metrics(rm_dir)))
+    found = {}
+    for key, name in (("accuracy", "val_acc"), ("annotator_agreement", "annotator_agreement"),
+                      ("gold_accuracy", "val_gold_acc")):
+        found[key] = next((float(r[name]) for r in rows if r.get(name) is not None), None)
+    return found
+
+
+def stage_seconds(stage_dir):
+    """
+    Seconds a stage spent in its loop, from its metrics.jsonl: the last logged "time" (train_sft.py and
+    train_rm.py log the seconds since their loop started), or the sum of "t_rollout" + "t_update" over the
+    rows (train_ppo.py). Set-up and the final checkpoint write are not counted. None when neither is there.
+    """
+    rows = read_metrics(stage_dir)
+    timed = [r["time"] for r in rows if r.get("time") is not None]
+    if timed:
+        return float(timed[-1])
+    if rows and all("t_rollout" in r and "t_update" in r for r in rows):
+        return sum(r["t_rollout"] + r["t_update"] for r in rows)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# curves and the over-optimisation sweep
+
+# the curves: label -> the key train_ppo.py logs in metrics.jsonl (one row per iteration, "iter" from 1)
+CURVE_KEYS = {"rm score": "rm_score", "gold score": "gold", "KL": "kl"}
+
+
+def curves(rows):
+    """PPO metrics rows -> {"iter": [...], "rm score": [...], "gold score": [...], "KL": [...]} ([] if not logged)."""
+    out = {"iter": [r.get("iter", i + 1) for i, r in enumerate(rows)]}
+    for label, key in CURVE_KEYS.items():
+        out[label] = [r[key] for r in rows] if rows and all(key in r for r in rows) else []
+    return out
+
+
+def smooth(xs, window):
+    """Trailing moving average: smooth([1, 2, 3, 4], 2) -> [1.0, 1.5, 2.5, 3.5]."""
+    out = []
+    for i in range(len(xs)):
+        w = xs[max(0, i - window + 1):i + 1]
+        out.append(sum(w) / len(w))
+    return out
+
+
+def overoptimisation(c, tol=0.03):
+    """
+    Does the gold score peak and then fall while the RM score keeps rising (Gao et al. 2022)?
+    On the curves smoothed over a tenth of the run: the gold peak, the gold and RM at the end, the RM at
+    the gold peak, the KL at both. shows = gold fell from its peak by more than tol while the RM score at
+    the end is at least what it was at the gold peak.
+    """
+    gold, rm, kl = c["gold score"], c["rm score"], c["KL"]
+    if not gold or not rm or not kl:
+        return None
+    w = max(1, len(gold) // 10)
+    gold, rm, kl = smooth(gold, w), smooth(rm, w), smooth(kl, w)
+    peak = max(range(len(gold)), key=lambda i: gold[i])
+    return {"gold_start": gold[0], "gold_peak": gold[peak], "gold_end": gold[-1], "rm_start": rm[0],
+            "rm_at_peak": rm[peak], "rm_end": rm[-1], "kl_at_peak": kl[peak], "kl_end": kl[-1],
+            "iter_at_peak": c["iter"][peak], "iter_end": c["iter"][-1],
+            "shows": gold[-1] < gold[peak] - tol and rm[-1] >= rm[peak]}
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    tmp = path + f".tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_curves(plt, c, path):
+    """RM score, gold score and KL against the PPO iteration, one panel each: raw (faint) and smoothed."""
+    labels = [label for label in CURVE_KEYS if c[label]]
+    w = max(1, len(c["iter"]) // 10)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.2), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        line = ax.plot(c["iter"], c[label], alpha=0.3)[0]
+        ax.plot(c["iter"], smooth(c[label], w), color=line.get_color())
+        ax.set_xlabel("PPO iteration")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_sweep(plt, runs, path):
+    """Gold and RM score against KL, one line per run, smoothed as in the table (the over-optimisation picture)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, c in runs.items():
+        w = max(1, len(c["iter"]) // 10)
+        for ax, label in zip(axes, ("gold score", "rm score")):
+            ax.plot(smooth(c["KL"], w), smooth(c[label], w), label=name)
+    for ax, label in zip(axes, ("gold score", "rm score")):
+        ax.set_xlabel("KL to the SFT model (nats per response)")
+        ax.set_title(f"{label} vs KL")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def curves_table(c, n_rows=12):
+    """A few evenly spaced rows of the curves as a markdown table."""
+    n = len(c["iter"])
+    picks = sorted({round(i * (n - 1) / max(1, n_rows - 1)) for i in range(min(n, n_rows))})
+    labels = [label for label in CURVE_KEYS if c[label]]
+    lines = ["| iter | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for i in picks:
+        lines.append(f"| {c['iter'][i]} | " + " | ".join(fmt(c[label][i]) for label in labels) + " |")
+    return "\n".join(lines)
+
+
+def sweep_section(sweep_dir, plt, report_dir):
+    """
+    The over-optimisation experiment's section of a report (markdown), from sweep_dir/*/metrics.jsonl as
+    written by kl_sweep.py, with sweep_dir/sweep.png when matplotlib is there (linked relative to
+    report_dir); None when sweep_dir holds no runs.
+    """
+    if not os.path.isdir(sweep_dir):
+        return None
+    runs = {}
+    for name in sorted(d for d in os.listdir(sweep_dir) if os.path.isdir(os.path.join(sweep_dir, d))):
+        c = curves(read_metrics(os.path.join(sweep_dir, name)))
+        if c["iter"] and c["KL"] and c["gold score"] and c["rm score"]:
+            runs[name] = c
+    if not runs:
+        return None
+    lines = ["## Over-optimisation: PPO with beta = 0 against the default beta", "",
+             f"Runs in `{sweep_dir}` (made by `python kl_sweep.py`), from their metrics.jsonl: rollout means on the",
+             "training prompts, smoothed over a tenth of each run. KL: nats per response.", ""]
+    if plt is not None:
+        png = os.path.join(sweep_dir, "sweep.png")
+        plot_sweep(plt, runs, png)
+        lines += [f"![gold and RM score against KL]({os.path.relpath(png, report_dir)})", ""]
+    lines += ["| run | iters | KL at the end | RM score start -> end | gold start -> peak (at KL) -> end | "
+              "over-optimised |", "|---|---|---|---|---|---|"]
+    verdicts = {name: overoptimisation(c) for name, c in runs.items()}
+    for name, o in verdicts.items():
+        lines.append(f"| {name} | {o['iter_end']} | {fmt(o['kl_end'])} | {fmt(o['rm_start'])} -> {fmt(o['rm_end'])} "
+                     f"| {fmt(o['gold_start'])} -> {fmt(o['gold_peak'])} ({fmt(o['kl_at_peak'])}) -> "
+                     f"{fmt(o['gold_end'])} | {'yes' if o['shows'] else 'no'} |")
+    lines.append("")
+    shown = [name for name, o in verdicts.items() if o["shows"]]
+    if shown:
+        lines.append(f"**Over-optimisation shows at this size** ({', '.join(shown)}): the RM score kept rising while "
+                     "the gold score fell from its peak.")
+    else:
+        lines.append("**Over-optimisation does not show at this size**: in no run did the gold score fall from its "
+                     "peak (by more than 0.03, smoothed) while the RM score kept rising.")
+    if "beta0" in verdicts and "default" in verdicts:
+        b0, bd = verdicts["beta0"], verdicts["default"]
+        lines.append(f"With beta = 0 the policy drifted to KL {fmt(b0['kl_end'])} and ended at gold "
+                     f"{fmt(b0['gold_end'])} (RM {fmt(b0['rm_end'])}); with the default beta it stayed at KL "
+                     f"{fmt(bd['kl_end'])} and ended at gold {fmt(bd['gold_end'])} (RM {fmt(bd['rm_end'])}).")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def cell(text, width=60):
+    """Text for a markdown table cell inside `code`: pipes escaped (GFM), newlines as ⏎, backticks as ', cut."""
+    text = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def results_table(summaries):
+    lines = ["| policy | gold | win vs SFT | RM score | KL to SFT | length | ends with EOS | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        gold = fmt(s["gold"]) + (f" ± {s['gold_sem']:.3f}" if s["gold_sem"] is not None else "")
+        lines.append(f"| {name} | {gold} | {fmt(s['win_rate_vs_sft'])} | {fmt(s['rm'])} | {fmt(s['kl'])} "
+                     f"| {fmt(s['length'], 1)} | {fmt(s['eos'], 2)} | {s['n']} |")
+    return "\n".join(lines)
+
+
+def text_table(summaries):
+    """The results table for stdout."""
+    head = f"{'policy':<12s} {'gold':>7s} {'win':>7s} {'rm':>8s} {'kl':>8s} {'length':>7s} {'eos':>5s}"
+    lines = [head]
+    for name, s in summaries.items():
+        lines.append(f"{name:<12s} {fmt(s['gold']):>7s} {fmt(s['win_rate_vs_sft']):>7s} {fmt(s['rm']):>8s} "
+                     f"{fmt(s['kl']):>8s} {fmt(s['length'], 1):>7s} {fmt(s['eos'], 2):>5s}")
+    return "\n".join(lines)
+
+
+def side_by_side(all_rows, n_show, samples_per_prompt):
+    """The first response to each of the first n_show prompts, one column per policy (init left out)."""
+    names = [n for n in all_rows if n != "init"]
+    lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    first = all_rows[names[0]]
+    for i in range(0, min(n_show * samples_per_prompt, len(first["prompt"])), samples_per_prompt):
+        cells = []
+        for n in names:
+            r = all_rows[n]
+            g = f" ({r['gold'][i]:.2f})" if r["gold"][i] is not None else ""
+            cells.append(f"`{cell(r['response'][i])}`{g}")
+        lines.append(f"| {cell(first['prompt'][i])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_json(summaries, rm_info, seed, device, wall_s):
+    """The machine-readable report, exactly these keys (null where a number does not apply)."""
+    keys = ("gold", "rm", "kl", "win_rate_vs_sft", "length")
+
+    def pick(name):
+        return {k: rounded(summaries[name][k]) for k in keys} if name in summaries else None
+
+    def rounded(x):
+        return round(x, 5) if isinstance(x, float) else x
+
+    return {"sft": pick("sft"), "ppo": pick("ppo"),
+            "rm": {"accuracy": rounded(rm_info["accuracy"]), "annotator_agreement": rounded(rm_info["annotator_agreement"])},
+            "seed": seed, "device": device, "wall_s": wall_s}
+
+
+def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_times, report, plt):
+    """report.md: the table, the RM's accuracy, the PPO curves, the over-optimisation sweep, sample responses."""
+    wall_s = report["wall_s"]
+    md = ["# nanorlhf evaluation report", "",
+          f"Held-out prompts: `{cfg.data}` ({n_prompts} prompts x {cfg.samples_per_prompt} sample(s)), temperature "
+          f"{cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, sampling seed {cfg.seed}, device {report['device']}.",
+          f"Pipeline seed {report['seed']}; wall time {wall_s:.0f} s = "
+          + " + ".join(f"{s} {fmt(t, 0) if t is not None else '?'}" for s, t in stage_times.items()) + " s "
+          "(each stage's loop, from its metrics.jsonl, plus this evaluation).", "",
+          "## SFT vs PPO", "",
+          results_table(summaries), "",
+          "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
+          f"RM score: (r - mean) / std with the mean {fmt(rm_info['reward_mean'])} and std {fmt(rm_info['reward_std'])} "
+          "of the demonstrations' rewards that train_rm.py stored (the PPO curves below show raw r); KL to SFT: per response, sum over its "
+          "tokens of log pi - log pi_sft on the policy's own samples (nats); length: tokens, EOS included; "
+          "init: a randomly initialised model of the SFT config (the floor)."]
+    if meta is not None:
+        md += ["", f"For scale, from the task's meta.json: the demonstrator scores {fmt(meta.get('gold_demonstrator'))}"
+               f", the demonstrator without its habit {fmt(meta.get('gold_demonstrator_without_habit'))}, a perfect "
+               f"policy {fmt(meta.get('gold_perfect'))}."]
+    md += ["", "## Reward model", "",
+           f"Held-out pairwise accuracy against the annotators' labels {fmt(rm_info['accuracy'])}; the annotators' "
+           f"own agreement with the gold judge {fmt(rm_info['annotator_agreement'])} (the ceiling for that accuracy; "
+           "gold ties count 1/2 in both). The reward model agrees with gold on "
+           f"{fmt(rm_info['gold_accuracy'])} of the held-out pairs that gold does not tie (from train_rm.py's "
+           "metrics.jsonl)."]
+    c = curves(read_metrics(cfg.ppo) if cfg.ppo else [])
+    if any(c[label] for label in CURVE_KEYS):
+        md += ["", "## PPO learning curves", ""]
+        if plt is not None:
+            plot_curves(plt, c, os.path.join(cfg.out_dir, "curves.png"))
+            md += ["![PPO learning curves](curves.png)", ""]
+        else:
+            md += ["`pip install matplotlib` to get the plots (`pip install -e .[plots]`); the curves as a table:", ""]
+        md += [f"From `{os.path.join(cfg.ppo, 'metrics.jsonl')}` (rollout means on the training prompts):", "",
+               curves_table(c)]
+    sweep = sweep_section(os.path.join(cfg.out_dir, "sweep"), plt, cfg.out_dir)
+    md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO longer "
+           "with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
+    md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
+           side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
+    return "\n".join(md)
+
+
+def write_text(path, text):
+    """Write a text file atomically: a temporary name, then a rename."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_extra(extra):
+    """'a=out/x,b=out/y' -> {"a": "out/x", "b": "out/y"}"""
+    out = {}
+    for item in (extra or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, path = item.partition("=")
+        check(sep and name.strip() and path.strip(), f"--extra: expected name=path, got {item!r}")
+        name = name.strip()
+        check(name not in ("sft", "ppo", "init") and name not in out, f"--extra: name {name!r} is taken")
+        out[name] = path.strip()
+    return out
+
+
+def main(argv=None):
+    t_start = time.time()
+    cfg = parse_flags(Config, argv, description=__doc__)
+    sft_ckpt = load_checkpoint(cfg.sft)
+    if cfg.seed is None:
+        cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+
+    # the policies, in table order; the SFT model is also the reference
+    paths = {"sft": cfg.sft}
+    if cfg.ppo:
+        paths["ppo"] = cfg.ppo
+    paths.update(parse_extra(cfg.extra))
+    models, ckpts = {}, {}
+    for name, path in paths.items():
+        models[name], tok_i, ckpts[name] = load_model(path, rt.device, kind="gpt")
+        if name == "sft":
+            tok = tok_i
+        check(tok_i.to_dict() == tok.to_dict(), f"{path}: its tokenizer differs from the SFT checkpoint's")
+    if cfg.init_row:
+        torch.manual_seed(cfg.seed)
+        models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
+    rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
+    if cfg.rm:
+        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar")
+        check(rm_ckpt["model_kind"] == "scalar", f"--rm {cfg.rm}: holds a language model, not a reward model")
+        check(tok_rm.to_dict() == tok.to_dict(), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
+        rm.eval()
+        reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)
+    for m in models.values():
+        m.eval()
+    ref = models["sft"]
+
+    # derived sizes
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = int(ckpts.get("ppo", {}).get("args", {}).get("response_length", 64))
+    block_size = min([m.config.block_size for m in models.values()] + ([rm.config.block_size] if rm else []))
+    prompt_budget = block_size - cfg.max_new_tokens
+    check(prompt_budget > 0, f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                             f"block_size {block_size}")
+    check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
+          "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
+
+    # the prompts; the gold judge applies when they are the built-in task's
+    prompts = read_prompts(cfg.data)[:cfg.n_prompts]
+    check(len(prompts) > 0, f"{cfg.data}: no prompts")
+    use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
+    meta = tasks.task_meta(cfg.data) if use_gold else None  # the task's reference scores, when beside the data
+    prompt_ids = [tok.render_prompt(p) for p in prompts]
+    n_cut = sum(len(ids) > prompt_budget for ids in prompt_ids)
+    prompt_ids = [ids[-prompt_budget:] for ids in prompt_ids]  # too long: keep the end, as train_ppo.py does
+    if n_cut:
+        print(f"note: {n_cut} prompts longer than {prompt_budget} tokens were cut from the left")
+
+    # sample and measure, the SFT model first (its responses are the baseline of the win rate)
+    print(f"evaluating {', '.join(models)} on {len(prompts)} prompts x {cfg.samples_per_prompt} sample(s) "
+          f"(temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, seed {cfg.seed}, {rt.device})")
+    all_rows, summaries = {}, {}
+    for name, model in models.items():
+        t0 = time.time()
+        all_rows[name] = evaluate_policy(model, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_norm, use_gold)
+        summaries[name] = summarize(all_rows[name], all_rows["sft"])
+        print(f"  {name}: {time.time() - t0:.1f}s")
+
+    # what the earlier stages recorded
+    rm_info = rm_accuracy(cfg.rm) if cfg.rm else {"accuracy": None, "annotator_agreement": None, "gold_accuracy": None}
+    rm_info["reward_mean"], rm_info["reward_std"] = reward_norm
+    if rm_info["annotator_agreement"] is None and meta is not None:
+        rm_info["annotator_agreement"] = meta.get("annotator_agreement")
+    stage_times = {s: stage_seconds(d) for s, d in (("sft", cfg.sft), ("rm", cfg.rm), ("ppo", cfg.ppo)) if d}
+    stage_times["eval"] = time.time() - t_start
+    wall_s = sum(t for t in stage_times.values() if t is not None)
+    device = str(rt.device) + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.device_type == "cuda" else "")
+
+    # report.json
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    pipeline_seed = int(sft_ckpt.get("args", {}).get("seed", cfg.seed))
+    report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1))
+    write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+
+    # report.md (and the plots)
+    md = report_markdown(cfg, len(prompts), summaries, all_rows, rm_info, meta, stage_times, report, pyplot())
+    write_text(os.path.join(cfg.out_dir, "report.md"), md)
+
+    print(text_table(summaries))
+    print(f"rm accuracy {fmt(rm_info['accuracy'])} (annotator agreement {fmt(rm_info['annotator_agreement'])}), "
+          f"wall {wall_s:.0f}s")
+    print(f"wrote {os.path.join(cfg.out_dir, 'report.md')} and report.json")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,73 @@
+"""
+The over-optimisation experiment: does the KL penalty keep PPO from gaming the reward model?
+
+The seed claims that without the KL penalty the policy finds the reward model's blind spots: the proxy
+(RM) score keeps rising while the true (gold) score falls (Gao et al. 2022 measure it as gold against
+KL). This script makes the claim measurable on the built-in task: it runs train_ppo.py longer than the
+pipeline does, from the same SFT and RM checkpoints, once with beta = 0 and once with the default beta,
+and then tabulates (and, with matplotlib, plots) gold and RM score against the KL to the SFT model, from
+each run's metrics.jsonl, with a plain sentence saying whether over-optimisation shows.
+
+Run after `make`; it costs 2 x num_iterations PPO iterations (train_ppo.py prints the seconds each takes,
+bench.py measures them), so about 6 times the pipeline's PPO stage by default:
+    python kl_sweep.py                                   # -> out/sweep/{beta0,default}/, out/sweep/report.md
+    python kl_sweep.py --num_iterations 600 --ppo_flags="--batch_size 32 --lr 2e-4"
+    python kl_sweep.py --train false                     # only re-read the runs and rewrite the report
+Then `python evaluate.py ... --out_dir out` (or `make` after touching evaluate.py) puts the same section into
+out/report.md, and
+    python evaluate.py --data out/data/eval.jsonl --sft out/sft --rm out/rm \\
+        --extra beta0=out/sweep/beta0,default=out/sweep/default --out_dir out/sweep/eval
+scores both final policies on the held-out prompts.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import train_ppo
+from evaluate import pyplot, sweep_section, write_text
+from nanorlhf.utils import check, flag, parse_flags, run
+
+
+@dataclass
+class Config:
+    data: str = flag("out/data/prompts.jsonl", "PPO prompts (train_ppo.py --data)")
+    sft: str = flag("out/sft", "SFT checkpoint (actor start and reference)")
+    rm: str = flag("out/rm", "reward model checkpoint")
+    out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir")
+    num_iterations: int | None = flag(None, "PPO iterations per run; default: 3 x train_ppo.py's default")
+    kl_coef: float | None = flag(None, "beta of the 'default' run; default: train_ppo.py's --kl_coef")
+    ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =)")
+    seed: int = flag(0, "train_ppo.py --seed for both runs")
+    train: bool = flag(True, "run the two PPO runs (false: only rewrite the report from their metrics)")
+
+
+def main(argv=None):
+    cfg = parse_flags(Config, argv, description=__doc__)
+    defaults = train_ppo.Args()
+    if cfg.kl_coef is None:
+        cfg.kl_coef = defaults.kl_coef
+    if cfg.num_iterations is None:
+        cfg.num_iterations = 3 * defaults.num_iterations
+    check(cfg.kl_coef > 0, f"--kl_coef {cfg.kl_coef}: the default run needs a positive beta to compare with 0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if cfg.train:
+        for name, beta in (("beta0", 0.0), ("default", cfg.kl_coef)):
+            cmd = [sys.executable, os.path.join(here, "train_ppo.py"), "--data", cfg.data, "--sft", cfg.sft,
+                   "--rm", cfg.rm, "--out_dir", os.path.join(cfg.out_dir, name), "--seed", str(cfg.seed),
+                   "--num_iterations", str(cfg.num_iterations), "--kl_coef", str(beta), "--gold", "on",
+                   *shlex.split(cfg.ppo_flags)]
+            print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                sys.exit(f"kl_sweep: the {name} run failed")
+    section = sweep_section(cfg.out_dir, pyplot(), cfg.out_dir)
+    check(section is not None, f"{cfg.out_dir}: no PPO runs with rm_score, gold and kl in their metrics.jsonl")
+    write_text(os.path.join(cfg.out_dir, "report.md"), section + "\n")
+    print(section)
+    print(f"wrote {os.path.join(cfg.out_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    run(main)

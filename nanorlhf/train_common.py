@@ -1,0 +1,175 @@
+"""
+The training-loop scaffolding that train_sft.py and train_rm.py share, and nothing else: the held-out split,
+an endless resumable stream of length-grouped batches, the optimizer step, the checkpoint pair
+(ckpt.pt + train_state.pt), the flags of a resumed run, and the peak FLOP/s that MFU divides by.
+The loops themselves stay in the scripts, where a reader expects them.
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import torch
+
+from nanorlhf import utils
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def holdout_split(records, val_frac, seed):
+    """
+    Split records into (train, val) by a seeded permutation: round(val_frac * n) records, at least 1, go to
+    val. The same (n, val_frac, seed) always gives the same split, so a resumed run sees the same data.
+    Example: 10 records, val_frac 0.2 -> 8 train, 2 val.
+    """
+    n = len(records)
+    n_val = max(1, round(val_frac * n))
+    utils.check(n_val < n, f"--val_frac {val_frac} leaves no training data ({n} records); pass --val_data instead")
+    perm = np.random.default_rng(seed).permutation(n)
+    val = set(perm[:n_val].tolist())
+    return [r for i, r in enumerate(records) if i not in val], [r for i, r in enumerate(records) if i in val]
+
+
+def read_split(reader, data, val_data, val_frac, seed):
+    """(train, val) records: val_data's records when given, else a held-out val_frac of data's."""
+    records = reader(data)
+    if val_data:
+        return records, reader(val_data)
+    utils.check(0.0 < val_frac < 1.0, f"--val_frac must be in (0, 1) when there is no --val_data, got {val_frac}")
+    return holdout_split(records, val_frac, seed)
+
+
+def endless(sampler):
+    """
+    Batches of indices forever, epoch after epoch. The sampler keeps its own (epoch, position) and its
+    state_dict() after a batch points at the next one, so a stream rebuilt from a loaded state continues with
+    exactly the batch the uninterrupted run would have drawn.
+    """
+    assert len(sampler) > 0
+    while True:
+        yield from sampler
+
+
+# -----------------------------------------------------------------------------
+# optimization
+
+
+def check_loop_flags(args):
+    """The checks of the flags every training loop has (batch, schedule, intervals, --stop_at)."""
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                 "ckpt_interval"):
+        utils.check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    utils.check(args.lr > 0 and 0 <= args.min_lr <= args.lr,
+                f"need --lr > 0 and 0 <= --min_lr <= --lr, got --lr {args.lr} --min_lr {args.min_lr}")
+    utils.check(args.warmup >= 0 and args.weight_decay >= 0 and args.grad_clip >= 0,
+                "--warmup, --weight_decay and --grad_clip must be >= 0")
+    utils.check(args.stop_at is None or 1 <= args.stop_at <= args.max_steps,
+                f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")
+
+
+def optimizer_step(model, optimizer, lr, grad_clip):
+    """Set the learning rate, clip the global gradient norm (when grad_clip > 0), step, zero the grads."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and resume
+
+
+def save_run(out_dir, payload, optimizer, sampler, step):
+    """
+    ckpt.pt (what the next stage loads) and train_state.pt (what --resume needs: optimizer, RNG states,
+    the sampler's position, the step), each written atomically. Both carry the step, so a crash between
+    the two writes is detected by load_run instead of resuming from a mismatched pair.
+    """
+    state = {"optimizer": optimizer.state_dict(), "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
+    utils.save_checkpoint(out_dir, state, utils.TRAIN_STATE)
+    utils.save_checkpoint(out_dir, payload, utils.CKPT)
+
+
+def load_run(out_dir):
+    """(ckpt, train_state) of the run in out_dir, checked to be from the same step."""
+    utils.check(os.path.isfile(os.path.join(out_dir, utils.TRAIN_STATE)),
+                f"--resume: {out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
+    ckpt = utils.load_checkpoint(out_dir, utils.CKPT)
+    state = utils.load_checkpoint(out_dir, utils.TRAIN_STATE)
+    utils.check(ckpt["step"] == state["step"], f"--resume: {out_dir}/{utils.CKPT} is at step {ckpt['step']} but "
+                f"{utils.TRAIN_STATE} at step {state['step']} (a save was interrupted)")
+    return ckpt, state
+
+
+def resumed_flags(args, saved, free):
+    """
+    The flags of a resumed run: the saved ones, except
+    - out_dir, resume and stop_at, which always come from the command line;
+    - the fields named in `free` (where to run, how often to log), which come from the command line when
+      given there (when they differ from their default);
+    A flag given on the command line that differs from both its default and the saved value is an error
+    rather than silently ignored.
+    """
+    merged = {}
+    for f in dataclasses.fields(args):
+        now, before = getattr(args, f.name), saved.get(f.name, f.default)
+        if f.name in ("out_dir", "resume", "stop_at"):
+            merged[f.name] = now
+        elif f.name in free:
+            merged[f.name] = now if now != f.default else before
+        else:
+            utils.check(now == f.default or now == before,
+                        f"--resume: --{f.name} {now} differs from the run's {before} (resume with the same flags)")
+            merged[f.name] = before
+    return dataclasses.replace(args, **merged)
+
+
+# -----------------------------------------------------------------------------
+# throughput
+
+# dense bf16 tensor-core peaks from the vendors' data sheets; float32 runs on TF32, half of that
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12,
+                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(rt):
+    """
+    The FLOP/s that MFU divides by. A known GPU: its data-sheet peak. A CPU: threads x clock x float32 FLOPs per
+    cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512, 32 with AVX2, 8 otherwise), read from
+    /proc/cpuinfo, a theoretical peak that other processes on the machine cannot distort. Anything else: the
+    fastest of 8 timed 1024 x 1024 matmuls in the run's dtype.
+    """
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if rt.dtype != "float32" else flops / 2
+    if rt.device_type == "cpu" and os.path.isfile("/proc/cpuinfo"):
+        info = open("/proc/cpuinfo").read()
+        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+        flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        if mhz:
+            per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
+            return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
+    n = 1024
+    a = torch.full((n, n), 0.5, device=rt.device, dtype=getattr(torch, rt.dtype))
+    best = float("inf")
+    for _ in range(8):  # the fastest of several: other processes on the machine only ever slow a trial down
+        t0 = time.perf_counter()
+        a @ a
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def fmt_count(x):
+    """12345 -> '12.3k', 2.5e6 -> '2.5M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"

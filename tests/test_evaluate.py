@@ -1,0 +1,190 @@
+"""
+evaluate.py and bench.py: the measurements against plain references, the report's shape, and both scripts
+end to end on tiny random models (subprocess).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import evaluate
+from nanorlhf import tasks
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.utils import model_payload, save_checkpoint, setup_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed, eos_boost=0.0):
+    """A random tiny byte-level GPT; eos_boost scales the (tied) EOS embedding so EOS gets sampled often."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY))
+    if eos_boost:
+        with torch.no_grad():
+            model.transformer.wte.weight[Tokenizer.byte_level().eos_id] *= eos_boost
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# the measurements
+
+
+def test_win_rate_ties_count_half():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 30)
+        a = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(n)]  # few values: many ties
+        b = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(n)]
+        wins = ties = 0
+        for x, y in zip(a, b):
+            wins += x > y
+            ties += x == y
+        assert evaluate.win_rate(a, b) == pytest.approx((wins + 0.5 * ties) / n, abs=1e-12)
+        assert evaluate.win_rate(a, b) + evaluate.win_rate(b, a) == pytest.approx(1.0)
+    assert evaluate.win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 0.5]) == 0.5
+    assert evaluate.win_rate([0.3, 0.3], [0.3, 0.3]) == 0.5
+
+
+def test_response_mask_from():
+    eos = 9
+    response = torch.tensor([[1, 2, eos, 0, 0], [1, 2, 3, 4, 5], [eos, 0, 0, 0, 0], [1, eos, 4, eos, 0]])
+    want = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert evaluate.response_mask_from(response, eos).tolist() == want
+
+
+def reference_kl(policy, ref, prompt_ids, response_ids, temperature):
+    """KL estimate of one response in float64, token by token, on the unpadded sequence."""
+    policy, ref = policy.double(), ref.double()
+    seq = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(seq)[0].double() / temperature, dim=-1)  # (T, V)
+        lr = torch.log_softmax(ref(seq)[0].double() / temperature, dim=-1)
+    total = 0.0
+    for t in range(len(prompt_ids), len(prompt_ids) + len(response_ids)):
+        y = seq[0, t].item()
+        total += lp[t - 1, y].item() - lr[t - 1, y].item()  # position t - 1 predicts token t
+    return total
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kl_matches_float64_loop(temperature):
+    tok = Tokenizer.byte_level()
+    policy, ref = tiny_gpt(1, eos_boost=8.0), tiny_gpt(2, eos_boost=8.0)
+    prompts = ["sort 3 1 2", "sort 9 8 7 6 5 4", "hi", "sort 1 1"]
+    prompt_ids = [tok.render_prompt(p) for p in prompts]
+    cfg = SimpleNamespace(samples_per_prompt=2, temperature=temperature, batch_size=5, seed=0, max_new_tokens=12)
+    rt = setup_runtime("cpu", "float32", 0)
+    rows = evaluate.evaluate_policy(policy, ref, None, tok, prompts, prompt_ids, cfg, rt)
+    assert len(rows["kl"]) == len(prompts) * 2
+    assert any(rows["eos"]) and any(n < cfg.max_new_tokens for n in rows["length"])  # masking is exercised
+    for i, (kl, ids) in enumerate(zip(rows["kl"], rows["response_ids"])):
+        assert len(ids) == rows["length"][i] and (tok.eos_id in ids) == rows["eos"][i]
+        want = reference_kl(policy, ref, prompt_ids[i // 2], ids, temperature)
+        assert kl == pytest.approx(want, abs=1e-4), (i, kl, want)
+    # the reference against itself: exactly zero
+    rows_sft = evaluate.evaluate_policy(ref.float(), ref.float(), None, tok, prompts, prompt_ids, cfg, rt)
+    assert all(kl == 0.0 for kl in rows_sft["kl"])
+
+
+def test_overoptimisation_verdict():
+    n = 40
+    iters = list(range(1, n + 1))
+    rising = [i / n for i in range(n)]
+    hump = [0.5 + 0.4 * (i / 20 if i < 20 else (40 - i) / 20) for i in range(n)]
+    c = {"iter": iters, "rm score": rising, "gold score": hump, "KL": rising}
+    assert evaluate.overoptimisation(c)["shows"]
+    c = {"iter": iters, "rm score": rising, "gold score": rising, "KL": rising}
+    assert not evaluate.overoptimisation(c)["shows"]
+
+
+def test_sweep_section_says_whether_it_shows(tmp_path):
+    n = 40
+    for name, gold in (("beta0", lambda i: 0.5 + 0.4 * (i / 20 if i < 20 else (40 - i) / 20)),
+                       ("default", lambda i: 0.5 + 0.2 * i / n)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"iter": i + 1, "rm_score": i / n, "gold": gold(i), "kl": i / 4}) + "\n")
+    md = evaluate.sweep_section(str(tmp_path), None, str(tmp_path))
+    assert "**Over-optimisation shows at this size** (beta0)" in md
+    assert "| beta0 | 40 |" in md and "| default | 40 |" in md
+    assert evaluate.sweep_section(str(tmp_path / "nothing"), None, str(tmp_path)) is None
+
+
+def test_report_json_has_exactly_the_keys():
+    s = {"gold": 0.5, "gold_sem": 0.1, "rm": 0.1, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0, "n": 8}
+    report = evaluate.report_json({"sft": s, "ppo": s, "init": s}, {"accuracy": 0.7, "annotator_agreement": 0.8},
+                                  0, "cpu", 12.0)
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s"}
+    assert set(report["sft"]) == set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
+    assert set(report["rm"]) == {"accuracy", "annotator_agreement"}
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def run_script(args, cwd=ROOT, timeout=120):
+    proc = subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_evaluate_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    tasks.generate_task(str(data), seed=0, n_sft=4, n_prefs=4, n_prefs_eval=4, n_prompts=4, n_eval=6)
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(2), tok, "ppo", {"response_length": 10}, 5))
+    rm = ScalarGPT(GPTConfig(**TINY))
+    with torch.no_grad():  # a constant reward r = 0.7, so the normalised score is (0.7 - 0.2) / 2 exactly
+        rm.head.weight.zero_()
+        rm.head.bias.fill_(0.7)
+    save_checkpoint(str(tmp_path / "rm"), model_payload(rm, tok, "rm", {}, 5, reward_mean=0.2, reward_std=2.0))
+    # what the stages log, as far as evaluate.py reads it
+    metrics = {"sft": [{"step": 10, "loss": 1.0, "time": 10.0}],
+               "rm": [{"step": 5, "val_acc": 0.6, "time": 4.0},
+                      {"step": 5, "final": True, "val_acc": 0.7, "annotator_agreement": 0.8, "val_gold_acc": 0.75}],
+               "ppo": [{"iter": it, "rm_score": 0.1 * it, "gold": 0.5, "kl": 0.2 * it, "t_rollout": 1.0,
+                        "t_update": 2.0} for it in range(1, 6)]}
+    for stage, rows in metrics.items():
+        with open(tmp_path / stage / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = tmp_path / "out"
+    stdout = run_script(["evaluate.py", "--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"),
+                         "--rm", str(tmp_path / "rm"), "--ppo", str(tmp_path / "ppo"), "--out_dir", str(out),
+                         "--n_prompts", "5", "--batch_size", "2"])
+    assert "init" in stdout and "ppo" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s"}
+    assert set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
+    assert report["sft"]["kl"] == 0.0 and report["sft"]["win_rate_vs_sft"] == 0.5
+    assert report["seed"] == 3 and report["device"] == "cpu"
+    assert report["ppo"]["length"] <= 10  # the PPO run's response_length is the default limit
+    assert report["ppo"]["rm"] == pytest.approx(0.25) and report["sft"]["rm"] == pytest.approx(0.25)
+    assert 29.0 <= report["wall_s"] < 29.0 + 60  # sft 10 + rm 4 + ppo 5 x (1 + 2) + this evaluation
+    assert report["rm"] == {"accuracy": 0.7, "annotator_agreement": 0.8}
+    md = (out / "report.md").read_text()
+    for heading in ("## SFT vs PPO", "## Reward model", "## PPO learning curves", "## Responses side by side"):
+        assert heading in md
+    assert "| init |" in md
+    assert ("curves.png" in md) == os.path.exists(out / "curves.png")
+    if evaluate.pyplot() is None:
+        assert "pip install matplotlib" in md
+
+
+def test_bench_runs_and_prints_its_table():
+    stdout = run_script(["bench.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32",
+                         "--batch_size", "2", "--steps", "1", "--prompt_len", "4", "--new_tokens", "4",
+                         "--ppo_batch_size", "4", "--response_length", "4", "--ppo_iters", "1", "--device", "cpu"])
+    for row in ("SFT train tokens/s", "SFT MFU", "generate tokens/s, KV cache", "generate tokens/s, no cache",
+                "PPO s/iteration", "peak memory"):
+        assert row in stdout, stdout

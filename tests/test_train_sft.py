@@ -1,0 +1,117 @@
+"""
+End-to-end tests of train_sft.py, run as the user runs it (a subprocess) with a tiny model on a small copy of
+the built-in task: it learns, bad input is refused before anything is written, --resume continues exactly,
+and the checkpoint loads without running code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanorlhf import tasks, utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one thread and MKL's reproducible mode: two processes then compute bit-identical floats whatever the
+# memory alignment and thread timing, which the resume test relies on (tiny models gain nothing from threads)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
+        "--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--max_steps", "60", "--val_frac", "0.1",
+        "--eval_interval", "30", "--eval_batches", "4", "--log_interval", "10", "--ckpt_interval", "30",
+        "--dropout", "0.1", "--device", "cpu"]
+
+
+def train_sft(*args, check=True):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+TIMINGS = ("time", "tok_per_s", "mfu")  # the only metrics that differ between two identical runs
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    tasks.generate_task(str(d), n_sft=2000, n_prefs=10, n_prefs_eval=10, n_prompts=10, n_eval=10)
+    return d
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_full")
+    train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY)
+    return out
+
+
+def test_short_run_learns(full_run):
+    rows = read_metrics(full_run)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val] == [0, 30, 60]
+    start, end = val[0][1], val[-1][1]
+    assert start > 4.5  # about log(258) for an untrained byte-level model
+    assert end < 0.4 * start, val
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert all(r["tok_per_s"] > 0 and 0 <= r["pad_frac"] < 1 and r["mfu"] > 0 for r in train)
+
+
+def test_checkpoint_loads_weights_only(full_run):
+    ckpt = torch.load(full_run / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == "sft" and ckpt["step"] == 60 and ckpt["model_kind"] == "gpt"
+    assert ckpt["args"]["n_embd"] == 48
+    state = torch.load(full_run / "train_state.pt", weights_only=True)
+    assert state["step"] == 60 and set(state) == {"optimizer", "rng", "data", "step"}
+    model, tok, _ = utils.load_model(str(full_run), kind="gpt")
+    assert model.config.n_layer == 2 and tok.name == "byte"
+    assert not [f for f in os.listdir(full_run) if ".tmp" in f]  # no temporary file left behind
+
+
+def test_resume_gives_the_same_run(data, full_run, tmp_path):
+    out = tmp_path / "sft"
+    train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--stop_at", "30")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 30
+    p = train_sft("--out_dir", str(out), "--resume")  # the saved flags are reused
+    assert "step 60/60" in p.stdout
+    want, got = read_metrics(full_run), read_metrics(out)
+    keep = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]  # noqa: E731
+    assert keep(got) == keep(want)  # every loss, val loss, lr and grad norm, at every step
+    a = torch.load(full_run / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_flag(full_run):
+    p = train_sft("--out_dir", str(full_run), "--resume", "--lr", "0.1", check=False)
+    assert p.returncode == 2 and "--lr" in p.stderr
+
+
+@pytest.mark.parametrize("line, what", [
+    ('{"prompt": "sort 2 1", "response": "1 2"', "malformed JSON"),
+    ('{"prompt": "sort 2 1", "response": 12}', "field 'response'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, line, what):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "sort 3 1 2", "response": "1 2 3"}\n' + line + "\n")
+    out = tmp_path / "out"
+    p = train_sft("--data", str(bad), "--out_dir", str(out), *TINY, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0, p.stderr  # one line, no traceback
+    assert p.stderr.startswith("error: ") and f"{bad}:2" in p.stderr and what in p.stderr
+    assert not out.exists()
+
+
+def test_bad_flag_writes_nothing(data, tmp_path):
+    out = tmp_path / "out"
+    p = train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--n_head", "5", check=False)
+    assert p.returncode == 2 and "divisible" in p.stderr and not out.exists()

@@ -1,0 +1,505 @@
+"""
+Stage 3 of InstructGPT: PPO against the reward model, held near the SFT model by a KL penalty.
+
+Four models (seed section 3.1):
+    actor      pi_theta   trained   starts as the SFT model
+    critic     V_phi      trained   starts as the reward model (InstructGPT initialises the value function from the RM)
+    reference  pi_ref     frozen    the SFT model
+    reward     R          frozen    the reward model
+One iteration = one rollout of --batch_size prompts, then --ppo_epochs passes over it in --num_minibatches
+shuffled minibatches. The objective the actor climbs is (seed section 3.2, InstructGPT eq. 2):
+
+    R_total(x, y) = R(x, y) - beta * log(pi_theta(y|x) / pi_ref(y|x))      [+ ptx_coef * log-likelihood of SFT data]
+
+Run (after train_sft.py and train_rm.py; `make` does all of it):
+    python train_ppo.py --data out/data/prompts.jsonl --sft out/sft --rm out/rm --out_dir out/ppo
+    python train_ppo.py ... --resume                           # continue from out/ppo/train_state.pt
+    python train_ppo.py ... --adaptive_kl --target_kl 4        # Ziegler et al.'s adaptive beta
+    python train_ppo.py ... --ptx_coef 1 --ptx_data out/data/sft.jsonl   # PPO-ptx
+
+Writes to --out_dir: ckpt.pt (the actor, stage "ppo", loadable like any policy), critic.pt, train_state.pt
+(what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
+
+Deviations from InstructGPT, on purpose:
+- The KL penalty is per token (Ziegler et al., Stiennon et al.): r_t = -beta * kl_t on every response token and
+  the RM score added at the last real token, rather than one sequence-level term. Summed over the response it is
+  the same R_total; per token, GAE can assign it. kl_t is the k1 estimator log pi - log pi_ref by default;
+  --kl_estimator k3 uses (ratio - 1) - log ratio with ratio = pi_ref / pi, which is never negative.
+- PPO-ptx mixes in the SFT data's response log-likelihood (a file you name), not the pretraining corpus.
+- The actor and the critic are two networks with two AdamW optimizers (no shared trunk), as in InstructGPT.
+- A response that never emits EOS within --response_length gets the score --missing_eos_penalty instead of
+  the RM's score (Stiennon et al. / summarize_from_feedback_details), so the policy cannot win by rambling.
+- Scale: a few million parameters, CPU-sized batches; the paper's 256k-episode runs become a few thousand.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from nanorlhf import data as D
+from nanorlhf import tasks
+from nanorlhf import utils
+from nanorlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, sft_loss
+from nanorlhf.utils import check, flag
+from ppo_math import (AdaptiveKLController, FixedKLController, compute_rewards, explained_variance, gae,
+                      masked_whiten, policy_loss, value_loss)
+
+
+@dataclass
+class Args:
+    # data and checkpoints
+    data: str = flag("out/data/prompts.jsonl", "JSONL of {\"prompt\": ...} to roll out on")
+    sft: str = flag("out/sft", "SFT checkpoint directory: the actor starts here and the reference stays here")
+    rm: str = flag("out/rm", "reward model checkpoint directory: the reward model, and the critic's start")
+    out_dir: str = flag("out/ppo", "where ckpt.pt, critic.pt, train_state.pt, metrics.jsonl and samples go")
+    resume: bool = flag(False, "continue from out_dir/train_state.pt (actor and critic from out_dir)")
+    gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
+    # runtime
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 | float16 (autocast; auto = bf16 on GPUs that have it)")
+    compile: bool = flag(False, "torch.compile the actor and critic forward passes")
+    grad_checkpointing: bool = flag(False, "recompute activations in backward (less memory, ~30% slower)")
+    seed: int = flag(0, "seed for python, numpy, torch, and the prompt order")
+    # rollout
+    num_iterations: int = flag(50, "PPO iterations (one rollout + its update each)")
+    batch_size: int = flag(64, "prompts per rollout (episodes per iteration)")
+    response_length: int = flag(24, "maximum new tokens per response")
+    temperature: float = flag(1.0, "sampling temperature; training logprobs divide the logits by the same value")
+    missing_eos_penalty: float | None = flag(None, "score that replaces the RM's for a response without EOS; default: "
+                                             "2 std below the demonstrations' mean RM score (stored by train_rm.py), else -1")
+    # reward: R(x, y) - beta * KL
+    kl_coef: float = flag(0.3, "beta: weight of the per-token KL penalty (the start value when --adaptive_kl)")
+    kl_estimator: str = flag("k1", "per-token KL estimate in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r, r = pi_ref / pi")
+    adaptive_kl: bool = flag(False, "adapt beta towards --target_kl (Ziegler et al. 2019)")
+    target_kl: float = flag(4.0, "target KL per sequence (nats) for --adaptive_kl")
+    kl_horizon: int = flag(10000, "horizon in episodes of the adaptive KL controller")
+    # advantages
+    gamma: float = flag(1.0, "discount factor")
+    gae_lambda: float = flag(0.95, "GAE lambda")
+    # update
+    ppo_epochs: int = flag(4, "passes over each rollout")
+    num_minibatches: int = flag(4, "minibatches per pass (one optimizer step each)")
+    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: same gradient)")
+    lr: float = flag(2e-4, "actor learning rate (AdamW)")
+    critic_lr: float = flag(1e-4, "critic learning rate (AdamW)")
+    anneal_lr: bool = flag(True, "decay both learning rates linearly to 0 over the run")
+    weight_decay: float = flag(0.0, "AdamW weight decay (matrices only)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    clip_coef: float = flag(0.2, "epsilon of the clipped surrogate: ratio stays in [1 - eps, 1 + eps]")
+    vf_clip_coef: float = flag(0.2, "values move at most this far from the rollout's values (clipped value loss)")
+    vf_coef: float = flag(0.1, "weight of the value loss")
+    ent_coef: float = flag(0.0, "weight of the entropy bonus")
+    max_grad_norm: float = flag(1.0, "gradient clipping (per model)")
+    # PPO-ptx
+    ptx_coef: float = flag(0.0, "gamma of PPO-ptx: weight of the SFT log-likelihood in the actor loss (0 = plain PPO)")
+    ptx_data: str = flag("", "SFT JSONL ({prompt, response} or {messages}) for PPO-ptx")
+    # logging and checkpoints
+    sample_interval: int = flag(10, "write prompt/response samples every N iterations")
+    num_samples: int = flag(4, "samples per write")
+    save_interval: int = flag(25, "checkpoint every N iterations (and at the end)")
+
+
+# -----------------------------------------------------------------------------
+# rollout helpers
+
+
+def disable_dropout(model):
+    """Dropout off for good: PPO's ratio must be exactly 1 before the first update, so no random masks."""
+    model.config.dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+    return model
+
+
+def freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def truncate_after_eos(response, eos_id, pad_id):
+    """
+    Cut each response after its first EOS: (response with pad after the EOS, mask of real tokens).
+    The EOS itself is real (it is the action that ends the episode).
+        response [ 7,  9, eos,  4,  5]  ->  [ 7,  9, eos, pad, pad]
+        mask     [ 1,  1,   1,  0,  0]
+    A row without EOS is all real.
+    """
+    is_eos = (response == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first EOS
+    mask = (~after_eos).long()
+    return response.masked_fill(after_eos, pad_id), mask
+
+
+def next_prompt_indices(n_prompts, batch_size, seed, state):
+    """
+    The next batch of prompt indices from a shuffled pass over the prompts; state = {"epoch", "pos"}.
+    Each pass is a fresh permutation (seeded by seed and the pass number, so resume repeats it exactly).
+    """
+    out = []
+    epoch, pos = state["epoch"], state["pos"]
+    while len(out) < batch_size:
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        take = perm[pos:pos + batch_size - len(out)]
+        out += take
+        pos += len(take)
+        if pos >= n_prompts:
+            epoch, pos = epoch + 1, 0
+    return out, {"epoch": epoch, "pos": pos}
+
+
+@torch.no_grad()
+def generate_responses(actor, context, context_mask, tok, args):
+    """Step 1 of the rollout: sample up to --response_length tokens per prompt with the KV-cached generate."""
+    out = actor.generate(context, args.response_length, temperature=args.temperature, top_k=None,
+                         attention_mask=context_mask, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return out[:, context.size(1):]  # (B, N), N <= response_length
+
+
+@torch.no_grad()
+def make_experience(actor, ref, reward_model, critic, context, context_mask, response, tok, args, kl_coef, rt):
+    """
+    Steps 2-6 of the rollout for already sampled responses. Returns a dict of tensors, one row per episode.
+    context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
+    """
+    B, T = context.shape
+    # 2. truncate after the first EOS; the response mask marks the real response tokens (the EOS included)
+    response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
+    has_eos = (response == tok.eos_id).any(-1)  # (B,)
+    seq = torch.cat([context, response], dim=1)  # (B, T + N)
+    seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
+
+    # The one masking convention, drawn once. Prompts are left-padded, responses right-padded after EOS:
+    #
+    #   position          0     1     2     3     4  |   5     6     7     8        T = 5, N = 4
+    #   seq             pad   pad    p0    p1    p2  |  y0    y1   eos   pad
+    #   seq_mask          0     0     1     1     1  |   1     1     1     0
+    #   position_ids      0     0     0     1     2  |   3     4     5     5     (seq_mask.cumsum - 1, clamped)
+    #   response_mask                                |   1     1     1     0
+    #   logits[:, T-1+t]                  predicts ----> y_t = seq[:, T+t]      (the shift: slice T-1 .. T+N-2)
+    #   values[:, T-1+t]  = V(s_t), the state that has seen p and y_<t, just before choosing y_t
+    #   RM score          read at the last real token (eos, position 7); added to the reward of y_2 (t = L-1)
+    #
+    # so logprobs, values, rewards and advantages are all (B, N), aligned with the response tokens.
+    # 3.-4. run in micro-batches of rows, so that the (rows, T + N, V) logits stay as small as in the update
+    micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
+    scores, logprobs, ref_logprobs, entropy, values = [], [], [], [], []
+    for i in range(0, B, micro):
+        s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
+        with rt.autocast():
+            # 3. score with the reward model at the last real token of prompt + response
+            scores.append(reward_model.score(s, s_mask))  # (b,)
+            # 4. logprobs under the actor (they become pi_old) and the reference, logits divided by the sampling
+            # temperature exactly as in generate; and the critic's values V(s_t)
+            logits = actor(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+            logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
+            entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
+            ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+            ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
+            values.append(critic(s, s_mask)[:, T - 1:-1])  # (b, N)
+    scores, entropy = torch.cat(scores), torch.cat(entropy)  # (B,), (B, N)
+    maskf = response_mask.float()
+    logprobs, ref_logprobs, values = (torch.cat(x) * maskf for x in (logprobs, ref_logprobs, values))  # (B, N)
+    rm_scores = scores.clone()
+    # a response that never ended gets the penalty score instead of the RM's
+    if args.missing_eos_penalty is not None:
+        scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+
+    # 5. KL-shaped reward: r_t = -beta * kl_t for every real response token, plus the score at the last one
+    #    r_t = -beta * (log pi(y_t|s_t) - log pi_ref(y_t|s_t)) + [t = L-1] * R(x, y)
+    rewards, kl = compute_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef, args.kl_estimator)
+
+    # 6. GAE backwards over the response (gamma, lambda), then whiten the advantages over real tokens only
+    #    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
+    #    A_t = sum_k (gamma * lambda)^k * delta_{t+k},   returns_t = A_t + V(s_t)
+    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
+    advantages = masked_whiten(advantages, response_mask)
+
+    return dict(seq=seq, seq_mask=seq_mask, context_len=T, response=response, response_mask=response_mask,
+                has_eos=has_eos, scores=scores, rm_scores=rm_scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                entropy=entropy, values=values, rewards=rewards, kl=kl, advantages=advantages, returns=returns)
+
+
+# -----------------------------------------------------------------------------
+# update
+
+
+def ptx_batches(examples, batch_size, pad_id, seed):
+    """Endless random batches of SFT examples (ids, response_mask) for PPO-ptx."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        yield D.collate([examples[i][0] for i in idx], pad_id, masks=[examples[i][1] for i in idx])
+
+
+def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
+    """
+    --ppo_epochs passes of shuffled minibatches over one rollout; one optimizer step per minibatch for each model.
+    Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
+    real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
+    """
+    B, T = exp["seq"].size(0), exp["context_len"]
+    mb_size = B // args.num_minibatches
+    micro_size = mb_size // args.grad_accum
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "ptx_loss")}
+    first_ratio_max_dev = 0.0
+    actor.train()
+    critic.train()
+    for epoch in range(args.ppo_epochs):
+        b_inds = torch.randperm(B)
+        for start in range(0, B, mb_size):
+            mb_inds = b_inds[start:start + mb_size]
+            # losses are sums over real tokens divided by the minibatch's token count, so accumulating
+            # micro-batches of any length gives the gradient of the minibatch mean
+            n_tokens = exp["response_mask"][mb_inds].sum().clamp(min=1)
+            mb_stats = {k: 0.0 for k in stats}
+            for mstart in range(0, mb_size, micro_size):
+                i = mb_inds[mstart:mstart + micro_size]  # the micro-batch's rows
+                seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
+                share = mask.sum() / n_tokens  # this micro-batch's part of the minibatch mean
+                with rt.autocast():
+                    logits = actor(seq, seq_mask)[:, T - 1:-1]  # (b, N, V)
+                    new_values = critic(seq, seq_mask)[:, T - 1:-1]  # (b, N)
+                new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
+                # L_CLIP = min(ratio * A_t, clip(ratio, 1 - eps, 1 + eps) * A_t),  ratio = pi_theta / pi_old
+                pg_loss, pg_stats = policy_loss(new_logprobs, exp["logprobs"][i], exp["advantages"][i], mask, args.clip_coef)
+                # L_V = max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / 2
+                vf_loss, vf_stats = value_loss(new_values, exp["values"][i], exp["returns"][i], mask, args.vf_clip_coef)
+                actor_loss = pg_loss * share
+                if args.ent_coef > 0:
+                    # entropy bonus: - c_ent * H(pi(.|s_t)), averaged over real tokens
+                    ent = masked_mean(entropy_from_logits(logits, args.temperature), mask)
+                    actor_loss = actor_loss - args.ent_coef * ent * share
+                if ptx is not None:
+                    # PPO-ptx: + gamma * log-likelihood of the SFT data (InstructGPT eq. 2), one batch per micro-batch
+                    pb = D.to_device(next(ptx), rt.device)
+                    with rt.autocast():
+                        ptx_logits = actor(pb["idx"], pb["attention_mask"])
+                    ptx_loss = sft_loss(ptx_logits, pb["idx"], pb["response_mask"])
+                    actor_loss = actor_loss + args.ptx_coef * ptx_loss / args.grad_accum
+                    mb_stats["ptx_loss"] += ptx_loss.item() / args.grad_accum
+                actor_loss.backward()
+                (args.vf_coef * vf_loss * share).backward()
+
+                if epoch == 0 and start == 0:
+                    ratio = (new_logprobs.detach() - exp["logprobs"][i]).exp()  # (b, N)
+                    first_ratio_max_dev = max(first_ratio_max_dev, ((ratio - 1).abs() * mask).max().item())
+                share = share.item()
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
+                             *((k, pg_stats[k]) for k in ("clipfrac", "approx_kl", "ratio"))):
+                    mb_stats[k] += v.item() * share
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            actor_opt.step()
+            critic_opt.step()
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            for k, v in mb_stats.items():
+                stats[k].append(v)
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["first_ratio_max_dev"] = first_ratio_max_dev
+    return out
+
+
+# -----------------------------------------------------------------------------
+# logging helpers
+
+
+def gold_scores(prompts, responses):
+    """The built-in task's gold judge on decoded text; logged only, never trained on."""
+    return [tasks.gold(p, r) for p, r in zip(prompts, responses)]
+
+
+def decode_response(tok, ids, mask):
+    """The response text as the judge reads it: real tokens only, EOS dropped, the template's leading space removed."""
+    text = tok.decode([t for t, m in zip(ids, mask) if m])
+    return text[1:] if text.startswith(" ") else text
+
+
+def write_samples(out_dir, iteration, rows):
+    with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
+        for r in rows:
+            f.write(json.dumps({"iter": iteration, **r}) + "\n")
+    with open(os.path.join(out_dir, "samples.txt"), "a") as f:
+        for r in rows:
+            gold = f"  gold {r['gold']:.3f}" if r.get("gold") is not None else ""
+            f.write(f"=== iter {iteration}  score {r['score']:.3f}{gold}\n"
+                    f"PROMPT: {r['prompt']}\nRESPONSE: {r['response']}\n\n")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = utils.parse_flags(Args, argv, description=__doc__)
+
+    # derived sizes, checked before anything is loaded or written
+    check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
+          "--batch_size, --num_minibatches and --grad_accum must be >= 1")
+    check(args.batch_size % args.num_minibatches == 0,
+          f"--batch_size {args.batch_size} must be divisible by --num_minibatches {args.num_minibatches}")
+    mb_size = args.batch_size // args.num_minibatches
+    check(mb_size % args.grad_accum == 0,
+          f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by --grad_accum {args.grad_accum}")
+    check(args.response_length >= 1, "--response_length must be >= 1")
+    check(args.temperature > 0, "--temperature must be > 0 (PPO needs a stochastic policy)")
+    check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
+    check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
+    check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
+    check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
+    check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
+
+    rt = utils.setup_runtime(args.device, args.dtype, args.seed)
+
+    # data (validated before anything is written)
+    prompts = D.read_prompts(args.data)
+    ptx_records = D.read_sft(args.ptx_data) if args.ptx_coef > 0 else None
+
+    # models
+    state = None
+    if args.resume:
+        state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
+        actor, tok, _ = utils.load_model(args.out_dir, rt.device, kind="gpt")
+        critic, _, _ = utils.load_model(args.out_dir, rt.device, kind="scalar", name="critic.pt")
+    else:
+        actor, tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
+        critic, _, _ = utils.load_model(args.rm, rt.device, kind="scalar")
+    ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar")
+    if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
+        mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
+        args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
+    check(ref_tok.to_dict() == tok.to_dict() == rm_tok.to_dict(),
+          f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
+    for m in (actor, critic, ref, reward_model):
+        disable_dropout(m)
+    freeze(ref)
+    freeze(reward_model)
+    actor.grad_checkpointing = critic.grad_checkpointing = args.grad_checkpointing
+    block_size = actor.config.block_size
+    check(args.response_length < block_size, f"--response_length {args.response_length} must be < block_size {block_size}")
+
+    # prompts, cut from the left so that prompt + response fits the context
+    max_prompt = block_size - args.response_length
+    prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
+    if n_cut:
+        print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
+    if ptx_records is not None:
+        ptx_examples, _ = D.encode_sft(ptx_records, tok, block_size)
+        check(len(ptx_examples) > 0, f"{args.ptx_data}: no example fits block_size {block_size}")
+    use_gold = args.gold == "on"
+    if args.gold == "auto":
+        use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
+
+    fwd_actor = utils.maybe_compile(actor, args.compile)
+    fwd_critic = utils.maybe_compile(critic, args.compile)
+    actor_opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
+    critic_opt = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
+    if args.adaptive_kl:
+        kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(args.kl_coef)
+    start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
+    if state is not None:
+        actor_opt.load_state_dict(state["actor_optimizer"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        sampler_state = state["data"]
+        start_iter = state["step"]
+        utils.set_rng_state(state["rng"])
+        check(start_iter < args.num_iterations, f"{args.out_dir} already ran {start_iter} iterations; raise --num_iterations")
+    ptx = None
+    if ptx_records is not None:
+        ptx = ptx_batches(ptx_examples, mb_size // args.grad_accum, tok.pad_id, args.seed + start_iter)
+
+    def save(iteration):
+        utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value))
+        utils.save_checkpoint(args.out_dir, utils.model_payload(critic, tok, "ppo", args, iteration), "critic.pt")
+        utils.save_checkpoint(args.out_dir, {
+            "actor_optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+            "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
+        }, utils.TRAIN_STATE)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not args.resume:
+        for name in ("samples.jsonl", "samples.txt"):
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    logger = utils.MetricsLogger(args.out_dir, resume=args.resume)
+    print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
+          f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
+          f"gold {'on' if use_gold else 'off'}")
+    timer = utils.Timer(args.num_iterations, start_iter)
+    for it in range(start_iter, args.num_iterations):
+        if args.anneal_lr:
+            frac = 1.0 - it / args.num_iterations
+            for opt, lr in ((actor_opt, args.lr), (critic_opt, args.critic_lr)):
+                for g in opt.param_groups:
+                    g["lr"] = frac * lr
+        # rollout
+        t0 = time.time()
+        idx, sampler_state = next_prompt_indices(len(prompts), args.batch_size, args.seed, sampler_state)
+        batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
+        actor.eval()
+        response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+        exp = make_experience(fwd_actor, ref, reward_model, fwd_critic, batch["idx"], batch["attention_mask"],
+                              response, tok, args, kl_ctl.value, rt)
+        t_rollout = time.time() - t0
+        # update
+        t0 = time.time()
+        upd = ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt, ptx)
+        t_update = time.time() - t0
+
+        # statistics of this rollout (before the update)
+        mask = exp["response_mask"]
+        kl_seq = ((exp["logprobs"] - exp["ref_logprobs"]) * mask).sum(-1)  # (B,) k1 summed over each response
+        beta = kl_ctl.value
+        kl_ctl.update(kl_seq.mean().item(), args.batch_size)
+        row = {
+            "iter": it + 1,
+            "score": exp["scores"].mean().item(),
+            "rm_score": exp["rm_scores"].mean().item(),
+            "kl": kl_seq.mean().item(),
+            "non_score_reward": (exp["rewards"].sum(-1) - exp["scores"]).mean().item(),
+            "entropy": masked_mean(exp["entropy"], mask).item(),
+            "response_length": mask.sum(-1).float().mean().item(),
+            "eos_frac": exp["has_eos"].float().mean().item(),
+            "explained_variance": explained_variance(exp["values"], exp["returns"], mask),
+            "beta": beta,
+            "lr": actor_opt.param_groups[0]["lr"],
+            **{k: v for k, v in upd.items() if k != "first_ratio_max_dev" and (k != "ptx_loss" or ptx is not None)},
+            "t_rollout": t_rollout,
+            "t_update": t_update,
+        }
+        texts = None
+        write = it == 0 or (it + 1) % args.sample_interval == 0
+        if use_gold or write:
+            texts = [(prompts[i], decode_response(tok, r, m))
+                     for i, r, m in zip(idx, exp["response"].tolist(), mask.tolist())]
+        if use_gold:
+            row["gold"] = sum(gold_scores(*zip(*texts))) / len(texts)
+        logger.log(row)
+        gold = f" gold {row['gold']:.3f} |" if use_gold else ""
+        print(f"iter {it + 1}/{args.num_iterations} | score {row['score']:+.3f} |{gold} kl {row['kl']:.2f} beta {beta:.3f} | "
+              f"ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} vf {row['vf_loss']:.4f} ev {row['explained_variance']:.2f} | "
+              f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
+              f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
+        if write:
+            golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
+            write_samples(args.out_dir, it + 1, [
+                {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
+                for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
+        if (it + 1) % args.save_interval == 0 or it + 1 == args.num_iterations:
+            save(it + 1)
+
+
+if __name__ == "__main__":
+    utils.run(main)

@@ -1,0 +1,266 @@
+"""
+Stage 1 of InstructGPT: supervised fine-tuning (SFT) on demonstrations.
+
+Objective: the negative log-likelihood of the demonstrated response given its prompt,
+    L_SFT = - sum_{t in response} log P_theta(x_t | x_<t)
+per response token (the EOS counts: the model must learn to stop); prompt and pad positions are masked out,
+see losses.sft_loss for the picture of which position predicts which token.
+
+Run (the built-in task; about 2-3 minutes on 2 CPU cores):
+    python -m nanorlhf.tasks --out_dir out/data
+    python train_sft.py --data out/data/sft.jsonl --out_dir out/sft
+Continue an interrupted run (its saved flags are reused):
+    python train_sft.py --out_dir out/sft --resume
+Fine-tune GPT-2 from a local Hugging Face directory (config.json + model.safetensors), on a GPU:
+    python train_sft.py --init_from path/to/gpt2 --tokenizer path/to/gpt2.tiktoken --data my_sft.jsonl \\
+        --out_dir out/sft --block_size 512 --batch_size 16 --grad_accum 4 --lr 3e-5 --min_lr 3e-6 --warmup 50
+
+Deviations from InstructGPT (Ouyang et al. 2022, appendix C):
+- By default the model is a tiny GPT trained from scratch on the built-in task, not a pretrained GPT-3.
+- A fixed number of optimizer steps with warmup and cosine decay, and the last checkpoint is kept
+  (InstructGPT trains 16 epochs and picks the checkpoint by reward-model score; here the held-out loss
+  is logged so that the choice can be made by hand).
+- No dropout by default (InstructGPT: residual dropout 0.2); the built-in task has plenty of data.
+- The loss is a mean over the response tokens of the accumulated batch, so long responses weigh more than
+  short ones (per-token rather than per-sequence averaging).
+- Batches group examples of similar length so that little compute goes to padding; each example is still
+  seen exactly once per epoch.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fraction, read_sft, to_device
+from nanorlhf.losses import sft_loss
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.train_common import (check_loop_flags, endless, fmt_count, load_run, optimizer_step, peak_flops,
+                                   read_split, resumed_flags, save_run)
+from nanorlhf.utils import (CKPT, MetricsLogger, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
+                            fmt_time, load_model, maybe_compile, model_payload, parse_flags, run, set_rng_state,
+                            setup_runtime)
+
+
+@dataclass
+class Config:
+    # data
+    data: str = flag("out/data/sft.jsonl", "demonstrations, JSONL: {prompt, response} or {messages: [...]}")
+    val_data: str | None = flag(None, "held-out demonstrations (default: hold out --val_frac of --data)")
+    val_frac: float = flag(0.05, "fraction of --data held out when there is no --val_data")
+    out_dir: str = flag("out/sft", "output directory: ckpt.pt, train_state.pt, metrics.jsonl")
+    # model
+    init_from: str = flag("scratch", "scratch | a nanorlhf checkpoint dir | a local HF GPT-2 dir (with config.json)")
+    tokenizer: str = flag("byte", "byte | gpt2 | path/to/file.tiktoken (scratch); HF GPT-2 needs gpt2 or GPT-2's "
+                                  ".tiktoken file; a nanorlhf checkpoint brings its own")
+    n_layer: int = flag(4, "transformer blocks (scratch only)")
+    n_head: int = flag(4, "attention heads (scratch only)")
+    n_embd: int = flag(128, "embedding width (scratch only)")
+    block_size: int = flag(256, "context length (the model's positions, scratch); longer examples lose prompt tokens "
+                                "from the left")
+    dropout: float = flag(0.0, "dropout (scratch only)")
+    # optimization
+    batch_size: int = flag(32, "sequences per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (a step sees batch_size * grad_accum sequences)")
+    lr: float = flag(2e-3, "peak learning rate")
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
+    warmup: int = flag(50, "linear warmup steps")
+    max_steps: int = flag(1200, "optimizer steps")
+    weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = flag(200, "steps between held-out evaluations")
+    eval_batches: int = flag(16, "held-out batches per evaluation (the same ones every time)")
+    log_interval: int = flag(50, "steps between progress lines and metrics.jsonl rows")
+    ckpt_interval: int = flag(400, "steps between checkpoints (one is always written at the end)")
+    # system
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on a GPU that has it, else float32)")
+    compile: bool = flag(False, "torch.compile the model")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
+    seed: int = flag(0, "seed for initialisation, the held-out split and the batch order")
+    resume: bool = flag(False, "continue the run in --out_dir from its last checkpoint, with its saved flags")
+    stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
+
+
+# flags a resumed run may take from the command line: where and how it runs, not what it computes
+RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing",
+               "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
+BETAS = (0.9, 0.95)
+
+
+def check_flags(args):
+    check_loop_flags(args)
+    for name in ("n_layer", "n_head", "n_embd"):
+        check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+    check(args.block_size >= 2, f"--block_size must be at least 2, got {args.block_size}")
+    check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
+
+
+def make_tokenizer(spec):
+    try:
+        return Tokenizer.from_spec(spec)
+    except ValueError as e:
+        raise UserError(f"--tokenizer {spec}: {e}") from None
+
+
+def init_model(args):
+    """(model, tokenizer) from --init_from: a fresh GPT, a nanorlhf checkpoint, or a local Hugging Face GPT-2."""
+    src = args.init_from
+    if src == "scratch":
+        tok = make_tokenizer(args.tokenizer)
+        config = GPTConfig(block_size=args.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+        return GPT(config), tok
+    if os.path.isfile(os.path.join(src, CKPT)):
+        model, tok, _ = load_model(src, kind="gpt")
+        return model, tok
+    if os.path.isfile(os.path.join(src, "config.json")):
+        tok = make_tokenizer(args.tokenizer)
+        check(tok.name == "gpt2", f"--init_from {src} is a Hugging Face GPT-2: pass --tokenizer gpt2 or the path to "
+                                  f"GPT-2's .tiktoken file (got {args.tokenizer!r})")
+        try:
+            model = GPT.from_pretrained(src)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--init_from {src}: {e}") from None
+        if model.config.vocab_size < tok.vocab_size:
+            model.resize_vocab(tok.vocab_size)  # 50257 -> 50258: a row for the pad token
+        return model, tok
+    raise UserError(f"--init_from {src}: expected 'scratch', a nanorlhf checkpoint directory ({CKPT}) or a "
+                    f"Hugging Face GPT-2 directory (config.json)")
+
+
+def make_batch(examples, pad_id, max_len):
+    """[(ids, response_mask), ...] -> right-padded batch dict (idx, attention_mask, response_mask), T % 8 == 0."""
+    return collate([ids for ids, _ in examples], pad_id, masks=[m for _, m in examples], max_len=max_len)
+
+
+def n_targets(batch):
+    """Number of tokens the SFT loss covers: the response tokens (and EOS) that some position predicts."""
+    return int(batch["response_mask"][:, 1:].sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt):
+    """Held-out loss per response token, over a fixed list of batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, rt.device)
+        with rt.autocast():
+            logits = model(batch["idx"])  # (B, T, V)
+        total += sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=1).item()  # sum of -log p
+        count += n_targets(batch)
+    model.train()
+    return total / max(count, 1)
+
+
+def main():
+    args = parse_flags(Config, description=__doc__)
+    state = None
+    if args.resume:
+        ckpt, state = load_run(args.out_dir)
+        args = resumed_flags(args, ckpt["args"], RESUME_FREE)
+    check_flags(args)
+    rt = setup_runtime(args.device, args.dtype, args.seed)
+
+    # data and model: everything is read and validated before anything is written to out_dir
+    train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
+    if state is None:
+        model, tok = init_model(args)
+    else:
+        model, tok, _ = load_model(args.out_dir, kind="gpt")
+    model.to(rt.device)
+    max_len = min(args.block_size, model.config.block_size)
+    train, n_cut = encode_sft(train_records, tok, max_len)
+    val, n_cut_val = encode_sft(val_records, tok, max_len)
+    n_dropped = len(train_records) + len(val_records) - len(train) - len(val)
+    check(len(train) > 0 and len(val) > 0, f"no example fits in {max_len} tokens with its whole response")
+    print(f"data: {len(train)} train, {len(val)} val examples; longer than {max_len} tokens: "
+          f"{n_cut + n_cut_val} cut from the left of the prompt, {n_dropped} dropped (response does not fit)")
+
+    sampler = LengthGroupedSampler([len(ids) for ids, _ in train], args.batch_size, seed=args.seed)
+    val_sampler = LengthGroupedSampler([len(ids) for ids, _ in val], args.batch_size, seed=args.seed)
+    val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len)
+                   for b in val_sampler.batches(0)[:args.eval_batches]]
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
+    model.grad_checkpointing = args.grad_checkpointing
+    train_model = maybe_compile(model, args.compile)
+    peak = peak_flops(rt)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    stop = args.stop_at or args.max_steps
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x {model.config.n_embd}, "
+          f"tokenizer {tok.name} ({tok.vocab_size}); {rt.device} {rt.dtype}; "
+          f"{args.batch_size * args.grad_accum} sequences per step, {len(sampler)} batches per epoch")
+    if step >= stop:
+        print(f"nothing to do: the run in {args.out_dir} is at step {step}")
+        return
+
+    # training loop
+    logger = MetricsLogger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    timer = Timer(stop, step)
+    t_start = time.time()
+    val_loss = None
+    if step == 0:
+        val_loss = evaluate(train_model, val_batches, rt)
+        logger.log({"step": 0, "val_loss": val_loss})
+        print(f"step 0/{args.max_steps} | val {val_loss:.3f}")
+    stream = endless(sampler)
+    model.train()
+    loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
+    while step < stop:
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
+        micro = [make_batch([train[i] for i in next(stream)], tok.pad_id, max_len) for _ in range(args.grad_accum)]
+        # the loss is a sum over the targets of all micro-batches divided by their total count, so that
+        # accumulation gives exactly the loss (and gradient) of one big batch
+        n_tokens = sum(n_targets(b) for b in micro)
+        for batch in micro:
+            tokens = int(batch["attention_mask"].sum())
+            n_tok += tokens
+            flops += model.flops_per_token(batch["idx"].size(1)) * tokens
+            pad_frac += padding_fraction(batch) / args.grad_accum
+            batch = to_device(batch, rt.device)
+            with rt.autocast():
+                # right padding: a real token never attends to the pads after it, so the plain causal
+                # attention (fast path, no mask) gives the same logits at every real position
+                logits = train_model(batch["idx"])  # (B, T, V)
+            loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip)
+        step += 1
+        n_steps += 1
+        dt += time.perf_counter() - t0
+
+        evaluated = step % args.eval_interval == 0 or step == stop
+        if evaluated:
+            val_loss = evaluate(train_model, val_batches, rt)
+        if step % args.log_interval == 0 or evaluated:
+            loss = loss_sum.item() / n_steps
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tok / dt,
+                   "mfu": flops / dt / peak, "pad_frac": pad_frac / n_steps,
+                   "epoch": step * args.grad_accum / len(sampler), "time": time.time() - t_start}
+            if evaluated:
+                row["val_loss"] = val_loss
+            logger.log(row)
+            val_str = f"{val_loss:.3f}" if val_loss is not None else "-"
+            print(f"step {step}/{args.max_steps} | loss {loss:.3f} | val {val_str} | {fmt_count(n_tok / dt)} tok/s | "
+                  f"mfu {100 * flops / dt / peak:.1f}% | pad {100 * pad_frac / n_steps:.0f}% | "
+                  f"{fmt_time(timer.eta(step - 1))} left")
+            loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
+        if step % args.ckpt_interval == 0 or step == stop:
+            save_run(args.out_dir, model_payload(model, tok, "sft", args, step), optimizer, sampler, step)
+    print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
+
+
+if __name__ == "__main__":
+    run(main)
