@@ -36,7 +36,8 @@ $(OUT)/sft/ckpt.pt: $(OUT)/data/meta.json train_sft.py $(CODE)
 	$(PY) train_sft.py --data $(OUT)/data/sft.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(SFT_FLAGS)
 
 $(OUT)/rm/ckpt.pt: $(OUT)/sft/ckpt.pt train_rm.py
-	$(PY) train_rm.py --data $(OUT)/data/prefs.jsonl --init_from $(OUT)/sft --out_dir $(OUT)/rm --seed $(SEED) $(RM_FLAGS)
+	$(PY) train_rm.py --data $(OUT)/data/prefs.jsonl --val_data $(OUT)/data/prefs_eval.jsonl \
+	  --sft_data $(OUT)/data/sft.jsonl --init_from $(OUT)/sft --out_dir $(OUT)/rm --seed $(SEED) $(RM_FLAGS)
 
 $(OUT)/ppo/ckpt.pt: $(OUT)/rm/ckpt.pt train_ppo.py
 	$(PY) train_ppo.py --data $(OUT)/data/prompts.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --out_dir $(OUT)/ppo --seed $(SEED) $(PPO_FLAGS)

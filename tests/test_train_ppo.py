@@ -1,8 +1,9 @@
 """
 Tests of train_ppo.py's rollout and update (the PPO math itself is tested in test_ppo_math.py).
 
-Tiny models (2 layers, 32 wide, byte-level tokenizer). The last test runs the script end to end on the built-in
-task with tiny SFT and RM checkpoints made by train_sft.py and train_rm.py.
+In-process tests use random tiny models (2 layers, 32 wide, byte-level tokenizer) and the real rollout and update
+functions. The end-to-end tests run the script as a subprocess on the built-in task, with tiny SFT and RM
+checkpoints made by train_sft.py and train_rm.py (about 30 s, once per module).
 """
 
 import copy
