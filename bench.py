@@ -36,7 +36,7 @@ from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.train_common import GPU_PEAK_FLOPS, optimizer_step, peak_flops
 from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
-from ppo_math import FixedKLController
+from train_ppo import FixedKLController
 
 
 @dataclass

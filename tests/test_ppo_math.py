@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_math import (
+from nanorlhf.model import last_index
+from train_ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_rewards,
     explained_variance,
     gae,
     kl_penalty,
-    last_real_index,
     masked_whiten,
     policy_loss,
     value_loss,
@@ -54,9 +54,9 @@ def test_kl_penalty_estimators():
         kl_penalty(logprobs, ref_logprobs, "k2")
 
 
-def test_last_real_index():
+def test_last_index():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    assert last_real_index(mask).tolist() == [1, 3, 0]
+    assert last_index(mask).tolist() == [1, 3, 0]
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
