@@ -173,7 +173,8 @@ def bench_ppo(cfg, model_cfg, rt):
         sync(rt)
         t0 = time.perf_counter()
         actor.eval()
-        response = train_ppo.generate_responses(actor, context, context_mask, tok, args)  # (B, N), as train_ppo calls it
+        with rt.autocast():  # as train_ppo calls it
+            response = train_ppo.generate_responses(actor, context, context_mask, tok, args)  # (B, N)
         exp = train_ppo.make_experience(fwd_actor, ref, reward_model, fwd_critic, context, context_mask, response,
                                         tok, args, kl_ctl.value, rt)
         sync(rt)

@@ -683,7 +683,8 @@ def main(argv=None):
         idx, sampler_state = next_prompt_indices(len(prompts), args.batch_size, args.seed, sampler_state)
         batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
         actor.eval()
-        response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+        with rt.autocast():  # sampling only: the logprobs PPO trains on are recomputed in make_experience
+            response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
         exp = make_experience(fwd_actor, ref, reward_model, fwd_critic, batch["idx"], batch["attention_mask"],
                               response, tok, args, kl_ctl.value, rt)
         t_rollout = time.time() - t0

@@ -54,6 +54,14 @@ def _str2bool(s):
     raise ValueError(s)
 
 
+def _optional(base):
+    def convert(s):
+        return None if s.lower() == "none" else base(s)
+
+    convert.__name__ = base.__name__  # argparse names the type in its error messages
+    return convert
+
+
 def parse_flags(cls, argv=None, description=None):
     """
     Build an argparse parser from a dataclass, parse argv and return an instance of the dataclass.
@@ -68,8 +76,9 @@ def parse_flags(cls, argv=None, description=None):
         typ = f.type
         if isinstance(typ, str):  # under `from __future__ import annotations`
             typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]
-        elif not isinstance(typ, type):  # `int | None`
-            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        elif not isinstance(typ, type):  # `int | None`: "none" on the command line gives None back
+            base = next(a for a in typing.get_args(typ) if a is not type(None))
+            typ = _optional(base)
         if typ is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
         else:

@@ -25,6 +25,7 @@ def test_parse_flags_types_and_bools():
     assert f == Flags(lr=0.1, steps=5, name="a", compile=True, top_k=3)
     assert utils.parse_flags(Flags, ["--compile", "false"]).compile is False
     assert utils.parse_flags(Flags, []) == Flags()
+    assert utils.parse_flags(Flags, ["--top_k", "none"]).top_k is None
 
 
 def test_cosine_lr_matches_formula():
