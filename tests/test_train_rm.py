@@ -4,21 +4,16 @@ model, a small copy of the built-in task): held-out accuracy well above chance, 
 resume, bad input refused before anything is written.
 """
 
-import json
 import math
-import os
 import random
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one thread and MKL's reproducible mode: two processes then compute bit-identical floats whatever the
-# memory alignment and thread timing, which the resume test relies on (tiny models gain nothing from threads)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+from scripts import ROOT, read_metrics, script, without_timings
+
 sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 
 import train_rm
@@ -33,22 +28,6 @@ SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size",
 RM_TINY = ["--batch_size", "16", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
            "--val_frac", "0.2", "--eval_interval", "75", "--log_interval", "25", "--ckpt_interval", "75",
            "--norm_samples", "200", "--device", "cpu"]
-
-
-def script(name, *args, check=True):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-TIMINGS = ("time", "tok_per_s", "mfu")  # the only metrics that differ between two identical runs
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +83,7 @@ def test_resume_gives_the_same_run(sft, tmp_path):
     script("train_rm.py", *rm_args(sft, tmp_path / "rm"), *short, "--stop_at", "10")
     assert torch.load(tmp_path / "rm/ckpt.pt", weights_only=True)["step"] == 10
     script("train_rm.py", "--out_dir", str(tmp_path / "rm"), "--resume")  # the saved flags are reused
-    keep = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]  # noqa: E731
-    assert keep(read_metrics(tmp_path / "rm")) == keep(read_metrics(tmp_path / "full"))
+    assert without_timings(read_metrics(tmp_path / "rm")) == without_timings(read_metrics(tmp_path / "full"))
     a = torch.load(tmp_path / "full/ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "rm/ckpt.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -4,20 +4,15 @@ the built-in task: it learns, bad input is refused before anything is written, -
 and the checkpoint loads without running code.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from nanorlhf import tasks, utils
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one thread and MKL's reproducible mode: two processes then compute bit-identical floats whatever the
-# memory alignment and thread timing, which the resume test relies on (tiny models gain nothing from threads)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+from scripts import read_metrics, script, without_timings
+
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
         "--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--max_steps", "60", "--val_frac", "0.1",
         "--eval_interval", "30", "--eval_batches", "4", "--log_interval", "10", "--ckpt_interval", "30",
@@ -25,19 +20,7 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64
 
 
 def train_sft(*args, check=True):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *args], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-TIMINGS = ("time", "tok_per_s", "mfu")  # the only metrics that differ between two identical runs
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return script("train_sft.py", *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +67,7 @@ def test_resume_gives_the_same_run(data, full_run, tmp_path):
     p = train_sft("--out_dir", str(out), "--resume")  # the saved flags are reused
     assert "step 60/60" in p.stdout
     want, got = read_metrics(full_run), read_metrics(out)
-    keep = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]  # noqa: E731
-    assert keep(got) == keep(want)  # every loss, val loss, lr and grad norm, at every step
+    assert without_timings(got) == without_timings(want)  # every loss, val loss, lr and grad norm, at every step
     a = torch.load(full_run / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
