@@ -519,17 +519,17 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
                         ptx_logits = actor(pb["idx"], pb["attention_mask"])
                     ptx_loss = sft_loss(ptx_logits, pb["idx"], pb["response_mask"])
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss / args.grad_accum
-                    mb_stats["ptx_loss"] += ptx_loss.item() / args.grad_accum
+                    mb_stats["ptx_loss"] += ptx_loss.detach() / args.grad_accum
                 actor_loss.backward()
                 (args.vf_coef * vf_loss * share).backward()
 
                 if epoch == 0 and start == 0:
                     ratio = (new_logprobs.detach() - exp["logprobs"][i]).exp()  # (b, N)
                     first_ratio_max_dev = max(first_ratio_max_dev, ((ratio - 1).abs() * mask).max().item())
-                share = share.item()
+                # stats stay tensors until the end of the update: no device sync per micro-batch
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
                              *((k, pg_stats[k]) for k in ("clipfrac", "approx_kl", "ratio"))):
-                    mb_stats[k] += v.item() * share
+                    mb_stats[k] += v.detach() * share
             torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
             torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             actor_opt.step()
@@ -538,7 +538,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
             critic_opt.zero_grad(set_to_none=True)
             for k, v in mb_stats.items():
                 stats[k].append(v)
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out = {k: float(sum(v) / len(v)) for k, v in stats.items()}
     out["first_ratio_max_dev"] = first_ratio_max_dev
     return out
 
