@@ -89,26 +89,23 @@ def attention_mask_4d(attention_mask):
 
 class KVCache:
     """
-    The keys and values of one attention layer for every position of a generation, (B, nh, T_max, hs) each,
-    allocated once at the first update (with the dtype of the keys, so bf16 under autocast) and filled left to
-    right.
+    The keys and values of one attention layer for every position of a generation, one (2, B, nh, T_max, hs)
+    tensor (keys, then values) allocated at the first update (with the dtype of the keys, so bf16 under
+    autocast) and filled left to right; one tensor means one copy per decode step instead of two.
     """
 
     def __init__(self, T_max):
         self.T_max = T_max
-        self.k = None
-        self.v = None
+        self.kv = None
 
-    def update(self, k, v, start):
-        """Write k, v (B, nh, T, hs) at positions start..start+T-1; return the views of positions 0..start+T-1."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.T_max, hs)
-            self.v = v.new_empty(B, nh, self.T_max, hs)
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
+    def update(self, kv, start):
+        """Write kv (2, B, nh, T, hs) at positions start..start+T-1; return the keys and values of 0..start+T-1."""
+        if self.kv is None:
+            _, B, nh, _, hs = kv.shape
+            self.kv = kv.new_empty(2, B, nh, self.T_max, hs)
+        end = start + kv.size(3)
+        self.kv[:, :, :, start:end] = kv
+        return self.kv[0, :, :, :end], self.kv[1, :, :, :end]  # (B, nh, end, hs) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -130,12 +127,11 @@ class CausalSelfAttention(nn.Module):
         start > 0 and no mask must be a single query (T == 1), which may see every cached key.
         """
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # query, key, value for all heads in one matmul, viewed as (3, B, nh, T, hs) without a copy
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv  # (B, nh, T, hs) each
         if cache is not None:
-            k, v = cache.update(k, v, start)  # (B, nh, start + T, hs)
+            k, v = cache.update(qkv[1:], start)  # (B, nh, start + T, hs) each
         # softmax(q k^T / sqrt(hs) + mask) v, through the fused kernels (flash when there is no explicit mask)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
@@ -335,45 +331,48 @@ class GPT(Trunk):
         if pad_id is None:
             pad_id = eos_id if eos_id is not None else 0
 
-        T_max = T0 + max_new_tokens
-        out = torch.full((B, T_max), pad_id, dtype=idx.dtype, device=device)  # (B, T_max)
-        out[:, :T0] = idx
-        logprobs = None  # (B, N), allocated at the first step with the dtype of the logits
-        finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-        # keys that may be attended to: the prompt's real tokens and every generated token, built once; each
-        # decode step takes a view of it
-        key_mask = torch.ones(B, T_max, dtype=torch.bool, device=device)  # (B, T_max)
-        key_mask[:, :T0] = mask
+        # inference mode: no autograd bookkeeping at all in the sampling loop (it costs per op, and a decode
+        # step is many small ops); its tensors may not enter autograd later, so the results are copied out below
+        with torch.inference_mode():
+            T_max = T0 + max_new_tokens
+            out = torch.full((B, T_max), pad_id, dtype=idx.dtype, device=device)  # (B, T_max)
+            out[:, :T0] = idx
+            logprobs = None  # (B, N), allocated at the first step with the dtype of the logits
+            finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+            # keys that may be attended to: the prompt's real tokens and every generated token, built once; each
+            # decode step takes a view of it
+            key_mask = torch.ones(B, T_max, dtype=torch.bool, device=device)  # (B, T_max)
+            key_mask[:, :T0] = mask
 
-        if use_cache:
-            caches = [KVCache(T_max) for _ in self.transformer.h]
-            attn_mask = attention_mask_4d(mask) if padded else None  # (B, 1, T0, T0)
-            logits = self._forward_cached(idx, position_ids_from_mask(mask), attn_mask, caches, 0)  # (B, V)
-        n = max_new_tokens
-        for i in range(max_new_tokens):
-            t = T0 + i  # the slot of the token sampled now
-            if not use_cache:
-                h = self.trunk(out[:, :t], key_mask[:, :t] if padded else None)  # (B, t, C)
-                logits = at_least_float32(self.lm_head(h[:, -1]))  # (B, V)
-            tok, logp = sample(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,), (B,)
-            if eos_id is not None:
-                tok = tok.masked_fill(finished, pad_id)
-            out[:, t] = tok
-            if return_logprobs:
-                if logprobs is None:
-                    logprobs = logp.new_zeros(B, max_new_tokens)  # (B, N)
-                logprobs[:, i] = logp.masked_fill(finished, 0.0) if eos_id is not None else logp
-            if eos_id is not None:
-                finished |= tok == eos_id
-                if bool(finished.all()):
-                    n = i + 1
-                    break
-            if use_cache and i + 1 < max_new_tokens:
-                pos = (prompt_lens + i)[:, None]  # (B, 1)
-                step_mask = key_mask[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t + 1)
-                logits = self._forward_cached(tok[:, None], pos, step_mask, caches, t)  # (B, V)
-        out = out[:, :T0 + n]
-        return (out, logprobs[:, :n]) if return_logprobs else out
+            if use_cache:
+                caches = [KVCache(T_max) for _ in self.transformer.h]
+                attn_mask = attention_mask_4d(mask) if padded else None  # (B, 1, T0, T0)
+                logits = self._forward_cached(idx, position_ids_from_mask(mask), attn_mask, caches, 0)  # (B, V)
+            n = max_new_tokens
+            for i in range(max_new_tokens):
+                t = T0 + i  # the slot of the token sampled now
+                if not use_cache:
+                    h = self.trunk(out[:, :t], key_mask[:, :t] if padded else None)  # (B, t, C)
+                    logits = at_least_float32(self.lm_head(h[:, -1]))  # (B, V)
+                tok, logp = sample(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,), (B,)
+                if eos_id is not None:
+                    tok = tok.masked_fill(finished, pad_id)
+                out[:, t] = tok
+                if return_logprobs:
+                    if logprobs is None:
+                        logprobs = logp.new_zeros(B, max_new_tokens)  # (B, N)
+                    logprobs[:, i] = logp.masked_fill(finished, 0.0) if eos_id is not None else logp
+                if eos_id is not None:
+                    finished |= tok == eos_id
+                    if bool(finished.all()):
+                        n = i + 1
+                        break
+                if use_cache and i + 1 < max_new_tokens:
+                    pos = (prompt_lens + i)[:, None]  # (B, 1)
+                    step_mask = key_mask[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t + 1)
+                    logits = self._forward_cached(tok[:, None], pos, step_mask, caches, t)  # (B, V)
+        out = out[:, :T0 + n].clone()
+        return (out, logprobs[:, :n].clone()) if return_logprobs else out
 
     # -------------------------------------------------------------------------
     # Hugging Face GPT-2 import
