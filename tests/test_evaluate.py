@@ -1,6 +1,6 @@
 """
-evaluate.py and bench.py: the measurements against plain references, the report's shape, and both scripts
-end to end on tiny random models (subprocess).
+evaluate.py, bench.py and bench_generate.py: the measurements against plain references, the report's shape,
+and the scripts end to end on tiny random models (subprocess).
 """
 
 import json
@@ -188,3 +188,13 @@ def test_bench_runs_and_prints_its_table():
     for row in ("SFT train tokens/s", "SFT MFU", "generate tokens/s, KV cache", "generate tokens/s, no cache",
                 "PPO s/iteration", "peak memory"):
         assert row in stdout, stdout
+
+
+def test_bench_generate_runs_and_prints_the_median_ratio():
+    stdout = run_script(["bench_generate.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--batch_size", "2",
+                         "--prompt_len", "4", "--new_tokens", "4", "--left_pad", "2", "--rounds", "3",
+                         "--repeats", "1", "--device", "cpu"])
+    rounds = [line for line in stdout.splitlines() if line.startswith("round ")]
+    ratios = sorted(float(line.split("speed-up ")[1].split("x")[0]) for line in rounds)
+    assert len(rounds) == 3, stdout
+    assert f"speed-up: {ratios[1]:.1f}x (median of 3 rounds" in stdout, stdout
