@@ -12,9 +12,9 @@ Benchmark one model size on the current device: how fast each stage's inner loop
                      set so far (getrusage maxrss), which only grows from part to part
 
 Peak FLOP/s: train_common.peak_flops, as train_sft.py logs its MFU: the data-sheet dense peak for the GPUs it
-knows (H100/H200 bf16 989e12, A100 312e12; half that in float32, which runs on TF32), else the measured FLOP/s
-of a 1024 x 1024 matmul in the run's dtype, so the CPU's MFU reads "fraction of what this machine's matmul
-reaches".
+knows (H100/H200 bf16 989e12, A100 312e12; half that in float32, which runs on TF32); on a CPU the theoretical
+float32 peak from /proc/cpuinfo (threads x clock x FLOPs per cycle); else the measured FLOP/s of a 1024 x 1024
+matmul in the run's dtype. The line says which.
 
 Weights and tokens are random; the generation benchmark passes no EOS, so it always runs all new_tokens
 steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
@@ -34,7 +34,7 @@ import torch
 import train_ppo
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-from nanorlhf.train_common import GPU_PEAK_FLOPS, optimizer_step, peak_flops
+from nanorlhf.train_common import optimizer_step, peak_flops
 from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
 from train_ppo import FixedKLController
 
@@ -67,15 +67,6 @@ class Config:
 def sync(rt):
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_flops_source(rt):
-    """Where train_common.peak_flops (the number MFU divides by, shared with train_sft.py) gets its value."""
-    if rt.device_type == "cuda":
-        name = torch.cuda.get_device_name(rt.device)
-        if any(key in name for key in GPU_PEAK_FLOPS):
-            return f"data-sheet dense {'bf16' if rt.dtype != 'float32' else 'TF32'} peak"
-    return f"measured 1024x1024 {rt.dtype} matmul"
 
 
 def peak_memory(rt):
@@ -214,7 +205,7 @@ def main(argv=None):
         reset_peak_memory(rt)
         res.update(bench_train(cfg, model_cfg, rt))
         mem["train"] = peak_memory(rt)
-        res["peak_flops"], res["peak_flops_source"] = peak_flops(rt), peak_flops_source(rt)
+        res["peak_flops"], res["peak_flops_source"] = peak_flops(rt)
         res["mfu"] = res["flops_per_token"] * res["train_tokens_per_s"] / res["peak_flops"]
     if "generate" in parts:
         reset_peak_memory(rt)

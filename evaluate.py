@@ -564,7 +564,6 @@ def main(argv=None):
     rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
     if cfg.rm:
         rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar")
-        check(rm_ckpt["model_kind"] == "scalar", f"--rm {cfg.rm}: holds a language model, not a reward model")
         check(tok_rm.to_dict() == tok.to_dict(), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)

@@ -248,7 +248,8 @@ def main():
         (train_records, n1), (val_records, n2) = drop_ties(train_records), drop_ties(val_records)
         n_ties = n1 + n2
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
-    model, tok, _ = load_model(args.out_dir if state else args.init_from, rt.device, kind="scalar")
+    src = args.out_dir if state else args.init_from  # a fresh run starts from the SFT model's trunk
+    model, tok, _ = load_model(src, rt.device, kind="scalar", from_gpt=not state)
     max_len = model.config.block_size
     train, n_cut = encode_prefs(train_records, tok, max_len)
     val, n_cut_val = encode_prefs(val_records, tok, max_len)
@@ -271,7 +272,7 @@ def main():
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     model.grad_checkpointing = args.grad_checkpointing
     train_model = maybe_compile(model, args.compile)
-    peak = peak_flops(rt)
+    peak, _ = peak_flops(rt)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

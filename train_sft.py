@@ -189,7 +189,7 @@ def main():
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     model.grad_checkpointing = args.grad_checkpointing
     train_model = maybe_compile(model, args.compile)
-    peak = peak_flops(rt)
+    peak, _ = peak_flops(rt)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -249,11 +249,11 @@ def encode_prefs(records, tok, block_size):
     records (from read_prefs) -> (list of {"ids": [ids per response], "masks": [...], "ranking": [...]},
     n_truncated). Each response is rendered with its prompt and fitted on its own (fit()); a response that
     does not fit is dropped from its record and the ranking is restricted to the rest; a record left with
-    fewer than 2 responses is dropped. n_truncated counts rendered sequences whose prompt was cut.
+    fewer than 2 responses is dropped. n_truncated counts the kept sequences whose prompt was cut.
     """
     out, n_truncated = [], 0
     for r in records:
-        kept, ids, masks = [], [], []
+        kept, ids, masks, cut = [], [], [], 0
         for i, resp in enumerate(r["responses"]):
             seq, mask = tok.render(r["prompt"], resp)
             fitted = fit(list(seq), list(mask), block_size)
@@ -261,10 +261,11 @@ def encode_prefs(records, tok, block_size):
                 kept.append(i)
                 ids.append(fitted[0])
                 masks.append(fitted[1])
-                n_truncated += fitted[2]
-        if len(kept) >= 2:
+                cut += fitted[2]
+        if len(kept) >= 2:  # a dropped record's cut sequences are not counted: they are not trained on
             ranking = [kept.index(i) for i in r["ranking"] if i in kept]
             out.append({"ids": ids, "masks": masks, "ranking": ranking})
+            n_truncated += cut
     return out, n_truncated
 
 

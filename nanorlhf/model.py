@@ -117,7 +117,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.dropout = config.dropout
 
     def forward(self, x, attn_mask=None, cache=None, start=0):
@@ -293,7 +292,6 @@ class GPT(Trunk):
         x = self.transformer.ln_f(x[:, -1])  # (B, C)
         return at_least_float32(self.lm_head(x))  # (B, V)
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True):
         """
@@ -308,7 +306,7 @@ class GPT(Trunk):
         use_cache=False recomputes the whole prefix at every step instead of using the KV cache (slow; the
         reference the cache is tested and benchmarked against).
 
-        Example: prompts "ab" and "cde", pad P, eos E, max_new_tokens=3:
+        Example: prompts "ab" and "cde", pad_id=P, eos_id=E, max_new_tokens=3:
             idx  = [[P, a, b], [c, d, e]]   attention_mask = [[0, 1, 1], [1, 1, 1]]
             out  = [[P, a, b, x, E, P], [c, d, e, y, z, w]]
         """

@@ -59,10 +59,14 @@ def make_prompt(digits):
     return "sort " + " ".join(digits)
 
 
+def _is_digit(word):
+    return len(word) == 1 and word in "0123456789"  # not str.isdigit(), which also takes '²'
+
+
 def parse_prompt(prompt):
     """'sort 5 3 8 1' -> ['5', '3', '8', '1']; None when the prompt is not a task prompt."""
     words = prompt.split()
-    if len(words) < 2 or words[0] != "sort" or not all(len(w) == 1 and w.isdigit() for w in words[1:]):
+    if len(words) < 2 or words[0] != "sort" or not all(_is_digit(w) for w in words[1:]):
         return None
     return words[1:]
 
@@ -70,10 +74,6 @@ def parse_prompt(prompt):
 def solve(prompt):
     """The ideal response: 'sort 5 3 8 1' -> '1 3 5 8'."""
     return " ".join(sorted(parse_prompt(prompt)))
-
-
-def _is_digit(word):
-    return len(word) == 1 and word in "0123456789"
 
 
 def gold(prompt, response):

@@ -138,7 +138,7 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12,
 
 def peak_flops(rt):
     """
-    The FLOP/s that MFU divides by. A known GPU: its data-sheet peak. A CPU: threads x clock x float32 FLOPs per
+    (FLOP/s that MFU divides by, where that number comes from). A known GPU: its data-sheet peak. A CPU: threads x clock x float32 FLOPs per
     cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512, 32 with AVX2, 8 otherwise), read from
     /proc/cpuinfo, a theoretical peak that other processes on the machine cannot distort. Anything else: the
     fastest of 8 timed 1024 x 1024 matmuls in the run's dtype.
@@ -147,14 +147,16 @@ def peak_flops(rt):
         name = torch.cuda.get_device_name(rt.device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
-                return flops if rt.dtype != "float32" else flops / 2
+                dense = "bf16" if rt.dtype != "float32" else "TF32"
+                return (flops if rt.dtype != "float32" else flops / 2), f"data-sheet dense {dense} peak"
     if rt.device_type == "cpu" and os.path.isfile("/proc/cpuinfo"):
         info = open("/proc/cpuinfo").read()
         mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
         flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
         if mhz:
             per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
-            return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
+            peak = torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
+            return peak, f"{torch.get_num_threads()} threads x {max(mhz):.0f} MHz x {per_cycle} FLOPs/cycle"
     n = 1024
     a = torch.full((n, n), 0.5, device=rt.device, dtype=getattr(torch, rt.dtype))
     best = float("inf")
@@ -164,7 +166,7 @@ def peak_flops(rt):
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / best, f"measured {n}x{n} {rt.dtype} matmul"
 
 
 def fmt_count(x):

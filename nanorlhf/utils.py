@@ -219,11 +219,11 @@ def model_payload(model, tok, stage, args, step, **extra):
     }
 
 
-def load_model(path, device="cpu", kind=None, name=CKPT):
+def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
     """
     Rebuild (model, tokenizer, ckpt) from a checkpoint directory. kind="gpt" or "scalar" asserts what the
-    checkpoint must hold; kind="scalar" on a "gpt" checkpoint builds a ScalarGPT from its trunk (this is how
-    the reward model starts from the SFT model).
+    checkpoint must hold; from_gpt=True lets kind="scalar" also take a "gpt" checkpoint and build a ScalarGPT
+    from its trunk (this is how the reward model starts from the SFT model, and only there).
     """
     from nanorlhf.model import GPT, GPTConfig, ScalarGPT
     from nanorlhf.tokenizer import Tokenizer
@@ -232,6 +232,8 @@ def load_model(path, device="cpu", kind=None, name=CKPT):
     config = GPTConfig(**ckpt["model_config"])
     stored = ckpt["model_kind"]
     if stored == "gpt":
+        if kind == "scalar" and not from_gpt:
+            raise UserError(f"{path}: holds a language model, but a scalar (reward/value) model is needed here")
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
         if kind == "scalar":
@@ -290,7 +292,7 @@ def _jsonable(v):
     if isinstance(v, torch.Tensor):
         v = v.item()
     if isinstance(v, float):
-        return round(v, 6)
+        return float(f"{v:.6g}")  # 6 significant digits: a 3e-7 learning rate stays 3e-7
     return v
 
 

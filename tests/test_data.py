@@ -174,9 +174,11 @@ def test_encode_sft_messages():
 
 def test_encode_prefs_and_prompts():
     records = [{"prompt": "p" * 10, "responses": ["a", "b" * 40, "c" * 10], "ranking": [1, 2, 0]},
-               {"prompt": "q", "responses": ["d" * 40, "e" * 40], "ranking": [0, 1]}]
+               {"prompt": "q", "responses": ["d" * 40, "e" * 40], "ranking": [0, 1]},
+               {"prompt": "r" * 30, "responses": ["f", "g" * 40], "ranking": [0, 1]}]
     out, n_truncated = encode_prefs(records, TOK, 36)
-    assert len(out) == 1  # the second record has no response that fits
+    assert len(out) == 1  # the second record has no response that fits, the third only one (cut, not counted)
+    assert encode_prefs(records[2:], TOK, 36) == ([], 0)
     rec = out[0]
     # "b"*40 is dropped; ranking [1, 2, 0] restricted to kept [0, 2] -> [c, a] -> [1, 0]
     assert rec["ranking"] == [1, 0]

@@ -133,12 +133,11 @@ def test_forward_matches_float64_reference():
     sd = to_hf(model.state_dict())
     torch.manual_seed(1)
     idx = torch.randint(0, CONFIG.vocab_size, (2, 9))
-    logits = model(idx)
-    assert logits.shape == (2, 9, CONFIG.vocab_size) and logits.dtype == torch.float64
     with torch.no_grad():
-        logits64 = model.lm_head(model.trunk(idx))
+        logits = model(idx)
+    assert logits.shape == (2, 9, CONFIG.vocab_size) and logits.dtype == torch.float64
     for b in range(2):
-        assert torch.allclose(logits64[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist()), atol=1e-10)
+        assert torch.allclose(logits[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist()), atol=1e-10)
 
 
 def test_left_padded_rows_match_rows_alone():
@@ -147,7 +146,7 @@ def test_left_padded_rows_match_rows_alone():
     rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     idx, mask = left_pad(rows, pad_id=3)
     with torch.no_grad():
-        logits = model.lm_head(model.trunk(idx, mask))  # float64
+        logits = model(idx, attention_mask=mask)  # float64
     assert torch.isfinite(logits).all()
     for b, r in enumerate(rows):
         real = logits[b, -len(r):]
@@ -163,8 +162,13 @@ def test_right_padding_and_explicit_position_ids():
     with torch.no_grad():
         a = model.lm_head(model.trunk(idx, mask))[0, :3]
         b = model.lm_head(model.trunk(idx[:, :3]))[0]
-        c = model.lm_head(model.trunk(idx, mask, torch.tensor([[0, 1, 2, 3, 4]])))[0, :3]
-    assert torch.allclose(a, b, atol=1e-12) and torch.allclose(c, b, atol=1e-12)
+        # explicit positions win over the mask's: 3, 4, 5 is the reference with wpe rows 3-5 moved to 0-2
+        c = model(idx, attention_mask=mask, position_ids=torch.tensor([[3, 4, 5, 6, 7]]))[0, :3]
+    assert torch.allclose(a, b, atol=1e-12)
+    sd = to_hf(model.state_dict())
+    sd["transformer.wpe.weight"] = torch.cat([sd["transformer.wpe.weight"][3:6], sd["transformer.wpe.weight"][3:]])
+    assert torch.allclose(c, ref_logits(sd, CONFIG.n_head, [5, 6, 7]), atol=1e-10)
+    assert not torch.allclose(c, b, atol=1e-3)
 
 
 def test_grad_checkpointing_same_loss_and_grads():
@@ -420,8 +424,10 @@ def test_scalar_score_invariant_to_padding():
 
 
 def test_last_index():
-    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])
-    assert last_index(mask).tolist() == [2, 3, 3]
+    mask = torch.randint(0, 2, (50, 7))
+    mask[0] = 0  # an all-zero row gives 0
+    ref = [max([j for j in range(7) if row[j]], default=0) for row in mask.tolist()]
+    assert last_index(mask).tolist() == ref
 
 
 def test_scalar_from_gpt_copies_trunk():

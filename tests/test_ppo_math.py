@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from nanorlhf.model import last_index
 from train_ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -52,11 +51,6 @@ def test_kl_penalty_estimators():
     assert torch.equal(kl_penalty(logprobs, logprobs, "k3"), torch.zeros_like(logprobs))
     with pytest.raises(ValueError):
         kl_penalty(logprobs, ref_logprobs, "k2")
-
-
-def test_last_index():
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    assert last_index(mask).tolist() == [1, 3, 0]
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])

@@ -71,3 +71,21 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
     utils.set_rng_state(utils.load_checkpoint(tmp_path, name="s.pt")["rng"])
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
+
+
+def test_load_model_kinds(tmp_path):
+    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8))
+    utils.save_checkpoint(tmp_path, utils.model_payload(gpt, Tokenizer.byte_level(), "sft", {}, 0))
+    # a language model where a reward/value model is asked for is an error (PPO's --rm out/sft) ...
+    with pytest.raises(utils.UserError, match="holds a language model"):
+        utils.load_model(tmp_path, kind="scalar")
+    # ... unless the caller starts a scalar model from it (the RM from the SFT model): same trunk, zero head
+    rm, _, _ = utils.load_model(tmp_path, kind="scalar", from_gpt=True)
+    assert isinstance(rm, ScalarGPT)
+    idx = torch.randint(0, 258, (2, 5))
+    assert torch.equal(rm.trunk(idx), gpt.trunk(idx)) and not rm.head.weight.any()
+    back, _, _ = utils.load_model(tmp_path, kind="gpt")
+    assert torch.equal(back(idx), gpt(idx))
