@@ -10,7 +10,7 @@ is averaged over the prompt's pairs, then over prompts (InstructGPT eq. 1), so l
 Pairwise data is the K = 2 case. After training, the head's bias is shifted so that the SFT demonstrations
 score 0 on average (InstructGPT), and their mean (0) and std are stored in the checkpoint for PPO.
 
-Run (after train_sft.py; about 2 minutes on 2 CPU cores):
+Run (after train_sft.py; about 3 minutes on 2 CPU cores):
     python train_rm.py --data out/data/prefs.jsonl --init_from out/sft --out_dir out/rm
 Continue an interrupted run (its saved flags are reused):
     python train_rm.py --out_dir out/rm --resume

@@ -4,7 +4,7 @@ The losses and masked statistics that more than one stage uses.
     logprobs_from_logits   log pi(y_t | y_<t) of given tokens          (SFT, PPO rollout and update)
     masked_sum / _mean / _var   statistics over real tokens only        (every stage)
     sft_loss               masked next-token cross-entropy             (SFT, PPO-ptx)
-    ranking_loss           Bradley-Terry loss on (chosen, rejected)    (RM)
+    ranking_loss           Bradley-Terry loss on (chosen, rejected)    (the K = 2 case, for readers and tests)
     kwise_ranking_loss     InstructGPT's K-wise loss: C(K,2) pairs per prompt, averaged per prompt   (RM)
     reward_centering_loss  TRL's auxiliary term that keeps rewards centred at 0   (RM, optional)
     entropy_from_logits    H(pi(. | y_<t)) per position                (PPO logging and entropy bonus)
@@ -30,8 +30,9 @@ def logprobs_from_logits(logits, labels, temperature=1.0):
     logits[:, t] is paired with labels[:, t]: shifting (logits[:, t] predicts idx[:, t+1]) is the caller's
     job, see sft_loss. Example, V=2, one position with logits [0, 0]: label 1 -> log(1/2) = -0.6931.
 
-    Memory: the (B, T, V) tensor is the largest in the whole program (V=50k), so the float32 copy is
-    made one row at a time and the full log-softmax is never materialised: log p(y) = z_y - logsumexp(z).
+    Memory: the (B, T, V) logits are the largest tensor in the whole program (V=50k). The work runs one row
+    at a time, so any float32 copy (for bf16 logits; GPT.forward already returns float32) and logsumexp's
+    temporaries are (T, V), and the full log-softmax is never materialised: log p(y) = z_y - logsumexp(z).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to define logprobs, got {temperature}")

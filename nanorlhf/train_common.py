@@ -138,10 +138,10 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12,
 
 def peak_flops(rt):
     """
-    (FLOP/s that MFU divides by, where that number comes from). A known GPU: its data-sheet peak. A CPU: threads x clock x float32 FLOPs per
-    cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512, 32 with AVX2, 8 otherwise), read from
-    /proc/cpuinfo, a theoretical peak that other processes on the machine cannot distort. Anything else: the
-    fastest of 8 timed 1024 x 1024 matmuls in the run's dtype.
+    (the FLOP/s that MFU divides by, a line saying where it comes from). A known GPU: its data-sheet peak.
+    A CPU: threads x clock x float32 FLOPs per cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512,
+    32 with AVX2, 8 otherwise), read from /proc/cpuinfo, a theoretical peak that other processes on the
+    machine cannot distort. Anything else: the fastest of 8 timed 1024 x 1024 matmuls in the run's dtype.
     """
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nanorlhf.data import DataError
+
 # -----------------------------------------------------------------------------
 # errors
 
@@ -28,8 +30,6 @@ class UserError(Exception):
 
 def run(main):
     """Call main(); turn the user's mistakes into one line on stderr and exit status 2."""
-    from nanorlhf.data import DataError  # local import: data.py imports this module
-
     try:
         main()
     except (UserError, DataError) as e:

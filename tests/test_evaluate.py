@@ -3,6 +3,7 @@ evaluate.py, bench.py and bench_generate.py: the measurements against plain refe
 and the scripts end to end on tiny random models (subprocess).
 """
 
+import copy
 import json
 import os
 import random
@@ -89,8 +90,9 @@ def test_kl_matches_float64_loop(temperature):
         assert len(ids) == rows["length"][i] and (tok.eos_id in ids) == rows["eos"][i]
         want = reference_kl(policy, ref, prompt_ids[i // 2], ids, temperature)
         assert kl == pytest.approx(want, abs=1e-4), (i, kl, want)
-    # the reference against itself: exactly zero
-    rows_sft = evaluate.evaluate_policy(ref.float(), ref.float(), None, tok, prompts, prompt_ids, cfg, rt)
+    # the reference against a copy of itself (not the same object, so both forward passes run): exactly zero
+    ref = ref.float()
+    rows_sft = evaluate.evaluate_policy(ref, copy.deepcopy(ref), None, tok, prompts, prompt_ids, cfg, rt)
     assert all(kl == 0.0 for kl in rows_sft["kl"])
 
 

@@ -66,7 +66,8 @@ def test_score_lands_at_last_real_token():
     """
     make_experience on hand-made responses of different lengths (one without EOS): the score is the RM's value
     at the row's last real token, computed here on each row alone and unpadded, and it is added to the reward of
-    the last real response token; every other real token gets only -beta * KL, pads get 0.
+    the last real response token; every other real token gets only -beta * KL, pads get 0. The values and
+    logprobs of response token t are the critic's and actor's at the position before it, on the row alone.
     """
     tok = Tokenizer.byte_level()
     actor, ref, reward_model, critic = tiny_models()
@@ -97,13 +98,17 @@ def test_score_lands_at_last_real_token():
         # reference logprobs on the row alone, logits / temperature, to rebuild the KL part of the reward
         lp = torch.log_softmax(actor(alone)[0] / 0.8, -1)
         lp_ref = torch.log_softmax(ref(alone)[0] / 0.8, -1)
+        v = critic(alone)[0]  # V(s) at every position of the row alone
         T0 = alone.size(1) - L
         for t in range(N):
             reward = exp["rewards"][i, t].item()
             if t >= L:
-                assert reward == 0.0
+                assert reward == 0.0 and exp["values"][i, t] == 0.0 and exp["logprobs"][i, t] == 0.0
                 continue
             y = alone[0, T0 + t]
+            # response token t is predicted, and valued, at the position before it
+            assert exp["values"][i, t].item() == pytest.approx(v[T0 + t - 1].item(), abs=1e-5), (i, t)
+            assert exp["logprobs"][i, t].item() == pytest.approx(lp[T0 + t - 1, y].item(), abs=1e-5), (i, t)
             kl = (lp[T0 + t - 1, y] - lp_ref[T0 + t - 1, y]).item()
             expected_reward = -0.3 * kl + (score if t == L - 1 else 0.0)
             assert reward == pytest.approx(expected_reward, abs=1e-4), (i, t)
