@@ -58,7 +58,7 @@ class Config:
     parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it) | float32 | bfloat16 | float16")
+    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it) | float32 | bfloat16")
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")
@@ -192,7 +192,7 @@ def main(argv=None):
     check(cfg.prompt_len + cfg.response_length <= cfg.block_size,
           f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
     check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1, "--steps, --ppo_iters, --batch_size >= 1")
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
     check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")

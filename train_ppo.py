@@ -294,7 +294,7 @@ class Args:
     gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
     # runtime
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto | float32 | bfloat16 | float16 (autocast; auto = bf16 on GPUs that have it)")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto = bf16 on GPUs that have it)")
     compile: bool = flag(False, "torch.compile the actor and critic forward passes")
     grad_checkpointing: bool = flag(False, "recompute activations in backward (less memory, ~30% slower)")
     seed: int = flag(0, "seed for python, numpy, torch, and the prompt order")
@@ -591,7 +591,7 @@ def main(argv=None):
     check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
     check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
 
-    rt = utils.setup_runtime(args.device, args.dtype, args.seed)
+    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
 
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
@@ -601,8 +601,11 @@ def main(argv=None):
     state = None
     if args.resume:
         state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
-        actor, tok, _ = utils.load_model(args.out_dir, rt.device, kind="gpt")
-        critic, _, _ = utils.load_model(args.out_dir, rt.device, kind="scalar", name="critic.pt")
+        actor, tok, actor_ckpt = utils.load_model(args.out_dir, rt.device, kind="gpt")
+        critic, _, critic_ckpt = utils.load_model(args.out_dir, rt.device, kind="scalar", name="critic.pt")
+        steps = (actor_ckpt["step"], critic_ckpt["step"], state["step"])
+        check(len(set(steps)) == 1, f"--resume: in {args.out_dir}, {utils.CKPT}, critic.pt and {utils.TRAIN_STATE} "
+              f"are at iterations {steps} (a save was interrupted)")
     else:
         actor, tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
         critic, _, _ = utils.load_model(args.rm, rt.device, kind="scalar")

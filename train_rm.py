@@ -74,7 +74,7 @@ class Config:
     ckpt_interval: int = flag(300, "steps between checkpoints (one is always written at the end)")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 on a GPU that has it, else float32)")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (auto: bfloat16 on a GPU that has it, else float32)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = flag(0, "seed for the held-out split and the batch order")
@@ -238,7 +238,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"], RESUME_FREE)
     check_flags(args)
-    rt = setup_runtime(args.device, args.dtype, args.seed)
+    rt = setup_runtime(args.device, args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir
     reader = functools.partial(read_prefs, allow_ties=args.allow_ties)

@@ -109,10 +109,11 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.dtype))
 
 
-def setup_runtime(device="auto", dtype="auto", seed=0):
+def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     """
     device: "auto" picks cuda when available, else cpu. dtype: "auto" picks bfloat16 on a GPU that supports it,
-    float32 otherwise. Seeds python, numpy and torch.
+    float32 otherwise; float16 only when not training (float16 gradients would need loss scaling, which we do
+    not do: bfloat16 has float32's range and needs none). Seeds python, numpy and torch.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,6 +127,9 @@ def setup_runtime(device="auto", dtype="auto", seed=0):
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    if training and dtype == "float16":
+        raise UserError("--dtype float16: training needs loss scaling in float16, which nanorlhf does not do; "
+                        "use bfloat16 or float32")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

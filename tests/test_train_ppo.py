@@ -253,3 +253,17 @@ def test_resume_continues_the_run(tiny_pipeline):
     run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "3", "--batch_size", "8", "--resume"), cwd=ROOT)
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
     assert torch.load(out / "train_state.pt", weights_only=True)["data"] == {"epoch": 0, "pos": 24}
+    # a save interrupted after ckpt.pt and before critic.pt: the files disagree, and resume says so
+    critic = torch.load(out / "critic.pt", weights_only=True)
+    utils.save_checkpoint(out, {**critic, "step": 2}, "critic.pt")
+    p = run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "4", "--batch_size", "8", "--resume"), cwd=ROOT,
+            check=False)
+    assert p.returncode == 2 and "a save was interrupted" in p.stderr, p.stderr
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_rm_must_be_a_reward_model(tiny_pipeline):
+    p = run(ppo_cmd(tiny_pipeline, tiny_pipeline / "ppo_bad_rm", "--rm", str(tiny_pipeline / "sft")), cwd=ROOT,
+            check=False)
+    assert p.returncode == 2 and "holds a language model" in p.stderr, p.stderr
+    assert not (tiny_pipeline / "ppo_bad_rm").exists()

@@ -89,3 +89,10 @@ def test_load_model_kinds(tmp_path):
     assert torch.equal(rm.trunk(idx), gpt.trunk(idx)) and not rm.head.weight.any()
     back, _, _ = utils.load_model(tmp_path, kind="gpt")
     assert torch.equal(back(idx), gpt(idx))
+
+
+def test_float16_is_refused_for_training_only():
+    with pytest.raises(utils.UserError, match="loss scaling"):
+        utils.setup_runtime("cpu", "float16", training=True)
+    assert utils.setup_runtime("cpu", "float16").dtype == "float16"
+    assert utils.setup_runtime("cpu", "bfloat16", training=True).dtype == "bfloat16"
