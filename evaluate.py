@@ -52,10 +52,11 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import tasks
-from nanorlhf.data import collate, read_prompts
+from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.utils import check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime
+from train_ppo import decode_response, truncate_after_eos
 
 
 @dataclass
@@ -93,17 +94,6 @@ def win_rate(scores, baseline_scores):
     assert len(scores) == len(baseline_scores) > 0
     wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline_scores))
     return wins / len(scores)
-
-
-def response_mask_from(response, eos_id):
-    """
-    Which generated tokens belong to the response: everything up to and including the first EOS (after
-    it, generate() emits pad). By position, not by token id, so a sampled pad token before EOS still counts.
-    response (B, N) -> mask (B, N) long;  [a, b, EOS, pad, pad] -> [1, 1, 1, 0, 0],  [a, b, c] -> [1, 1, 1]
-    """
-    is_eos = (response == eos_id).long()  # (B, N)
-    eos_before = is_eos.cumsum(1) - is_eos  # number of EOS strictly before each position
-    return (eos_before == 0).long()
 
 
 def response_logprobs(model, idx, attention_mask, prompt_len, temperature=1.0):
@@ -155,7 +145,7 @@ def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_n
             out = policy.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, attention_mask=x_mask,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)  # (B, Tp + N)
         response = out[:, prompt_len:]  # (B, N)
-        r_mask = response_mask_from(response, tok.eos_id)  # (B, N)
+        r_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)[1]  # (B, N): up to and including EOS
         attention_mask = torch.cat([x_mask, r_mask], dim=1)  # (B, Tp + N)
         with rt.autocast():
             logp = response_logprobs(policy, out, attention_mask, prompt_len, lp_temperature)
@@ -166,8 +156,7 @@ def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_n
         for i, (p, _) in enumerate(chunk):
             n = int(r_mask[i].sum())
             ids = response[i, :n].tolist()
-            text = tok.decode(ids)
-            text = text[1:] if text.startswith(" ") else text  # the template's space before the response
+            text = decode_response(tok, ids, [1] * n)
             rows["prompt"].append(p)
             rows["response"].append(text)
             rows["response_ids"].append(ids)
@@ -586,9 +575,7 @@ def main(argv=None):
     check(len(prompts) > 0, f"{cfg.data}: no prompts")
     use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
     meta = tasks.task_meta(cfg.data) if use_gold else None  # the task's reference scores, when beside the data
-    prompt_ids = [tok.render_prompt(p) for p in prompts]
-    n_cut = sum(len(ids) > prompt_budget for ids in prompt_ids)
-    prompt_ids = [ids[-prompt_budget:] for ids in prompt_ids]  # too long: keep the end, as train_ppo.py does
+    prompt_ids, n_cut = encode_prompts(prompts, tok, prompt_budget)  # too long: keep the end, as train_ppo.py does
     if n_cut:
         print(f"note: {n_cut} prompts longer than {prompt_budget} tokens were cut from the left")
 

@@ -54,13 +54,6 @@ def test_win_rate_ties_count_half():
     assert evaluate.win_rate([0.3, 0.3], [0.3, 0.3]) == 0.5
 
 
-def test_response_mask_from():
-    eos = 9
-    response = torch.tensor([[1, 2, eos, 0, 0], [1, 2, 3, 4, 5], [eos, 0, 0, 0, 0], [1, eos, 4, eos, 0]])
-    want = [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
-    assert evaluate.response_mask_from(response, eos).tolist() == want
-
-
 def reference_kl(policy, ref, prompt_ids, response_ids, temperature):
     """KL estimate of one response in float64, token by token, on the unpadded sequence."""
     policy, ref = policy.double(), ref.double()

@@ -60,6 +60,12 @@ def test_truncate_after_eos():
     cut, mask = truncate_after_eos(response, E, P)
     assert cut.tolist() == [[7, 9, E, P, P], [E, P, P, P, P], [1, 2, 3, 4, 5]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    # random rows with 0, 1 or several EOS against a plain loop
+    response = torch.randint(250, 258, (200, 9))
+    cut, mask = truncate_after_eos(response, E, P)
+    for row, c, m in zip(response.tolist(), cut.tolist(), mask.tolist()):
+        end = row.index(E) + 1 if E in row else len(row)
+        assert m == [1] * end + [0] * (len(row) - end) and c == row[:end] + [P] * (len(row) - end)
 
 
 def test_score_lands_at_last_real_token():
