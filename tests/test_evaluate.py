@@ -7,12 +7,12 @@ import copy
 import json
 import os
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from scripts import script
 
 import evaluate
 from nanorlhf import tasks
@@ -20,7 +20,6 @@ from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.utils import model_payload, save_checkpoint, setup_runtime
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -127,12 +126,6 @@ def test_report_json_has_exactly_the_keys():
 # end to end
 
 
-def run_script(args, cwd=ROOT, timeout=120):
-    proc = subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def test_evaluate_end_to_end(tmp_path):
     data = tmp_path / "data"
     tasks.generate_task(str(data), seed=0, n_sft=4, n_prefs=4, n_prefs_eval=4, n_prompts=4, n_eval=6)
@@ -154,9 +147,9 @@ def test_evaluate_end_to_end(tmp_path):
         with open(tmp_path / stage / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     out = tmp_path / "out"
-    stdout = run_script(["evaluate.py", "--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"),
-                         "--rm", str(tmp_path / "rm"), "--ppo", str(tmp_path / "ppo"), "--out_dir", str(out),
-                         "--n_prompts", "5", "--batch_size", "2"])
+    stdout = script("evaluate.py", "--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"),
+                    "--rm", str(tmp_path / "rm"), "--ppo", str(tmp_path / "ppo"), "--out_dir", str(out),
+                    "--n_prompts", "5", "--batch_size", "2").stdout
     assert "init" in stdout and "ppo" in stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s"}
@@ -177,18 +170,18 @@ def test_evaluate_end_to_end(tmp_path):
 
 
 def test_bench_runs_and_prints_its_table():
-    stdout = run_script(["bench.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32",
-                         "--batch_size", "2", "--steps", "1", "--prompt_len", "4", "--new_tokens", "4",
-                         "--ppo_batch_size", "4", "--response_length", "4", "--ppo_iters", "1", "--device", "cpu"])
+    stdout = script("bench.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32",
+                    "--batch_size", "2", "--steps", "1", "--prompt_len", "4", "--new_tokens", "4",
+                    "--ppo_batch_size", "4", "--response_length", "4", "--ppo_iters", "1", "--device", "cpu").stdout
     for row in ("SFT train tokens/s", "SFT MFU", "generate tokens/s, KV cache", "generate tokens/s, no cache",
                 "PPO s/iteration", "peak memory"):
         assert row in stdout, stdout
 
 
 def test_bench_generate_runs_and_prints_the_median_ratio():
-    stdout = run_script(["bench_generate.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--batch_size", "2",
-                         "--prompt_len", "4", "--new_tokens", "4", "--left_pad", "2", "--rounds", "3",
-                         "--repeats", "1", "--device", "cpu"])
+    stdout = script("bench_generate.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--batch_size", "2",
+                    "--prompt_len", "4", "--new_tokens", "4", "--left_pad", "2", "--rounds", "3",
+                    "--repeats", "1", "--device", "cpu").stdout
     rounds = [line for line in stdout.splitlines() if line.startswith("round ")]
     ratios = sorted(float(line.split("speed-up ")[1].split("x")[0]) for line in rounds)
     assert len(rounds) == 3, stdout

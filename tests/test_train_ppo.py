@@ -9,17 +9,17 @@ checkpoints made by train_sft.py and train_rm.py (about 30 s, once per module).
 import copy
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ROOT, read_metrics, script
+
 sys.path.insert(0, ROOT)  # train_ppo.py is a top-level script
 
 from nanorlhf import data as D
+from nanorlhf import tasks
 from nanorlhf import utils
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.tokenizer import Tokenizer
@@ -181,30 +181,20 @@ def test_next_prompt_indices_covers_each_prompt_once_per_pass():
 # end to end
 
 
-def run(args, cwd, check=True):
-    # one thread per subprocess: tiny models gain nothing from two, and on a busy machine OpenMP threads that
-    # spin-wait for a core slow a run down several times
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
 def test_bad_prompts_file_exits_2_and_writes_nothing(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "sort 1 2"}\n{"prompt": 3}\n')
     out = tmp_path / "ppo"
     # the checkpoints are never reached: the prompts are read and validated first
-    p = run([os.path.join(ROOT, "train_ppo.py"), "--data", str(bad), "--sft", str(tmp_path / "nope"),
-             "--rm", str(tmp_path / "nope"), "--out_dir", str(out)], cwd=ROOT, check=False)
+    p = script("train_ppo.py", "--data", str(bad), "--sft", str(tmp_path / "nope"), "--rm", str(tmp_path / "nope"),
+               "--out_dir", str(out), check=False)
     assert p.returncode == 2, p.stderr
     assert "prompts.jsonl:2" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
 
 
 def test_bad_flag_combination_is_reported():
-    p = run([os.path.join(ROOT, "train_ppo.py"), "--batch_size", "10", "--num_minibatches", "4"], cwd=ROOT, check=False)
+    p = script("train_ppo.py", "--batch_size", "10", "--num_minibatches", "4", check=False)
     assert p.returncode == 2 and "divisible" in p.stderr
 
 
@@ -212,14 +202,13 @@ def test_bad_flag_combination_is_reported():
 def tiny_pipeline(tmp_path_factory):
     """Built-in task data, and tiny SFT and RM checkpoints trained just enough to end their answers with EOS."""
     d = tmp_path_factory.mktemp("pipeline")
-    run(["-m", "nanorlhf.tasks", "--out_dir", str(d / "data"), "--n_sft", "3000", "--n_prefs", "600",
-         "--n_prefs_eval", "100", "--n_prompts", "200", "--n_eval", "50"], cwd=ROOT)
-    run(["train_sft.py", "--data", str(d / "data/sft.jsonl"), "--out_dir", str(d / "sft"), "--n_layer", "2",
-         "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32", "--max_steps", "150",
-         "--warmup", "10", "--eval_interval", "1000", "--log_interval", "50"], cwd=ROOT)
-    run(["train_rm.py", "--data", str(d / "data/prefs.jsonl"), "--sft_data", str(d / "data/sft.jsonl"),
-         "--init_from", str(d / "sft"), "--out_dir", str(d / "rm"), "--batch_size", "8", "--max_steps", "60",
-         "--warmup", "5", "--eval_interval", "1000", "--log_interval", "20", "--norm_samples", "200"], cwd=ROOT)
+    tasks.generate_task(str(d / "data"), n_sft=3000, n_prefs=600, n_prefs_eval=100, n_prompts=200, n_eval=50)
+    script("train_sft.py", "--data", str(d / "data/sft.jsonl"), "--out_dir", str(d / "sft"), "--n_layer", "2",
+           "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32", "--max_steps", "150",
+           "--warmup", "10", "--eval_interval", "1000", "--log_interval", "50")
+    script("train_rm.py", "--data", str(d / "data/prefs.jsonl"), "--sft_data", str(d / "data/sft.jsonl"),
+           "--init_from", str(d / "sft"), "--out_dir", str(d / "rm"), "--batch_size", "8", "--max_steps", "60",
+           "--warmup", "5", "--eval_interval", "1000", "--log_interval", "20", "--norm_samples", "200")
     return d
 
 
@@ -229,14 +218,9 @@ def ppo_cmd(d, out, *extra):
             "--lr", "1e-3", "--critic_lr", "1e-3", "--kl_coef", "0.01", "--sample_interval", "4", *extra]
 
 
-def read_metrics(out):
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_short_ppo_run_raises_the_rm_score(tiny_pipeline):
     out = tiny_pipeline / "ppo"
-    run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "12"), cwd=ROOT)
+    script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "12"))
     rows = read_metrics(out)
     assert [r["iter"] for r in rows] == list(range(1, 13))
     first = sum(r["rm_score"] for r in rows[:3]) / 3
@@ -253,23 +237,21 @@ def test_short_ppo_run_raises_the_rm_score(tiny_pipeline):
 
 def test_resume_continues_the_run(tiny_pipeline):
     out = tiny_pipeline / "ppo_resume"
-    run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "2", "--batch_size", "8"), cwd=ROOT)
+    script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "2", "--batch_size", "8"))
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 16}
-    run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "3", "--batch_size", "8", "--resume"), cwd=ROOT)
+    script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "3", "--batch_size", "8", "--resume"))
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
     assert torch.load(out / "train_state.pt", weights_only=True)["data"] == {"epoch": 0, "pos": 24}
     # a save interrupted after ckpt.pt and before critic.pt: the files disagree, and resume says so
     critic = torch.load(out / "critic.pt", weights_only=True)
     utils.save_checkpoint(out, {**critic, "step": 2}, "critic.pt")
-    p = run(ppo_cmd(tiny_pipeline, out, "--num_iterations", "4", "--batch_size", "8", "--resume"), cwd=ROOT,
-            check=False)
+    p = script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "4", "--batch_size", "8", "--resume"), check=False)
     assert p.returncode == 2 and "a save was interrupted" in p.stderr, p.stderr
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_rm_must_be_a_reward_model(tiny_pipeline):
-    p = run(ppo_cmd(tiny_pipeline, tiny_pipeline / "ppo_bad_rm", "--rm", str(tiny_pipeline / "sft")), cwd=ROOT,
-            check=False)
+    p = script(*ppo_cmd(tiny_pipeline, tiny_pipeline / "ppo_bad_rm", "--rm", str(tiny_pipeline / "sft")), check=False)
     assert p.returncode == 2 and "holds a language model" in p.stderr, p.stderr
     assert not (tiny_pipeline / "ppo_bad_rm").exists()
