@@ -211,13 +211,21 @@ class Trunk(nn.Module):
             attn_mask = attention_mask_4d(attention_mask)  # (B, 1, T, T)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        return self.hidden(idx, position_ids, attn_mask)  # (B, T, C)
+
+    def hidden(self, idx, position_ids, attn_mask, caches=None, start=0):
+        """
+        The transformer itself: embeddings, blocks, final LayerNorm -> (B, T, C). attn_mask: None (causal) or
+        boolean (B, 1, T, start + T). When generating, caches holds one KVCache per block and the tokens sit at
+        cache slots start..start+T-1 (their keys and values are appended).
+        """
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
-        for block in self.transformer.h:
-            if self.grad_checkpointing and self.training:
+        for i, block in enumerate(self.transformer.h):
+            if self.grad_checkpointing and self.training and caches is None:
                 # keep only the block's input; recompute its activations in the backward pass
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, attn_mask)  # (B, T, C)
+                x = block(x, attn_mask, caches[i] if caches else None, start)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def num_params(self, non_embedding=False):
@@ -282,15 +290,8 @@ class GPT(Trunk):
     # generation
 
     def _forward_cached(self, idx, position_ids, attn_mask, caches, start):
-        """
-        Run tokens idx (B, T) at positions position_ids (B, T) that sit at cache slots start..start+T-1, append
-        their keys/values to the caches, and return the logits of the last one: (B, V).
-        """
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
-        for block, cache in zip(self.transformer.h, caches):
-            x = block(x, attn_mask, cache, start)  # (B, T, C)
-        x = self.transformer.ln_f(x[:, -1])  # (B, C)
-        return at_least_float32(self.lm_head(x))  # (B, V)
+        """The logits (B, V) after the last of tokens idx (B, T), run through hidden() with the KV caches."""
+        return at_least_float32(self.lm_head(self.hidden(idx, position_ids, attn_mask, caches, start)[:, -1]))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True):
