@@ -154,20 +154,17 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, returns
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask):
     """
     Normalise x to mean 0 and variance 1 over the real tokens only; pads are ignored and come back as 0.
 
     x, mask (B, R) -> (B, R). The variance is the unbiased one (divides by n - 1, as TRL and
-    summarize_from_feedback_details; numpy's var(ddof=1)). shift_mean=False keeps the mean and only
-    rescales (used for rewards, whose sign carries meaning; advantages use the default).
+    summarize_from_feedback_details; numpy's var(ddof=1)).
     Example: x = [[1, 3, 99]], mask = [[1, 1, 0]] -> mean 2, var 2 -> [[-0.7071, 0.7071, 0]].
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
     # x_hat = (x - mean) / sqrt(var + 1e-8)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
@@ -484,7 +481,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
     mb_size = B // args.num_minibatches
     micro_size = mb_size // args.grad_accum
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "ptx_loss")}
-    first_ratio_max_dev = 0.0
+    first_ratio_max_dev = torch.zeros((), device=exp["seq"].device)  # a tensor: no device sync per micro-batch
     actor.train()
     critic.train()
     for epoch in range(args.ppo_epochs):
@@ -525,7 +522,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
 
                 if epoch == 0 and start == 0:
                     ratio = (new_logprobs.detach() - exp["logprobs"][i]).exp()  # (b, N)
-                    first_ratio_max_dev = max(first_ratio_max_dev, ((ratio - 1).abs() * mask).max().item())
+                    first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio - 1).abs() * mask).max())
                 # stats stay tensors until the end of the update: no device sync per micro-batch
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
                              *((k, pg_stats[k]) for k in ("clipfrac", "approx_kl", "ratio"))):
@@ -539,7 +536,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
             for k, v in mb_stats.items():
                 stats[k].append(v)
     out = {k: float(sum(v) / len(v)) for k, v in stats.items()}
-    out["first_ratio_max_dev"] = first_ratio_max_dev
+    out["first_ratio_max_dev"] = float(first_ratio_max_dev)
     return out
 
 

@@ -252,10 +252,6 @@ class Trunk(nn.Module):
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         return 6 * self.num_params(non_embedding=True) + 12 * L * H * Q * T
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, T=None):
-        """Model FLOPs utilization: achieved training FLOP/s over peak_flops (e.g. 989e12 for an H100 in bf16)."""
-        return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
-
 
 class GPT(Trunk):
     def __init__(self, config):

@@ -251,10 +251,6 @@ class Tokenizer:
         """Text -> ids. Special-token strings in text are ordinary text, never EOS/PAD."""
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts, num_threads=8):
-        """encode() over a list of texts, in parallel threads (tiktoken releases the GIL)."""
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids):
         """Ids -> text. PAD is dropped and EOS decodes to nothing; broken UTF-8 becomes U+FFFD."""
         return self.enc.decode([i for i in ids if i != self.pad_id and i != self.eos_id])
