@@ -20,9 +20,9 @@ import os
 import numpy as np
 import torch
 
+from nanorlhf.tokenizer import ASSISTANT, HUMAN
+
 ROLES = ("system", "user", "assistant")
-HH_ASSISTANT = "\n\nAssistant:"
-HH_HUMAN = "\n\nHuman: "
 
 
 class DataError(ValueError):
@@ -130,12 +130,12 @@ def split_hh(transcript):
     The leading '\\n\\nHuman: ' is removed from the prompt (the template adds it back) and the one space after
     'Assistant:' from the response (the template adds it back). None when there is no assistant turn.
     """
-    cut = transcript.rfind(HH_ASSISTANT)
+    cut = transcript.rfind(ASSISTANT)
     if cut < 0:
         return None
-    prompt, response = transcript[:cut], transcript[cut + len(HH_ASSISTANT):]
-    if prompt.startswith(HH_HUMAN):
-        prompt = prompt[len(HH_HUMAN):]
+    prompt, response = transcript[:cut], transcript[cut + len(ASSISTANT):]
+    if prompt.startswith(HUMAN + " "):
+        prompt = prompt[len(HUMAN) + 1:]
     if response.startswith(" "):
         response = response[1:]
     return prompt, response
@@ -176,14 +176,14 @@ def read_prefs(path, allow_ties=False):
             for key in ("chosen", "rejected"):
                 split = split_hh(_text(obj, key, path, line))
                 if split is None:
-                    _fail(path, line, key, f"no {HH_ASSISTANT!r} turn to split the transcript at")
+                    _fail(path, line, key, f"no {ASSISTANT!r} turn to split the transcript at")
                 if not split[1].strip():
-                    _fail(path, line, key, f"empty response after the last {HH_ASSISTANT!r}")
+                    _fail(path, line, key, f"empty response after the last {ASSISTANT!r}")
                 halves.append(split)
             if halves[0][0] != halves[1][0]:
-                _fail(path, line, "rejected", f"its prompt (the text before the last {HH_ASSISTANT!r}) differs from chosen's")
+                _fail(path, line, "rejected", f"its prompt (the text before the last {ASSISTANT!r}) differs from chosen's")
             if not halves[0][0].strip():
-                _fail(path, line, "chosen", f"empty prompt before the last {HH_ASSISTANT!r}")
+                _fail(path, line, "chosen", f"empty prompt before the last {ASSISTANT!r}")
             prompt, responses, ranking = halves[0][0], [halves[0][1], halves[1][1]], [0, 1]
             field = "rejected"
         else:

@@ -39,6 +39,8 @@ import math
 import os
 import random
 
+from nanorlhf.tokenizer import ASSISTANT, HUMAN
+
 HABIT = "!"  # the demonstrator's filler
 HABIT_PROB = 0.6  # how often the demonstrator ends with it
 ERROR_PROB = 0.25  # how often the demonstrator makes a random mistake
@@ -48,7 +50,7 @@ MAX_RENDERED = 64  # every example of the task renders in at most this many byte
 
 def rendered_len(prompt, response):
     """Byte-level length of the rendered example: template, prompt, response and the EOS token."""
-    return len(f"\n\nHuman: {prompt}\n\nAssistant: {response}".encode()) + 1
+    return len(f"{HUMAN} {prompt}{ASSISTANT} {response}".encode()) + 1
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from nanorlhf.data import read_prefs, read_prompts, read_sft
 from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, annotate, annotator_agreement, candidate, demonstrate,
-                            generate_task, gold, ranking_agreement, solve, task_meta)
+                            generate_task, gold, ranking_agreement, rendered_len, solve, task_meta)
 from nanorlhf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +170,7 @@ def test_generate_task_files(tmp_path):
     lens = [len(tok.render(r["prompt"], r["response"])[0]) for r in sft]
     lens += [len(tok.render(r["prompt"], x)[0]) for r in prefs + prefs_eval for x in r["responses"]]
     assert max(lens) <= MAX_RENDERED
+    assert [rendered_len(r["prompt"], r["response"]) for r in sft] == lens[:len(sft)]  # the generator's own count
     # the measured references
     assert meta["gold_perfect"] == 1.0
     assert meta["gold_demonstrator"] < meta["gold_demonstrator_without_habit"] - 0.15
