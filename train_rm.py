@@ -39,9 +39,9 @@ from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_s
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
 from nanorlhf.train_common import (check_loop_flags, endless, fmt_count, load_run, optimizer_step, peak_flops,
-                                   read_split, resumed_flags, save_run)
+                                   read_split, restore_run, resumed_flags, save_run)
 from nanorlhf.utils import (CKPT, MetricsLogger, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
-                            load_model, maybe_compile, model_payload, parse_flags, run, set_rng_state, setup_runtime)
+                            load_model, maybe_compile, model_payload, parse_flags, run, setup_runtime)
 
 
 @dataclass
@@ -82,8 +82,6 @@ class Config:
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
 
 
-RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing",
-               "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
 BETAS = (0.9, 0.95)
 CALIBRATION_BINS = 5
 
@@ -236,7 +234,7 @@ def main():
     state = None
     if args.resume:
         ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt["args"], RESUME_FREE)
+        args = resumed_flags(args, ckpt["args"])
     check_flags(args)
     rt = setup_runtime(args.device, args.dtype, args.seed, training=True)
 
@@ -273,12 +271,7 @@ def main():
     model.grad_checkpointing = args.grad_checkpointing
     train_model = maybe_compile(model, args.compile)
     peak, _ = peak_flops(rt)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+    step = restore_run(state, optimizer, sampler) if state is not None else 0
     stop = args.stop_at or args.max_steps
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x {model.config.n_embd}; "
           f"{rt.device} {rt.dtype}; {args.batch_size * args.grad_accum} prompts per step, "

@@ -105,7 +105,20 @@ def load_run(out_dir):
     return ckpt, state
 
 
-def resumed_flags(args, saved, free):
+def restore_run(state, optimizer, sampler):
+    """Put a train_state.pt's optimizer, sampler position and RNG states back; return its step."""
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["data"])
+    utils.set_rng_state(state["rng"])
+    return state["step"]
+
+
+# flags a resumed run may take from the command line: where and how it runs, not what it computes
+RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing",
+               "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
+
+
+def resumed_flags(args, saved, free=RESUME_FREE):
     """
     The flags of a resumed run: the saved ones, except
     - out_dir, resume and stop_at, which always come from the command line;
