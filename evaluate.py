@@ -153,16 +153,19 @@ def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_n
                                                                     lp_temperature)
             scores = rm.score(out, attention_mask).float() if rm is not None else None  # (B,)
         kl = sequence_kl(logp, ref_logp, r_mask)  # (B,)
+        # to Python once per batch (one device sync each), then row by row
+        lengths, responses, kls = r_mask.sum(-1).tolist(), response.tolist(), kl.tolist()
+        rm_scores = ((scores - reward_norm[0]) / reward_norm[1]).tolist() if rm is not None else [None] * len(chunk)
         for i, (p, _) in enumerate(chunk):
-            n = int(r_mask[i].sum())
-            ids = response[i, :n].tolist()
+            n = lengths[i]
+            ids = responses[i][:n]
             text = decode_response(tok, ids, [1] * n)
             rows["prompt"].append(p)
             rows["response"].append(text)
             rows["response_ids"].append(ids)
             rows["gold"].append(tasks.gold(p, text) if use_gold else None)
-            rows["rm"].append((scores[i].item() - reward_norm[0]) / reward_norm[1] if rm is not None else None)
-            rows["kl"].append(kl[i].item())
+            rows["rm"].append(rm_scores[i])
+            rows["kl"].append(kls[i])
             rows["length"].append(n)
             rows["eos"].append(tok.eos_id in ids)
     return rows

@@ -70,13 +70,16 @@ def check_loop_flags(args):
 
 
 def optimizer_step(model, optimizer, lr, grad_clip):
-    """Set the learning rate, clip the global gradient norm (when grad_clip > 0), step, zero the grads."""
+    """
+    Set the learning rate, clip the global gradient norm (when grad_clip > 0), step, zero the grads. Returns the
+    gradient norm before clipping as a tensor: .item() here would make the CPU wait for the GPU every step.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    return grad_norm
 
 
 # -----------------------------------------------------------------------------
