@@ -36,7 +36,6 @@ from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.train_common import optimizer_step, peak_flops
 from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
-from train_ppo import FixedKLController
 
 
 @dataclass
@@ -62,6 +61,12 @@ class Config:
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")
+
+
+def meta_gpt(config):
+    """A GPT whose parameters have shapes but no storage: enough to count them."""
+    with torch.device("meta"):
+        return GPT(config)
 
 
 def sync(rt):
@@ -154,7 +159,6 @@ def bench_ppo(cfg, model_cfg, rt):
     betas = (args.beta1, args.beta2)
     actor_opt = configure_optimizer(actor, args.lr, args.weight_decay, betas, rt.device_type)
     critic_opt = configure_optimizer(critic, args.critic_lr, args.weight_decay, betas, rt.device_type)
-    kl_ctl = FixedKLController(args.kl_coef)
     tok = BenchTokenizer(cfg.vocab_size)
     context = torch.randint(0, cfg.vocab_size - 2, (args.batch_size, cfg.prompt_len), device=rt.device)  # (B, Tp)
     context_mask = torch.ones_like(context)
@@ -167,7 +171,7 @@ def bench_ppo(cfg, model_cfg, rt):
         with rt.autocast():  # as train_ppo calls it
             response = train_ppo.generate_responses(actor, context, context_mask, tok, args)  # (B, N)
         exp = train_ppo.make_experience(fwd_actor, ref, reward_model, fwd_critic, context, context_mask, response,
-                                        tok, args, kl_ctl.value, rt)
+                                        tok, args, args.kl_coef, rt)
         sync(rt)
         t1 = time.perf_counter()
         train_ppo.ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt)
@@ -199,7 +203,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
         f"cpu, {torch.get_num_threads()} threads")
     res = {"config": asdict(cfg), "device": device_name, "dtype": rt.dtype, "torch": torch.__version__,
-           "params": GPT(model_cfg).num_params()}
+           "params": meta_gpt(model_cfg).num_params()}
     mem = {}
     if "train" in parts:
         reset_peak_memory(rt)

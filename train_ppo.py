@@ -513,7 +513,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None):
                     # PPO-ptx: + gamma * log-likelihood of the SFT data (InstructGPT eq. 2), one batch per micro-batch
                     pb = D.to_device(next(ptx), rt.device)
                     with rt.autocast():
-                        ptx_logits = actor(pb["idx"], pb["attention_mask"])
+                        ptx_logits = actor(pb["idx"])  # right-padded: plain causal attention, as in train_sft.py
                     ptx_loss = sft_loss(ptx_logits, pb["idx"], pb["response_mask"])
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss / args.grad_accum
                     mb_stats["ptx_loss"] += ptx_loss.detach() / args.grad_accum

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)  # train_ppo.py is a top-level script
 from nanorlhf import data as D
 from nanorlhf import tasks
 from nanorlhf import utils
+from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.tokenizer import Tokenizer
 
@@ -133,6 +134,37 @@ def one_iteration(actor, ref, reward_model, critic, args, seed=0):
     opt_a = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), "cpu")
     opt_c = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, (args.beta1, args.beta2), "cpu")
     return exp, ppo_update(actor, critic, opt_a, opt_c, exp, args, r)
+
+
+def test_ptx_adds_the_sft_loss_gradient():
+    """
+    PPO-ptx (InstructGPT eq. 2): with every advantage 0 the clipped surrogate has no gradient, so one update
+    with --ptx_coef must move the actor exactly as one AdamW step on ptx_coef * the SFT loss of the same batch.
+    """
+    tok = Tokenizer.byte_level()
+    actor, ref, reward_model, critic = tiny_models()
+    args = Args(batch_size=4, num_minibatches=1, ppo_epochs=1, response_length=8, ptx_coef=0.7, max_grad_norm=1e9)
+    batch = prompt_batch(tok, args.batch_size)
+    response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+    exp = make_experience(actor, ref, reward_model, critic, batch["idx"], batch["attention_mask"], response, tok,
+                          args, args.kl_coef, rt())
+    exp["advantages"] = torch.zeros_like(exp["advantages"])
+    examples, _ = D.encode_sft([{"prompt": p, "response": tasks.solve(p)} for p in PROMPTS], tok, 64)
+    betas = (args.beta1, args.beta2)
+    # the reference: a copy of the actor, one AdamW step on 0.7 * sft_loss of the batch ppo_update will draw
+    expected = copy.deepcopy(actor)
+    opt = utils.configure_optimizer(expected, args.lr, args.weight_decay, betas, "cpu")
+    pb = next(train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, seed=5))
+    sft = sft_loss(expected(pb["idx"], pb["attention_mask"]), pb["idx"], pb["response_mask"])
+    (args.ptx_coef * sft).backward()
+    opt.step()
+    opt_a = utils.configure_optimizer(actor, args.lr, args.weight_decay, betas, "cpu")
+    opt_c = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, betas, "cpu")
+    stats = ppo_update(actor, critic, opt_a, opt_c, exp, args, rt(),
+                       ptx=train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, seed=5))
+    assert stats["ptx_loss"] == pytest.approx(sft.item(), abs=1e-6)
+    for (name, got), want in zip(actor.named_parameters(), expected.parameters()):
+        assert torch.allclose(got, want, atol=1e-6), name
 
 
 def test_ratio_is_one_on_first_minibatch():
