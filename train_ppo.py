@@ -45,7 +45,7 @@ import torch
 from nanorlhf import data as D
 from nanorlhf import tasks
 from nanorlhf import utils
-from nanorlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, sft_loss
+from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
 from nanorlhf.model import last_index
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, truncate_after_eos, write_samples)
@@ -68,28 +68,6 @@ from nanorlhf.utils import check, flag
 
 # -----------------------------------------------------------------------------
 # rewards
-
-
-def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
-    """
-    Per-token estimate of KL(pi || pi_ref) from one sample y_t ~ pi (Schulman, "Approximating KL
-    divergence", 2020). logprobs, ref_logprobs (B, R) -> (B, R).
-
-    k1 = log pi(y_t) - log pi_ref(y_t): unbiased, the seed's log(pi / pi_ref), what InstructGPT and
-         Ziegler et al. put in the reward (the default). Single tokens can be negative.
-    k3 = (r - 1) - log r with r = pi_ref(y_t) / pi(y_t): also unbiased, >= 0 for every token (since
-         log r <= r - 1) and of lower variance, but its penalty grows like r (exponentially in the log
-         ratio) where the reference finds the token far likelier than the policy does.
-    Example: logprobs = log 0.5, ref_logprobs = log 0.25 -> k1 = 0.6931, k3 = (0.5 - 1) + 0.6931 = 0.1931.
-    """
-    if estimator == "k1":
-        # k1 = log pi(y) - log pi_ref(y)
-        return logprobs - ref_logprobs
-    if estimator == "k3":
-        # k3 = (r - 1) - log r,  r = pi_ref(y) / pi(y)
-        log_r = ref_logprobs - logprobs
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r}, expected 'k1' or 'k3'")
 
 
 def compute_rewards(logprobs, ref_logprobs, scores, mask, beta, estimator="k1"):
