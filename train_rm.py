@@ -14,6 +14,8 @@ Run (after train_sft.py; about 3 minutes on 2 CPU cores):
     python train_rm.py --data out/data/prefs.jsonl --init_from out/sft --out_dir out/rm
 Continue an interrupted run (its saved flags are reused; `--resume auto`: continue if there is a checkpoint):
     python train_rm.py --out_dir out/rm --resume
+On 2 GPUs (or 2 CPU processes): the same steps on the same comparisons (README "Many GPUs"):
+    torchrun --standalone --nproc_per_node 2 train_rm.py --init_from out/sft --out_dir out/rm --grad_accum 2
 
 Deviations from InstructGPT (Ouyang et al. 2022, section 3.5 and appendix C):
 - The RM starts from our own (tiny) SFT model; InstructGPT uses one 6B RM for every policy size.
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf import tasks
+from nanorlhf import dist, tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, padding_fraction, read_prefs,
                            read_sft, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
@@ -41,7 +43,7 @@ from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
                                    parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
                                    wants_resume)
-from nanorlhf.utils import (CKPT, MetricsLogger, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
+from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
@@ -60,7 +62,8 @@ class Config:
     init_from: str = flag("out/sft", "checkpoint dir to start from: an SFT model (new scalar head) or a reward model")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses)")
-    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
+                              "grad_accum / WORLD_SIZE of them)")
     lr: float = flag(5e-4, "peak learning rate")
     min_lr: float = flag(5e-5, "learning rate at the end of the cosine decay")
     warmup: int = flag(30, "linear warmup steps")
@@ -78,6 +81,7 @@ class Config:
     dtype: str = flag("auto", "auto | float32 | bfloat16 (auto: bfloat16 on a GPU that has it, else float32)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2)")
     seed: int = flag(0, "seed for the held-out split and the batch order")
     resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
@@ -237,7 +241,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
-    rt = setup_runtime(args.device, args.dtype, args.seed, training=True)
+    rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir
     reader = functools.partial(read_prefs, allow_ties=args.allow_ties)
@@ -268,29 +272,32 @@ def main():
     builtin = meta is not None and len(val) == len(val_records) and all(
         len(ex["ids"]) == len(r["responses"]) for ex, r in zip(val, val_records))
     val_evaluated = [val_records[i] for b in val_order for i in b] if builtin else None
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     model.grad_checkpointing = args.grad_checkpointing
-    train_model = maybe_compile(model, args.compile)
+    # under torchrun: DDP, or FSDP2 (which shards `model` in place, so the optimizer is built after it)
+    train_model = dist.wrap(maybe_compile(model, args.compile), args.fsdp)
+    eval_model = dist.unwrap(train_model)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     peak, _ = peak_flops(rt)
-    step = restore_run(state, optimizer, sampler) if state is not None else 0
+    step = restore_run(state, optimizer, sampler, model) if state is not None else 0
     stop = args.stop_at or args.max_steps
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x {model.config.n_embd}; "
           f"{rt.device} {rt.dtype}; {args.batch_size * args.grad_accum} prompts per step, "
-          f"{len(sampler)} batches per epoch")
+          f"{len(sampler)} batches per epoch" + (f"; {dist.world_size()} ranks" if dist.world_size() > 1 else ""))
     if step >= stop:
         print(f"nothing to do: the run in {args.out_dir} is at step {step}")
+        dist.cleanup()
         return
 
     def val_line(m):
         return f"val acc {m['val_acc']:.3f} margin {m['val_margin']:.2f} ece {m['val_ece']:.3f}"
 
     # training loop
-    logger = MetricsLogger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
     timer = Timer(stop, step)
     t_start = time.time()
     val_metrics = None
     if step == 0:
-        val_metrics, _ = evaluate(train_model, val_batches, rt)
+        val_metrics, _ = evaluate(eval_model, val_batches, rt)
         logger.log({"step": 0, **val_metrics})
         print(f"step 0/{args.max_steps} | {val_line(val_metrics)}")
     stream = endless(sampler)
@@ -299,26 +306,30 @@ def main():
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
-        micro = [make_batch([train[i] for i in next(stream)], tok.pad_id, max_len) for _ in range(args.grad_accum)]
-        n_prompts = sum(len(b["ranking"]) for b in micro)
+        # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
+        step_batches = [next(stream) for _ in range(args.grad_accum)]
+        micro = [make_batch([train[i] for i in b], tok.pad_id, max_len) for b in dist.mine(step_batches)]
+        n_prompts = dist.all_reduce_sum(sum(len(b["ranking"]) for b in micro))  # over all ranks' micro-batches
         step_loss = 0.0
-        for batch in micro:
+        for i, batch in enumerate(micro):
             tokens = int(batch["attention_mask"].sum())
             n_tok += tokens
             flops += model.flops_per_token(batch["idx"].size(1)) * tokens
             pad_frac += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
-            scores = score_batch(train_model, batch, rt)  # (B, K)
-            # L = mean over prompts of the mean over the prompt's pairs of -log sigma(r_w - r_l); a micro-batch
-            # weighs by its share of the step's prompts, so accumulation gives the loss of one big batch
-            loss = kwise_ranking_loss(scores, batch["ranking"], batch["k_mask"])
-            if args.center_coef > 0:
-                # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
-                loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
-            (loss * len(scores) / n_prompts).backward()
+            with dist.sync_grads(train_model, last=i == len(micro) - 1):  # ranks sum their gradients once per step
+                scores = score_batch(train_model, batch, rt)  # (B, K)
+                # L = mean over prompts of the mean over the prompt's pairs of -log sigma(r_w - r_l); a micro-batch
+                # weighs by its share of the step's prompts, so accumulation gives the loss of one big batch
+                loss = kwise_ranking_loss(scores, batch["ranking"], batch["k_mask"])
+                if args.center_coef > 0:
+                    # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
+                    loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
+                (loss * len(scores) / n_prompts).backward()
             step_loss += loss.item() * len(scores) / n_prompts
             diffs = batch_diffs(scores.detach(), batch)
             acc_sum += sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs) / args.grad_accum
+        step_loss = dist.all_reduce_sum(step_loss)
         # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
         grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_loss)
         loss_sum += step_loss
@@ -328,8 +339,9 @@ def main():
 
         evaluated = step % args.eval_interval == 0 or step == stop
         if evaluated:
-            val_metrics, record_scores = evaluate(train_model, val_batches, rt)
+            val_metrics, record_scores = evaluate(eval_model, val_batches, rt)
         if step % args.log_interval == 0 or evaluated:
+            acc_sum, n_tok, flops, pad_frac = dist.all_reduce_sum([acc_sum, n_tok, flops, pad_frac])  # all ranks'
             row = {"step": step, "loss": loss_sum / n_steps, "acc": acc_sum / n_steps, "lr": lr, "grad_norm": grad_norm,
                    "tok_per_s": n_tok / dt, "mfu": flops / dt / peak, "pad_frac": pad_frac / n_steps,
                    "epoch": step * args.grad_accum / len(sampler), "time": time.time() - t_start}
@@ -341,9 +353,10 @@ def main():
                   f"mfu {100 * flops / dt / peak:.1f}% | {fmt_time(timer.eta(step - 1))} left")
             loss_sum, acc_sum, n_tok, flops, pad_frac, n_steps, dt = 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0
         if step < args.max_steps and (step % args.ckpt_interval == 0 or step == stop):  # the end saves below
-            save_run(args.out_dir, model_payload(model, tok, "rm", args, step), optimizer, sampler, step)
+            save_run(args.out_dir, model_payload(model, tok, "rm", args, step), optimizer, sampler, step, model)
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")
+        dist.cleanup()
         return
 
     # the InstructGPT normalisation: shift the head's bias so that the demonstrations score mean 0. It changes
@@ -356,7 +369,7 @@ def main():
         norm_on = f"{len(seqs)} held-out responses"
     scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     with torch.no_grad():
-        model.head.bias -= scores.mean().to(model.head.bias)
+        dist.local(model.head.bias).sub_(scores.mean().item())  # every rank shifts its part (all of it, unsharded)
     scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     reward_mean, reward_std = scores.mean().item(), scores.std().item()
     summary = {"step": step, "final": True, **val_metrics, "reward_mean": reward_mean, "reward_std": reward_std,
@@ -370,7 +383,8 @@ def main():
                  f"RM agrees with gold on {summary['val_gold_acc']:.3f} of the pairs gold does not tie")
     logger.log(summary)
     save_run(args.out_dir, model_payload(model, tok, "rm", args, step, reward_mean=reward_mean, reward_std=reward_std),
-             optimizer, sampler, step)
+             optimizer, sampler, step, model)
+    dist.cleanup()
     print(line)
     print(f"done: step {step}; rewards on {norm_on}: mean {reward_mean:.2e}, std {reward_std:.3f}; "
           f"{fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")

@@ -12,6 +12,9 @@ Run (the built-in task; about 2-3 minutes on 2 CPU cores):
 Continue an interrupted run (its saved flags are reused); `--resume auto` continues when out/sft holds a
 checkpoint and starts fresh otherwise (for a job scheduler that reruns the same command):
     python train_sft.py --out_dir out/sft --resume
+On 2 GPUs (or 2 CPU processes): the same steps on the same examples; --grad_accum counts the micro-batches of a
+step over all ranks, so it must be divisible by the number of processes (README "Many GPUs"):
+    torchrun --standalone --nproc_per_node 2 train_sft.py --data out/data/sft.jsonl --out_dir out/sft --grad_accum 2
 Fine-tune GPT-2 from a local Hugging Face directory (config.json + model.safetensors), on a GPU:
     python train_sft.py --init_from path/to/gpt2 --tokenizer path/to/gpt2.tiktoken --data my_sft.jsonl \\
         --out_dir out/sft --block_size 512 --batch_size 16 --grad_accum 4 --lr 3e-5 --min_lr 3e-6 --warmup 50
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanorlhf import dist
 from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fraction, read_sft, to_device
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig
@@ -41,7 +45,7 @@ from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
                                    parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
                                    wants_resume)
-from nanorlhf.utils import (CKPT, MetricsLogger, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
+from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
@@ -64,7 +68,8 @@ class Config:
     dropout: float = flag(0.0, "dropout (scratch only)")
     # optimization
     batch_size: int = flag(32, "sequences per micro-batch")
-    grad_accum: int = flag(1, "micro-batches per optimizer step (a step sees batch_size * grad_accum sequences)")
+    grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (a step sees batch_size * grad_accum "
+                              "sequences; under torchrun each rank runs grad_accum / WORLD_SIZE of them)")
     lr: float = flag(2e-3, "peak learning rate")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup: int = flag(50, "linear warmup steps")
@@ -81,6 +86,7 @@ class Config:
     dtype: str = flag("auto", "auto | float32 | bfloat16 (auto: bfloat16 on a GPU that has it, else float32)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2)")
     seed: int = flag(0, "seed for initialisation, the held-out split and the batch order")
     resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
@@ -163,7 +169,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
-    rt = setup_runtime(args.device, args.dtype, args.seed, training=True)
+    rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir
     train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
@@ -184,26 +190,30 @@ def main():
     val_sampler = LengthGroupedSampler([len(ids) for ids, _ in val], args.batch_size, seed=args.seed)
     val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len)
                    for b in val_sampler.batches(0)[:args.eval_batches]]
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     model.grad_checkpointing = args.grad_checkpointing
-    train_model = maybe_compile(model, args.compile)
+    # under torchrun: DDP, or FSDP2 (which shards `model` in place, so the optimizer is built after it)
+    train_model = dist.wrap(maybe_compile(model, args.compile), args.fsdp)
+    eval_model = dist.unwrap(train_model)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     peak, _ = peak_flops(rt)
-    step = restore_run(state, optimizer, sampler) if state is not None else 0
+    step = restore_run(state, optimizer, sampler, model) if state is not None else 0
     stop = args.stop_at or args.max_steps
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x {model.config.n_embd}, "
           f"tokenizer {tok.name} ({tok.vocab_size}); {rt.device} {rt.dtype}; "
-          f"{args.batch_size * args.grad_accum} sequences per step, {len(sampler)} batches per epoch")
+          f"{args.batch_size * args.grad_accum} sequences per step, {len(sampler)} batches per epoch"
+          + (f"; {dist.world_size()} ranks" if dist.world_size() > 1 else ""))
     if step >= stop:
         print(f"nothing to do: the run in {args.out_dir} is at step {step}")
+        dist.cleanup()
         return
 
     # training loop
-    logger = MetricsLogger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
     timer = Timer(stop, step)
     t_start = time.time()
     val_loss = None
     if step == 0:
-        val_loss = evaluate(train_model, val_batches, rt)
+        val_loss = evaluate(eval_model, val_batches, rt)
         logger.log({"step": 0, "val_loss": val_loss})
         print(f"step 0/{args.max_steps} | val {val_loss:.3f}")
     stream = endless(sampler)
@@ -212,24 +222,28 @@ def main():
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
-        micro = [make_batch([train[i] for i in next(stream)], tok.pad_id, max_len) for _ in range(args.grad_accum)]
-        # the loss is a sum over the targets of all micro-batches divided by their total count, so that
-        # accumulation gives exactly the loss (and gradient) of one big batch
-        n_tokens = sum(n_targets(b) for b in micro)
+        # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
+        step_batches = [next(stream) for _ in range(args.grad_accum)]
+        micro = [make_batch([train[i] for i in b], tok.pad_id, max_len) for b in dist.mine(step_batches)]
+        # the loss is a sum over the targets of all micro-batches (of all ranks) divided by their total count, so
+        # that accumulation gives exactly the loss (and gradient) of one big batch
+        n_tokens = dist.all_reduce_sum(sum(n_targets(b) for b in micro))
         step_loss = torch.zeros((), device=rt.device)
-        for batch in micro:
+        for i, batch in enumerate(micro):
             tokens = int(batch["attention_mask"].sum())
             n_tok += tokens
             flops += model.flops_per_token(batch["idx"].size(1)) * tokens
             pad_frac += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
-            with rt.autocast():
-                # right padding: a real token never attends to the pads after it, so the plain causal
-                # attention (fast path, no mask) gives the same logits at every real position
-                logits = train_model(batch["idx"])  # (B, T, V)
-            loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
-            loss.backward()
+            with dist.sync_grads(train_model, last=i == len(micro) - 1):  # ranks sum their gradients once per step
+                with rt.autocast():
+                    # right padding: a real token never attends to the pads after it, so the plain causal
+                    # attention (fast path, no mask) gives the same logits at every real position
+                    logits = train_model(batch["idx"])  # (B, T, V)
+                loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
+                loss.backward()
             step_loss += loss.detach()
+        step_loss = dist.all_reduce_sum(step_loss)
         # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
         grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_loss)
         loss_sum += step_loss
@@ -239,8 +253,9 @@ def main():
 
         evaluated = step % args.eval_interval == 0 or step == stop
         if evaluated:
-            val_loss = evaluate(train_model, val_batches, rt)
+            val_loss = evaluate(eval_model, val_batches, rt)
         if step % args.log_interval == 0 or evaluated:
+            n_tok, flops, pad_frac = dist.all_reduce_sum([n_tok, flops, pad_frac])  # all ranks' micro-batches
             loss = loss_sum.item() / n_steps
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tok / dt,
                    "mfu": flops / dt / peak, "pad_frac": pad_frac / n_steps,
@@ -254,7 +269,8 @@ def main():
                   f"{fmt_time(timer.eta(step - 1))} left")
             loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
         if step % args.ckpt_interval == 0 or step == stop:
-            save_run(args.out_dir, model_payload(model, tok, "sft", args, step), optimizer, sampler, step)
+            save_run(args.out_dir, model_payload(model, tok, "sft", args, step), optimizer, sampler, step, model)
+    dist.cleanup()
     print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from nanorlhf import utils
+from nanorlhf import dist, utils
 
 # -----------------------------------------------------------------------------
 # data
@@ -69,6 +69,8 @@ def check_loop_flags(args):
     check_clip_flag("grad_clip", args.grad_clip)
     utils.check(args.stop_at is None or 1 <= args.stop_at <= args.max_steps,
                 f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")
+    dist.check_grad_accum(args.grad_accum)
+    dist.check_fsdp(getattr(args, "fsdp", False))
 
 
 def check_clip_flag(name, value):
@@ -123,13 +125,18 @@ def optimizer_step(model, optimizer, lr, grad_clip, where="", loss=None):
 # checkpoints and resume
 
 
-def save_run(out_dir, payload, optimizer, sampler, step):
+def save_run(out_dir, payload, optimizer, sampler, step, model=None):
     """
     ckpt.pt (what the next stage loads) and train_state.pt (what --resume needs: optimizer, RNG states,
     the sampler's position, the step), each written atomically. Both carry the step, so a crash between
     the two writes is detected by load_run instead of resuming from a mismatched pair.
+    Under torchrun every rank calls it (an FSDP-sharded `model`'s optimizer state is gathered from all ranks)
+    and rank 0 writes; the ranks share one RNG state and one sampler position, so rank 0's are everyone's.
     """
-    state = {"optimizer": optimizer.state_dict(), "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
+    optim = dist.full_optimizer_state(model, optimizer) if model is not None else optimizer.state_dict()
+    if not dist.is_main():
+        return
+    state = {"optimizer": optim, "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
     utils.save_checkpoint(out_dir, state, utils.TRAIN_STATE)
     utils.save_checkpoint(out_dir, payload, utils.CKPT)
 
@@ -174,9 +181,15 @@ def load_run(out_dir):
     return ckpt, state
 
 
-def restore_run(state, optimizer, sampler):
-    """Put a train_state.pt's optimizer, sampler position and RNG states back; return its step."""
-    optimizer.load_state_dict(state["optimizer"])
+def restore_run(state, optimizer, sampler, model=None):
+    """
+    Put a train_state.pt's optimizer, sampler position and RNG states back; return its step. Under torchrun every
+    rank restores the same state (an FSDP-sharded `model`'s optimizer keeps its own shard of it).
+    """
+    if model is not None:
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["data"])
     utils.set_rng_state(state["rng"])
     return state["step"]

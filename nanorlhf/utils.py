@@ -282,11 +282,12 @@ def load_checkpoint(path, name=CKPT, map_location="cpu"):
 
 def model_payload(model, tok, stage, args, step, **extra):
     """The dict every stage saves in ckpt.pt."""
+    from nanorlhf import dist
     from nanorlhf.model import ScalarGPT
 
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     return {
-        "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+        "model": dist.full_state_dict(raw),  # CPU tensors; an FSDP-sharded model's gathered from every rank
         "model_config": dataclasses.asdict(raw.config),
         "model_kind": "scalar" if isinstance(raw, ScalarGPT) else "gpt",
         "tokenizer": tok.to_dict(),

@@ -1,0 +1,228 @@
+"""
+Running a stage on many devices: the same script runs as `python train_X.py ...` or as
+`torchrun --standalone --nproc_per_node N train_X.py ...`, the way nanoGPT does it. Everything that knows about
+ranks is here, so that a script only calls a few named functions:
+
+    check_grad_accum(args.grad_accum)     nanoGPT's batch semantics: --grad_accum micro-batches per step in all
+    device = setup(args.device)           read RANK / LOCAL_RANK / WORLD_SIZE, start the process group, pick the
+                                          rank's device, silence print on ranks > 0
+    mine(micro)                           this rank's share of the step's micro-batches (every rank draws all of
+                                          them from the same sampler and keeps its own: the same examples as 1 process)
+    train_model = wrap(model)             DistributedDataParallel (or FSDP2 with fsdp=True) that SUMS gradients
+    with sync_grads(train_model, last):   gradient communication on the last micro-batch of a step only
+    all_reduce_sum(x)                     a global count or metric
+    if is_main(): save ...                only rank 0 prints, writes metrics and checkpoints
+
+Without torchrun (no WORLD_SIZE in the environment) all of this is a no-op: world size 1, rank 0, the model
+unwrapped, and a single-process run computes exactly what it computed before this module existed.
+
+Why sum, not average: every stage divides its loss by the count of the whole global batch (its tokens, prompts
+or sequences, all-reduced), so the sum over ranks of their gradients is the gradient of the whole batch. DDP
+and FSDP average by default, which would divide it by the world size once more.
+"""
+
+import builtins
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as td
+
+from nanorlhf import utils
+
+
+def rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    """Rank 0: the one process that prints, writes metrics.jsonl and checkpoints."""
+    return rank() == 0
+
+
+def is_distributed():
+    return td.is_available() and td.is_initialized()
+
+
+def check_grad_accum(grad_accum, flag="--grad_accum"):
+    """
+    nanoGPT's batch semantics: `flag` counts the micro-batches of one optimizer step over all ranks together, and
+    each rank runs grad_accum / WORLD_SIZE of them, so that a step sees the same examples whatever the world size.
+    Called before setup(), so that a bad combination stops before any process group or file exists.
+    Example: --grad_accum 4 on 2 ranks -> 2 micro-batches per rank; --grad_accum 3 on 2 ranks -> UserError.
+    """
+    utils.check(grad_accum % world_size() == 0,
+                f"{flag} {grad_accum} is the number of micro-batches per step over all ranks and must be divisible "
+                f"by the world size {world_size()} (torchrun --nproc_per_node)")
+    return grad_accum // world_size()
+
+
+def check_fsdp(fsdp):
+    """--fsdp needs ranks to shard over: a one-line error, before anything is written, when not under torchrun."""
+    utils.check(not fsdp or world_size() > 1, "--fsdp shards the model over the ranks of a process group: launch "
+                                              "with torchrun --nproc_per_node N (N >= 2)")
+
+
+def setup(device="auto"):
+    """
+    Start the process group when launched by torchrun (nccl on CUDA, gloo on a CPU) and return the device this
+    rank runs on: cuda:LOCAL_RANK on a GPU machine, else `device` unchanged. Ranks > 0 stop printing (builtins.print
+    becomes a no-op there; an exception's traceback still shows). Without torchrun: returns `device`, does nothing.
+    """
+    if world_size() == 1:
+        return device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = f"cuda:{local_rank()}"
+        torch.cuda.set_device(device)
+    if not is_distributed():
+        td.init_process_group(backend="nccl" if cuda else "gloo")
+    if not is_main():
+        builtins.print = lambda *args, **kwargs: None
+    return device
+
+
+def cleanup():
+    """End of a run: wait for every rank (rank 0 may still be writing), then take the process group down."""
+    if is_distributed():
+        td.barrier()
+        td.destroy_process_group()
+
+
+def mine(items):
+    """
+    This rank's contiguous share of a list of micro-batches (or of prompts): rank r of W gets the r-th of W equal
+    slices. Example: 4 micro-batches on 2 ranks -> rank 0 [m0, m1], rank 1 [m2, m3]; 1 process -> all 4.
+    """
+    n = len(items) // world_size()
+    assert n * world_size() == len(items), f"{len(items)} items do not split over {world_size()} ranks"
+    return items[rank() * n:(rank() + 1) * n]
+
+
+def all_reduce_sum(x, device="cpu"):
+    """
+    The sum over ranks of x: a tensor (returned as a new tensor on its device), a number (an int stays an int), or
+    a list of numbers (one all-reduce for the whole list, in float64; returned as floats). Without a process
+    group: x itself, untouched.
+    """
+    if not is_distributed():
+        return x
+    if isinstance(x, torch.Tensor):
+        x = x.clone()
+        td.all_reduce(x)
+        return x
+    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=_comm_device(device))
+    td.all_reduce(t)
+    out = t.tolist()
+    return out if isinstance(x, list) else type(x)(out[0])
+
+
+def _comm_device(device):
+    """nccl all-reduces CUDA tensors only; gloo takes CPU tensors."""
+    return torch.device(device) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _sum_hook(state, bucket):
+    """A DDP communication hook: all-reduce the gradient bucket as a sum (the default hook divides by world size)."""
+    return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap(model, fsdp=False):
+    """
+    The model a rank trains: `model` itself in one process; DistributedDataParallel under torchrun; with fsdp,
+    FSDP2's fully_shard on each transformer block and then on the whole model (each rank keeps 1/W of every
+    parameter and gathers a block's weights just before using them). Gradients are summed over ranks (see the
+    module docstring). FSDP2 shards `model` in place: its parameters become DTensors.
+    """
+    if fsdp:
+        check_fsdp(fsdp)
+        from torch.distributed.fsdp import fully_shard
+        raw = getattr(model, "_orig_mod", model)  # shard the module under torch.compile in place
+        for module in [*raw.transformer.h, raw]:  # the blocks first: the root takes the parameters left over
+            fully_shard(module)
+            module.set_gradient_divide_factor(1.0)  # per module: the root's setting does not reach the blocks
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+        return model
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [local_rank()] if next(model.parameters()).is_cuda else None
+    ddp = DistributedDataParallel(model, device_ids=device_ids)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def unwrap(train_model):
+    """The module under a DDP wrapper (for evaluation: its forward runs no collective); anything else as is."""
+    return getattr(train_model, "module", train_model)
+
+
+def sync_grads(train_model, last):
+    """
+    Context for one micro-batch's backward: the gradient all-reduce (DDP) or reduce-scatter (FSDP2) runs only on
+    the last micro-batch of a step; the others accumulate locally. A no-op context in one process.
+    """
+    if hasattr(train_model, "no_sync"):  # DDP
+        return nullcontext() if last else train_model.no_sync()
+    if hasattr(train_model, "set_requires_gradient_sync"):  # FSDP2
+        train_model.set_requires_gradient_sync(last)
+    return nullcontext()
+
+
+def is_fsdp(model):
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def local(param):
+    """
+    The part of a parameter this rank holds: its local shard under FSDP2 (a DTensor), else the tensor itself.
+    An elementwise in-place update of every rank's local part updates the whole parameter.
+    """
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def full_state_dict(model):
+    """
+    The model's complete weights as CPU tensors: a plain state_dict in one process or under DDP; under FSDP2 the
+    shards are gathered onto rank 0's CPU (a collective: every rank must call it; the others get an empty dict), so
+    that the checkpoint loads into one process like any other.
+    """
+    if not is_fsdp(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model, optimizer):
+    """The optimizer's state_dict; under FSDP2 gathered unsharded onto rank 0's CPU (a collective, as above)."""
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Inverse of full_optimizer_state: every rank loads the full state (under FSDP2 keeping its own shard)."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+class _NoLogger:
+    def log(self, row):
+        pass
+
+
+def metrics_logger(out_dir, resume=False):
+    """utils.MetricsLogger on rank 0; on the other ranks a logger that writes nothing."""
+    return utils.MetricsLogger(out_dir, resume) if is_main() else _NoLogger()
