@@ -35,7 +35,8 @@ def run(main):
     try:
         main()
     except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank meets the same error: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

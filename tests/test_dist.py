@@ -1,0 +1,135 @@
+"""
+Tests of the torchrun path (nanorlhf/dist.py) on the CPU: 2 processes with the gloo backend, tiny models.
+The claim under test is nanoGPT's batch semantics: a 2-rank run with --grad_accum G takes the same optimizer steps
+on the same examples as one process with --grad_accum G, so its losses, gradient norms and weights match the
+1-process run. They match within 1e-5, not bitwise: gloo sums the ranks' gradients in another order than one
+process accumulates its micro-batches. The gradient norm is compared too because AdamW's update hardly changes when
+every gradient is scaled by the same factor (a sum-vs-average slip would leave the weights almost equal).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scripts import ENV, ROOT, read_metrics, script
+
+from nanorlhf import dist, tasks, utils
+
+TOL = 1e-5
+SFT = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "8",
+       "--grad_accum", "2", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "2", "--max_steps", "4", "--val_frac", "0.1",
+       "--eval_interval", "2", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "2",
+       "--device", "cpu", "--dtype", "float32"]
+RM = ["--batch_size", "4", "--grad_accum", "2", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "2", "--max_steps", "4",
+      "--val_frac", "0.2", "--eval_interval", "2", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "2",
+      "--norm_samples", "40", "--device", "cpu", "--dtype", "float32"]
+COMPARED = ("loss", "grad_norm", "val_loss", "acc", "val_acc", "lr", "pad_frac", "epoch", "reward_mean", "reward_std")
+
+
+def torchrun(name, *args, nproc=2):
+    """Run ROOT/name under `python -m torch.distributed.run --standalone --nproc_per_node nproc`; fail unless rc 0."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                        os.path.join(ROOT, name), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def assert_same_run(got_dir, want_dir):
+    """Every logged number (but timings) within TOL of the 1-process run, and the saved weights within TOL."""
+    got, want = read_metrics(got_dir), read_metrics(want_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        for k in COMPARED:
+            assert (k in g) == (k in w), (k, g, w)
+            if k in w:
+                assert g[k] == pytest.approx(w[k], rel=TOL, abs=TOL), (k, g["step"], g[k], w[k])
+    a = torch.load(os.path.join(got_dir, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(want_dir, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] and sorted(a["model"]) == sorted(b["model"])
+    for k in b["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=TOL), (k, (a["model"][k] - b["model"][k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    tasks.generate_task(str(d), n_sft=300, n_prefs=120, n_prefs_eval=10, n_prompts=10, n_eval=10)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_one(data, tmp_path_factory):
+    """The reference: one process, 4 steps of 2 micro-batches of 8."""
+    out = tmp_path_factory.mktemp("sft_one")
+    script("train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(out), *SFT)
+    return out
+
+
+def test_sft_two_ranks_equal_one_process_and_resume(data, sft_one, tmp_path):
+    """2 ranks x 1 micro-batch == 1 process x 2 micro-batches; stopped at step 2 and resumed under torchrun."""
+    out = tmp_path / "sft"
+    cmd = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *SFT]
+    p = torchrun("train_sft.py", *cmd, "--stop_at", "2")
+    assert p.stdout.count("step 2/4") == 1  # rank 1 prints nothing
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    torchrun("train_sft.py", *cmd, "--resume")
+    assert_same_run(out, sft_one)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "train_state.pt"]
+
+
+def test_sft_fsdp_equals_one_process_and_loads_in_one_process(data, sft_one, tmp_path):
+    """--fsdp (FSDP2 per block, gloo): the same run, and its full-state-dict checkpoint loads into one process."""
+    out = tmp_path / "sft_fsdp"
+    torchrun("train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(out), *SFT, "--fsdp")
+    assert_same_run(out, sft_one)
+    model, tok, _ = utils.load_model(str(out), kind="gpt")
+    assert model.config.n_layer == 2 and tok.name == "byte"
+
+
+def test_rm_two_ranks_equal_one_process_and_resume(data, sft_one, tmp_path):
+    one, two = tmp_path / "rm_one", tmp_path / "rm_two"
+    common = ["--data", str(data / "prefs.jsonl"), "--sft_data", str(data / "sft.jsonl"), "--init_from", str(sft_one),
+              *RM]
+    script("train_rm.py", *common, "--out_dir", str(one))
+    torchrun("train_rm.py", *common, "--out_dir", str(two), "--stop_at", "2")
+    torchrun("train_rm.py", *common, "--out_dir", str(two), "--resume")
+    assert_same_run(two, one)  # includes the final bias shift and the reward mean and std
+
+
+def test_grad_accum_must_divide_over_ranks(data, tmp_path):
+    """--grad_accum 3 on 2 ranks: one line, exit 2, nothing written, before any process group is started."""
+    out = tmp_path / "out"
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # what torchrun sets; no rendezvous is reached
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), "--data", str(data / "sft.jsonl"),
+                        "--out_dir", str(out), *SFT, "--grad_accum", "3"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "--grad_accum 3" in p.stderr and "world size 2" in p.stderr and not out.exists()
+
+
+def test_fsdp_needs_torchrun(data, tmp_path):
+    out = tmp_path / "out"
+    p = script("train_rm.py", "--data", str(data / "prefs.jsonl"), "--out_dir", str(out), "--fsdp", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--fsdp" in p.stderr and "torchrun" in p.stderr
+    assert not out.exists()
+
+
+def test_one_process_helpers_are_no_ops(monkeypatch):
+    """Without torchrun: world size 1, every micro-batch is this rank's, sums are the values themselves."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    assert dist.mine([1, 2, 3]) == [1, 2, 3] and dist.check_grad_accum(3) == 3
+    x = [3, 0.5]
+    assert dist.all_reduce_sum(x) is x
+    model = torch.nn.Linear(2, 2)
+    assert dist.wrap(model) is model and dist.unwrap(model) is model
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert dist.mine(list(range(8))) == [4, 5] and dist.check_grad_accum(8) == 2 and not dist.is_main()
+    with pytest.raises(utils.UserError, match="divisible by the world size 4"):
+        dist.check_grad_accum(6)
