@@ -17,6 +17,7 @@ Run (after train_sft.py and train_rm.py; `make` does all of it):
     python train_ppo.py ... --resume auto                      # continue if out/ppo has a checkpoint, else start
     python train_ppo.py ... --adaptive_kl --target_kl 2        # Ziegler et al.'s adaptive beta
     python train_ppo.py ... --ptx_coef 1 --ptx_data out/data/sft.jsonl   # PPO-ptx
+    torchrun --standalone --nproc_per_node 2 train_ppo.py ... --grad_accum 2   # 2 GPUs, the same run (README "Many GPUs")
 
 Writes to --out_dir: ckpt.pt (the actor, stage "ppo", loadable like any policy), critic.pt, train_state.pt
 (what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
@@ -40,6 +41,9 @@ Deviations from InstructGPT, on purpose:
   demonstrations) and because a small RM is easy to over-optimise: on the built-in task beta 0.05 reached KL 3.5
   and a lower gold score than beta 0.25-0.4 (KL 1.3-1.8), which all did about equally well.
 - The learning rates decay linearly to 0 over the run (as cleanrl and summarize_from_feedback_details do).
+- Under torchrun every rank samples the whole rollout batch (one shared random stream, so the responses are those
+  of one process), then scores its 1/WORLD_SIZE of it and the ranks gather the rows: generation is not sped up
+  by more ranks, the scoring passes and the update are (each rank runs --grad_accum / WORLD_SIZE micro-batches).
 """
 
 import os
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import data as D
-from nanorlhf import tasks
+from nanorlhf import dist, tasks
 from nanorlhf import train_common as C
 from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
@@ -301,7 +305,8 @@ class Args:
     # update
     ppo_epochs: int = flag(4, "passes over each rollout")
     num_minibatches: int = flag(4, "minibatches per pass (one optimizer step each)")
-    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: the same gradient, PPO-ptx batch included)")
+    grad_accum: int = flag(1, "micro-batches per minibatch over all ranks (memory only: the same gradient, PPO-ptx batch "
+                              "included; under torchrun each rank runs grad_accum / WORLD_SIZE of them)")
     lr: float = flag(2e-4, "actor learning rate (AdamW)")
     critic_lr: float = flag(1e-4, "critic learning rate (AdamW)")
     anneal_lr: bool = flag(True, "decay both learning rates linearly to 0 over the run")
@@ -360,10 +365,11 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     #   RM score          read at the last real token (eos, position 7); added to the reward of y_2 (t = L-1)
     #
     # so logprobs, values, rewards and advantages are all (B, N), aligned with the response tokens.
-    # 3.-4. run in micro-batches of rows, so that the (rows, T + N, V) logits stay as small as in the update
+    # 3.-4. run in micro-batches of rows, so that the (rows, T + N, V) logits stay as small as in the update; under
+    # torchrun each rank runs its share of the micro-batches and the ranks gather the rows, so 5.-6. see the batch
     micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
     scores, logprobs, ref_logprobs, entropy, values = [], [], [], [], []
-    for i in range(0, B, micro):
+    for i in dist.mine(range(0, B, micro)):
         s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
         with rt.autocast():
             # 3. score with the reward model at the last real token of prompt + response
@@ -376,9 +382,9 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
             ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
             ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
             values.append(critic(s, s_mask)[:, T - 1:-1])  # (b, N)
-    scores, entropy = torch.cat(scores), torch.cat(entropy)  # (B,), (B, N)
+    scores, entropy = dist.gather_rows(torch.cat(scores)), dist.gather_rows(torch.cat(entropy))  # (B,), (B, N)
     maskf = response_mask.float()
-    logprobs, ref_logprobs, values = (torch.cat(x) * maskf for x in (logprobs, ref_logprobs, values))  # (B, N)
+    logprobs, ref_logprobs, values = (dist.gather_rows(torch.cat(x)) * maskf for x in (logprobs, ref_logprobs, values))
     rm_scores = scores.clone()
     # a response that never ended gets the penalty score instead of the RM's
     if args.missing_eos_penalty is not None:
@@ -458,10 +464,14 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 pb = D.to_device(next(ptx), rt.device)  # (mb_size, T') each
                 ptx_targets = pb["response_mask"][:, 1:].sum()
                 ptx_micro = pb["idx"].size(0) // args.grad_accum
-            for j, mstart in enumerate(range(0, mb_size, micro_size)):
+            # under torchrun each rank runs its share of the minibatch's micro-batches (j counts them all)
+            mine = dist.mine(list(enumerate(range(0, mb_size, micro_size))))
+            for n, (j, mstart) in enumerate(mine):
                 i = mb_inds[mstart:mstart + micro_size]  # the micro-batch's rows
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = mask.sum() / n_tokens  # this micro-batch's part of the minibatch mean
+                for model in (actor, critic):  # the ranks sum their gradients on their last micro-batch
+                    dist.sync_grads(model, n == len(mine) - 1)
                 with rt.autocast():
                     logits = actor(seq, seq_mask)[:, T - 1:-1]  # (b, N, V)
                     new_values = critic(seq, seq_mask)[:, T - 1:-1]  # (b, N)
@@ -495,6 +505,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
                              *((k, pg_stats[k]) for k in ("clipfrac", "approx_kl", "ratio"))):
                     mb_stats[k] += v.detach() * share
+            mb_stats = dist.all_reduce_dict(mb_stats)  # the minibatch's losses: the sum of the ranks' shares
             mb_stats["grad_norm"] = C.clip_grad_norm(actor.parameters(), args.max_grad_norm)
             mb_stats["critic_grad_norm"] = C.clip_grad_norm(critic.parameters(), args.max_grad_norm)
             # one device sync per minibatch: a NaN or inf stops here, before it reaches the weights
@@ -508,7 +519,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
             for k, v in mb_stats.items():
                 stats[k].append(v)
     out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "ptx_loss" or ptx is not None}
-    out["first_ratio_max_dev"] = float(first_ratio_max_dev)
+    out["first_ratio_max_dev"] = float(dist.all_reduce_max(first_ratio_max_dev))
     return out
 
 
@@ -541,8 +552,9 @@ def main(argv=None):
     check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
           f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
     C.check_clip_flag("max_grad_norm", args.max_grad_norm)
+    dist.check_grad_accum(args.grad_accum)  # then the rollout's micro-batches split over the ranks too
 
-    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
+    rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
@@ -589,6 +601,7 @@ def main(argv=None):
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
     fwd_critic = utils.maybe_compile(critic, args.compile)
+    train_actor, train_critic = dist.wrap(fwd_actor), dist.wrap(fwd_critic)  # DDP under torchrun
     actor_opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
     critic_opt = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
     if args.adaptive_kl:
@@ -611,9 +624,12 @@ def main(argv=None):
     stop = args.stop_at or args.num_iterations
     if start_iter >= stop:
         print(f"nothing to do: the run in {args.out_dir} is at iteration {start_iter}")
+        dist.cleanup()
         return
 
     def save(iteration):
+        if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
+            return
         utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value))
         utils.save_checkpoint(args.out_dir, utils.model_payload(critic, tok, "ppo", args, iteration), CRITIC)
         utils.save_checkpoint(args.out_dir, {
@@ -622,12 +638,12 @@ def main(argv=None):
             "ptx_rng": ptx_gen.get_state() if ptx is not None else None,
         }, utils.TRAIN_STATE)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if not resuming:
+    if dist.is_main():  # only rank 0 writes
+        os.makedirs(args.out_dir, exist_ok=True)
         for name in ("samples.jsonl", "samples.txt"):
-            if os.path.exists(os.path.join(args.out_dir, name)):
+            if not resuming and os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
-    logger = utils.MetricsLogger(args.out_dir, resume=resuming)
+    logger = dist.metrics_logger(args.out_dir, resume=resuming)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
@@ -650,7 +666,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ")
+        upd = ppo_update(train_actor, train_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ")
         t_update = time.time() - t0
 
         # statistics of this rollout (before the update)
@@ -687,7 +703,7 @@ def main(argv=None):
               f"ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} vf {row['vf_loss']:.4f} ev {row['explained_variance']:.2f} | "
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
-        if write:
+        if write and dist.is_main():
             golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
             write_samples(args.out_dir, it + 1, [
                 {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
@@ -696,6 +712,7 @@ def main(argv=None):
             save(it + 1)
     if stop < args.num_iterations:
         print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
+    dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -317,15 +317,15 @@ def main():
             flops += model.flops_per_token(batch["idx"].size(1)) * tokens
             pad_frac += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
-            with dist.sync_grads(train_model, last=i == len(micro) - 1):  # ranks sum their gradients once per step
-                scores = score_batch(train_model, batch, rt)  # (B, K)
-                # L = mean over prompts of the mean over the prompt's pairs of -log sigma(r_w - r_l); a micro-batch
-                # weighs by its share of the step's prompts, so accumulation gives the loss of one big batch
-                loss = kwise_ranking_loss(scores, batch["ranking"], batch["k_mask"])
-                if args.center_coef > 0:
-                    # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
-                    loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
-                (loss * len(scores) / n_prompts).backward()
+            dist.sync_grads(train_model, i == len(micro) - 1)  # the ranks sum their gradients once per step
+            scores = score_batch(train_model, batch, rt)  # (B, K)
+            # L = mean over prompts of the mean over the prompt's pairs of -log sigma(r_w - r_l); a micro-batch
+            # weighs by its share of the step's prompts, so accumulation gives the loss of one big batch
+            loss = kwise_ranking_loss(scores, batch["ranking"], batch["k_mask"])
+            if args.center_coef > 0:
+                # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
+                loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
+            (loss * len(scores) / n_prompts).backward()
             step_loss += loss.item() * len(scores) / n_prompts
             diffs = batch_diffs(scores.detach(), batch)
             acc_sum += sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs) / args.grad_accum

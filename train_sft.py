@@ -235,13 +235,13 @@ def main():
             flops += model.flops_per_token(batch["idx"].size(1)) * tokens
             pad_frac += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
-            with dist.sync_grads(train_model, last=i == len(micro) - 1):  # ranks sum their gradients once per step
-                with rt.autocast():
-                    # right padding: a real token never attends to the pads after it, so the plain causal
-                    # attention (fast path, no mask) gives the same logits at every real position
-                    logits = train_model(batch["idx"])  # (B, T, V)
-                loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
-                loss.backward()
+            dist.sync_grads(train_model, i == len(micro) - 1)  # the ranks sum their gradients once per step
+            with rt.autocast():
+                # right padding: a real token never attends to the pads after it, so the plain causal
+                # attention (fast path, no mask) gives the same logits at every real position
+                logits = train_model(batch["idx"])  # (B, T, V)
+            loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
+            loss.backward()
             step_loss += loss.detach()
         step_loss = dist.all_reduce_sum(step_loss)
         # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact

@@ -9,7 +9,7 @@ ranks is here, so that a script only calls a few named functions:
     mine(micro)                           this rank's share of the step's micro-batches (every rank draws all of
                                           them from the same sampler and keeps its own: the same examples as 1 process)
     train_model = wrap(model)             DistributedDataParallel (or FSDP2 with fsdp=True) that SUMS gradients
-    with sync_grads(train_model, last):   gradient communication on the last micro-batch of a step only
+    sync_grads(train_model, last)         gradient communication on the last micro-batch of a step only
     all_reduce_sum(x)                     a global count or metric
     if is_main(): save ...                only rank 0 prints, writes metrics and checkpoints
 
@@ -23,8 +23,6 @@ and FSDP average by default, which would divide it by the world size once more.
 
 import builtins
 import os
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as td
 
@@ -125,6 +123,41 @@ def all_reduce_sum(x, device="cpu"):
     return out if isinstance(x, list) else type(x)(out[0])
 
 
+def all_reduce_max(x):
+    """The maximum over ranks of a tensor (a new tensor); without a process group x itself."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    td.all_reduce(x, op=td.ReduceOp.MAX)
+    return x
+
+
+def all_reduce_dict(stats):
+    """
+    {name: number or scalar tensor} summed over ranks in one all-reduce (float64 tensors come back);
+    without a process group the dict itself, untouched.
+    """
+    if not is_distributed():
+        return stats
+    device = next((v.device for v in stats.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in stats.values()])
+    t = all_reduce_sum(t.to(_comm_device(device))).to(device)
+    return dict(zip(stats, t.unbind()))
+
+
+def gather_rows(x):
+    """
+    The rows of every rank, in rank order: (n, ...) on each of W ranks -> (W * n, ...) on every rank (all the
+    same shape). With mine() this rebuilds a batch that the ranks computed in slices; one process: x itself.
+    """
+    if not is_distributed():
+        return x
+    dev = _comm_device(x.device)
+    parts = [torch.empty_like(x, device=dev) for _ in range(world_size())]
+    td.all_gather(parts, x.contiguous().to(dev))
+    return torch.cat(parts).to(x.device)
+
+
 def _comm_device(device):
     """nccl all-reduces CUDA tensors only; gloo takes CPU tensors."""
     return torch.device(device) if td.get_backend() == "nccl" else torch.device("cpu")
@@ -165,16 +198,16 @@ def unwrap(train_model):
     return getattr(train_model, "module", train_model)
 
 
-def sync_grads(train_model, last):
+def sync_grads(train_model, on):
     """
-    Context for one micro-batch's backward: the gradient all-reduce (DDP) or reduce-scatter (FSDP2) runs only on
-    the last micro-batch of a step; the others accumulate locally. A no-op context in one process.
+    Call before each micro-batch's forward: on=True (the last micro-batch of a step) makes its backward sum the
+    gradients over the ranks (DDP's all-reduce, FSDP2's reduce-scatter); on=False lets them accumulate locally,
+    as DDP's no_sync() context does. Nothing in one process.
     """
-    if hasattr(train_model, "no_sync"):  # DDP
-        return nullcontext() if last else train_model.no_sync()
-    if hasattr(train_model, "set_requires_gradient_sync"):  # FSDP2
-        train_model.set_requires_gradient_sync(last)
-    return nullcontext()
+    if hasattr(train_model, "require_backward_grad_sync"):  # DDP: the flag that no_sync() sets and its forward reads
+        train_model.require_backward_grad_sync = on
+    elif hasattr(train_model, "set_requires_gradient_sync"):  # FSDP2
+        train_model.set_requires_gradient_sync(on)
 
 
 def is_fsdp(model):
