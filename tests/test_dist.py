@@ -26,7 +26,13 @@ SFT = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"
 RM = ["--batch_size", "4", "--grad_accum", "2", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "2", "--max_steps", "4",
       "--val_frac", "0.2", "--eval_interval", "2", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "2",
       "--norm_samples", "40", "--device", "cpu", "--dtype", "float32"]
-COMPARED = ("loss", "grad_norm", "val_loss", "acc", "val_acc", "lr", "pad_frac", "epoch", "reward_mean", "reward_std")
+PPO = ["--num_iterations", "3", "--batch_size", "8", "--num_minibatches", "2", "--grad_accum", "2", "--ppo_epochs", "2",
+       "--response_length", "12", "--adaptive_kl", "--target_kl", "0.01", "--kl_horizon", "100", "--ptx_coef", "0.5",
+       "--save_interval", "1", "--device", "cpu", "--dtype", "float32"]
+COMPARED = ("loss", "grad_norm", "val_loss", "acc", "val_acc", "lr", "pad_frac", "epoch", "reward_mean", "reward_std",
+            # PPO: the rollout (sampled responses, scores, KL), the adaptive beta, and the update's losses and norms
+            "score", "rm_score", "kl", "kl_k3", "entropy", "response_length", "eos_frac", "explained_variance", "beta",
+            "pg_loss", "vf_loss", "ptx_loss", "approx_kl", "ratio", "critic_grad_norm", "first_ratio_max_dev")
 
 
 def torchrun(name, *args, nproc=2):
@@ -38,20 +44,21 @@ def torchrun(name, *args, nproc=2):
     return p
 
 
-def assert_same_run(got_dir, want_dir):
+def assert_same_run(got_dir, want_dir, files=("ckpt.pt",)):
     """Every logged number (but timings) within TOL of the 1-process run, and the saved weights within TOL."""
     got, want = read_metrics(got_dir), read_metrics(want_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert len(got) == len(want) and [r.get("step", r.get("iter")) for r in got] == [r.get("step", r.get("iter")) for r in want]
     for g, w in zip(got, want):
         for k in COMPARED:
             assert (k in g) == (k in w), (k, g, w)
             if k in w:
-                assert g[k] == pytest.approx(w[k], rel=TOL, abs=TOL), (k, g["step"], g[k], w[k])
-    a = torch.load(os.path.join(got_dir, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(want_dir, "ckpt.pt"), weights_only=True)
-    assert a["step"] == b["step"] and sorted(a["model"]) == sorted(b["model"])
-    for k in b["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=TOL), (k, (a["model"][k] - b["model"][k]).abs().max())
+                assert g[k] == pytest.approx(w[k], rel=TOL, abs=TOL), (k, g, w)
+    for name in files:
+        a = torch.load(os.path.join(got_dir, name), weights_only=True)
+        b = torch.load(os.path.join(want_dir, name), weights_only=True)
+        assert a["step"] == b["step"] and sorted(a["model"]) == sorted(b["model"])
+        for k in b["model"]:
+            assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=TOL), (name, k)
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +97,33 @@ def test_sft_fsdp_equals_one_process_and_loads_in_one_process(data, sft_one, tmp
     assert model.config.n_layer == 2 and tok.name == "byte"
 
 
-def test_rm_two_ranks_equal_one_process_and_resume(data, sft_one, tmp_path):
-    one, two = tmp_path / "rm_one", tmp_path / "rm_two"
-    common = ["--data", str(data / "prefs.jsonl"), "--sft_data", str(data / "sft.jsonl"), "--init_from", str(sft_one),
-              *RM]
-    script("train_rm.py", *common, "--out_dir", str(one))
+def rm_flags(data, sft_one):
+    return ["--data", str(data / "prefs.jsonl"), "--sft_data", str(data / "sft.jsonl"), "--init_from", str(sft_one), *RM]
+
+
+@pytest.fixture(scope="module")
+def rm_one(data, sft_one, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm_one")
+    script("train_rm.py", *rm_flags(data, sft_one), "--out_dir", str(out))
+    return out
+
+
+def test_rm_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_path):
+    one, two, common = rm_one, tmp_path / "rm_two", rm_flags(data, sft_one)
     torchrun("train_rm.py", *common, "--out_dir", str(two), "--stop_at", "2")
     torchrun("train_rm.py", *common, "--out_dir", str(two), "--resume")
     assert_same_run(two, one)  # includes the final bias shift and the reward mean and std
 
 
-def test_grad_accum_must_divide_over_ranks(data, tmp_path):
+@pytest.mark.parametrize("stage", ["train_sft.py", "train_ppo.py"])
+def test_grad_accum_must_divide_over_ranks(data, tmp_path, stage):
     """--grad_accum 3 on 2 ranks: one line, exit 2, nothing written, before any process group is started."""
     out = tmp_path / "out"
     env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}  # what torchrun sets; no rendezvous is reached
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), "--data", str(data / "sft.jsonl"),
-                        "--out_dir", str(out), *SFT, "--grad_accum", "3"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    flags = {"train_sft.py": ["--data", str(data / "sft.jsonl"), *SFT],
+             "train_ppo.py": ["--data", str(data / "prompts.jsonl"), *PPO, "--ptx_coef", "0", "--batch_size", "12"]}[stage]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, stage), *flags, "--out_dir", str(out), "--grad_accum", "3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "--grad_accum 3" in p.stderr and "world size 2" in p.stderr and not out.exists()
 
@@ -133,3 +150,20 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
     assert dist.mine(list(range(8))) == [4, 5] and dist.check_grad_accum(8) == 2 and not dist.is_main()
     with pytest.raises(utils.UserError, match="divisible by the world size 4"):
         dist.check_grad_accum(6)
+
+
+def test_ppo_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_path):
+    """
+    PPO with 2 ranks (each scores 4 of the 8 episodes and runs 1 of the 2 micro-batches of each minibatch, PPO-ptx
+    and the adaptive KL controller on) equals one process: the same sampled responses, rewards, whitened advantages,
+    beta, losses and gradient norms, and the same actor and critic; stopped after iteration 2 and resumed.
+    """
+    one, two = tmp_path / "ppo_one", tmp_path / "ppo_two"
+    common = ["--data", str(data / "prompts.jsonl"), "--sft", str(sft_one), "--rm", str(rm_one),
+              "--ptx_data", str(data / "sft.jsonl"), *PPO]
+    script("train_ppo.py", *common, "--out_dir", str(one))
+    torchrun("train_ppo.py", *common, "--out_dir", str(two), "--stop_at", "2")
+    torchrun("train_ppo.py", *common, "--out_dir", str(two), "--resume")
+    rows = read_metrics(one)
+    assert len({r["beta"] for r in rows}) == 3  # the controller moved beta: its input is compared too
+    assert_same_run(two, one, files=("ckpt.pt", "critic.pt"))
