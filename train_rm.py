@@ -369,7 +369,7 @@ def main():
         norm_on = f"{len(seqs)} held-out responses"
     scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     with torch.no_grad():
-        dist.local(model.head.bias).sub_(scores.mean().item())  # every rank shifts its part (all of it, unsharded)
+        dist.writable(model, "head.bias").sub_(scores.mean().item())  # under FSDP2 every rank shifts its shard
     scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     reward_mean, reward_std = scores.mean().item(), scores.std().item()
     summary = {"step": step, "final": True, **val_metrics, "reward_mean": reward_mean, "reward_std": reward_std,

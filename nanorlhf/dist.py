@@ -23,6 +23,7 @@ and FSDP average by default, which would divide it by the world size once more.
 
 import builtins
 import os
+
 import torch
 import torch.distributed as td
 
@@ -105,7 +106,7 @@ def mine(items):
     return items[rank() * n:(rank() + 1) * n]
 
 
-def all_reduce_sum(x, device="cpu"):
+def all_reduce_sum(x):
     """
     The sum over ranks of x: a tensor (returned as a new tensor on its device), a number (an int stays an int), or
     a list of numbers (one all-reduce for the whole list, in float64; returned as floats). Without a process
@@ -117,7 +118,7 @@ def all_reduce_sum(x, device="cpu"):
         x = x.clone()
         td.all_reduce(x)
         return x
-    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=_comm_device(device))
+    t = torch.tensor(x if isinstance(x, list) else [x], dtype=torch.float64, device=_comm_device())
     td.all_reduce(t)
     out = t.tolist()
     return out if isinstance(x, list) else type(x)(out[0])
@@ -139,10 +140,8 @@ def all_reduce_dict(stats):
     """
     if not is_distributed():
         return stats
-    device = next((v.device for v in stats.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in stats.values()])
-    t = all_reduce_sum(t.to(_comm_device(device))).to(device)
-    return dict(zip(stats, t.unbind()))
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(_comm_device()).reshape(()) for v in stats.values()])
+    return dict(zip(stats, all_reduce_sum(t).unbind()))
 
 
 def gather_rows(x):
@@ -152,15 +151,15 @@ def gather_rows(x):
     """
     if not is_distributed():
         return x
-    dev = _comm_device(x.device)
+    dev = _comm_device()
     parts = [torch.empty_like(x, device=dev) for _ in range(world_size())]
     td.all_gather(parts, x.contiguous().to(dev))
     return torch.cat(parts).to(x.device)
 
 
-def _comm_device(device):
-    """nccl all-reduces CUDA tensors only; gloo takes CPU tensors."""
-    return torch.device(device) if td.get_backend() == "nccl" else torch.device("cpu")
+def _comm_device():
+    """Where a collective's tensors must be: nccl takes this rank's GPU only, gloo the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sum_hook(state, bucket):
@@ -214,12 +213,17 @@ def is_fsdp(model):
     return hasattr(model, "set_requires_gradient_sync")
 
 
-def local(param):
+def writable(model, name):
     """
-    The part of a parameter this rank holds: its local shard under FSDP2 (a DTensor), else the tensor itself.
-    An elementwise in-place update of every rank's local part updates the whole parameter.
+    The tensor to change in place for parameter `name` of model: the parameter itself, or under FSDP2 this rank's
+    shard of it. FSDP2 first reshards, because after a forward pass the module may still hold the gathered copy,
+    and a change to that copy never reaches the shards that the optimizer and the checkpoint read. An elementwise
+    change of every rank's shard changes the whole parameter.
     """
-    return param.to_local() if hasattr(param, "to_local") else param
+    if not is_fsdp(model):
+        return model.get_parameter(name)
+    model.reshard()
+    return model.get_parameter(name).to_local()
 
 
 def full_state_dict(model):

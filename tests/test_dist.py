@@ -108,11 +108,17 @@ def rm_one(data, sft_one, tmp_path_factory):
     return out
 
 
-def test_rm_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_path):
+def test_rm_fsdp_equals_one_process_and_resumes(data, sft_one, rm_one, tmp_path):
+    """
+    The reward model with --fsdp on 2 ranks, stopped at step 2 and resumed (the sharded AdamW state goes through
+    train_state.pt): the same run as one process, the final bias shift of the sharded head and the reward mean and
+    std included. (The DDP path is the one SFT's and PPO's tests run.)
+    """
     one, two, common = rm_one, tmp_path / "rm_two", rm_flags(data, sft_one)
-    torchrun("train_rm.py", *common, "--out_dir", str(two), "--stop_at", "2")
-    torchrun("train_rm.py", *common, "--out_dir", str(two), "--resume")
-    assert_same_run(two, one)  # includes the final bias shift and the reward mean and std
+    torchrun("train_rm.py", *common, "--out_dir", str(two), "--stop_at", "2", "--fsdp")
+    torchrun("train_rm.py", *common, "--out_dir", str(two), "--resume", "--fsdp")
+    assert_same_run(two, one)
+    assert abs(read_metrics(two)[-1]["reward_mean"]) < 1e-5
 
 
 @pytest.mark.parametrize("stage", ["train_sft.py", "train_ppo.py"])
