@@ -661,6 +661,9 @@ def main(argv=None):
         actor.eval()
         with rt.autocast():  # sampling only: the logprobs PPO trains on are recomputed in make_experience
             response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+        # the ranks sample the same tokens from the same random stream; rank 0's copy makes sure they agree exactly
+        # (a GPU kernel that is not bitwise reproducible could otherwise make them drift apart)
+        response = dist.from_main(response)
         exp = make_experience(fwd_actor, ref, reward_model, fwd_critic, batch["idx"], batch["attention_mask"],
                               response, tok, args, kl_ctl.value, rt)
         t_rollout = time.time() - t0

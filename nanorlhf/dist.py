@@ -157,6 +157,22 @@ def gather_rows(x):
     return torch.cat(parts).to(x.device)
 
 
+def from_main(x):
+    """
+    Rank 0's tensor on every rank (the same dtype and number of dimensions on every rank; the sizes may differ, as a
+    sampled response's length may if the ranks' samplers ever drift apart). One process: x itself.
+    """
+    if not is_distributed():
+        return x
+    shape = torch.tensor(x.shape, device=_comm_device())
+    td.broadcast(shape, src=0)
+    out = torch.empty(shape.tolist(), dtype=x.dtype, device=_comm_device())
+    if is_main():
+        out.copy_(x)
+    td.broadcast(out, src=0)
+    return out.to(x.device)
+
+
 def _comm_device():
     """Where a collective's tensors must be: nccl takes this rank's GPU only, gloo the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
