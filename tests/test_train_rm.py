@@ -27,7 +27,8 @@ SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size",
             "--device", "cpu"]
 RM_TINY = ["--batch_size", "16", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
            "--val_frac", "0.2", "--eval_interval", "75", "--log_interval", "25", "--ckpt_interval", "75",
-           "--norm_samples", "200", "--device", "cpu"]
+           "--norm_samples", "200", "--device", "cpu",
+           "--dtype", "float32"]  # the bias test below checks the shift in float32, so train in float32 too
 
 
 @pytest.fixture(scope="module")
