@@ -105,6 +105,20 @@ def compute_rewards(logprobs, ref_logprobs, scores, mask, beta, estimator="k1"):
     return rewards, kl
 
 
+def sequence_kls(logprobs, ref_logprobs, mask):
+    """
+    The rollout's KL to the reference per response, averaged over the batch, by both estimators:
+    {"kl": mean_b sum_t k1_bt, "kl_k3": mean_b sum_t k3_bt} over the real tokens (see kl_penalty).
+    "kl" is what the adaptive controller follows, whichever estimator the reward uses (module docstring).
+    """
+    out = {}
+    for name, est in (("kl", "k1"), ("kl_k3", "k3")):
+        # KL(pi || pi_ref)(x) ~ sum_t kl_t over the response's real tokens, then the mean over the batch
+        per_token = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, est), torch.zeros_like(logprobs))
+        out[name] = per_token.sum(-1).mean().item()  # (B, N) -> (B,) -> mean
+    return out
+
+
 # -----------------------------------------------------------------------------
 # advantages
 
@@ -330,8 +344,8 @@ class Args:
                                      "--num_iterations (continue with --resume)")
 
 
-# flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
 CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in out_dir
+# flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
 RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
                "save_interval")
 
@@ -420,19 +434,6 @@ def ptx_batches(examples, batch_size, pad_id, generator, max_len):
         yield D.collate([examples[i][0] for i in idx], pad_id, masks=[examples[i][1] for i in idx], max_len=max_len)
 
 
-def sequence_kls(logprobs, ref_logprobs, mask):
-    """
-    The rollout's KL to the reference per response, averaged over the batch, by both estimators:
-    {"kl": mean_b sum_t k1_bt, "kl_k3": mean_b sum_t k3_bt} over the real tokens (see kl_penalty).
-    "kl" is what the adaptive controller follows, whichever estimator the reward uses (module docstring).
-    """
-    out = {}
-    for name, est in (("kl", "k1"), ("kl_k3", "k3")):
-        per_token = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, est), torch.zeros_like(logprobs))
-        out[name] = per_token.sum(-1).mean().item()  # (B, N) -> (B,) -> mean
-    return out
-
-
 def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, where=""):
     """
     --ppo_epochs passes of shuffled minibatches over one rollout; one optimizer step per minibatch for each model.
@@ -463,6 +464,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 # the whole batch's target count (as in train_sft.py): --grad_accum changes memory, not the gradient
                 pb = D.to_device(next(ptx), rt.device)  # (mb_size, T') each
                 ptx_targets = pb["response_mask"][:, 1:].sum()
+                assert pb["idx"].size(0) % args.grad_accum == 0, "a PPO-ptx batch must split into --grad_accum parts"
                 ptx_micro = pb["idx"].size(0) // args.grad_accum
             # under torchrun each rank runs its share of the minibatch's micro-batches (j counts them all)
             mine = dist.mine(list(enumerate(range(0, mb_size, micro_size))))

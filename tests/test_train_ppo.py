@@ -54,6 +54,15 @@ def prompt_batch(tok, n=8):
     return D.collate([tok.render_prompt(p) for p in (PROMPTS * 4)[:n]], tok.pad_id, left_pad=True)
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rt():
     return utils.setup_runtime("cpu", "float32", seed=0)
 
@@ -235,7 +244,7 @@ def sgd_update_deltas(args, ptx_examples=None, block_size=64):
     return {k: (after[k] - before[k]).detach() for k in before}, stats
 
 
-def test_max_grad_norm_zero_means_no_clipping():
+def test_max_grad_norm_zero_means_no_clipping(one_thread):
     """--max_grad_norm 0 must not clip (as --grad_clip 0 in SFT and RM), not multiply every gradient by 0."""
     args = Args(batch_size=8, num_minibatches=1, ppo_epochs=1, response_length=10, ent_coef=0.01)
     unclipped, stats = sgd_update_deltas(dataclasses.replace(args, max_grad_norm=0.0))
@@ -252,7 +261,7 @@ def test_max_grad_norm_zero_means_no_clipping():
 
 
 @pytest.mark.parametrize("ptx", [False, True])
-def test_grad_accum_gives_the_same_gradient(ptx):
+def test_grad_accum_gives_the_same_gradient(ptx, one_thread):
     """
     --grad_accum splits each minibatch into micro-batches of different response lengths (and splits its PPO-ptx
     batch likewise): the summed gradient must be the minibatch's, so the SGD step is the same for 1, 2 and 4.
@@ -317,7 +326,7 @@ def test_returns_use_the_unwhitened_advantages():
     assert np.abs(raw - whitened).max() > 0.1
 
 
-def test_vf_coef_barely_changes_a_separate_critic_update():
+def test_vf_coef_barely_changes_a_separate_critic_update(one_thread):
     """
     The claim in --vf_coef's help: with the separate critic and its own AdamW, the critic's step does not depend on
     the scale of its loss (up to Adam's eps), so vf_coef 0.1 and 1 move it alike when nothing is clipped
@@ -467,7 +476,7 @@ def test_resume_auto_starts_fresh_then_continues(tiny_pipeline):
     assert p.returncode == 2 and "--resume 'maybe'" in p.stderr
 
 
-def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, monkeypatch, capsys):
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, monkeypatch, capsys, one_thread):
     """
     A NaN policy loss in iteration 2 stops the run with one line naming the iteration, epoch and minibatch, exit
     status 2, before any optimizer step of that minibatch: the checkpoint of iteration 1 stays, finite.

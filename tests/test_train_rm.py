@@ -27,7 +27,8 @@ SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size",
             "--device", "cpu"]
 RM_TINY = ["--batch_size", "16", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
            "--val_frac", "0.2", "--eval_interval", "75", "--log_interval", "25", "--ckpt_interval", "75",
-           "--norm_samples", "200", "--device", "cpu"]
+           "--norm_samples", "200", "--device", "cpu",
+           "--dtype", "float32"]  # the bias test below checks the shift in float32, so train in float32 too
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,16 @@ def test_drop_ties_keeps_the_better_ranked_copy():
     assert out == [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}] and n == 2
 
 
-def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(sft, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(sft, tmp_path, monkeypatch, capsys, one_thread):
     """A NaN ranking loss at step 3: one line naming step 3, exit status 2, the checkpoint of step 2 kept."""
     real, calls = train_rm.kwise_ranking_loss, [0]
 

@@ -134,7 +134,16 @@ def test_clip_grad_norm_zero_does_not_clip():
     assert p.returncode == 2 and "--grad_clip must be >= 0 (0: no clipping)" in p.stderr, p.stderr
 
 
-def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch, capsys, one_thread):
     """
     A NaN loss at step 4 stops the run with one line naming step 4, exit status 2, before the optimizer step:
     the checkpoint of step 3 (and its train_state.pt) stays, with finite weights.
@@ -152,7 +161,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path,
     monkeypatch.setattr(sft_stage, "sft_loss", nan_at_step_4)
     out = tmp_path / "sft"
     monkeypatch.setattr(sys, "argv", ["train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY,
-                                      "--ckpt_interval", "1", "--max_steps", "10"])
+                                      "--ckpt_interval", "1", "--max_steps", "10", "--eval_batches", "1"])
     with pytest.raises(SystemExit) as e:
         utils.run(sft_stage.main)
     err = capsys.readouterr().err
