@@ -277,7 +277,7 @@ def main():
     train_model = dist.wrap(maybe_compile(model, args.compile), args.fsdp)
     eval_model = dist.unwrap(train_model)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
-    peak, _ = peak_flops(rt)
+    peak = peak_flops(rt)[0] * dist.world_size()  # MFU over all the ranks' devices
     step = restore_run(state, optimizer, sampler, model) if state is not None else 0
     stop = args.stop_at or args.max_steps
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x {model.config.n_embd}; "
