@@ -40,7 +40,8 @@ import train_ppo
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.train_common import optimizer_step, peak_flops
-from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
+from nanorlhf.utils import (check, configure_optimizer, cpu_has_fast_bf16, flag, maybe_compile, parse_flags, run,
+                            setup_runtime)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Config:
     rounds: int = flag(3, "alternating rounds of ours and Hugging Face's in the hf part")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it) | float32 | bfloat16")
+    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it, else float32) | float32 | bfloat16")
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")
@@ -292,7 +293,7 @@ def main(argv=None):
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
     check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
-        f"cpu, {torch.get_num_threads()} threads")
+        f"cpu, {torch.get_num_threads()} threads, {'native' if cpu_has_fast_bf16() else 'no native'} bf16")
     res = {"config": asdict(cfg), "device": device_name, "dtype": rt.dtype, "torch": torch.__version__,
            "params": meta_gpt(model_cfg).num_params()}
     mem = {}
