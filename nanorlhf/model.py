@@ -13,6 +13,8 @@ Deliberate deviations from GPT-2 / nanoGPT:
 - Attention always goes through F.scaled_dot_product_attention; with padding it gets a boolean mask in which
   every query may at least attend to itself, so a pad query of a left-padded row never makes a NaN.
 - GPTConfig has no layer_norm_epsilon: it is GPT-2's 1e-5 (from_pretrained refuses anything else).
+- Under autocast the output heads still multiply in float32 (float32_head: logprobs and PPO's ratio need it), and
+  on a CPU so do the attention and the KV cache (torch's bf16 attention kernels are the slower ones there).
 """
 
 import json

@@ -115,7 +115,7 @@ def test_autocast_is_real_on_cpu():
 
 def test_cpu_bf16_probe_and_auto_dtype(monkeypatch):
     # native bf16 = AVX512-BF16 or AMX as torch reports them; a torch without the probes means no, not a crash.
-    # --dtype auto stays float32 on any CPU (bf16 did not pay for the built-in model there), and an explicit
+    # --dtype auto stays float32 on any CPU (bf16 quality not shown to hold for the built-in pipeline), an explicit
     # dtype is never overridden
     for amx, avx512_bf16, native in ((False, False, False), (False, True, True), (True, False, True)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
