@@ -578,7 +578,7 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
           + " + ".join(f"{s} {fmt(t, 0) if t is not None else '?'}" for s, t in stage_times.items()) + " s "
           "(each stage's loop, from its metrics.jsonl, plus this evaluation)."]
     if plt is None:
-        md += ["", f"Pictures skipped: matplotlib is not installed ({PLOTS_HINT}); every number is here as text."]
+        md += ["", f"Pictures skipped: matplotlib is not installed ({PLOTS_HINT}); the text gives their numbers in brief."]
     md += ["", "## SFT vs PPO", "",
            results_table(summaries), "",
            "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
