@@ -52,3 +52,11 @@ $(OUT)/report.md: $(OUT)/ppo/ckpt.pt evaluate.py
 
 clean:
 	rm -rf $(OUT)
+
+# Beyond PPO (after `make`): GRPO, Dr. GRPO, RLOO and DPO from $(OUT)/sft and $(OUT)/rm with PPO's budget,
+# judged with PPO and SFT on the held-out prompts: $(OUT)/compare/report.md
+.PHONY: compare
+compare: $(OUT)/compare/report.md
+
+$(OUT)/compare/report.md: $(OUT)/ppo/ckpt.pt train_grpo.py train_dpo.py compare.py evaluate.py
+	$(PY) compare.py --out $(OUT)
