@@ -50,6 +50,7 @@ class Config:
     grpo_flags: str = flag("", "more train_grpo.py flags for the three online methods, e.g. --grpo_flags=\"--lr 1e-4\"")
     dpo_flags: str = flag("", "more train_dpo.py flags")
     eval_flags: str = flag("", "more evaluate.py flags")
+    train: bool = flag(True, "train each method (--train false: evaluate the runs already in --out/compare)")
     summarize: str = flag("", "instead of training: the table over several pipelines' compare results, e.g. out,out_s1")
 
 
@@ -181,7 +182,7 @@ def main():
 
     root = os.path.join(d, "compare")
     os.makedirs(root, exist_ok=True)
-    for m in methods:
+    for m in methods if cfg.train else []:
         out_dir = os.path.join(root, m)
         if m in ONLINE:
             cmd = [sys.executable, "train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
