@@ -38,6 +38,8 @@ Writes, atomically:
     out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
                            "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s"}
                           (null where a number does not apply: no --ppo, no --rm, not the built-in task)
+    out_dir/policies.json {name: {"gold", "gold_sem", "rm", "kl", "win_rate_vs_sft", "length", "eos", "n", "wall_s"}}
+                          for every policy (sft, ppo, each --extra), wall_s = its stage's seconds (stage_seconds)
 wall_s is the pipeline's wall time: the seconds that the SFT, RM and PPO stages spent in their loops (from their
 metrics.jsonl, see stage_seconds) plus this evaluation's own; data generation (seconds) and start-up are not counted.
 
@@ -728,6 +730,11 @@ def main(argv=None):
     pipeline_seed = int(sft_ckpt.get("args", {}).get("seed", cfg.seed))
     report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1))
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+
+    # policies.json: every evaluated policy's summary and its training wall time (compare.py reads it)
+    policies = {name: {**summaries[name], "wall_s": stage_seconds(path)}
+                for name, path in paths.items()}
+    write_text(os.path.join(cfg.out_dir, "policies.json"), json.dumps(policies, indent=2) + "\n")
 
     # report.md (and the pictures beside it)
     plt = pyplot()
