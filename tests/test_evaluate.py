@@ -171,6 +171,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert "| init |" in md
     assert "Held-out loss 5.500 at step 0 -> 1.200 at step 10; training loss 1.000" in md
     assert "calibration error over 5 bins of the held-out pairs" in md and "0.040" in md
+    assert "0.55 -> 0.52 (40), 0.65 -> 0.70 (30), 0.75 -> 0.71 (20), 0.86 -> 0.90 (9), 0.95 -> 1.00 (1)." in md
     # the pictures: all four beside report.md and linked, or none and one line saying so
     pictures = ("gold_vs_kl.png", "sft_loss.png", "rm.png", "curves.png")
     if evaluate.pyplot() is None:
