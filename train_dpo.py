@@ -16,6 +16,8 @@ Run (after train_sft.py; `make compare` runs it with the other algorithms):
     python train_dpo.py --data out/data/prefs.jsonl --val_data out/data/prefs_eval.jsonl --sft out/sft --out_dir out/dpo
 Continue an interrupted run (its saved flags are reused):
     python train_dpo.py --out_dir out/dpo --resume
+On 2 GPUs (README "Many GPUs"; --grad_accum counts the micro-batches of all ranks):
+    torchrun --standalone --nproc_per_node 2 train_dpo.py --data out/data/prefs.jsonl --sft out/sft --out_dir out/dpo --grad_accum 2
 
 Writes to --out_dir: ckpt.pt (the policy, stage "dpo", loadable by evaluate.py like the PPO actor),
 train_state.pt, metrics.jsonl (train and held-out loss, implicit-reward accuracy and margin, and the gold score of
@@ -42,9 +44,10 @@ from nanorlhf import tasks
 from nanorlhf.data import LengthGroupedSampler, collate, encode_prefs, encode_prompts, read_prefs, to_device
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
+from nanorlhf import dist
 from nanorlhf.train_common import (check_loop_flags, endless, load_run, optimizer_step, read_split, restore_run,
                                    resumed_flags, save_run)
-from nanorlhf.utils import (CKPT, MetricsLogger, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
+from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, parse_flags, run, setup_runtime)
 
 # =============================================================================
@@ -111,7 +114,8 @@ class Config:
     beta: float = flag(0.1, "beta: the KL strength; the implicit reward is beta * log(pi / pi_ref)")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses and C(K, 2) pairs)")
-    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
+                              "grad_accum / WORLD_SIZE of them)")
     lr: float = flag(1e-4, "peak learning rate")
     min_lr: float = flag(1e-5, "learning rate at the end of the cosine decay")
     warmup: int = flag(10, "linear warmup steps")
@@ -233,7 +237,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
-    rt = setup_runtime(args.device, args.dtype, args.seed, training=True)
+    rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)
     train_records, val_records = read_split(read_prefs, args.data, args.val_data, args.val_frac, args.seed)
@@ -261,7 +265,7 @@ def main():
     model, _, _ = load_model(args.out_dir if state else args.sft, rt.device, kind="gpt")
     disable_dropout(model)
     model.grad_checkpointing = args.grad_checkpointing
-    train_model = maybe_compile(model, args.compile)
+    train_model = dist.wrap(maybe_compile(model, args.compile))  # DDP under torchrun
     sampler = LengthGroupedSampler(train_lengths, args.batch_size, seed=args.seed)
     val_batches = [make_batch([val[i] for i in b], [ref_val[i] for i in b], tok.pad_id, max_len) for b in val_order]
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
@@ -269,6 +273,7 @@ def main():
     stop = args.stop_at or args.max_steps
     if step >= stop:
         print(f"nothing to do: the run in {args.out_dir} is at step {step}")
+        dist.cleanup()
         return
 
     # the gold score of sampled responses to held-out prompts (the built-in task only; never trained on)
@@ -278,7 +283,7 @@ def main():
     gold_ids = encode_prompts(gold_prompts, tok, max_len - args.response_length)[0] if use_gold else None
 
     def eval_row():
-        row = evaluate(train_model, val_batches, args.beta, rt)
+        row = evaluate(dist.unwrap(train_model), val_batches, args.beta, rt)
         if use_gold:
             row["gold"] = sampled_gold(model, gold_prompts, gold_ids, tok, args, rt)
         return row
@@ -287,7 +292,7 @@ def main():
         gold = f" gold {m['gold']:.3f}" if "gold" in m else ""
         return f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} margin {m['val_margin']:.3f}{gold}"
 
-    logger = MetricsLogger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
     print(f"DPO: policy {model.num_params() / 1e6:.2f}M params, beta {args.beta}, {args.max_steps} steps x "
           f"{args.batch_size * args.grad_accum} prompts, models in memory while training: 1, {rt.device} {rt.dtype}")
     timer = Timer(stop, step)
@@ -300,14 +305,15 @@ def main():
     sums, n_steps = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}, 0
     while step < stop:
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
-        micro = []
-        for _ in range(args.grad_accum):
-            b = next(stream)
-            micro.append(make_batch([train[i] for i in b], [ref_train[i] for i in b], tok.pad_id, max_len))
-        step_pairs = sum(len(m["winner"]) for m in micro)
-        for batch in micro:
+        # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
+        step_batches = [next(stream) for _ in range(args.grad_accum)]
+        micro = [make_batch([train[i] for i in b], [ref_train[i] for i in b], tok.pad_id, max_len)
+                 for b in dist.mine(step_batches)]
+        step_pairs = dist.all_reduce_sum(sum(len(m["winner"]) for m in micro))  # over all ranks' micro-batches
+        for j, batch in enumerate(micro):
             # L = mean over the step's pairs: a micro-batch weighs by its share of them
             share = len(batch["winner"]) / step_pairs
+            dist.sync_grads(train_model, j == len(micro) - 1)  # the ranks sum their gradients once per step
             loss, stats = batch_loss(train_model, to_device(batch, rt.device), args.beta, rt)
             (loss * share).backward()
             sums["loss"] += loss.item() * share
@@ -321,6 +327,7 @@ def main():
         evaluated = step % args.eval_interval == 0 or step == stop
         val_metrics = eval_row() if evaluated else None
         if step % args.log_interval == 0 or evaluated:
+            sums = dict(zip(sums, dist.all_reduce_sum(list(sums.values()))))  # the sum of the ranks' shares
             row = {"step": step, **{k: v / n_steps for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
                    "time": time.time() - t_start, **(val_metrics or {})}
             logger.log(row)
@@ -330,7 +337,8 @@ def main():
             sums, n_steps = {k: 0.0 for k in sums}, 0
         if step % args.ckpt_interval == 0 or step == stop:
             save_run(args.out_dir, model_payload(model, tok, "dpo", args, step, models_resident=1), optimizer,
-                     sampler, step)
+                     sampler, step, model)
+    dist.cleanup()
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")
         return

@@ -29,10 +29,15 @@ RM = ["--batch_size", "4", "--grad_accum", "2", "--lr", "5e-3", "--min_lr", "5e-
 PPO = ["--num_iterations", "3", "--batch_size", "8", "--num_minibatches", "2", "--grad_accum", "2", "--ppo_epochs", "2",
        "--response_length", "12", "--adaptive_kl", "--target_kl", "0.01", "--kl_horizon", "100", "--ptx_coef", "0.5",
        "--save_interval", "1", "--device", "cpu", "--dtype", "float32"]
+DPO = ["--batch_size", "4", "--grad_accum", "2", "--lr", "1e-3", "--warmup", "2", "--max_steps", "4", "--val_frac", "0.2",
+       "--eval_interval", "2", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "2", "--gold_prompts", "4",
+       "--response_length", "8", "--device", "cpu", "--dtype", "float32"]
 COMPARED = ("loss", "grad_norm", "val_loss", "acc", "val_acc", "lr", "pad_frac", "epoch", "reward_mean", "reward_std",
             # PPO: the rollout (sampled responses, scores, KL), the adaptive beta, and the update's losses and norms
             "score", "rm_score", "kl", "kl_k3", "entropy", "response_length", "eos_frac", "explained_variance", "beta",
-            "pg_loss", "vf_loss", "ptx_loss", "approx_kl", "ratio", "critic_grad_norm", "first_ratio_max_dev")
+            "pg_loss", "vf_loss", "ptx_loss", "approx_kl", "ratio", "critic_grad_norm", "first_ratio_max_dev",
+            # DPO: the implicit rewards, the held-out metrics and the gold score of sampled responses
+            "margin", "chosen_reward", "rejected_reward", "val_margin", "gold")
 
 
 def torchrun(name, *args, nproc=2):
@@ -173,3 +178,13 @@ def test_ppo_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_p
     rows = read_metrics(one)
     assert len({r["beta"] for r in rows}) == 3  # the controller moved beta: its input is compared too
     assert_same_run(two, one, files=("ckpt.pt", "critic.pt"))
+
+
+def test_dpo_two_ranks_equal_one_process_and_resume(data, sft_one, tmp_path):
+    """DPO (each rank 1 of the 2 micro-batches of a step): the same run as one process, resumed at step 2."""
+    one, two = tmp_path / "dpo_one", tmp_path / "dpo_two"
+    common = ["--data", str(data / "prefs.jsonl"), "--sft", str(sft_one), *DPO]
+    script("train_dpo.py", *common, "--out_dir", str(one))
+    torchrun("train_dpo.py", *common, "--out_dir", str(two), "--stop_at", "2")
+    torchrun("train_dpo.py", "--out_dir", str(two), "--resume")
+    assert_same_run(two, one)
