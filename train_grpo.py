@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import data as D
-from nanorlhf import tasks
+from nanorlhf import dist, tasks
 from nanorlhf import utils
 from nanorlhf.losses import (clipped_surrogate, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean,
                              masked_sum)
@@ -309,6 +309,8 @@ def grpo_update(actor, opt, exp, args, rt, lr):
 def main(argv=None):
     args = utils.parse_flags(Args, argv, description=__doc__)
     check_args(args)
+    check(dist.world_size() == 1, "train_grpo.py does not run under torchrun yet (README \"Many GPUs\"): run it as "
+                                  "one process")
     rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
     G = args.group_size
     n_prompts_per_batch = args.batch_size // G

@@ -188,3 +188,12 @@ def test_dpo_two_ranks_equal_one_process_and_resume(data, sft_one, tmp_path):
     torchrun("train_dpo.py", *common, "--out_dir", str(two), "--stop_at", "2")
     torchrun("train_dpo.py", "--out_dir", str(two), "--resume")
     assert_same_run(two, one)
+
+
+def test_grpo_refuses_torchrun(tmp_path):
+    """train_grpo.py has no distributed path yet: under torchrun's environment it stops, one line, nothing written."""
+    out = tmp_path / "out"
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), "--out_dir", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "torchrun" in p.stderr and not out.exists()
