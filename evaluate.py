@@ -626,7 +626,10 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
            "with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
     md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
            side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
-    return "\n".join(md)
+    text = "\n".join(md)
+    while "\n\n\n" in text:  # sections that are there or not leave double blank lines
+        text = text.replace("\n\n\n", "\n\n")
+    return text
 
 
 def write_text(path, text):

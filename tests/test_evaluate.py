@@ -247,6 +247,7 @@ def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
     report = {"wall_s": 1.0, "device": "cpu", "seed": 0}
     md = evaluate.report_markdown(cfg, 1, summaries, rows, rm_info, None, {"eval": 1.0}, report, plt)
     drawn = sorted(os.listdir(cfg.out_dir))
+    assert "\n\n\n" not in md  # one blank line between blocks, whichever sections are there
     if plt is None:
         assert drawn == [] and "![" not in md and md.count("Pictures skipped") == 1
     else:
