@@ -268,3 +268,28 @@ def fmt_bytes(n):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1024
+
+
+class StaticProbe:
+    """
+    Takes measure_static(role_params, optimizers) once, right after the first optimizer step at which every
+    optimizer holds its state: the gradients are still alive then (zero_grad comes later), so that moment is
+    the peak of the static memory. .result holds the measurement (None before); .extra is a dict for the
+    caller's other measurements (train_ppo.ppo_update puts the saved activations there).
+    """
+
+    def __init__(self, role_params, optimizers):
+        self.role_params = {r: list(ps) for r, ps in role_params.items()}
+        self.optimizers = list(optimizers)
+        self.result, self.extra = None, {}
+        for opt in self.optimizers:
+            opt.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs):
+        if self.result is None and all(len(o.state) for o in self.optimizers):
+            self.result = measure_static(self.role_params, self.optimizers)
+
+
+def static_total(mem):
+    """Weights (both places), gradients and AdamW state of a static_memory or measure_static result, in bytes."""
+    return sum(mem["total"][k] for k in ("weights", "weights_host", "grads", "optim"))

@@ -182,3 +182,19 @@ def adapter_state_dict(model):
 def count_trainable(model):
     """Number of parameters with requires_grad (each tensor once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AdaptersOff(nn.Module):
+    """
+    A model seen with its adapters switched off, as a callable module (PPO's reference under LoRA). It holds no
+    weights of its own: the wrapped model is deliberately not registered as a submodule, so that freezing or
+    moving this module never touches the actor's parameters.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.__dict__["model"] = model
+
+    def forward(self, *args, **kwargs):
+        with adapters_off(self.model):
+            return self.model(*args, **kwargs)
