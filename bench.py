@@ -34,6 +34,7 @@ import torch
 import train_ppo
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.rollout import freeze, generate_responses
 from nanorlhf.train_common import optimizer_step, peak_flops
 from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
 
@@ -153,8 +154,8 @@ def bench_ppo(cfg, model_cfg, rt):
     torch.manual_seed(cfg.seed)
     actor, ref = GPT(model_cfg).to(rt.device), GPT(model_cfg).to(rt.device)
     critic, reward_model = ScalarGPT(model_cfg).to(rt.device), ScalarGPT(model_cfg).to(rt.device)
-    train_ppo.freeze(ref)
-    train_ppo.freeze(reward_model)
+    freeze(ref)
+    freeze(reward_model)
     fwd_actor, fwd_critic = maybe_compile(actor, cfg.compile), maybe_compile(critic, cfg.compile)
     betas = (args.beta1, args.beta2)
     actor_opt = configure_optimizer(actor, args.lr, args.weight_decay, betas, rt.device_type)
@@ -169,7 +170,7 @@ def bench_ppo(cfg, model_cfg, rt):
         t0 = time.perf_counter()
         actor.eval()
         with rt.autocast():  # as train_ppo calls it
-            response = train_ppo.generate_responses(actor, context, context_mask, tok, args)  # (B, N)
+            response = generate_responses(actor, context, context_mask, tok, args)  # (B, N)
         exp = train_ppo.make_experience(fwd_actor, ref, reward_model, fwd_critic, context, context_mask, response,
                                         tok, args, args.kl_coef, rt)
         sync(rt)

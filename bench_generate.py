@@ -8,7 +8,6 @@ A random-weight model, sampling at temperature 1 with no EOS, so every run makes
 Prints tokens/s and ms per step of each, and the speed-up (the median over alternating rounds).
 """
 
-import argparse
 import statistics
 import time
 from contextlib import nullcontext
@@ -16,8 +15,9 @@ from contextlib import nullcontext
 import torch
 
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.utils import FlagParser
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = FlagParser(description=__doc__)
 parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch")
 parser.add_argument("--prompt_len", type=int, default=64, help="tokens per prompt")
 parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per prompt")

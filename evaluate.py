@@ -55,8 +55,8 @@ from nanorlhf import tasks
 from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.rollout import decode_response, truncate_after_eos
 from nanorlhf.utils import check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime
-from train_ppo import decode_response, truncate_after_eos
 
 
 @dataclass

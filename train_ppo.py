@@ -43,14 +43,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from nanorlhf import data as D
 from nanorlhf import footprint, lora, tasks
 from nanorlhf import utils
-from nanorlhf.offload import offload, on_device
-from nanorlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, sft_loss
+from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
 from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
+from nanorlhf.offload import offload, on_device
+from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
+                              next_prompt_indices, truncate_after_eos, write_samples)
 from nanorlhf.utils import check, flag
 
 
@@ -70,28 +71,6 @@ from nanorlhf.utils import check, flag
 
 # -----------------------------------------------------------------------------
 # rewards
-
-
-def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
-    """
-    Per-token estimate of KL(pi || pi_ref) from one sample y_t ~ pi (Schulman, "Approximating KL
-    divergence", 2020). logprobs, ref_logprobs (B, R) -> (B, R).
-
-    k1 = log pi(y_t) - log pi_ref(y_t): unbiased, the seed's log(pi / pi_ref), what InstructGPT and
-         Ziegler et al. put in the reward (the default). Single tokens can be negative.
-    k3 = (r - 1) - log r with r = pi_ref(y_t) / pi(y_t): also unbiased, >= 0 for every token (since
-         log r <= r - 1) and of lower variance, but its penalty grows like r (exponentially in the log
-         ratio) where the reference finds the token far likelier than the policy does.
-    Example: logprobs = log 0.5, ref_logprobs = log 0.25 -> k1 = 0.6931, k3 = (0.5 - 1) + 0.6931 = 0.1931.
-    """
-    if estimator == "k1":
-        # k1 = log pi(y) - log pi_ref(y)
-        return logprobs - ref_logprobs
-    if estimator == "k3":
-        # k3 = (r - 1) - log r,  r = pi_ref(y) / pi(y)
-        log_r = ref_logprobs - logprobs
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r}, expected 'k1' or 'k3'")
 
 
 def compute_rewards(logprobs, ref_logprobs, scores, mask, beta, estimator="k1"):
@@ -346,63 +325,7 @@ class Args:
 
 
 # -----------------------------------------------------------------------------
-# rollout helpers
-
-
-def disable_dropout(model):
-    """Dropout off for good: PPO's ratio must be exactly 1 before the first update, so no random masks."""
-    model.config.dropout = 0.0
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = 0.0
-    return model
-
-
-def freeze(model):
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def truncate_after_eos(response, eos_id, pad_id):
-    """
-    Cut each response after its first EOS: (response with pad after the EOS, mask of real tokens).
-    The EOS itself is real (it is the action that ends the episode).
-        response [ 7,  9, eos,  4,  5]  ->  [ 7,  9, eos, pad, pad]
-        mask     [ 1,  1,   1,  0,  0]
-    A row without EOS is all real.
-    """
-    is_eos = (response == eos_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first EOS
-    mask = (~after_eos).long()
-    return response.masked_fill(after_eos, pad_id), mask
-
-
-def next_prompt_indices(n_prompts, batch_size, seed, state):
-    """
-    The next batch of prompt indices from a shuffled pass over the prompts; state = {"epoch", "pos"}.
-    Each pass is a fresh permutation (seeded by seed and the pass number, so resume repeats it exactly).
-    """
-    out = []
-    epoch, pos = state["epoch"], state["pos"]
-    while len(out) < batch_size:
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        take = perm[pos:pos + batch_size - len(out)]
-        out += take
-        pos += len(take)
-        if pos >= n_prompts:
-            epoch, pos = epoch + 1, 0
-    return out, {"epoch": epoch, "pos": pos}
-
-
-@torch.no_grad()
-def generate_responses(actor, context, context_mask, tok, args):
-    """Step 1 of the rollout: sample up to --response_length tokens per prompt with the KV-cached generate."""
-    out = actor.generate(context, args.response_length, temperature=args.temperature, top_k=None,
-                         attention_mask=context_mask, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    return out[:, context.size(1):]  # (B, N), N <= response_length
+# rollout (step 1, sampling, and the helpers every online script shares are in nanorlhf/rollout.py)
 
 
 @torch.no_grad()
@@ -576,32 +499,6 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, pr
 
 
 # -----------------------------------------------------------------------------
-# logging helpers
-
-
-def gold_scores(prompts, responses):
-    """The built-in task's gold judge on decoded text; logged only, never trained on."""
-    return [tasks.gold(p, r) for p, r in zip(prompts, responses)]
-
-
-def decode_response(tok, ids, mask):
-    """The response text as the judge reads it: real tokens only, EOS dropped, the template's leading space removed."""
-    text = tok.decode([t for t, m in zip(ids, mask) if m])
-    return text[1:] if text.startswith(" ") else text
-
-
-def write_samples(out_dir, iteration, rows):
-    with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
-        for r in rows:
-            f.write(json.dumps({"iter": iteration, **r}) + "\n")
-    with open(os.path.join(out_dir, "samples.txt"), "a") as f:
-        for r in rows:
-            gold = f"  gold {r['gold']:.3f}" if r.get("gold") is not None else ""
-            f.write(f"=== iter {iteration}  score {r['score']:.3f}{gold}\n"
-                    f"PROMPT: {r['prompt']}\nRESPONSE: {r['response']}\n\n")
-
-
-# -----------------------------------------------------------------------------
 # the four models
 
 
@@ -664,7 +561,7 @@ def build_models(args, device):
             critic = ScalarGPT(reward_model.config)
         critic.load_state_dict(reward_model.state_dict(), assign=True)  # the same storage as the reward model
         head = (saved_critic or reward_model).head
-        critic.head = nn.Linear(head.in_features, 1).to(device)
+        critic.head = torch.nn.Linear(head.in_features, 1).to(device)
         critic.head.load_state_dict(head.state_dict())
         disable_dropout(critic)
     else:

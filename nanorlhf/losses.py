@@ -8,6 +8,7 @@ The losses and masked statistics that more than one stage uses.
     kwise_ranking_loss     InstructGPT's K-wise loss: C(K,2) pairs per prompt, averaged per prompt   (RM)
     reward_centering_loss  TRL's auxiliary term that keeps rewards centred at 0   (RM, optional)
     entropy_from_logits    H(pi(. | y_<t)) per position                (PPO logging and entropy bonus)
+    kl_penalty             per-token KL(pi || pi_ref) estimates k1, k3 (PPO, GRPO, RLOO)
 
 All the math runs in float32 (or float64 if given), whatever the dtype of the logits: a bf16 log-softmax
 loses about 3 significant digits, which is as large as the logprob differences that PPO's ratio measures.
@@ -64,6 +65,32 @@ def entropy_from_logits(logits, temperature=1.0):
         p = F.softmax(z, dim=-1)  # (T, V)
         out.append(torch.logsumexp(z, dim=-1) - (p * z).sum(-1))  # (T,)
     return torch.stack(out)  # (B, T)
+
+
+# -----------------------------------------------------------------------------
+# KL to the reference (PPO, GRPO, RLOO)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """
+    Per-token estimate of KL(pi || pi_ref) from one sample y_t ~ pi (Schulman, "Approximating KL
+    divergence", 2020). logprobs, ref_logprobs (B, R) -> (B, R).
+
+    k1 = log pi(y_t) - log pi_ref(y_t): unbiased, the seed's log(pi / pi_ref), what InstructGPT and
+         Ziegler et al. put in the reward (the default). Single tokens can be negative.
+    k3 = (r - 1) - log r with r = pi_ref(y_t) / pi(y_t): also unbiased, >= 0 for every token (since
+         log r <= r - 1) and of lower variance, but its penalty grows like r (exponentially in the log
+         ratio) where the reference finds the token far likelier than the policy does.
+    Example: logprobs = log 0.5, ref_logprobs = log 0.25 -> k1 = 0.6931, k3 = (0.5 - 1) + 0.6931 = 0.1931.
+    """
+    if estimator == "k1":
+        # k1 = log pi(y) - log pi_ref(y)
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        # k3 = (r - 1) - log r,  r = pi_ref(y) / pi(y)
+        log_r = ref_logprobs - logprobs
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}, expected 'k1' or 'k3'")
 
 
 # -----------------------------------------------------------------------------

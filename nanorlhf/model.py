@@ -290,7 +290,8 @@ class GPT(Trunk):
         return at_least_float32(self.lm_head(self.hidden(idx, position_ids, attn_mask, caches, start)[:, -1]))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
-                 eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True):
+                 eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True,
+                 on_token=None):
         """
         Sample up to max_new_tokens tokens after each left-padded prompt.
 
@@ -302,6 +303,7 @@ class GPT(Trunk):
         filtering (what the PPO loss recomputes), with temperature 1 when greedy, and 0.0 at pads after eos.
         use_cache=False recomputes the whole prefix at every step instead of using the KV cache (slow; the
         reference the cache is tested and benchmarked against).
+        on_token: called with each step's tokens (B,) as soon as they are sampled (sample.py streams with it).
 
         Example: prompts "ab" and "cde", pad_id=P, eos_id=E, max_new_tokens=3:
             idx  = [[P, a, b], [c, d, e]]   attention_mask = [[0, 1, 1], [1, 1, 1]]
@@ -353,6 +355,8 @@ class GPT(Trunk):
                 if eos_id is not None:
                     tok = tok.masked_fill(finished, pad_id)
                 out[:, t] = tok
+                if on_token is not None:
+                    on_token(tok)
                 if return_logprobs:
                     if logprobs is None:
                         logprobs = logp.new_zeros(B, max_new_tokens)  # (B, N)

@@ -33,7 +33,6 @@ sampling with utilities beta * gold, so for any two responses a, b
 Run: python -m nanorlhf.tasks --out_dir data --seed 0
 """
 
-import argparse
 import json
 import math
 import os
@@ -338,7 +337,9 @@ def generate_task(out_dir, seed=0, n_sft=20000, n_prefs=5000, n_prefs_eval=500, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the built-in task (sort digits) to --out_dir.")
+    from nanorlhf.utils import FlagParser  # here, not at the top: the task itself needs no torch
+
+    parser = FlagParser(description="Write the built-in task (sort digits) to --out_dir.")
     parser.add_argument("--out_dir", default="data", help="directory to write the .jsonl files and meta.json to")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (same seed -> same files)")
     parser.add_argument("--n_sft", type=int, default=20000, help="demonstrations in sft.jsonl")

@@ -20,7 +20,6 @@ Train a tokenizer from the command line:
     python -m nanorlhf.tokenizer --train corpus.txt --vocab_size 512 --out my.tiktoken
 """
 
-import argparse
 import base64
 import heapq
 import os
@@ -308,7 +307,9 @@ class Tokenizer:
 # CLI: train a BPE on a text file
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE and save it as a .tiktoken file.")
+    from nanorlhf.utils import FlagParser  # here, not at the top: utils imports data, which imports this module
+
+    parser = FlagParser(description="Train a byte-level BPE and save it as a .tiktoken file.")
     parser.add_argument("--train", required=True, help="UTF-8 text file to train on")
     parser.add_argument("--vocab_size", type=int, default=512, help="number of ranks (256 bytes + merges), specials excluded")
     parser.add_argument("--out", required=True, help="output .tiktoken file")

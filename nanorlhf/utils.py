@@ -4,7 +4,9 @@ The plumbing that every stage shares: errors, flags, device and dtype, checkpoin
 Nothing here knows about RLHF; it is the part of nanoGPT's train.py that three scripts would otherwise copy.
 """
 
+import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -62,15 +64,59 @@ def _optional(base):
     return convert
 
 
+class FlagParser(argparse.ArgumentParser):
+    """
+    argparse with strict flags: no abbreviations (a prefix such as `--critic` never sets `--critic_lr`, so a
+    typo or a flag of another version cannot silently set a different one), and every mistake is one line on
+    stderr and exit status 2. An unknown flag gets the flags it abbreviates, else the closest names:
+        $ python train_ppo.py --critic shared
+        train_ppo.py: error: unknown flag --critic (did you mean --critic_lr?)
+    Every script builds its parser with this class (parse_flags does), so a new script inherits it.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        # unknown flags first, before argparse complains about a missing required one the typo was meant to be
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+        for a in args:
+            if a == "--":
+                break
+            name = a.split("=", 1)[0]
+            if name.startswith("--") and name not in options:
+                hint = suggest(name, options)
+                self.error(f"unknown flag {name}" + (f" (did you mean {hint}?)" if hint else " (see --help)"))
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            what = f"unknown flag {extras[0]}" if extras[0].startswith("-") else f"unexpected argument {extras[0]!r}"
+            self.error(f"{what} (flags are --name value; see --help)")
+        return ns
+
+    def error(self, message):
+        """One line instead of argparse's usage block; the full usage is a --help away."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def suggest(name, options, n=3):
+    """
+    The flags a mistyped `name` most likely meant: the ones it abbreviates, else the closest by difflib.
+    suggest("--kl", ["--kl_coef", "--kl_estimator", "--lr"]) -> "--kl_coef or --kl_estimator"
+    suggest("--lerning_rate", ["--learning_rate", "--lr"]) -> "--learning_rate"
+    """
+    picks = [o for o in options if o.startswith(name)][:n] or difflib.get_close_matches(name, options, n=n, cutoff=0.6)
+    return " or ".join(picks) if len(picks) <= 2 else ", ".join(picks[:-1]) + " or " + picks[-1]
+
+
 def parse_flags(cls, argv=None, description=None):
     """
-    Build an argparse parser from a dataclass, parse argv and return an instance of the dataclass.
+    Build a FlagParser from a dataclass, parse argv and return an instance of the dataclass.
     A bool field `compile: bool = False` becomes `--compile` (and `--compile false` also works).
     Optional fields (default None) take the type of their annotation, e.g. `top_k: int | None`.
     """
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=description)
     for f in dataclasses.fields(cls):
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         typ = f.type

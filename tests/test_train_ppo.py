@@ -23,10 +23,11 @@ from nanorlhf import tasks
 from nanorlhf import utils
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.rollout import disable_dropout, freeze, generate_responses, next_prompt_indices, truncate_after_eos
 from nanorlhf.tokenizer import Tokenizer
 
 import train_ppo
-from train_ppo import Args, disable_dropout, generate_responses, make_experience, ppo_update, truncate_after_eos
+from train_ppo import Args, make_experience, ppo_update
 
 PROMPTS = ["sort 5 3 8 1", "sort 2 9 4", "sort 7 7 1 0 3 6", "sort 4 1 2", "sort 9 8 7 6 5 4 3 2",
            "sort 0 1", "sort 3 3 3", "sort 6 2 8 1 4"]
@@ -43,7 +44,7 @@ def tiny_models(seed=0, dropout=0.0):
     for m in (actor, ref, reward_model, critic):
         disable_dropout(m)
     for m in (ref, reward_model):
-        train_ppo.freeze(m)
+        freeze(m)
     return actor, ref, reward_model, critic
 
 
@@ -199,14 +200,14 @@ def test_next_prompt_indices_covers_each_prompt_once_per_pass():
     state = {"epoch": 0, "pos": 0}
     seen = []
     for _ in range(5):
-        idx, state = train_ppo.next_prompt_indices(10, 4, seed=3, state=state)
+        idx, state = next_prompt_indices(10, 4, seed=3, state=state)
         seen += idx
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     # resuming from a saved state gives the same continuation
     state = {"epoch": 0, "pos": 0}
     for _ in range(2):
-        _, state = train_ppo.next_prompt_indices(10, 4, seed=3, state=state)
-    assert train_ppo.next_prompt_indices(10, 4, seed=3, state=dict(state))[0] == seen[8:12]
+        _, state = next_prompt_indices(10, 4, seed=3, state=state)
+    assert next_prompt_indices(10, 4, seed=3, state=dict(state))[0] == seen[8:12]
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""
+Strict flags: no abbreviation is accepted, and an unknown or misspelt flag is one line on stderr naming the
+closest flag, exit status 2, in every script. The scripts run in-process (runpy, as `python script.py` would
+run them), so each case costs milliseconds; one case runs in a subprocess to check the real command line.
+"""
+
+import dataclasses
+import glob
+import os
+import runpy
+import sys
+
+import pytest
+
+from scripts import ROOT, script
+
+from nanorlhf import tasks, tokenizer, utils
+from nanorlhf.utils import flag
+
+# every top-level script, whoever added it: each must build its parser with utils.FlagParser
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
+MODULES = {"nanorlhf.tasks": tasks.main, "nanorlhf.tokenizer": tokenizer.main}
+
+# a typo per script, and the flag it must suggest
+MISSPELT = {
+    "train_sft.py": (["--max_step", "10"], "--max_steps"),
+    "train_rm.py": (["--val_dat", "x.jsonl"], "--val_data"),
+    "train_ppo.py": (["--kl_cof", "0.1"], "--kl_coef"),
+    "evaluate.py": (["--n_prompt", "3"], "--n_prompts"),
+    "bench.py": (["--ppo_iter", "1"], "--ppo_iters"),
+    "bench_generate.py": (["--new_token", "3"], "--new_tokens"),
+    "kl_sweep.py": (["--num_iteration", "3"], "--num_iterations"),
+    "sample.py": (["--num_sample", "2"], "--num_samples"),
+    "nanorlhf.tasks": (["--n_sf", "3"], "--n_sft"),
+    "nanorlhf.tokenizer": (["--train", "x.txt", "--out", "y", "--vocab", "300"], "--vocab_size"),
+}
+
+
+def run_cli(name, argv, monkeypatch, capsys):
+    """Run a script (or a module's main) with argv as its command line -> (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    with pytest.raises(SystemExit) as e:
+        if name in MODULES:
+            MODULES[name](argv)
+        else:
+            runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
+def test_abbreviation_of_help_is_refused(name, monkeypatch, capsys):
+    # plain argparse would take --hel for --help, print the usage and exit 0
+    code, err = run_cli(name, ["--hel"], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [f"{name}: error: unknown flag --hel "
+                                        "(did you mean --help?)"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
+def test_misspelt_flag_suggests_the_closest(name, monkeypatch, capsys):
+    assert name in MISSPELT, f"{name}: add a misspelt flag for it to MISSPELT"
+    argv, want = MISSPELT[name]
+    code, err = run_cli(name, argv, monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"unknown flag {argv[-2].split('=')[0]}" in lines[0], err
+    assert f"(did you mean {want}" in lines[0], err
+
+
+@pytest.mark.parametrize("argv, flag_name, hint", [
+    (["--kl", "0.1"], "--kl", "--kl_coef"),  # a prefix of --kl_coef (and of --kl_estimator, --kl_horizon)
+    (["--critic", "shared"], "--critic", "--critic_lr"),  # once parsed as --critic_lr shared
+    (["--kl=0.1"], "--kl", "--kl_coef"),
+])
+def test_train_ppo_refuses_abbreviations(argv, flag_name, hint, monkeypatch, capsys):
+    code, err = run_cli("train_ppo.py", argv, monkeypatch, capsys)
+    assert code == 2 and f"unknown flag {flag_name} (did you mean {hint}" in err, err
+
+
+def test_subprocess_one_line_and_exit_2():
+    p = script("train_ppo.py", "--critic", "shared", check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "train_ppo.py: error: unknown flag --critic (did you mean --critic_lr?)\n"
+
+
+# -----------------------------------------------------------------------------
+# the parser itself
+
+
+@dataclasses.dataclass
+class Flags:
+    kl_coef: float = flag(0.3, "beta")
+    kl_estimator: str = flag("k1", "estimator")
+    critic_lr: float = flag(1e-5, "critic lr")
+    compile: bool = flag(False, "compile")
+    top_k: int | None = flag(None, "top-k")
+
+
+def parse(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        utils.parse_flags(Flags, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_exact_flags_still_parse():
+    assert utils.parse_flags(Flags, ["--kl_coef", "0.1", "--critic_lr=2e-5", "--compile", "--top_k", "4"]) == \
+        Flags(kl_coef=0.1, critic_lr=2e-5, compile=True, top_k=4)
+    # a value that starts with '-' is still a value
+    assert utils.parse_flags(Flags, ["--kl_coef", "-1"]).kl_coef == -1.0
+
+
+def test_every_mistake_is_one_line(capsys):
+    assert parse(["--kl", "0.1"], capsys).endswith("unknown flag --kl (did you mean --kl_coef or --kl_estimator?)")
+    assert parse(["--critc_lr", "1"], capsys).endswith("unknown flag --critc_lr (did you mean --critic_lr?)")
+    assert parse(["--zzz", "1"], capsys).endswith("unknown flag --zzz (see --help)")
+    assert "unexpected argument 'stray'" in parse(["stray"], capsys)
+    assert "unknown flag -x" in parse(["-x"], capsys)
+    assert "argument --kl_coef: invalid float value: 'abc'" in parse(["--kl_coef", "abc"], capsys)
+    assert "--kl_coef: expected one argument" in parse(["--kl_coef"], capsys)
+
+
+def test_suggest():
+    opts = ["--kl_coef", "--kl_estimator", "--kl_horizon", "--lr", "--learning_rate", "--seed"]
+    assert utils.suggest("--kl", opts) == "--kl_coef, --kl_estimator or --kl_horizon"
+    assert utils.suggest("--kl_", opts[:2]) == "--kl_coef or --kl_estimator"
+    assert utils.suggest("--seeed", opts) == "--seed"
+    assert utils.suggest("--lerning_rate", opts) == "--learning_rate"
+    assert utils.suggest("--nothing_like_it", opts) == ""

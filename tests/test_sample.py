@@ -1,0 +1,205 @@
+"""
+sample.py on tiny random checkpoints made here: the responses against a plain sampling loop (full prefix, no
+KV cache, the template written out by hand), the scores, seeded reproducibility across processes, --compare,
+the chat on standard input (multi-turn, streamed, ends at EOF) and the bad inputs.
+"""
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from scripts import script
+
+import sample
+from nanorlhf import tasks
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.utils import model_payload, run, save_checkpoint
+
+TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
+TOK = Tokenizer.byte_level()
+PROMPTS = ["sort 5 3 8 1", "hello there", "sort 2 2 0"]
+RM_BIAS, RM_MEAN, RM_STD = 0.7, 0.2, 2.0
+
+
+def tiny_gpt(seed):
+    """A random tiny byte-level GPT whose (tied) EOS embedding is scaled up, so that responses end early."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY))
+    with torch.no_grad():
+        model.transformer.wte.weight[TOK.eos_id] *= 8.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    save_checkpoint(str(d / "a"), model_payload(tiny_gpt(1), TOK, "ppo", {}, 1))
+    save_checkpoint(str(d / "b"), model_payload(tiny_gpt(2), TOK, "sft", {}, 1))
+    shutil.copytree(d / "a", d / "a_copy")
+    rm = ScalarGPT(GPTConfig(**TINY))
+    with torch.no_grad():  # a constant reward: the normalised score is (0.7 - 0.2) / 2 for every response
+        rm.head.weight.zero_()
+        rm.head.bias.fill_(RM_BIAS)
+    save_checkpoint(str(d / "rm"), model_payload(rm, TOK, "rm", {}, 1, reward_mean=RM_MEAN, reward_std=RM_STD))
+    with open(d / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)
+    (d / "empty.jsonl").write_text("\n")
+    (d / "not_a_ckpt").mkdir()
+    return d
+
+
+def reference_sample(model, prompt_ids, n, seed, max_new_tokens, temperature=1.0):
+    """
+    n responses sampled the plain way: the whole sequence through the model at every step, softmax of the last
+    logits / T, one multinomial draw per row from a generator seeded with seed; a row stops at its EOS.
+    -> list of response texts (EOS dropped, the template's leading space removed).
+    """
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.tensor([prompt_ids] * n)
+    done = [False] * n
+    rows = [[] for _ in range(n)]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            probs = torch.softmax(model(seq)[:, -1] / temperature, dim=-1)  # (n, V)
+            tok = torch.multinomial(probs, 1, generator=g)  # (n, 1)
+            for i in range(n):
+                if not done[i]:
+                    rows[i].append(tok[i, 0].item())
+                    done[i] = tok[i, 0].item() == TOK.eos_id
+            if all(done):
+                break
+            seq = torch.cat([seq, tok], dim=1)
+    texts = []
+    for r in rows:
+        text = TOK.decode([t for t in r if t != TOK.eos_id])
+        texts.append(text[1:] if text.startswith(" ") else text)
+    return texts
+
+
+def template(*turns):
+    """The chat template written out: user, assistant, user, ... then the assistant's cue, in byte-level ids."""
+    ids = []
+    for k, text in enumerate(turns):
+        ids += TOK.encode(f"\n\nHuman: {text}") if k % 2 == 0 else TOK.encode(f"\n\nAssistant: {text}") + [TOK.eos_id]
+    return ids + TOK.encode("\n\nAssistant:")
+
+
+def run_main(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    sample.main(["--device", "cpu", "--dtype", "float32", *argv])
+    return capsys.readouterr().out
+
+
+def test_responses_and_scores_match_a_plain_loop(ckpts, capsys):
+    out = run_main(["--ckpt", str(ckpts / "a"), "--prompts", str(ckpts / "prompts.jsonl"), "--rm", str(ckpts / "rm"),
+                    "--num_samples", "3", "--max_new_tokens", "12", "--seed", "5", "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == len(PROMPTS) * 3
+    model = tiny_gpt(1)
+    for i, p in enumerate(PROMPTS):
+        got = [r for r in rows if r["prompt"] == p]
+        assert [r["sample"] for r in got] == [0, 1, 2]
+        # prompt i samples with seed + i
+        assert [r["response"] for r in got] == reference_sample(model, template(p), 3, 5 + i, 12)
+        for r in got:
+            assert r["rm"] == pytest.approx((RM_BIAS - RM_MEAN) / RM_STD, abs=1e-5)
+            assert r["gold"] == (tasks.gold(p, r["response"]) if p.startswith("sort") else None)
+            assert r["tokens"] <= 12 and (r["eos"] or r["tokens"] == 12)  # without EOS only at the limit
+    assert any(r["eos"] for r in rows) and not all(r["eos"] for r in rows)  # both kinds of ending are exercised
+
+
+def test_seeded_output_is_reproducible_and_compare_prints_both(ckpts, capsys):
+    a, b = str(ckpts / "a"), str(ckpts / "b")
+    args = ["--ckpt", a, "--compare", b, "--prompt", "sort 5 3 8 1", "--num_samples", "2", "--max_new_tokens", "12",
+            "--seed", "3", "--device", "cpu"]
+    first, second = script("sample.py", *args).stdout, script("sample.py", *args).stdout
+    assert first == second
+    lines = first.splitlines()
+    assert lines[0] == "prompt 1: sort 5 3 8 1"
+    for k, name in ((1, a), (1, b), (2, a), (2, b)):  # sample k of each policy, one under the other
+        assert sum(line.split()[:2] == [str(k), name] for line in lines) == 1, first
+    # the table shows what --json gives, and the --compare policy is sampled with the same seed as --ckpt
+    rows = [json.loads(line) for line in run_main(args + ["--json"], capsys).splitlines()]
+    for r in rows:
+        assert f"{r['sample'] + 1}  {r['policy']}  {r['response']}" in first
+        want = reference_sample(tiny_gpt(1 if r["policy"] == a else 2), template("sort 5 3 8 1"), 2, 3, 12)
+        assert r["response"] == want[r["sample"]]
+
+
+def test_compare_with_an_identical_policy_gives_identical_responses(ckpts, capsys):
+    out = run_main(["--ckpt", str(ckpts / "a"), "--compare", str(ckpts / "a_copy"), "--prompts",
+                    str(ckpts / "prompts.jsonl"), "--max_new_tokens", "12", "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    by_policy = {name: [(r["prompt"], r["sample"], r["response"]) for r in rows if r["policy"] == name]
+                 for name in (str(ckpts / "a"), str(ckpts / "a_copy"))}
+    assert len(by_policy[str(ckpts / "a")]) == 9 and len(set(r[2] for r in by_policy[str(ckpts / "a")])) > 1
+    assert by_policy[str(ckpts / "a")] == by_policy[str(ckpts / "a_copy")]
+
+
+def test_chat_is_multi_turn_streams_and_ends_at_eof(ckpts, capsys, monkeypatch):
+    a, b = str(ckpts / "a"), str(ckpts / "b")
+    stdin = "sort 3 1 2\nhello\n\nsort 9 8\n"  # two turns, a new conversation, one turn, end of input
+    args = ["--ckpt", a, "--compare", b, "--max_new_tokens", "10", "--seed", "7"]
+    rows = [json.loads(line) for line in run_main(args + ["--json"], capsys, stdin, monkeypatch).splitlines()
+            if line.startswith("{")]
+    assert [(r["policy"], r["turn"], r["prompt"]) for r in rows] == [
+        (a, 0, "sort 3 1 2"), (b, 0, "sort 3 1 2"), (a, 1, "hello"), (b, 1, "hello"), (a, 2, "sort 9 8"),
+        (b, 2, "sort 9 8")]
+    for name, seed in ((a, 1), (b, 2)):
+        model = tiny_gpt(seed)
+        r0, r1, r2 = [r["response"] for r in rows if r["policy"] == name]
+        # each policy answers in its own conversation: turn 2 sees turn 1 and its own reply through the template
+        assert r0 == reference_sample(model, template("sort 3 1 2"), 1, 7, 10)[0]
+        budget = 64 - 10 + 1  # block_size - max_new_tokens + 1: the conversation is cut from the left to fit
+        assert r1 == reference_sample(model, template("sort 3 1 2", r0, "hello")[-budget:], 1, 8, 10)[0]
+        assert r2 == reference_sample(model, template("sort 9 8"), 1, 9, 10)[0]  # after the empty line
+    # the same session as text: the streamed replies are exactly the responses, and it ends cleanly at EOF
+    width = max(len(a), len(b))
+    reply = [f"{r['policy']:>{width}s}> {r['response']}{sample.score_note(None, r['gold'], r['eos'])}\n" for r in rows]
+    want = ("you> sort 3 1 2\n" + reply[0] + reply[1] + "you> hello\n" + reply[2] + reply[3] + "(new conversation)\n"
+            + "you> sort 9 8\n" + reply[4] + reply[5])
+    assert run_main(args, capsys, stdin, monkeypatch) == want
+
+
+def test_streamer_prints_whole_characters_only():
+    out = io.StringIO()
+    s = sample.Streamer(TOK, out)
+    seen = []
+    for t in TOK.encode(" héllo €!") + [TOK.eos_id, TOK.pad_id]:
+        s(torch.tensor([t]))
+        seen.append(out.getvalue())
+    s.finish()
+    assert out.getvalue() == "héllo €!"
+    assert all("\ufffd" not in v for v in seen)  # never half a character on the screen
+    out = io.StringIO()
+    s = sample.Streamer(TOK, out)
+    for t in TOK.encode("a€")[:-1]:  # ends inside the euro sign
+        s(torch.tensor([t]))
+    s.finish()
+    assert out.getvalue() == TOK.decode(TOK.encode("a€")[:-1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "{d}/not_a_ckpt", "--prompt", "x"], "--ckpt {d}/not_a_ckpt: not a checkpoint directory (no ckpt.pt"),
+    (["--ckpt", "{d}/missing", "--prompt", "x"], "--ckpt {d}/missing: no such checkpoint directory"),
+    (["--ckpt", "{d}/rm", "--prompt", "x"], "--ckpt {d}/rm: holds a scalar (reward/value) model, but a language model"),
+    (["--ckpt", "{d}/a", "--rm", "{d}/b", "--prompt", "x"], "--rm {d}/b: holds a language model, but a scalar"),
+    (["--ckpt", "{d}/a", "--prompts", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file (no records)"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--prompts", "{d}/prompts.jsonl"], "--prompt and --prompts"),
+    (["--ckpt", "{d}/a", "--prompt", " "], "--prompt: empty"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"], "--max_new_tokens 65: leaves no room"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+])
+def test_bad_input_is_one_line_and_exit_2(ckpts, argv, message, capsys):
+    argv = [a.format(d=ckpts) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run(lambda: sample.main(["--device", "cpu", *argv]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message.format(d=ckpts)), err
