@@ -610,7 +610,7 @@ def build_models(args, device):
         critic_params = list(actor.value_head.parameters())
     else:
         actor_params, critic_params = params(actor), params(critic)
-    ref_params = params(ref.model) if isinstance(ref, lora.AdaptersOff) else params(ref)
+    ref_params = actor_params if isinstance(ref, lora.AdaptersOff) else params(ref)  # the actor's policy part
     # in this order a storage that two roles use (the LoRA critic's base) is counted under the frozen model
     roles = {"actor": actor_params, "reference": ref_params, "reward": params(reward_model), "critic": critic_params}
     return dict(actor=actor, critic=critic, ref=ref, reward_model=reward_model, tok=tok, rm_ckpt=rm_ckpt, roles=roles)

@@ -145,3 +145,191 @@ def test_kv_cache_bytes():
 
 def test_fmt_bytes():
     assert F.fmt_bytes(512) == "512 B" and F.fmt_bytes(1536) == "1.5 KiB" and F.fmt_bytes(14 * 2**30) == "14 GiB"
+
+
+# -----------------------------------------------------------------------------
+# train_ppo.py's options: build_models, the rollout and the update in each, memory.json, bad flags
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from scripts import ROOT, read_metrics, script, without_timings  # noqa: E402
+
+sys.path.insert(0, ROOT)  # train_ppo.py is a top-level script
+
+import train_ppo  # noqa: E402
+from nanorlhf import data as D  # noqa: E402
+from nanorlhf.offload import offload, on_device  # noqa: E402
+from nanorlhf.rollout import generate_responses  # noqa: E402
+from nanorlhf.tokenizer import Tokenizer  # noqa: E402
+
+PPO_OPTIONS = {
+    "full": dict(),
+    "offload": dict(offload="ref,rm"),
+    "lora": dict(lora_rank=4, lora_alpha=8.0),
+    "shared": dict(critic="shared"),
+    "lora+shared": dict(lora_rank=4, lora_alpha=8.0, critic="shared"),
+}
+PROMPTS = ["sort 5 3 8 1", "sort 2 9 4", "sort 7 7 1 0 3 6", "sort 4 1 2", "sort 9 8 7 6 5 4 3 2", "sort 0 1"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Random tiny SFT and RM checkpoints (byte tokenizer) and a prompt file."""
+    d = tmp_path_factory.mktemp("ckpts")
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
+    rm = ScalarGPT(config)
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 0.5)  # a reward model that prefers something, so advantages are not 0
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(rm, tok, "rm", {}, 0))
+    with open(d / "prompts.jsonl", "w") as f:
+        for p in PROMPTS:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return d
+
+
+def ppo_args(ckpts, **kw):
+    return train_ppo.Args(sft=str(ckpts / "sft"), rm=str(ckpts / "rm"), out_dir=str(ckpts / "unused"), batch_size=8,
+                          num_minibatches=2, response_length=8, lr=1e-2, critic_lr=1e-2, ppo_epochs=1, **kw)
+
+
+def rollout(m, args, seed=0):
+    tok = m["tok"]
+    r = utils.setup_runtime("cpu", "float32", seed=seed)
+    batch = D.collate([tok.render_prompt(p) for p in (PROMPTS * 2)[:args.batch_size]], tok.pad_id, left_pad=True)
+    response = generate_responses(m["actor"], batch["idx"], batch["attention_mask"], tok, args)
+    return train_ppo.make_experience(m["actor"], m["ref"], m["reward_model"], m["critic"], batch["idx"],
+                                     batch["attention_mask"], response, tok, args, args.kl_coef, r), r
+
+
+def optimizers(m, args):
+    opts = [utils.configure_optimizer(m["actor"], args.lr, 0.0, (0.9, 0.95), "cpu")]
+    if m["critic"] is not None:
+        opts.append(utils.configure_optimizer(m["critic"], args.critic_lr, 0.0, (0.9, 0.95), "cpu"))
+    return opts
+
+
+@pytest.mark.parametrize("option", list(PPO_OPTIONS))
+def test_option_ratio_one_memory_and_reference(ckpts, option):
+    """
+    In every option: the ratio is 1 on the first minibatch; the live static bytes at the first step equal the
+    prediction exactly; the reference's logprobs, after the update moved the actor, equal those of the SFT
+    model loaded on its own (with LoRA the reference is the actor with its adapters off).
+    """
+    args = ppo_args(ckpts, **PPO_OPTIONS[option])
+    m = train_ppo.build_models(args, "cpu")
+    exp, r = rollout(m, args)
+    opts = optimizers(m, args)
+    probe = F.StaticProbe(m["roles"], opts)
+    stats = train_ppo.ppo_update(m["actor"], m["critic"], *opts, *([None] if len(opts) == 1 else []), exp, args, r,
+                                 probe=probe.extra)
+    assert stats["first_ratio_max_dev"] < 1e-5
+    config = m["actor"].config
+    shape = F.Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
+    o = F.options_of(option)
+    want = F.static_memory(shape, args.lora_rank, o["shared"], o["offload"])
+    got = probe.result
+    assert F.static_total(got) == F.static_total(want)
+    for role in F.ROLES:
+        for k in ("grads", "optim", "trainable"):
+            assert got["roles"][role][k] == want["roles"][role][k], (role, k)
+        assert (got["roles"][role]["weights"] + got["roles"][role]["weights_host"]
+                == want["roles"][role]["weights"] + want["roles"][role]["weights_host"]), role
+    b, t = probe.extra["micro_batch"]
+    acts = F.activation_memory(shape, b, t, args.lora_rank, o["shared"])
+    assert acts <= probe.extra["activations"] <= acts * 1.01
+    # the reference after the update: the SFT model as loaded from disk
+    exp2, _ = rollout(m, args, seed=1)
+    sft, _, _ = utils.load_model(args.sft, kind="gpt")
+    seq, mask, T = exp2["seq"], exp2["seq_mask"], exp2["context_len"]
+    ref_lp = logprobs_from_logits(sft(seq, mask)[:, T - 1:-1], exp2["response"]) * exp2["response_mask"]
+    torch.testing.assert_close(exp2["ref_logprobs"], ref_lp, rtol=1e-5, atol=1e-5)
+    assert (exp2["logprobs"] - exp2["ref_logprobs"]).abs().max() > 1e-4  # the actor did move
+
+
+def test_shared_trunk_rollout_equals_separate_models(ckpts):
+    """make_experience with the shared trunk gives the numbers of a separate actor and critic with its weights."""
+    args = ppo_args(ckpts, critic="shared", lora_rank=2, lora_alpha=4.0)
+    m = train_ppo.build_models(args, "cpu")
+    with torch.no_grad():
+        m["actor"].value_head.weight.normal_()
+        for layer in lora.lora_layers(m["actor"]):
+            layer.lora_B.normal_(0, 0.1)
+    exp, r = rollout(m, args)
+    actor = GPT(m["actor"].config)
+    actor.load_state_dict(train_ppo.policy_state_dict(m["actor"]))
+    critic = ScalarGPT(m["actor"].config)
+    critic.load_state_dict(train_ppo.critic_state_dict(m["actor"], None))
+    sep = dict(m, actor=actor, critic=critic)
+    exp_sep = train_ppo.make_experience(actor, m["ref"], m["reward_model"], critic, exp["seq"][:, :exp["context_len"]],
+                                        exp["seq_mask"][:, :exp["context_len"]], exp["response"], m["tok"], args,
+                                        args.kl_coef, r)
+    assert sep["critic"] is critic
+    for k in ("logprobs", "values", "ref_logprobs", "scores", "advantages", "returns"):
+        torch.testing.assert_close(exp[k], exp_sep[k], rtol=1e-5, atol=1e-5)
+
+
+def test_offload_moves_weights_and_keeps_numbers(ckpts):
+    """The offload code path on device 'cpu': weights swapped in for the block and back out, same rollout numbers."""
+    args = ppo_args(ckpts)
+    m = train_ppo.build_models(args, "cpu")
+    exp, r = rollout(m, args)
+    ref, rm = m["ref"], m["reward_model"]
+    host = [p.data for p in ref.parameters()]
+    offload(ref, "cpu")
+    offload(rm, "cpu")
+    with on_device(ref, rm):  # on a CPU the "device copy" is the host tensor itself: the swap path still runs
+        inside = [p.data for p in ref.parameters()]
+    assert all(torch.equal(a, h) for a, h in zip(inside, ref._offload[2]))
+    assert all(p.data_ptr() == h.data_ptr() for p, h in zip(ref.parameters(), ref._offload[2]))  # host copies after
+    assert all(torch.equal(a, b) for a, b in zip(host, ref._offload[2]))
+    exp_off = train_ppo.make_experience(m["actor"], ref, rm, m["critic"], exp["seq"][:, :exp["context_len"]],
+                                        exp["seq_mask"][:, :exp["context_len"]], exp["response"], m["tok"], args,
+                                        args.kl_coef, r)
+    for k in ("logprobs", "ref_logprobs", "scores", "values", "rewards", "advantages"):
+        assert torch.equal(exp[k], exp_off[k]), k
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--lora_rank", "-1"], "--lora_rank"),
+    (["--offload", "ref,gpu"], "--offload"),
+    (["--critic", "hydra"], "--critic"),
+    (["--lora_rank", "4", "--lora_targets", "q_proj"], "--lora_targets"),
+])
+def test_bad_memory_flags_exit_2_and_write_nothing(ckpts, tmp_path, flags, name):
+    out = tmp_path / "ppo"
+    p = script("train_ppo.py", "--data", str(ckpts / "prompts.jsonl"), "--sft", str(ckpts / "sft"), "--rm",
+               str(ckpts / "rm"), "--out_dir", str(out), *flags, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], p.stderr
+    assert not out.exists()
+
+
+def test_lora_shared_run_saves_plain_models_and_resumes(ckpts, tmp_path):
+    """
+    --lora_rank --critic shared end to end: ckpt.pt is a plain GPT and critic.pt a plain ScalarGPT that load
+    strictly; memory.json says measured == predicted; 1 iteration + --resume gives the run of 2 iterations.
+    """
+    common = ["--data", str(ckpts / "prompts.jsonl"), "--sft", str(ckpts / "sft"), "--rm", str(ckpts / "rm"),
+              "--batch_size", "4", "--num_minibatches", "2", "--response_length", "6", "--ppo_epochs", "1",
+              "--lora_rank", "2", "--critic", "shared", "--save_interval", "1", "--sample_interval", "1", "--anneal_lr", "false"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    script("train_ppo.py", *common, "--out_dir", a, "--num_iterations", "2")
+    mem = json.load(open(os.path.join(a, "memory.json")))
+    assert mem["static_measured"] == mem["static_predicted"]
+    policy, _, ck = utils.load_model(a, kind="gpt")  # strict load into a plain GPT
+    assert ck["stage"] == "ppo" and not lora.has_lora(policy)
+    utils.load_model(a, kind="scalar", name="critic.pt")
+    assert set(torch.load(os.path.join(a, "adapters.pt"), weights_only=True)["actor"])
+    # resume: one iteration, then continue to two
+    script("train_ppo.py", *common, "--out_dir", b, "--num_iterations", "1")
+    script("train_ppo.py", *common, "--out_dir", b, "--num_iterations", "2", "--resume")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in without_timings(rows)]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    pa, pb = utils.load_model(a, kind="gpt")[0], utils.load_model(b, kind="gpt")[0]
+    assert all(torch.equal(x, y) for x, y in zip(pa.state_dict().values(), pb.state_dict().values()))
