@@ -198,3 +198,19 @@ class AdaptersOff(nn.Module):
     def forward(self, *args, **kwargs):
         with adapters_off(self.model):
             return self.model(*args, **kwargs)
+
+
+def trainable_state_dict(model):
+    """The tensors that train (adapters, and heads left trainable), on the CPU: what resuming a LoRA run needs."""
+    raw = getattr(model, "_orig_mod", model)
+    return {k: p.detach().cpu().clone() for k, p in raw.named_parameters() if p.requires_grad}
+
+
+def lora_payload(model, payload, rank, alpha, targets):
+    """
+    A checkpoint payload (utils.model_payload) made plain: "model" holds the merged weights, which every stage
+    loads as a plain model; "lora" keeps the trained tensors and the settings, which only --resume reads.
+    """
+    payload["model"] = merged_state_dict(model)
+    payload["lora"] = {"rank": rank, "alpha": alpha, "targets": targets, "trainable": trainable_state_dict(model)}
+    return payload

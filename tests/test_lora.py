@@ -176,3 +176,90 @@ def test_value_head_gpt_equals_separate_actor_and_critic():
     randomise_adapters(actor)
     logits, _ = shared.logits_and_values(idx, mask)
     torch.testing.assert_close(logits, actor(idx, mask))
+
+
+# -----------------------------------------------------------------------------
+# LoRA in train_sft.py and train_rm.py (subprocess runs on a small copy of the built-in task)
+
+import sys  # noqa: E402
+
+from scripts import ROOT, read_metrics, script, without_timings  # noqa: E402
+
+sys.path.insert(0, ROOT)
+
+from nanorlhf import tasks  # noqa: E402
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "16",
+        "--warmup", "2", "--eval_interval", "1000", "--log_interval", "2", "--device", "cpu"]
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-2", "--max_steps", "6", "--batch_size", "16",
+        "--warmup", "2", "--eval_interval", "1000", "--log_interval", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small copy of the task and a tiny SFT model trained on it: the frozen base of the LoRA runs."""
+    d = tmp_path_factory.mktemp("lora")
+    tasks.generate_task(str(d / "data"), n_sft=300, n_prefs=200, n_prefs_eval=10, n_prompts=10, n_eval=10)
+    script("train_sft.py", "--data", str(d / "data/sft.jsonl"), "--out_dir", str(d / "base"), *TINY,
+           "--max_steps", "10")
+    return d
+
+
+def frozen_equal(base_sd, sd, keys):
+    return all(torch.equal(base_sd[k], sd[k]) for k in keys)
+
+
+def test_sft_lora_saves_a_merged_plain_model_and_resumes(base, tmp_path):
+    common = ["--data", str(base / "data/sft.jsonl"), "--init_from", str(base / "base"), *LORA]
+    full, part = tmp_path / "full", tmp_path / "part"
+    script("train_sft.py", *common, "--out_dir", str(full))
+    model, _, ck = utils.load_model(str(full), kind="gpt")  # strict: a plain GPT
+    base_model, _, _ = utils.load_model(str(base / "base"), kind="gpt")
+    sd, base_sd = model.state_dict(), base_model.state_dict()
+    # only the wrapped layers' weights changed; embeddings, LayerNorms and biases are the base's
+    wrapped = {k for k in sd if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+    assert frozen_equal(base_sd, sd, set(sd) - wrapped)
+    assert not frozen_equal(base_sd, sd, wrapped)
+    # the merged weight is the base's plus (alpha / r) B A of the saved adapters
+    A = ck["lora"]["trainable"]["transformer.h.0.mlp.c_fc.lora_A"].double()
+    B = ck["lora"]["trainable"]["transformer.h.0.mlp.c_fc.lora_B"].double()
+    W = base_sd["transformer.h.0.mlp.c_fc.weight"].double() + 2.0 * B @ A
+    torch.testing.assert_close(sd["transformer.h.0.mlp.c_fc.weight"].double(), W, rtol=1e-6, atol=1e-6)
+    # stop at step 4 and resume: the same run
+    script("train_sft.py", *common, "--out_dir", str(part), "--stop_at", "4")
+    script("train_sft.py", "--out_dir", str(part), "--resume")
+    # (the stopped run also evaluates at its stop: val_loss is left out of the comparison)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "val_loss"} for r in without_timings(rows)]  # noqa: E731
+    assert strip(read_metrics(part)) == strip(read_metrics(full))
+    other = utils.load_model(str(part), kind="gpt")[0].state_dict()
+    assert all(torch.equal(sd[k], other[k]) for k in sd)
+
+
+def test_rm_lora_trains_adapters_and_head_only(base, tmp_path):
+    out = tmp_path / "rm"
+    script("train_rm.py", "--data", str(base / "data/prefs.jsonl"), "--init_from", str(base / "base"),
+           "--out_dir", str(out), "--val_frac", "0.2", "--norm_samples", "50", "--sft_data",
+           str(base / "data/sft.jsonl"), *LORA)
+    rm, _, _ = utils.load_model(str(out), kind="scalar")  # strict: a plain ScalarGPT
+    base_sd = utils.load_model(str(base / "base"), kind="gpt")[0].state_dict()
+    sd = rm.state_dict()
+    trunk = [k for k in sd if k.startswith("transformer.") and not k.endswith(("c_attn.weight", "c_proj.weight",
+                                                                                "c_fc.weight"))]
+    assert frozen_equal(base_sd, sd, trunk)
+    assert torch.count_nonzero(sd["head.weight"]) > 0  # the head (zero at the start) trained
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("train_sft.py", ["--lora_rank", "-2"]),
+    ("train_rm.py", ["--lora_rank", "-2"]),
+    ("train_sft.py", ["--lora_rank", "4", "--lora_targets", "q_proj"]),
+])
+def test_bad_lora_flags_exit_2_and_write_nothing(base, tmp_path, name, flags):
+    data = "data/sft.jsonl" if name == "train_sft.py" else "data/prefs.jsonl"
+    out = tmp_path / "out"
+    p = script(name, "--data", str(base / data), "--init_from", str(base / "base"), "--out_dir", str(out),
+               "--max_steps", "2", "--device", "cpu", *flags, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("--lora_rank" in lines[0] or "--lora_targets" in lines[0]), p.stderr
+    assert not out.exists()
