@@ -1,5 +1,6 @@
-# Quick start:  `make` runs the whole pipeline on the built-in task, `make test` runs the tests.
-# Each stage is a file target, so a stage whose inputs did not change is not rerun.
+# Quick start:  `make` runs the whole pipeline on the built-in task, `make test` runs the tests,
+# `make help` lists the targets and the variables. Each stage is a file target, so a stage whose inputs did
+# not change is not rerun.
 
 PY      := .venv/bin/python
 OUT     := out
@@ -15,7 +16,7 @@ CODE    := $(wildcard nanorlhf/*.py)
 GPU     ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 MODEL_FLAGS := $(if $(GPU),--n_layer 6 --n_head 4 --n_embd 256 --lr 1e-3)
 
-.PHONY: all test venv clean
+.PHONY: all help test venv clean
 
 all: $(OUT)/report.md
 
@@ -28,6 +29,13 @@ all: $(OUT)/report.md
 	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+# matplotlib draws the report's pictures. It is optional: where it cannot be installed, pip's output goes to
+# .venv/plots.log, make carries on, and evaluate.py says once that the pictures were skipped.
+.venv/plots: .venv/stamp
+	@echo "installing matplotlib for the report's pictures (optional)"
+	@$(PY) -m pip install -q -e ".[plots]" >.venv/plots.log 2>&1 || true
+	@touch $@
 
 venv: .venv/stamp
 
@@ -47,8 +55,24 @@ $(OUT)/rm/ckpt.pt: $(OUT)/sft/ckpt.pt train_rm.py
 $(OUT)/ppo/ckpt.pt: $(OUT)/rm/ckpt.pt train_ppo.py
 	$(PY) train_ppo.py --data $(OUT)/data/prompts.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --out_dir $(OUT)/ppo --seed $(SEED) $(PPO_FLAGS)
 
-$(OUT)/report.md: $(OUT)/ppo/ckpt.pt evaluate.py
+$(OUT)/report.md: $(OUT)/ppo/ckpt.pt evaluate.py .venv/plots
 	$(PY) evaluate.py --data $(OUT)/data/eval.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --ppo $(OUT)/ppo --out_dir $(OUT)
 
 clean:
 	rm -rf $(OUT)
+
+help:
+	@echo "Targets:"
+	@echo "  make              the whole pipeline: virtualenv, data, SFT -> RM -> PPO -> $(OUT)/report.md (+ PNGs)"
+	@echo "  make test         the test suite (pytest)"
+	@echo "  make venv         only the virtualenv (.venv)"
+	@echo "  make clean        remove $(OUT)/"
+	@echo "  make help         this list"
+	@echo "Variables (make VAR=value):"
+	@echo "  SFT_FLAGS  extra train_sft.py flags, e.g. SFT_FLAGS=\"--max_steps 2000\"   (python train_sft.py --help)"
+	@echo "  RM_FLAGS   extra train_rm.py flags,  e.g. RM_FLAGS=\"--lr 1e-4\"           (python train_rm.py --help)"
+	@echo "  PPO_FLAGS  extra train_ppo.py flags, e.g. PPO_FLAGS=\"--kl_coef 0.1\"      (python train_ppo.py --help)"
+	@echo "  SEED       seed of the data and of every stage (now: $(SEED))"
+	@echo "  OUT        output directory (now: $(OUT))"
+	@echo "  GPU        1: the larger model and pip's CUDA torch; empty: the CPU model (now: $(if $(GPU),1,empty))"
+	@echo "After make:  python sample.py --ckpt $(OUT)/ppo --compare $(OUT)/sft --prompt \"sort 5 3 8 1\""

@@ -30,9 +30,11 @@ Compare more checkpoints, e.g. the runs of the over-optimisation sweep (kl_sweep
         --extra beta0=out/sweep/beta0,default=out/sweep/default --out_dir out/sweep/eval
 
 Writes, atomically:
-    out_dir/report.md     the table, the reward model's accuracy beside the annotators' agreement, the PPO
-                          learning curves (out_dir/curves.png with matplotlib, else a text table), the
-                          over-optimisation sweep when out_dir/sweep holds one, responses side by side
+    out_dir/report.md     the table, the SFT loss, the reward model's accuracy beside the annotators' agreement
+                          and its calibration, the PPO learning curves, the over-optimisation sweep when
+                          out_dir/sweep holds one, responses side by side
+    out_dir/*.png         with matplotlib (optional), linked from report.md: gold_vs_kl.png (gold against KL of
+                          the evaluated policies), sft_loss.png, rm.png (accuracy, calibration), curves.png (PPO)
     out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
                            "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s"}
                           (null where a number does not apply: no --ppo, no --rm, not the built-in task)
@@ -68,7 +70,7 @@ class Config:
     rm: str | None = flag(None, "reward-model checkpoint for the rm column and the RM accuracy")
     extra: str | None = flag(None, "more policies to evaluate, as name=path[,name=path...]")
     init_row: bool = flag(True, "also evaluate a randomly initialised model of the SFT config (a floor)")
-    out_dir: str = flag("out", "where report.md, report.json and curves.png go")
+    out_dir: str = flag("out", "where report.md, report.json and the pictures go")
     # sampling
     n_prompts: int = flag(256, "evaluate on the first n prompts of --data (all if fewer; the task writes 500)")
     samples_per_prompt: int = flag(1, "responses sampled per prompt and policy")
@@ -289,6 +291,9 @@ def overoptimisation(c, tol=0.03):
             "shows": gold[-1] < gold[peak] - tol and rm[-1] >= rm[peak]}
 
 
+PLOTS_HINT = "`pip install matplotlib`, or `pip install -e '.[plots]'`"
+
+
 def pyplot():
     """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
     try:
@@ -334,6 +339,90 @@ def plot_sweep(plt, runs, path):
         ax.set_title(f"{label} vs KL")
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def series(rows, key, x="step"):
+    """(xs, ys) of the rows that logged `key`: series([{"step": 0, "val_loss": 2}, {"step": 50, "loss": 1}], "loss")
+    -> ([50], [1])."""
+    picked = [r for r in rows if r.get(key) is not None and r.get(x) is not None]
+    return [r[x] for r in picked], [r[key] for r in picked]
+
+
+def plot_sft(plt, rows, path):
+    """SFT training loss (the mean over each logging interval) and held-out loss against the optimizer step."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(*series(rows, "loss"), label="training (mean over the last log interval)")
+    ax.plot(*series(rows, "val_loss"), "o-", label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_yscale("log")  # the loss at step 0 (about log(vocab)) would flatten the rest of the run
+    ax.set_ylabel("loss per response token (nats, log scale)")
+    ax.set_title("SFT loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_rm(plt, rows, ceiling, path):
+    """
+    Left: the reward model's pairwise accuracy against the step, on the held-out comparisons (and on the
+    training batches), below the annotators' own agreement with gold when known. Right: calibration, from the
+    last held-out evaluation of train_rm.py: per bin of predicted probability sigma(|r_w - r_l|) that the RM's
+    favourite is preferred, the fraction of pairs in which the annotators did prefer it (the diagonal is perfect).
+    """
+    final = next(r for r in reversed(rows) if r.get("val_calibration"))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax.plot(*series(rows, "acc"), alpha=0.5, label="training batches")
+    ax.plot(*series(rows, "val_acc"), "o-", label="held-out")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="gray", linestyle="--", label=f"annotators vs gold ({ceiling:.3f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("pairwise accuracy (ties 1/2)")
+    ax.set_title("Reward model accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    conf, acc, count = zip(*final["val_calibration"])
+    bx.plot([0.5, 1], [0.5, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    bx.plot(conf, acc, "-", color="C1")
+    bx.scatter(conf, acc, s=[20 + 200 * n / max(count) for n in count], color="C1", zorder=3,
+               label="held-out pairs (area ~ count)")
+    for x, y, n in zip(conf, acc, count):
+        bx.annotate(str(n), (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    bx.set_xlim(0.48, 1.02)
+    bx.set_ylim(min(0.48, min(acc) - 0.02), 1.02)
+    bx.set_xlabel("predicted P(RM's favourite preferred) = sigma(|r_w - r_l|)")
+    bx.set_ylabel("observed: annotators preferred it")
+    bx.set_title(f"Reward model calibration (ECE {final.get('val_ece', float('nan')):.3f}, step {final['step']})")
+    bx.grid(alpha=0.3)
+    bx.legend(loc="upper left")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_gold_vs_kl(plt, summaries, c, path):
+    """
+    The evaluated policies (init left out: its KL is off any useful scale) as points, gold (or, off the built-in
+    task, RM score) against KL to the SFT model, with the PPO run's path during training (rollout means on the
+    training prompts, smoothed) behind them.
+    """
+    key, label = ("gold", "gold score") if summaries["sft"]["gold"] is not None else ("rm", "RM score")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    curve = c["gold score"] if key == "gold" else []  # the PPO curves log raw r, not the normalised RM score
+    if curve and c["KL"]:
+        w = max(1, len(c["iter"]) // 10)
+        ax.plot(smooth(c["KL"], w), smooth(curve, w), color="gray", alpha=0.6, label="PPO during training (rollouts)")
+    for i, (name, s) in enumerate((n, s) for n, s in summaries.items() if n != "init"):
+        err = s.get(f"{key}_sem") if key == "gold" else None
+        ax.errorbar([s["kl"]], [s[key]], yerr=[err] if err is not None else None, fmt="o", color=f"C{i}",
+                    capsize=3, label=f"{name} (held-out)")
+        ax.annotate(name, (s["kl"], s[key]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("KL to the SFT model (nats per response)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} against KL")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
 
@@ -463,39 +552,65 @@ def report_json(summaries, rm_info, seed, device, wall_s):
 
 
 def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_times, report, plt):
-    """report.md: the table, the RM's accuracy, the PPO curves, the over-optimisation sweep, sample responses."""
+    """
+    report.md: the table, the SFT loss, the RM's accuracy and calibration, the PPO curves, the over-optimisation
+    sweep, sample responses. With matplotlib (plt) it also draws, beside report.md, gold_vs_kl.png, sft_loss.png,
+    rm.png and curves.png, and links them; without it the same numbers are there as text.
+    """
     wall_s = report["wall_s"]
+
+    def picture(name, title, draw, *args):
+        """Draw out_dir/name with draw(plt, *args, path) and return its markdown link ([] without matplotlib)."""
+        if plt is None:
+            return []
+        draw(plt, *args, os.path.join(cfg.out_dir, name))
+        return [f"![{title}]({name})", ""]
+
+    c = curves(read_metrics(cfg.ppo) if cfg.ppo else [])
     md = ["# nanorlhf evaluation report", "",
           f"Held-out prompts: `{cfg.data}` ({n_prompts} prompts x {cfg.samples_per_prompt} sample(s)), temperature "
           f"{cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, sampling seed {cfg.seed}, device {report['device']}.",
           f"Pipeline seed {report['seed']}; wall time {wall_s:.0f} s = "
           + " + ".join(f"{s} {fmt(t, 0) if t is not None else '?'}" for s, t in stage_times.items()) + " s "
-          "(each stage's loop, from its metrics.jsonl, plus this evaluation).", "",
-          "## SFT vs PPO", "",
-          results_table(summaries), "",
-          "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
-          f"RM score: (r - mean) / std with the mean {fmt(rm_info['reward_mean'])} and std {fmt(rm_info['reward_std'])} "
-          "of the demonstrations' rewards that train_rm.py stored (the PPO curves below show raw r); KL to SFT: per response, sum over its "
-          "tokens of log pi - log pi_sft on the policy's own samples (nats); length: tokens, EOS included; "
-          "init: a randomly initialised model of the SFT config (the floor)."]
+          "(each stage's loop, from its metrics.jsonl, plus this evaluation)."]
+    if plt is None:
+        md += ["", f"Pictures skipped: matplotlib is not installed ({PLOTS_HINT}); every number is here as text."]
+    md += ["", "## SFT vs PPO", "",
+           results_table(summaries), "",
+           "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
+           f"RM score: (r - mean) / std with the mean {fmt(rm_info['reward_mean'])} and std {fmt(rm_info['reward_std'])} "
+           "of the demonstrations' rewards that train_rm.py stored (the PPO curves below show raw r); KL to SFT: per response, sum over its "
+           "tokens of log pi - log pi_sft on the policy's own samples (nats); length: tokens, EOS included; "
+           "init: a randomly initialised model of the SFT config (the floor).", ""]
+    md += picture("gold_vs_kl.png", "gold against KL", plot_gold_vs_kl, summaries, c)
     if meta is not None:
-        md += ["", f"For scale, from the task's meta.json: the demonstrator scores {fmt(meta.get('gold_demonstrator'))}"
+        md += [f"For scale, from the task's meta.json: the demonstrator scores {fmt(meta.get('gold_demonstrator'))}"
                f", the demonstrator without its habit {fmt(meta.get('gold_demonstrator_without_habit'))}, a perfect "
-               f"policy {fmt(meta.get('gold_perfect'))}."]
-    md += ["", "## Reward model", "",
+               f"policy {fmt(meta.get('gold_perfect'))}.", ""]
+    sft_rows = read_metrics(cfg.sft)
+    train, val = series(sft_rows, "loss")[1], series(sft_rows, "val_loss")
+    if val[0]:
+        md += ["## SFT", "",
+               f"Held-out loss {fmt(val[1][0])} at step {val[0][0]} -> {fmt(val[1][-1])} at step {val[0][-1]}"
+               + (f"; training loss {fmt(train[-1])} over the last log interval" if train else "")
+               + " (nats per response token, from the SFT run's metrics.jsonl).", ""]
+        md += picture("sft_loss.png", "SFT loss", plot_sft, sft_rows)
+    rm_rows = read_metrics(cfg.rm) if cfg.rm else []
+    calibrated = next((r for r in reversed(rm_rows) if r.get("val_calibration")), None)
+    md += ["## Reward model", "",
            f"Held-out pairwise accuracy against the annotators' labels {fmt(rm_info['accuracy'])}; the annotators' "
            f"own agreement with the gold judge {fmt(rm_info['annotator_agreement'])} (the ceiling for that accuracy; "
            "gold ties count 1/2 in both). The reward model agrees with gold on "
            f"{fmt(rm_info['gold_accuracy'])} of the held-out pairs that gold does not tie (from train_rm.py's "
            "metrics.jsonl)."]
-    c = curves(read_metrics(cfg.ppo) if cfg.ppo else [])
+    if calibrated is not None:
+        md += ["", f"Calibration: read as a probability, sigma(r_w - r_l) is off from the annotators' choices by "
+               f"{fmt(calibrated.get('val_ece'))} on average (expected calibration error over "
+               f"{len(calibrated['val_calibration'])} bins of the held-out pairs; 0 is perfect).", ""]
+        md += picture("rm.png", "reward model accuracy and calibration", plot_rm, rm_rows, rm_info["annotator_agreement"])
     if any(c[label] for label in CURVE_KEYS):
         md += ["", "## PPO learning curves", ""]
-        if plt is not None:
-            plot_curves(plt, c, os.path.join(cfg.out_dir, "curves.png"))
-            md += ["![PPO learning curves](curves.png)", ""]
-        else:
-            md += ["`pip install matplotlib` to get the plots (`pip install -e .[plots]`); the curves as a table:", ""]
+        md += picture("curves.png", "PPO learning curves", plot_curves, c)
         md += [f"From `{os.path.join(cfg.ppo, 'metrics.jsonl')}` (rollout means on the training prompts):", "",
                curves_table(c)]
     sweep = sweep_section(os.path.join(cfg.out_dir, "sweep"), plt, cfg.out_dir)
@@ -608,9 +723,12 @@ def main(argv=None):
     report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1))
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
 
-    # report.md (and the plots)
-    md = report_markdown(cfg, len(prompts), summaries, all_rows, rm_info, meta, stage_times, report, pyplot())
+    # report.md (and the pictures beside it)
+    plt = pyplot()
+    md = report_markdown(cfg, len(prompts), summaries, all_rows, rm_info, meta, stage_times, report, plt)
     write_text(os.path.join(cfg.out_dir, "report.md"), md)
+    if plt is None:
+        print(f"pictures skipped: matplotlib is not installed ({PLOTS_HINT.replace('`', '')})")
 
     print(text_table(summaries))
     print(f"rm accuracy {fmt(rm_info['accuracy'])} (annotator agreement {fmt(rm_info['annotator_agreement'])}), "

@@ -13,7 +13,8 @@ shuffled minibatches. The objective the actor climbs is (seed section 3.2, Instr
 
 Run (after train_sft.py and train_rm.py; `make` does all of it):
     python train_ppo.py --data out/data/prompts.jsonl --sft out/sft --rm out/rm --out_dir out/ppo
-    python train_ppo.py ... --resume                           # continue from out/ppo/train_state.pt
+    python train_ppo.py --out_dir out/ppo --resume             # continue from out/ppo/train_state.pt, saved flags
+    python train_ppo.py ... --resume auto                      # continue if out/ppo has a checkpoint, else start
     python train_ppo.py ... --adaptive_kl --target_kl 2        # Ziegler et al.'s adaptive beta
     python train_ppo.py ... --ptx_coef 1 --ptx_data out/data/sft.jsonl   # PPO-ptx
 
@@ -24,9 +25,14 @@ Deviations from InstructGPT, on purpose:
 - The KL penalty is per token (Ziegler et al., Stiennon et al.): r_t = -beta * kl_t on every response token and
   the RM score added at the last real token, rather than one sequence-level term. Summed over the response it is
   the same R_total; per token, GAE can assign it. kl_t is the k1 estimator log pi - log pi_ref by default;
-  --kl_estimator k3 uses (ratio - 1) - log ratio with ratio = pi_ref / pi, which is never negative.
+  --kl_estimator k3 uses (ratio - 1) - log ratio with ratio = pi_ref / pi, which is never negative. Both are
+  logged ("kl" is k1, "kl_k3" is k3, each summed over the response); the adaptive controller follows k1 whatever
+  the reward uses: its sum over a response is exactly log pi(y|x) / pi_ref(y|x), the seed's and Ziegler et al.'s
+  KL, so --target_kl means the same number with either estimator and matches the KL that evaluate.py reports.
 - PPO-ptx mixes in the SFT data's response log-likelihood (a file you name), not the pretraining corpus.
 - The actor and the critic are two networks with two AdamW optimizers (no shared trunk), as in InstructGPT.
+  So --vf_coef barely matters: Adam's step does not change when a loss is scaled (up to its eps and gradient
+  clipping). It would weigh the two losses against each other only in a shared trunk.
 - A response that never emits EOS within --response_length gets the score --missing_eos_penalty instead of
   the RM's score (Stiennon et al. / summarize_from_feedback_details), so the policy cannot win by rambling.
 - Scale: a 1M-parameter model and 50 x 64 = 3200 episodes by default (InstructGPT: 256k episodes). beta = 0.3
@@ -46,6 +52,7 @@ import torch
 
 from nanorlhf import data as D
 from nanorlhf import footprint, lora, tasks
+from nanorlhf import train_common as C
 from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
 from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
@@ -95,6 +102,20 @@ def compute_rewards(logprobs, ref_logprobs, scores, mask, beta, estimator="k1"):
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype) * m[rows, last]
     return rewards, kl
+
+
+def sequence_kls(logprobs, ref_logprobs, mask):
+    """
+    The rollout's KL to the reference per response, averaged over the batch, by both estimators:
+    {"kl": mean_b sum_t k1_bt, "kl_k3": mean_b sum_t k3_bt} over the real tokens (see kl_penalty).
+    "kl" is what the adaptive controller follows, whichever estimator the reward uses (module docstring).
+    """
+    out = {}
+    for name, est in (("kl", "k1"), ("kl_k3", "k3")):
+        # KL(pi || pi_ref)(x) ~ sum_t kl_t over the response's real tokens, then the mean over the batch
+        per_token = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, est), torch.zeros_like(logprobs))
+        out[name] = per_token.sum(-1).mean().item()  # (B, N) -> (B,) -> mean
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +289,8 @@ class Args:
     sft: str = flag("out/sft", "SFT checkpoint directory: the actor starts here and the reference stays here")
     rm: str = flag("out/rm", "reward model checkpoint directory: the reward model, and the critic's start")
     out_dir: str = flag("out/ppo", "where ckpt.pt, critic.pt, train_state.pt, metrics.jsonl and samples go")
-    resume: bool = flag(False, "continue from out_dir/train_state.pt (actor and critic from out_dir)")
+    resume: str = flag("off", "continue the run in out_dir (ckpt.pt, critic.pt, train_state.pt) with its saved flags: "
+                              "on (a bare --resume), off, or auto (continue when out_dir holds a checkpoint, else start)")
     gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
     # runtime
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
@@ -285,7 +307,8 @@ class Args:
                                              "2 std below the demonstrations' mean RM score (stored by train_rm.py), else -1")
     # reward: R(x, y) - beta * KL
     kl_coef: float = flag(0.3, "beta: weight of the per-token KL penalty (the start value when --adaptive_kl)")
-    kl_estimator: str = flag("k1", "per-token KL estimate in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r, r = pi_ref / pi")
+    kl_estimator: str = flag("k1", "per-token KL estimate in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r, "
+                                   "r = pi_ref / pi (both are logged; --adaptive_kl follows k1)")
     adaptive_kl: bool = flag(False, "adapt beta towards --target_kl (Ziegler et al. 2019)")
     target_kl: float = flag(2.0, "target KL per sequence (nats) for --adaptive_kl")
     kl_horizon: int = flag(10000, "horizon in episodes of the adaptive KL controller")
@@ -295,7 +318,7 @@ class Args:
     # update
     ppo_epochs: int = flag(4, "passes over each rollout")
     num_minibatches: int = flag(4, "minibatches per pass (one optimizer step each)")
-    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: same gradient)")
+    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: the same gradient, PPO-ptx batch included)")
     lr: float = flag(2e-4, "actor learning rate (AdamW)")
     critic_lr: float = flag(1e-4, "critic learning rate (AdamW)")
     anneal_lr: bool = flag(True, "decay both learning rates linearly to 0 over the run")
@@ -304,9 +327,10 @@ class Args:
     beta2: float = flag(0.95, "AdamW beta2")
     clip_coef: float = flag(0.2, "epsilon of the clipped surrogate: ratio stays in [1 - eps, 1 + eps]")
     vf_clip_coef: float = flag(0.2, "values move at most this far from the rollout's values (clipped value loss)")
-    vf_coef: float = flag(0.1, "weight of the value loss")
+    vf_coef: float = flag(0.1, "weight of the value loss; with the separate critic and its own AdamW it barely matters "
+                               "(Adam's step ignores a loss's scale, up to eps and clipping); it matters in a shared trunk")
     ent_coef: float = flag(0.0, "weight of the entropy bonus")
-    max_grad_norm: float = flag(1.0, "gradient clipping (per model)")
+    max_grad_norm: float = flag(1.0, "clip each model's global gradient norm to this (0: no clipping)")
     # memory (seed section 3.3; build_models has the table of who holds which weights)
     lora_rank: int = flag(0, "LoRA rank of the adapters on actor and critic (0 = off: every weight trains)")
     lora_alpha: float = flag(16.0, "LoRA alpha: the adapters' update is (alpha / rank) B A")
@@ -322,6 +346,14 @@ class Args:
     sample_interval: int = flag(10, "write prompt/response samples every N iterations")
     num_samples: int = flag(4, "samples per write")
     save_interval: int = flag(25, "checkpoint every N iterations (and at the end)")
+    stop_at: int | None = flag(None, "stop (with a checkpoint) after this iteration; the lr schedule still runs to "
+                                     "--num_iterations (continue with --resume)")
+
+
+CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in out_dir
+# flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
+RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
+               "save_interval", "offload")
 
 
 # -----------------------------------------------------------------------------
@@ -403,19 +435,25 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
 # update
 
 
-def ptx_batches(examples, batch_size, pad_id, seed):
-    """Endless random batches of SFT examples (ids, response_mask) for PPO-ptx."""
-    g = torch.Generator().manual_seed(seed)
+def ptx_batches(examples, batch_size, pad_id, generator, max_len):
+    """
+    Endless random batches of SFT examples (ids, response_mask) for PPO-ptx, drawn with `generator` (whose state
+    train_state.pt keeps, so a resumed run draws what the uninterrupted one would), padded to at most max_len
+    (the block size, which need not be a multiple of 8).
+    """
     while True:
-        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
-        yield D.collate([examples[i][0] for i in idx], pad_id, masks=[examples[i][1] for i in idx])
+        idx = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+        yield D.collate([examples[i][0] for i in idx], pad_id, masks=[examples[i][1] for i in idx], max_len=max_len)
 
 
-def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, probe=None):
+def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, where="", probe=None):
     """
     --ppo_epochs passes of shuffled minibatches over one rollout; one optimizer step per minibatch for each model.
     Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
     real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
+    ptx: a stream of SFT batches of minibatch size (ptx_batches), one per minibatch, split across its micro-batches.
+    A NaN or inf loss or gradient norm stops with NonFiniteError (naming `where`, the epoch and the minibatch)
+    before that minibatch's optimizer steps.
     critic None (and critic_opt None): the shared trunk; one forward gives logits and values, one optimizer
     steps on pg_loss - ent_coef * entropy + vf_coef * vf_loss.
     probe: a dict that gets "activations", the bytes autograd saved for the first micro-batch (memory.json).
@@ -424,7 +462,8 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, pr
     B, T = exp["seq"].size(0), exp["context_len"]
     mb_size = B // args.num_minibatches
     micro_size = mb_size // args.grad_accum
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "ptx_loss")}
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "ptx_loss",
+                             "grad_norm", "critic_grad_norm")}
     first_ratio_max_dev = torch.zeros((), device=exp["seq"].device)  # a tensor: no device sync per micro-batch
     models = [actor] if shared else [actor, critic]
     optimizers = [actor_opt] if shared else [actor_opt, critic_opt]
@@ -438,7 +477,14 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, pr
             # micro-batches of any length gives the gradient of the minibatch mean
             n_tokens = exp["response_mask"][mb_inds].sum().clamp(min=1)
             mb_stats = {k: 0.0 for k in stats}
-            for mstart in range(0, mb_size, micro_size):
+            if ptx is not None:
+                # one SFT batch per minibatch, its rows split across the micro-batches and its loss normalised by
+                # the whole batch's target count (as in train_sft.py): --grad_accum changes memory, not the gradient
+                pb = D.to_device(next(ptx), rt.device)  # (mb_size, T') each
+                ptx_targets = pb["response_mask"][:, 1:].sum()
+                assert pb["idx"].size(0) % args.grad_accum == 0, "a PPO-ptx batch must split into --grad_accum parts"
+                ptx_micro = pb["idx"].size(0) // args.grad_accum
+            for j, mstart in enumerate(range(0, mb_size, micro_size)):
                 i = mb_inds[mstart:mstart + micro_size]  # the micro-batch's rows
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = mask.sum() / n_tokens  # this micro-batch's part of the minibatch mean
@@ -464,13 +510,15 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, pr
                     ent = masked_mean(entropy_from_logits(logits, args.temperature), mask)
                     actor_loss = actor_loss - args.ent_coef * ent * share
                 if ptx is not None:
-                    # PPO-ptx: + gamma * log-likelihood of the SFT data (InstructGPT eq. 2), one batch per micro-batch
-                    pb = D.to_device(next(ptx), rt.device)
+                    # PPO-ptx: + gamma * log-likelihood of the SFT data (InstructGPT eq. 2); this micro-batch's rows of
+                    # the minibatch's SFT batch, -sum log p over their targets / the whole batch's target count
+                    rows = slice(j * ptx_micro, (j + 1) * ptx_micro)
+                    p_idx, p_mask = pb["idx"][rows], pb["response_mask"][rows]  # (b', T')
                     with rt.autocast():
-                        ptx_logits = actor(pb["idx"])  # right-padded: plain causal attention, as in train_sft.py
-                    ptx_loss = sft_loss(ptx_logits, pb["idx"], pb["response_mask"])
-                    actor_loss = actor_loss + args.ptx_coef * ptx_loss / args.grad_accum
-                    mb_stats["ptx_loss"] += ptx_loss.detach() / args.grad_accum
+                        ptx_logits = actor(p_idx)  # right-padded: plain causal attention, as in train_sft.py
+                    ptx_loss = sft_loss(ptx_logits, p_idx, p_mask, n_tokens=ptx_targets)
+                    actor_loss = actor_loss + args.ptx_coef * ptx_loss
+                    mb_stats["ptx_loss"] += ptx_loss.detach()
                 if shared:
                     # one loss for the one trunk: pg_loss (- ent_coef * entropy) + vf_coef * vf_loss
                     (actor_loss + args.vf_coef * vf_loss * share).backward()
@@ -485,15 +533,22 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, pr
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("vf_clipfrac", vf_stats["vf_clipfrac"]),
                              *((k, pg_stats[k]) for k in ("clipfrac", "approx_kl", "ratio"))):
                     mb_stats[k] += v.detach() * share
-            for m in models:
-                torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], args.max_grad_norm)
+            mb_stats["grad_norm"] = C.clip_grad_norm(actor.parameters(), args.max_grad_norm)
+            if not shared:
+                mb_stats["critic_grad_norm"] = C.clip_grad_norm(critic.parameters(), args.max_grad_norm)
+            # one device sync per minibatch: a NaN or inf stops here, before it reaches the weights
+            C.check_finite(f"{where}epoch {epoch + 1} minibatch {start // mb_size + 1}",
+                           **{k: mb_stats[k] for k in ("pg_loss", "vf_loss", "grad_norm")},
+                           **({"critic_grad_norm": mb_stats["critic_grad_norm"]} if not shared else {}),
+                           **({"ptx_loss": mb_stats["ptx_loss"]} if ptx is not None else {}))
             for opt in optimizers:
                 opt.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             for k, v in mb_stats.items():
                 stats[k].append(v)
-    out = {k: float(sum(v) / len(v)) for k, v in stats.items()}
+    out = {k: float(sum(v) / len(v)) for k, v in stats.items()
+           if (k != "ptx_loss" or ptx is not None) and (k != "critic_grad_norm" or not shared)}
     out["first_ratio_max_dev"] = float(first_ratio_max_dev)
     return out
 
@@ -506,7 +561,7 @@ OFFLOADABLE = ("ref", "rm")
 ADAPTERS = "adapters.pt"  # the LoRA adapters alone (ckpt.pt and critic.pt hold merged weights): what --resume needs
 
 
-def build_models(args, device):
+def build_models(args, device, resume=False):
     """
     Actor, critic, reference and reward model for the options, as a dict (critic None with --critic shared)
     with the tokenizer, the RM's checkpoint, and "roles": the parameters of each role, for memory.json.
@@ -536,7 +591,7 @@ def build_models(args, device):
     the actor's, which is the SFT model's.
     """
     offload_names = {n for n in args.offload.split(",") if n}
-    state_dir = args.out_dir if args.resume else None
+    state_dir = args.out_dir if resume else None
     if args.lora_rank:
         # LoRA: the frozen base is the SFT model itself (it is the reference), adapters come from --out_dir on resume
         actor, tok, _ = utils.load_model(args.sft, device, kind="gpt")
@@ -545,7 +600,7 @@ def build_models(args, device):
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, device, kind="scalar")
     check(rm_tok.to_dict() == tok.to_dict(),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
-    saved_critic = utils.load_model(state_dir, device, kind="scalar", name="critic.pt")[0] if state_dir else None
+    saved_critic = utils.load_model(state_dir, device, kind="scalar", name=CRITIC)[0] if state_dir else None
     for m in (actor, reward_model):
         disable_dropout(m)
     freeze(reward_model)
@@ -665,7 +720,12 @@ def critic_state_dict(actor, critic):
 
 
 def main(argv=None):
-    args = utils.parse_flags(Args, argv, description=__doc__)
+    args = C.parse_stage_flags(Args, argv, description=__doc__)
+    resuming = C.wants_resume(args.resume, args.out_dir, (utils.CKPT, CRITIC, utils.TRAIN_STATE))
+    if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
+        check(os.path.isfile(os.path.join(args.out_dir, utils.TRAIN_STATE)),
+              f"--resume: {args.out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
+        args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], free=RESUME_FREE)
 
     # derived sizes, checked before anything is loaded or written
     check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
@@ -687,6 +747,9 @@ def main(argv=None):
     check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
     unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
     check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
+    check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
+          f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
+    C.check_clip_flag("max_grad_norm", args.max_grad_norm)
 
     rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
 
@@ -696,17 +759,13 @@ def main(argv=None):
 
     # models
     state = None
-    if args.resume:
+    if resuming:
         state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
-        saved_args = utils.load_checkpoint(args.out_dir)["args"]
-        for k in ("lora_rank", "lora_targets", "critic"):
-            check(saved_args.get(k, getattr(Args, k)) == getattr(args, k), f"--resume: --{k} must stay "
-                  f"{saved_args.get(k, getattr(Args, k))!r}, the value the run in {args.out_dir} started with")
-        names = [utils.CKPT, "critic.pt"] + ([ADAPTERS] if args.lora_rank else [])
+        names = [utils.CKPT, CRITIC] + ([ADAPTERS] if args.lora_rank else [])
         steps = tuple(utils.load_checkpoint(args.out_dir, n)["step"] for n in names) + (state["step"],)
         check(len(set(steps)) == 1, f"--resume: in {args.out_dir}, {', '.join(names)} and {utils.TRAIN_STATE} "
               f"are at iterations {steps} (a save was interrupted)")
-    models = build_models(args, rt.device)
+    models = build_models(args, rt.device, resume=resuming)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
@@ -752,10 +811,15 @@ def main(argv=None):
         sampler_state = state["data"]
         start_iter = state["step"]
         utils.set_rng_state(state["rng"])
-        check(start_iter < args.num_iterations, f"{args.out_dir} already ran {start_iter} iterations; raise --num_iterations")
-    ptx = None
+    ptx, ptx_gen = None, torch.Generator().manual_seed(args.seed)
     if ptx_records is not None:
-        ptx = ptx_batches(ptx_examples, mb_size // args.grad_accum, tok.pad_id, args.seed + start_iter)
+        if state is not None and state.get("ptx_rng") is not None:
+            ptx_gen.set_state(state["ptx_rng"])
+        ptx = ptx_batches(ptx_examples, mb_size, tok.pad_id, ptx_gen, block_size)
+    stop = args.stop_at or args.num_iterations
+    if start_iter >= stop:
+        print(f"nothing to do: the run in {args.out_dir} is at iteration {start_iter}")
+        return
 
     def save(iteration):
         # ckpt.pt and critic.pt are plain merged models that every stage and evaluate.py load as usual
@@ -764,7 +828,7 @@ def main(argv=None):
         utils.save_checkpoint(args.out_dir, payload)
         payload = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
         payload["model"], payload["model_kind"] = critic_state_dict(actor, critic), "scalar"
-        utils.save_checkpoint(args.out_dir, payload, "critic.pt")
+        utils.save_checkpoint(args.out_dir, payload, CRITIC)
         if args.lora_rank:
             utils.save_checkpoint(args.out_dir, {"actor": lora.adapter_state_dict(actor), "step": iteration,
                                                  "critic": lora.adapter_state_dict(critic) if critic is not None else {}},
@@ -773,19 +837,20 @@ def main(argv=None):
             "actor_optimizer": actor_opt.state_dict(),
             "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
             "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
+            "ptx_rng": ptx_gen.get_state() if ptx is not None else None,
         }, utils.TRAIN_STATE)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    if not args.resume:
+    if not resuming:
         for name in ("samples.jsonl", "samples.txt"):
             if os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
-    logger = utils.MetricsLogger(args.out_dir, resume=args.resume)
+    logger = utils.MetricsLogger(args.out_dir, resume=resuming)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
-    timer = utils.Timer(args.num_iterations, start_iter)
-    for it in range(start_iter, args.num_iterations):
+    timer = utils.Timer(stop, start_iter)
+    for it in range(start_iter, stop):
         if args.anneal_lr:
             frac = 1.0 - it / args.num_iterations
             for opt, lr in optimizers:
@@ -803,21 +868,22 @@ def main(argv=None):
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt, ptx, mem_probe.extra)
+        upd = ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ",
+                         probe=mem_probe.extra)
         t_update = time.time() - t0
         if it == start_iter:
             write_memory_report(args, actor.config, mem_probe, rt)
 
         # statistics of this rollout (before the update)
         mask = exp["response_mask"]
-        kl_seq = ((exp["logprobs"] - exp["ref_logprobs"]) * mask).sum(-1)  # (B,) k1 summed over each response
+        kls = sequence_kls(exp["logprobs"], exp["ref_logprobs"], mask)  # k1 and k3, each summed over a response
         beta = kl_ctl.value
-        kl_ctl.update(kl_seq.mean().item(), args.batch_size)
+        kl_ctl.update(kls["kl"], args.batch_size)  # k1, whatever the reward uses (module docstring)
         row = {
             "iter": it + 1,
             "score": exp["scores"].mean().item(),
             "rm_score": exp["rm_scores"].mean().item(),
-            "kl": kl_seq.mean().item(),
+            **kls,
             "non_score_reward": (exp["rewards"].sum(-1) - exp["scores"]).mean().item(),
             "entropy": masked_mean(exp["entropy"], mask).item(),
             "response_length": mask.sum(-1).float().mean().item(),
@@ -825,7 +891,7 @@ def main(argv=None):
             "explained_variance": explained_variance(exp["values"], exp["returns"], mask),
             "beta": beta,
             "lr": actor_opt.param_groups[0]["lr"],
-            **{k: v for k, v in upd.items() if k != "first_ratio_max_dev" and (k != "ptx_loss" or ptx is not None)},
+            **upd,  # first_ratio_max_dev among them: not 0 means the update does not see what the rollout saw
             "t_rollout": t_rollout,
             "t_update": t_update,
         }
@@ -847,8 +913,10 @@ def main(argv=None):
             write_samples(args.out_dir, it + 1, [
                 {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
                 for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
-        if (it + 1) % args.save_interval == 0 or it + 1 == args.num_iterations:
+        if (it + 1) % args.save_interval == 0 or it + 1 == stop:
             save(it + 1)
+    if stop < args.num_iterations:
+        print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
 
 
 if __name__ == "__main__":

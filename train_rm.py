@@ -12,7 +12,7 @@ score 0 on average (InstructGPT), and their mean (0) and std are stored in the c
 
 Run (after train_sft.py; about 3 minutes on 2 CPU cores):
     python train_rm.py --data out/data/prefs.jsonl --init_from out/sft --out_dir out/rm
-Continue an interrupted run (its saved flags are reused):
+Continue an interrupted run (its saved flags are reused; `--resume auto`: continue if there is a checkpoint):
     python train_rm.py --out_dir out/rm --resume
 
 Deviations from InstructGPT (Ouyang et al. 2022, section 3.5 and appendix C):
@@ -38,10 +38,11 @@ from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_s
                            read_sft, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
-from nanorlhf.train_common import (check_loop_flags, endless, fmt_count, load_run, optimizer_step, peak_flops,
-                                   read_split, restore_run, resumed_flags, save_run)
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
+                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
+                                   wants_resume)
 from nanorlhf.utils import (CKPT, MetricsLogger, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
-                            fmt_time, load_model, maybe_compile, model_payload, parse_flags, run, setup_runtime)
+                            fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Config:
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = flag(0, "seed for the held-out split and the batch order")
-    resume: bool = flag(False, "continue the run in --out_dir from its last checkpoint, with its saved flags")
+    resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
 
 
@@ -244,9 +245,9 @@ def score_sequences(model, seqs, pad_id, batch_size, max_len, rt):
 
 
 def main():
-    args = parse_flags(Config, description=__doc__)
+    args = parse_stage_flags(Config, description=__doc__)
     state = None
-    if args.resume:
+    if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
@@ -324,6 +325,7 @@ def main():
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         micro = [make_batch([train[i] for i in next(stream)], tok.pad_id, max_len) for _ in range(args.grad_accum)]
         n_prompts = sum(len(b["ranking"]) for b in micro)
+        step_loss = 0.0
         for batch in micro:
             tokens = int(batch["attention_mask"].sum())
             n_tok += tokens
@@ -338,10 +340,12 @@ def main():
                 # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
                 loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
             (loss * len(scores) / n_prompts).backward()
-            loss_sum += loss.item() * len(scores) / n_prompts
+            step_loss += loss.item() * len(scores) / n_prompts
             diffs = batch_diffs(scores.detach(), batch)
             acc_sum += sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs) / args.grad_accum
-        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip)
+        # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
+        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_loss)
+        loss_sum += step_loss
         step += 1
         n_steps += 1
         dt += time.perf_counter() - t0

@@ -9,7 +9,8 @@ see losses.sft_loss for the picture of which position predicts which token.
 Run (the built-in task; about 2-3 minutes on 2 CPU cores):
     python -m nanorlhf.tasks --out_dir out/data
     python train_sft.py --data out/data/sft.jsonl --out_dir out/sft
-Continue an interrupted run (its saved flags are reused):
+Continue an interrupted run (its saved flags are reused); `--resume auto` continues when out/sft holds a
+checkpoint and starts fresh otherwise (for a job scheduler that reruns the same command):
     python train_sft.py --out_dir out/sft --resume
 Fine-tune GPT-2 from a local Hugging Face directory (config.json + model.safetensors), on a GPU:
     python train_sft.py --init_from path/to/gpt2 --tokenizer path/to/gpt2.tiktoken --data my_sft.jsonl \\
@@ -38,10 +39,11 @@ from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fra
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.train_common import (check_loop_flags, endless, fmt_count, load_run, optimizer_step, peak_flops,
-                                   read_split, restore_run, resumed_flags, save_run)
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
+                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
+                                   wants_resume)
 from nanorlhf.utils import (CKPT, MetricsLogger, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
-                            fmt_time, load_model, maybe_compile, model_payload, parse_flags, run, setup_runtime)
+                            fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Config:
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = flag(0, "seed for initialisation, the held-out split and the batch order")
-    resume: bool = flag(False, "continue the run in --out_dir from its last checkpoint, with its saved flags")
+    resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
 
 
@@ -161,9 +163,9 @@ def evaluate(model, batches, rt):
 
 
 def main():
-    args = parse_flags(Config, description=__doc__)
+    args = parse_stage_flags(Config, description=__doc__)
     state = None
-    if args.resume:
+    if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
@@ -227,6 +229,7 @@ def main():
         # the loss is a sum over the targets of all micro-batches divided by their total count, so that
         # accumulation gives exactly the loss (and gradient) of one big batch
         n_tokens = sum(n_targets(b) for b in micro)
+        step_loss = torch.zeros((), device=rt.device)
         for batch in micro:
             tokens = int(batch["attention_mask"].sum())
             n_tok += tokens
@@ -239,8 +242,10 @@ def main():
                 logits = train_model(batch["idx"])  # (B, T, V)
             loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
             loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip)
+            step_loss += loss.detach()
+        # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
+        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_loss)
+        loss_sum += step_loss
         step += 1
         n_steps += 1
         dt += time.perf_counter() - t0

@@ -9,6 +9,7 @@ The losses and masked statistics that more than one stage uses.
     reward_centering_loss  TRL's auxiliary term that keeps rewards centred at 0   (RM, optional)
     entropy_from_logits    H(pi(. | y_<t)) per position                (PPO logging and entropy bonus)
     kl_penalty             per-token KL(pi || pi_ref) estimates k1, k3 (PPO, GRPO, RLOO)
+    clipped_surrogate      PPO's clipped objective per token           (GRPO, Dr. GRPO, RLOO)
 
 All the math runs in float32 (or float64 if given), whatever the dtype of the logits: a bf16 log-softmax
 loses about 3 significant digits, which is as large as the logprob differences that PPO's ratio measures.
@@ -68,7 +69,7 @@ def entropy_from_logits(logits, temperature=1.0):
 
 
 # -----------------------------------------------------------------------------
-# KL to the reference (PPO, GRPO, RLOO)
+# policy gradients: KL to the reference, the clipped surrogate (PPO, GRPO, RLOO)
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
@@ -91,6 +92,28 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
         log_r = ref_logprobs - logprobs
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {estimator!r}, expected 'k1' or 'k3'")
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_coef):
+    """
+    PPO's clipped surrogate per token, as a loss to minimise, before any averaging (GRPO, Dr. GRPO and RLOO
+    average it in different ways; train_ppo.policy_loss is its masked mean with statistics).
+
+    logprobs (B, R) now (with grad), old_logprobs (B, R) from the rollout, advantages (B, R) or (B, 1) (one per
+    sequence, broadcast over its tokens), mask (B, R). -> (losses (B, R), 0 on the pads; ratio (B, R), 1 on the pads)
+
+        ratio_t = pi_theta(y_t) / pi_old(y_t)
+        l_t     = -min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)
+
+    Example: A = 1, ratio = 1.5, eps = 0.2 -> l = -1.2 and no gradient (the clip binds).
+    """
+    m = mask.bool()
+    # ratio = exp(log pi_theta - log pi_old); pads get log ratio 0 and never reach exp with garbage
+    logratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, R)
+    ratio = torch.exp(logratio)  # (B, R)
+    # l = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef))
+    return torch.where(m, losses, torch.zeros_like(losses)), ratio
 
 
 # -----------------------------------------------------------------------------

@@ -46,6 +46,22 @@ def at_least_float32(x):
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def float32_head(head, h):
+    """
+    head(h) for an output head (the lm_head, the scalar head) with its matmul in float32 also under autocast:
+    h (..., C) -> (..., out) float32 (float64 for a float64 model).
+
+    Why: logprobs, the KL and PPO's ratio come from these logits. A bf16 matmul rounds each logit to 8
+    significant bits, about 0.03 nats at a logit of 8, comparable to the logprob changes that the 0.2 clip range
+    measures; an upcast afterwards cannot undo that. The head is one matmul of the model's many, so this costs
+    little (on a GPU the float32 matmul runs on TF32 where setup_runtime allows it).
+    """
+    x = at_least_float32(h)  # (..., C)
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.to(x.dtype)
+        return F.linear(x, head.weight.to(x.dtype), bias)  # (..., out)
+
+
 def last_index(mask):
     """
     Index of the last 1 in each row of a (B, T) 0/1 mask (0 for an all-zero row).
@@ -261,9 +277,12 @@ class GPT(Trunk):
         self.init_weights()
 
     def forward(self, idx, attention_mask=None, position_ids=None):
-        """idx (B, T) -> logits (B, T, vocab_size), float32 also under autocast (float64 for a float64 model)."""
+        """
+        idx (B, T) -> logits (B, T, vocab_size), computed in float32 also under autocast (float64 for a float64
+        model): the lm_head matmul runs in float32, see float32_head.
+        """
         h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
-        return at_least_float32(self.lm_head(h))  # (B, T, V)
+        return float32_head(self.lm_head, h)  # (B, T, V)
 
     def resize_vocab(self, new_vocab_size):
         """
@@ -287,7 +306,7 @@ class GPT(Trunk):
 
     def _forward_cached(self, idx, position_ids, attn_mask, caches, start):
         """The logits (B, V) after the last of tokens idx (B, T), run through hidden() with the KV caches."""
-        return at_least_float32(self.lm_head(self.hidden(idx, position_ids, attn_mask, caches, start)[:, -1]))
+        return float32_head(self.lm_head, self.hidden(idx, position_ids, attn_mask, caches, start)[:, -1])
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True,
@@ -350,7 +369,7 @@ class GPT(Trunk):
                 t = T0 + i  # the slot of the token sampled now
                 if not use_cache:
                     h = self.trunk(out[:, :t], key_mask[:, :t] if padded else None)  # (B, t, C)
-                    logits = at_least_float32(self.lm_head(h[:, -1]))  # (B, V)
+                    logits = float32_head(self.lm_head, h[:, -1])  # (B, V)
                 tok, logp = sample(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,), (B,)
                 if eos_id is not None:
                     tok = tok.masked_fill(finished, pad_id)
@@ -433,9 +452,9 @@ class ScalarGPT(Trunk):
         self.init_weights()
 
     def forward(self, idx, attention_mask=None, position_ids=None):
-        """idx (B, T) -> values (B, T), float32 also under autocast (float64 for a float64 model)."""
+        """idx (B, T) -> values (B, T), the head computed in float32 also under autocast (float64 for a float64 model)."""
         h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
-        return at_least_float32(self.head(h).squeeze(-1))  # (B, T)
+        return float32_head(self.head, h).squeeze(-1)  # (B, T)
 
     def score(self, idx, attention_mask):
         """The value at the last real token of each row (left or right padding alike): (B,)."""

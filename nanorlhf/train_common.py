@@ -1,12 +1,14 @@
 """
-The training-loop scaffolding that train_sft.py and train_rm.py share, and nothing else: the held-out split,
-an endless resumable stream of length-grouped batches, the optimizer step, the checkpoint pair
-(ckpt.pt + train_state.pt), the flags of a resumed run, and the peak FLOP/s that MFU divides by.
-The loops themselves stay in the scripts, where a reader expects them.
+The training-loop scaffolding that the stage scripts share, and nothing else: the held-out split, an endless
+resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
+step, the checkpoint pair (ckpt.pt + train_state.pt), --resume (on, off, auto) and the flags of a resumed run,
+and the peak FLOP/s that MFU divides by. The loops themselves stay in the scripts, where a reader expects them.
 """
 
 import dataclasses
+import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -63,20 +65,55 @@ def check_loop_flags(args):
         utils.check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     utils.check(args.lr > 0 and 0 <= args.min_lr <= args.lr,
                 f"need --lr > 0 and 0 <= --min_lr <= --lr, got --lr {args.lr} --min_lr {args.min_lr}")
-    utils.check(args.warmup >= 0 and args.weight_decay >= 0 and args.grad_clip >= 0,
-                "--warmup, --weight_decay and --grad_clip must be >= 0")
+    utils.check(args.warmup >= 0 and args.weight_decay >= 0, "--warmup and --weight_decay must be >= 0")
+    check_clip_flag("grad_clip", args.grad_clip)
     utils.check(args.stop_at is None or 1 <= args.stop_at <= args.max_steps,
                 f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")
 
 
-def optimizer_step(model, optimizer, lr, grad_clip):
+def check_clip_flag(name, value):
+    """The one meaning of a clipping flag in every stage: > 0 clips to it, 0 does not clip, < 0 is an error."""
+    utils.check(value >= 0, f"--{name} must be >= 0 (0: no clipping), got {value}")
+
+
+def clip_grad_norm(parameters, max_norm):
     """
-    Set the learning rate, clip the global gradient norm (when grad_clip > 0), step, zero the grads. Returns the
-    gradient norm before clipping as a tensor: .item() here would make the CPU wait for the GPU every step.
+    Clip the global gradient norm of parameters to max_norm; max_norm 0 means no clipping (torch's own
+    clip_grad_norm_ would multiply every gradient by 0 and the model would silently never move).
+    Returns the norm before clipping, as a tensor (no device sync).
+    Example: gradients (3, 4), max_norm 1 -> (0.6, 0.8), returns 5; max_norm 0 -> (3, 4), returns 5.
+    """
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+
+def check_finite(where, **values):
+    """
+    Stop the stage (NonFiniteError: one line, exit status 2) when a loss or gradient norm is NaN or inf, before the
+    optimizer step that would write it into the weights: the checkpoints already on disk stay the last good ones.
+    `where` names the step; values are tensors or floats (the first tensor's float() waits for the device once).
+    Example: check_finite("step 12", loss=torch.tensor(float("nan"))) -> NonFiniteError("step 12: non-finite loss nan; ...")
+    """
+    floats = {k: float(v) for k, v in values.items()}
+    if not all(math.isfinite(v) for v in floats.values()):
+        bad = ", ".join(f"{k} {v:g}" for k, v in floats.items())
+        raise NonFiniteError(f"{where}: non-finite {bad}; stopped before the optimizer step, so the last checkpoint "
+                             f"in out_dir is the last good one (lower the learning rate, or resume from it)")
+
+
+class NonFiniteError(utils.UserError):
+    """A NaN or inf loss or gradient norm: reported in one line (utils.run), exit status 2."""
+
+
+def optimizer_step(model, optimizer, lr, grad_clip, where="", loss=None):
+    """
+    Set the learning rate, clip the global gradient norm (grad_clip 0: no clipping), stop on a non-finite loss or
+    gradient norm (check_finite; `where` names the step), step, zero the grads. Returns the gradient norm before
+    clipping as a tensor.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+    check_finite(where, **({"loss": loss} if loss is not None else {}), grad_norm=grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -95,6 +132,35 @@ def save_run(out_dir, payload, optimizer, sampler, step):
     state = {"optimizer": optimizer.state_dict(), "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
     utils.save_checkpoint(out_dir, state, utils.TRAIN_STATE)
     utils.save_checkpoint(out_dir, payload, utils.CKPT)
+
+
+RESUME_HELP = ("continue the run in --out_dir from its last checkpoint, with its saved flags: on (a bare --resume), "
+               "off, or auto (continue when out_dir holds a checkpoint, else start fresh: a restarted job's command)")
+
+
+def parse_stage_flags(cls, argv=None, description=None):
+    """
+    utils.parse_flags for a stage whose `resume` flag is "off" | "on" | "auto": a bare `--resume` (the last
+    argument, or followed by another --flag) means `--resume on`, as it did when the flag was a bool.
+    Example: ["--resume", "--device", "cpu"] -> ["--resume", "on", "--device", "cpu"]
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in reversed(range(len(argv))):
+        if argv[i] == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "on")
+    return utils.parse_flags(cls, argv, description)
+
+
+def wants_resume(mode, out_dir, files=(utils.CKPT, utils.TRAIN_STATE)):
+    """
+    Whether this run continues the one in out_dir. --resume on: yes (load_run stops with "nothing to resume" if
+    there is none); off: no; auto: yes when out_dir holds every one of files (a checkpoint has been written),
+    else start fresh, so that a scheduler can restart a killed job with the same command at any point.
+    """
+    utils.check(mode in ("off", "on", "auto"), f"--resume {mode!r}: expected on, off or auto (a bare --resume is on)")
+    if mode == "auto":
+        return all(os.path.isfile(os.path.join(out_dir, f)) for f in files)
+    return mode == "on"
 
 
 def load_run(out_dir):

@@ -138,9 +138,13 @@ def test_evaluate_end_to_end(tmp_path):
         rm.head.bias.fill_(0.7)
     save_checkpoint(str(tmp_path / "rm"), model_payload(rm, tok, "rm", {}, 5, reward_mean=0.2, reward_std=2.0))
     # what the stages log, as far as evaluate.py reads it
-    metrics = {"sft": [{"step": 10, "loss": 1.0, "time": 10.0}],
-               "rm": [{"step": 5, "val_acc": 0.6, "time": 4.0},
-                      {"step": 5, "final": True, "val_acc": 0.7, "annotator_agreement": 0.8, "val_gold_acc": 0.75}],
+    calibration = [[0.55, 0.52, 40], [0.65, 0.70, 30], [0.75, 0.71, 20], [0.86, 0.9, 9], [0.95, 1.0, 1]]
+    metrics = {"sft": [{"step": 0, "val_loss": 5.5}, {"step": 5, "loss": 2.0, "time": 5.0},
+                       {"step": 10, "loss": 1.0, "val_loss": 1.2, "time": 10.0}],
+               "rm": [{"step": 0, "val_acc": 0.5, "val_calibration": [[0.5, 0.5, 100]], "val_ece": 0.0},
+                      {"step": 5, "acc": 0.65, "val_acc": 0.6, "time": 4.0},
+                      {"step": 5, "final": True, "val_acc": 0.7, "annotator_agreement": 0.8, "val_gold_acc": 0.75,
+                       "val_calibration": calibration, "val_ece": 0.04}],
                "ppo": [{"iter": it, "rm_score": 0.1 * it, "gold": 0.5, "kl": 0.2 * it, "t_rollout": 1.0,
                         "t_update": 2.0} for it in range(1, 6)]}
     for stage, rows in metrics.items():
@@ -161,12 +165,22 @@ def test_evaluate_end_to_end(tmp_path):
     assert 29.0 <= report["wall_s"] < 29.0 + 60  # sft 10 + rm 4 + ppo 5 x (1 + 2) + this evaluation
     assert report["rm"] == {"accuracy": 0.7, "annotator_agreement": 0.8}
     md = (out / "report.md").read_text()
-    for heading in ("## SFT vs PPO", "## Reward model", "## PPO learning curves", "## Responses side by side"):
+    for heading in ("## SFT vs PPO", "## SFT\n", "## Reward model", "## PPO learning curves",
+                    "## Responses side by side"):
         assert heading in md
     assert "| init |" in md
-    assert ("curves.png" in md) == os.path.exists(out / "curves.png")
+    assert "Held-out loss 5.500 at step 0 -> 1.200 at step 10; training loss 1.000" in md
+    assert "calibration error over 5 bins of the held-out pairs" in md and "0.040" in md
+    # the pictures: all four beside report.md and linked, or none and one line saying so
+    pictures = ("gold_vs_kl.png", "sft_loss.png", "rm.png", "curves.png")
     if evaluate.pyplot() is None:
-        assert "pip install matplotlib" in md
+        assert md.count("matplotlib is not installed") == 1 and "pip install matplotlib" in md
+        assert stdout.count("pictures skipped") == 1
+        assert not any((out / p).exists() for p in pictures) and "![" not in md
+    else:
+        for p in pictures:
+            assert f"]({p})" in md and (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+        assert "pictures skipped" not in stdout and "not installed" not in md
 
 
 def test_bench_runs_and_prints_its_table():
@@ -186,3 +200,56 @@ def test_bench_generate_runs_and_prints_the_median_ratio():
     ratios = sorted(float(line.split("speed-up ")[1].split("x")[0]) for line in rounds)
     assert len(rounds) == 3, stdout
     assert f"speed-up: {ratios[1]:.1f}x (median of 3 rounds" in stdout, stdout
+
+
+def test_series_picks_the_rows_that_logged_the_key():
+    rng = random.Random(0)
+    rows = []
+    for step in range(0, 200, 10):
+        row = {"step": step}
+        if rng.random() < 0.6:
+            row["loss"] = rng.random()
+        if rng.random() < 0.3:
+            row["val_loss"] = None if rng.random() < 0.2 else rng.random()
+        rows.append(row)
+    for key in ("loss", "val_loss"):
+        xs, ys = [], []
+        for row in rows:
+            if key in row and row[key] is not None:
+                xs.append(row["step"])
+                ys.append(row[key])
+        assert evaluate.series(rows, key) == (xs, ys)
+    assert evaluate.series([{"iter": 1, "kl": 0.5}], "kl", x="iter") == ([1], [0.5])
+
+
+@pytest.mark.parametrize("with_plots", [False, True])
+def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
+    """The same report either way; with matplotlib (where installed) the four pictures are drawn and linked."""
+    plt = evaluate.pyplot() if with_plots else None
+    if with_plots and plt is None:
+        pytest.skip("matplotlib is not installed")
+    for stage, rows in {"sft": [{"step": 0, "val_loss": 3.0}, {"step": 10, "loss": 1.5, "val_loss": 1.6}],
+                        "rm": [{"step": 10, "acc": 0.7, "val_acc": 0.6, "val_ece": 0.1,
+                                "val_calibration": [[0.6, 0.55, 10], [0.8, 0.7, 5]]}],
+                        "ppo": [{"iter": i, "rm_score": 0.1 * i, "gold": 0.5 + 0.01 * i, "kl": 0.1 * i}
+                                for i in range(1, 30)]}.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = {"gold": 0.5, "gold_sem": 0.02, "rm": 0.1, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0, "n": 8}
+    summaries = {"sft": {**s, "kl": 0.0}, "ppo": s, "init": {**s, "kl": 300.0, "gold": 0.0}}
+    rows = {name: {"prompt": ["sort 1 2"], "response": ["1 2"], "gold": [1.0]} for name in summaries}
+    cfg = SimpleNamespace(data="eval.jsonl", samples_per_prompt=1, temperature=1.0, max_new_tokens=10, seed=0,
+                          sft=str(tmp_path / "sft"), rm=str(tmp_path / "rm"), ppo=str(tmp_path / "ppo"),
+                          out_dir=str(tmp_path / "out"), n_show=1)
+    os.makedirs(cfg.out_dir)
+    rm_info = {"accuracy": 0.6, "annotator_agreement": 0.8, "gold_accuracy": 0.7, "reward_mean": 0.0, "reward_std": 1.0}
+    report = {"wall_s": 1.0, "device": "cpu", "seed": 0}
+    md = evaluate.report_markdown(cfg, 1, summaries, rows, rm_info, None, {"eval": 1.0}, report, plt)
+    drawn = sorted(os.listdir(cfg.out_dir))
+    if plt is None:
+        assert drawn == [] and "![" not in md and md.count("Pictures skipped") == 1
+    else:
+        assert drawn == ["curves.png", "gold_vs_kl.png", "rm.png", "sft_loss.png"]
+        assert [line for line in md.splitlines() if line.startswith("![")] == [
+            "![gold against KL](gold_vs_kl.png)", "![SFT loss](sft_loss.png)",
+            "![reward model accuracy and calibration](rm.png)", "![PPO learning curves](curves.png)"]

@@ -7,6 +7,7 @@ run them), so each case costs milliseconds; one case runs in a subprocess to che
 import dataclasses
 import glob
 import os
+import re
 import runpy
 import sys
 
@@ -21,7 +22,7 @@ from nanorlhf.utils import flag
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
 MODULES = {"nanorlhf.tasks": tasks.main, "nanorlhf.tokenizer": tokenizer.main}
 
-# a typo per script, and the flag it must suggest
+# a typo per script, and the flag it must suggest (every script, listed or not, also gets one made from its --help)
 MISSPELT = {
     "train_sft.py": (["--max_step", "10"], "--max_steps"),
     "train_rm.py": (["--val_dat", "x.jsonl"], "--val_data"),
@@ -36,15 +37,15 @@ MISSPELT = {
 }
 
 
-def run_cli(name, argv, monkeypatch, capsys):
-    """Run a script (or a module's main) with argv as its command line -> (exit status, stderr)."""
+def run_cli(name, argv, monkeypatch, capsys, stream="err"):
+    """Run a script (or a module's main) with argv as its command line -> (exit status, stderr or stdout)."""
     monkeypatch.setattr(sys, "argv", [name, *argv])
     with pytest.raises(SystemExit) as e:
         if name in MODULES:
             MODULES[name](argv)
         else:
             runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
-    return e.value.code, capsys.readouterr().err
+    return e.value.code, getattr(capsys.readouterr(), stream)
 
 
 @pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
@@ -56,9 +57,25 @@ def test_abbreviation_of_help_is_refused(name, monkeypatch, capsys):
                                         "(did you mean --help?)"]
 
 
+def made_up_typo(name, monkeypatch, capsys):
+    """A typo of a flag from the script's --help: its last letter twice, e.g. --data -> --dataa."""
+    code, out = run_cli(name, ["--help"], monkeypatch, capsys, stream="out")  # the help, exit status 0
+    flags = [f for f in re.findall(r"--[a-z][a-z0-9_]*", out) if f != "--help"]
+    assert code in (0, None) and flags, name
+    flag_name = next(f for f in flags if f + f[-1] not in flags)
+    return [flag_name + flag_name[-1], "1"], flag_name
+
+
 @pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
+def test_made_up_typo_suggests_the_flag(name, monkeypatch, capsys):
+    argv, want = made_up_typo(name, monkeypatch, capsys)
+    code, err = run_cli(name, argv, monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"unknown flag {argv[0]} (did you mean {want}" in err, err
+
+
+@pytest.mark.parametrize("name", list(MISSPELT))
 def test_misspelt_flag_suggests_the_closest(name, monkeypatch, capsys):
-    assert name in MISSPELT, f"{name}: add a misspelt flag for it to MISSPELT"
     argv, want = MISSPELT[name]
     code, err = run_cli(name, argv, monkeypatch, capsys)
     assert code == 2

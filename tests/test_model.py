@@ -379,6 +379,61 @@ def test_generate_under_cpu_bf16_autocast():
     assert out.shape == (2, 10) and torch.isfinite(lp).all() and logits.dtype == torch.float32
 
 
+def test_heads_run_in_float32_under_bf16_autocast():
+    # The logits that logprobs, the KL and PPO's ratio come from must not be bf16-rounded: under autocast the
+    # trunk runs in bf16, but the lm_head (and the scalar head) must equal a float64 matmul of the same hidden
+    # states to float32 accuracy. A bf16 head misses by about 2^-8 of a logit: ~0.03 here.
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # logits of a trained model's scale (|z| up to ~8), not ~2
+    critic = ScalarGPT.from_gpt(model)
+    torch.nn.init.normal_(critic.head.weight, std=2.0)
+    torch.nn.init.normal_(critic.head.bias, std=2.0)
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [9, 10, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.trunk(idx, mask)  # (B, T, C), what the heads see
+        logits = model(idx, mask)  # (B, T, V)
+        values = critic(idx, mask)  # (B, T)
+    assert logits.dtype == torch.float32 and values.dtype == torch.float32
+    ref = h.double() @ model.lm_head.weight.double().t()  # (B, T, V)
+    ref_values = h.double() @ critic.head.weight.double()[0] + critic.head.bias.double()  # (B, T)
+    assert ref.abs().max() > 5  # the scale at which bf16 rounding shows
+    assert (logits.double() - ref).abs().max() < 1e-4
+    assert (values.double() - ref_values).abs().max() < 1e-4
+    # the log-probabilities PPO trains on, from these logits, against log-softmax in float64
+    labels = torch.randint(0, CONFIG.vocab_size, idx.shape)
+    from nanorlhf.losses import logprobs_from_logits
+
+    want = torch.log_softmax(ref, -1).gather(-1, labels[..., None]).squeeze(-1)  # (B, T)
+    assert (logprobs_from_logits(logits, labels).double() - want).abs().max() < 1e-4
+
+
+def test_generate_logits_run_in_float32_under_bf16_autocast(monkeypatch):
+    # The sampling loop takes its logits from the same float32 head: every logits tensor sample() sees must be
+    # the float64 product of the hidden state the head was given (cached and recomputed paths alike).
+    import nanorlhf.model as M
+
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    seen, real_head = [], M.float32_head
+
+    def spy_head(head, h):
+        out = real_head(head, h)
+        seen.append((h.double() @ head.weight.double().t(), out))
+        return out
+
+    monkeypatch.setattr(M, "float32_head", spy_head)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    for use_cache in (True, False):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.generate(idx, 5, attention_mask=mask, use_cache=use_cache, generator=torch.Generator().manual_seed(0))
+        assert len(seen) == 5  # one head call per sampled token: no other path produces logits
+        for ref, out in seen:
+            assert out.dtype == torch.float32 and (out.double() - ref).abs().max() < 1e-4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_cpu():
     model = make_gpt(dtype=torch.float32, noise=0.1)

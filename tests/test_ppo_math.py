@@ -11,13 +11,13 @@ import torch
 
 from train_ppo import (
     AdaptiveKLController,
-    FixedKLController,
     compute_rewards,
     explained_variance,
     gae,
     kl_penalty,
     masked_whiten,
     policy_loss,
+    sequence_kls,
     value_loss,
 )
 
@@ -218,11 +218,28 @@ def test_policy_loss_matches_loop_and_gradient_vanishes_on_the_bounding_side():
     assert other_side.any() and (logprobs.grad[other_side] != 0).all()
 
 
-def test_policy_loss_ratio_one_on_first_minibatch():
+def test_policy_loss_at_ratio_one_is_the_policy_gradient():
+    """
+    On the first minibatch the new log-probs are a fresh computation equal to the rollout's (not the same tensor):
+    ratio 1, nothing clipped, approx_kl 0, and the gradient is the plain policy gradient d loss / d log pi_t =
+    -A_t / n on every real token (0 on the pads), which the clipped surrogate must not change there.
+    """
     g, lengths, mask, rand = random_batch(8)
-    logprobs = -rand().abs()
-    loss, stats = policy_loss(logprobs, logprobs.clone(), rand(), mask, 0.2)
+    logits = rand()
+    old_logprobs = torch.log_softmax(logits, 0)  # as the rollout computed them
+    new_logits = logits.clone().requires_grad_(True)
+    logprobs = torch.log_softmax(new_logits, 0)  # the update's own forward pass, with grad
+    logprobs.retain_grad()
+    advantages = rand()
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    loss.backward()
     assert stats["ratio"].item() == 1.0 and stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
+    n = sum(lengths)
+    for b, L in enumerate(lengths):
+        for t in range(logprobs.shape[1]):
+            want = -advantages[b, t].item() / n if t < L else 0.0
+            assert abs(logprobs.grad[b, t].item() - want) < 1e-12, (b, t)
+    assert abs(loss.item() - sum(-advantages[b, t].item() for b, L in enumerate(lengths) for t in range(L)) / n) < 1e-12
 
 
 def test_value_loss_matches_loop():
@@ -275,8 +292,18 @@ def test_adaptive_kl_controller_matches_hand_iteration():
         assert np.sign(round(ctl.value - init_beta, 12)) == sign
 
 
-def test_fixed_kl_controller():
-    ctl = FixedKLController(0.05)
-    for kl in [0.0, 10.0, 100.0]:
-        ctl.update(kl, 256)
-    assert ctl.value == 0.05
+def test_sequence_kls_match_loop():
+    """Both estimators summed over each response's real tokens, then averaged over the batch (item 5 of #10)."""
+    g, lengths, mask, rand = random_batch(12)
+    logprobs, ref_logprobs = -rand().abs(), -rand().abs()
+    logprobs[mask == 0] = 50.0  # garbage on the pads must not count
+    got = sequence_kls(logprobs, ref_logprobs, mask)
+    k1 = k3 = 0.0
+    for b, L in enumerate(lengths):
+        for t in range(L):
+            lp, lr = logprobs[b, t].item(), ref_logprobs[b, t].item()
+            k1 += lp - lr
+            k3 += (math.exp(lr - lp) - 1) - (lr - lp)
+    assert got["kl"] == pytest.approx(k1 / len(lengths), abs=1e-12)
+    assert got["kl_k3"] == pytest.approx(k3 / len(lengths), abs=1e-12)
+    assert abs(got["kl"] - got["kl_k3"]) > 1e-3

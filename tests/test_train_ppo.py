@@ -9,8 +9,10 @@ checkpoints made by train_sft.py and train_rm.py (about 30 s, once per module).
 import copy
 import dataclasses
 import json
+import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,10 +35,10 @@ PROMPTS = ["sort 5 3 8 1", "sort 2 9 4", "sort 7 7 1 0 3 6", "sort 4 1 2", "sort
            "sort 0 1", "sort 3 3 3", "sort 6 2 8 1 4"]
 
 
-def tiny_models(seed=0, dropout=0.0):
+def tiny_models(seed=0, dropout=0.0, block_size=64):
     """actor, ref, reward model, critic: random tiny models as train_ppo.main builds them (dropout off)."""
     torch.manual_seed(seed)
-    config = GPTConfig(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32, dropout=dropout)
+    config = GPTConfig(block_size=block_size, vocab_size=258, n_layer=2, n_head=2, n_embd=32, dropout=dropout)
     actor = GPT(config)
     ref = copy.deepcopy(actor)
     reward_model = ScalarGPT(config)
@@ -50,6 +52,15 @@ def tiny_models(seed=0, dropout=0.0):
 
 def prompt_batch(tok, n=8):
     return D.collate([tok.render_prompt(p) for p in (PROMPTS * 4)[:n]], tok.pad_id, left_pad=True)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def rt():
@@ -155,14 +166,14 @@ def test_ptx_adds_the_sft_loss_gradient():
     # the reference: a copy of the actor, one AdamW step on 0.7 * sft_loss of the batch ppo_update will draw
     expected = copy.deepcopy(actor)
     opt = utils.configure_optimizer(expected, args.lr, args.weight_decay, betas, "cpu")
-    pb = next(train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, seed=5))
+    pb = next(train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, torch.Generator().manual_seed(5), 64))
     sft = sft_loss(expected(pb["idx"], pb["attention_mask"]), pb["idx"], pb["response_mask"])
     (args.ptx_coef * sft).backward()
     opt.step()
     opt_a = utils.configure_optimizer(actor, args.lr, args.weight_decay, betas, "cpu")
     opt_c = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, betas, "cpu")
     stats = ppo_update(actor, critic, opt_a, opt_c, exp, args, rt(),
-                       ptx=train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, seed=5))
+                       ptx=train_ppo.ptx_batches(examples, args.batch_size, tok.pad_id, torch.Generator().manual_seed(5), 64))
     assert stats["ptx_loss"] == pytest.approx(sft.item(), abs=1e-6)
     for (name, got), want in zip(actor.named_parameters(), expected.parameters()):
         assert torch.allclose(got, want, atol=1e-6), name
@@ -194,6 +205,143 @@ def test_lr_zero_does_not_move_the_policy():
     one_iteration(actor, ref, reward_model, critic, dataclasses.replace(args, lr=1e-3, critic_lr=1e-3))
     assert any(not torch.equal(v, before[0][k]) for k, v in actor.state_dict().items())
     assert any(not torch.equal(v, before[1][k]) for k, v in critic.state_dict().items())
+
+
+def hand_made_experience(actor, ref, reward_model, critic, args, seed=0):
+    """make_experience on random responses cut by an EOS at random places (some rows have none): rows of many lengths."""
+    tok = Tokenizer.byte_level()
+    g = torch.Generator().manual_seed(seed)
+    batch = prompt_batch(tok, args.batch_size)
+    N = args.response_length
+    response = torch.randint(32, 127, (args.batch_size, N), generator=g)
+    ends = torch.randint(0, N + 3, (args.batch_size,), generator=g)  # >= N: no EOS
+    for b, e in enumerate(ends.tolist()):
+        if e < N:
+            response[b, e] = tok.eos_id
+    return make_experience(actor, ref, reward_model, critic, batch["idx"], batch["attention_mask"], response, tok,
+                           args, args.kl_coef, rt())
+
+
+def sgd_update_deltas(args, ptx_examples=None, block_size=64):
+    """
+    One ppo_update from the same tiny models and the same hand-made rollout, with plain SGD at lr 1 so that each
+    parameter moves by exactly minus its (clipped) gradient. -> {name: change} for the actor and the critic.
+    """
+    actor, ref, reward_model, critic = tiny_models(block_size=block_size)
+    exp = hand_made_experience(actor, ref, reward_model, critic, args)
+    assert len(set(exp["response_mask"].sum(-1).tolist())) > 2  # the micro-batches differ in length
+    before = {**{"actor." + k: v.clone() for k, v in actor.named_parameters()},
+              **{"critic." + k: v.clone() for k, v in critic.named_parameters()}}
+    opt_a, opt_c = torch.optim.SGD(actor.parameters(), lr=1.0), torch.optim.SGD(critic.parameters(), lr=1.0)
+    ptx = None
+    if ptx_examples is not None:
+        ptx = train_ppo.ptx_batches(ptx_examples, args.batch_size // args.num_minibatches, 257,
+                                    torch.Generator().manual_seed(3), block_size)
+    torch.manual_seed(1)  # the minibatch order
+    stats = ppo_update(actor, critic, opt_a, opt_c, exp, args, rt(), ptx)
+    after = {**{"actor." + k: v for k, v in actor.named_parameters()},
+             **{"critic." + k: v for k, v in critic.named_parameters()}}
+    return {k: (after[k] - before[k]).detach() for k in before}, stats
+
+
+def test_max_grad_norm_zero_means_no_clipping(one_thread):
+    """--max_grad_norm 0 must not clip (as --grad_clip 0 in SFT and RM), not multiply every gradient by 0."""
+    args = Args(batch_size=8, num_minibatches=1, ppo_epochs=1, response_length=10, ent_coef=0.01)
+    unclipped, stats = sgd_update_deltas(dataclasses.replace(args, max_grad_norm=0.0))
+    reference, _ = sgd_update_deltas(dataclasses.replace(args, max_grad_norm=1e30))
+    for k, v in reference.items():
+        assert torch.equal(unclipped[k], v), k
+    actor_norm = torch.sqrt(sum((v.double() ** 2).sum() for k, v in unclipped.items() if k.startswith("actor.")))
+    assert actor_norm.item() == pytest.approx(stats["grad_norm"], rel=1e-5) and actor_norm > 1e-3
+    # and a positive value clips each model's update to that norm
+    clipped, _ = sgd_update_deltas(dataclasses.replace(args, max_grad_norm=1e-3))
+    for model in ("actor.", "critic."):
+        norm = torch.sqrt(sum((v.double() ** 2).sum() for k, v in clipped.items() if k.startswith(model)))
+        assert norm.item() == pytest.approx(1e-3, rel=1e-4), model
+
+
+@pytest.mark.parametrize("ptx", [False, True])
+def test_grad_accum_gives_the_same_gradient(ptx, one_thread):
+    """
+    --grad_accum splits each minibatch into micro-batches of different response lengths (and splits its PPO-ptx
+    batch likewise): the summed gradient must be the minibatch's, so the SGD step is the same for 1, 2 and 4.
+    """
+    examples = None
+    if ptx:
+        tok = Tokenizer.byte_level()
+        examples, _ = D.encode_sft([{"prompt": p, "response": tasks.solve(p)} for p in PROMPTS], tok, 64)
+    args = Args(batch_size=8, num_minibatches=1, ppo_epochs=1, response_length=10, max_grad_norm=0.0,
+                ptx_coef=0.5 if ptx else 0.0, ent_coef=0.01)
+    want, want_stats = sgd_update_deltas(args, examples)
+    for accum in (2, 4):
+        got, stats = sgd_update_deltas(dataclasses.replace(args, grad_accum=accum), examples)
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-4), (accum, k)
+        for k in ("pg_loss", "vf_loss", "ptx_loss") if ptx else ("pg_loss", "vf_loss"):
+            assert stats[k] == pytest.approx(want_stats[k], abs=1e-6), (accum, k)
+    assert any(v.abs().max() > 1e-4 for v in want.values())
+
+
+def test_ptx_fits_a_block_size_that_is_not_a_multiple_of_8():
+    """A PPO-ptx example of exactly block_size tokens, block_size 60: padding to 64 would trip the model."""
+    tok = Tokenizer.byte_level()
+    prompt = "sort 1 2 3 " + "9 " * 40
+    ids, _ = tok.render(prompt.strip(), "x")
+    cut = len(ids) - 60
+    prompt = prompt.strip()[:len(prompt.strip()) - cut]
+    examples, _ = D.encode_sft([{"prompt": prompt, "response": "x"}], tok, 60)
+    assert len(examples[0][0]) == 60
+    args = Args(batch_size=4, num_minibatches=1, ppo_epochs=1, response_length=8, ptx_coef=1.0)
+    deltas, stats = sgd_update_deltas(args, examples, block_size=60)
+    assert math.isfinite(stats["ptx_loss"]) and stats["ptx_loss"] > 0
+
+
+def test_returns_use_the_unwhitened_advantages():
+    """
+    The critic's targets are A_t + V(s_t) with the raw GAE advantages (a plain loop here); only the advantages
+    the policy loss sees are whitened. Returns made from whitened advantages pass every other unit test.
+    """
+    args = Args(batch_size=8, response_length=10, gamma=0.97, gae_lambda=0.9, kl_coef=0.2)
+    actor, ref, reward_model, critic = tiny_models()
+    with torch.no_grad():
+        for p in critic.parameters():  # values far from 0, so that raw and whitened returns differ a lot
+            p.add_(0.1 * torch.randn_like(p))
+    exp = hand_made_experience(actor, ref, reward_model, critic, args, seed=4)
+    rewards, values, mask = exp["rewards"].double(), exp["values"].double(), exp["response_mask"]
+    raw = []
+    for b in range(mask.size(0)):
+        L = int(mask[b].sum())
+        for t in range(L):
+            a = 0.0
+            for k in range(t, L):
+                v_next = values[b, k + 1].item() if k + 1 < L else 0.0
+                delta = rewards[b, k].item() + args.gamma * v_next - values[b, k].item()
+                a += (args.gamma * args.gae_lambda) ** (k - t) * delta
+            raw.append(a)
+            assert exp["returns"][b, t].item() == pytest.approx(a + values[b, t].item(), abs=1e-5), (b, t)
+    raw = np.array(raw)
+    whitened = (raw - raw.mean()) / np.sqrt(raw.var(ddof=1) + 1e-8)
+    got = np.array([exp["advantages"][b, t].item() for b in range(mask.size(0)) for t in range(int(mask[b].sum()))])
+    assert np.allclose(got, whitened, atol=1e-4)
+    assert np.abs(raw - whitened).max() > 0.1
+
+
+def test_vf_coef_barely_changes_a_separate_critic_update(one_thread):
+    """
+    The claim in --vf_coef's help: with the separate critic and its own AdamW, the critic's step does not depend on
+    the scale of its loss (up to Adam's eps), so vf_coef 0.1 and 1 move it alike when nothing is clipped
+    (measured: 5% apart, where SGD would move 10 times as far).
+    """
+    args = Args(batch_size=8, num_minibatches=2, ppo_epochs=2, response_length=8, max_grad_norm=0.0)
+    moved = []
+    for vf_coef in (0.1, 1.0):
+        actor, ref, reward_model, critic = tiny_models()
+        before = copy.deepcopy(critic.state_dict())
+        one_iteration(actor, ref, reward_model, critic, dataclasses.replace(args, vf_coef=vf_coef))
+        moved.append({k: v - before[k] for k, v in critic.state_dict().items()})
+    norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())).item()  # noqa: E731
+    assert norm({k: moved[0][k] - moved[1][k] for k in moved[0]}) < 0.1 * norm(moved[0])
+    assert norm(moved[0]) > 1e-3
 
 
 def test_next_prompt_indices_covers_each_prompt_once_per_pass():
@@ -229,16 +377,21 @@ def test_bad_prompts_file_exits_2_and_writes_nothing(tmp_path):
 def test_bad_flag_combination_is_reported():
     p = script("train_ppo.py", "--batch_size", "10", "--num_minibatches", "4", check=False)
     assert p.returncode == 2 and "divisible" in p.stderr
+    p = script("train_ppo.py", "--max_grad_norm", "-1", check=False)
+    assert p.returncode == 2 and "--max_grad_norm must be >= 0 (0: no clipping)" in p.stderr, p.stderr
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    """Built-in task data, and tiny SFT and RM checkpoints trained just enough to end their answers with EOS."""
+    """
+    Built-in task data, and tiny SFT and RM checkpoints trained just enough to end their answers with EOS. Both have
+    dropout 0.1 in their config: train_ppo.main must switch it off in all four models for the ratio to start at 1.
+    """
     d = tmp_path_factory.mktemp("pipeline")
     tasks.generate_task(str(d / "data"), n_sft=3000, n_prefs=600, n_prefs_eval=100, n_prompts=200, n_eval=50)
     script("train_sft.py", "--data", str(d / "data/sft.jsonl"), "--out_dir", str(d / "sft"), "--n_layer", "2",
            "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32", "--max_steps", "150",
-           "--warmup", "10", "--eval_interval", "1000", "--log_interval", "50")
+           "--warmup", "10", "--eval_interval", "1000", "--log_interval", "50", "--dropout", "0.1")
     script("train_rm.py", "--data", str(d / "data/prefs.jsonl"), "--sft_data", str(d / "data/sft.jsonl"),
            "--init_from", str(d / "sft"), "--out_dir", str(d / "rm"), "--batch_size", "8", "--max_steps", "60",
            "--warmup", "5", "--eval_interval", "1000", "--log_interval", "20", "--norm_samples", "200")
@@ -260,6 +413,10 @@ def test_short_ppo_run_raises_the_rm_score(tiny_pipeline):
     last = sum(r["rm_score"] for r in rows[-3:]) / 3
     assert last > first + 0.05, [round(r["rm_score"], 3) for r in rows]
     assert all(0 <= r["gold"] <= 1 for r in rows)  # the built-in task's prompts: gold is logged
+    # the update recomputes exactly the rollout's log-probs (dropout off in main, same temperature): ratio 1
+    assert all(r["first_ratio_max_dev"] < 1e-5 for r in rows), [r["first_ratio_max_dev"] for r in rows]
+    assert all(r["beta"] == 0.01 for r in rows)  # no --adaptive_kl: beta stays put
+    assert all(r["kl_k3"] >= 0 for r in rows) and any(r["kl"] != r["kl_k3"] for r in rows)
     # the actor is saved as a policy any stage can load; the critic beside it
     actor, tok, ckpt = utils.load_model(str(out), kind="gpt")
     assert ckpt["stage"] == "ppo" and ckpt["step"] == 12
@@ -268,20 +425,83 @@ def test_short_ppo_run_raises_the_rm_score(tiny_pipeline):
     assert {s["iter"] for s in samples} == {1, 4, 8, 12}
 
 
-def test_resume_continues_the_run(tiny_pipeline):
-    out = tiny_pipeline / "ppo_resume"
-    script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "2", "--batch_size", "8"))
+def without_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("t_rollout", "t_update")} for r in rows]
+
+
+def test_resume_gives_the_same_run(tiny_pipeline):
+    """
+    A run stopped after iteration 2 (--stop_at, with a checkpoint) and resumed with a bare --resume (the saved
+    flags: PPO-ptx, k3, adaptive KL, accumulation) computes exactly what the uninterrupted 3-iteration run does.
+    """
+    d = tiny_pipeline
+    flags = ["--num_iterations", "3", "--batch_size", "8", "--grad_accum", "2", "--ptx_coef", "0.5", "--ptx_data",
+             str(d / "data/sft.jsonl"), "--kl_estimator", "k3", "--adaptive_kl", "--target_kl", "0.1", "--kl_horizon", "100"]
+    script(*ppo_cmd(d, d / "ppo_full", *flags))
+    out = d / "ppo_resume"
+    p = script(*ppo_cmd(d, out, *flags, "--stop_at", "2"))
+    assert "stopped at iteration 2" in p.stdout
     state = torch.load(out / "train_state.pt", weights_only=True)
-    assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 16}
-    script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "3", "--batch_size", "8", "--resume"))
-    assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
-    assert torch.load(out / "train_state.pt", weights_only=True)["data"] == {"epoch": 0, "pos": 24}
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 16} and state["ptx_rng"] is not None
+    script("train_ppo.py", "--out_dir", str(out), "--resume")
+    want, got = read_metrics(d / "ppo_full"), read_metrics(out)
+    assert [r["iter"] for r in got] == [1, 2, 3]
+    assert without_times(got) == without_times(want)  # every loss, KL, beta, lr, score, at every iteration
+    assert len({r["beta"] for r in got}) > 1 and all("ptx_loss" in r and "kl_k3" in r for r in got)
+    for name in ("ckpt.pt", "critic.pt"):
+        a = torch.load(d / "ppo_full" / name, weights_only=True)["model"]
+        b = torch.load(out / name, weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # a changed flag is refused rather than silently ignored; a finished run has nothing to do
+    p = script("train_ppo.py", "--out_dir", str(out), "--resume", "--lr", "0.1", check=False)
+    assert p.returncode == 2 and "--lr" in p.stderr, p.stderr
+    assert "nothing to do" in script("train_ppo.py", "--out_dir", str(out), "--resume").stdout
     # a save interrupted after ckpt.pt and before critic.pt: the files disagree, and resume says so
     critic = torch.load(out / "critic.pt", weights_only=True)
     utils.save_checkpoint(out, {**critic, "step": 2}, "critic.pt")
-    p = script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "4", "--batch_size", "8", "--resume"), check=False)
+    p = script("train_ppo.py", "--out_dir", str(out), "--resume", check=False)
     assert p.returncode == 2 and "a save was interrupted" in p.stderr, p.stderr
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_resume_auto_starts_fresh_then_continues(tiny_pipeline):
+    """--resume auto: the same command starts a run in an empty out_dir and continues it once it has a checkpoint."""
+    out = tiny_pipeline / "ppo_auto"
+    cmd = ppo_cmd(tiny_pipeline, out, "--num_iterations", "2", "--batch_size", "8", "--resume", "auto")
+    script(*cmd, "--stop_at", "1")  # a job that got as far as its first checkpoint
+    assert [r["iter"] for r in read_metrics(out)] == [1]
+    script(*cmd)  # restarted with the same command: continues at iteration 2
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2]
+    p = script("train_ppo.py", "--out_dir", str(out), "--resume", "maybe", check=False)
+    assert p.returncode == 2 and "--resume 'maybe'" in p.stderr
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, monkeypatch, capsys, one_thread):
+    """
+    A NaN policy loss in iteration 2 stops the run with one line naming the iteration, epoch and minibatch, exit
+    status 2, before any optimizer step of that minibatch: the checkpoint of iteration 1 stays, finite.
+    """
+    real, calls = train_ppo.policy_loss, [0]
+
+    def nan_from_iteration_2(*a, **kw):
+        calls[0] += 1
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan"), stats) if calls[0] > 8 else (loss, stats)  # 4 epochs x 2 minibatches
+
+    monkeypatch.setattr(train_ppo, "policy_loss", nan_from_iteration_2)
+    out = tiny_pipeline / "ppo_nan"
+    argv = ppo_cmd(tiny_pipeline, out, "--num_iterations", "3", "--batch_size", "8", "--save_interval", "1")[1:]
+    monkeypatch.setattr(sys, "argv", ["train_ppo.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_ppo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "iteration 2, epoch 1 minibatch 1: non-finite pg_loss nan" in err, err
+    assert [r["iter"] for r in read_metrics(out)] == [1]
+    for name in ("ckpt.pt", "critic.pt", "train_state.pt"):
+        assert torch.load(out / name, weights_only=True)["step"] == 1, name
+    model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
 
 
 def test_rm_must_be_a_reward_model(tiny_pipeline):

@@ -27,7 +27,8 @@ SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size",
             "--device", "cpu"]
 RM_TINY = ["--batch_size", "16", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
            "--val_frac", "0.2", "--eval_interval", "75", "--log_interval", "25", "--ckpt_interval", "75",
-           "--norm_samples", "200", "--device", "cpu"]
+           "--norm_samples", "200", "--device", "cpu",
+           "--dtype", "float32"]  # the bias test below checks the shift in float32, so train in float32 too
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,38 @@ def test_drop_ties_keeps_the_better_ranked_copy():
                {"prompt": "q", "responses": ["x", "x"], "ranking": [1, 0]}]
     out, n = train_rm.drop_ties(records)
     assert out == [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}] and n == 2
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(sft, tmp_path, monkeypatch, capsys, one_thread):
+    """A NaN ranking loss at step 3: one line naming step 3, exit status 2, the checkpoint of step 2 kept."""
+    real, calls = train_rm.kwise_ranking_loss, [0]
+
+    def nan_at_step_3(*a, **kw):
+        loss = real(*a, **kw)
+        if torch.is_grad_enabled():  # the training loss, not the held-out evaluation
+            calls[0] += 1
+            if calls[0] == 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_rm, "kwise_ranking_loss", nan_at_step_3)
+    out = tmp_path / "rm"
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *rm_args(sft, out), "--ckpt_interval", "1", "--max_steps", "10",
+                                      "--eval_batches", "2"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_rm.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: step 3: non-finite loss nan"), err
+    for name in ("ckpt.pt", "train_state.pt"):
+        assert torch.load(out / name, weights_only=True)["step"] == 2, name
+    model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())

@@ -5,13 +5,17 @@ and the checkpoint loads without running code.
 """
 
 import os
+import sys
 
 import pytest
 import torch
 
-from nanorlhf import tasks, utils
+from scripts import ROOT, read_metrics, script, without_timings
 
-from scripts import read_metrics, script, without_timings
+sys.path.insert(0, ROOT)  # train_sft.py is a top-level script
+
+import train_sft as sft_stage
+from nanorlhf import tasks, train_common, utils
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
         "--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--max_steps", "60", "--val_frac", "0.1",
@@ -62,10 +66,13 @@ def test_checkpoint_loads_weights_only(full_run):
 
 def test_resume_gives_the_same_run(data, full_run, tmp_path):
     out = tmp_path / "sft"
-    train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--stop_at", "30")
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 30)...
+    cmd = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--resume", "auto"]
+    train_sft(*cmd, "--stop_at", "30")
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 30
-    p = train_sft("--out_dir", str(out), "--resume")  # the saved flags are reused
+    p = train_sft(*cmd)  # ... and the same command continues from the checkpoint, with the run's saved flags
     assert "step 60/60" in p.stdout
+    assert "nothing to do" in train_sft(*cmd).stdout
     want, got = read_metrics(full_run), read_metrics(out)
     assert without_timings(got) == without_timings(want)  # every loss, val loss, lr and grad norm, at every step
     a = torch.load(full_run / "ckpt.pt", weights_only=True)["model"]
@@ -97,3 +104,69 @@ def test_bad_flag_writes_nothing(data, tmp_path):
     out = tmp_path / "out"
     p = train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--n_head", "5", check=False)
     assert p.returncode == 2 and "divisible" in p.stderr and not out.exists()
+
+
+def test_resume_flag_forms(tmp_path):
+    """A bare --resume still means on; auto depends on out_dir holding both checkpoint files; others are refused."""
+    args = train_common.parse_stage_flags(sft_stage.Config, ["--resume", "--lr", "0.1"])
+    assert args.resume == "on" and args.lr == 0.1
+    assert train_common.parse_stage_flags(sft_stage.Config, ["--lr", "0.1", "--resume"]).resume == "on"
+    assert train_common.parse_stage_flags(sft_stage.Config, ["--resume", "auto"]).resume == "auto"
+    assert train_common.parse_stage_flags(sft_stage.Config, []).resume == "off"
+    assert not train_common.wants_resume("auto", str(tmp_path))
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    assert not train_common.wants_resume("auto", str(tmp_path))  # a first save that never finished
+    (tmp_path / "train_state.pt").write_bytes(b"")
+    assert train_common.wants_resume("auto", str(tmp_path)) and train_common.wants_resume("on", str(tmp_path))
+    assert not train_common.wants_resume("off", str(tmp_path))
+    with pytest.raises(utils.UserError, match="--resume 'yes'"):
+        train_common.wants_resume("yes", str(tmp_path))
+
+
+def test_clip_grad_norm_zero_does_not_clip():
+    """The one clipping rule of all three stages: 0 leaves the gradients alone, c > 0 scales them to norm c."""
+    for max_norm, want in ((0.0, [3.0, 4.0]), (1.0, [0.6, 0.8]), (10.0, [3.0, 4.0])):
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor([3.0, 4.0])
+        norm = train_common.clip_grad_norm([p], max_norm)
+        assert norm.item() == pytest.approx(5.0) and p.grad.tolist() == pytest.approx(want), max_norm
+    p = train_sft("--grad_clip", "-1", check=False)
+    assert p.returncode == 2 and "--grad_clip must be >= 0 (0: no clipping)" in p.stderr, p.stderr
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    A NaN loss at step 4 stops the run with one line naming step 4, exit status 2, before the optimizer step:
+    the checkpoint of step 3 (and its train_state.pt) stays, with finite weights.
+    """
+    real, calls = sft_stage.sft_loss, [0]
+
+    def nan_at_step_4(*a, **kw):
+        loss = real(*a, **kw)
+        if torch.is_grad_enabled():  # the training loss, not the held-out evaluation
+            calls[0] += 1
+            if calls[0] == 4:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(sft_stage, "sft_loss", nan_at_step_4)
+    out = tmp_path / "sft"
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY,
+                                      "--ckpt_interval", "1", "--max_steps", "10", "--eval_batches", "1"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(sft_stage.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: step 4: non-finite loss nan"), err
+    for name in ("ckpt.pt", "train_state.pt"):
+        assert torch.load(out / name, weights_only=True)["step"] == 3, name
+    model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())

@@ -96,3 +96,30 @@ def test_float16_is_refused_for_training_only():
         utils.setup_runtime("cpu", "float16", training=True)
     assert utils.setup_runtime("cpu", "float16").dtype == "float16"
     assert utils.setup_runtime("cpu", "bfloat16", training=True).dtype == "bfloat16"
+
+
+def test_autocast_is_real_on_cpu():
+    # --dtype bfloat16 on a CPU used to be silently ignored (a null context): the matmuls must run in bf16, and a
+    # training step must still update float32 master weights with float32 gradients
+    a = torch.randn(4, 8)
+    with utils.setup_runtime("cpu", "bfloat16", training=True).autocast():
+        assert (a @ a.t()).dtype == torch.bfloat16
+    with utils.setup_runtime("cpu", "float32").autocast():
+        assert (a @ a.t()).dtype == torch.float32
+    layer = torch.nn.Linear(8, 3)
+    with utils.setup_runtime("cpu", "bfloat16", training=True).autocast():
+        loss = layer(a).float().square().mean()
+    loss.backward()
+    assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    # auto = bf16 on a CPU that reports native bf16 (AVX512-BF16 or AMX), float32 on any other
+    for amx, avx512_bf16, want in ((False, False, "float32"), (False, True, "bfloat16"), (True, False, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        assert utils.setup_runtime("cpu", "auto", training=True).dtype == want
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: float32, no crash
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert utils.setup_runtime("cpu", "auto").dtype == "float32"
+    assert utils.setup_runtime("cpu", "float32").dtype == "float32"  # an explicit dtype is never overridden

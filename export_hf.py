@@ -1,0 +1,345 @@
+"""
+Export a nanorlhf checkpoint as a Hugging Face transformers directory that loads with no conversion step, written
+without importing transformers (or the safetensors package) here:
+
+    python export_hf.py --ckpt out/ppo --out out/hf/ppo                 # a policy      -> GPT2LMHeadModel
+    python export_hf.py --ckpt out/rm --out out/hf/rm                   # a reward model -> GPT2ForSequenceClassification
+    python export_hf.py --ckpt out/ppo/critic.pt --out out/hf/critic    # PPO's critic, likewise
+
+and then, wherever transformers is installed:
+
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    model, tok = GPT2LMHeadModel.from_pretrained("out/hf/ppo"), AutoTokenizer.from_pretrained("out/hf/ppo")
+
+The directory:
+    config.json              GPT-2's config (model_type gpt2); a reward model has num_labels 1 (id2label) and
+                             pad_token_id set, which GPT2ForSequenceClassification needs to find each row's last token
+    model.safetensors        the weights in the safetensors format (8-byte header length, JSON header, raw bytes)
+    generation_config.json   EOS and PAD ids (language models)
+    vocab.json, merges.txt,  GPT-2's tokenizer files for the checkpoint's own tokenizer: byte-level, a BPE trained by
+    tokenizer_config.json,   nanorlhf.tokenizer or GPT-2's are all byte-level BPEs split by GPT-2's regex, so
+    special_tokens_map.json  GPT2Tokenizer runs each of them as tiktoken does; the chat template is nanorlhf's
+    tokenizer.tiktoken       the same merges for tiktoken (how to load it: README.md in the directory)
+    README.md                how to load the model, the tokenizer and the prompt template
+
+Things that differ from the checkpoint, on purpose:
+- HF's GPT-2 always has biases: a model trained with bias=False gets zero biases (the same function).
+- GPT2ForSequenceClassification's `score` head has no bias, but the reward model's head has one (the InstructGPT
+  normalisation moves it). The bias b is folded into the final LayerNorm's bias, whose output feeds only that
+  head there: beta' = beta + b * w / (w . w), so that w . (h + b w / (w . w)) = w . h + b (float64, then rounded).
+- The vocabulary is the checkpoint's (GPT-2's 50257 + the pad token = 50258 for a GPT-2 start); tied embeddings.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import utils
+from nanorlhf.model import GPTConfig
+from nanorlhf.tokenizer import EOS, GPT2_PATTERN, PAD, Tokenizer, save_tiktoken
+from nanorlhf.utils import check, flag
+
+
+@dataclass
+class Args:
+    ckpt: str = flag("out/ppo", "checkpoint to export: a directory (its ckpt.pt) or a .pt file (e.g. out/ppo/critic.pt)")
+    out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite)")
+    dtype: str = flag("float32", "dtype of the exported weights: float32 | bfloat16 | float16")
+    overwrite: bool = flag(False, "replace --out if it holds files (the old directory goes only once the new one is complete)")
+
+
+# -----------------------------------------------------------------------------
+# weights: nanoGPT names -> Hugging Face GPT-2 names
+
+# HF's GPT-2 uses Conv1D layers, whose weight is (in, out): the transpose of nn.Linear's (out, in)
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def zero_biases(config):
+    """{name: zeros} for every bias HF's GPT-2 has, for a model built with bias=False (which has none of them)."""
+    C = config.n_embd
+    sizes = {"ln_1.bias": C, "attn.c_attn.bias": 3 * C, "attn.c_proj.bias": C, "ln_2.bias": C, "mlp.c_fc.bias": 4 * C,
+             "mlp.c_proj.bias": C}
+    out = {f"transformer.h.{i}.{k}": torch.zeros(n) for i in range(config.n_layer) for k, n in sizes.items()}
+    out["transformer.ln_f.bias"] = torch.zeros(C)
+    return out
+
+
+def fold_head_bias(ln_f_bias, head_weight, head_bias):
+    """
+    The reward model's score is w . h + b with h the final LayerNorm's output (h = gamma * norm(x) + beta). HF's
+    score head has no b, so move it into beta: beta' = beta + b w / (w . w), hence w . h' = w . h + b.
+    ln_f_bias (C,), head_weight (1, C), head_bias (1,) -> beta' (C,). Computed in float64.
+    Example: beta = [0, 0], w = [[3, 4]], b = 5 -> beta' = [0.6, 0.8] and w . beta' = 5.
+    """
+    w, b = head_weight.double()[0], head_bias.double()[0]
+    ww = (w * w).sum()
+    if ww == 0:
+        check(b == 0, "the reward model's head weight is all 0 with a non-zero bias: GPT2ForSequenceClassification "
+                      "has no bias to hold it (export a trained reward model)")
+        return ln_f_bias
+    return (ln_f_bias.double() + b * w / ww).to(ln_f_bias.dtype)
+
+
+def hf_state_dict(sd, config, kind, dtype=torch.float32):
+    """
+    A nanorlhf state dict (GPT or ScalarGPT) -> the tensors of GPT2LMHeadModel (kind "gpt") or
+    GPT2ForSequenceClassification (kind "scalar"), cast to dtype. lm_head.weight is left out: it is tied to
+    transformer.wte.weight, as in HF's own GPT-2 files.
+    """
+    out = zero_biases(config) if not config.bias else {}
+    for name, v in sd.items():
+        if name == "lm_head.weight" or name.startswith("head."):
+            continue
+        out[name] = v.t() if name.endswith(TRANSPOSED) else v
+    if kind == "scalar":
+        out["transformer.ln_f.bias"] = fold_head_bias(out["transformer.ln_f.bias"].float(), sd["head.weight"].float(),
+                                                      sd["head.bias"].float())
+        out["score.weight"] = sd["head.weight"]  # (1, C): num_labels 1
+    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """
+    Write {name: tensor} as a .safetensors file: 8 bytes little-endian header length n, n bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} (padded with spaces to a
+    multiple of 8), then the tensors' raw little-endian bytes back to back, offsets counted from the header's end.
+    """
+    assert sys.byteorder == "little", "safetensors stores little-endian bytes"
+    names = sorted(tensors)
+    header, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}  # transformers checks format == "pt"
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:  # one tensor at a time: a large model is never held twice in memory as bytes
+            f.write(tensors[name].cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def hf_config(config, kind, tok, dtype):
+    """config.json for GPT2LMHeadModel or GPT2ForSequenceClassification (num_labels 1)."""
+    cfg = {
+        "architectures": ["GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh GELU, as nanorlhf's MLP
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": tok.eos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if kind == "scalar":
+        cfg.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})  # how a config.json says num_labels = 1
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: GPT-2's files (vocab.json + merges.txt) for any byte-level BPE with GPT-2's split pattern
+
+
+def bytes_to_unicode():
+    """
+    GPT-2's reversible map from the 256 byte values to printable characters, the alphabet of vocab.json and
+    merges.txt: the printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves and the other 68
+    bytes, in increasing order, for chr(256), chr(257), ... So b" " (32) -> 'Ġ' (chr(288)), b"\\n" (10) -> 'Ċ'.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return mapping
+
+
+def vocab_and_merges(ranks):
+    """
+    tiktoken's mergeable ranks {token bytes: rank} -> (vocab {text: id}, merges [(left, right)] in priority order),
+    texts in bytes_to_unicode's alphabet. tiktoken merges the adjacent pair whose concatenation has the lowest rank;
+    a merges list says which pairs merge, in order. So every split of a token into two tokens of the vocabulary is
+    listed, at the token's rank: the lowest listed pair is then the one tiktoken would merge.
+    Example: ranks {a: 97, b: 98, c: 99, ..., "ab": 256, "abc": 257, "bc": 258} -> merges [a b], [a bc], [ab c],
+    [b c]: "abc" comes from "a" + "bc" and from "ab" + "c" (the splits of one token ordered by their parts' ranks).
+    """
+    byte_map = bytes_to_unicode()
+    text = lambda t: "".join(byte_map[b] for b in t)  # noqa: E731
+    vocab = {text(t): r for t, r in ranks.items()}
+    merges = []
+    for token, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges += [(text(a), text(b)) for a, b in splits]
+    return vocab, merges
+
+
+# The chat template of Tokenizer.render_messages, in the Jinja that transformers' apply_chat_template runs
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '\\n\\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + m['content'] + '" + EOS + "' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+
+
+def write_tokenizer(tok, out, block_size):
+    """The .tiktoken file always; GPT-2's tokenizer files when the split pattern is GPT-2's. -> list of files."""
+    save_tiktoken(tok.mergeable_ranks, os.path.join(out, "tokenizer.tiktoken"))
+    files = ["tokenizer.tiktoken"]
+    if tok.pattern != GPT2_PATTERN:
+        return files
+    vocab, merges = vocab_and_merges(tok.mergeable_ranks)
+    vocab.update({EOS: tok.eos_id, PAD: tok.pad_id})
+    special = {"content": None, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+               "special": True}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": block_size,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "errors": "replace",
+        "bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(tok.eos_id): {**special, "content": EOS}, str(tok.pad_id): {**special, "content": PAD}},
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD}, f, indent=2)
+    return files + ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def readme(ckpt, kind, tok, hf_tokenizer):
+    """The note in the exported directory: what it is and how to load each part."""
+    cls = "GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"
+    lines = [
+        f"# nanorlhf export: stage {ckpt['stage']}, step {ckpt['step']}",
+        "",
+        f"A {cls} ({'language model' if kind == 'gpt' else 'scalar model: reward model or critic, num_labels 1'}), "
+        f"tokenizer {tok.name!r} ({tok.vocab_size} ids: EOS {tok.eos_id} = {EOS}, PAD {tok.pad_id} = {PAD}).",
+        "",
+        "```python",
+        f"from transformers import AutoTokenizer, {cls}",
+        f"model = {cls}.from_pretrained(DIR)",
+    ]
+    if hf_tokenizer:
+        lines += ["tok = AutoTokenizer.from_pretrained(DIR)   # GPT2Tokenizer over vocab.json + merges.txt"]
+    lines += [
+        "```",
+        "",
+        "The same merges for tiktoken (what nanorlhf itself runs), with GPT-2's split pattern:",
+        "",
+        "```python",
+        "import tiktoken",
+        "from tiktoken.load import load_tiktoken_bpe",
+        f"enc = tiktoken.Encoding({tok.name!r}, pat_str={tok.pattern!r},",
+        "                        mergeable_ranks=load_tiktoken_bpe('DIR/tokenizer.tiktoken'),",
+        f"                        special_tokens={{{EOS!r}: {tok.eos_id}, {PAD!r}: {tok.pad_id}}})",
+        "```",
+        "",
+        "The prompt template the model was trained on (tokenizer_config.json's chat_template writes it):",
+        "`\"\\n\\nHuman: {prompt}\\n\\nAssistant:\"`, the response follows after a space and ends with EOS.",
+        "nanorlhf encodes text typed by a user as plain text, also `<|endoftext|>`; Hugging Face tokenizers turn that "
+        "string into the EOS id unless told otherwise (`split_special_tokens=True`).",
+        "",
+        "Batches: pad on the right, or on the left for generation (`tok.padding_side = 'left'`; GPT-2's generate "
+        "derives position ids from the attention mask, as nanorlhf does).",
+    ]
+    if kind == "scalar":
+        lines += ["", "The score of a (prompt, response) is the logit at the last non-pad token (the EOS): "
+                      "`model(ids, attention_mask=mask).logits[:, 0]`. The reward model's head bias is folded into "
+                      "`transformer.ln_f.bias`, so the scores equal nanorlhf's."]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def export(ckpt_path, out, dtype="float32", overwrite=False):
+    """Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed)."""
+    check(dtype in ("float32", "bfloat16", "float16"), f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    check(not os.path.exists(out) or (os.path.isdir(out) and (overwrite or not os.listdir(out))),
+          f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
+    ckpt = utils.load_checkpoint(ckpt_path)
+    check(isinstance(ckpt, dict) and "model_kind" in ckpt and "tokenizer" in ckpt,
+          f"{ckpt_path}: not a nanorlhf model checkpoint (train_state.pt holds no model)")
+    kind = ckpt["model_kind"]
+    check(kind in ("gpt", "scalar"), f"{ckpt_path}: unknown model_kind {kind!r}")
+    config = GPTConfig(**ckpt["model_config"])
+    tok = Tokenizer.from_dict(ckpt["tokenizer"])
+    torch_dtype = getattr(torch, dtype)
+    tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
+
+    tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(config, kind, tok, torch_dtype), f, indent=2)
+        files = ["config.json", "model.safetensors"]
+        if kind == "gpt":
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, f, indent=2)
+            files.append("generation_config.json")
+        tok_files = write_tokenizer(tok, tmp, config.block_size)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(readme(ckpt, kind, tok, "vocab.json" in tok_files))
+        # the new directory is complete: only now does it take the place of an old one
+        if os.path.exists(out):
+            old = f"{out.rstrip(os.sep)}.old{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return kind, files + tok_files + ["README.md"]
+
+
+def main(argv=None):
+    args = utils.parse_flags(Args, argv, description=__doc__)
+    kind, files = export(args.ckpt, args.out, args.dtype, args.overwrite)
+    cls = "GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"
+    print(f"wrote {args.out}: {cls} ({args.dtype}); {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    utils.run(main)

@@ -1,0 +1,319 @@
+"""
+Tests of export_hf.py: the exported directory read back by an independent reader (GPT.from_pretrained for the
+language model, a hand-written GPT2ForSequenceClassification for the reward model, a plain merges-list BPE for
+the tokenizer files), and by transformers itself when it is installed (skipped otherwise).
+"""
+
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+from scripts import ROOT, script
+
+sys.path.insert(0, ROOT)  # export_hf.py is a top-level script
+
+import export_hf
+from nanorlhf import utils
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, load_safetensors
+from nanorlhf.tokenizer import Tokenizer, train_bpe
+
+GPT2_FILE = Path(__file__).resolve().parents[2] / "shared/data/gpt2.tiktoken"
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+# GPT-2's original split pattern, as Hugging Face's GPT2Tokenizer writes it (not tiktoken's rewrite of it)
+HF_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def random_model(kind="gpt", bias=True, block_size=60, vocab_size=258, seed=0):
+    """A tiny model with every parameter random (biases and LayerNorms too, so a dropped or swapped tensor shows)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    model = GPT(config) if kind == "gpt" else ScalarGPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def save(model, tok, path, stage="ppo", name="ckpt.pt"):
+    utils.save_checkpoint(str(path), utils.model_payload(model, tok, stage, {"seed": 0}, 7), name)
+
+
+def random_ids(vocab, n=3, T=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, T), generator=g)
+
+
+# -----------------------------------------------------------------------------
+# weights
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_policy_reads_back_with_the_same_logits(tmp_path, bias):
+    model = random_model(bias=bias)
+    tok = Tokenizer.byte_level()
+    save(model, tok, tmp_path / "ppo")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    back = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert back.config.block_size == 60 and back.config.vocab_size == 258
+    idx = random_ids(258)
+    with torch.no_grad():
+        assert torch.allclose(back(idx), model(idx), atol=1e-5, rtol=0)
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["model_type"] == "gpt2"
+    assert (cfg["eos_token_id"], cfg["pad_token_id"], cfg["n_positions"]) == (256, 257, 60)
+    tensors = load_safetensors(str(tmp_path / "hf/model.safetensors"))
+    assert "lm_head.weight" not in tensors  # tied to wte, as in HF's own files
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: (in, out)
+
+
+def test_safetensors_header_follows_the_format(tmp_path):
+    """Read the file the plain way: header length, JSON header, contiguous data in offset order, bf16 bytes intact."""
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "c": torch.randn(4).half()}
+    path = tmp_path / "x.safetensors"
+    export_hf.save_safetensors(tensors, str(path))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert header.pop("__metadata__") == {"format": "pt"}
+    spans = sorted(v["data_offsets"] for v in header.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] == len(raw) - 8 - n
+    assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": header["a"]["data_offsets"]}
+    begin, end = header["a"]["data_offsets"]
+    assert list(memoryview(raw[8 + n + begin:8 + n + end]).cast("f")) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    back = load_safetensors(str(path))
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_bfloat16_export_holds_the_rounded_weights(tmp_path):
+    model = random_model()
+    save(model, Tokenizer.byte_level(), tmp_path / "sft", stage="sft")
+    export_hf.export(str(tmp_path / "sft"), str(tmp_path / "hf"), dtype="bfloat16")
+    tensors = load_safetensors(str(tmp_path / "hf/model.safetensors"))
+    assert tensors["transformer.wte.weight"].dtype == torch.bfloat16
+    assert torch.equal(tensors["transformer.wte.weight"], model.transformer.wte.weight.detach().bfloat16())
+    assert json.loads((tmp_path / "hf/config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def hf_sequence_classification(path):
+    """
+    GPT2ForSequenceClassification written out from the exported files alone: the GPT-2 trunk (Conv1D weights
+    transposed back) and score = ln_f output @ score.weight.T with no bias, read at the last non-pad token.
+    """
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    sd = load_safetensors(str(Path(path) / "model.safetensors"))
+    config = GPTConfig(block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
+                       n_head=cfg["n_head"], n_embd=cfg["n_embd"])
+    model = ScalarGPT(config).eval()
+    state = {}
+    for k, v in sd.items():
+        if k == "score.weight":
+            state["head.weight"], state["head.bias"] = v, torch.zeros(1)
+        else:
+            state[k] = v.t() if k.endswith(export_hf.TRANSPOSED) else v
+    model.load_state_dict(state)
+    assert len(cfg["id2label"]) == 1 and cfg["architectures"] == ["GPT2ForSequenceClassification"]
+    return model, cfg["pad_token_id"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reward_model_scores_survive_without_a_head_bias(tmp_path, bias):
+    rm = random_model("scalar", bias=bias)
+    with torch.no_grad():
+        rm.head.bias.fill_(-1.7)  # as the InstructGPT normalisation leaves it: far from 0
+    tok = Tokenizer.byte_level()
+    save(rm, tok, tmp_path / "rm", stage="rm")
+    export_hf.export(str(tmp_path / "rm"), str(tmp_path / "hf"))
+    back, pad_id = hf_sequence_classification(tmp_path / "hf")
+    assert pad_id == tok.pad_id
+    idx = random_ids(256)
+    with torch.no_grad():
+        assert torch.allclose(back(idx), rm(idx), atol=1e-4, rtol=0)  # every position, the bias included
+    assert "score.bias" not in load_safetensors(str(tmp_path / "hf/model.safetensors"))
+
+
+def test_fold_head_bias_matches_the_worked_example():
+    beta = export_hf.fold_head_bias(torch.zeros(2), torch.tensor([[3.0, 4.0]]), torch.tensor([5.0]))
+    assert beta.tolist() == pytest.approx([0.6, 0.8])
+    g = torch.Generator().manual_seed(0)
+    beta0, w, b = torch.randn(16, generator=g), torch.randn(1, 16, generator=g), torch.randn(1, generator=g)
+    h = torch.randn(5, 16, generator=g)  # LayerNorm outputs without their bias
+    new = export_hf.fold_head_bias(beta0, w, b)
+    assert torch.allclose((h + new) @ w[0], (h + beta0) @ w[0] + b, atol=1e-5)
+    with pytest.raises(utils.UserError, match="all 0"):
+        export_hf.fold_head_bias(beta0, torch.zeros(1, 16), torch.ones(1))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer files
+
+
+def read_hf_tokenizer(out_dir):
+    """(vocab {text: id}, merge rank {(left, right): line number}) from vocab.json and merges.txt."""
+    vocab = json.loads((Path(out_dir) / "vocab.json").read_text(encoding="utf-8"))
+    lines = (Path(out_dir) / "merges.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[0] == "#version: 0.2"
+    return vocab, {tuple(line.split(" ")): i for i, line in enumerate(lines[1:]) if line}
+
+
+def hf_bpe_encode(text, vocab, rank):
+    """GPT2Tokenizer's algorithm, written plainly: split, map bytes to characters, merge by merges.txt rank."""
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
+    ids = []
+    for chunk in regex.findall(HF_GPT2_SPLIT, text):
+        word = [char[b] for b in chunk.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(word[i], word[i + 1]) for i in range(len(word) - 1)]
+            best = min(pairs, key=lambda p: rank.get(p, math.inf))
+            if best not in rank:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids += [vocab[w] for w in word]
+    return ids
+
+
+def random_texts(n, seed=0):
+    rng = random.Random(seed)
+    pieces = ["sort", " 3 1 2", "Hello", " world", "  ", "\n\n", "Human:", " Assistant:", "don't", " it's", "123",
+              "45678", " ", "!?", "...", "é", "naïve", " 中文", "😀", "\t", "x", "  y", "'ll", "ÿ", "\x00"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def check_tokenizer_files(tok, tmp_path):
+    model = random_model(vocab_size=tok.vocab_size)
+    save(model, tok, tmp_path / "ckpt")
+    _, files = export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.tiktoken"} <= set(files)
+    vocab, rank = read_hf_tokenizer(tmp_path / "hf")
+    for text in random_texts(200):
+        assert hf_bpe_encode(text, vocab, rank) == tok.encode(text), text
+    assert vocab["<|endoftext|>"] == tok.eos_id and vocab["<|pad|>"] == tok.pad_id and len(vocab) == tok.vocab_size
+    assert Tokenizer.from_tiktoken_file(str(tmp_path / "hf/tokenizer.tiktoken")).mergeable_ranks == tok.mergeable_ranks
+
+
+def test_byte_level_tokenizer_files(tmp_path):
+    check_tokenizer_files(Tokenizer.byte_level(), tmp_path)
+
+
+def test_trained_bpe_tokenizer_files(tmp_path):
+    text = " ".join(random_texts(400, seed=3))
+    check_tokenizer_files(Tokenizer("trained", train_bpe(text, 400)), tmp_path)
+
+
+@pytest.mark.skipif(not GPT2_FILE.exists(), reason="shared/data/gpt2.tiktoken not present")
+def test_gpt2_tokenizer_files(tmp_path):
+    check_tokenizer_files(Tokenizer.gpt2(str(GPT2_FILE)), tmp_path)
+
+
+def test_vocab_and_merges_worked_example():
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({b"ab": 256, b"abc": 257, b"bc": 258})
+    vocab, merges = export_hf.vocab_and_merges(ranks)
+    assert merges == [("a", "b"), ("a", "bc"), ("ab", "c"), ("b", "c")]
+    assert vocab["Ġ"] == 32 and vocab["Ċ"] == 10 and vocab["abc"] == 257 and len(vocab) == 259
+
+
+def test_chat_template_renders_the_training_text():
+    jinja2 = pytest.importorskip("jinja2")
+    tok = Tokenizer.byte_level()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sort 3 1 2"},
+                {"role": "assistant", "content": "1 2 3"}, {"role": "user", "content": "sort 9 8"}]
+    template = jinja2.Environment().from_string(export_hf.CHAT_TEMPLATE)
+    ids, _ = tok.render_messages(messages[:3])
+    assert template.render(messages=messages[:3], add_generation_prompt=False) == tok.enc.decode(ids)
+    prompt = template.render(messages=messages[3:], add_generation_prompt=True)
+    assert prompt == tok.enc.decode(tok.render_prompt("sort 9 8"))
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_exports_a_critic_and_refuses_to_overwrite(tmp_path):
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
+    p = script("export_hf.py", "--ckpt", str(tmp_path / "ppo/critic.pt"), "--out", str(tmp_path / "hf"))
+    assert "GPT2ForSequenceClassification" in p.stdout
+    first = (tmp_path / "hf/model.safetensors").read_bytes()
+    p = script("export_hf.py", "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "hf"), check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert (tmp_path / "hf/model.safetensors").read_bytes() == first  # the good output is untouched
+    script("export_hf.py", "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "hf"), "--overwrite")
+    assert json.loads((tmp_path / "hf/config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]  # no temporary directory left behind
+
+
+def test_cli_bad_checkpoint_writes_nothing(tmp_path):
+    p = script("export_hf.py", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), check=False)
+    assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "hf").exists()
+    utils.save_checkpoint(str(tmp_path / "run"), {"step": 3}, "train_state.pt")
+    p = script("export_hf.py", "--ckpt", str(tmp_path / "run/train_state.pt"), "--out", str(tmp_path / "hf"), check=False)
+    assert p.returncode == 2 and "not a nanorlhf model checkpoint" in p.stderr and not (tmp_path / "hf").exists()
+
+
+# -----------------------------------------------------------------------------
+# transformers itself (skipped when it is not installed)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+def test_transformers_loads_the_export(tmp_path):
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    tok = Tokenizer.byte_level()
+    model, rm = random_model(), random_model("scalar")
+    with torch.no_grad():
+        rm.head.bias.fill_(0.8)
+    save(model, tok, tmp_path / "ppo")
+    save(rm, tok, tmp_path / "rm", stage="rm")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf_ppo"))
+    export_hf.export(str(tmp_path / "rm"), str(tmp_path / "hf_rm"))
+    idx = random_ids(256)
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf_ppo")).eval()
+    hf_rm = GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "hf_rm")).eval()
+    # right-padded rows of different lengths: the RM's score is read at each row's last real token, as ours
+    seqs = [tok.render("sort 3 1 2", "1 2 3")[0], tok.render("sort 9 8 7 6", "6 7 8 9")[0]]
+    T = max(map(len, seqs))
+    padded = torch.tensor([s + [tok.pad_id] * (T - len(s)) for s in seqs])
+    mask = (padded != tok.pad_id).long()
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, model(idx), atol=1e-4)
+        assert torch.allclose(hf_rm(idx).logits[:, 0], rm(idx)[:, -1], atol=1e-4)
+        assert torch.allclose(hf_rm(padded, attention_mask=mask).logits[:, 0], rm.score(padded, mask), atol=1e-4)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf_ppo"))
+    for text in random_texts(50):
+        assert hf_tok.encode(text) == tok.encode(text), text
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
+    text = hf_tok.apply_chat_template([{"role": "user", "content": "sort 3 1 2"}], add_generation_prompt=True,
+                                      tokenize=False)
+    assert hf_tok.encode(text) == tok.render_prompt("sort 3 1 2")
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS or not GPT2_FILE.exists(), reason="needs transformers and gpt2.tiktoken")
+def test_transformers_runs_the_gpt2_tokenizer_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.gpt2(str(GPT2_FILE))
+    save(random_model(vocab_size=tok.vocab_size), tok, tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in random_texts(200, seed=5):
+        assert hf_tok.encode(text) == tok.encode(text), text

@@ -1,0 +1,342 @@
+"""
+train_grpo.py: the group advantages and loss aggregations against float64 loops, the clipped surrogate, the
+zero signal of a group of equal rewards, and the script end to end on tiny random checkpoints (subprocess).
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+from scripts import ROOT, read_metrics, script
+
+sys.path.insert(0, ROOT)  # train_grpo.py is a top-level script
+
+from nanorlhf import data as D
+from nanorlhf import utils
+from nanorlhf.losses import clipped_surrogate
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.rollout import disable_dropout, freeze, generate_responses
+from nanorlhf.tokenizer import Tokenizer
+
+import train_grpo
+from train_grpo import aggregate_loss, equal_groups, group_advantages
+
+TINY = dict(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32)
+
+
+# -----------------------------------------------------------------------------
+# float64 references, written the plain way
+
+
+def ref_advantages(scores, G, kind, eps):
+    out = []
+    for g in range(0, len(scores), G):
+        r = scores[g:g + G]
+        if len(set(r)) == 1:  # no deviation from the mean: no advantage
+            out += [0.0] * G
+            continue
+        mean = sum(r) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / (G - 1))
+        for i, x in enumerate(r):
+            if kind == "grpo":
+                out.append((x - mean) / (std + eps))
+            elif kind == "dr_grpo":
+                out.append(x - mean)
+            else:
+                others = [r[j] for j in range(G) if j != i]
+                out.append(x - sum(others) / (G - 1))
+    return out
+
+
+def ref_aggregate(per_token, mask, kind, max_len):
+    total = 0.0
+    for row, m in zip(per_token, mask):
+        s = sum(x for x, k in zip(row, m) if k)
+        n = sum(m)
+        if kind == "grpo":
+            total += s / n if n else 0.0
+        elif kind == "dr_grpo":
+            total += s / max_len
+        else:
+            total += s
+    return total / len(per_token)
+
+
+def random_groups(rng, n_groups, G):
+    """Scores with some groups all equal (ties are the case to get right) and some with a repeated value."""
+    scores = []
+    for _ in range(n_groups):
+        kind = rng.random()
+        if kind < 0.3:
+            scores += [round(rng.gauss(0, 2), 1)] * G
+        elif kind < 0.5:
+            v = rng.gauss(0, 1)
+            scores += [v] * (G - 1) + [rng.gauss(0, 1)]
+        else:
+            scores += [rng.gauss(0, 2) for _ in range(G)]
+    return scores
+
+
+def random_mask(rng, B, R):
+    """Response masks: a prefix of real tokens per row (0 to R of them)."""
+    mask = []
+    for _ in range(B):
+        n = rng.randint(0, R)
+        mask.append([1] * n + [0] * (R - n))
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# the group math
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+def test_group_advantages_match_float64_loop(kind):
+    rng = random.Random(0)
+    for G in (2, 3, 4, 8):
+        scores = random_groups(rng, 6, G)
+        got = group_advantages(torch.tensor(scores, dtype=torch.float64), G, kind, eps=1e-4)
+        want = ref_advantages(scores, G, kind, 1e-4)
+        assert got.shape == (len(scores),)
+        assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12), (kind, G)
+        # float32, as the script runs it
+        got32 = group_advantages(torch.tensor(scores, dtype=torch.float32), G, kind, eps=1e-4)
+        assert torch.allclose(got32.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    one = group_advantages(torch.tensor([1.0, 2.0, 3.0]), 3, kind, eps=1e-4)
+    expect = {"grpo": [-1 / (1 + 1e-4), 0, 1 / (1 + 1e-4)], "dr_grpo": [-1, 0, 1], "rloo": [-1.5, 0, 1.5]}[kind]
+    assert torch.allclose(one, torch.tensor(expect, dtype=torch.float32))
+
+
+def test_rloo_is_the_centred_score_scaled_by_g_over_g_minus_1():
+    # r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r)): a second, algebraic reference
+    scores = torch.randn(24, dtype=torch.float64)
+    for G in (2, 3, 4, 6):
+        centred = group_advantages(scores, G, "dr_grpo")
+        assert torch.allclose(group_advantages(scores, G, "rloo"), centred * G / (G - 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+def test_equal_rewards_give_zero_advantages_and_zero_gradient(kind):
+    G = 4
+    scores = torch.tensor([0.7] * G + [-3.0] * G + [1e6] * G)  # large values too: no 0/0, no rounding residue
+    adv = group_advantages(scores, G, kind)
+    assert torch.isfinite(adv).all() and (adv == 0).all()
+    assert equal_groups(scores, G) == 1.0
+    # the surrogate's gradient with these advantages is exactly zero, whatever the ratio
+    logprobs = torch.randn(3 * G, 7, requires_grad=True)
+    old = logprobs.detach() + 0.1 * torch.randn(3 * G, 7)
+    mask = torch.tensor(random_mask(random.Random(1), 3 * G, 7))
+    per_token, _ = clipped_surrogate(logprobs, old, adv[:, None], mask, 0.2)
+    aggregate_loss(per_token, mask, kind, 7).backward()
+    assert torch.equal(logprobs.grad, torch.zeros_like(logprobs))
+
+
+def test_equal_groups_counts_groups_with_one_value():
+    rng = random.Random(2)
+    for G in (2, 4):
+        scores = random_groups(rng, 10, G)
+        want = sum(len(set(scores[g:g + G])) == 1 for g in range(0, len(scores), G)) / 10
+        assert equal_groups(torch.tensor(scores, dtype=torch.float64), G) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+def test_aggregate_loss_matches_float64_loop(kind):
+    rng = random.Random(3)
+    for B, R in ((1, 1), (5, 9), (8, 24)):
+        per_token = [[rng.gauss(0, 1) for _ in range(R)] for _ in range(B)]
+        mask = random_mask(rng, B, R)
+        got = aggregate_loss(torch.tensor(per_token, dtype=torch.float64), torch.tensor(mask), kind, 24)
+        assert got.item() == pytest.approx(ref_aggregate(per_token, mask, kind, 24), rel=1e-12, abs=1e-12)
+    # the docstring's example
+    pt, m = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate_loss(pt, m, kind, 4).item() == pytest.approx({"grpo": 1.5, "dr_grpo": 0.5, "rloo": 2.0}[kind])
+
+
+def test_aggregate_loss_ignores_garbage_on_the_pads():
+    pt = torch.tensor([[1.0, float("nan"), float("inf")]])
+    m = torch.tensor([[1, 0, 0]])
+    for kind in train_grpo.ADVANTAGES:
+        assert aggregate_loss(pt, m, kind, 3).item() == pytest.approx({"grpo": 1.0, "dr_grpo": 1 / 3, "rloo": 1.0}[kind])
+
+
+def test_clipped_surrogate_matches_float64_loop():
+    torch.manual_seed(0)
+    B, R, eps = 6, 10, 0.2
+    new = torch.randn(B, R, dtype=torch.float64) * 0.3
+    old = new + torch.randn(B, R, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, 1, dtype=torch.float64)
+    mask = torch.tensor(random_mask(random.Random(4), B, R))
+    got, ratio = clipped_surrogate(new, old, adv, mask, eps)
+    for b in range(B):
+        for t in range(R):
+            if not mask[b, t]:
+                assert got[b, t] == 0 and ratio[b, t] == 1
+                continue
+            r = math.exp(new[b, t].item() - old[b, t].item())
+            a = adv[b, 0].item()
+            want = -min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
+            assert got[b, t].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+            assert ratio[b, t].item() == pytest.approx(r, rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# the update on tiny models, in-process
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(**TINY)
+    actor = GPT(config)
+    ref = copy.deepcopy(actor)
+    reward_model = ScalarGPT(config)
+    for m in (actor, ref, reward_model):
+        disable_dropout(m)
+    freeze(ref)
+    freeze(reward_model)
+    return actor, ref, reward_model
+
+
+def rollout(actor, ref, reward_model, args, rt, tok):
+    prompts = ["sort 5 3 8 1", "sort 2 9 4", "sort 7 7 1 0 3 6", "sort 4 1 2"]
+    pidx = list(range(args.batch_size // args.group_size))
+    ids = [tok.render_prompt(prompts[i % len(prompts)]) for i in pidx for _ in range(args.group_size)]
+    batch = D.collate(ids, tok.pad_id, left_pad=True)
+    actor.eval()
+    response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+    return train_grpo.make_experience(actor, ref, reward_model, batch["idx"], batch["attention_mask"], response,
+                                      tok, args, rt)
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+def test_update_with_equal_rewards_leaves_the_policy_unchanged(kind):
+    """A reward model that gives every response the same score (and the same score for a missing EOS): all
+    groups equal, advantages 0, and after a full update (4 epochs x 4 minibatches of AdamW) not one weight moved."""
+    tok = Tokenizer.byte_level()
+    actor, ref, reward_model = tiny_setup()
+    with torch.no_grad():
+        reward_model.head.weight.zero_()
+        reward_model.head.bias.fill_(0.5)
+    args = train_grpo.Args(advantage=kind, batch_size=16, group_size=4, response_length=8, kl_coef=0.0)
+    train_grpo.check_args(args)
+    args.missing_eos_penalty = 0.5
+    rt = utils.setup_runtime("cpu", "float32", seed=0)
+    exp = rollout(actor, ref, reward_model, args, rt, tok)
+    assert equal_groups(exp["rewards"], 4) == 1.0 and (exp["advantages"] == 0).all()
+    before = copy.deepcopy(actor.state_dict())
+    opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
+    out = train_grpo.grpo_update(actor, opt, exp, args, rt)
+    assert all(math.isfinite(v) for v in out.values())
+    assert all(torch.equal(v, before[k]) for k, v in actor.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+def test_update_moves_the_policy_and_first_ratio_is_one(kind):
+    tok = Tokenizer.byte_level()
+    actor, ref, reward_model = tiny_setup(1)
+    args = train_grpo.Args(advantage=kind, batch_size=16, group_size=4, response_length=8, grad_accum=2)
+    train_grpo.check_args(args)  # missing_eos_penalty None: the RM's score for every response
+    rt = utils.setup_runtime("cpu", "float32", seed=0)
+    exp = rollout(actor, ref, reward_model, args, rt, tok)
+    assert equal_groups(exp["rewards"], 4) < 1
+    before = copy.deepcopy(actor.state_dict())
+    opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
+    out = train_grpo.grpo_update(actor, opt, exp, args, rt)
+    assert out["first_ratio_max_dev"] < 1e-5
+    assert any(not torch.equal(v, before[k]) for k, v in actor.state_dict().items())
+
+
+def test_kl_goes_where_each_paper_put_it():
+    for kind, where, beta in (("grpo", "loss", 0.04), ("dr_grpo", "loss", 0.04), ("rloo", "reward", 0.3)):
+        args = train_grpo.Args(advantage=kind)
+        train_grpo.check_args(args)
+        assert (args.kl_in, args.kl_coef) == (where, beta)
+
+
+def test_kl_in_the_reward_lowers_each_reward_by_beta_times_the_summed_k1():
+    tok = Tokenizer.byte_level()
+    actor, ref, reward_model = tiny_setup(2)
+    with torch.no_grad():  # a policy that differs from the reference, so that the KL is not 0
+        for p in actor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = train_grpo.Args(advantage="rloo", batch_size=8, group_size=4, response_length=6, kl_coef=0.5)
+    train_grpo.check_args(args)
+    rt = utils.setup_runtime("cpu", "float32", seed=0)
+    exp = rollout(actor, ref, reward_model, args, rt, tok)
+    for b in range(8):
+        n = int(exp["response_mask"][b].sum())
+        k1 = sum(exp["logprobs"][b, t].item() - exp["ref_logprobs"][b, t].item() for t in range(n))
+        assert exp["rewards"][b].item() == pytest.approx(exp["scores"][b].item() - 0.5 * k1, abs=1e-5)
+    assert exp["kl"].abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# end to end (subprocess) on tiny random checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    tok = Tokenizer.byte_level()
+    actor, _, reward_model = tiny_setup(3)
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(actor, tok, "sft", {"seed": 0}, 1))
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(reward_model, tok, "rm", {"seed": 0}, 1,
+                                                             reward_mean=0.0, reward_std=1.0))
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": "sort " + " ".join(str((i * 7 + j) % 10) for j in range(3 + i % 4))}) + "\n")
+    return d
+
+
+def grpo_cmd(d, out, *extra):
+    return ["train_grpo.py", "--data", str(d / "prompts.jsonl"), "--sft", str(d / "sft"), "--rm", str(d / "rm"),
+            "--out_dir", str(out), "--batch_size", "8", "--group_size", "4", "--num_minibatches", "2",
+            "--response_length", "8", "--sample_interval", "2", *extra]
+
+
+def test_script_runs_logs_and_resumes(tiny_ckpts):
+    out = tiny_ckpts / "run"
+    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--advantage", "dr_grpo"))
+    rows = read_metrics(str(out))
+    assert [r["iter"] for r in rows] == [1, 2]
+    # the first minibatch's ratio is 1: nothing has moved between the rollout and the first forward of the update
+    assert all(r["first_ratio_max_dev"] < 1e-5 for r in rows)
+    assert all(0 <= r["gold"] <= 1 and 0 <= r["equal_groups"] <= 1 for r in rows)  # the task's prompts: gold logged
+    policy, _, ckpt = utils.load_model(str(out), kind="gpt")  # a policy, as evaluate.py loads it
+    assert ckpt["stage"] == "grpo" and ckpt["step"] == 2 and ckpt["models_resident"] == 3
+    assert ckpt["args"]["kl_in"] == "loss" and ckpt["args"]["advantage"] == "dr_grpo"
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 4}
+    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--advantage", "dr_grpo", "--resume"))
+    assert [r["iter"] for r in read_metrics(str(out))] == [1, 2, 3]
+    assert torch.load(out / "train_state.pt", weights_only=True)["data"] == {"epoch": 0, "pos": 6}
+    assert {json.loads(line)["iter"] for line in open(out / "samples.jsonl")} == {1, 2}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--group_size", "1"), "--group_size 1"),
+    (("--batch_size", "10", "--num_minibatches", "1"), "divisible by --group_size 4"),
+    (("--advantage", "ppo"), "--advantage 'ppo'"),
+    (("--kl_in", "both"), "--kl_in 'both'"),
+])
+def test_bad_flags_exit_2_and_write_nothing(tiny_ckpts, flags, message):
+    out = tiny_ckpts / "bad"
+    p = script(*grpo_cmd(tiny_ckpts, out, *flags), check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_prompts_file_exits_2_and_writes_nothing(tiny_ckpts, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "sort 1 2"}\n{"text": "sort 3 4"}\n')
+    out = tmp_path / "out"
+    p = script("train_grpo.py", "--data", str(bad), "--sft", str(tiny_ckpts / "sft"), "--rm", str(tiny_ckpts / "rm"),
+               "--out_dir", str(out), check=False)
+    assert p.returncode == 2 and "prompts.jsonl:2" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not os.path.exists(out)

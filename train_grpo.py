@@ -1,0 +1,437 @@
+"""
+GRPO, Dr. GRPO and RLOO: policy gradients whose baseline is the other responses to the same prompt, no critic.
+
+For each prompt we sample --group_size (G) responses, score each with the reward model, and give every token of
+response i the same advantage A_i, computed inside the prompt's group (--advantage):
+
+    grpo      A_i = (r_i - mean(r)) / (std(r) + eps)         DeepSeekMath (Shao et al. 2024)
+    dr_grpo   A_i = r_i - mean(r)                            Dr. GRPO (Liu et al. 2025): no std division
+    rloo      A_i = r_i - 1/(G-1) sum_{j != i} r_j           RLOO (Ahmadian et al. 2024): leave-one-out mean
+
+Then, like PPO, --num_epochs passes over the rollout in --num_minibatches minibatches with the clipped surrogate
+per token, l_t = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i), averaged as each paper does:
+
+    grpo      1/B sum_i 1/|y_i| sum_t l_t        each response's mean, then the batch mean
+    dr_grpo   1/B sum_i 1/L_max sum_t l_t        a constant (--response_length) instead of |y_i|: no length bias
+    rloo      1/B sum_i sum_t l_t                the sequence's log-likelihood, REINFORCE's estimator
+
+The KL to the reference (the SFT model) goes where each paper put it (--kl_in):
+    loss    (grpo, dr_grpo)   + beta * k3_t per token in the loss, k3 = pi_ref/pi - log(pi_ref/pi) - 1 >= 0
+    reward  (rloo)            r_i = R(x, y_i) - beta * sum_t k1_t, k1 = log pi - log pi_ref, as in PPO
+Models in memory: the policy, the frozen reference and the frozen reward model (PPO also holds a critic).
+
+Run (after `make`, which trains out/sft and out/rm):
+    python train_grpo.py --advantage grpo --out_dir out/grpo
+    python train_grpo.py --advantage dr_grpo --out_dir out/dr_grpo
+    python train_grpo.py --advantage rloo --out_dir out/rloo
+    python train_grpo.py ... --resume                      # continue from out_dir/train_state.pt
+
+Writes to --out_dir: ckpt.pt (the policy, stage "grpo", loadable by evaluate.py like the PPO actor),
+train_state.pt, metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
+
+Deviations from the papers, on purpose:
+- The same budget as train_ppo.py's defaults: 50 iterations x 64 episodes (16 prompts x G = 4), 4 epochs x
+  4 minibatches per rollout (DeepSeekMath uses G = 64 and one update per rollout; RLOO uses k = 2 to 4 samples
+  and one update, without the clip). With one epoch the clip never binds and the objective is plain REINFORCE.
+- A response that never emits EOS gets --missing_eos_penalty as its score, as in train_ppo.py.
+- beta is relative to each placement's scale: in the loss it weighs a per-token k3 against normalised
+  advantages (DeepSeekMath's 0.04); in the reward it weighs the summed k1 against raw RM scores, as PPO's does
+  (train_ppo.py's 0.3, for an RM whose scores have a std of about 2).
+- The std in grpo's advantage is the unbiased one (n - 1), and eps = 1e-4 (as TRL); a group whose G scores are
+  all equal gets advantages 0 for every variant (no signal, no NaN): the fraction of such groups is logged.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf import data as D
+from nanorlhf import tasks
+from nanorlhf import utils
+from nanorlhf.losses import (clipped_surrogate, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean,
+                             masked_sum)
+from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
+                              next_prompt_indices, truncate_after_eos, write_samples)
+from nanorlhf.utils import check, flag
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+# =============================================================================
+# The group math: top-level functions that tests/test_grpo.py checks against float64 loops.
+#
+# A rollout holds B = n_prompts * G episodes, group-major: rows g*G .. g*G + G - 1 are the G responses to
+# prompt g. Per-token tensors are response-only (B, R) with the mask convention of train_ppo.py (1 on the real
+# response tokens, the EOS included, 0 on the pads after it).
+
+
+def group_advantages(scores, group_size, kind, eps=1e-4):
+    """
+    One advantage per response from the scores of its group. scores (B,) group-major, B divisible by
+    group_size G >= 2; kind in grpo | dr_grpo | rloo. -> (B,), the same dtype as scores.
+
+    Example, one group r = [1, 2, 3]: mean 2, std 1 -> grpo [-1, 0, 1] / (1 + eps); dr_grpo [-1, 0, 1];
+    rloo [1 - 2.5, 2 - 2, 3 - 1.5] = [-1.5, 0, 1.5]. Equal scores give 0 in all three.
+    """
+    G = group_size
+    assert G >= 2 and scores.dim() == 1 and scores.numel() % G == 0, (tuple(scores.shape), G)
+    r = scores.view(-1, G)  # (n_groups, G)
+    mean = r.mean(dim=1, keepdim=True)  # (n_groups, 1)
+    if kind == "grpo":
+        # A_i = (r_i - mean(r)) / (std(r) + eps),  std with n - 1
+        adv = (r - mean) / (r.std(dim=1, keepdim=True) + eps)
+    elif kind == "dr_grpo":
+        # A_i = r_i - mean(r)
+        adv = r - mean
+    elif kind == "rloo":
+        # A_i = r_i - 1/(G-1) sum_{j != i} r_j
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (G - 1)
+    else:
+        raise ValueError(f"unknown advantage {kind!r}, expected one of {ADVANTAGES}")
+    # a group of equal scores: exactly 0, not the rounding residue of the mean (which grpo's division by a
+    # std of ~1e-16 + eps would turn into a nonzero advantage)
+    equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (n_groups, 1)
+    return torch.where(equal, torch.zeros_like(adv), adv).view(-1)
+
+
+def aggregate_loss(per_token, mask, kind, max_len):
+    """
+    The batch's loss from per-token losses. per_token, mask (B, R); max_len = the generation budget L_max.
+    -> scalar, a mean over the B responses of a per-response quantity (so micro-batches weighted by their
+    share of the responses add up to the minibatch's loss exactly):
+
+        grpo      1/B sum_i (1/|y_i|) sum_t l_it     (a response without real tokens counts 0)
+        dr_grpo   1/B sum_i (1/L_max) sum_t l_it
+        rloo      1/B sum_i sum_t l_it
+
+    Example: l = [[1, 1, 0], [2, 0, 0]], mask = [[1, 1, 0], [1, 0, 0]], L_max = 4 -> grpo (1 + 2) / 2 = 1.5,
+    dr_grpo (2/4 + 2/4) / 2 = 0.5, rloo (2 + 2) / 2 = 2.
+    """
+    per_seq = masked_sum(per_token, mask, dim=1)  # (B,) sum over each response's real tokens
+    if kind == "grpo":
+        per_seq = per_seq / mask.sum(1).clamp(min=1).to(per_seq.dtype)
+    elif kind == "dr_grpo":
+        per_seq = per_seq / max_len
+    elif kind != "rloo":
+        raise ValueError(f"unknown advantage {kind!r}, expected one of {ADVANTAGES}")
+    return per_seq.mean()
+
+
+def equal_groups(scores, group_size):
+    """Fraction of the groups whose G scores are all equal (their advantages are 0: no learning signal)."""
+    r = scores.view(-1, group_size)  # (n_groups, G)
+    return (r == r[:, :1]).all(dim=1).float().mean().item()
+
+
+# =============================================================================
+# The training loop
+
+
+@dataclass
+class Args:
+    # data and checkpoints
+    data: str = flag("out/data/prompts.jsonl", "JSONL of {\"prompt\": ...} to roll out on")
+    sft: str = flag("out/sft", "SFT checkpoint directory: the policy starts here and the reference stays here")
+    rm: str = flag("out/rm", "reward model checkpoint directory")
+    out_dir: str = flag("out/grpo", "where ckpt.pt, train_state.pt, metrics.jsonl and samples go")
+    resume: bool = flag(False, "continue from out_dir/train_state.pt (the policy from out_dir)")
+    gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
+    # runtime
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto = bf16 on GPUs that have it)")
+    compile: bool = flag(False, "torch.compile the policy's forward pass")
+    grad_checkpointing: bool = flag(False, "recompute activations in backward (less memory, ~30% slower)")
+    seed: int = flag(0, "seed for python, numpy, torch, and the prompt order")
+    # the algorithm
+    advantage: str = flag("grpo", "grpo: (r - mean) / (std + eps) | dr_grpo: r - mean, loss / L_max | rloo: leave-one-out")
+    group_size: int = flag(4, "G: responses sampled per prompt (>= 2)")
+    kl_in: str = flag("auto", "where the KL to the reference goes: loss (k3 per token) | reward (k1 summed) | "
+                              "auto = loss for grpo and dr_grpo, reward for rloo (as the papers)")
+    kl_coef: float | None = flag(None, "beta; default 0.04 with --kl_in loss (DeepSeekMath), 0.3 with reward (train_ppo.py)")
+    adv_eps: float = flag(1e-4, "eps in grpo's (r - mean) / (std + eps)")
+    # rollout
+    num_iterations: int = flag(50, "iterations (one rollout + its update each)")
+    batch_size: int = flag(64, "episodes per rollout: batch_size / group_size prompts, group_size responses each")
+    response_length: int = flag(24, "maximum new tokens per response (L_max of dr_grpo)")
+    temperature: float = flag(1.0, "sampling temperature; training logprobs divide the logits by the same value")
+    missing_eos_penalty: float | None = flag(None, "score that replaces the RM's for a response without EOS; default: "
+                                             "2 std below the demonstrations' mean RM score (stored by train_rm.py), else -1")
+    # update
+    num_epochs: int = flag(4, "passes over each rollout")
+    num_minibatches: int = flag(4, "minibatches per pass (one optimizer step each)")
+    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: same gradient)")
+    lr: float = flag(2e-4, "learning rate (AdamW)")
+    anneal_lr: bool = flag(True, "decay the learning rate linearly to 0 over the run")
+    weight_decay: float = flag(0.0, "AdamW weight decay (matrices only)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    clip_coef: float = flag(0.2, "epsilon of the clipped surrogate: ratio stays in [1 - eps, 1 + eps]")
+    max_grad_norm: float = flag(1.0, "gradient clipping")
+    # logging and checkpoints
+    sample_interval: int = flag(10, "write prompt/response samples every N iterations")
+    num_samples: int = flag(4, "samples per write")
+    save_interval: int = flag(25, "checkpoint every N iterations (and at the end)")
+
+
+def check_args(args):
+    """Derived sizes and flag combinations, checked before anything is loaded or written."""
+    check(args.advantage in ADVANTAGES, f"--advantage {args.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
+    check(args.group_size >= 2, f"--group_size {args.group_size}: a group needs at least 2 responses (G >= 2)")
+    check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
+          "--batch_size, --num_minibatches and --grad_accum must be >= 1")
+    check(args.batch_size % args.group_size == 0,
+          f"--batch_size {args.batch_size} must be divisible by --group_size {args.group_size} (whole groups)")
+    check(args.batch_size % args.num_minibatches == 0,
+          f"--batch_size {args.batch_size} must be divisible by --num_minibatches {args.num_minibatches}")
+    mb_size = args.batch_size // args.num_minibatches
+    check(mb_size % args.grad_accum == 0,
+          f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by --grad_accum {args.grad_accum}")
+    check(args.response_length >= 1, "--response_length must be >= 1")
+    check(args.temperature > 0, "--temperature must be > 0 (a policy gradient needs a stochastic policy)")
+    check(args.kl_in in ("auto", "loss", "reward"), f"--kl_in {args.kl_in!r}: expected auto, loss or reward")
+    check(args.kl_coef is None or args.kl_coef >= 0, "--kl_coef must be >= 0")
+    check(args.adv_eps > 0, "--adv_eps must be > 0")
+    check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
+    check(args.num_iterations >= 1 and args.num_epochs >= 1, "--num_iterations and --num_epochs must be >= 1")
+    check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
+    if args.kl_in == "auto":
+        args.kl_in = "reward" if args.advantage == "rloo" else "loss"
+    if args.kl_coef is None:
+        args.kl_coef = 0.04 if args.kl_in == "loss" else 0.3
+
+
+@torch.no_grad()
+def make_experience(actor, ref, reward_model, context, context_mask, response, tok, args, rt):
+    """
+    Steps 2-5 of the rollout for already sampled responses (group-major rows). Returns a dict of tensors.
+    context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
+    """
+    B, T = context.shape
+    # 2. truncate after the first EOS (train_ppo.make_experience draws the masking convention)
+    response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
+    has_eos = (response == tok.eos_id).any(-1)  # (B,)
+    seq = torch.cat([context, response], dim=1)  # (B, T + N)
+    seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
+    micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
+    rm_scores, logprobs, ref_logprobs, entropy = [], [], [], []
+    for i in range(0, B, micro):
+        s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
+        with rt.autocast():
+            # 3. the reward model's score at the last real token
+            rm_scores.append(reward_model.score(s, s_mask))  # (b,)
+            # 4. logprobs under the policy (they become pi_old) and the reference, at the sampling temperature
+            logits = actor(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+            logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
+            entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
+            ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+            ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
+    rm_scores, entropy = torch.cat(rm_scores).float(), torch.cat(entropy)  # (B,), (B, N)
+    maskf = response_mask.float()
+    logprobs, ref_logprobs = (torch.cat(x) * maskf for x in (logprobs, ref_logprobs))  # (B, N)
+    # a response that never ended gets the penalty score instead of the RM's
+    scores = rm_scores
+    if args.missing_eos_penalty is not None:
+        scores = torch.where(has_eos, rm_scores, torch.full_like(rm_scores, args.missing_eos_penalty))  # (B,)
+    kl = masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), response_mask, dim=1)  # (B,) k1 summed per response
+
+    # 5. the reward each response is judged by, and its advantage within its group
+    rewards = scores - args.kl_coef * kl if args.kl_in == "reward" else scores  # r_i = R(x, y_i) [- beta * KL_i]
+    advantages = group_advantages(rewards, args.group_size, args.advantage, args.adv_eps)  # (B,)
+    return dict(seq=seq, seq_mask=seq_mask, context_len=T, response=response, response_mask=response_mask,
+                has_eos=has_eos, scores=scores, rm_scores=rm_scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                entropy=entropy, kl=kl, rewards=rewards, advantages=advantages)
+
+
+def grpo_update(actor, opt, exp, args, rt):
+    """
+    --num_epochs passes of shuffled minibatches over one rollout, one optimizer step per minibatch.
+    Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
+    real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
+    """
+    B, T = exp["seq"].size(0), exp["context_len"]
+    mb_size = B // args.num_minibatches
+    micro_size = mb_size // args.grad_accum
+    kl_in_loss = args.kl_in == "loss" and args.kl_coef > 0
+    stats = {k: [] for k in ("loss", "pg_loss", "kl_loss", "clipfrac", "ratio")}
+    first_ratio_max_dev = torch.zeros((), device=exp["seq"].device)
+    actor.train()
+    for epoch in range(args.num_epochs):
+        b_inds = torch.randperm(B)
+        for start in range(0, B, mb_size):
+            mb_inds = b_inds[start:start + mb_size]
+            mb_stats = {k: 0.0 for k in stats}
+            mb_mask = exp["response_mask"][mb_inds]
+            n_tokens = mb_mask.sum().clamp(min=1)
+            for mstart in range(0, mb_size, micro_size):
+                i = mb_inds[mstart:mstart + micro_size]
+                seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
+                share = len(i) / mb_size  # aggregate_loss is a mean over responses: weigh by the count
+                with rt.autocast():
+                    logits = actor(seq, seq_mask)[:, T - 1:-1]  # (b, N, V)
+                new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
+                # l_t = -min(ratio_t * A_i, clip(ratio_t, 1 - eps, 1 + eps) * A_i)
+                pg_tokens, ratio = clipped_surrogate(new_logprobs, exp["logprobs"][i], exp["advantages"][i][:, None],
+                                                     mask, args.clip_coef)  # (b, N), (b, N)
+                pg_loss = aggregate_loss(pg_tokens, mask, args.advantage, args.response_length)
+                loss = pg_loss
+                if kl_in_loss:
+                    # + beta * k3_t,  k3 = pi_ref / pi - log(pi_ref / pi) - 1, aggregated like the surrogate
+                    kl_tokens = kl_penalty(new_logprobs, exp["ref_logprobs"][i], "k3")  # (b, N)
+                    kl_loss = aggregate_loss(kl_tokens, mask, args.advantage, args.response_length)
+                    loss = loss + args.kl_coef * kl_loss
+                    mb_stats["kl_loss"] += kl_loss.detach() * share
+                (loss * share).backward()
+                with torch.no_grad():
+                    # the clipped term is the one used where it gives the larger loss (as train_ppo.policy_loss)
+                    A = exp["advantages"][i][:, None]  # (b, 1)
+                    clipped = -A * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef) > -A * ratio  # (b, N)
+                    tok_share = mask.sum() / n_tokens
+                    mb_stats["clipfrac"] += masked_mean(clipped.float(), mask) * tok_share
+                    mb_stats["ratio"] += masked_mean(ratio, mask) * tok_share
+                if epoch == 0 and start == 0:
+                    first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio.detach() - 1).abs() * mask).max())
+                mb_stats["loss"] += loss.detach() * share
+                mb_stats["pg_loss"] += pg_loss.detach() * share
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in mb_stats.items():
+                stats[k].append(v)
+    out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "kl_loss" or kl_in_loss}
+    out["first_ratio_max_dev"] = float(first_ratio_max_dev)
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = utils.parse_flags(Args, argv, description=__doc__)
+    check_args(args)
+    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
+    G = args.group_size
+    n_prompts_per_batch = args.batch_size // G
+
+    # data (validated before anything is written)
+    prompts = D.read_prompts(args.data)
+
+    # models: the policy, the frozen reference (the SFT model) and the frozen reward model; no critic
+    state = None
+    if args.resume:
+        state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
+        actor, tok, actor_ckpt = utils.load_model(args.out_dir, rt.device, kind="gpt")
+        check(actor_ckpt["step"] == state["step"], f"--resume: in {args.out_dir}, {utils.CKPT} and {utils.TRAIN_STATE} "
+              f"are at iterations {actor_ckpt['step']} and {state['step']} (a save was interrupted)")
+    else:
+        actor, tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
+    ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar")
+    if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
+        mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
+        args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
+    check(ref_tok.to_dict() == tok.to_dict() == rm_tok.to_dict(),
+          f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
+    for m in (actor, ref, reward_model):
+        disable_dropout(m)
+    freeze(ref)
+    freeze(reward_model)
+    actor.grad_checkpointing = args.grad_checkpointing
+    block_size = actor.config.block_size
+    check(args.response_length < block_size, f"--response_length {args.response_length} must be < block_size {block_size}")
+
+    max_prompt = block_size - args.response_length
+    prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
+    if n_cut:
+        print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
+    use_gold = args.gold == "on"
+    if args.gold == "auto":
+        use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
+
+    fwd_actor = utils.maybe_compile(actor, args.compile)
+    opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
+    start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sampler_state = state["data"]
+        start_iter = state["step"]
+        utils.set_rng_state(state["rng"])
+        check(start_iter < args.num_iterations, f"{args.out_dir} already ran {start_iter} iterations; raise --num_iterations")
+    models_resident = 3  # policy, reference, reward model
+
+    def save(iteration):
+        utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "grpo", args, iteration,
+                                                                models_resident=models_resident))
+        utils.save_checkpoint(args.out_dir, {"optimizer": opt.state_dict(), "rng": utils.rng_state(),
+                                             "data": sampler_state, "step": iteration}, utils.TRAIN_STATE)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    if not args.resume:
+        for name in ("samples.jsonl", "samples.txt"):
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    logger = utils.MetricsLogger(args.out_dir, resume=args.resume)
+    print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
+          f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
+          f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
+          f"gold {'on' if use_gold else 'off'}")
+    timer = utils.Timer(args.num_iterations, start_iter)
+    for it in range(start_iter, args.num_iterations):
+        if args.anneal_lr:
+            for g in opt.param_groups:
+                g["lr"] = (1.0 - it / args.num_iterations) * args.lr
+        # rollout: 1. sample G responses per prompt (the prompt's row repeated G times, group-major)
+        t0 = time.time()
+        pidx, sampler_state = next_prompt_indices(len(prompts), n_prompts_per_batch, args.seed, sampler_state)
+        idx = [i for i in pidx for _ in range(G)]
+        batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
+        actor.eval()
+        with rt.autocast():
+            response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+        exp = make_experience(fwd_actor, ref, reward_model, batch["idx"], batch["attention_mask"], response, tok, args, rt)
+        t_rollout = time.time() - t0
+        # update
+        t0 = time.time()
+        upd = grpo_update(fwd_actor, opt, exp, args, rt)
+        t_update = time.time() - t0
+
+        mask = exp["response_mask"]
+        row = {
+            "iter": it + 1,
+            "score": exp["scores"].mean().item(),
+            "rm_score": exp["rm_scores"].mean().item(),
+            "kl": exp["kl"].mean().item(),
+            "reward": exp["rewards"].mean().item(),
+            "equal_groups": equal_groups(exp["rewards"], G),
+            "adv_abs": exp["advantages"].abs().mean().item(),
+            "entropy": masked_mean(exp["entropy"], mask).item(),
+            "response_length": mask.sum(-1).float().mean().item(),
+            "eos_frac": exp["has_eos"].float().mean().item(),
+            "lr": opt.param_groups[0]["lr"],
+            **upd,
+            "t_rollout": t_rollout,
+            "t_update": t_update,
+        }
+        texts = None
+        write = it == 0 or (it + 1) % args.sample_interval == 0
+        if use_gold or write:
+            texts = [(prompts[i], decode_response(tok, r, m)) for i, r, m in zip(idx, exp["response"].tolist(), mask.tolist())]
+        if use_gold:
+            row["gold"] = sum(gold_scores(*zip(*texts))) / len(texts)
+        logger.log(row)
+        gold = f" gold {row['gold']:.3f} |" if use_gold else ""
+        print(f"iter {it + 1}/{args.num_iterations} | score {row['score']:+.3f} |{gold} kl {row['kl']:.2f} | "
+              f"equal groups {row['equal_groups']:.2f} | ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} | "
+              f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
+              f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
+        if write:
+            golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
+            write_samples(args.out_dir, it + 1, [
+                {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
+                for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
+        if (it + 1) % args.save_interval == 0 or it + 1 == args.num_iterations:
+            save(it + 1)
+
+
+if __name__ == "__main__":
+    utils.run(main)
