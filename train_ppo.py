@@ -683,7 +683,9 @@ def write_memory_report(args, config, probe, rt):
                                         lora_targets=args.lora_targets)
     measured = probe.result
     b, t = probe.extra["micro_batch"]
-    acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared")
+    # exact in float32; under bf16 autocast only an estimate (autocast also keeps bf16 copies of the weights)
+    acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared",
+                                       acts_bytes=4 if rt.dtype == "float32" else 2)
     report = {
         "device": str(rt.device), "predicted": predicted, "measured": measured,
         "static_predicted": footprint.static_total(predicted), "static_measured": footprint.static_total(measured),

@@ -574,8 +574,8 @@ class ValueHeadGPT(GPT):
     def logits_and_values(self, idx, attention_mask=None, position_ids=None):
         """idx (B, T) -> logits (B, T, V), values (B, T), from one pass through the trunk (float32 out)."""
         h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
-        logits = at_least_float32(self.lm_head(h))  # (B, T, V)
-        values = at_least_float32(self.value_head(h).squeeze(-1))  # (B, T)
+        logits = float32_head(self.lm_head, h)  # (B, T, V), as GPT.forward computes them
+        values = float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
         return logits, values
 
     def policy_state_dict(self):

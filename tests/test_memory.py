@@ -327,8 +327,8 @@ def test_lora_shared_run_saves_plain_models_and_resumes(ckpts, tmp_path):
     utils.load_model(a, kind="scalar", name="critic.pt")
     assert set(torch.load(os.path.join(a, "adapters.pt"), weights_only=True)["actor"])
     # resume: one iteration, then continue to two
-    script("train_ppo.py", *common, "--out_dir", b, "--num_iterations", "1")
-    script("train_ppo.py", *common, "--out_dir", b, "--num_iterations", "2", "--resume")
+    script("train_ppo.py", *common, "--out_dir", b, "--num_iterations", "2", "--stop_at", "1")
+    script("train_ppo.py", "--out_dir", b, "--resume")  # the run's saved flags
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in without_timings(rows)]  # noqa: E731
     assert strip(read_metrics(a)) == strip(read_metrics(b))
     pa, pb = utils.load_model(a, kind="gpt")[0], utils.load_model(b, kind="gpt")[0]
