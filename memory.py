@@ -143,6 +143,7 @@ def measure(shape, sizes, option, args, work):
            "--rm", os.path.join(work, "rm"), "--out_dir", out, "--num_iterations", "1",
            "--batch_size", str(sizes["rollout"]), "--response_length", str(sizes["response"]),
            "--num_minibatches", str(max(1, sizes["rollout"] // sizes["micro"])), "--device", args.device,
+           "--dtype", "float32",
            *option_flags(option, args.lora_rank, args.lora_targets)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -216,11 +217,12 @@ def main(argv=None):
             got, m_shape = measured[o]
             # the measured run used the byte vocabulary (258): predict for that shape too
             m_pred = predict(m_shape, F.PRECISIONS["fp32"], sizes, "ppo", o, args.lora_rank, targets)["static"]
-            m_static = sum(got["static"]["total"][k] for k in ("weights", "weights_host", "grads", "optim"))
-            p_static = sum(m_pred["total"][k] for k in ("weights", "weights_host", "grads", "optim"))
+            m_static, p_static = got["static_measured"], F.static_total(m_pred)
             ok = "equal" if m_static == p_static else "DIFFERENT"
+            b, t = got["micro_batch"]
             line += (f"\nmeasured (vocab 258, float32, device {got['device']}): static {m_static:,} B, predicted "
-                     f"{p_static:,} B ({ok}); saved activations {fb(got['activations'])}")
+                     f"{p_static:,} B ({ok}); activations of a {b} x {t} micro-batch {got['activations']:,} B, "
+                     f"predicted {got['activations_predicted']:,} B")
             if got.get("cuda_max_allocated"):
                 line += f"; torch.cuda.max_memory_allocated {fb(got['cuda_max_allocated'])}"
             row.append(f"{m_static:,} / {p_static:,}")

@@ -333,3 +333,23 @@ def test_lora_shared_run_saves_plain_models_and_resumes(ckpts, tmp_path):
     assert strip(read_metrics(a)) == strip(read_metrics(b))
     pa, pb = utils.load_model(a, kind="gpt")[0], utils.load_model(b, kind="gpt")[0]
     assert all(torch.equal(x, y) for x, y in zip(pa.state_dict().values(), pb.state_dict().values()))
+
+
+def test_memory_script_presets(capsys):
+    """memory.py's seed-7b preset in the seed's own arithmetic: 16-bit weights and grads, Adam = 2 x the weights."""
+    import memory
+
+    shape, prec, sizes = memory.shape_and_sizes(memory.Args(preset="seed-7b"))
+    n, _ = F.gpt_params(shape)
+    assert 6.5e9 < n < 6.7e9  # a GPT-2-shaped 7B: 13.2 GB of bf16 weights, the seed's "14 GB"
+    full = memory.predict(shape, prec, sizes, "ppo", "full", 8)["static"]
+    head = shape.n_embd + 1
+    # actor and critic: weights + grads + Adam (2 + 2 + 4 bytes); reference and RM: weights (2 bytes)
+    n_tensors = 12 * shape.n_layer + 4
+    assert full["total"]["weights"] == 2 * (4 * n + 2 * head)
+    assert full["total"]["optim"] == 4 * (2 * n + head) + F.STEP_BYTES * (2 * n_tensors + 2)
+    hydra = memory.predict(shape, prec, sizes, "ppo", "lora+shared", 8)["static"]
+    assert hydra["resident"] == 2 and hydra["total"]["trainable"] == 16 * 8 * shape.n_embd * shape.n_layer + head
+    memory.main(["--preset", "seed-7b", "--options", "full,lora+shared"])
+    out = capsys.readouterr().out
+    assert "| full | 4 |" in out and "| lora+shared | 2 |" in out
