@@ -182,7 +182,8 @@ def main(argv=None):
     n_gpt = F.gpt_params(shape)[0]
     fb = F.fmt_bytes
     print(f"model: {shape.n_layer} layers x {shape.n_embd} ({shape.n_head} heads), vocabulary {shape.vocab_size}, "
-          f"context {shape.block_size}: {n_gpt / 1e6:.2f}M parameters = {fb(n_gpt * prec.weights)} of weights")
+          f"context {shape.block_size}: {n_gpt / 1e6:,.2f}M parameters = {fb(n_gpt * prec.weights)} "
+          f"({n_gpt * prec.weights / 1e9:.3g} GB) of weights")
     print(f"precision: weights {prec.weights} B, gradients {prec.grads} B, AdamW state {prec.optim} B per number, "
           f"activations {prec.acts} B; stage {args.stage}; update micro-batch {sizes['micro']} x "
           f"{sizes['prompt'] + sizes['response']} tokens; rollout {sizes['rollout']} x "

@@ -266,7 +266,7 @@ def fmt_bytes(n):
     """1536 -> '1.5 KiB'; binary units, three significant digits."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 1000 else f"{n:.3g} {unit}"
         n /= 1024
 
 
