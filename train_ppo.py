@@ -17,9 +17,13 @@ Run (after train_sft.py and train_rm.py; `make` does all of it):
     python train_ppo.py ... --resume auto                      # continue if out/ppo has a checkpoint, else start
     python train_ppo.py ... --adaptive_kl --target_kl 2        # Ziegler et al.'s adaptive beta
     python train_ppo.py ... --ptx_coef 1 --ptx_data out/data/sft.jsonl   # PPO-ptx
+    python train_ppo.py ... --lora_rank 8 --critic shared      # memory (seed 3.3): LoRA adapters on one shared trunk
+    python train_ppo.py ... --offload ref,rm                   # frozen models in CPU memory between their forwards
 
 Writes to --out_dir: ckpt.pt (the actor, stage "ppo", loadable like any policy), critic.pt, train_state.pt
-(what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
+(what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt, memory.json (the
+measured bytes per model beside nanorlhf/footprint.py's prediction). ckpt.pt and critic.pt are plain models in
+every option (LoRA merged); with LoRA, adapters.pt holds the adapters alone, for --resume.
 
 Deviations from InstructGPT, on purpose:
 - The KL penalty is per token (Ziegler et al., Stiennon et al.): r_t = -beta * kl_t on every response token and
@@ -30,9 +34,10 @@ Deviations from InstructGPT, on purpose:
   the reward uses: its sum over a response is exactly log pi(y|x) / pi_ref(y|x), the seed's and Ziegler et al.'s
   KL, so --target_kl means the same number with either estimator and matches the KL that evaluate.py reports.
 - PPO-ptx mixes in the SFT data's response log-likelihood (a file you name), not the pretraining corpus.
-- The actor and the critic are two networks with two AdamW optimizers (no shared trunk), as in InstructGPT.
+- By default the actor and the critic are two networks with two AdamW optimizers, as in InstructGPT.
   So --vf_coef barely matters: Adam's step does not change when a loss is scaled (up to its eps and gradient
-  clipping). It would weigh the two losses against each other only in a shared trunk.
+  clipping). With --critic shared (one trunk, a value head beside the LM head, one optimizer) it weighs the
+  two losses against each other; the value head starts at zero, not from the RM (see build_models).
 - A response that never emits EOS within --response_length gets the score --missing_eos_penalty instead of
   the RM's score (Stiennon et al. / summarize_from_feedback_details), so the policy cannot win by rambling.
 - Scale: a 1M-parameter model and 50 x 64 = 3200 episodes by default (InstructGPT: 256k episodes). beta = 0.3
