@@ -702,7 +702,8 @@ def write_memory_report(args, config, probe, rt):
     same = "equal" if report["static_predicted"] == report["static_measured"] else "DIFFERENT"
     fb = footprint.fmt_bytes
     cuda = f"; cuda max allocated {fb(report['cuda_max_allocated'])}" if report["cuda_max_allocated"] else ""
-    print(f"memory: {predicted['resident']} full model(s) on {rt.device}, {measured['total']['trainable']:,} trainable; "
+    print(f"memory: {predicted['resident']} full model(s) on the accelerator with these options, "
+          f"{measured['total']['trainable']:,} trainable; "
           f"static {report['static_measured']:,} B measured, {report['static_predicted']:,} B predicted ({same}); "
           f"activations of a {b} x {t} micro-batch {fb(report['activations'])} "
           f"(predicted {fb(acts)}){cuda}", flush=True)
