@@ -643,10 +643,10 @@ def build_models(args, device, resume=False):
                 if m is not None:
                     m.load_state_dict(adapters[key], strict=False)
         ref = lora.AdaptersOff(actor)
-        for name, why in (("ref", "the reference is the actor's own base (adapters off)"),
+        for name, why in (("ref", "the reference is the actor's own frozen base (adapters off)"),
                           ("rm", "the LoRA critic computes on the reward model's weights")):
             if name in offload_names and (name == "ref" or critic is not None):
-                print(f"note: --offload {name} does nothing here: {why}, which stays on {device}")
+                print(f"note: --offload {name} does nothing here: {why}, so those weights stay on {device}")
                 offload_names.discard(name)
     else:
         ref, _, _ = utils.load_model(args.sft, device, kind="gpt")
