@@ -76,3 +76,11 @@ help:
 	@echo "  OUT        output directory (now: $(OUT))"
 	@echo "  GPU        1: the larger model and pip's CUDA torch; empty: the CPU model (now: $(if $(GPU),1,empty))"
 	@echo "After make:  python sample.py --ckpt $(OUT)/ppo --compare $(OUT)/sft --prompt \"sort 5 3 8 1\""
+
+# Beyond PPO (after `make`): GRPO, Dr. GRPO, RLOO and DPO from $(OUT)/sft and $(OUT)/rm with PPO's budget,
+# judged with PPO and SFT on the held-out prompts: $(OUT)/compare/report.md
+.PHONY: compare
+compare: $(OUT)/compare/report.md
+
+$(OUT)/compare/report.md: $(OUT)/ppo/ckpt.pt train_grpo.py train_dpo.py compare.py evaluate.py
+	$(PY) compare.py --out $(OUT)

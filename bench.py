@@ -8,6 +8,9 @@ Benchmark one model size on the current device: how fast each stage's inner loop
     PPO iteration    seconds per iteration, split into rollout (generate + make_experience: scores, logprobs,
                      values, rewards, GAE) and update (ppo_update: epochs x minibatches of actor and critic
                      steps), with train_ppo.py's own functions on four random models
+    Hugging Face     (part "hf", when transformers is installed; skipped otherwise) the same SFT step and the same
+                     generation with transformers' GPT2LMHeadModel holding our weights (checked to give our logits),
+                     timed in alternating rounds with ours; the ratio is the median round's
     peak memory      per part on CUDA (torch.cuda.max_memory_allocated); on CPU the process's peak resident
                      set so far (getrusage maxrss), which only grows from part to part
 
@@ -20,6 +23,8 @@ Weights and tokens are random; the generation benchmark passes no EOS, so it alw
 steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
     python bench.py                                           # the pipeline's CPU default model
     python bench.py --json                                    # machine-readable
+    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \
+        --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
         --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
 """
@@ -36,7 +41,8 @@ from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.rollout import freeze, generate_responses
 from nanorlhf.train_common import optimizer_step, peak_flops
-from nanorlhf.utils import check, configure_optimizer, flag, maybe_compile, parse_flags, run, setup_runtime
+from nanorlhf.utils import (check, configure_optimizer, cpu_has_fast_bf16, flag, maybe_compile, parse_flags, run,
+                            setup_runtime)
 
 
 @dataclass
@@ -49,16 +55,18 @@ class Config:
     vocab_size: int = flag(258, "vocabulary (258 = byte-level with EOS and PAD; GPT-2: 50304)")
     # workload
     batch_size: int = flag(16, "sequences per SFT step and prompts per generate() call")
+    gen_batch_size: int | None = flag(None, "prompts per generate() call in the hf part (default: --batch_size)")
     steps: int = flag(10, "timed SFT steps (after 2 warm-up steps, 3 with --compile)")
     prompt_len: int = flag(32, "prompt tokens for generation and PPO")
     new_tokens: int = flag(64, "tokens generated per prompt in the generation benchmark")
     ppo_batch_size: int = flag(64, "episodes per PPO iteration (train_ppo.py --batch_size)")
     response_length: int = flag(24, "new tokens per PPO response (train_ppo.py --response_length)")
     ppo_iters: int = flag(2, "timed PPO iterations (after one warm-up iteration, two with --compile)")
-    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated")
+    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: hf)")
+    rounds: int = flag(3, "alternating rounds of ours and Hugging Face's in the hf part")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it) | float32 | bfloat16")
+    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it, else float32) | float32 | bfloat16")
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")
@@ -186,10 +194,94 @@ def bench_ppo(cfg, model_cfg, rt):
             "ppo_episodes": args.batch_size, "ppo_epochs": args.ppo_epochs, "ppo_minibatches": args.num_minibatches}
 
 
+# -----------------------------------------------------------------------------
+# the peer: Hugging Face transformers (optional; never a dependency of the package)
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_twin(model):
+    """transformers' GPT2LMHeadModel holding `model`'s weights (HF's Conv1D stores them transposed), or None."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                                    bos_token_id=c.vocab_size - 2, eos_token_id=c.vocab_size - 2))
+    sd = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
+    return hf.to(next(model.parameters()).device)
+
+
+def bench_hf(cfg, model_cfg, rt):
+    """Ours against transformers' GPT-2 with the same weights: SFT step seconds and generate seconds, median ratios."""
+    import statistics
+
+    torch.manual_seed(cfg.seed)
+    ours = GPT(model_cfg).to(rt.device)
+    hf = hf_twin(ours)
+    if hf is None:
+        return {"hf": "skipped: transformers is not installed"}
+    import transformers
+
+    B, T = cfg.batch_size, cfg.block_size
+    idx = torch.randint(0, cfg.vocab_size - 2, (B, T), device=rt.device)  # (B, T)
+    with torch.no_grad():
+        assert torch.allclose(ours(idx[:2]), hf(idx[:2]).logits.float(), atol=1e-4), "the twin must compute our logits"
+    response_mask = torch.ones_like(idx)
+    models = {"ours": (ours, lambda x: ours(x)), "hf": (hf, lambda x: hf(x).logits)}
+    opts = {k: configure_optimizer(m, 3e-4, 0.1, (0.9, 0.95), rt.device_type) for k, (m, _) in models.items()}
+
+    def train_step(name):
+        model, forward = models[name]
+        model.train()
+        with rt.autocast():
+            logits = forward(idx)  # (B, T, V)
+        sft_loss(logits, idx, response_mask).backward()
+        optimizer_step(model, opts[name], 3e-4, 1.0)
+
+    Bg = cfg.gen_batch_size or cfg.batch_size
+    prompts = torch.randint(0, cfg.vocab_size - 2, (Bg, cfg.prompt_len), device=rt.device)  # (Bg, Tp)
+    mask = torch.ones_like(prompts)
+
+    def generate(name):
+        model = models[name][0].eval()
+        g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+        with rt.autocast():
+            if name == "ours":
+                out = model.generate(prompts, cfg.new_tokens, attention_mask=mask, generator=g)
+            else:  # sampling at temperature 1 from the full distribution, no EOS, exactly new_tokens steps
+                out = model.generate(prompts, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                     temperature=1.0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                                     pad_token_id=cfg.vocab_size - 1, eos_token_id=None)
+        assert out.shape == (Bg, cfg.prompt_len + cfg.new_tokens)
+
+    def timed(fn, name, n):
+        sync(rt)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn(name)
+        sync(rt)
+        return (time.perf_counter() - t0) / n
+
+    res = {"hf_transformers": transformers.__version__}
+    for part, fn, n in (("train", train_step, cfg.steps), ("generate", generate, 1)):
+        for name in ("ours", "hf"):  # warm-up
+            fn(name)
+        rounds = [(timed(fn, "ours", n), timed(fn, "hf", n)) for _ in range(cfg.rounds)]
+        res[f"hf_{part}_s"] = {"ours": [r[0] for r in rounds], "hf": [r[1] for r in rounds]}
+        res[f"hf_{part}_speedup"] = statistics.median(h / o for o, h in rounds)  # > 1: ours is faster
+    return res
+
+
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    known = ("train", "generate", "nocache", "ppo")
+    known = ("train", "generate", "nocache", "ppo", "hf")
     check(all(p in known for p in parts), f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
     check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
@@ -202,7 +294,7 @@ def main(argv=None):
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
     check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
-        f"cpu, {torch.get_num_threads()} threads")
+        f"cpu, {torch.get_num_threads()} threads, {'native' if cpu_has_fast_bf16() else 'no native'} bf16")
     res = {"config": asdict(cfg), "device": device_name, "dtype": rt.dtype, "torch": torch.__version__,
            "params": meta_gpt(model_cfg).num_params()}
     mem = {}
@@ -222,6 +314,8 @@ def main(argv=None):
         reset_peak_memory(rt)
         res.update(bench_ppo(cfg, model_cfg, rt))
         mem["ppo"] = peak_memory(rt)
+    if "hf" in parts:
+        res.update(bench_hf(cfg, model_cfg, rt))
     res["peak_memory_bytes"] = mem
     res["peak_memory_kind"] = "cuda max_memory_allocated per part" if rt.device_type == "cuda" else \
         "process max RSS so far (getrusage), cumulative"
@@ -251,6 +345,16 @@ def main(argv=None):
                      f"rollout {res['ppo_rollout_s']:.2f} + update {res['ppo_update_s']:.2f}; {res['ppo_episodes']} "
                      f"episodes x {cfg.response_length} tokens, {res['ppo_epochs']} epochs x "
                      f"{res['ppo_minibatches']} minibatches"))
+    if "hf" in parts and "hf_train_s" not in res:
+        rows.append(("Hugging Face", "skipped", res["hf"]))
+    elif "hf" in parts:
+        for part, what in (("train", f"SFT step, batch {cfg.batch_size} x {cfg.block_size}"),
+                           ("generate", f"generate, batch {cfg.gen_batch_size or cfg.batch_size}, prompt "
+                                        f"{cfg.prompt_len}, {cfg.new_tokens} new tokens")):
+            t = res[f"hf_{part}_s"]
+            rows.append((f"vs transformers {res['hf_transformers']}", f"{res[f'hf_{part}_speedup']:.2f}x",
+                         f"{what}: ours {min(t['ours']):.3f} s, HF {min(t['hf']):.3f} s (best of "
+                         f"{cfg.rounds} rounds; the ratio is the median round's, > 1 = ours faster)"))
     if mem:
         rows.append(("peak memory (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in mem.items()),
                      res["peak_memory_kind"]))

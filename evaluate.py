@@ -38,6 +38,8 @@ Writes, atomically:
     out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
                            "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s"}
                           (null where a number does not apply: no --ppo, no --rm, not the built-in task)
+    out_dir/policies.json {name: {"gold", "gold_sem", "rm", "kl", "win_rate_vs_sft", "length", "eos", "n", "wall_s"}}
+                          for every policy (sft, ppo, each --extra), wall_s = its stage's seconds (stage_seconds)
 wall_s is the pipeline's wall time: the seconds that the SFT, RM and PPO stages spent in their loops (from their
 metrics.jsonl, see stage_seconds) plus this evaluation's own; data generation (seconds) and start-up are not counted.
 
@@ -356,7 +358,11 @@ def plot_sft(plt, rows, path):
     ax.plot(*series(rows, "loss"), label="training (mean over the last log interval)")
     ax.plot(*series(rows, "val_loss"), "o-", label="held-out")
     ax.set_xlabel("optimizer step")
+    from matplotlib.ticker import FormatStrFormatter  # matplotlib is there: plt came from pyplot()
+
     ax.set_yscale("log")  # the loss at step 0 (about log(vocab)) would flatten the rest of the run
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # 0.8, not 8 x 10^-1
     ax.set_ylabel("loss per response token (nats, log scale)")
     ax.set_title("SFT loss")
     ax.grid(alpha=0.3)
@@ -555,7 +561,7 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     """
     report.md: the table, the SFT loss, the RM's accuracy and calibration, the PPO curves, the over-optimisation
     sweep, sample responses. With matplotlib (plt) it also draws, beside report.md, gold_vs_kl.png, sft_loss.png,
-    rm.png and curves.png, and links them; without it the same numbers are there as text.
+    rm.png and curves.png, and links them; without it the text still gives the numbers they show in brief.
     """
     wall_s = report["wall_s"]
 
@@ -574,7 +580,7 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
           + " + ".join(f"{s} {fmt(t, 0) if t is not None else '?'}" for s, t in stage_times.items()) + " s "
           "(each stage's loop, from its metrics.jsonl, plus this evaluation)."]
     if plt is None:
-        md += ["", f"Pictures skipped: matplotlib is not installed ({PLOTS_HINT}); every number is here as text."]
+        md += ["", f"Pictures skipped: matplotlib is not installed ({PLOTS_HINT}); the text gives their numbers in brief."]
     md += ["", "## SFT vs PPO", "",
            results_table(summaries), "",
            "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
@@ -606,7 +612,9 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     if calibrated is not None:
         md += ["", f"Calibration: read as a probability, sigma(r_w - r_l) is off from the annotators' choices by "
                f"{fmt(calibrated.get('val_ece'))} on average (expected calibration error over "
-               f"{len(calibrated['val_calibration'])} bins of the held-out pairs; 0 is perfect).", ""]
+               f"{len(calibrated['val_calibration'])} bins of the held-out pairs; 0 is perfect). Per bin, predicted "
+               "-> observed (pairs): " + ", ".join(f"{fmt(p, 2)} -> {fmt(o, 2)} ({n})"
+                                                   for p, o, n in calibrated["val_calibration"]) + ".", ""]
         md += picture("rm.png", "reward model accuracy and calibration", plot_rm, rm_rows, rm_info["annotator_agreement"])
     if any(c[label] for label in CURVE_KEYS):
         md += ["", "## PPO learning curves", ""]
@@ -618,7 +626,10 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
            "with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
     md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
            side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
-    return "\n".join(md)
+    text = "\n".join(md)
+    while "\n\n\n" in text:  # sections that are there or not leave double blank lines
+        text = text.replace("\n\n\n", "\n\n")
+    return text
 
 
 def write_text(path, text):
@@ -722,6 +733,11 @@ def main(argv=None):
     pipeline_seed = int(sft_ckpt.get("args", {}).get("seed", cfg.seed))
     report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1))
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+
+    # policies.json: every evaluated policy's summary and its training wall time (compare.py reads it)
+    policies = {name: {**summaries[name], "wall_s": stage_seconds(path)}
+                for name, path in paths.items()}
+    write_text(os.path.join(cfg.out_dir, "policies.json"), json.dumps(policies, indent=2) + "\n")
 
     # report.md (and the pictures beside it)
     plt = pyplot()

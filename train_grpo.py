@@ -54,6 +54,7 @@ from nanorlhf.losses import (clipped_surrogate, entropy_from_logits, kl_penalty,
                              masked_sum)
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, truncate_after_eos, write_samples)
+from nanorlhf.train_common import optimizer_step
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -167,7 +168,7 @@ class Args:
     beta1: float = flag(0.9, "AdamW beta1")
     beta2: float = flag(0.95, "AdamW beta2")
     clip_coef: float = flag(0.2, "epsilon of the clipped surrogate: ratio stays in [1 - eps, 1 + eps]")
-    max_grad_norm: float = flag(1.0, "gradient clipping")
+    max_grad_norm: float = flag(1.0, "clip the gradient norm to this (0: no clipping)")
     # logging and checkpoints
     sample_interval: int = flag(10, "write prompt/response samples every N iterations")
     num_samples: int = flag(4, "samples per write")
@@ -243,9 +244,10 @@ def make_experience(actor, ref, reward_model, context, context_mask, response, t
                 entropy=entropy, kl=kl, rewards=rewards, advantages=advantages)
 
 
-def grpo_update(actor, opt, exp, args, rt):
+def grpo_update(actor, opt, exp, args, rt, lr):
     """
-    --num_epochs passes of shuffled minibatches over one rollout, one optimizer step per minibatch.
+    --num_epochs passes of shuffled minibatches over one rollout, one optimizer step (at learning rate lr) per
+    minibatch.
     Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
     real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
     """
@@ -293,9 +295,7 @@ def grpo_update(actor, opt, exp, args, rt):
                     first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio.detach() - 1).abs() * mask).max())
                 mb_stats["loss"] += loss.detach() * share
                 mb_stats["pg_loss"] += pg_loss.detach() * share
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(actor, opt, lr, args.max_grad_norm)
             for k, v in mb_stats.items():
                 stats[k].append(v)
     out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "kl_loss" or kl_in_loss}
@@ -377,9 +377,7 @@ def main(argv=None):
           f"gold {'on' if use_gold else 'off'}")
     timer = utils.Timer(args.num_iterations, start_iter)
     for it in range(start_iter, args.num_iterations):
-        if args.anneal_lr:
-            for g in opt.param_groups:
-                g["lr"] = (1.0 - it / args.num_iterations) * args.lr
+        lr = (1.0 - it / args.num_iterations) * args.lr if args.anneal_lr else args.lr
         # rollout: 1. sample G responses per prompt (the prompt's row repeated G times, group-major)
         t0 = time.time()
         pidx, sampler_state = next_prompt_indices(len(prompts), n_prompts_per_batch, args.seed, sampler_state)
@@ -392,7 +390,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = grpo_update(fwd_actor, opt, exp, args, rt)
+        upd = grpo_update(fwd_actor, opt, exp, args, rt, lr)
         t_update = time.time() - t0
 
         mask = exp["response_mask"]
@@ -407,7 +405,7 @@ def main(argv=None):
             "entropy": masked_mean(exp["entropy"], mask).item(),
             "response_length": mask.sum(-1).float().mean().item(),
             "eos_frac": exp["has_eos"].float().mean().item(),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": lr,
             **upd,
             "t_rollout": t_rollout,
             "t_update": t_update,

@@ -13,11 +13,14 @@ Deliberate deviations from GPT-2 / nanoGPT:
 - Attention always goes through F.scaled_dot_product_attention; with padding it gets a boolean mask in which
   every query may at least attend to itself, so a pad query of a left-padded row never makes a NaN.
 - GPTConfig has no layer_norm_epsilon: it is GPT-2's 1e-5 (from_pretrained refuses anything else).
+- Under autocast the output heads still multiply in float32 (float32_head: logprobs and PPO's ratio need it), and
+  on a CPU so do the attention and the KV cache (torch's bf16 attention kernels are the slower ones there).
 """
 
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -106,8 +109,8 @@ def attention_mask_4d(attention_mask):
 class KVCache:
     """
     The keys and values of one attention layer for every position of a generation, one (2, B, nh, T_max, hs)
-    tensor (keys, then values) allocated at the first update (with the dtype of the keys, so bf16 under
-    autocast) and filled left to right; one tensor means one copy per decode step instead of two.
+    tensor (keys, then values) allocated at the first update (with the dtype of the keys: bf16 under CUDA autocast,
+    float32 on a CPU, see CausalSelfAttention) and filled left to right; one tensor means one copy per decode step instead of two.
     """
 
     def __init__(self, T_max):
@@ -144,14 +147,21 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         # query, key, value for all heads in one matmul, viewed as (3, B, nh, T, hs) without a copy
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        cpu = qkv.device.type == "cpu"
+        if cpu:
+            # Under CPU autocast the attention itself (and the KV cache) stays float32: torch's bf16 attention
+            # kernels are slower than its float32 ones here (measured on AVX512-BF16: 1.2x for a training step at
+            # T = 256, 3x for a one-query decode step), while the matmuls around it gain from bf16.
+            qkv = at_least_float32(qkv)  # (3, B, nh, T, hs)
         q, k, v = qkv  # (B, nh, T, hs) each
         if cache is not None:
             k, v = cache.update(qkv[1:], start)  # (B, nh, start + T, hs) each
         # softmax(q k^T / sqrt(hs) + mask) v, through the fused kernels (flash when there is no explicit mask)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and start == 0,
-        )  # (B, nh, T, hs)
+        with torch.autocast("cpu", enabled=False) if cpu else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=attn_mask is None and start == 0,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 

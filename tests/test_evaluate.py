@@ -171,6 +171,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert "| init |" in md
     assert "Held-out loss 5.500 at step 0 -> 1.200 at step 10; training loss 1.000" in md
     assert "calibration error over 5 bins of the held-out pairs" in md and "0.040" in md
+    assert "0.55 -> 0.52 (40), 0.65 -> 0.70 (30), 0.75 -> 0.71 (20), 0.86 -> 0.90 (9), 0.95 -> 1.00 (1)." in md
     # the pictures: all four beside report.md and linked, or none and one line saying so
     pictures = ("gold_vs_kl.png", "sft_loss.png", "rm.png", "curves.png")
     if evaluate.pyplot() is None:
@@ -246,6 +247,7 @@ def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
     report = {"wall_s": 1.0, "device": "cpu", "seed": 0}
     md = evaluate.report_markdown(cfg, 1, summaries, rows, rm_info, None, {"eval": 1.0}, report, plt)
     drawn = sorted(os.listdir(cfg.out_dir))
+    assert "\n\n\n" not in md  # one blank line between blocks, whichever sections are there
     if plt is None:
         assert drawn == [] and "![" not in md and md.count("Pictures skipped") == 1
     else:

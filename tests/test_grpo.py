@@ -230,23 +230,25 @@ def test_update_with_equal_rewards_leaves_the_policy_unchanged(kind):
     assert equal_groups(exp["rewards"], 4) == 1.0 and (exp["advantages"] == 0).all()
     before = copy.deepcopy(actor.state_dict())
     opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
-    out = train_grpo.grpo_update(actor, opt, exp, args, rt)
+    out = train_grpo.grpo_update(actor, opt, exp, args, rt, args.lr)
     assert all(math.isfinite(v) for v in out.values())
     assert all(torch.equal(v, before[k]) for k, v in actor.state_dict().items())
 
 
-@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
-def test_update_moves_the_policy_and_first_ratio_is_one(kind):
+@pytest.mark.parametrize("kind, max_grad_norm", [("grpo", 1.0), ("dr_grpo", 1.0), ("rloo", 1.0), ("grpo", 0.0)])
+def test_update_moves_the_policy_and_first_ratio_is_one(kind, max_grad_norm):
+    """(--max_grad_norm 0 means no clipping, as --grad_clip 0 in SFT and RM, not a gradient scaled to 0.)"""
     tok = Tokenizer.byte_level()
     actor, ref, reward_model = tiny_setup(1)
-    args = train_grpo.Args(advantage=kind, batch_size=16, group_size=4, response_length=8, grad_accum=2)
+    args = train_grpo.Args(advantage=kind, batch_size=16, group_size=4, response_length=8, grad_accum=2,
+                           max_grad_norm=max_grad_norm)
     train_grpo.check_args(args)  # missing_eos_penalty None: the RM's score for every response
     rt = utils.setup_runtime("cpu", "float32", seed=0)
     exp = rollout(actor, ref, reward_model, args, rt, tok)
     assert equal_groups(exp["rewards"], 4) < 1
     before = copy.deepcopy(actor.state_dict())
     opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
-    out = train_grpo.grpo_update(actor, opt, exp, args, rt)
+    out = train_grpo.grpo_update(actor, opt, exp, args, rt, args.lr)
     assert out["first_ratio_max_dev"] < 1e-5
     assert any(not torch.equal(v, before[k]) for k, v in actor.state_dict().items())
 

@@ -1,0 +1,239 @@
+"""
+Beyond PPO: GRPO, Dr. GRPO, RLOO and DPO trained from the pipeline's SFT and RM checkpoints with a matched budget,
+and judged with PPO and SFT by the same held-out gold (evaluate.py).
+
+Matched budget:
+- online methods (GRPO, Dr. GRPO, RLOO): the same number of sampled episodes as the pipeline's PPO run
+  (its num_iterations x batch_size from out/ppo/ckpt.pt, 50 x 64 = 3200 by default), at the same batch size, with
+  the same epochs x minibatches per rollout, so the same number of policy gradient steps too.
+- DPO samples nothing; it gets as many sequences through the policy's backward pass as PPO's actor:
+  episodes x ppo_epochs = 12800 by default, i.e. 12800 / (batch_size x K) steps of --dpo_batch_size prompts
+  with their K ranked responses each (200 steps of 16 x 4). It reads the RM's comparisons, not the RM.
+
+Run after `make` (which trains out/sft, out/rm and out/ppo):
+    make compare                       # = python compare.py --out out
+    python compare.py --out out_s1     # another seed's pipeline (make SEED=1 OUT=out_s1 first)
+    python compare.py --summarize out,out_s1,out_s2   # the table over seeds (mean ± sd) from their results
+
+Writes to --out/compare: one directory per method (the training scripts' outputs), eval/ (evaluate.py's report
+with every policy side by side, and policies.json), report.md (the table below) and gold_vs_kl.png (with
+matplotlib). Columns: held-out gold (± s.e.), gold-judged win rate against SFT (ties 1/2), KL to SFT (nats per
+response, on the policy's own samples), RM score (normalised as evaluate.py does), response length (tokens),
+the training loop's wall time (from its metrics.jsonl, DPO's includes the reference log-probs pass), and the
+models resident in memory while training.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+from nanorlhf.data import read_prefs
+from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ONLINE = ("grpo", "dr_grpo", "rloo")
+# models held in memory while training, for the rows this script does not train
+RESIDENT = {"sft": 1, "ppo": 4}
+
+
+@dataclass
+class Config:
+    out: str = flag("out", "the pipeline's directory: data/, sft/, rm/ and ppo/ as `make` writes them")
+    methods: str = flag("grpo,dr_grpo,rloo,dpo", "what to train and compare, comma-separated")
+    seed: int | None = flag(None, "training seed of every method; default: the SFT checkpoint's")
+    dpo_batch_size: int = flag(16, "prompts per DPO step (train_dpo.py --batch_size)")
+    grpo_flags: str = flag("", "more train_grpo.py flags for the three online methods, e.g. --grpo_flags=\"--lr 1e-4\"")
+    dpo_flags: str = flag("", "more train_dpo.py flags")
+    eval_flags: str = flag("", "more evaluate.py flags")
+    train: bool = flag(True, "train each method (--train false: evaluate the runs already in --out/compare)")
+    summarize: str = flag("", "instead of training: the table over several pipelines' compare results, e.g. out,out_s1")
+
+
+def matched_budget(ppo_args, n_responses_per_prompt, dpo_batch_size):
+    """
+    (online: {"num_iterations", "batch_size", "num_epochs", "num_minibatches"}, dpo_steps) from the PPO run's flags.
+    DPO's steps: PPO's episodes x epochs (sequences through the actor's backward) / sequences per DPO step.
+    Example: 50 x 64 episodes, 4 epochs, K = 4, 16 prompts per step -> 12800 / 64 = 200 steps.
+    """
+    online = {"num_iterations": ppo_args["num_iterations"], "batch_size": ppo_args["batch_size"],
+              "num_epochs": ppo_args["ppo_epochs"], "num_minibatches": ppo_args["num_minibatches"]}
+    sequences = ppo_args["num_iterations"] * ppo_args["batch_size"] * ppo_args["ppo_epochs"]
+    return online, max(1, round(sequences / (dpo_batch_size * n_responses_per_prompt)))
+
+
+def train(name, cmd, log_path):
+    """Run one training script, its output to log_path; a failure stops the comparison with the log's tail."""
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = open(log_path).read().strip().splitlines()[-1:]
+        raise UserError(f"{name} failed (exit {p.returncode}), see {log_path}: {' '.join(tail)}")
+    print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def table(rows, order):
+    """rows: {name: policies.json entry + "models"} -> the markdown table, in `order`."""
+    lines = ["| method | held-out gold | win vs SFT | KL to SFT | RM score | length | wall time (s) | models in memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        r = rows[name]
+        gold = fmt(r["gold"]) + (f" ± {r['gold_sem']:.3f}" if r.get("gold_sem") is not None else "")
+        lines.append(f"| {name} | {gold} | {fmt(r['win_rate_vs_sft'])} | {fmt(r['kl'], 2)} | {fmt(r['rm'], 2)} "
+                     f"| {fmt(r['length'], 1)} | {fmt(r['wall_s'], 0)} | {r['models']} |")
+    return "\n".join(lines)
+
+
+def plot(rows, order, path):
+    """Held-out gold (± s.e.) against KL to SFT, one point per method; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in order:
+        r = rows[name]
+        ax.errorbar([r["kl"]], [r["gold"]], yerr=[r.get("gold_sem") or 0.0], fmt="o", capsize=3, label=name)
+    ax.set_xlabel("KL to the SFT model (nats per response)")
+    ax.set_ylabel("held-out gold score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    tmp = path + f".tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def write_text(path, text):
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_rows(out):
+    """The compare results of one pipeline: {name: policies.json entry + "models"}."""
+    path = os.path.join(out, "compare", "rows.json")
+    check(os.path.isfile(path), f"{path}: not found (run `python compare.py --out {out}` first)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarize(outs):
+    """Mean ± sd over pipelines (seeds) of each column, for the README."""
+    runs = [load_rows(o) for o in outs]
+    names = [n for n in runs[0] if all(n in r for r in runs)]
+    lines = ["| method | held-out gold | win vs SFT | KL to SFT | RM score | length | wall time (s) | models |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ms(name, key, digits):
+        xs = [r[name][key] for r in runs if r[name].get(key) is not None]
+        if not xs:
+            return "-"
+        m = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+        return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+    for n in names:
+        lines.append(f"| {n} | {ms(n, 'gold', 3)} | {ms(n, 'win_rate_vs_sft', 3)} | {ms(n, 'kl', 2)} | "
+                     f"{ms(n, 'rm', 2)} | {ms(n, 'length', 1)} | {ms(n, 'wall_s', 0)} | {runs[0][n]['models']} |")
+    print(f"{len(runs)} pipelines ({', '.join(outs)}): mean ± sd over them\n")
+    print("\n".join(lines))
+
+
+def main():
+    cfg = parse_flags(Config, description=__doc__)
+    if cfg.summarize:
+        summarize([o.strip() for o in cfg.summarize.split(",") if o.strip()])
+        return
+    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    for m in methods:
+        check(m in ONLINE + ("dpo",), f"--methods: unknown method {m!r} (expected {', '.join(ONLINE + ('dpo',))})")
+    check(len(set(methods)) == len(methods) and methods, "--methods: give each method once")
+    d = cfg.out
+    for path in ("data/prompts.jsonl", "data/prefs.jsonl", "data/prefs_eval.jsonl", "data/eval.jsonl",
+                 "sft/ckpt.pt", "rm/ckpt.pt", "ppo/ckpt.pt"):
+        check(os.path.isfile(os.path.join(d, path)), f"{os.path.join(d, path)}: not found (run `make` first)")
+    ppo = load_checkpoint(os.path.join(d, "ppo"))
+    if cfg.seed is None:
+        cfg.seed = int(load_checkpoint(os.path.join(d, "sft")).get("args", {}).get("seed", 0))
+    prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))
+    k = sum(len(r["responses"]) for r in prefs) / len(prefs)
+    online, dpo_steps = matched_budget(ppo["args"], k, cfg.dpo_batch_size)
+    episodes = online["num_iterations"] * online["batch_size"]
+    print(f"budget: {episodes} episodes per online method (PPO's), {online['num_epochs']} epochs x "
+          f"{online['num_minibatches']} minibatches each; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x "
+          f"{k:g} responses = {dpo_steps * cfg.dpo_batch_size * k:.0f} sequences (PPO's actor: "
+          f"{episodes * online['num_epochs']})")
+
+    root = os.path.join(d, "compare")
+    os.makedirs(root, exist_ok=True)
+    for m in methods if cfg.train else []:
+        out_dir = os.path.join(root, m)
+        if m in ONLINE:
+            cmd = [sys.executable, "train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
+                   "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--out_dir", out_dir,
+                   "--seed", str(cfg.seed), *(x for kv in online.items() for x in (f"--{kv[0]}", str(kv[1]))),
+                   *cfg.grpo_flags.split()]
+        else:
+            cmd = [sys.executable, "train_dpo.py", "--data", os.path.join(d, "data/prefs.jsonl"),
+                   "--val_data", os.path.join(d, "data/prefs_eval.jsonl"), "--sft", os.path.join(d, "sft"),
+                   "--out_dir", out_dir, "--seed", str(cfg.seed), "--batch_size", str(cfg.dpo_batch_size),
+                   "--max_steps", str(dpo_steps), *cfg.dpo_flags.split()]
+        train(m, cmd, os.path.join(root, f"{m}.log"))
+
+    # every policy on the same held-out prompts, the same sampling seed
+    eval_dir = os.path.join(root, "eval")
+    extra = ",".join(f"{m}={os.path.join(root, m)}" for m in methods)
+    train("evaluate", [sys.executable, "evaluate.py", "--data", os.path.join(d, "data/eval.jsonl"),
+                       "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--ppo", os.path.join(d, "ppo"),
+                       "--extra", extra, "--init_row", "false", "--out_dir", eval_dir, *cfg.eval_flags.split()],
+          os.path.join(root, "evaluate.log"))
+    with open(os.path.join(eval_dir, "policies.json")) as f:
+        rows = json.load(f)
+    for name in rows:
+        rows[name]["models"] = RESIDENT.get(name) or load_checkpoint(os.path.join(root, name)).get("models_resident")
+    write_text(os.path.join(root, "rows.json"), json.dumps(rows, indent=2) + "\n")
+
+    order = ["sft", "ppo", *methods]
+    png = plot(rows, order, os.path.join(root, "gold_vs_kl.png"))
+    with open(os.path.join(eval_dir, "report.json")) as f:
+        device = json.load(f)["device"]
+    n = rows["sft"]["n"]
+    md = ["# Beyond PPO: GRPO, Dr. GRPO, RLOO and DPO on the built-in task", "",
+          f"Pipeline `{d}` (seed {cfg.seed}), device {device}. Held-out: {n} responses to `{d}/data/eval.jsonl`, "
+          "sampled at temperature 1 with the same seed for every policy.", "",
+          f"Budget: {episodes} sampled episodes per online method (the PPO run's {online['num_iterations']} x "
+          f"{online['batch_size']}), {online['num_epochs']} epochs x {online['num_minibatches']} minibatches per "
+          f"rollout; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x {k:g} ranked responses, as many "
+          f"sequences through the policy's backward pass as PPO's actor ({episodes * online['num_epochs']}).", "",
+          table(rows, order), "",
+          "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
+          "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "
+          "length: tokens, EOS included; wall time: the training loop's seconds (SFT: its own stage; others start "
+          "from it); models in memory: while training (PPO: actor, critic, reference, RM; GRPO/RLOO: policy, "
+          "reference, RM; DPO: the policy, after one pass of the reference over the data).", ""]
+    if png:
+        md += ["![held-out gold against KL to SFT](gold_vs_kl.png)", ""]
+    md += [f"Full evaluation with responses side by side: `{os.path.join(eval_dir, 'report.md')}`.", ""]
+    write_text(os.path.join(root, "report.md"), "\n".join(md))
+    print(table(rows, order))
+    print(f"wrote {os.path.join(root, 'report.md')}")
+
+
+if __name__ == "__main__":
+    run(main)

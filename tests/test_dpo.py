@@ -1,0 +1,219 @@
+"""
+train_dpo.py: dpo_loss and its gradient against float64 references, the pairs of a K-wise ranking, the sequence
+log-probabilities, and the script end to end on a tiny random SFT checkpoint (subprocess): log 2 at step 0,
+resume, bad preference files.
+"""
+
+import itertools
+import json
+import math
+import random
+import sys
+
+import pytest
+import torch
+
+from scripts import ROOT, read_metrics, script, without_timings
+
+sys.path.insert(0, ROOT)  # train_dpo.py is a top-level script
+
+from nanorlhf import tasks, utils
+from nanorlhf.data import encode_prefs
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import Tokenizer
+
+import train_dpo
+from train_dpo import dpo_loss, make_batch, ranked_pairs, sequence_logprobs
+
+TINY = dict(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32)
+
+
+def log_sigmoid(x):
+    """log(1 / (1 + e^-x)) in float64, stable on both sides."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def random_logps(rng, P, ties=0):
+    """Four lists of P sequence log-probs; the first `ties` pairs have equal implicit rewards."""
+    pc = [rng.uniform(-40, -1) for _ in range(P)]
+    pr = [rng.uniform(-40, -1) for _ in range(P)]
+    rc = [x + rng.gauss(0, 3) for x in pc]
+    rr = [x + rng.gauss(0, 3) for x in pr]
+    for i in range(ties):
+        pr[i] = rr[i] + (pc[i] - rc[i])  # pi/pi_ref the same for both responses
+    return pc, pr, rc, rr
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def test_dpo_loss_and_stats_match_float64_loop():
+    rng = random.Random(0)
+    for P, beta in ((1, 0.1), (7, 0.5), (40, 2.0)):
+        pc, pr, rc, rr = random_logps(rng, P, ties=min(P, 3))
+        loss, stats = dpo_loss(*(torch.tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr)), beta)
+        margins = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])) for i in range(P)]
+        want = sum(-log_sigmoid(m) for m in margins) / P
+        acc = sum(1.0 if m > 1e-12 else 0.5 if abs(m) <= 1e-12 else 0.0 for m in margins) / P
+        assert loss.item() == pytest.approx(want, rel=1e-12)
+        assert stats["margin"].item() == pytest.approx(sum(margins) / P, rel=1e-9, abs=1e-12)
+        assert stats["chosen_reward"].item() == pytest.approx(sum(beta * (pc[i] - rc[i]) for i in range(P)) / P, rel=1e-9)
+        # the constructed ties are exact only up to float rounding: compare with ties counted 1/2 when the
+        # float64 margin came out exactly 0, which is what dpo_loss sees
+        exact = [(torch.tensor(pc[i], dtype=torch.float64) - rc[i]) - (torch.tensor(pr[i], dtype=torch.float64) - rr[i])
+                 for i in range(P)]
+        acc_exact = sum(1.0 if e > 0 else 0.5 if e == 0 else 0.0 for e in exact) / P
+        assert stats["accuracy"].item() == pytest.approx(acc_exact)
+        assert abs(acc_exact - acc) <= 0.5 * min(P, 3) / P
+
+
+def test_dpo_loss_at_initialisation_is_log_2_with_ties_counted_half():
+    logps = torch.randn(16, dtype=torch.float64) * 10 - 20
+    other = torch.randn(16, dtype=torch.float64) * 10 - 20
+    loss, stats = dpo_loss(logps, other, logps, other, beta=0.1)  # pi = pi_ref
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+
+
+def test_dpo_loss_gradient_matches_the_analytic_formula():
+    """d L / d log pi(y_w)_i = -beta sigma(-m_i) / P and d L / d log pi(y_l)_i = +beta sigma(-m_i) / P."""
+    rng = random.Random(1)
+    for P, beta in ((3, 0.1), (25, 1.0)):
+        pc, pr, rc, rr = random_logps(rng, P)
+        tc = torch.tensor(pc, dtype=torch.float64, requires_grad=True)
+        tr = torch.tensor(pr, dtype=torch.float64, requires_grad=True)
+        loss, _ = dpo_loss(tc, tr, torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64), beta)
+        loss.backward()
+        for i in range(P):
+            m = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
+            assert tc.grad[i].item() == pytest.approx(-beta * sigmoid(-m) / P, rel=1e-10, abs=1e-15)
+            assert tr.grad[i].item() == pytest.approx(beta * sigmoid(-m) / P, rel=1e-10, abs=1e-15)
+
+
+def test_dpo_loss_is_finite_for_huge_margins():
+    big = torch.tensor([1e4, -1e4], requires_grad=True)
+    zero = torch.zeros(2)
+    loss, stats = dpo_loss(big, zero, zero, zero, beta=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(1e4 / 2) and torch.isfinite(big.grad).all()
+    assert stats["accuracy"].item() == 0.5
+
+
+# -----------------------------------------------------------------------------
+# pairs, batches, sequence log-probs
+
+
+def test_ranked_pairs_are_every_pair_ordered_by_rank():
+    rng = random.Random(2)
+    for K in (2, 3, 4, 6):
+        ranking = list(range(K))
+        rng.shuffle(ranking)
+        pairs = ranked_pairs(ranking)
+        assert len(pairs) == math.comb(K, 2) == len(set(pairs))
+        position = {r: p for p, r in enumerate(ranking)}
+        want = {(a, b) for a, b in itertools.permutations(range(K), 2) if position[a] < position[b]}
+        assert set(pairs) == want
+    assert ranked_pairs([0, 2, 1]) == [(0, 2), (0, 1), (2, 1)]
+
+
+def tiny_gpt(seed):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+def test_sequence_logprobs_match_float64_loop_per_row():
+    tok = Tokenizer.byte_level()
+    model = tiny_gpt(0)
+    rows = [tok.render("sort 3 1 2", "1 2 3"), tok.render("sort 9 8 7 6 5 4", "4 5 6 7 8 9 !"), tok.render("hi", "x")]
+    from nanorlhf.data import collate
+    b = collate([r[0] for r in rows], tok.pad_id, masks=[r[1] for r in rows])
+    got = sequence_logprobs(model, b["idx"], b["attention_mask"], b["response_mask"])
+    m64 = tiny_gpt(0).double()
+    for i, (ids, mask) in enumerate(rows):
+        with torch.no_grad():
+            lp = torch.log_softmax(m64(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V), unpadded row
+        want = sum(lp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+        assert got[i].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_make_batch_pairs_point_at_the_ranked_responses():
+    tok = Tokenizer.byte_level()
+    records = [{"prompt": "sort 2 1", "responses": ["a", "bb", "ccc", "dddd"], "ranking": [2, 0, 3, 1]},
+               {"prompt": "sort 5 4", "responses": ["x", "yy"], "ranking": [1, 0]}]
+    examples, _ = encode_prefs(records, tok, 64)
+    ref = [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([10.0, 11.0])]
+    b = make_batch(examples, ref, tok.pad_id, 64)
+    assert len(b["winner"]) == 6 + 1
+    flat = [r for rec in records for r in rec["responses"]]
+    rank_of = {r: p for rec in records for p, r in enumerate(rec["responses"][i] for i in rec["ranking"])}
+    for w, l in zip(b["winner"].tolist(), b["loser"].tolist()):
+        assert (w < 4) == (l < 4)  # a pair never crosses prompts
+        assert rank_of[flat[w]] < rank_of[flat[l]]
+        assert b["ref_logps"][w].item() == (w if w < 4 else 10 + w - 4)
+
+
+# -----------------------------------------------------------------------------
+# end to end (subprocess)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    tasks.generate_task(str(d / "data"), n_sft=10, n_prefs=48, n_prefs_eval=16, n_prompts=10, n_eval=10)
+    tok = Tokenizer.byte_level()
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(tiny_gpt(3), tok, "sft", {"seed": 0}, 1))
+    return d
+
+
+def dpo_cmd(d, out, *extra):
+    return ["train_dpo.py", "--data", str(d / "data/prefs.jsonl"), "--val_data", str(d / "data/prefs_eval.jsonl"),
+            "--sft", str(d / "sft"), "--out_dir", str(out), "--batch_size", "4", "--max_steps", "6", "--warmup", "2",
+            "--eval_interval", "3", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "3",
+            "--gold_prompts", "8", "--response_length", "8", "--lr", "1e-3", *extra]
+
+
+def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
+    out = tiny_run / "run"
+    script(*dpo_cmd(tiny_run, out))
+    rows = read_metrics(str(out))
+    assert rows[0]["step"] == 0
+    assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["val_acc"] == 0.5
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's loss is taken before its update
+    assert rows[-1]["loss"] < math.log(2) - 0.005  # it fits the training pairs (6 steps at lr 1e-3)
+    assert all(0 <= r["gold"] <= 1 for r in rows if "val_loss" in r)  # the built-in task: gold is logged
+    policy, _, ckpt = utils.load_model(str(out), kind="gpt")  # a policy, as evaluate.py loads it
+    assert ckpt["stage"] == "dpo" and ckpt["step"] == 6 and ckpt["models_resident"] == 1
+    # interrupted at step 3 and resumed: the same rows as the uninterrupted run
+    out2 = tiny_run / "resumed"
+    script(*dpo_cmd(tiny_run, out2, "--stop_at", "3"))
+    script("train_dpo.py", "--out_dir", str(out2), "--resume")
+    assert without_timings(read_metrics(str(out2))) == without_timings(rows)
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"prompt": "sort 1 2", "chosen": "1 2", "rejected": "2 1"}, {"prompt": "sort 3 4", "chosen": "3 4", "rejected": "3 4"}],
+     "prefs.jsonl:2: field 'rejected'"),
+    ([{"prompt": "sort 1 2", "responses": ["1 2"], "ranking": [0]}], "prefs.jsonl:1: field 'responses'"),
+    ([{"prompt": "sort 1 2", "responses": ["1 2", "2 1", "1 2"], "ranking": [0, 1, 2]}], "prefs.jsonl:1: field 'responses'"),
+])
+def test_bad_preference_file_exits_2_and_writes_nothing(tiny_run, tmp_path, records, message):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    p = script("train_dpo.py", "--data", str(bad), "--val_data", str(bad), "--sft", str(tiny_run / "sft"),
+               "--out_dir", str(out), check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_beta_exits_2(tiny_run, tmp_path):
+    p = script(*dpo_cmd(tiny_run, tmp_path / "out", "--beta", "0"), check=False)
+    assert p.returncode == 2 and "--beta" in p.stderr
+    assert not (tmp_path / "out").exists()
