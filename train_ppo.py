@@ -18,9 +18,13 @@ Run (after train_sft.py and train_rm.py; `make` does all of it):
     python train_ppo.py ... --adaptive_kl --target_kl 2        # Ziegler et al.'s adaptive beta
     python train_ppo.py ... --ptx_coef 1 --ptx_data out/data/sft.jsonl   # PPO-ptx
     torchrun --standalone --nproc_per_node 2 train_ppo.py ... --grad_accum 2   # 2 GPUs, the same run (README "Many GPUs")
+    python train_ppo.py ... --lora_rank 8 --critic shared      # memory (seed 3.3): LoRA adapters on one shared trunk
+    python train_ppo.py ... --offload ref,rm                   # frozen models in CPU memory between their forwards
 
 Writes to --out_dir: ckpt.pt (the actor, stage "ppo", loadable like any policy), critic.pt, train_state.pt
-(what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
+(what --resume needs), metrics.jsonl (one row per iteration), samples.jsonl and samples.txt, memory.json (the
+measured bytes per model beside nanorlhf/footprint.py's prediction). ckpt.pt and critic.pt are plain models in
+every option (LoRA merged); with LoRA, adapters.pt holds the adapters alone, for --resume.
 
 Deviations from InstructGPT, on purpose:
 - The KL penalty is per token (Ziegler et al., Stiennon et al.): r_t = -beta * kl_t on every response token and
@@ -31,9 +35,10 @@ Deviations from InstructGPT, on purpose:
   the reward uses: its sum over a response is exactly log pi(y|x) / pi_ref(y|x), the seed's and Ziegler et al.'s
   KL, so --target_kl means the same number with either estimator and matches the KL that evaluate.py reports.
 - PPO-ptx mixes in the SFT data's response log-likelihood (a file you name), not the pretraining corpus.
-- The actor and the critic are two networks with two AdamW optimizers (no shared trunk), as in InstructGPT.
+- By default the actor and the critic are two networks with two AdamW optimizers, as in InstructGPT.
   So --vf_coef barely matters: Adam's step does not change when a loss is scaled (up to its eps and gradient
-  clipping). It would weigh the two losses against each other only in a shared trunk.
+  clipping). With --critic shared (one trunk, a value head beside the LM head, one optimizer) it weighs the
+  two losses against each other; the value head starts at zero, not from the RM (see build_models).
 - A response that never emits EOS within --response_length gets the score --missing_eos_penalty instead of
   the RM's score (Stiennon et al. / summarize_from_feedback_details), so the policy cannot win by rambling.
 - Scale: a 1M-parameter model and 50 x 64 = 3200 episodes by default (InstructGPT: 256k episodes). beta = 0.3
@@ -46,6 +51,8 @@ Deviations from InstructGPT, on purpose:
   by more ranks, the scoring passes and the update are (each rank runs --grad_accum / WORLD_SIZE micro-batches).
 """
 
+import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -53,11 +60,12 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import data as D
-from nanorlhf import dist, tasks
+from nanorlhf import dist, footprint, lora, tasks
 from nanorlhf import train_common as C
 from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
-from nanorlhf.model import last_index
+from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
+from nanorlhf.offload import offload, on_device
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, truncate_after_eos, write_samples)
 from nanorlhf.utils import check, flag
@@ -333,6 +341,14 @@ class Args:
                                "(Adam's step ignores a loss's scale, up to eps and clipping); it matters in a shared trunk")
     ent_coef: float = flag(0.0, "weight of the entropy bonus")
     max_grad_norm: float = flag(1.0, "clip each model's global gradient norm to this (0: no clipping)")
+    # memory (seed section 3.3; build_models has the table of who holds which weights)
+    lora_rank: int = flag(0, "LoRA rank of the adapters on actor and critic (0 = off: every weight trains)")
+    lora_alpha: float = flag(16.0, "LoRA alpha: the adapters' update is (alpha / rank) B A")
+    lora_targets: str = flag(lora.DEFAULT_TARGETS, "regex naming the Linear layers that get adapters")
+    critic: str = flag("separate", "separate: a critic network of its own, started from the RM (InstructGPT); "
+                                   "shared: a value head on the actor's trunk (one forward for both)")
+    offload: str = flag("", "frozen models kept in CPU memory, on the accelerator only for their rollout "
+                            "forwards: ref, rm or ref,rm")
     # PPO-ptx
     ptx_coef: float = flag(0.0, "gamma of PPO-ptx: weight of the SFT log-likelihood in the actor loss (0 = plain PPO)")
     ptx_data: str = flag("", "SFT JSONL ({prompt, response} or {messages}) for PPO-ptx")
@@ -347,7 +363,7 @@ class Args:
 CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in out_dir
 # flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
 RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
-               "save_interval")
+               "save_interval", "offload")
 
 
 # -----------------------------------------------------------------------------
@@ -359,6 +375,7 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     """
     Steps 2-6 of the rollout for already sampled responses. Returns a dict of tensors, one row per episode.
     context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
+    critic None: the shared trunk, actor.logits_and_values gives the values with the logits.
     """
     B, T = context.shape
     # 2. truncate after the first EOS; the response mask marks the real response tokens (the EOS included)
@@ -383,19 +400,25 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     # torchrun each rank runs its share of the micro-batches and the ranks gather the rows, so 5.-6. see the batch
     micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
     scores, logprobs, ref_logprobs, entropy, values = [], [], [], [], []
-    for i in dist.mine(range(0, B, micro)):
-        s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
-        with rt.autocast():
-            # 3. score with the reward model at the last real token of prompt + response
-            scores.append(reward_model.score(s, s_mask))  # (b,)
-            # 4. logprobs under the actor (they become pi_old) and the reference, logits divided by the sampling
-            # temperature exactly as in generate; and the critic's values V(s_t)
-            logits = actor(s, s_mask)[:, T - 1:-1]  # (b, N, V)
-            logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
-            entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
-            ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
-            ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
-            values.append(critic(s, s_mask)[:, T - 1:-1])  # (b, N)
+    # offloaded frozen models come onto the accelerator for this loop only (a no-op for the others)
+    with on_device(ref, reward_model):
+        for i in dist.mine(range(0, B, micro)):
+            s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
+            with rt.autocast():
+                # 3. score with the reward model at the last real token of prompt + response
+                scores.append(reward_model.score(s, s_mask))  # (b,)
+                # 4. logprobs under the actor (they become pi_old) and the reference, logits divided by the
+                # sampling temperature exactly as in generate; and the critic's values V(s_t)
+                if critic is None:  # shared trunk: one forward gives both
+                    logits, v = actor.logits_and_values(s, s_mask)  # (b, T + N, V), (b, T + N)
+                else:
+                    logits, v = actor(s, s_mask), critic(s, s_mask)
+                logits = logits[:, T - 1:-1]  # (b, N, V)
+                logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
+                entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
+                ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+                ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
+                values.append(v[:, T - 1:-1])  # (b, N)
     scores, entropy = dist.gather_rows(torch.cat(scores)), dist.gather_rows(torch.cat(entropy))  # (B,), (B, N)
     maskf = response_mask.float()
     logprobs, ref_logprobs, values = (dist.gather_rows(torch.cat(x)) * maskf for x in (logprobs, ref_logprobs, values))
@@ -434,7 +457,7 @@ def ptx_batches(examples, batch_size, pad_id, generator, max_len):
         yield D.collate([examples[i][0] for i in idx], pad_id, masks=[examples[i][1] for i in idx], max_len=max_len)
 
 
-def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, where=""):
+def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, where="", probe=None):
     """
     --ppo_epochs passes of shuffled minibatches over one rollout; one optimizer step per minibatch for each model.
     Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
@@ -442,15 +465,21 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
     ptx: a stream of SFT batches of minibatch size (ptx_batches), one per minibatch, split across its micro-batches.
     A NaN or inf loss or gradient norm stops with NonFiniteError (naming `where`, the epoch and the minibatch)
     before that minibatch's optimizer steps.
+    critic None (and critic_opt None): the shared trunk; one forward gives logits and values, one optimizer
+    steps on pg_loss - ent_coef * entropy + vf_coef * vf_loss.
+    probe: a dict that gets "activations", the bytes autograd saved for the first micro-batch (memory.json).
     """
+    shared = critic is None
     B, T = exp["seq"].size(0), exp["context_len"]
     mb_size = B // args.num_minibatches
     micro_size = mb_size // args.grad_accum
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "ptx_loss",
                              "grad_norm", "critic_grad_norm")}
     first_ratio_max_dev = torch.zeros((), device=exp["seq"].device)  # a tensor: no device sync per micro-batch
-    actor.train()
-    critic.train()
+    models = [actor] if shared else [actor, critic]
+    optimizers = [actor_opt] if shared else [actor_opt, critic_opt]
+    for m in models:
+        m.train()
     for epoch in range(args.ppo_epochs):
         b_inds = torch.randperm(B)
         for start in range(0, B, mb_size):
@@ -472,12 +501,20 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 i = mb_inds[mstart:mstart + micro_size]  # the micro-batch's rows
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = mask.sum() / n_tokens  # this micro-batch's part of the minibatch mean
-                for model in (actor, critic):  # the ranks sum their gradients on their last micro-batch
+                for model in models:  # the ranks sum their gradients on their last micro-batch
                     dist.sync_grads(model, n == len(mine) - 1)
-                with rt.autocast():
-                    logits = actor(seq, seq_mask)[:, T - 1:-1]  # (b, N, V)
-                    new_values = critic(seq, seq_mask)[:, T - 1:-1]  # (b, N)
-                new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
+                measure = probe is not None and "activations" not in probe
+                saved = footprint.SavedTensors([p for m in models for p in m.parameters()]) if measure else None
+                with saved if measure else contextlib.nullcontext():
+                    with rt.autocast():
+                        if shared:  # one trunk: one forward for the policy and the value
+                            logits, new_values = actor.logits_and_values(seq, seq_mask)  # (b, T + N, V), (b, T + N)
+                        else:
+                            logits, new_values = actor(seq, seq_mask), critic(seq, seq_mask)
+                        logits, new_values = logits[:, T - 1:-1], new_values[:, T - 1:-1]  # (b, N, V), (b, N)
+                    new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
+                if measure:
+                    probe["activations"], probe["micro_batch"] = saved.bytes, tuple(seq.shape)
                 # L_CLIP = min(ratio * A_t, clip(ratio, 1 - eps, 1 + eps) * A_t),  ratio = pi_theta / pi_old
                 pg_loss, pg_stats = policy_loss(new_logprobs, exp["logprobs"][i], exp["advantages"][i], mask, args.clip_coef)
                 # L_V = max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / 2
@@ -497,8 +534,12 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                     ptx_loss = sft_loss(ptx_logits, p_idx, p_mask, n_tokens=ptx_targets)
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss
                     mb_stats["ptx_loss"] += ptx_loss.detach()
-                actor_loss.backward()
-                (args.vf_coef * vf_loss * share).backward()
+                if shared:
+                    # one loss for the one trunk: pg_loss (- ent_coef * entropy) + vf_coef * vf_loss
+                    (actor_loss + args.vf_coef * vf_loss * share).backward()
+                else:
+                    actor_loss.backward()
+                    (args.vf_coef * vf_loss * share).backward()
 
                 if epoch == 0 and start == 0:
                     ratio = (new_logprobs.detach() - exp["logprobs"][i]).exp()  # (b, N)
@@ -509,19 +550,188 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                     mb_stats[k] += v.detach() * share
             mb_stats = dist.all_reduce_dict(mb_stats)  # the minibatch's losses: the sum of the ranks' shares
             mb_stats["grad_norm"] = C.clip_grad_norm(actor.parameters(), args.max_grad_norm)
-            mb_stats["critic_grad_norm"] = C.clip_grad_norm(critic.parameters(), args.max_grad_norm)
+            if not shared:
+                mb_stats["critic_grad_norm"] = C.clip_grad_norm(critic.parameters(), args.max_grad_norm)
             # one device sync per minibatch: a NaN or inf stops here, before it reaches the weights
             C.check_finite(f"{where}epoch {epoch + 1} minibatch {start // mb_size + 1}",
-                           **{k: mb_stats[k] for k in ("pg_loss", "vf_loss", "grad_norm", "critic_grad_norm")},
+                           **{k: mb_stats[k] for k in ("pg_loss", "vf_loss", "grad_norm")},
+                           **({"critic_grad_norm": mb_stats["critic_grad_norm"]} if not shared else {}),
                            **({"ptx_loss": mb_stats["ptx_loss"]} if ptx is not None else {}))
-            actor_opt.step()
-            critic_opt.step()
-            actor_opt.zero_grad(set_to_none=True)
-            critic_opt.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             for k, v in mb_stats.items():
                 stats[k].append(v)
-    out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "ptx_loss" or ptx is not None}
+    out = {k: float(sum(v) / len(v)) for k, v in stats.items()
+           if (k != "ptx_loss" or ptx is not None) and (k != "critic_grad_norm" or not shared)}
     out["first_ratio_max_dev"] = float(dist.all_reduce_max(first_ratio_max_dev))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the four models
+
+
+OFFLOADABLE = ("ref", "rm")
+ADAPTERS = "adapters.pt"  # the LoRA adapters alone (ckpt.pt and critic.pt hold merged weights): what --resume needs
+
+
+def build_models(args, device, resume=False):
+    """
+    Actor, critic, reference and reward model for the options, as a dict (critic None with --critic shared)
+    with the tokenizer, the RM's checkpoint, and "roles": the parameters of each role, for memory.json.
+    Dropout is off everywhere, the frozen models are frozen; on --resume the trained parts come from --out_dir.
+
+    Which memory serves which role (W weights, G gradients, O AdamW state; the seed's section 3.3):
+
+        flags                          actor                   critic                      reference             reward model
+        (default)                      SFT copy: W G O         RM copy: W G O              SFT copy: W           RM: W
+        --offload ref,rm               SFT copy: W G O         RM copy: W G O              W in CPU memory       W in CPU memory
+        --lora_rank r                  SFT W (frozen)          the reward model's W        the actor with its    RM: W
+                                       + adapters W G O        + adapters + head W G O     adapters off
+        --critic shared                SFT copy + value head: one trunk, W G O             SFT copy: W           RM: W
+        --lora_rank r --critic shared  SFT W (frozen) + adapters + value head: W G O       the actor, adapters   RM: W
+                                                                                           off
+
+    So the accelerator holds 4 full models by default, 2 with offload, 2 with LoRA, 3 shared, 2 with LoRA +
+    shared (Hydra-PPO, Santacroce et al. 2023) and 1 with all three. With LoRA the reference is the actor's
+    own frozen base, which is the SFT model itself, so there is nothing to offload for it; a LoRA critic
+    computes on the reward model's frozen weights (no copy), so those stay on the accelerator too.
+
+    The shared trunk's value head starts at zero: V = 0 is the right first guess here, since train_rm.py shifts
+    the reward model so that demonstrations score 0 on average and the policy starts as the SFT model (KL 0), and
+    a zero head sends no gradient into the trunk through vf_loss until it has learned something, so the value
+    loss cannot disturb the policy at the start (ratio == 1 on the first minibatch, as in every option). The
+    separate critic instead starts from the reward model, as in InstructGPT; its trunk cannot be shared with
+    the actor's, which is the SFT model's.
+    """
+    offload_names = {n for n in args.offload.split(",") if n}
+    state_dir = args.out_dir if resume else None
+    if args.lora_rank:
+        # LoRA: the frozen base is the SFT model itself (it is the reference), adapters come from --out_dir on resume
+        actor, tok, _ = utils.load_model(args.sft, device, kind="gpt")
+    else:
+        actor, tok, _ = utils.load_model(state_dir or args.sft, device, kind="gpt")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, device, kind="scalar")
+    check(rm_tok.to_dict() == tok.to_dict(),
+          f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
+    saved_critic = utils.load_model(state_dir, device, kind="scalar", name=CRITIC)[0] if state_dir else None
+    for m in (actor, reward_model):
+        disable_dropout(m)
+    freeze(reward_model)
+
+    if args.critic == "shared":
+        actor = ValueHeadGPT.from_gpt(actor)
+        if saved_critic is not None:
+            actor.value_head.load_state_dict(saved_critic.head.state_dict())
+        critic = None
+    elif args.lora_rank:
+        # the critic computes on the reward model's own frozen weights (no copy) with adapters and its own head
+        with torch.device("meta"):
+            critic = ScalarGPT(reward_model.config)
+        critic.load_state_dict(reward_model.state_dict(), assign=True)  # the same storage as the reward model
+        head = (saved_critic or reward_model).head
+        critic.head = torch.nn.Linear(head.in_features, 1).to(device)
+        critic.head.load_state_dict(head.state_dict())
+        disable_dropout(critic)
+    else:
+        critic = saved_critic if saved_critic is not None else utils.load_model(args.rm, device, kind="scalar")[0]
+        disable_dropout(critic)
+
+    if args.lora_rank:
+        try:
+            for m in (actor, critic):
+                if m is not None:
+                    lora.apply_lora(m, args.lora_rank, args.lora_alpha, args.lora_targets)
+        except ValueError as e:
+            raise utils.UserError(f"--lora_targets: {e}") from None
+        # the heads on top of the adapters train in full
+        (actor.value_head if critic is None else critic.head).requires_grad_(True)
+        if state_dir:
+            adapters = utils.load_checkpoint(state_dir, ADAPTERS)
+            for m, key in ((actor, "actor"), (critic, "critic")):
+                if m is not None:
+                    m.load_state_dict(adapters[key], strict=False)
+        ref = lora.AdaptersOff(actor)
+        for name, why in (("ref", "the reference is the actor's own frozen base (adapters off)"),
+                          ("rm", "the LoRA critic computes on the reward model's weights")):
+            if name in offload_names and (name == "ref" or critic is not None):
+                print(f"note: --offload {name} does nothing here: {why}, so those weights stay on {device}")
+                offload_names.discard(name)
+    else:
+        ref, _, _ = utils.load_model(args.sft, device, kind="gpt")
+        disable_dropout(ref)
+        freeze(ref)
+
+    for m in (actor, critic):
+        if m is not None:
+            m.grad_checkpointing = args.grad_checkpointing
+    if offload_names and torch.device(device).type == "cpu":
+        print(f"note: --offload {args.offload} does nothing on a CPU-only run: every model is in CPU memory already")
+    else:
+        for name in offload_names:
+            offload(ref if name == "ref" else reward_model, device)
+
+    def params(m):
+        return list(m.parameters()) if m is not None else []
+
+    if critic is None:  # the value head is the critic's part of the shared model
+        actor_params = [p for n, p in actor.named_parameters() if not n.startswith("value_head.")]
+        critic_params = list(actor.value_head.parameters())
+    else:
+        actor_params, critic_params = params(actor), params(critic)
+    ref_params = actor_params if isinstance(ref, lora.AdaptersOff) else params(ref)  # the actor's policy part
+    # in this order a storage that two roles use (the LoRA critic's base) is counted under the frozen model
+    roles = {"actor": actor_params, "reference": ref_params, "reward": params(reward_model), "critic": critic_params}
+    return dict(actor=actor, critic=critic, ref=ref, reward_model=reward_model, tok=tok, rm_ckpt=rm_ckpt, roles=roles)
+
+
+def write_memory_report(args, config, probe, rt):
+    """
+    out_dir/memory.json after the first iteration: the measured live bytes per role (footprint.StaticProbe) beside
+    the prediction from the model's shape, the bytes autograd saved for one update micro-batch beside the
+    formula, and on CUDA torch.cuda.max_memory_allocated of the iteration. Prints one line.
+    """
+    shape = footprint.Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
+    offload_names = {n for n in args.offload.split(",") if n}
+    predicted = footprint.static_memory(shape, args.lora_rank, args.critic == "shared", offload_names,
+                                        lora_targets=args.lora_targets)
+    measured = probe.result
+    b, t = probe.extra["micro_batch"]
+    # exact in float32; under bf16 autocast only an estimate (autocast also keeps bf16 copies of the weights)
+    acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared",
+                                       acts_bytes=4 if rt.dtype == "float32" else 2)
+    report = {
+        "device": str(rt.device), "predicted": predicted, "measured": measured,
+        "static_predicted": footprint.static_total(predicted), "static_measured": footprint.static_total(measured),
+        "activations_predicted": acts, "activations": probe.extra["activations"], "micro_batch": [b, t],
+        "cuda_max_allocated": torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else None,
+    }
+    with open(os.path.join(args.out_dir, "memory.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    same = "equal" if report["static_predicted"] == report["static_measured"] else "DIFFERENT"
+    fb = footprint.fmt_bytes
+    cuda = f"; cuda max allocated {fb(report['cuda_max_allocated'])}" if report["cuda_max_allocated"] else ""
+    print(f"memory: {predicted['resident']} full model(s) on the accelerator with these options, "
+          f"{measured['total']['trainable']:,} trainable; "
+          f"static {report['static_measured']:,} B measured, {report['static_predicted']:,} B predicted ({same}); "
+          f"activations of a {b} x {t} micro-batch {fb(report['activations'])} "
+          f"(predicted {fb(acts)}){cuda}", flush=True)
+
+
+def policy_state_dict(actor):
+    """What ckpt.pt holds: the plain GPT, adapters merged, no value head."""
+    return {k: v for k, v in lora.merged_state_dict(actor).items() if not k.startswith("value_head.")}
+
+
+def critic_state_dict(actor, critic):
+    """What critic.pt holds: a plain ScalarGPT (merged); for the shared trunk, the trunk with the value head."""
+    if critic is not None:
+        return lora.merged_state_dict(critic)
+    sd = lora.merged_state_dict(actor)
+    out = {k: v for k, v in sd.items() if k.startswith("transformer.")}
+    out["head.weight"], out["head.bias"] = sd["value_head.weight"], sd["value_head.bias"]
     return out
 
 
@@ -551,10 +761,19 @@ def main(argv=None):
     check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
     check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
     check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
+    check(args.lora_rank >= 0, f"--lora_rank {args.lora_rank}: must be >= 0 (0 = no LoRA)")
+    check(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha}: must be > 0")
+    check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
+    unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
+    check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
     check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
           f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
     C.check_clip_flag("max_grad_norm", args.max_grad_norm)
     dist.check_grad_accum(args.grad_accum)  # then the rollout's micro-batches split over the ranks too
+    # DDP wraps forward() only; the shared trunk's one pass (logits_and_values) would bypass its gradient sync
+    check(args.critic == "separate" or dist.world_size() == 1,
+          "--critic shared does not run under torchrun yet (DDP syncs gradients through forward() only); "
+          "use --critic separate")
 
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
@@ -566,26 +785,16 @@ def main(argv=None):
     state = None
     if resuming:
         state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
-        actor, tok, actor_ckpt = utils.load_model(args.out_dir, rt.device, kind="gpt")
-        critic, _, critic_ckpt = utils.load_model(args.out_dir, rt.device, kind="scalar", name=CRITIC)
-        steps = (actor_ckpt["step"], critic_ckpt["step"], state["step"])
-        check(len(set(steps)) == 1, f"--resume: in {args.out_dir}, {utils.CKPT}, {CRITIC} and {utils.TRAIN_STATE} "
+        names = [utils.CKPT, CRITIC] + ([ADAPTERS] if args.lora_rank else [])
+        steps = tuple(utils.load_checkpoint(args.out_dir, n)["step"] for n in names) + (state["step"],)
+        check(len(set(steps)) == 1, f"--resume: in {args.out_dir}, {', '.join(names)} and {utils.TRAIN_STATE} "
               f"are at iterations {steps} (a save was interrupted)")
-    else:
-        actor, tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
-        critic, _, _ = utils.load_model(args.rm, rt.device, kind="scalar")
-    ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
-    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar")
+    models = build_models(args, rt.device, resume=resuming)
+    actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
+    tok, rm_ckpt = models["tok"], models["rm_ckpt"]
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
         mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
         args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
-    check(ref_tok.to_dict() == tok.to_dict() == rm_tok.to_dict(),
-          f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
-    for m in (actor, critic, ref, reward_model):
-        disable_dropout(m)
-    freeze(ref)
-    freeze(reward_model)
-    actor.grad_checkpointing = critic.grad_checkpointing = args.grad_checkpointing
     block_size = actor.config.block_size
     check(args.response_length < block_size, f"--response_length {args.response_length} must be < block_size {block_size}")
 
@@ -602,10 +811,20 @@ def main(argv=None):
         use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
-    fwd_critic = utils.maybe_compile(critic, args.compile)
-    train_actor, train_critic = dist.wrap(fwd_actor), dist.wrap(fwd_critic)  # DDP under torchrun
+    fwd_critic = utils.maybe_compile(critic, args.compile) if critic is not None else None
+    # DDP under torchrun (the shared trunk is refused there, above)
+    train_actor = dist.wrap(fwd_actor)
+    train_critic = dist.wrap(fwd_critic) if critic is not None else None
+    # one optimizer per trained model: the shared trunk has one (--lr), the separate critic its own (--critic_lr)
     actor_opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
-    critic_opt = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
+    critic_opt = None
+    if critic is not None:
+        critic_opt = utils.configure_optimizer(critic, args.critic_lr, args.weight_decay, (args.beta1, args.beta2),
+                                               rt.device_type)
+    optimizers = [(actor_opt, args.lr)] + ([(critic_opt, args.critic_lr)] if critic_opt is not None else [])
+    # memory.json: the live bytes of weights, gradients and AdamW state per role, taken right after the first
+    # optimizer step (gradients still alive), beside the prediction of nanorlhf/footprint.py
+    mem_probe = footprint.StaticProbe(models["roles"], [o for o, _ in optimizers])
     if args.adaptive_kl:
         kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     else:
@@ -613,7 +832,8 @@ def main(argv=None):
     start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
     if state is not None:
         actor_opt.load_state_dict(state["actor_optimizer"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
+        if critic_opt is not None:
+            critic_opt.load_state_dict(state["critic_optimizer"])
         kl_ctl.value = state["kl_coef"]
         sampler_state = state["data"]
         start_iter = state["step"]
@@ -632,10 +852,20 @@ def main(argv=None):
     def save(iteration):
         if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
             return
-        utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value))
-        utils.save_checkpoint(args.out_dir, utils.model_payload(critic, tok, "ppo", args, iteration), CRITIC)
+        # ckpt.pt and critic.pt are plain merged models that every stage and evaluate.py load as usual
+        payload = utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value)
+        payload["model"] = policy_state_dict(actor)
+        utils.save_checkpoint(args.out_dir, payload)
+        payload = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
+        payload["model"], payload["model_kind"] = critic_state_dict(actor, critic), "scalar"
+        utils.save_checkpoint(args.out_dir, payload, CRITIC)
+        if args.lora_rank:
+            utils.save_checkpoint(args.out_dir, {"actor": lora.adapter_state_dict(actor), "step": iteration,
+                                                 "critic": lora.adapter_state_dict(critic) if critic is not None else {}},
+                                  ADAPTERS)
         utils.save_checkpoint(args.out_dir, {
-            "actor_optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+            "actor_optimizer": actor_opt.state_dict(),
+            "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
             "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
             "ptx_rng": ptx_gen.get_state() if ptx is not None else None,
         }, utils.TRAIN_STATE)
@@ -653,7 +883,7 @@ def main(argv=None):
     for it in range(start_iter, stop):
         if args.anneal_lr:
             frac = 1.0 - it / args.num_iterations
-            for opt, lr in ((actor_opt, args.lr), (critic_opt, args.critic_lr)):
+            for opt, lr in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = frac * lr
         # rollout
@@ -671,8 +901,11 @@ def main(argv=None):
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = ppo_update(train_actor, train_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ")
+        upd = ppo_update(train_actor, train_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ",
+                         probe=mem_probe.extra)
         t_update = time.time() - t0
+        if it == start_iter:
+            write_memory_report(args, actor.config, mem_probe, rt)
 
         # statistics of this rollout (before the update)
         mask = exp["response_mask"]

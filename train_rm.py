@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf import dist, tasks
+from nanorlhf import dist, lora, tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, padding_fraction, read_prefs,
                            read_sft, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
@@ -43,8 +43,8 @@ from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
                                    parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
                                    wants_resume)
-from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
-                            load_model, maybe_compile, model_payload, run, setup_runtime)
+from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
+                            fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
 @dataclass
@@ -60,6 +60,10 @@ class Config:
     norm_samples: int = flag(1000, "how many of --sft_data's first records set the reward's mean and std")
     out_dir: str = flag("out/rm", "output directory: ckpt.pt, train_state.pt, metrics.jsonl")
     init_from: str = flag("out/sft", "checkpoint dir to start from: an SFT model (new scalar head) or a reward model")
+    lora_rank: int = flag(0, "train LoRA adapters of this rank and the head instead of every weight (0 = off); "
+                             "ckpt.pt is merged")
+    lora_alpha: float = flag(16.0, "LoRA alpha: the adapters' update is (alpha / rank) B A")
+    lora_targets: str = flag(lora.DEFAULT_TARGETS, "regex naming the Linear layers that get adapters")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses)")
     grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
@@ -95,6 +99,16 @@ def check_flags(args):
     check_loop_flags(args)
     check(args.norm_samples >= 1, f"--norm_samples must be at least 1, got {args.norm_samples}")
     check(args.center_coef >= 0, f"--center_coef must be >= 0, got {args.center_coef}")
+    check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
+    check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
+
+
+def rm_payload(model, tok, args, step, **extra):
+    """ckpt.pt's payload; with LoRA the merged weights (a plain reward model) plus the trained tensors for --resume."""
+    payload = model_payload(model, tok, "rm", args, step, **extra)
+    if args.lora_rank:
+        payload = lora.lora_payload(model, payload, args.lora_rank, args.lora_alpha, args.lora_targets)
+    return payload
 
 
 def drop_ties(records):
@@ -251,8 +265,18 @@ def main():
         (train_records, n1), (val_records, n2) = drop_ties(train_records), drop_ties(val_records)
         n_ties = n1 + n2
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
-    src = args.out_dir if state else args.init_from  # a fresh run starts from the SFT model's trunk
-    model, tok, _ = load_model(src, rt.device, kind="scalar", from_gpt=not state)
+    # a fresh run starts from the SFT model's trunk; a LoRA run resumes from that base and its saved adapters
+    resume_full = state is not None and not args.lora_rank
+    src = args.out_dir if resume_full else args.init_from
+    model, tok, _ = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full)
+    if args.lora_rank:
+        try:
+            lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        except ValueError as e:
+            raise UserError(f"--lora_targets: {e}") from None
+        model.head.requires_grad_(True)  # the new scalar head trains in full
+        if state is not None:
+            model.load_state_dict(ckpt["lora"]["trainable"], strict=False)
     max_len = model.config.block_size
     train, n_cut = encode_prefs(train_records, tok, max_len)
     val, n_cut_val = encode_prefs(val_records, tok, max_len)
@@ -353,7 +377,7 @@ def main():
                   f"mfu {100 * flops / dt / peak:.1f}% | {fmt_time(timer.eta(step - 1))} left")
             loss_sum, acc_sum, n_tok, flops, pad_frac, n_steps, dt = 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0
         if step < args.max_steps and (step % args.ckpt_interval == 0 or step == stop):  # the end saves below
-            save_run(args.out_dir, model_payload(model, tok, "rm", args, step), optimizer, sampler, step, model)
+            save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model)
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")
         dist.cleanup()
@@ -382,7 +406,7 @@ def main():
         line += (f" vs the annotator's agreement with gold on the same pairs {summary['annotator_agreement']:.3f}; "
                  f"RM agrees with gold on {summary['val_gold_acc']:.3f} of the pairs gold does not tie")
     logger.log(summary)
-    save_run(args.out_dir, model_payload(model, tok, "rm", args, step, reward_mean=reward_mean, reward_std=reward_std),
+    save_run(args.out_dir, rm_payload(model, tok, args, step, reward_mean=reward_mean, reward_std=reward_std),
              optimizer, sampler, step, model)
     dist.cleanup()
     print(line)

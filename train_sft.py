@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf import dist
+from nanorlhf import dist, lora
 from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fraction, read_sft, to_device
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig
@@ -66,6 +66,9 @@ class Config:
     block_size: int = flag(256, "context length (the model's positions, scratch); longer examples lose prompt tokens "
                                 "from the left")
     dropout: float = flag(0.0, "dropout (scratch only)")
+    lora_rank: int = flag(0, "train LoRA adapters of this rank instead of every weight (0 = off); ckpt.pt is merged")
+    lora_alpha: float = flag(16.0, "LoRA alpha: the adapters' update is (alpha / rank) B A")
+    lora_targets: str = flag(lora.DEFAULT_TARGETS, "regex naming the Linear layers that get adapters")
     # optimization
     batch_size: int = flag(32, "sequences per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (a step sees batch_size * grad_accum "
@@ -102,6 +105,8 @@ def check_flags(args):
     check(args.n_embd % args.n_head == 0, f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
     check(args.block_size >= 2, f"--block_size must be at least 2, got {args.block_size}")
     check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
+    check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
 
 
 def make_tokenizer(spec):
@@ -173,10 +178,17 @@ def main():
 
     # data and model: everything is read and validated before anything is written to out_dir
     train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
-    if state is None:
+    if state is None or args.lora_rank:  # a LoRA run resumes from its base (--init_from) and its saved adapters
         model, tok = init_model(args)
     else:
         model, tok, _ = load_model(args.out_dir, kind="gpt")
+    if args.lora_rank:
+        try:
+            lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        except ValueError as e:
+            raise UserError(f"--lora_targets: {e}") from None
+        if state is not None:
+            model.load_state_dict(ckpt["lora"]["trainable"], strict=False)
     model.to(rt.device)
     max_len = min(args.block_size, model.config.block_size)
     train, n_cut = encode_sft(train_records, tok, max_len)
@@ -269,7 +281,10 @@ def main():
                   f"{fmt_time(timer.eta(step - 1))} left")
             loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
         if step % args.ckpt_interval == 0 or step == stop:
-            save_run(args.out_dir, model_payload(model, tok, "sft", args, step), optimizer, sampler, step, model)
+            payload = model_payload(model, tok, "sft", args, step)
+            if args.lora_rank:  # merged: the next stage loads a plain GPT
+                payload = lora.lora_payload(model, payload, args.lora_rank, args.lora_alpha, args.lora_targets)
+            save_run(args.out_dir, payload, optimizer, sampler, step, model)
     dist.cleanup()
     print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
 

@@ -559,3 +559,45 @@ def load_safetensors(path):
             t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
         tensors[name] = t.reshape(info["shape"])
     return tensors
+
+
+# -----------------------------------------------------------------------------
+# the shared actor-critic trunk (train_ppo.py --critic shared)
+
+
+class ValueHeadGPT(GPT):
+    """
+    One GPT trunk with two heads: the language-model head (the policy) and a Linear(n_embd, 1) value head
+    (the critic). `logits_and_values` runs the trunk once and gives both, so PPO pays one forward and one
+    backward per micro-batch for actor and critic together instead of two.
+
+    Everything GPT does (forward -> logits, generate) works unchanged; the value head is only read by
+    logits_and_values. The value head starts at zero (`from_gpt`): see train_ppo.py's build_models for why.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.value_head = nn.Linear(config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def logits_and_values(self, idx, attention_mask=None, position_ids=None):
+        """idx (B, T) -> logits (B, T, V), values (B, T), from one pass through the trunk (float32 out)."""
+        h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
+        logits = float32_head(self.lm_head, h)  # (B, T, V), as GPT.forward computes them
+        values = float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
+        return logits, values
+
+    def policy_state_dict(self):
+        """The state dict of the plain GPT inside (the value head left out): what ckpt.pt holds."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("value_head.")}
+
+    @classmethod
+    def from_gpt(cls, gpt):
+        """A ValueHeadGPT holding a copy of gpt's weights (trunk and lm_head) and a zero value head."""
+        p = gpt.lm_head.weight
+        model = cls(gpt.config).to(device=p.device, dtype=p.dtype)
+        missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
+        assert sorted(missing) == ["value_head.bias", "value_head.weight"] and not unexpected, (missing, unexpected)
+        model.grad_checkpointing = gpt.grad_checkpointing
+        return model

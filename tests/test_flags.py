@@ -86,7 +86,7 @@ def test_misspelt_flag_suggests_the_closest(name, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, flag_name, hint", [
     (["--kl", "0.1"], "--kl", "--kl_coef"),  # a prefix of --kl_coef (and of --kl_estimator, --kl_horizon)
-    (["--critic", "shared"], "--critic", "--critic_lr"),  # once parsed as --critic_lr shared
+    (["--vf_clip", "0.1"], "--vf_clip", "--vf_clip_coef"),  # once parsed as --vf_clip_coef 0.1
     (["--kl=0.1"], "--kl", "--kl_coef"),
 ])
 def test_train_ppo_refuses_abbreviations(argv, flag_name, hint, monkeypatch, capsys):
@@ -95,9 +95,9 @@ def test_train_ppo_refuses_abbreviations(argv, flag_name, hint, monkeypatch, cap
 
 
 def test_subprocess_one_line_and_exit_2():
-    p = script("train_ppo.py", "--critic", "shared", check=False)
+    p = script("train_ppo.py", "--critic_l", "1e-4", check=False)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr == "train_ppo.py: error: unknown flag --critic (did you mean --critic_lr?)\n"
+    assert p.stderr == "train_ppo.py: error: unknown flag --critic_l (did you mean --critic_lr?)\n"
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""
+LoRA (nanorlhf/lora.py) and the shared actor-critic trunk (model.ValueHeadGPT) against plain references:
+a plain GPT, float64 formulas, a separately loaded base model.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from nanorlhf import lora, utils
+from nanorlhf.losses import logprobs_from_logits
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, ValueHeadGPT
+
+CONFIG = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
+
+
+def batch(B=3, T=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, CONFIG.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :3] = 0  # a left-padded row
+    return idx, mask
+
+
+def randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.3)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+
+
+def test_init_is_exactly_the_base_model():
+    torch.manual_seed(0)
+    for cls in (GPT, ScalarGPT):
+        base = cls(CONFIG)
+        model = copy.deepcopy(base)
+        names = lora.apply_lora(model, rank=4, alpha=8)
+        assert len(names) == 4 * CONFIG.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each block
+        idx, mask = batch()
+        assert torch.equal(model(idx, mask), base(idx, mask))
+
+
+def test_lora_linear_matches_float64_formula():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 5)
+    layer = lora.LoRALinear.from_linear(copy.deepcopy(lin), rank=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 7)
+    W, b, A, B = (t.detach().double() for t in (lin.weight, lin.bias, layer.lora_A, layer.lora_B))
+    # y = x W^T + b + (alpha / r) x A^T B^T, written element by element
+    ref = torch.zeros(4, 5, dtype=torch.float64)
+    for n in range(4):
+        for o in range(5):
+            ref[n, o] = b[o] + sum(x[n, i].double() * W[o, i] for i in range(7))
+            ref[n, o] += 2.0 * sum(x[n, i].double() * A[r, i] * B[o, r] for i in range(7) for r in range(3))
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_reaches_only_adapters_and_heads():
+    torch.manual_seed(0)
+    model = ScalarGPT(CONFIG)
+    lora.apply_lora(model, rank=4, alpha=8)
+    model.head.requires_grad_(True)
+    randomise_adapters(model)  # with B = 0 the gradient of A is exactly 0; make both nonzero
+    idx, mask = batch()
+    model(idx, mask).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        trainable = name.endswith(("lora_A", "lora_B")) or name.startswith("head.")
+        assert p.requires_grad == trainable, name
+        if trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    # the optimizer holds the adapters and the head, nothing else: r * (in + out) per wrapped layer
+    opt = utils.configure_optimizer(model, 1e-3, 0.0, (0.9, 0.95), "cpu")
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    C, r = CONFIG.n_embd, 4
+    per_block = r * (C + 3 * C) + r * (C + C) + r * (C + 4 * C) + r * (4 * C + C)
+    assert n_opt == CONFIG.n_layer * per_block + C + 1
+
+
+def test_first_step_with_zero_b_moves_only_b():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    lora.apply_lora(model, rank=2, alpha=2)
+    idx, mask = batch()
+    logprobs_from_logits(model(idx, mask)[:, :-1], idx[:, 1:]).sum().backward()
+    for m in lora.lora_layers(model):
+        assert torch.count_nonzero(m.lora_A.grad) == 0  # dL/dA = s B^T (dL/dy)^T x = 0 while B = 0
+        assert torch.count_nonzero(m.lora_B.grad) > 0
+
+
+def test_merged_equals_unmerged_and_float64_merge():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    lora.apply_lora(model, rank=4, alpha=16)
+    randomise_adapters(model)
+    sd = lora.merged_state_dict(model)
+    assert not any("lora" in k for k in sd)
+    # the merged weight is W + (alpha / r) B A, checked in float64
+    m = model.transformer.h[1].mlp.c_fc
+    W64 = m.weight.double() + 4.0 * m.lora_B.double() @ m.lora_A.double()
+    torch.testing.assert_close(sd["transformer.h.1.mlp.c_fc.weight"].double(), W64, rtol=1e-6, atol=1e-6)
+    plain = GPT(CONFIG)
+    plain.load_state_dict(sd)  # strict: the merged state dict is a plain GPT's
+    idx, mask = batch()
+    torch.testing.assert_close(plain(idx, mask), model(idx, mask), rtol=1e-5, atol=1e-5)
+    # merging in place gives plain Linears and the same function
+    out = model(idx, mask)
+    lora.merge_lora(model)
+    assert not lora.has_lora(model)
+    assert set(model.state_dict()) == set(plain.state_dict())
+    torch.testing.assert_close(model(idx, mask), out, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_off_is_the_separately_loaded_base(tmp_path):
+    """The LoRA-PPO reference: after steps that changed the adapters, adapters off == the SFT model from disk."""
+    torch.manual_seed(0)
+    base = GPT(CONFIG)
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    model = copy.deepcopy(base)
+    lora.apply_lora(model, rank=4, alpha=8)
+    opt = utils.configure_optimizer(model, 1e-2, 0.0, (0.9, 0.95), "cpu")
+    idx, mask = batch()
+    for _ in range(3):
+        logprobs_from_logits(model(idx, mask)[:, :-1], idx[:, 1:]).sum().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    loaded = GPT(CONFIG)
+    loaded.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+    ref = logprobs_from_logits(loaded(idx, mask)[:, :-1], idx[:, 1:])
+    on = logprobs_from_logits(model(idx, mask)[:, :-1], idx[:, 1:])
+    assert (on - ref).abs().max() > 1e-2  # the adapters did change the policy
+    with lora.adapters_off(model):
+        off = logprobs_from_logits(model(idx, mask)[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(off, ref, rtol=1e-6, atol=1e-6)
+    # and they are back on after the block
+    torch.testing.assert_close(logprobs_from_logits(model(idx, mask)[:, :-1], idx[:, 1:]), on)
+
+
+def test_bad_targets_and_rank():
+    model = GPT(CONFIG)
+    with pytest.raises(ValueError, match="match no Linear"):
+        lora.apply_lora(model, rank=4, alpha=8, targets="q_proj")
+    with pytest.raises(ValueError, match="tied"):
+        lora.apply_lora(model, rank=4, alpha=8, targets="lm_head")
+    with pytest.raises(ValueError, match="rank"):
+        lora.apply_lora(model, rank=0, alpha=8)
+    assert not lora.has_lora(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_value_head_gpt_equals_separate_actor_and_critic():
+    """One trunk with two heads gives the logits of a GPT and the values of a ScalarGPT holding the same weights."""
+    torch.manual_seed(0)
+    shared = ValueHeadGPT.from_gpt(GPT(CONFIG))
+    assert torch.count_nonzero(shared.value_head.weight) == 0  # starts at zero
+    with torch.no_grad():
+        shared.value_head.weight.normal_()
+        shared.value_head.bias.fill_(0.5)
+    actor = GPT(CONFIG)
+    actor.load_state_dict(shared.policy_state_dict())
+    critic = ScalarGPT(CONFIG)
+    critic.transformer.load_state_dict(shared.transformer.state_dict())
+    critic.head.load_state_dict(shared.value_head.state_dict())
+    idx, mask = batch()
+    logits, values = shared.logits_and_values(idx, mask)
+    assert torch.equal(logits, actor(idx, mask))
+    torch.testing.assert_close(values, critic(idx, mask), rtol=0, atol=0)
+    # with LoRA on the shared trunk: the same equality, and adapters off gives the base policy
+    lora.apply_lora(shared, rank=2, alpha=4)
+    randomise_adapters(shared)
+    lora.apply_lora(actor, rank=2, alpha=4)
+    randomise_adapters(actor)
+    logits, _ = shared.logits_and_values(idx, mask)
+    torch.testing.assert_close(logits, actor(idx, mask))
+
+
+# -----------------------------------------------------------------------------
+# LoRA in train_sft.py and train_rm.py (subprocess runs on a small copy of the built-in task)
+
+import sys  # noqa: E402
+
+from scripts import ROOT, read_metrics, script, without_timings  # noqa: E402
+
+sys.path.insert(0, ROOT)
+
+from nanorlhf import tasks  # noqa: E402
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--batch_size", "16",
+        "--warmup", "2", "--eval_interval", "1000", "--log_interval", "2", "--device", "cpu"]
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-2", "--max_steps", "6", "--batch_size", "16",
+        "--warmup", "2", "--eval_interval", "1000", "--log_interval", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small copy of the task and a tiny SFT model trained on it: the frozen base of the LoRA runs."""
+    d = tmp_path_factory.mktemp("lora")
+    tasks.generate_task(str(d / "data"), n_sft=300, n_prefs=200, n_prefs_eval=10, n_prompts=10, n_eval=10)
+    script("train_sft.py", "--data", str(d / "data/sft.jsonl"), "--out_dir", str(d / "base"), *TINY,
+           "--max_steps", "10")
+    return d
+
+
+def frozen_equal(base_sd, sd, keys):
+    return all(torch.equal(base_sd[k], sd[k]) for k in keys)
+
+
+def test_sft_lora_saves_a_merged_plain_model_and_resumes(base, tmp_path):
+    common = ["--data", str(base / "data/sft.jsonl"), "--init_from", str(base / "base"), *LORA]
+    full, part = tmp_path / "full", tmp_path / "part"
+    script("train_sft.py", *common, "--out_dir", str(full))
+    model, _, ck = utils.load_model(str(full), kind="gpt")  # strict: a plain GPT
+    base_model, _, _ = utils.load_model(str(base / "base"), kind="gpt")
+    sd, base_sd = model.state_dict(), base_model.state_dict()
+    # only the wrapped layers' weights changed; embeddings, LayerNorms and biases are the base's
+    wrapped = {k for k in sd if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+    assert frozen_equal(base_sd, sd, set(sd) - wrapped)
+    assert not frozen_equal(base_sd, sd, wrapped)
+    # the merged weight is the base's plus (alpha / r) B A of the saved adapters
+    A = ck["lora"]["trainable"]["transformer.h.0.mlp.c_fc.lora_A"].double()
+    B = ck["lora"]["trainable"]["transformer.h.0.mlp.c_fc.lora_B"].double()
+    W = base_sd["transformer.h.0.mlp.c_fc.weight"].double() + 2.0 * B @ A
+    torch.testing.assert_close(sd["transformer.h.0.mlp.c_fc.weight"].double(), W, rtol=1e-6, atol=1e-6)
+    # stop at step 4 and resume: the same run
+    script("train_sft.py", *common, "--out_dir", str(part), "--stop_at", "4")
+    script("train_sft.py", "--out_dir", str(part), "--resume")
+    # (the stopped run also evaluates at its stop: val_loss is left out of the comparison)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "val_loss"} for r in without_timings(rows)]  # noqa: E731
+    assert strip(read_metrics(part)) == strip(read_metrics(full))
+    other = utils.load_model(str(part), kind="gpt")[0].state_dict()
+    assert all(torch.equal(sd[k], other[k]) for k in sd)
+
+
+def test_rm_lora_trains_adapters_and_head_only(base, tmp_path):
+    out = tmp_path / "rm"
+    script("train_rm.py", "--data", str(base / "data/prefs.jsonl"), "--init_from", str(base / "base"),
+           "--out_dir", str(out), "--val_frac", "0.2", "--norm_samples", "50", "--sft_data",
+           str(base / "data/sft.jsonl"), *LORA)
+    rm, _, _ = utils.load_model(str(out), kind="scalar")  # strict: a plain ScalarGPT
+    base_sd = utils.load_model(str(base / "base"), kind="gpt")[0].state_dict()
+    sd = rm.state_dict()
+    trunk = [k for k in sd if k.startswith("transformer.") and not k.endswith(("c_attn.weight", "c_proj.weight",
+                                                                                "c_fc.weight"))]
+    assert frozen_equal(base_sd, sd, trunk)
+    assert torch.count_nonzero(sd["head.weight"]) > 0  # the head (zero at the start) trained
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("train_sft.py", ["--lora_rank", "-2"]),
+    ("train_rm.py", ["--lora_rank", "-2"]),
+    ("train_sft.py", ["--lora_rank", "4", "--lora_targets", "q_proj"]),
+])
+def test_bad_lora_flags_exit_2_and_write_nothing(base, tmp_path, name, flags):
+    data = "data/sft.jsonl" if name == "train_sft.py" else "data/prefs.jsonl"
+    out = tmp_path / "out"
+    p = script(name, "--data", str(base / data), "--init_from", str(base / "base"), "--out_dir", str(out),
+               "--max_steps", "2", "--device", "cpu", *flags, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("--lora_rank" in lines[0] or "--lora_targets" in lines[0]), p.stderr
+    assert not out.exists()
