@@ -163,15 +163,6 @@ def test_optimizer_step_stops_on_a_non_finite_gradient_before_the_step():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch, capsys, one_thread):
     """
     A NaN loss at step 4 stops the run with one line naming step 4, exit status 2, before the optimizer step:
