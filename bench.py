@@ -23,7 +23,7 @@ Weights and tokens are random; the generation benchmark passes no EOS, so it alw
 steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
     python bench.py                                           # the pipeline's CPU default model
     python bench.py --json                                    # machine-readable
-    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \
+    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \\
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
         --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
