@@ -212,6 +212,7 @@ def test_streamer_prints_whole_characters_only():
     (["--ckpt", "{d}/a", "--prompt", " "], "--prompt: empty"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"], "--max_new_tokens 65: leaves no room"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--ckpt", "{d}/a", "--num_samples", "4"], "--num_samples 4: the chat samples one reply per turn"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpts, argv, message, capsys):
     argv = [a.format(d=ckpts) for a in argv]
