@@ -87,7 +87,8 @@ class FlagParser(argparse.ArgumentParser):
             if a == "--":
                 break
             name = a.split("=", 1)[0]
-            if name.startswith("--") and name not in options:
+            # a word with a space in it is a value to argparse (`--grpo_flags "--lr 1e-4"`), not a flag
+            if name.startswith("--") and name not in options and " " not in a:
                 hint = suggest(name, options)
                 self.error(f"unknown flag {name}" + (f" (did you mean {hint}?)" if hint else " (see --help)"))
         ns, extras = self.parse_known_args(args, namespace)
