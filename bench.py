@@ -23,7 +23,7 @@ Weights and tokens are random; the generation benchmark passes no EOS, so it alw
 steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
     python bench.py                                           # the pipeline's CPU default model
     python bench.py --json                                    # machine-readable
-    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \
+    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \\
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
         --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
@@ -54,8 +54,9 @@ class Config:
     block_size: int = flag(256, "context length; SFT steps train on sequences this long")
     vocab_size: int = flag(258, "vocabulary (258 = byte-level with EOS and PAD; GPT-2: 50304)")
     # workload
-    batch_size: int = flag(16, "sequences per SFT step and prompts per generate() call")
-    gen_batch_size: int | None = flag(None, "prompts per generate() call in the hf part (default: --batch_size)")
+    batch_size: int = flag(16, "sequences per SFT step (and prompts per generate() call unless --gen_batch_size)")
+    gen_batch_size: int | None = flag(None, "prompts per generate() call in the generate, nocache and hf parts "
+                                            "(default: --batch_size)")
     steps: int = flag(10, "timed SFT steps (after 2 warm-up steps, 3 with --compile)")
     prompt_len: int = flag(32, "prompt tokens for generation and PPO")
     new_tokens: int = flag(64, "tokens generated per prompt in the generation benchmark")
@@ -128,7 +129,7 @@ def bench_generate(cfg, model_cfg, rt, use_cache):
     """Tokens/s of one batched generate() call of cfg.new_tokens tokens (EOS never stops it)."""
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(rt.device).eval()
-    B = cfg.batch_size
+    B = cfg.gen_batch_size or cfg.batch_size
     idx = torch.randint(0, cfg.vocab_size - 2, (B, cfg.prompt_len), device=rt.device)  # (B, Tp)
     mask = torch.ones_like(idx)
     g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -289,6 +290,7 @@ def main(argv=None):
     check(cfg.prompt_len + cfg.response_length <= cfg.block_size,
           f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
     check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1, "--steps, --ppo_iters, --batch_size >= 1")
+    check(cfg.gen_batch_size is None or cfg.gen_batch_size >= 1, "--gen_batch_size >= 1")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
@@ -335,7 +337,8 @@ def main(argv=None):
                      f"({res['peak_flops_source']})"))
     if "generate" in parts:
         rows.append(("generate tokens/s, KV cache", f"{res['gen_tokens_per_s_kv_cache']:,.0f}",
-                     f"batch {cfg.batch_size}, prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens"))
+                     f"batch {cfg.gen_batch_size or cfg.batch_size}, prompt {cfg.prompt_len}, "
+                     f"{cfg.new_tokens} new tokens"))
     if "nocache" in parts:
         speedup = (f"KV cache is {res['gen_tokens_per_s_kv_cache'] / res['gen_tokens_per_s_no_cache']:.1f}x faster"
                    if "generate" in parts else "")

@@ -60,7 +60,8 @@ from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rollout import decode_response, truncate_after_eos
-from nanorlhf.utils import check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime
+from nanorlhf.utils import (check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime, write_atomic,
+                            write_text)
 
 
 @dataclass
@@ -309,9 +310,7 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    tmp = path + f".tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_curves(plt, c, path):
@@ -630,14 +629,6 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     while "\n\n\n" in text:  # sections that are there or not leave double blank lines
         text = text.replace("\n\n\n", "\n\n")
     return text
-
-
-def write_text(path, text):
-    """Write a text file atomically: a temporary name, then a rename."""
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class Config:
     prompt: str | None = flag(None, "one prompt; with neither --prompt nor --prompts, a chat on standard input")
     prompts: str | None = flag(None, "prompt JSONL, {\"prompt\": ...} per line (train_ppo.py's format)")
     # sampling
-    num_samples: int = flag(3, "responses per prompt and policy (the chat samples one reply per turn)")
+    num_samples: int | None = flag(None, "responses per prompt and policy with --prompt or --prompts (default 3); "
+                                         "the chat samples one reply per turn and refuses it")
     temperature: float = flag(1.0, "sampling temperature; 0 = greedy")
     top_k: int | None = flag(None, "sample from the k most likely tokens only")
     top_p: float | None = flag(None, "nucleus sampling: the most likely tokens that reach this probability")
@@ -60,7 +61,9 @@ class Config:
 def check_flags(cfg):
     check(cfg.prompt is None or cfg.prompts is None, "--prompt and --prompts: give one of them, not both")
     check(cfg.prompt is None or cfg.prompt.strip(), "--prompt: empty")
-    check(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples}: must be at least 1")
+    check(cfg.num_samples is None or cfg.num_samples >= 1, f"--num_samples {cfg.num_samples}: must be at least 1")
+    check(cfg.num_samples is None or cfg.prompt is not None or cfg.prompts is not None,
+          f"--num_samples {cfg.num_samples}: the chat samples one reply per turn (give --prompt or --prompts)")
     check(cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more")
     check(cfg.top_k is None or cfg.top_k >= 1, f"--top_k {cfg.top_k}: must be at least 1")
     check(cfg.top_p is None or 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]")
@@ -224,7 +227,7 @@ def main(argv=None):
         prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
         for i, prompt in enumerate(prompts):
             messages = [{"role": "user", "content": prompt}]
-            results = {name: respond(name, messages, cfg.num_samples, cfg.seed + i) for name in policies}
+            results = {name: respond(name, messages, cfg.num_samples or 3, cfg.seed + i) for name in policies}
             if cfg.json:
                 for name, rows in results.items():
                     for k, r in enumerate(rows):

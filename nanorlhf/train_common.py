@@ -92,13 +92,14 @@ def check_finite(where, **values):
     """
     Stop the stage (NonFiniteError: one line, exit status 2) when a loss or gradient norm is NaN or inf, before the
     optimizer step that would write it into the weights: the checkpoints already on disk stay the last good ones.
-    `where` names the step; values are tensors or floats (the first tensor's float() waits for the device once).
+    `where` names the step ("" when the caller has no name for it: the message then starts with "non-finite");
+    values are tensors or floats (the first tensor's float() waits for the device once).
     Example: check_finite("step 12", loss=torch.tensor(float("nan"))) -> NonFiniteError("step 12: non-finite loss nan; ...")
     """
     floats = {k: float(v) for k, v in values.items()}
     if not all(math.isfinite(v) for v in floats.values()):
         bad = ", ".join(f"{k} {v:g}" for k, v in floats.items())
-        raise NonFiniteError(f"{where}: non-finite {bad}; stopped before the optimizer step, so the last checkpoint "
+        raise NonFiniteError(f"{where + ': ' if where else ''}non-finite {bad}; stopped before the optimizer step, so the last checkpoint "
                              f"in out_dir is the last good one (lower the learning rate, or resume from it)")
 
 

@@ -87,7 +87,8 @@ class FlagParser(argparse.ArgumentParser):
             if a == "--":
                 break
             name = a.split("=", 1)[0]
-            if name.startswith("--") and name not in options:
+            # a word with a space in it is a value to argparse (`--grpo_flags "--lr 1e-4"`), not a flag
+            if name.startswith("--") and name not in options and " " not in a:
                 hint = suggest(name, options)
                 self.error(f"unknown flag {name}" + (f" (did you mean {hint}?)" if hint else " (see --help)"))
         ns, extras = self.parse_known_args(args, namespace)
@@ -260,17 +261,35 @@ CKPT = "ckpt.pt"  # model weights, config, tokenizer, stage, flags, step
 TRAIN_STATE = "train_state.pt"  # optimizer, rng, data position: what --resume needs
 
 
-def save_checkpoint(out_dir, payload, name=CKPT):
-    """Write payload to out_dir/name via a temporary file and a rename, so a crash never leaves half a file."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
+def write_atomic(path, write):
+    """
+    Write the file at path through write(tmp), a callable that writes a temporary name beside it, then rename it
+    into place: a crash or an error in write never leaves half a file, an overwritten good one, or the temporary.
+    Example: write_atomic("out/fig.png", lambda tmp: fig.savefig(tmp, format="png"))
+    """
     tmp = path + f".tmp{os.getpid()}"
     try:
-        torch.save(payload, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text):
+    """A text file (a report, a JSON summary) written atomically (write_atomic)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def save_checkpoint(out_dir, payload, name=CKPT):
+    """Write payload to out_dir/name via a temporary file and a rename, so a crash never leaves half a file."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, name), lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path, name=CKPT, map_location="cpu"):

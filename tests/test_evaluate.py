@@ -255,3 +255,21 @@ def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
         assert [line for line in md.splitlines() if line.startswith("![")] == [
             "![gold against KL](gold_vs_kl.png)", "![SFT loss](sft_loss.png)",
             "![reward model accuracy and calibration](rm.png)", "![PPO learning curves](curves.png)"]
+
+
+def test_bench_gen_batch_size_sets_every_generate_part(monkeypatch, capsys):
+    """--gen_batch_size is the number of prompts of every generate() call that bench.py times, not only in --parts hf."""
+    import bench
+
+    seen, real = [], bench.GPT.generate
+
+    def spy(self, idx, *args, **kwargs):
+        seen.append(idx.size(0))
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(bench.GPT, "generate", spy)
+    bench.main(["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32", "--batch_size", "2",
+                "--gen_batch_size", "3", "--prompt_len", "4", "--new_tokens", "4", "--parts", "generate,nocache",
+                "--device", "cpu"])
+    assert seen == [3] * 4  # a warm-up and a timed call per part
+    assert "batch 3, prompt 4, 4 new tokens" in capsys.readouterr().out

@@ -126,6 +126,10 @@ def test_exact_flags_still_parse():
         Flags(kl_coef=0.1, critic_lr=2e-5, compile=True, top_k=4)
     # a value that starts with '-' is still a value
     assert utils.parse_flags(Flags, ["--kl_coef", "-1"]).kl_coef == -1.0
+    # and so is one with a space in it, as argparse reads it: compare.py --grpo_flags "--lr 1e-4",
+    # sample.py --prompt "--why not"
+    assert utils.parse_flags(Flags, ["--kl_estimator", "--lr 1e-4"]).kl_estimator == "--lr 1e-4"
+    assert utils.parse_flags(Flags, ["--kl_estimator", "--why not", "--top_k", "2"]).kl_estimator == "--why not"
 
 
 def test_every_mistake_is_one_line(capsys):

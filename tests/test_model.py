@@ -369,14 +369,36 @@ def test_generate_checks_inputs():
     assert out.shape == (1, 33)
 
 
-def test_generate_under_cpu_bf16_autocast():
+def test_generate_under_cpu_bf16_autocast(monkeypatch):
+    # Under CPU bf16 autocast the KV cache holds float32 keys and values (the attention stays float32 there), the
+    # cached and the recomputing loop sample the same tokens from the same generator, and the logprobs generate
+    # returns are the log-softmax of one plain forward pass over the finished sequences at the sampled tokens.
+    import nanorlhf.model as M
+
     model = make_gpt(dtype=torch.float32, noise=0.1)
     idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    cached, real_update = [], M.KVCache.update
+
+    def spy_update(self, kv, start):
+        k, v = real_update(self, kv, start)
+        cached.append((k.dtype, v.dtype))
+        return k, v
+
+    monkeypatch.setattr(M.KVCache, "update", spy_update)
+    N, T0 = 6, idx.size(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, lp = model.generate(idx, 6, attention_mask=mask, return_logprobs=True,
+        out, lp = model.generate(idx, N, attention_mask=mask, return_logprobs=True,
                                  generator=torch.Generator().manual_seed(0))
-        logits = model(idx, mask)
-    assert out.shape == (2, 10) and torch.isfinite(lp).all() and logits.dtype == torch.float32
+        out_nc, lp_nc = model.generate(idx, N, attention_mask=mask, return_logprobs=True, use_cache=False,
+                                       generator=torch.Generator().manual_seed(0))
+        full_mask = torch.cat([mask, torch.ones(2, N, dtype=mask.dtype)], dim=1)  # (B, T0 + N): no EOS, all real
+        logits = model(out, full_mask)  # (B, T0 + N, V)
+    assert out.shape == (2, T0 + N) and logits.dtype == torch.float32
+    assert cached and set(cached) == {(torch.float32, torch.float32)}
+    assert torch.equal(out, out_nc) and (lp - lp_nc).abs().max() < 1e-5
+    # logits[:, t] predict out[:, t + 1]: the N sampled tokens are predicted by positions T0 - 1 .. T0 + N - 2
+    want = torch.log_softmax(logits[:, T0 - 1:-1].double(), -1).gather(-1, out[:, T0:, None]).squeeze(-1)  # (B, N)
+    assert (lp.double() - want).abs().max() < 1e-4
 
 
 def test_heads_run_in_float32_under_bf16_autocast():

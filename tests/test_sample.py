@@ -23,7 +23,17 @@ from nanorlhf.utils import model_payload, run, save_checkpoint
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 TOK = Tokenizer.byte_level()
 PROMPTS = ["sort 5 3 8 1", "hello there", "sort 2 2 0"]
-RM_BIAS, RM_MEAN, RM_STD = 0.7, 0.2, 2.0
+RM_MEAN, RM_STD = 0.2, 2.0
+
+
+def tiny_rm():
+    """A random tiny reward model with a random head (a constant score could not tell one token's value from another's)."""
+    torch.manual_seed(3)
+    rm = ScalarGPT(GPTConfig(**TINY))
+    with torch.no_grad():
+        rm.head.weight.normal_(0.0, 1.0)
+        rm.head.bias.fill_(0.7)
+    return rm.eval()
 
 
 def tiny_gpt(seed):
@@ -41,11 +51,7 @@ def ckpts(tmp_path_factory):
     save_checkpoint(str(d / "a"), model_payload(tiny_gpt(1), TOK, "ppo", {}, 1))
     save_checkpoint(str(d / "b"), model_payload(tiny_gpt(2), TOK, "sft", {}, 1))
     shutil.copytree(d / "a", d / "a_copy")
-    rm = ScalarGPT(GPTConfig(**TINY))
-    with torch.no_grad():  # a constant reward: the normalised score is (0.7 - 0.2) / 2 for every response
-        rm.head.weight.zero_()
-        rm.head.bias.fill_(RM_BIAS)
-    save_checkpoint(str(d / "rm"), model_payload(rm, TOK, "rm", {}, 1, reward_mean=RM_MEAN, reward_std=RM_STD))
+    save_checkpoint(str(d / "rm"), model_payload(tiny_rm(), TOK, "rm", {}, 1, reward_mean=RM_MEAN, reward_std=RM_STD))
     with open(d / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)
     (d / "empty.jsonl").write_text("\n")
@@ -53,11 +59,12 @@ def ckpts(tmp_path_factory):
     return d
 
 
-def reference_sample(model, prompt_ids, n, seed, max_new_tokens, temperature=1.0):
+def reference_sample(model, prompt_ids, n, seed, max_new_tokens, temperature=1.0, return_ids=False):
     """
     n responses sampled the plain way: the whole sequence through the model at every step, softmax of the last
     logits / T, one multinomial draw per row from a generator seeded with seed; a row stops at its EOS.
-    -> list of response texts (EOS dropped, the template's leading space removed).
+    -> list of response texts (EOS dropped, the template's leading space removed); with return_ids also the list
+    of each response's token ids (its EOS included).
     """
     g = torch.Generator().manual_seed(seed)
     seq = torch.tensor([prompt_ids] * n)
@@ -78,7 +85,14 @@ def reference_sample(model, prompt_ids, n, seed, max_new_tokens, temperature=1.0
     for r in rows:
         text = TOK.decode([t for t in r if t != TOK.eos_id])
         texts.append(text[1:] if text.startswith(" ") else text)
-    return texts
+    return (texts, rows) if return_ids else texts
+
+
+def reference_rm_score(rm, ids):
+    """The reward model on one unpadded sequence, read at its last token, normalised: (r - mean) / std in float64."""
+    with torch.no_grad():
+        r = rm.double()(torch.tensor([ids]))[0, -1].item()
+    return (r - RM_MEAN) / RM_STD
 
 
 def template(*turns):
@@ -101,14 +115,17 @@ def test_responses_and_scores_match_a_plain_loop(ckpts, capsys):
                     "--num_samples", "3", "--max_new_tokens", "12", "--seed", "5", "--json"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == len(PROMPTS) * 3
-    model = tiny_gpt(1)
+    model, rm = tiny_gpt(1), tiny_rm()
     for i, p in enumerate(PROMPTS):
         got = [r for r in rows if r["prompt"] == p]
         assert [r["sample"] for r in got] == [0, 1, 2]
         # prompt i samples with seed + i
-        assert [r["response"] for r in got] == reference_sample(model, template(p), 3, 5 + i, 12)
+        texts, ids = reference_sample(model, template(p), 3, 5 + i, 12, return_ids=True)
+        assert [r["response"] for r in got] == texts
+        # the RM scores the prompt and the response (its EOS included) at the last token, alone, unpadded
+        assert [r["rm"] for r in got] == pytest.approx([reference_rm_score(rm, template(p) + x) for x in ids], abs=1e-4)
+        assert len({round(r["rm"], 4) for r in got}) > 1  # the scores differ: a wrong position would show
         for r in got:
-            assert r["rm"] == pytest.approx((RM_BIAS - RM_MEAN) / RM_STD, abs=1e-5)
             assert r["gold"] == (tasks.gold(p, r["response"]) if p.startswith("sort") else None)
             assert r["tokens"] <= 12 and (r["eos"] or r["tokens"] == 12)  # without EOS only at the limit
     assert any(r["eos"] for r in rows) and not all(r["eos"] for r in rows)  # both kinds of ending are exercised
@@ -195,6 +212,7 @@ def test_streamer_prints_whole_characters_only():
     (["--ckpt", "{d}/a", "--prompt", " "], "--prompt: empty"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"], "--max_new_tokens 65: leaves no room"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--ckpt", "{d}/a", "--num_samples", "4"], "--num_samples 4: the chat samples one reply per turn"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpts, argv, message, capsys):
     argv = [a.format(d=ckpts) for a in argv]

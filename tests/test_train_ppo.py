@@ -54,15 +54,6 @@ def prompt_batch(tok, n=8):
     return D.collate([tok.render_prompt(p) for p in (PROMPTS * 4)[:n]], tok.pad_id, left_pad=True)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rt():
     return utils.setup_runtime("cpu", "float32", seed=0)
 

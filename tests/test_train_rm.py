@@ -153,15 +153,6 @@ def test_drop_ties_keeps_the_better_ranked_copy():
     assert out == [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}] and n == 2
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(sft, tmp_path, monkeypatch, capsys, one_thread):
     """A NaN ranking loss at step 3: one line naming step 3, exit status 2, the checkpoint of step 2 kept."""
     real, calls = train_rm.kwise_ranking_loss, [0]

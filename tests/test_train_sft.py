@@ -4,6 +4,7 @@ the built-in task: it learns, bad input is refused before anything is written, -
 and the checkpoint loads without running code.
 """
 
+import math
 import os
 import sys
 
@@ -134,13 +135,32 @@ def test_clip_grad_norm_zero_does_not_clip():
     assert p.returncode == 2 and "--grad_clip must be >= 0 (0: no clipping)" in p.stderr, p.stderr
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs of a stage on one thread, as the subprocess ones (tests/scripts.py): no thread thrashing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def test_optimizer_step_stops_on_a_non_finite_gradient_before_the_step():
+    """
+    A NaN or inf gradient: NonFiniteError before AdamW touches the weights (they equal a copy taken before), and a
+    message that starts with the step it names, or with "non-finite" when the caller names none (train_grpo.py and
+    train_dpo.py call optimizer_step without `where`: no stray ": " in front).
+    """
+    for where, bad, start in (("step 7", float("nan"), "step 7: non-finite grad_norm nan"),
+                              ("", float("inf"), "non-finite grad_norm inf")):
+        model = torch.nn.Linear(3, 2)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(4, 3)).sum().backward()
+        model.weight.grad[0, 0] = bad
+        with pytest.raises(train_common.NonFiniteError) as e:
+            train_common.optimizer_step(model, opt, 0.1, 1.0, where)
+        assert str(e.value).startswith(start), str(e.value)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # finite gradients: the step runs and returns the norm before clipping, sqrt(sum g^2) computed the plain way
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    want = math.sqrt(sum(float(g) ** 2 for p in model.parameters() for g in p.grad.flatten()))
+    before = model.weight.detach().clone()
+    norm = train_common.optimizer_step(model, opt, 0.1, 0.0, "step 1", loss=torch.tensor(2.0))
+    assert float(norm) == pytest.approx(want, rel=1e-6) and not torch.equal(model.weight, before)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, monkeypatch, capsys, one_thread):

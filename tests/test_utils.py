@@ -58,6 +58,29 @@ def test_save_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
     assert utils.load_checkpoint(tmp_path)["step"] == 1
 
 
+def test_write_text_and_a_failed_figure_leave_no_half_file(tmp_path):
+    # evaluate.py's report and pictures: the text lands whole; a savefig that fails half-way leaves the old
+    # picture and no temporary file (evaluate.save_figure used to leave its .tmp file behind on an error)
+    import evaluate
+
+    path = tmp_path / "report.md"
+    utils.write_text(str(path), "# one\n")
+    utils.write_text(str(path), "# two\n")
+    assert path.read_text() == "# two\n" and os.listdir(tmp_path) == ["report.md"]
+    (tmp_path / "curves.png").write_bytes(b"good")
+
+    class BrokenFigure:
+        def savefig(self, f, **kwargs):
+            with open(f, "wb") as fh:
+                fh.write(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        evaluate.save_figure(BrokenFigure(), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes() == b"good"
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "report.md"]
+
+
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     torch.save({"f": os.system}, tmp_path / "ckpt.pt")  # a pickle that would import a callable
     with pytest.raises(utils.UserError, match="cannot load"):
