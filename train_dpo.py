@@ -302,7 +302,9 @@ def main():
         print(f"step 0/{args.max_steps} | {val_line(val_metrics)}")
     stream = endless(sampler)
     model.train()
-    sums, n_steps = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}, 0
+    # the running sums stay on the device (one sync per log line, not five per micro-batch)
+    keys = ("loss", "acc", "margin", "chosen_reward", "rejected_reward")
+    sums, n_steps = torch.zeros(len(keys), device=rt.device), 0  # (5,)
     while step < stop:
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
@@ -316,10 +318,8 @@ def main():
             dist.sync_grads(train_model, j == len(micro) - 1)  # the ranks sum their gradients once per step
             loss, stats = batch_loss(train_model, to_device(batch, rt.device), args.beta, rt)
             (loss * share).backward()
-            sums["loss"] += loss.item() * share
-            sums["acc"] += stats["accuracy"].item() * share
-            for k in ("margin", "chosen_reward", "rejected_reward"):
-                sums[k] += stats[k].item() * share
+            sums += torch.stack([loss.detach(), stats["accuracy"], stats["margin"], stats["chosen_reward"],
+                                 stats["rejected_reward"]]).detach().float() * share  # (5,)
         grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip)
         step += 1
         n_steps += 1
@@ -327,14 +327,14 @@ def main():
         evaluated = step % args.eval_interval == 0 or step == stop
         val_metrics = eval_row() if evaluated else None
         if step % args.log_interval == 0 or evaluated:
-            sums = dict(zip(sums, dist.all_reduce_sum(list(sums.values()))))  # the sum of the ranks' shares
-            row = {"step": step, **{k: v / n_steps for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
+            means = dict(zip(keys, (dist.all_reduce_sum(sums) / n_steps).tolist()))  # the sum of the ranks' shares
+            row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm,
                    "time": time.time() - t_start, **(val_metrics or {})}
             logger.log(row)
             print(f"step {step}/{args.max_steps} | loss {row['loss']:.4f} | acc {row['acc']:.3f} | margin "
                   f"{row['margin']:.3f} | {val_line(val_metrics) if val_metrics else 'val -'} | "
                   f"{fmt_time(timer.eta(step - 1))} left", flush=True)
-            sums, n_steps = {k: 0.0 for k in sums}, 0
+            sums, n_steps = torch.zeros(len(keys), device=rt.device), 0
         if step % args.ckpt_interval == 0 or step == stop:
             save_run(args.out_dir, model_payload(model, tok, "dpo", args, step, models_resident=1), optimizer,
                      sampler, step, model)
