@@ -312,22 +312,26 @@ def main():
         micro = [make_batch([train[i] for i in b], [ref_train[i] for i in b], tok.pad_id, max_len)
                  for b in dist.mine(step_batches)]
         step_pairs = dist.all_reduce_sum(sum(len(m["winner"]) for m in micro))  # over all ranks' micro-batches
+        step_sums = torch.zeros(len(keys), device=rt.device)  # (5,)
         for j, batch in enumerate(micro):
             # L = mean over the step's pairs: a micro-batch weighs by its share of them
             share = len(batch["winner"]) / step_pairs
             dist.sync_grads(train_model, j == len(micro) - 1)  # the ranks sum their gradients once per step
             loss, stats = batch_loss(train_model, to_device(batch, rt.device), args.beta, rt)
             (loss * share).backward()
-            sums += torch.stack([loss.detach(), stats["accuracy"], stats["margin"], stats["chosen_reward"],
-                                 stats["rejected_reward"]]).detach().float() * share  # (5,)
-        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip)
+            step_sums += torch.stack([loss.detach(), stats["accuracy"], stats["margin"], stats["chosen_reward"],
+                                      stats["rejected_reward"]]).detach().float() * share  # (5,)
+        step_sums = dist.all_reduce_sum(step_sums)  # the sum of the ranks' shares
+        # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
+        grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_sums[0])
+        sums += step_sums
         step += 1
         n_steps += 1
 
         evaluated = step % args.eval_interval == 0 or step == stop
         val_metrics = eval_row() if evaluated else None
         if step % args.log_interval == 0 or evaluated:
-            means = dict(zip(keys, (dist.all_reduce_sum(sums) / n_steps).tolist()))  # the sum of the ranks' shares
+            means = dict(zip(keys, (sums / n_steps).tolist()))
             row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm,
                    "time": time.time() - t_start, **(val_metrics or {})}
             logger.log(row)

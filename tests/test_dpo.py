@@ -217,3 +217,31 @@ def test_bad_beta_exits_2(tiny_run, tmp_path):
     p = script(*dpo_cmd(tiny_run, tmp_path / "out", "--beta", "0"), check=False)
     assert p.returncode == 2 and "--beta" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_run, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    A NaN training loss at step 4 stops the run with one line naming step 4 and the loss, exit status 2, before the
+    optimizer step: the checkpoint of step 3 (and its train_state.pt) stays, with finite weights.
+    """
+    real, calls = train_dpo.batch_loss, [0]
+
+    def nan_at_step_4(*a, **kw):
+        loss, stats = real(*a, **kw)
+        if torch.is_grad_enabled():  # the training loss, not the held-out evaluation
+            calls[0] += 1
+            if calls[0] == 4:
+                return loss * float("nan"), stats
+        return loss, stats
+
+    monkeypatch.setattr(train_dpo, "batch_loss", nan_at_step_4)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, out, "--ckpt_interval", "1", "--gold", "off"))
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_dpo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: step 4: non-finite loss nan"), err
+    for name in ("ckpt.pt", "train_state.pt"):
+        assert torch.load(out / name, weights_only=True)["step"] == 3, name
+    model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
