@@ -245,10 +245,11 @@ def make_experience(actor, ref, reward_model, context, context_mask, response, t
                 entropy=entropy, kl=kl, rewards=rewards, advantages=advantages)
 
 
-def grpo_update(actor, opt, exp, args, rt, lr):
+def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
     """
     --num_epochs passes of shuffled minibatches over one rollout, one optimizer step (at learning rate lr) per
-    minibatch.
+    minibatch. A NaN or inf minibatch loss or gradient norm stops the run before its step, naming the iteration
+    (1-based; None: not named), the epoch and the minibatch.
     Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
     real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
     """
@@ -296,7 +297,9 @@ def grpo_update(actor, opt, exp, args, rt, lr):
                     first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio.detach() - 1).abs() * mask).max())
                 mb_stats["loss"] += loss.detach() * share
                 mb_stats["pg_loss"] += pg_loss.detach() * share
-            optimizer_step(actor, opt, lr, args.max_grad_norm)
+            where = f"iteration {iteration} " if iteration is not None else ""
+            where += f"epoch {epoch + 1} minibatch {start // mb_size + 1}"
+            optimizer_step(actor, opt, lr, args.max_grad_norm, where, mb_stats["loss"])
             for k, v in mb_stats.items():
                 stats[k].append(v)
     out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "kl_loss" or kl_in_loss}
@@ -393,7 +396,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = grpo_update(fwd_actor, opt, exp, args, rt, lr)
+        upd = grpo_update(fwd_actor, opt, exp, args, rt, lr, iteration=it + 1)
         t_update = time.time() - t0
 
         mask = exp["response_mask"]

@@ -342,3 +342,32 @@ def test_bad_prompts_file_exits_2_and_writes_nothing(tiny_ckpts, tmp_path):
                "--out_dir", str(out), check=False)
     assert p.returncode == 2 and "prompts.jsonl:2" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not os.path.exists(out)
+
+
+def test_nan_loss_stops_naming_the_minibatch_and_keeps_the_checkpoint(tiny_ckpts, tmp_path, monkeypatch, capsys,
+                                                                      one_thread):
+    """
+    A NaN surrogate in the 3rd minibatch of iteration 2 (2 epochs x 2 minibatches per iteration) stops the run with
+    one line naming iteration 2, epoch 2, minibatch 1 and the loss, exit status 2, before the optimizer step: the
+    checkpoint of iteration 1 (and its train_state.pt) stays, with finite weights.
+    """
+    real, calls = train_grpo.clipped_surrogate, [0]
+
+    def nan_at_call_7(*a, **kw):
+        pg_tokens, ratio = real(*a, **kw)
+        calls[0] += 1
+        return (pg_tokens * float("nan") if calls[0] == 7 else pg_tokens), ratio
+
+    monkeypatch.setattr(train_grpo, "clipped_surrogate", nan_at_call_7)
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--num_epochs", "2", "--save_interval", "1",
+                    "--gold", "off")[1:]
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: train_grpo.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: iteration 2 epoch 2 minibatch 1: non-finite loss nan"), err
+    for name in ("ckpt.pt", "train_state.pt"):
+        assert torch.load(out / name, weights_only=True)["step"] == 1, name
+    model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
