@@ -14,7 +14,8 @@ and the model is then dropped, so only the policy is in memory while it trains.
 
 Run (after train_sft.py; `make compare` runs it with the other algorithms):
     python train_dpo.py --data out/data/prefs.jsonl --val_data out/data/prefs_eval.jsonl --sft out/sft --out_dir out/dpo
-Continue an interrupted run (its saved flags are reused):
+Continue an interrupted run (its saved flags are reused); `--resume auto` continues when out/dpo holds a
+checkpoint and starts fresh otherwise (one command for a job that may be restarted):
     python train_dpo.py --out_dir out/dpo --resume
 On 2 GPUs (README "Many GPUs"; --grad_accum counts the micro-batches of all ranks):
     torchrun --standalone --nproc_per_node 2 train_dpo.py --data out/data/prefs.jsonl --sft out/sft --out_dir out/dpo --grad_accum 2
@@ -45,10 +46,10 @@ from nanorlhf.data import LengthGroupedSampler, collate, encode_prefs, encode_pr
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
 from nanorlhf import dist
-from nanorlhf.train_common import (check_loop_flags, endless, load_run, optimizer_step, read_split, restore_run,
-                                   resumed_flags, save_run)
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, load_run, optimizer_step,
+                                   parse_stage_flags, read_split, restore_run, resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
-                            load_model, maybe_compile, model_payload, parse_flags, run, setup_runtime)
+                            load_model, maybe_compile, model_payload, run, setup_runtime)
 
 # =============================================================================
 # The DPO math: top-level functions that tests/test_dpo.py checks against float64 references.
@@ -138,7 +139,7 @@ class Config:
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = flag(0, "seed for the held-out split and the batch order")
-    resume: bool = flag(False, "continue the run in --out_dir from its last checkpoint, with its saved flags")
+    resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
 
 
@@ -231,9 +232,9 @@ def sampled_gold(model, prompts, prompt_ids, tok, args, rt):
 
 def main():
     t_start = time.time()
-    args = parse_flags(Config, description=__doc__)
+    args = parse_stage_flags(Config, description=__doc__)
     state = None
-    if args.resume:
+    if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)

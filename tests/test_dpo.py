@@ -189,11 +189,15 @@ def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
     assert all(0 <= r["gold"] <= 1 for r in rows if "val_loss" in r)  # the built-in task: gold is logged
     policy, _, ckpt = utils.load_model(str(out), kind="gpt")  # a policy, as evaluate.py loads it
     assert ckpt["stage"] == "dpo" and ckpt["step"] == 6 and ckpt["models_resident"] == 1
-    # interrupted at step 3 and resumed: the same rows as the uninterrupted run
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 3)...
     out2 = tiny_run / "resumed"
-    script(*dpo_cmd(tiny_run, out2, "--stop_at", "3"))
-    script("train_dpo.py", "--out_dir", str(out2), "--resume")
+    cmd = dpo_cmd(tiny_run, out2, "--resume", "auto")
+    script(*cmd, "--stop_at", "3")
+    assert torch.load(out2 / "ckpt.pt", weights_only=True)["step"] == 3
+    script(*cmd)  # ... and the same command continues from the checkpoint: the same rows as the uninterrupted run
     assert without_timings(read_metrics(str(out2))) == without_timings(rows)
+    # a bare --resume is on; the run's saved flags come back, so it has nothing left to do
+    assert "nothing to do" in script("train_dpo.py", "--out_dir", str(out2), "--resume").stdout
 
 
 @pytest.mark.parametrize("records, message", [
