@@ -197,3 +197,29 @@ def test_grpo_refuses_torchrun(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), "--out_dir", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "torchrun" in p.stderr and not out.exists()
+
+
+def test_ppo_critic_shared_refuses_torchrun(data, tmp_path):
+    """
+    --critic shared under torchrun (2 ranks, gloo): DDP syncs gradients through forward() only, and the shared trunk's
+    one pass (logits_and_values) bypasses it, so each rank stops with one line naming the flag, before the process
+    group starts and before anything is written (utils.run: rank 0 prints the line, every rank exits 2).
+    """
+    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+    config, tok = GPTConfig(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32), Tokenizer.byte_level()
+    utils.save_checkpoint(str(tmp_path / "sft"), utils.model_payload(GPT(config), tok, "sft", {"seed": 0}, 1))
+    utils.save_checkpoint(str(tmp_path / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {"seed": 0}, 1,
+                                                                    reward_mean=0.0, reward_std=1.0))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train_ppo.py"), "--data", str(data / "prompts.jsonl"), "--sft",
+                        str(tmp_path / "sft"), "--rm", str(tmp_path / "rm"), *PPO, "--ptx_coef", "0",
+                        "--critic", "shared", "--out_dir", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and len(errors) == 1, p.stderr[-4000:]  # every rank stops; rank 0 says why
+    assert "--critic shared" in errors[0] and "torchrun" in errors[0], errors
+    assert "exitcode  : 2" in p.stderr  # torchrun's summary: the rank exited with the bad-input status
+    # no Python traceback from the script itself (torchrun's launcher prints its own ChildFailedError one)
+    assert 'train_ppo.py", line' not in p.stderr and not out.exists(), p.stderr[-4000:]
