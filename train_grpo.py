@@ -24,7 +24,7 @@ Run (after `make`, which trains out/sft and out/rm):
     python train_grpo.py --advantage grpo --out_dir out/grpo
     python train_grpo.py --advantage dr_grpo --out_dir out/dr_grpo
     python train_grpo.py --advantage rloo --out_dir out/rloo
-    python train_grpo.py ... --resume                      # continue from out_dir/train_state.pt
+    python train_grpo.py --out_dir out/grpo --resume       # continue with the run's saved flags (auto: if any)
 
 Writes to --out_dir: ckpt.pt (the policy, stage "grpo", loadable by evaluate.py like the PPO actor),
 train_state.pt, metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
@@ -55,7 +55,8 @@ from nanorlhf.losses import (clipped_surrogate, entropy_from_logits, kl_penalty,
                              masked_sum)
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, truncate_after_eos, write_samples)
-from nanorlhf.train_common import optimizer_step
+from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, load_run, optimizer_step, parse_stage_flags,
+                                   resumed_flags, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -137,7 +138,7 @@ class Args:
     sft: str = flag("out/sft", "SFT checkpoint directory: the policy starts here and the reference stays here")
     rm: str = flag("out/rm", "reward model checkpoint directory")
     out_dir: str = flag("out/grpo", "where ckpt.pt, train_state.pt, metrics.jsonl and samples go")
-    resume: bool = flag(False, "continue from out_dir/train_state.pt (the policy from out_dir)")
+    resume: str = flag("off", RESUME_HELP + "; a larger --num_iterations extends the run")
     gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
     # runtime
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
@@ -311,7 +312,12 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
 
 
 def main(argv=None):
-    args = utils.parse_flags(Args, argv, description=__doc__)
+    args = parse_stage_flags(Args, argv, description=__doc__)
+    state = None
+    if wants_resume(args.resume, args.out_dir):
+        ckpt, state = load_run(args.out_dir)
+        # the saved flags, but for where it runs and how long: a larger --num_iterations extends the run
+        args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",))
     check_args(args)
     check(dist.world_size() == 1, "train_grpo.py does not run under torchrun yet (README \"Many GPUs\"): run it as "
                                   "one process")
@@ -323,14 +329,7 @@ def main(argv=None):
     prompts = D.read_prompts(args.data)
 
     # models: the policy, the frozen reference (the SFT model) and the frozen reward model; no critic
-    state = None
-    if args.resume:
-        state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
-        actor, tok, actor_ckpt = utils.load_model(args.out_dir, rt.device, kind="gpt")
-        check(actor_ckpt["step"] == state["step"], f"--resume: in {args.out_dir}, {utils.CKPT} and {utils.TRAIN_STATE} "
-              f"are at iterations {actor_ckpt['step']} and {state['step']} (a save was interrupted)")
-    else:
-        actor, tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
+    actor, tok, _ = utils.load_model(args.out_dir if state is not None else args.sft, rt.device, kind="gpt")
     ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar")
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
@@ -362,7 +361,10 @@ def main(argv=None):
         sampler_state = state["data"]
         start_iter = state["step"]
         utils.set_rng_state(state["rng"])
-        check(start_iter < args.num_iterations, f"{args.out_dir} already ran {start_iter} iterations; raise --num_iterations")
+    if start_iter >= args.num_iterations:
+        print(f"nothing to do: the run in {args.out_dir} is at iteration {start_iter} (a larger --num_iterations "
+              f"extends it)")
+        return
     models_resident = 3  # policy, reference, reward model
 
     def save(iteration):
@@ -372,11 +374,11 @@ def main(argv=None):
                                              "data": sampler_state, "step": iteration}, utils.TRAIN_STATE)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    if not args.resume:
+    if state is None:
         for name in ("samples.jsonl", "samples.txt"):
             if os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
-    logger = utils.MetricsLogger(args.out_dir, resume=args.resume)
+    logger = utils.MetricsLogger(args.out_dir, resume=state is not None)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "

@@ -303,7 +303,8 @@ def grpo_cmd(d, out, *extra):
 
 def test_script_runs_logs_and_resumes(tiny_ckpts):
     out = tiny_ckpts / "run"
-    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--advantage", "dr_grpo"))
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh...
+    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--advantage", "dr_grpo", "--resume", "auto"))
     rows = read_metrics(str(out))
     assert [r["iter"] for r in rows] == [1, 2]
     # the first minibatch's ratio is 1: nothing has moved between the rollout and the first forward of the update
@@ -314,8 +315,16 @@ def test_script_runs_logs_and_resumes(tiny_ckpts):
     assert ckpt["args"]["kl_in"] == "loss" and ckpt["args"]["advantage"] == "dr_grpo"
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 4}
-    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--advantage", "dr_grpo", "--resume"))
+    # ... and continues from the checkpoint with the run's saved flags (dr_grpo, its data and models); a larger
+    # --num_iterations extends the run
+    cmd = ["train_grpo.py", "--out_dir", str(out), "--resume", "auto", "--num_iterations", "3"]
+    script(*cmd)
     assert [r["iter"] for r in read_metrics(str(out))] == [1, 2, 3]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["advantage"] == "dr_grpo"
+    assert "nothing to do" in script(*cmd).stdout  # a finished run: exit 0, nothing written
+    assert [r["iter"] for r in read_metrics(str(out))] == [1, 2, 3]
+    p = script("train_grpo.py", "--out_dir", str(out), "--resume", "--num_iterations", "4", "--lr", "0.5", check=False)
+    assert p.returncode == 2 and "--lr" in p.stderr  # a changed flag is refused rather than silently ignored
     assert torch.load(out / "train_state.pt", weights_only=True)["data"] == {"epoch": 0, "pos": 6}
     assert {json.loads(line)["iter"] for line in open(out / "samples.jsonl")} == {1, 2}
 
