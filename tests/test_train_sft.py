@@ -138,8 +138,8 @@ def test_clip_grad_norm_zero_does_not_clip():
 def test_optimizer_step_stops_on_a_non_finite_gradient_before_the_step():
     """
     A NaN or inf gradient: NonFiniteError before AdamW touches the weights (they equal a copy taken before), and a
-    message that starts with the step it names, or with "non-finite" when the caller names none (train_grpo.py and
-    train_dpo.py call optimizer_step without `where`: no stray ": " in front).
+    message that starts with the step it names, or with "non-finite" when a caller names none (no stray ": " in
+    front).
     """
     for where, bad, start in (("step 7", float("nan"), "step 7: non-finite grad_norm nan"),
                               ("", float("inf"), "non-finite grad_norm inf")):
