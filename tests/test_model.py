@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.model import GPT, GPTConfig, ScalarGPT, attention_mask_4d, last_index, load_safetensors, sample
+from nanorlhf.model import (GPT, GPTConfig, ScalarGPT, attention_mask_4d, last_index, load_safetensors, sample,
+                            sample_categorical)
 
 CONFIG = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -300,6 +301,38 @@ def test_sample_filters_by_hand():
     assert torch.allclose(logp, F.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None]).squeeze(-1))
     tok, logp = sample(logits[:2], 0.0)
     assert tok.tolist() == [1, 1] and torch.allclose(logp, torch.log(torch.tensor([0.4, 0.4], dtype=torch.float64)))
+
+
+def test_sample_categorical_matches_probabilities():
+    # frequencies of 200k draws against the probabilities, zeros included, with a binomial bound of 5 sigma
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.125, 1e-3, 0.124, 0.0]], dtype=torch.float32)
+    probs = probs / probs.sum(-1, keepdim=True)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(8, dtype=torch.float64)
+    for _ in range(50):
+        tok = sample_categorical(probs.expand(4000, 8), g)  # (4000,)
+        counts += torch.bincount(tok, minlength=8).double()
+    total = counts.sum()
+    p = probs[0].double()
+    assert total == 200_000
+    assert counts[p == 0].sum() == 0  # a zero-probability token is never drawn
+    sigma = (total * p * (1 - p)).sqrt()
+    assert ((counts - total * p).abs() <= 5 * sigma + 1e-9).all(), (counts / total, p)
+
+
+def test_sample_categorical_is_the_inverse_cdf():
+    # the same uniforms through a plain float64 loop over the cumulative sum pick the same tokens
+    probs = torch.softmax(3 * torch.randn(64, 50, generator=torch.Generator().manual_seed(1)), -1)  # (64, 50)
+    tok = sample_categorical(probs, torch.Generator().manual_seed(7))
+    u = 1 - torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for b in range(64):
+        row = probs[b].double().tolist()
+        target, cum = u[b, 0].item() * sum(row), 0.0
+        for i, p in enumerate(row):
+            cum += p
+            if cum >= target:
+                break
+        assert tok[b].item() == i
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy():
