@@ -225,7 +225,8 @@ def test_grpo_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_
 
 # the shared trunk without PPO-ptx: the ptx forward goes through the DDP wrapper's forward() and would make DDP sum
 # the gradients of a pass that bypassed it (so the test could not catch that bypass)
-@pytest.mark.parametrize("option", [["--critic", "shared", "--ptx_coef", "0"], ["--lora_rank", "4"]], ids=["shared", "lora"])
+@pytest.mark.parametrize("option", [["--critic", "shared", "--ptx_coef", "0"], ["--lora_rank", "4"]],
+                         ids=["shared", "lora"])
 def test_ppo_option_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_path, option):
     """
     PPO's memory options under torchrun (2 ranks, the adaptive KL on), stopped after iteration 2 and
