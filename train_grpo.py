@@ -25,6 +25,7 @@ Run (after `make`, which trains out/sft and out/rm):
     python train_grpo.py --advantage dr_grpo --out_dir out/dr_grpo
     python train_grpo.py --advantage rloo --out_dir out/rloo
     python train_grpo.py --out_dir out/grpo --resume       # continue with the run's saved flags (auto: if any)
+    torchrun --standalone --nproc_per_node 2 train_grpo.py ... --grad_accum 2   # 2 GPUs, the same run (README "Many GPUs")
 
 Writes to --out_dir: ckpt.pt (the policy, stage "grpo", loadable by evaluate.py like the PPO actor),
 train_state.pt, metrics.jsonl (one row per iteration), samples.jsonl and samples.txt.
@@ -40,6 +41,10 @@ Deviations from the papers, on purpose:
   on held-out gold (README, "Beyond PPO"); 0.2 held it at KL 1.3, about where PPO and RLOO end.
 - The std in grpo's advantage is the unbiased one (n - 1), and eps = 1e-4 (as TRL); a group whose G scores are
   all equal gets advantages 0 for every variant (no signal, no NaN): the fraction of such groups is logged.
+- Under torchrun every rank samples the whole batch of prompts x G (one shared random stream, so the responses are
+  those of one process), scores its 1/WORLD_SIZE of the rows and the ranks gather them, so every group is whole and
+  its advantages are those of one process; the update splits each minibatch's micro-batches over the ranks (DDP).
+  Generation is not sped up by more ranks, the scoring passes and the update are.
 """
 
 import os
@@ -51,10 +56,9 @@ import torch
 from nanorlhf import data as D
 from nanorlhf import dist, tasks
 from nanorlhf import utils
-from nanorlhf.losses import (clipped_surrogate, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean,
-                             masked_sum)
+from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
-                              next_prompt_indices, truncate_after_eos, write_samples)
+                              next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
 from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, load_run, optimizer_step, parse_stage_flags,
                                    resumed_flags, wants_resume)
 from nanorlhf.utils import check, flag
@@ -163,7 +167,8 @@ class Args:
     # update
     num_epochs: int = flag(4, "passes over each rollout")
     num_minibatches: int = flag(4, "minibatches per pass (one optimizer step each)")
-    grad_accum: int = flag(1, "micro-batches per minibatch (memory only: same gradient)")
+    grad_accum: int = flag(1, "micro-batches per minibatch over all ranks (memory only: the same gradient; under "
+                              "torchrun each rank runs grad_accum / WORLD_SIZE of them)")
     lr: float = flag(2e-4, "learning rate (AdamW)")
     anneal_lr: bool = flag(True, "decay the learning rate linearly to 0 over the run")
     weight_decay: float = flag(0.0, "AdamW weight decay (matrices only)")
@@ -175,6 +180,8 @@ class Args:
     sample_interval: int = flag(10, "write prompt/response samples every N iterations")
     num_samples: int = flag(4, "samples per write")
     save_interval: int = flag(25, "checkpoint every N iterations (and at the end)")
+    stop_at: int | None = flag(None, "stop (with a checkpoint) after this iteration; the lr schedule still runs to "
+                                     "--num_iterations (continue with --resume)")
 
 
 def check_args(args):
@@ -198,6 +205,11 @@ def check_args(args):
     check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.num_epochs >= 1, "--num_iterations and --num_epochs must be >= 1")
     check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
+    check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
+          f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
+    # nanoGPT's batch semantics under torchrun: the --grad_accum micro-batches of a minibatch (and so the rollout's
+    # scoring micro-batches) split evenly over the ranks
+    dist.check_grad_accum(args.grad_accum)
     if args.kl_in == "auto":
         args.kl_in = "reward" if args.advantage == "rloo" else "loss"
     if args.kl_coef is None:
@@ -210,28 +222,19 @@ def make_experience(actor, ref, reward_model, context, context_mask, response, t
     Steps 2-5 of the rollout for already sampled responses (group-major rows). Returns a dict of tensors.
     context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
     """
-    B, T = context.shape
+    T = context.size(1)
     # 2. truncate after the first EOS (train_ppo.make_experience draws the masking convention)
     response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
     has_eos = (response == tok.eos_id).any(-1)  # (B,)
     seq = torch.cat([context, response], dim=1)  # (B, T + N)
     seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
+    # 3. the reward model's score at the last real token; 4. logprobs under the policy (they become pi_old) and the
+    # reference, at the sampling temperature. In micro-batches of the update's size; under torchrun each rank runs
+    # its share of them and the ranks gather the rows, so that every group is whole for 5. on every rank
     micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
-    rm_scores, logprobs, ref_logprobs, entropy = [], [], [], []
-    for i in range(0, B, micro):
-        s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
-        with rt.autocast():
-            # 3. the reward model's score at the last real token
-            rm_scores.append(reward_model.score(s, s_mask))  # (b,)
-            # 4. logprobs under the policy (they become pi_old) and the reference, at the sampling temperature
-            logits = actor(s, s_mask)[:, T - 1:-1]  # (b, N, V)
-            logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
-            entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
-            ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
-            ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
-    rm_scores, entropy = torch.cat(rm_scores).float(), torch.cat(entropy)  # (B,), (B, N)
-    maskf = response_mask.float()
-    logprobs, ref_logprobs = (torch.cat(x) * maskf for x in (logprobs, ref_logprobs))  # (B, N)
+    out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt)
+    rm_scores, entropy = out["rm_scores"].float(), out["entropy"]  # (B,), (B, N)
+    logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]  # (B, N) each, 0 on the pads
     # a response that never ended gets the penalty score instead of the RM's
     scores = rm_scores
     if args.missing_eos_penalty is not None:
@@ -253,6 +256,10 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
     (1-based; None: not named), the epoch and the minibatch.
     Returns a dict of floats averaged over all minibatches, plus "first_ratio_max_dev": max |ratio - 1| over the
     real tokens of the first minibatch of the first epoch (0 up to float error: nothing has moved yet).
+    Under torchrun (actor wrapped by dist.wrap) every rank holds the whole rollout and draws the same minibatches,
+    runs its share of each minibatch's --grad_accum micro-batches, and the ranks sum their gradients on their last
+    one; the weights (share of the responses, of the tokens) are those of the whole minibatch, so the sum is the
+    gradient of one process, and the logged numbers are summed over the ranks.
     """
     B, T = exp["seq"].size(0), exp["context_len"]
     mb_size = B // args.num_minibatches
@@ -268,8 +275,10 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
             mb_stats = {k: 0.0 for k in stats}
             mb_mask = exp["response_mask"][mb_inds]
             n_tokens = mb_mask.sum().clamp(min=1)
-            for mstart in range(0, mb_size, micro_size):
+            mine = dist.mine(range(0, mb_size, micro_size))  # this rank's micro-batches of the minibatch
+            for n, mstart in enumerate(mine):
                 i = mb_inds[mstart:mstart + micro_size]
+                dist.sync_grads(actor, n == len(mine) - 1)  # the ranks sum their gradients on the last one
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = len(i) / mb_size  # aggregate_loss is a mean over responses: weigh by the count
                 with rt.autocast():
@@ -298,13 +307,14 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
                     first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio.detach() - 1).abs() * mask).max())
                 mb_stats["loss"] += loss.detach() * share
                 mb_stats["pg_loss"] += pg_loss.detach() * share
+            mb_stats = dist.all_reduce_dict(mb_stats)  # the minibatch's numbers: the sum of the ranks' shares
             where = f"iteration {iteration} " if iteration is not None else ""
             where += f"epoch {epoch + 1} minibatch {start // mb_size + 1}"
             optimizer_step(actor, opt, lr, args.max_grad_norm, where, mb_stats["loss"])
             for k, v in mb_stats.items():
                 stats[k].append(v)
     out = {k: float(sum(v) / len(v)) for k, v in stats.items() if k != "kl_loss" or kl_in_loss}
-    out["first_ratio_max_dev"] = float(first_ratio_max_dev)
+    out["first_ratio_max_dev"] = float(dist.all_reduce_max(first_ratio_max_dev))
     return out
 
 
@@ -319,9 +329,7 @@ def main(argv=None):
         # the saved flags, but for where it runs and how long: a larger --num_iterations extends the run
         args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",))
     check_args(args)
-    check(dist.world_size() == 1, "train_grpo.py does not run under torchrun yet (README \"Many GPUs\"): run it as "
-                                  "one process")
-    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
+    rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     G = args.group_size
     n_prompts_per_batch = args.batch_size // G
 
@@ -354,6 +362,7 @@ def main(argv=None):
         use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
+    train_actor = dist.wrap(fwd_actor)  # DDP under torchrun: the update's gradients are summed over the ranks
     opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
     start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
     if state is not None:
@@ -361,30 +370,34 @@ def main(argv=None):
         sampler_state = state["data"]
         start_iter = state["step"]
         utils.set_rng_state(state["rng"])
-    if start_iter >= args.num_iterations:
+    stop = args.stop_at or args.num_iterations
+    if start_iter >= stop:
         print(f"nothing to do: the run in {args.out_dir} is at iteration {start_iter} (a larger --num_iterations "
               f"extends it)")
+        dist.cleanup()
         return
     models_resident = 3  # policy, reference, reward model
 
     def save(iteration):
+        if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
+            return
         utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "grpo", args, iteration,
                                                                 models_resident=models_resident))
         utils.save_checkpoint(args.out_dir, {"optimizer": opt.state_dict(), "rng": utils.rng_state(),
                                              "data": sampler_state, "step": iteration}, utils.TRAIN_STATE)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if state is None:
+    if dist.is_main():  # only rank 0 writes
+        os.makedirs(args.out_dir, exist_ok=True)
         for name in ("samples.jsonl", "samples.txt"):
-            if os.path.exists(os.path.join(args.out_dir, name)):
+            if state is None and os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
-    logger = utils.MetricsLogger(args.out_dir, resume=state is not None)
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
-    timer = utils.Timer(args.num_iterations, start_iter)
-    for it in range(start_iter, args.num_iterations):
+    timer = utils.Timer(stop, start_iter)
+    for it in range(start_iter, stop):
         lr = (1.0 - it / args.num_iterations) * args.lr if args.anneal_lr else args.lr
         # rollout: 1. sample G responses per prompt (the prompt's row repeated G times, group-major)
         t0 = time.time()
@@ -394,11 +407,14 @@ def main(argv=None):
         actor.eval()
         with rt.autocast():
             response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+        # under torchrun every rank sampled the whole batch from the same random stream; rank 0's copy makes sure
+        # they agree exactly (as in train_ppo.py)
+        response = dist.from_main(response)
         exp = make_experience(fwd_actor, ref, reward_model, batch["idx"], batch["attention_mask"], response, tok, args, rt)
         t_rollout = time.time() - t0
         # update
         t0 = time.time()
-        upd = grpo_update(fwd_actor, opt, exp, args, rt, lr, iteration=it + 1)
+        upd = grpo_update(train_actor, opt, exp, args, rt, lr, iteration=it + 1)
         t_update = time.time() - t0
 
         mask = exp["response_mask"]
@@ -430,13 +446,16 @@ def main(argv=None):
               f"equal groups {row['equal_groups']:.2f} | ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} | "
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
-        if write:
+        if write and dist.is_main():
             golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
             write_samples(args.out_dir, it + 1, [
                 {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
                 for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
-        if (it + 1) % args.save_interval == 0 or it + 1 == args.num_iterations:
+        if (it + 1) % args.save_interval == 0 or it + 1 == stop:
             save(it + 1)
+    if stop < args.num_iterations:
+        print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
+    dist.cleanup()
 
 
 if __name__ == "__main__":

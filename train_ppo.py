@@ -65,9 +65,9 @@ from nanorlhf import train_common as C
 from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
 from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
-from nanorlhf.offload import offload, on_device
+from nanorlhf.offload import offload
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
-                              next_prompt_indices, truncate_after_eos, write_samples)
+                              next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
 from nanorlhf.utils import check, flag
 
 
@@ -375,7 +375,7 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     """
     Steps 2-6 of the rollout for already sampled responses. Returns a dict of tensors, one row per episode.
     context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
-    critic None: the shared trunk, actor.logits_and_values gives the values with the logits.
+    critic None: the shared trunk, actor(..., values=True) gives the values with the logits.
     """
     B, T = context.shape
     # 2. truncate after the first EOS; the response mask marks the real response tokens (the EOS included)
@@ -396,32 +396,15 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     #   RM score          read at the last real token (eos, position 7); added to the reward of y_2 (t = L-1)
     #
     # so logprobs, values, rewards and advantages are all (B, N), aligned with the response tokens.
-    # 3.-4. run in micro-batches of rows, so that the (rows, T + N, V) logits stay as small as in the update; under
-    # torchrun each rank runs its share of the micro-batches and the ranks gather the rows, so 5.-6. see the batch
+    # 3. score with the reward model at the last real token of prompt + response; 4. logprobs under the actor (they
+    # become pi_old) and the reference, logits divided by the sampling temperature exactly as in generate, and the
+    # critic's values V(s_t). In micro-batches of the update's size; under torchrun each rank runs its share of them
+    # and the ranks gather the rows, so that 5.-6. see the whole batch on every rank.
     micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
-    scores, logprobs, ref_logprobs, entropy, values = [], [], [], [], []
-    # offloaded frozen models come onto the accelerator for this loop only (a no-op for the others)
-    with on_device(ref, reward_model):
-        for i in dist.mine(range(0, B, micro)):
-            s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
-            with rt.autocast():
-                # 3. score with the reward model at the last real token of prompt + response
-                scores.append(reward_model.score(s, s_mask))  # (b,)
-                # 4. logprobs under the actor (they become pi_old) and the reference, logits divided by the
-                # sampling temperature exactly as in generate; and the critic's values V(s_t)
-                if critic is None:  # shared trunk: one forward gives both
-                    logits, v = actor.logits_and_values(s, s_mask)  # (b, T + N, V), (b, T + N)
-                else:
-                    logits, v = actor(s, s_mask), critic(s, s_mask)
-                logits = logits[:, T - 1:-1]  # (b, N, V)
-                logprobs.append(logprobs_from_logits(logits, y, args.temperature))  # (b, N)
-                entropy.append(entropy_from_logits(logits, args.temperature))  # (b, N)
-                ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
-                ref_logprobs.append(logprobs_from_logits(ref_logits, y, args.temperature))  # (b, N)
-                values.append(v[:, T - 1:-1])  # (b, N)
-    scores, entropy = dist.gather_rows(torch.cat(scores)), dist.gather_rows(torch.cat(entropy))  # (B,), (B, N)
-    maskf = response_mask.float()
-    logprobs, ref_logprobs, values = (dist.gather_rows(torch.cat(x)) * maskf for x in (logprobs, ref_logprobs, values))
+    out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt,
+                             critic=critic, shared=critic is None)
+    scores, entropy = out["rm_scores"], out["entropy"]  # (B,), (B, N)
+    logprobs, ref_logprobs, values = out["logprobs"], out["ref_logprobs"], out["values"]  # (B, N) each
     rm_scores = scores.clone()
     # a response that never ended gets the penalty score instead of the RM's
     if args.missing_eos_penalty is not None:
@@ -507,8 +490,8 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 saved = footprint.SavedTensors([p for m in models for p in m.parameters()]) if measure else None
                 with saved if measure else contextlib.nullcontext():
                     with rt.autocast():
-                        if shared:  # one trunk: one forward for the policy and the value
-                            logits, new_values = actor.logits_and_values(seq, seq_mask)  # (b, T + N, V), (b, T + N)
+                        if shared:  # one trunk: one forward for the policy and the value (through forward(): DDP)
+                            logits, new_values = actor(seq, seq_mask, values=True)  # (b, T + N, V), (b, T + N)
                         else:
                             logits, new_values = actor(seq, seq_mask), critic(seq, seq_mask)
                         logits, new_values = logits[:, T - 1:-1], new_values[:, T - 1:-1]  # (b, N, V), (b, N)
@@ -770,10 +753,6 @@ def main(argv=None):
           f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
     C.check_clip_flag("max_grad_norm", args.max_grad_norm)
     dist.check_grad_accum(args.grad_accum)  # then the rollout's micro-batches split over the ranks too
-    # DDP wraps forward() only; the shared trunk's one pass (logits_and_values) would bypass its gradient sync
-    check(args.critic == "separate" or dist.world_size() == 1,
-          "--critic shared does not run under torchrun yet (DDP syncs gradients through forward() only); "
-          "use --critic separate")
 
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
@@ -812,7 +791,7 @@ def main(argv=None):
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
     fwd_critic = utils.maybe_compile(critic, args.compile) if critic is not None else None
-    # DDP under torchrun (the shared trunk is refused there, above)
+    # DDP under torchrun (the shared trunk's one pass for logits and values goes through forward(), which DDP syncs)
     train_actor = dist.wrap(fwd_actor)
     train_critic = dist.wrap(fwd_critic) if critic is not None else None
     # one optimizer per trained model: the shared trunk has one (--lr), the separate critic its own (--critic_lr)

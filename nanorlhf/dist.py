@@ -11,6 +11,8 @@ ranks is here, so that a script only calls a few named functions:
     train_model = wrap(model)             DistributedDataParallel (or FSDP2 with fsdp=True) that SUMS gradients
     sync_grads(train_model, last)         gradient communication on the last micro-batch of a step only
     all_reduce_sum(x)                     a global count or metric
+    gather_rows(x)                        the rows each rank computed for its share, rebuilt into the whole batch
+                                          on every rank (the online scripts' scoring pass, rollout.score_and_logprobs)
     if is_main(): save ...                only rank 0 prints, writes metrics and checkpoints
 
 Without torchrun (no WORLD_SIZE in the environment) all of this is a no-op: world size 1, rank 0, the model

@@ -588,7 +588,8 @@ class ValueHeadGPT(GPT):
     backward per micro-batch for actor and critic together instead of two.
 
     Everything GPT does (forward -> logits, generate) works unchanged; the value head is only read by
-    logits_and_values. The value head starts at zero (`from_gpt`): see train_ppo.py's build_models for why.
+    logits_and_values, or forward(..., values=True). The value head starts at zero (`from_gpt`): see
+    train_ppo.py's build_models for why.
     """
 
     def __init__(self, config):
@@ -603,6 +604,15 @@ class ValueHeadGPT(GPT):
         logits = float32_head(self.lm_head, h)  # (B, T, V), as GPT.forward computes them
         values = float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
         return logits, values
+
+    def forward(self, *args, values=False, **kwargs):
+        """
+        GPT.forward (logits); values=True: (logits, values) as logits_and_values. The one pass goes through forward()
+        so that DistributedDataParallel, which syncs gradients only for what its wrapper's forward() ran, sees it.
+        """
+        if values:
+            return self.logits_and_values(*args, **kwargs)
+        return super().forward(*args, **kwargs)
 
     def policy_state_dict(self):
         """The state dict of the plain GPT inside (the value head left out): what ckpt.pt holds."""

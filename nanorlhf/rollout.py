@@ -1,6 +1,7 @@
 """
 What every online script (train_ppo.py, train_grpo.py) shares: sampling responses, cutting them after the EOS,
-decoding them for the judge, the prompt order, and the models' set-up (dropout off, frozen copies).
+scoring them and taking their log-probs (in micro-batches, split over the ranks under torchrun), decoding them for
+the judge, the prompt order, and the models' set-up (dropout off, frozen copies).
 """
 
 import json
@@ -9,7 +10,9 @@ import os
 import torch
 import torch.nn as nn
 
-from nanorlhf import tasks
+from nanorlhf import dist, tasks
+from nanorlhf.losses import entropy_from_logits, logprobs_from_logits
+from nanorlhf.offload import on_device
 
 
 def disable_dropout(model):
@@ -66,6 +69,56 @@ def generate_responses(actor, context, context_mask, tok, args):
     out = actor.generate(context, args.response_length, temperature=args.temperature, top_k=None,
                          attention_mask=context_mask, eos_id=tok.eos_id, pad_id=tok.pad_id)
     return out[:, context.size(1):]  # (B, N), N <= response_length
+
+
+@torch.no_grad()
+def score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, context_len, micro, temperature, rt,
+                       critic=None, shared=False):
+    """
+    Steps 3-4 of the rollout (the masking convention is drawn in train_ppo.make_experience): for the B sequences
+    prompt | response, seq and seq_mask (B, T + N) with the prompt part context_len = T long, and response (B, N):
+
+        rm_scores     (B,)    the reward model's value at the last real token
+        logprobs      (B, N)  log pi(y_t | s_t) under the actor (they become pi_old), 0 on the pads
+        ref_logprobs  (B, N)  the same under the reference, 0 on the pads
+        entropy       (B, N)  the actor's entropy at each response position (pads not zeroed)
+        values        (B, N)  V(s_t), 0 on the pads: from `critic` (a ScalarGPT), or with shared=True from the actor's
+                              own value head in the same forward (a ValueHeadGPT); None with neither (no critic)
+
+    Log-probs and entropy divide the logits by the sampling temperature, exactly as generate did. The rows run in
+    micro-batches of `micro` rows, so that the (rows, T + N, V) logits stay as small as in the update. Under
+    torchrun each rank runs its 1 / WORLD_SIZE of the micro-batches (dist.mine) and the ranks gather the rows, so
+    that every rank returns the whole batch (batch-global statistics then need no further communication); the
+    number of micro-batches must divide by the world size. Offloaded frozen models come onto the accelerator for
+    this loop only.
+    """
+    T = context_len
+    with_values = shared or critic is not None
+    rm_scores, logprobs, ref_logprobs, entropy, values = [], [], [], [], []
+    with on_device(ref, reward_model):
+        for i in dist.mine(range(0, seq.size(0), micro)):
+            s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
+            with rt.autocast():
+                # 3. score with the reward model at the last real token of prompt + response
+                rm_scores.append(reward_model.score(s, s_mask))  # (b,)
+                # 4. log-probs under the actor and the reference; the critic's values V(s_t)
+                if shared:  # one trunk: one forward gives both
+                    logits, v = actor(s, s_mask, values=True)  # (b, T + N, V), (b, T + N)
+                else:
+                    logits = actor(s, s_mask)  # (b, T + N, V)
+                    v = critic(s, s_mask) if critic is not None else None  # (b, T + N)
+                logits = logits[:, T - 1:-1]  # (b, N, V) the logits at T-1+t predict y_t
+                logprobs.append(logprobs_from_logits(logits, y, temperature))  # (b, N)
+                entropy.append(entropy_from_logits(logits, temperature))  # (b, N)
+                ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+                ref_logprobs.append(logprobs_from_logits(ref_logits, y, temperature))  # (b, N)
+                if with_values:
+                    values.append(v[:, T - 1:-1])  # (b, N)
+    maskf = seq_mask[:, T:].float()  # (B, N) the response part of seq_mask: the response mask
+    out = {"rm_scores": dist.gather_rows(torch.cat(rm_scores)), "entropy": dist.gather_rows(torch.cat(entropy))}
+    for name, x in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):
+        out[name] = dist.gather_rows(torch.cat(x)) * maskf if x else None  # (B, N)
+    return out
 
 
 def gold_scores(prompts, responses):

@@ -1,0 +1,101 @@
+"""
+Tests of nanorlhf/rollout.py's scoring pass, score_and_logprobs (sampling, EOS truncation and the prompt order are
+tested with train_ppo.py's rollout in test_train_ppo.py). Its 2-rank split is tested end to end in test_dist.py.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from nanorlhf import utils
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, ValueHeadGPT
+from nanorlhf.rollout import disable_dropout, freeze, score_and_logprobs, truncate_after_eos
+
+EOS, PAD = 256, 257
+
+
+def random_batch(gen, B=6, T=7, N=5):
+    """Left-padded prompts of random lengths and responses cut after a random EOS (some rows have none)."""
+    context = torch.randint(0, 256, (B, T), generator=gen)
+    context_mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        pad = int(torch.randint(0, T - 1, (1,), generator=gen))
+        context[b, :pad], context_mask[b, :pad] = PAD, 0
+    response = torch.randint(0, 256, (B, N), generator=gen)
+    for b in range(B):
+        if b % 3 != 2:  # two of three rows end with an EOS somewhere
+            response[b, int(torch.randint(0, N, (1,), generator=gen))] = EOS
+    response, response_mask = truncate_after_eos(response, EOS, PAD)
+    return torch.cat([context, response], 1), torch.cat([context_mask, response_mask], 1), response
+
+
+def plain_row(seq, mask, T):
+    """One row without its pads: the real prompt tokens, the real response tokens, and where the response starts."""
+    real = [t for t, m in zip(seq.tolist(), mask.tolist()) if m]
+    n_prompt = int(mask[:T].sum())
+    return torch.tensor([real]), n_prompt, len(real) - n_prompt
+
+
+def reference(actor, ref, reward_model, critic, shared, seq, seq_mask, T, temperature):
+    """The same numbers one row and one token at a time, each row run alone without pads (float64 models)."""
+    B, N = seq.size(0), seq.size(1) - T
+    out = {k: torch.zeros(B, N, dtype=torch.float64) for k in ("logprobs", "ref_logprobs", "entropy", "values")}
+    out["rm_scores"] = torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        row, P, L = plain_row(seq[b], seq_mask[b], T)
+        out["rm_scores"][b] = reward_model(row)[0, -1]  # the value at the last real token
+        logits, ref_logits = actor(row)[0], ref(row)[0]  # (P + L, V)
+        values = critic(row)[0] if critic is not None else torch.zeros(P + L)  # (P + L,)
+        if shared:  # the value head on the trunk's hidden states, as ScalarGPT reads its head
+            values = actor.value_head(actor.trunk(row))[0, :, 0]  # (P + L,)
+        for t in range(L):
+            y = row[0, P + t].item()  # the token at position P + t is predicted by the logits at P + t - 1
+            p = [math.exp(v) for v in torch.log_softmax(logits[P + t - 1] / temperature, -1).tolist()]
+            out["logprobs"][b, t] = math.log(p[y])
+            out["entropy"][b, t] = -sum(q * math.log(q) for q in p if q > 0)
+            out["ref_logprobs"][b, t] = torch.log_softmax(ref_logits[P + t - 1] / temperature, -1)[y]
+            out["values"][b, t] = values[P + t - 1]
+    return out
+
+
+@pytest.mark.parametrize("critic_kind", ["separate", "shared", "none"])
+def test_score_and_logprobs_match_a_row_by_row_reference(critic_kind):
+    """
+    Micro-batches of 2 rows of left-padded prompts and responses cut after EOS give, for every real response token,
+    the log-probs (actor and reference, at the temperature), entropy and values of each row run alone and unpadded,
+    and the RM score at its last real token; log-probs and values are 0 on the pads. "shared": the actor is a
+    ValueHeadGPT (its values through forward(values=True)); "none": no values (GRPO).
+    """
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=258, n_layer=2, n_head=2, n_embd=32)
+    actor = GPT(config).double()
+    ref = copy.deepcopy(actor)
+    for p in ref.parameters():  # a reference that differs from the actor
+        p.data.add_(0.05 * torch.randn_like(p))
+    reward_model = ScalarGPT(config).double()
+    critic = ScalarGPT(config).double() if critic_kind == "separate" else None
+    if critic_kind == "shared":
+        actor = ValueHeadGPT.from_gpt(actor)
+        torch.nn.init.normal_(actor.value_head.weight)  # not the zero head it starts with
+    for m in (actor, ref, reward_model, critic):
+        if m is not None:
+            disable_dropout(m)
+            freeze(m)
+    T, temperature = 7, 0.7
+    seq, seq_mask, response = random_batch(torch.Generator().manual_seed(1), T=T)
+    rt = utils.setup_runtime("cpu", "float32", seed=0)
+    got = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, 2, temperature, rt,
+                             critic=critic, shared=critic_kind == "shared")
+    want = reference(actor, ref, reward_model, critic, critic_kind == "shared", seq, seq_mask, T, temperature)
+    mask = seq_mask[:, T:].bool()  # (B, N)
+    assert mask.sum() > 0 and (~mask).sum() > 0  # real tokens and pads both
+    assert torch.allclose(got["rm_scores"], want["rm_scores"], rtol=0, atol=1e-10)
+    names = ("logprobs", "ref_logprobs", "entropy") + (("values",) if critic_kind != "none" else ())
+    for name in names:
+        assert torch.allclose(got[name][mask], want[name][mask], rtol=0, atol=1e-10), name
+    for name in names[:2] + names[3:]:  # 0 on the pads (the entropy there is not used)
+        assert (got[name][~mask] == 0).all(), name
+    if critic_kind == "none":
+        assert got["values"] is None
