@@ -11,6 +11,10 @@ Benchmark one model size on the current device: how fast each stage's inner loop
     Hugging Face     (part "hf", when transformers is installed; skipped otherwise) the same SFT step and the same
                      generation with transformers' GPT2LMHeadModel holding our weights (checked to give our logits),
                      timed in alternating rounds with ours; the ratio is the median round's
+    TRL              (part "trl", when trl 1.12 with transformers, datasets and accelerate is installed; skipped
+                     otherwise) a PPO iteration of TRL's PPOTrainer (trl.experimental.ppo) against one of ours on the
+                     same starting weights, prompts and PPO settings, alternating iteration by iteration; TRL once in
+                     float32 and once with bf16=True; the ratio ours / TRL is the median round's
     peak memory      per part on CUDA (torch.cuda.max_memory_allocated); on CPU the process's peak resident
                      set so far (getrusage maxrss), which only grows from part to part
 
@@ -19,24 +23,29 @@ knows (H100/H200 bf16 989e12, A100 312e12; half that in float32, which runs on T
 float32 peak from /proc/cpuinfo (threads x clock x FLOPs per cycle); else the measured FLOP/s of a 1024 x 1024
 matmul in the run's dtype. The line says which.
 
-Weights and tokens are random; the generation benchmark passes no EOS, so it always runs all new_tokens
-steps (PPO's rollout does stop rows at EOS, which a random model rarely samples). Run:
+Weights and tokens are random; the generation benchmark passes no EOS and PPO's EOS is an id no model samples, so
+every response runs all new_tokens (PPO: response_length) steps. Run:
     python bench.py                                           # the pipeline's CPU default model
     python bench.py --json                                    # machine-readable
     python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \\
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
+    python bench.py --n_embd 256 --vocab_size 4096 --prompt_len 64 --new_tokens 128 --ppo_batch_size 16 \\
+        --response_length 128 --parts ppo,trl --rounds 3      # a PPO iteration against TRL's (a Python with trl)
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
         --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
 """
 
 import json
+import os
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 import train_ppo
+from nanorlhf.hf import hf_config, hf_state_dict
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.rollout import freeze, generate_responses
@@ -63,8 +72,8 @@ class Config:
     ppo_batch_size: int = flag(64, "episodes per PPO iteration (train_ppo.py --batch_size)")
     response_length: int = flag(24, "new tokens per PPO response (train_ppo.py --response_length)")
     ppo_iters: int = flag(2, "timed PPO iterations (after one warm-up iteration, two with --compile)")
-    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: hf)")
-    rounds: int = flag(3, "alternating rounds of ours and Hugging Face's in the hf part")
+    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: hf, trl)")
+    rounds: int = flag(3, "alternating rounds of ours and the peer's in the hf and trl parts")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
     dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it, else float32) | float32 | bfloat16")
@@ -146,16 +155,20 @@ def bench_generate(cfg, model_cfg, rt, use_cache):
 
 
 class BenchTokenizer:
-    """What train_ppo's rollout reads from a tokenizer: the ids of EOS and PAD (the last two of the vocab)."""
+    """
+    What train_ppo's rollout reads from a tokenizer: the ids of EOS and PAD. EOS is the id just past the vocabulary,
+    which no model samples, so every response runs the whole --response_length (as TRL's with stop_token None).
+    """
 
     def __init__(self, vocab_size):
-        self.eos_id, self.pad_id = vocab_size - 2, vocab_size - 1
+        self.eos_id, self.pad_id = vocab_size, vocab_size - 1
 
 
-def bench_ppo(cfg, model_cfg, rt):
+def ppo_setup(cfg, model_cfg, rt):
     """
-    Seconds per PPO iteration with train_ppo.py's functions, split as train_ppo logs it: rollout
-    (generate_responses + make_experience) and update (ppo_update), train_ppo's defaults for everything else.
+    train_ppo's four models on random weights (actor and critic trained, ref and reward model frozen), their
+    optimizers and one batch of random prompts. -> (args, models {actor, ref, critic, reward_model}, prompts (B, Tp),
+    iteration) where iteration() runs one PPO iteration as train_ppo does and returns its (rollout_s, update_s).
     """
     args = train_ppo.Args(batch_size=cfg.ppo_batch_size, response_length=cfg.response_length, compile=cfg.compile)
     check(args.batch_size % args.num_minibatches == 0,
@@ -172,9 +185,8 @@ def bench_ppo(cfg, model_cfg, rt):
     tok = BenchTokenizer(cfg.vocab_size)
     context = torch.randint(0, cfg.vocab_size - 2, (args.batch_size, cfg.prompt_len), device=rt.device)  # (B, Tp)
     context_mask = torch.ones_like(context)
-    n_warmup = 2 if cfg.compile else 1  # compilation: eval (rollout) and train (update) graphs, then a recompile
-    times = []
-    for it in range(n_warmup + cfg.ppo_iters):
+
+    def iteration():
         sync(rt)
         t0 = time.perf_counter()
         actor.eval()
@@ -186,9 +198,20 @@ def bench_ppo(cfg, model_cfg, rt):
         t1 = time.perf_counter()
         train_ppo.ppo_update(fwd_actor, fwd_critic, actor_opt, critic_opt, exp, args, rt)
         sync(rt)
-        t2 = time.perf_counter()
-        if it >= n_warmup:
-            times.append((t1 - t0, t2 - t1))
+        return t1 - t0, time.perf_counter() - t1
+
+    models = {"actor": actor, "ref": ref, "critic": critic, "reward_model": reward_model}
+    return args, models, context, iteration
+
+
+def bench_ppo(cfg, model_cfg, rt):
+    """
+    Seconds per PPO iteration with train_ppo.py's functions, split as train_ppo logs it: rollout
+    (generate_responses + make_experience) and update (ppo_update), train_ppo's defaults for everything else.
+    """
+    args, _, _, iteration = ppo_setup(cfg, model_cfg, rt)
+    n_warmup = 2 if cfg.compile else 1  # compilation: eval (rollout) and train (update) graphs, then a recompile
+    times = [iteration() for _ in range(n_warmup + cfg.ppo_iters)][n_warmup:]
     rollout = sum(t[0] for t in times) / len(times)
     update = sum(t[1] for t in times) / len(times)
     return {"ppo_rollout_s": rollout, "ppo_update_s": update, "ppo_iter_s": rollout + update,
@@ -198,33 +221,38 @@ def bench_ppo(cfg, model_cfg, rt):
 # -----------------------------------------------------------------------------
 # the peer: Hugging Face transformers (optional; never a dependency of the package)
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_twin(model):
-    """transformers' GPT2LMHeadModel holding `model`'s weights (HF's Conv1D stores them transposed), or None."""
+def hf_twin(model, eos_id, pad_id):
+    """
+    transformers' GPT2LMHeadModel (for a GPT) or GPT2ForSequenceClassification (for a ScalarGPT: reward model or
+    critic) holding `model`'s weights, converted by nanorlhf.hf as export_hf.py writes them; None without transformers.
+    """
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
     except ImportError:
         return None
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                                    bos_token_id=c.vocab_size - 2, eos_token_id=c.vocab_size - 2))
-    sd = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
-    return hf.to(next(model.parameters()).device)
+    kind = "scalar" if isinstance(model, ScalarGPT) else "gpt"
+    config = GPT2Config(**hf_config(model.config, kind, eos_id, pad_id))
+    twin = (GPT2ForSequenceClassification if kind == "scalar" else GPT2LMHeadModel)(config)
+    missing, unexpected = twin.load_state_dict(hf_state_dict(model.state_dict(), model.config, kind), strict=False)
+    # lm_head.weight is tied to transformer.wte.weight (one tensor), the causal-mask buffers are HF's own
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing), missing
+    assert kind == "scalar" or twin.lm_head.weight is twin.transformer.wte.weight
+    return twin.to(next(model.parameters()).device)
+
+
+def hf_outputs(twin, idx):
+    """The twin's logits (B, T, V) for a GPT2LMHeadModel, its per-position scores (B, T) for a sequence classifier."""
+    if hasattr(twin, "score"):
+        return twin.score(twin.transformer(idx).last_hidden_state).squeeze(-1)
+    return twin(idx).logits
 
 
 def bench_hf(cfg, model_cfg, rt):
     """Ours against transformers' GPT-2 with the same weights: SFT step seconds and generate seconds, median ratios."""
-    import statistics
 
     torch.manual_seed(cfg.seed)
     ours = GPT(model_cfg).to(rt.device)
-    hf = hf_twin(ours)
+    hf = hf_twin(ours, cfg.vocab_size - 2, cfg.vocab_size - 1)
     if hf is None:
         return {"hf": "skipped: transformers is not installed"}
     import transformers
@@ -279,17 +307,123 @@ def bench_hf(cfg, model_cfg, rt):
     return res
 
 
+def trl_tokenizer(vocab_size):
+    """
+    The smallest tokenizer TRL's PPOTrainer accepts for random token ids: one word-level token per id ("<17>" is id
+    17), EOS and PAD the last two ids as in bench's models. The trainer only pads prompts (all of one length here)
+    and reads the two ids from it.
+    """
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
+                                   eos_token=f"<{vocab_size - 2}>", pad_token=f"<{vocab_size - 1}>")
+
+
+def bench_trl(cfg, model_cfg, rt):
+    """
+    One PPO iteration of TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) against one of ours, alternating: the
+    trainer calls back after each of its iterations and our iteration runs there, between two of TRL's. The same
+    starting weights (ours converted by hf_twin), prompts, batch, epochs, minibatches, response length (no stop token)
+    and temperature; TRL once in float32 and once with bf16=True. Returns seconds per iteration and median ratios.
+    """
+    import tempfile
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # that trl.experimental is unstable is known here
+    try:
+        import accelerate
+        import datasets
+        import transformers
+        import trl
+        from transformers import TrainerCallback
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError as e:
+        return {"trl": f"skipped: {e} (TRL 1.12's PPOTrainer needs trl, transformers, datasets, accelerate)"}
+
+    transformers.logging.set_verbosity_error()  # deprecation notes about TRL's own defaults, not about this run
+    args, models, context, iteration = ppo_setup(cfg, model_cfg, rt)
+    twins = {k: hf_twin(m, cfg.vocab_size - 2, cfg.vocab_size - 1) for k, m in models.items()}
+    idx = torch.cat([context[:2], torch.randint(0, cfg.vocab_size - 2, (2, cfg.response_length), device=rt.device)], 1)
+    with torch.no_grad():
+        for k, m in models.items():  # (2, Tp + N) logits or per-position scores
+            assert torch.allclose(m(idx), hf_outputs(twins[k], idx).float(), atol=1e-4), f"the {k} twin must agree"
+    state0 = {k: {n: v.clone() for n, v in t.state_dict().items()} for k, t in twins.items()}
+    dataset = datasets.Dataset.from_dict({"input_ids": context.tolist()})
+    hf_tok = trl_tokenizer(cfg.vocab_size)
+    B = args.batch_size
+    ours_warm = False
+
+    class Alternate(TrainerCallback):
+        """TRL's iteration times (on_step_end to on_step_end), with ours timed in between."""
+
+        def __init__(self):
+            self.trl, self.ours, self.t = [], [], None
+
+        def on_train_begin(self, *a, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            nonlocal ours_warm
+            self.trl.append(time.perf_counter() - self.t)
+            if not ours_warm:  # our warm-up (allocator, kernels) beside TRL's first iteration, not timed
+                iteration()
+                ours_warm = True
+            if len(self.trl) > 1:  # TRL's first iteration was its warm-up
+                self.ours.append(sum(iteration()))
+            self.t = time.perf_counter()
+
+    res = {"trl_version": trl.__version__}
+    for precision in ("float32", "bf16"):
+        for k, t in twins.items():  # every trainer starts from the same weights
+            t.load_state_dict(state0[k])
+            t.train(k in ("actor", "critic"))
+        clock = Alternate()
+        # transformers 5 no longer passes bf16 on to accelerate's environment, and the PPOTrainer builds its own
+        # Accelerator from that environment alone: without this variable bf16=True would run in float32
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if precision == "bf16" else "no"
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+        with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TRL's default gradient_checkpointing name is deprecated
+            config = PPOConfig(
+                output_dir=out, report_to=[], save_strategy="no", disable_tqdm=True, seed=cfg.seed,
+                use_cpu=rt.device_type == "cpu", bf16=precision == "bf16", gradient_checkpointing=False,
+                per_device_train_batch_size=B, gradient_accumulation_steps=1, num_mini_batches=args.num_minibatches,
+                num_ppo_epochs=args.ppo_epochs, local_rollout_forward_batch_size=B, total_episodes=B * (1 + cfg.rounds),
+                response_length=cfg.response_length, stop_token=None, temperature=args.temperature,
+                learning_rate=args.lr, kl_coef=args.kl_coef, vf_coef=args.vf_coef, cliprange=args.clip_coef,
+                cliprange_value=args.vf_clip_coef, gamma=args.gamma, lam=args.gae_lambda, num_sample_generations=0)
+            trainer = PPOTrainer(args=config, processing_class=hf_tok, model=twins["actor"], ref_model=twins["ref"],
+                                 reward_model=twins["reward_model"], value_model=twins["critic"],
+                                 train_dataset=dataset, callbacks=[clock])
+            for cb in list(trainer.callback_handler.callbacks):  # silence the per-iteration log lines
+                if type(cb).__name__ in ("PrinterCallback", "ProgressCallback"):
+                    trainer.remove_callback(cb)
+            assert trainer.accelerator.mixed_precision == ("bf16" if precision == "bf16" else "no")
+            trainer.train()
+        os.environ.pop("ACCELERATE_MIXED_PRECISION")
+        trl_s = clock.trl[1:]
+        assert len(trl_s) == len(clock.ours) == cfg.rounds, (clock.trl, clock.ours)
+        res[f"trl_{precision}_s"] = {"ours": clock.ours, "trl": trl_s}
+        res[f"trl_{precision}_ratio"] = statistics.median(o / t for o, t in zip(clock.ours, trl_s))  # < 1: ours faster
+    best = min(("float32", "bf16"), key=lambda p: statistics.median(res[f"trl_{p}_s"]["trl"]))
+    res["trl_best"], res["trl_best_ratio"] = best, res[f"trl_{best}_ratio"]
+    return res
+
+
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    known = ("train", "generate", "nocache", "ppo", "hf")
+    known = ("train", "generate", "nocache", "ppo", "hf", "trl")
     check(all(p in known for p in parts), f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
     check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
           f"--prompt_len + --new_tokens ({cfg.prompt_len + cfg.new_tokens}) must fit --block_size {cfg.block_size}")
     check(cfg.prompt_len + cfg.response_length <= cfg.block_size,
           f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
-    check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1, "--steps, --ppo_iters, --batch_size >= 1")
+    check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1 and cfg.rounds >= 1,
+          "--steps, --ppo_iters, --batch_size, --rounds >= 1")
     check(cfg.gen_batch_size is None or cfg.gen_batch_size >= 1, "--gen_batch_size >= 1")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
@@ -318,6 +452,8 @@ def main(argv=None):
         mem["ppo"] = peak_memory(rt)
     if "hf" in parts:
         res.update(bench_hf(cfg, model_cfg, rt))
+    if "trl" in parts:
+        res.update(bench_trl(cfg, model_cfg, rt))
     res["peak_memory_bytes"] = mem
     res["peak_memory_kind"] = "cuda max_memory_allocated per part" if rt.device_type == "cuda" else \
         "process max RSS so far (getrusage), cumulative"
@@ -358,6 +494,16 @@ def main(argv=None):
             rows.append((f"vs transformers {res['hf_transformers']}", f"{res[f'hf_{part}_speedup']:.2f}x",
                          f"{what}: ours {min(t['ours']):.3f} s, HF {min(t['hf']):.3f} s (best of "
                          f"{cfg.rounds} rounds; the ratio is the median round's, > 1 = ours faster)"))
+    if "trl" in parts and "trl_best" not in res:
+        rows.append(("TRL PPOTrainer", "skipped", res["trl"]))
+    elif "trl" in parts:
+        for p in ("float32", "bf16"):
+            t = res[f"trl_{p}_s"]
+            rows.append((f"vs TRL {res['trl_version']} PPO, {p}", f"{res[f'trl_{p}_ratio']:.2f}x",
+                         f"ours / TRL s per iteration: ours {statistics.median(t['ours']):.2f} s, TRL "
+                         f"{statistics.median(t['trl']):.2f} s (medians of {cfg.rounds} alternating rounds; the "
+                         f"ratio is the median round's, < 1 = ours faster)"))
+        rows.append(("vs TRL at its best", f"{res['trl_best_ratio']:.2f}x", f"TRL's faster precision: {res['trl_best']}"))
     if mem:
         rows.append(("peak memory (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in mem.items()),
                      res["peak_memory_kind"]))

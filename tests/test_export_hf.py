@@ -20,7 +20,7 @@ from scripts import ROOT, script
 sys.path.insert(0, ROOT)  # export_hf.py is a top-level script
 
 import export_hf
-from nanorlhf import utils
+from nanorlhf import hf, utils
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, load_safetensors
 from nanorlhf.tokenizer import Tokenizer, train_bpe
 
@@ -118,7 +118,7 @@ def hf_sequence_classification(path):
         if k == "score.weight":
             state["head.weight"], state["head.bias"] = v, torch.zeros(1)
         else:
-            state[k] = v.t() if k.endswith(export_hf.TRANSPOSED) else v
+            state[k] = v.t() if k.endswith(hf.TRANSPOSED) else v
     model.load_state_dict(state)
     assert len(cfg["id2label"]) == 1 and cfg["architectures"] == ["GPT2ForSequenceClassification"]
     return model, cfg["pad_token_id"]
@@ -141,15 +141,15 @@ def test_reward_model_scores_survive_without_a_head_bias(tmp_path, bias):
 
 
 def test_fold_head_bias_matches_the_worked_example():
-    beta = export_hf.fold_head_bias(torch.zeros(2), torch.tensor([[3.0, 4.0]]), torch.tensor([5.0]))
+    beta = hf.fold_head_bias(torch.zeros(2), torch.tensor([[3.0, 4.0]]), torch.tensor([5.0]))
     assert beta.tolist() == pytest.approx([0.6, 0.8])
     g = torch.Generator().manual_seed(0)
     beta0, w, b = torch.randn(16, generator=g), torch.randn(1, 16, generator=g), torch.randn(1, generator=g)
     h = torch.randn(5, 16, generator=g)  # LayerNorm outputs without their bias
-    new = export_hf.fold_head_bias(beta0, w, b)
+    new = hf.fold_head_bias(beta0, w, b)
     assert torch.allclose((h + new) @ w[0], (h + beta0) @ w[0] + b, atol=1e-5)
     with pytest.raises(utils.UserError, match="all 0"):
-        export_hf.fold_head_bias(beta0, torch.zeros(1, 16), torch.ones(1))
+        hf.fold_head_bias(beta0, torch.zeros(1, 16), torch.ones(1))
 
 
 # -----------------------------------------------------------------------------
