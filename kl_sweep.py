@@ -26,9 +26,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import train_ppo
-from evaluate import pyplot, sweep_section, write_text
-from nanorlhf.utils import check, flag, parse_flags, run
+from nanorlhf.report import pyplot, sweep_section
+from nanorlhf.utils import check, flag, parse_flags, run, write_text
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Config:
     sft: str = flag("out/sft", "SFT checkpoint (actor start and reference)")
     rm: str = flag("out/rm", "reward model checkpoint")
     out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir")
-    num_iterations: int | None = flag(None, "PPO iterations per run; default: 3 x train_ppo.py's default")
-    kl_coef: float | None = flag(None, "beta of the 'default' run; default: train_ppo.py's --kl_coef")
+    num_iterations: int = flag(150, "PPO iterations per run: 3 x train_ppo.py's default of 50")
+    kl_coef: float | None = flag(None, "beta of the 'default' run; unset: none passed, so train_ppo.py's own default")
     ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =)")
     seed: int = flag(0, "train_ppo.py --seed for both runs")
     train: bool = flag(True, "run the two PPO runs (false: only rewrite the report from their metrics)")
@@ -46,18 +45,16 @@ class Config:
 
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
-    defaults = train_ppo.Args()
-    if cfg.kl_coef is None:
-        cfg.kl_coef = defaults.kl_coef
-    if cfg.num_iterations is None:
-        cfg.num_iterations = 3 * defaults.num_iterations
-    check(cfg.kl_coef > 0, f"--kl_coef {cfg.kl_coef}: the default run needs a positive beta to compare with 0")
+    check(cfg.kl_coef is None or cfg.kl_coef > 0,
+          f"--kl_coef {cfg.kl_coef}: the default run needs a positive beta to compare with 0")
     here = os.path.dirname(os.path.abspath(__file__))
     if cfg.train:
+        # the 'default' run gets no --kl_coef unless one was given: train_ppo.py's own default then applies
         for name, beta in (("beta0", 0.0), ("default", cfg.kl_coef)):
+            kl_flag = ["--kl_coef", str(beta)] if beta is not None else []
             cmd = [sys.executable, os.path.join(here, "train_ppo.py"), "--data", cfg.data, "--sft", cfg.sft,
                    "--rm", cfg.rm, "--out_dir", os.path.join(cfg.out_dir, name), "--seed", str(cfg.seed),
-                   "--num_iterations", str(cfg.num_iterations), "--kl_coef", str(beta), "--gold", "on",
+                   "--num_iterations", str(cfg.num_iterations), *kl_flag, "--gold", "on",
                    *shlex.split(cfg.ppo_flags)]
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
             if subprocess.run(cmd).returncode != 0:

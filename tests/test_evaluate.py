@@ -1,6 +1,6 @@
 """
-evaluate.py, bench.py and bench_generate.py: the measurements against plain references, the report's shape,
-and the scripts end to end on tiny random models (subprocess).
+evaluate.py (with nanorlhf/report.py), bench.py and bench_generate.py: the measurements against plain
+references, the report's shape, and the scripts end to end on tiny random models (subprocess).
 """
 
 import copy
@@ -17,6 +17,7 @@ from scripts import script
 import evaluate
 from nanorlhf import tasks
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.report import overoptimisation, pyplot, sweep_section
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.utils import model_payload, save_checkpoint, setup_runtime
 
@@ -94,9 +95,9 @@ def test_overoptimisation_verdict():
     rising = [i / n for i in range(n)]
     hump = [0.5 + 0.4 * (i / 20 if i < 20 else (40 - i) / 20) for i in range(n)]
     c = {"iter": iters, "rm score": rising, "gold score": hump, "KL": rising}
-    assert evaluate.overoptimisation(c)["shows"]
+    assert overoptimisation(c)["shows"]
     c = {"iter": iters, "rm score": rising, "gold score": rising, "KL": rising}
-    assert not evaluate.overoptimisation(c)["shows"]
+    assert not overoptimisation(c)["shows"]
 
 
 def test_sweep_section_says_whether_it_shows(tmp_path):
@@ -107,10 +108,10 @@ def test_sweep_section_says_whether_it_shows(tmp_path):
         with open(tmp_path / name / "metrics.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"iter": i + 1, "rm_score": i / n, "gold": gold(i), "kl": i / 4}) + "\n")
-    md = evaluate.sweep_section(str(tmp_path), None, str(tmp_path))
+    md = sweep_section(str(tmp_path), None, str(tmp_path))
     assert "**Over-optimisation shows at this size** (beta0)" in md
     assert "| beta0 | 40 |" in md and "| default | 40 |" in md
-    assert evaluate.sweep_section(str(tmp_path / "nothing"), None, str(tmp_path)) is None
+    assert sweep_section(str(tmp_path / "nothing"), None, str(tmp_path)) is None
 
 
 def test_report_json_has_exactly_the_keys():
@@ -174,7 +175,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert "0.55 -> 0.52 (40), 0.65 -> 0.70 (30), 0.75 -> 0.71 (20), 0.86 -> 0.90 (9), 0.95 -> 1.00 (1)." in md
     # the pictures: all four beside report.md and linked, or none and one line saying so
     pictures = ("gold_vs_kl.png", "sft_loss.png", "rm.png", "curves.png")
-    if evaluate.pyplot() is None:
+    if pyplot() is None:
         assert md.count("matplotlib is not installed") == 1 and "pip install matplotlib" in md
         assert stdout.count("pictures skipped") == 1
         assert not any((out / p).exists() for p in pictures) and "![" not in md
@@ -226,7 +227,7 @@ def test_series_picks_the_rows_that_logged_the_key():
 @pytest.mark.parametrize("with_plots", [False, True])
 def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
     """The same report either way; with matplotlib (where installed) the four pictures are drawn and linked."""
-    plt = evaluate.pyplot() if with_plots else None
+    plt = pyplot() if with_plots else None
     if with_plots and plt is None:
         pytest.skip("matplotlib is not installed")
     for stage, rows in {"sft": [{"step": 0, "val_loss": 3.0}, {"step": 10, "loss": 1.5, "val_loss": 1.6}],

@@ -60,8 +60,8 @@ def test_save_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
 
 def test_write_text_and_a_failed_figure_leave_no_half_file(tmp_path):
     # evaluate.py's report and pictures: the text lands whole; a savefig that fails half-way leaves the old
-    # picture and no temporary file (evaluate.save_figure used to leave its .tmp file behind on an error)
-    import evaluate
+    # picture and no temporary file (save_figure, then in evaluate.py, used to leave its .tmp file behind on an error)
+    from nanorlhf.report import save_figure
 
     path = tmp_path / "report.md"
     utils.write_text(str(path), "# one\n")
@@ -76,7 +76,7 @@ def test_write_text_and_a_failed_figure_leave_no_half_file(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        evaluate.save_figure(BrokenFigure(), str(tmp_path / "curves.png"))
+        save_figure(BrokenFigure(), str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes() == b"good"
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "report.md"]
 
