@@ -9,8 +9,11 @@ import json
 import os
 
 from nanorlhf.utils import write_atomic
+
+
 # -----------------------------------------------------------------------------
 # metrics and the PPO curves in them
+
 
 def read_metrics(path):
     """The rows of a metrics.jsonl file ([] if there is none); a half-written last line is skipped."""
