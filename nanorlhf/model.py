@@ -584,12 +584,11 @@ def load_safetensors(path):
 class ValueHeadGPT(GPT):
     """
     One GPT trunk with two heads: the language-model head (the policy) and a Linear(n_embd, 1) value head
-    (the critic). `logits_and_values` runs the trunk once and gives both, so PPO pays one forward and one
+    (the critic). `forward(..., values=True)` runs the trunk once and gives both, so PPO pays one forward and one
     backward per micro-batch for actor and critic together instead of two.
 
-    Everything GPT does (forward -> logits, generate) works unchanged; the value head is only read by
-    logits_and_values, or forward(..., values=True). The value head starts at zero (`from_gpt`): see
-    train_ppo.py's build_models for why.
+    Everything GPT does (forward -> logits, generate) works unchanged; the value head is only read with
+    values=True. The value head starts at zero (`from_gpt`): see train_ppo.py's build_models for why.
     """
 
     def __init__(self, config):
@@ -598,21 +597,17 @@ class ValueHeadGPT(GPT):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def logits_and_values(self, idx, attention_mask=None, position_ids=None):
-        """idx (B, T) -> logits (B, T, V), values (B, T), from one pass through the trunk (float32 out)."""
+    def forward(self, idx, attention_mask=None, position_ids=None, values=False):
+        """
+        idx (B, T) -> logits (B, T, V) as GPT.forward; values=True: (logits, values (B, T)) from one pass through
+        the trunk (float32 out). Both go through forward() because DistributedDataParallel syncs gradients only for
+        what its wrapper's forward() ran.
+        """
         h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
         logits = float32_head(self.lm_head, h)  # (B, T, V), as GPT.forward computes them
-        values = float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
-        return logits, values
-
-    def forward(self, *args, values=False, **kwargs):
-        """
-        GPT.forward (logits); values=True: (logits, values) as logits_and_values. The one pass goes through forward()
-        so that DistributedDataParallel, which syncs gradients only for what its wrapper's forward() ran, sees it.
-        """
-        if values:
-            return self.logits_and_values(*args, **kwargs)
-        return super().forward(*args, **kwargs)
+        if not values:
+            return logits
+        return logits, float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
 
     def policy_state_dict(self):
         """The state dict of the plain GPT inside (the value head left out): what ckpt.pt holds."""

@@ -166,7 +166,7 @@ def test_value_head_gpt_equals_separate_actor_and_critic():
     critic.transformer.load_state_dict(shared.transformer.state_dict())
     critic.head.load_state_dict(shared.value_head.state_dict())
     idx, mask = batch()
-    logits, values = shared.logits_and_values(idx, mask)
+    logits, values = shared(idx, mask, values=True)
     assert torch.equal(logits, actor(idx, mask))
     torch.testing.assert_close(values, critic(idx, mask), rtol=0, atol=0)
     # with LoRA on the shared trunk: the same equality, and adapters off gives the base policy
@@ -174,7 +174,7 @@ def test_value_head_gpt_equals_separate_actor_and_critic():
     randomise_adapters(shared)
     lora.apply_lora(actor, rank=2, alpha=4)
     randomise_adapters(actor)
-    logits, _ = shared.logits_and_values(idx, mask)
+    logits, _ = shared(idx, mask, values=True)
     torch.testing.assert_close(logits, actor(idx, mask))
 
 

@@ -113,7 +113,7 @@ def test_activation_prediction(rank, shared):
 
     def micro_batch():
         if shared:
-            logits, values = actor.logits_and_values(idx, mask)
+            logits, values = actor(idx, mask, values=True)
         else:
             logits, values = actor(idx, mask), critic(idx, mask)
         lp = logprobs_from_logits(logits[:, T - 1:-1], idx[:, T:])
