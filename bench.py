@@ -76,7 +76,7 @@ class Config:
     rounds: int = flag(3, "alternating rounds of ours and the peer's in the hf and trl parts")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto (bf16 autocast on GPUs that have it, else float32) | float32 | bfloat16")
+    dtype: str = flag("auto", "auto (bf16 where GPU or CPU has it natively, else float32) | float32 | bfloat16")
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")

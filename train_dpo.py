@@ -135,7 +135,7 @@ class Config:
     temperature: float = flag(1.0, "sampling temperature of those samples")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto | float32 | bfloat16 (auto: bfloat16 on a GPU that has it, else float32)")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto: bf16 where GPU or CPU has it natively)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = flag(0, "seed for the held-out split and the batch order")

@@ -303,7 +303,7 @@ class Args:
     gold: str = flag("auto", "log the built-in task's gold score: auto (when the prompts look like the task's), on, off")
     # runtime
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto = bf16 on GPUs that have it)")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto: bf16 where GPU or CPU has it natively)")
     compile: bool = flag(False, "torch.compile the actor and critic forward passes")
     grad_checkpointing: bool = flag(False, "recompute activations in backward (less memory, ~30% slower)")
     seed: int = flag(0, "seed for python, numpy, torch, and the prompt order")

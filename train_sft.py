@@ -86,7 +86,7 @@ class Config:
     ckpt_interval: int = flag(400, "steps between checkpoints (one is always written at the end)")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
-    dtype: str = flag("auto", "auto | float32 | bfloat16 (auto: bfloat16 on a GPU that has it, else float32)")
+    dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto: bf16 where GPU or CPU has it natively)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2)")

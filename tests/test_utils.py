@@ -138,14 +138,15 @@ def test_autocast_is_real_on_cpu():
 
 def test_cpu_bf16_probe_and_auto_dtype(monkeypatch):
     # native bf16 = AVX512-BF16 or AMX as torch reports them; a torch without the probes means no, not a crash.
-    # --dtype auto stays float32 on any CPU (bf16 quality not shown to hold for the built-in pipeline), an explicit
-    # dtype is never overridden
-    for amx, avx512_bf16, native in ((False, False, False), (False, True, True), (True, False, True)):
+    # --dtype auto is bf16 on a CPU with native bf16 and float32 on one without; an explicit dtype is never overridden
+    for amx, avx512_bf16, native in ((False, False, False), (False, True, True), (True, False, True), (True, True, True)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
         assert utils.cpu_has_fast_bf16() is native
-        assert utils.setup_runtime("cpu", "auto", training=True).dtype == "float32"
+        assert utils.setup_runtime("cpu", "auto", training=True).dtype == ("bfloat16" if native else "float32")
+        assert utils.setup_runtime("cpu", "float32", training=True).dtype == "float32"
         assert utils.setup_runtime("cpu", "bfloat16", training=True).dtype == "bfloat16"
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert utils.cpu_has_fast_bf16() is False
+    assert utils.setup_runtime("cpu", "auto", training=True).dtype == "float32"
