@@ -22,22 +22,19 @@ all: $(OUT)/report.md
 
 # The virtual environment. Without a GPU we install the CPU build of torch that is pinned here (CI and the
 # quick start must not pull a multi-GB CUDA wheel); with a GPU, pip's default torch (a CUDA build).
-# --no-compile: pip would byte-compile every file of torch up front; Python compiles what is imported on first
-# use instead (here the virtualenv takes about 35 s instead of 47 s, first imports included).
-PIP     := $(PY) -m pip install -q --no-compile --disable-pip-version-check
 .venv/stamp: pyproject.toml
 	python3 -m venv .venv
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-	  if [ -n "$(GPU)" ]; then $(PIP) torch; \
-	  else $(PIP) torch==2.13.0; fi; fi
-	$(PIP) -e ".[test]"
+	  if [ -n "$(GPU)" ]; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 # matplotlib draws the report's pictures. It is optional: where it cannot be installed, pip's output goes to
 # .venv/plots.log, make carries on, and evaluate.py says once that the pictures were skipped.
 .venv/plots: .venv/stamp
 	@echo "installing matplotlib for the report's pictures (optional)"
-	@$(PIP) -e ".[plots]" >.venv/plots.log 2>&1 || true
+	@$(PY) -m pip install -q -e ".[plots]" >.venv/plots.log 2>&1 || true
 	@touch $@
 
 venv: .venv/stamp
