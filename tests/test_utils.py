@@ -139,7 +139,8 @@ def test_autocast_is_real_on_cpu():
 def test_cpu_bf16_probe_and_auto_dtype(monkeypatch):
     # native bf16 = AVX512-BF16 or AMX as torch reports them; a torch without the probes means no, not a crash.
     # --dtype auto is bf16 on a CPU with native bf16 and float32 on one without; an explicit dtype is never overridden
-    for amx, avx512_bf16, native in ((False, False, False), (False, True, True), (True, False, True), (True, True, True)):
+    cases = ((False, False, False), (False, True, True), (True, False, True), (True, True, True))
+    for amx, avx512_bf16, native in cases:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
         assert utils.cpu_has_fast_bf16() is native
