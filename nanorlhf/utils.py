@@ -179,7 +179,7 @@ def auto_dtype(device_type):
     """
     What --dtype auto means: bfloat16 autocast where the hardware multiplies bf16 natively (a GPU that supports it,
     a CPU with AVX512-BF16 or AMX), float32 everywhere else. On the 2-core AVX512-BF16 development machine the
-    built-in pipeline's training loops ran 1.37x faster in bf16 (two threads; 1.42x on one), and its held-out
+    built-in pipeline's training loops ran 1.29x faster in bf16 (two threads; 1.42x on one), and its held-out
     gold, win rate and reward-model accuracy held over three seeds (README, "bfloat16 on a CPU").
     `--dtype float32` opts out.
     """
