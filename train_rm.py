@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import dist, lora, tasks
-from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, padding_fraction, read_prefs,
-                           read_sft, to_device)
+from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, pack_shared_prefix,
+                           padding_fraction, read_prefs, read_sft, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
@@ -66,6 +66,9 @@ class Config:
     lora_targets: str = flag(lora.DEFAULT_TARGETS, "regex naming the Linear layers that get adapters")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses)")
+    share_prompts: bool = flag(True, "run each prompt once with its K responses after it in one row, masked so "
+                               "that each response sees only the prompt and itself: the same scores and gradients "
+                               "from about half the tokens on the built-in task (false: a row per response)")
     grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
                               "grad_accum / WORLD_SIZE of them)")
     lr: float = flag(5e-4, "peak learning rate")
@@ -130,13 +133,17 @@ def drop_ties(records):
     return out, n_removed
 
 
-def make_batch(examples, pad_id, max_len):
+def make_batch(examples, pad_id, max_len, share_prompts=False):
     """
     Encoded records [{"ids": [K_n sequences], "ranking"}, ...] -> one right-padded batch of all N = sum K_n
     sequences (idx, attention_mask (N, T)) plus ranking (B, K) long and k_mask (B, K) bool, K = max K_n.
     Sequences are flattened record by record, so scores[k_mask] = flat_scores puts each score in its place.
+    share_prompts: also the packed rows that the model runs instead, one per record with the prompt once
+    (pack_shared_prefix: packed_idx, packed_pos, packed_mask, packed_real, unpack).
     """
     batch = collate([s for ex in examples for s in ex["ids"]], pad_id, max_len=max_len)
+    if share_prompts:
+        batch.update(pack_shared_prefix([ex["ids"] for ex in examples], pad_id, max_len=max_len))
     K = max(len(ex["ids"]) for ex in examples)
     batch["ranking"] = torch.zeros(len(examples), K, dtype=torch.long)
     batch["k_mask"] = torch.zeros(len(examples), K, dtype=torch.bool)
@@ -151,9 +158,15 @@ def score_batch(model, batch, rt):
     r(x, y) of every response in the batch, as (B, K) (0 where k_mask is False). This is ScalarGPT.score
     written out so that a compiled model runs it: the value at the last real token, the EOS.
     """
-    with rt.autocast():
-        values = model(batch["idx"], batch["attention_mask"])  # (N, T)
-    flat = values.gather(1, last_index(batch["attention_mask"])[:, None]).squeeze(1)  # (N,)
+    last = last_index(batch["attention_mask"])[:, None]  # (N, 1)
+    if "unpack" in batch:  # one row per record: the prompt once, then its K responses (pack_shared_prefix)
+        with rt.autocast():
+            values = model(batch["packed_idx"], batch["packed_mask"], batch["packed_pos"])  # (B, T_packed)
+        flat = values.flatten()[batch["unpack"].gather(1, last).squeeze(1)]  # (N,)
+    else:
+        with rt.autocast():
+            values = model(batch["idx"], batch["attention_mask"])  # (N, T)
+        flat = values.gather(1, last).squeeze(1)  # (N,)
     scores = flat.new_zeros(batch["k_mask"].shape)  # (B, K)
     scores[batch["k_mask"]] = flat
     return scores
@@ -290,7 +303,7 @@ def main():
     sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in train], args.batch_size, seed=args.seed)
     val_sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size, seed=args.seed)
     val_order = val_sampler.batches(0)[:args.eval_batches]
-    val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len) for b in val_order]
+    val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len, args.share_prompts) for b in val_order]
     # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling
     meta = tasks.task_meta(args.val_data or args.data)
     builtin = meta is not None and len(val) == len(val_records) and all(
@@ -332,13 +345,15 @@ def main():
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
         step_batches = [next(stream) for _ in range(args.grad_accum)]
-        micro = [make_batch([train[i] for i in b], tok.pad_id, max_len) for b in dist.mine(step_batches)]
+        micro = [make_batch([train[i] for i in b], tok.pad_id, max_len, args.share_prompts)
+                 for b in dist.mine(step_batches)]
         n_prompts = dist.all_reduce_sum(sum(len(b["ranking"]) for b in micro))  # over all ranks' micro-batches
         step_loss = 0.0
         for i, batch in enumerate(micro):
-            tokens = int(batch["attention_mask"].sum())
+            real = batch["packed_real"] if args.share_prompts else batch["attention_mask"]  # the slots run
+            tokens = int(real.sum())
             n_tok += tokens
-            flops += model.flops_per_token(batch["idx"].size(1)) * tokens
+            flops += model.flops_per_token(real.size(1)) * tokens
             pad_frac += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
             dist.sync_grads(train_model, i == len(micro) - 1)  # the ranks sum their gradients once per step

@@ -385,6 +385,74 @@ def collate(seqs, pad_id, masks=None, left_pad=False, multiple=8, max_len=None):
     return batch
 
 
+def shared_prefix_len(seqs):
+    """
+    Tokens that every sequence of a group starts with, leaving each sequence at least its last token.
+    [[1, 2, 3, 7], [1, 2, 3, 8, 9], [1, 2, 4]] -> 2
+    """
+    n = min(len(s) for s in seqs) - 1
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return max(n, 0)
+
+
+def pack_shared_prefix(groups, pad_id, multiple=8, max_len=None):
+    """
+    Groups of sequences that share a prefix (a prompt's K responses) -> one row per group, the prefix once and
+    then each sequence's own tokens, so that the prompt is run through the model once instead of K times:
+
+        group [[p, q, a, b], [p, q, c]]  ->  row        [p, q, a, b, c, pad, pad, pad]
+                                             positions  [0, 1, 2, 3, 2, 0,   0,   0  ]
+    attn_mask (True = may attend; a suffix sees the prefix and itself, causally; a pad only itself):
+        key  p q a b c
+        p    1 0 0 0 0
+        q    1 1 0 0 0
+        a    1 1 1 0 0
+        b    1 1 1 1 0
+        c    1 1 0 0 1
+    Each token then sees exactly what it sees in its own sequence at the same position, so the model's output at
+    every token equals the output for the sequence alone (up to rounding), gradients included.
+
+    unpack (N, T_u) maps the packed outputs back to the layout collate() gives the N = sum K_g sequences,
+    flattened group by group: out.flatten(0, 1)[unpack] is (N, T_u, ...) (pad slots point at slot 0).
+    Here unpack = [[0, 1, 2, 3, 0, 0, 0, 0], [0, 1, 4, 0, 0, 0, 0, 0]] (T_u as in collate(seqs, multiple=multiple,
+    max_len=max_len): the longest sequence, 4, rounded up to 8).
+    -> {"packed_idx" (G, T), "packed_pos" (G, T), "packed_mask" (G, 1, T, T) bool, "packed_real" (G, T) long
+    (1 = a token, 0 = pad), "unpack" (N, T_u) long}
+    """
+    seg_rows, pos_rows, id_rows, cols = [], [], [], []  # cols: each sequence's columns in its group's row
+    for seqs in groups:
+        L = shared_prefix_len(seqs)
+        ids, seg, pos = list(seqs[0][:L]), [0] * L, list(range(L))
+        for k, s in enumerate(seqs):
+            cols.append(list(range(L)) + list(range(len(ids), len(ids) + len(s) - L)))
+            ids += s[L:]
+            seg += [k + 1] * (len(s) - L)
+            pos += range(L, len(s))
+        id_rows.append(ids)
+        seg_rows.append(seg)
+        pos_rows.append(pos)
+    G, T = len(groups), -(-max(map(len, id_rows)) // multiple) * multiple
+    idx = torch.full((G, T), pad_id, dtype=torch.long)
+    seg = torch.full((G, T), -1, dtype=torch.long)  # 0 prefix, k + 1 the k-th sequence's own tokens, -1 pad
+    pos = torch.zeros((G, T), dtype=torch.long)
+    for g, (ids, s, p) in enumerate(zip(id_rows, seg_rows, pos_rows)):
+        idx[g, :len(ids)], seg[g, :len(s)], pos[g, :len(p)] = torch.tensor(ids), torch.tensor(s), torch.tensor(p)
+    q, k = seg[:, :, None], seg[:, None, :]  # (G, T, 1) query, (G, 1, T) key
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))) | torch.eye(T, dtype=torch.bool)  # (G, T, T)
+    # unpack: row g's column c is slot g * T + c of the flattened (G * T) outputs
+    group_of = [g for g, seqs in enumerate(groups) for _ in seqs]
+    T_u = -(-max(map(len, cols)) // multiple) * multiple
+    T_u = T_u if max_len is None else min(T_u, max_len)
+    unpack = torch.zeros((len(cols), T_u), dtype=torch.long)
+    for n, (g, c) in enumerate(zip(group_of, cols)):
+        unpack[n, :len(c)] = g * T + torch.tensor(c)
+    return {"packed_idx": idx, "packed_pos": pos, "packed_mask": mask[:, None], "packed_real": (seg >= 0).long(),
+            "unpack": unpack}
+
+
 def to_device(batch, device):
     """Move a dict of tensors to device; on CUDA through pinned memory with non_blocking copies."""
     device = torch.device(device)
@@ -394,6 +462,6 @@ def to_device(batch, device):
 
 
 def padding_fraction(batch):
-    """Fraction of the batch's token slots that are padding."""
-    m = batch["attention_mask"]
+    """Fraction of the token slots the model runs that are padding (of the packed rows when the batch has them)."""
+    m = batch["packed_real"] if "packed_real" in batch else batch["attention_mask"]
     return 1.0 - m.sum().item() / max(m.numel(), 1)

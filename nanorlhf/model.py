@@ -226,8 +226,13 @@ class Trunk(nn.Module):
         """
         idx (B, T) token ids, attention_mask (B, T) 1 = real 0 = pad (optional), position_ids (B, T) (optional,
         by default from the mask) -> hidden states (B, T, C) after the final LayerNorm.
+        attention_mask may also be a ready boolean (B, 1, T, T) mask, True = may attend, with position_ids given
+        (sequences that share a prefix packed in one row, see data.pack_shared_prefix).
         """
         B, T = idx.size()
+        if attention_mask is not None and attention_mask.dim() == 4:
+            assert position_ids is not None, "a (B, 1, T, T) attention mask needs position_ids"
+            return self.hidden(idx, position_ids, attention_mask)  # (B, T, C)
         if attention_mask is None:
             assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
             attn_mask = None  # plain causal attention: the flash path

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanorlhf.data import (DataError, LengthGroupedSampler, collate, encode_prefs, encode_prompts, encode_sft,
-                           padding_fraction, read_prefs, read_prompts, read_sft, split_hh, to_device)
+                           pack_shared_prefix, padding_fraction, read_prefs, read_prompts, read_sft, shared_prefix_len,
+                           split_hh, to_device)
 from nanorlhf.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
@@ -295,6 +296,43 @@ def test_collate_right_and_left_pad():
     assert b["idx"][0, -3:].tolist() == [1, 2, 3]
     assert collate([[1] * 9], pad, multiple=8, max_len=12)["idx"].shape == (1, 12)
     assert collate([[1] * 9], pad, multiple=8)["idx"].shape == (1, 16)
+
+
+def test_shared_prefix_len_leaves_each_sequence_its_last_token():
+    assert shared_prefix_len([[1, 2, 3, 7], [1, 2, 3, 8, 9], [1, 2, 4]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
+    assert shared_prefix_len([[1, 2], [1, 2]]) == 1
+    assert shared_prefix_len([[5, 1], [6, 1]]) == 0
+    assert shared_prefix_len([[7]]) == 0
+
+
+def test_pack_shared_prefix_layout():
+    """The docstring's example, plus a second group: positions, the mask and unpack against collate's layout."""
+    groups = [[[1, 2, 3, 4], [1, 2, 5]], [[6, 7], [8], [6, 9, 9]]]
+    p = pack_shared_prefix(groups, pad_id=0)
+    assert p["packed_idx"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 8, 6, 9, 9, 0, 0]]
+    assert p["packed_pos"].tolist() == [[0, 1, 2, 3, 2, 0, 0, 0], [0, 1, 0, 0, 1, 2, 0, 0]]
+    assert p["packed_real"].tolist() == [[1] * 5 + [0] * 3, [1] * 6 + [0] * 2]
+    # the mask, from a plain rule: query i sees key j <= i of its own sequence, or of the shared prefix
+    for g, seqs in enumerate(groups):
+        L = 2 if g == 0 else 0
+        owner = [set(range(len(seqs))) if c < L else set() for c in range(8)]  # which sequences contain column c
+        c = L
+        for k, s in enumerate(seqs):
+            for _ in s[L:]:
+                owner[c] = {k}
+                c += 1
+        for i in range(8):
+            for j in range(8):
+                want = i == j or (j <= i and bool(owner[i]) and bool(owner[j]) and owner[i] <= owner[j])
+                assert p["packed_mask"][g, 0, i, j] == want, (g, i, j)
+    # unpack puts every token of every sequence back where collate() puts it
+    seqs = [s for grp in groups for s in grp]
+    flat = p["packed_idx"].flatten()[p["unpack"]]  # (N, T_u)
+    plain = collate(seqs, pad_id=0)
+    assert flat.shape == plain["idx"].shape
+    assert torch.equal(flat * plain["attention_mask"], plain["idx"])
+    assert padding_fraction(p) == pytest.approx(5 / 16)
 
 
 def test_to_device():

@@ -172,6 +172,45 @@ def test_right_padding_and_explicit_position_ids():
     assert not torch.allclose(c, b, atol=1e-3)
 
 
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_packed_shared_prefix_matches_sequences_alone(grad_checkpointing):
+    """
+    Groups of sequences with a common prefix, packed one row per group (data.pack_shared_prefix): the logits of
+    every token, and the gradient of a loss over them, equal those of each sequence run alone, unpadded.
+    """
+    from nanorlhf.data import pack_shared_prefix
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    groups = []
+    for K, L in [(2, 5), (4, 3), (3, 0), (2, 1)]:
+        prefix = rand(L)
+        groups.append([prefix + rand(int(torch.randint(1, 7, (1,), generator=g))) for _ in range(K)])
+    groups[1][2] = groups[1][0][:4] + rand(2)  # a longer common part inside one group
+    seqs = [s for grp in groups for s in grp]
+    weights = [torch.randn(len(s), 50, generator=g, dtype=torch.float64) for s in seqs]
+
+    model = make_gpt(noise=0.05)
+    model.grad_checkpointing = grad_checkpointing
+    model.train()  # no dropout in CONFIG; train() so that checkpointing is used
+    p = pack_shared_prefix(groups, pad_id=0)
+    logits = model(p["packed_idx"], p["packed_mask"], p["packed_pos"]).flatten(0, 1)[p["unpack"]]  # (N, T_u, V)
+    loss = sum((logits[n, :len(s)] * w).sum() for n, (s, w) in enumerate(zip(seqs, weights)))
+    loss.backward()
+    packed_grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+
+    model.zero_grad()
+    loss_alone = 0
+    for n, (s, w) in enumerate(zip(seqs, weights)):
+        alone = model(torch.tensor([s]))[0]  # (T, V)
+        assert torch.allclose(logits[n, :len(s)], alone, atol=1e-10), n
+        loss_alone = loss_alone + (alone * w).sum()
+    loss_alone.backward()
+    for n, q in model.named_parameters():
+        assert torch.allclose(packed_grads[n], q.grad, atol=1e-9), n
+    # the packed rows hold fewer tokens than the sequences: each group's prefix ran once instead of K times
+    assert int(p["packed_real"].sum()) == sum(map(len, seqs)) - (5 + 3 * 3 + 0 + 1)
+
+
 def test_grad_checkpointing_same_loss_and_grads():
     config = GPTConfig(block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32, dropout=0.1)
     idx, mask = left_pad([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]])

@@ -19,13 +19,14 @@ sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 import train_rm
 from nanorlhf import tasks, utils
 from nanorlhf.data import read_sft
+from nanorlhf.losses import kwise_ranking_loss
 from nanorlhf.model import GPTConfig, ScalarGPT
 from nanorlhf.utils import Runtime
 
 SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
             "--lr", "3e-3", "--warmup", "10", "--max_steps", "80", "--eval_interval", "1000", "--log_interval", "40",
             "--device", "cpu"]
-RM_TINY = ["--batch_size", "16", "--lr", "5e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
+RM_TINY = ["--batch_size", "16", "--lr", "3e-3", "--min_lr", "5e-4", "--warmup", "5", "--max_steps", "150",
            "--val_frac", "0.2", "--eval_interval", "75", "--log_interval", "25", "--ckpt_interval", "75",
            "--norm_samples", "200", "--device", "cpu",
            "--dtype", "float32"]  # the bias test below checks the shift in float32, so train in float32 too
@@ -56,7 +57,7 @@ def test_short_run_beats_chance(rm):
     assert rows[0]["step"] == 0 and rows[0]["val_acc"] == 0.5  # the zero-initialised head ties every pair
     final = rows[-1]
     assert final["final"] and final["step"] == 150
-    assert final["val_acc"] > 0.62, final  # 0.72-0.74 with seeds 0, 1, 2
+    assert final["val_acc"] > 0.62, final  # 0.67-0.73 with --seed 0, 1, 2, with or without --share_prompts
     assert final["val_margin"] > 0 and 0 <= final["val_ece"] <= 0.5
     # built-in task: the annotator's ceiling on the same pairs is reported beside the accuracy
     assert 0.8 < final["annotator_agreement"] < 1 and final["val_gold_acc"] > 0.62
@@ -91,6 +92,24 @@ def test_resume_gives_the_same_run(sft, tmp_path):
     assert a["reward_std"] == b["reward_std"]
 
 
+def test_shared_prompts_train_the_same_run(sft, tmp_path):
+    """Each prompt once with its K responses (the default) or a row per response: the same run up to rounding."""
+    short = ["--max_steps", "20", "--eval_interval", "10", "--log_interval", "5", "--ckpt_interval", "10"]
+    runs = []
+    for share in ("true", "false"):
+        script("train_rm.py", *rm_args(sft, tmp_path / share), *short, "--share_prompts", share)
+        runs.append(read_metrics(tmp_path / share))
+    assert len(runs[0]) == len(runs[1]) > 4
+    for a, b in zip(*runs):
+        for key in ("loss", "val_loss", "val_acc", "val_margin", "reward_std"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)
+        if "acc" in a:  # a training pair whose scores nearly tie may flip
+            assert a["acc"] == pytest.approx(b["acc"], abs=0.01), a["step"]
+        if "pad_frac" in a:  # ... from fewer token slots: the prompts ran once
+            assert a["tok_per_s"] > 0 and a["pad_frac"] != b["pad_frac"]
+
+
 def test_bad_input_is_one_line_and_writes_nothing(sft, tmp_path):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text('{"prompt": "sort 2 1", "chosen": "1 2", "rejected": "2 1"}\n'
@@ -110,14 +129,19 @@ def test_bad_input_is_one_line_and_writes_nothing(sft, tmp_path):
 # the pieces, against plain references
 
 
-def test_score_batch_reads_each_response_at_its_last_token():
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_score_batch_reads_each_response_at_its_last_token(share_prompts):
     torch.manual_seed(0)
     model = ScalarGPT(GPTConfig(block_size=32, vocab_size=258, n_layer=2, n_head=2, n_embd=32)).eval()
     torch.nn.init.normal_(model.head.bias)
+    torch.nn.init.normal_(model.head.weight)
     rng = random.Random(0)
-    examples = [{"ids": [[rng.randrange(256) for _ in range(rng.randint(3, 20))] for _ in range(k)],
-                 "ranking": rng.sample(range(k), k)} for k in (2, 4, 3)]
-    batch = train_rm.make_batch(examples, pad_id=257, max_len=32)
+    examples = []
+    for k in (2, 4, 3):  # K responses after a shared prompt (empty for the first record)
+        prompt = [rng.randrange(256) for _ in range(0 if k == 2 else rng.randint(3, 9))]
+        examples.append({"ids": [prompt + [rng.randrange(256) for _ in range(rng.randint(3, 11))] for _ in range(k)],
+                         "ranking": rng.sample(range(k), k)})
+    batch = train_rm.make_batch(examples, pad_id=257, max_len=32, share_prompts=share_prompts)
     assert batch["idx"].shape == (9, 24)  # 9 responses, padded to a multiple of 8
     with torch.no_grad():
         scores = train_rm.score_batch(model, batch, Runtime(torch.device("cpu"), "cpu", "float32"))  # (3, 4)
@@ -129,6 +153,30 @@ def test_score_batch_reads_each_response_at_its_last_token():
                 else:
                     assert scores[b, k] == 0 and not batch["k_mask"][b, k]
     assert batch["ranking"][1].tolist() == examples[1]["ranking"]
+
+
+def test_shared_prompts_give_the_ranking_loss_and_gradients_of_a_row_per_response():
+    torch.manual_seed(0)
+    model = ScalarGPT(GPTConfig(block_size=32, vocab_size=258, n_layer=2, n_head=2, n_embd=32)).double()
+    torch.nn.init.normal_(model.head.weight)
+    rng = random.Random(1)
+    examples = []
+    for k in (4, 2, 3, 4):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 12))]
+        examples.append({"ids": [prompt + [rng.randrange(256) for _ in range(rng.randint(1, 9))] for _ in range(k)],
+                         "ranking": rng.sample(range(k), k)})
+    rt = Runtime(torch.device("cpu"), "cpu", "float32")
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        batch = train_rm.make_batch(examples, pad_id=257, max_len=32, share_prompts=share)
+        loss = kwise_ranking_loss(train_rm.score_batch(model, batch, rt), batch["ranking"], batch["k_mask"])
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-12) and l0 > 0.1
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_pair_diffs_and_calibration_match_plain_references():
