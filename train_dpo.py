@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from nanorlhf import tasks
-from nanorlhf.data import LengthGroupedSampler, collate, encode_prefs, encode_prompts, read_prefs, to_device
+from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix, read_prefs,
+                           run_sequences, to_device)
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
 from nanorlhf import dist
-from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, load_run, optimizer_step,
-                                   parse_stage_flags, read_split, restore_run, resumed_flags, save_run, wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, endless, load_run,
+                                   optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags, save_run,
+                                   wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -88,14 +90,15 @@ def ranked_pairs(ranking):
     return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
 
 
-def sequence_logprobs(model, idx, attention_mask, response_mask):
+def sequence_logprobs(model, batch):
     """
-    log pi(y | x) = sum over the response tokens of log pi(y_t | x, y_<t), one per row (the masking convention
-    of losses.sft_loss: logits[:, t] predict idx[:, t + 1]). idx, attention_mask, response_mask (N, T) -> (N,).
+    log pi(y | x) = sum over the response tokens of log pi(y_t | x, y_<t), one per sequence (the masking convention
+    of losses.sft_loss: logits[:, t] predict idx[:, t + 1]). batch: idx, attention_mask, response_mask (N, T), and
+    the packed rows when make_batch packed them -> (N,).
     """
-    logits = model(idx, attention_mask)  # (N, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])  # (N, T - 1)
-    return masked_sum(logp, response_mask[:, 1:], dim=1)  # (N,)
+    logits = run_sequences(model, batch)  # (N, T, V)
+    logp = logprobs_from_logits(logits[:, :-1], batch["idx"][:, 1:])  # (N, T - 1)
+    return masked_sum(logp, batch["response_mask"][:, 1:], dim=1)  # (N,)
 
 
 # =============================================================================
@@ -115,6 +118,7 @@ class Config:
     beta: float = flag(0.1, "beta: the KL strength; the implicit reward is beta * log(pi / pi_ref)")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses and C(K, 2) pairs)")
+    share_prompts: bool = flag(True, SHARE_PROMPTS_HELP)
     grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
                               "grad_accum / WORLD_SIZE of them)")
     lr: float = flag(1e-4, "peak learning rate")
@@ -155,7 +159,7 @@ def check_flags(args):
 
 
 @torch.no_grad()
-def reference_logprobs(ref, examples, batches, pad_id, max_len, rt):
+def reference_logprobs(ref, examples, batches, pad_id, max_len, rt, share_prompts=False):
     """
     log pi_ref(y|x) of every response of the examples that `batches` (lists of example indices) cover, computed
     once, batch by batch as make_batch builds them: {example index: (K_n,) float32 CPU tensor}. Held-out batches
@@ -164,23 +168,27 @@ def reference_logprobs(ref, examples, batches, pad_id, max_len, rt):
     ref.eval()
     out = {}
     for b in batches:
-        batch = to_device(make_batch([examples[i] for i in b], None, pad_id, max_len), rt.device)
+        batch = to_device(make_batch([examples[i] for i in b], None, pad_id, max_len, share_prompts), rt.device)
         with rt.autocast():
-            logps = sequence_logprobs(ref, batch["idx"], batch["attention_mask"], batch["response_mask"]).float().cpu()
+            logps = sequence_logprobs(ref, batch).float().cpu()
         for i, part in zip(b, logps.split([len(examples[i]["ids"]) for i in b])):
             out[i] = part
     return out
 
 
-def make_batch(examples, ref_logps, pad_id, max_len):
+def make_batch(examples, ref_logps, pad_id, max_len, share_prompts=False):
     """
     Examples [{"ids", "masks", "ranking"}, ...] and their reference log-probs (None while computing those) -> one
     right-padded batch of all N = sum K_n responses (idx, attention_mask, response_mask (N, T)), "ref_logps" (N,),
     and winner, loser (P,) long: indices into the N rows of every ranked pair, C(K_n, 2) per example.
+    share_prompts: also the packed rows that the model runs instead, a prompt once with its K responses
+    (data.pack_shared_prefix).
     """
     seqs = [s for ex in examples for s in ex["ids"]]
     masks = [m for ex in examples for m in ex["masks"]]
     batch = collate(seqs, pad_id, masks=masks, max_len=max_len)
+    if share_prompts:
+        batch.update(pack_shared_prefix([ex["ids"] for ex in examples], pad_id, max_len=max_len))
     winner, loser, offset = [], [], 0
     for ex in examples:
         for w, l in ranked_pairs(ex["ranking"]):
@@ -196,7 +204,7 @@ def make_batch(examples, ref_logps, pad_id, max_len):
 def batch_loss(model, batch, beta, rt):
     """The DPO loss and stats of one batch (its pairs)."""
     with rt.autocast():
-        logps = sequence_logprobs(model, batch["idx"], batch["attention_mask"], batch["response_mask"])  # (N,)
+        logps = sequence_logprobs(model, batch)  # (N,)
     w, l, ref = batch["winner"], batch["loser"], batch["ref_logps"]
     return dpo_loss(logps[w], logps[l], ref[w], ref[l], beta)
 
@@ -254,8 +262,8 @@ def main():
     val_order = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size,
                                      seed=args.seed).batches(0)[:args.eval_batches]
     ref_train = reference_logprobs(ref, train, LengthGroupedSampler(train_lengths, 4 * args.batch_size, shuffle=False)
-                                   .batches(0), tok.pad_id, max_len, rt)
-    ref_val = reference_logprobs(ref, val, val_order, tok.pad_id, max_len, rt)
+                                   .batches(0), tok.pad_id, max_len, rt, args.share_prompts)
+    ref_val = reference_logprobs(ref, val, val_order, tok.pad_id, max_len, rt, args.share_prompts)
     del ref
     t_ref = time.time() - t_start
     n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
@@ -268,7 +276,8 @@ def main():
     model.grad_checkpointing = args.grad_checkpointing
     train_model = dist.wrap(maybe_compile(model, args.compile))  # DDP under torchrun
     sampler = LengthGroupedSampler(train_lengths, args.batch_size, seed=args.seed)
-    val_batches = [make_batch([val[i] for i in b], [ref_val[i] for i in b], tok.pad_id, max_len) for b in val_order]
+    val_batches = [make_batch([val[i] for i in b], [ref_val[i] for i in b], tok.pad_id, max_len, args.share_prompts)
+                   for b in val_order]
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     step = restore_run(state, optimizer, sampler) if state is not None else 0
     stop = args.stop_at or args.max_steps
@@ -310,7 +319,7 @@ def main():
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
         step_batches = [next(stream) for _ in range(args.grad_accum)]
-        micro = [make_batch([train[i] for i in b], [ref_train[i] for i in b], tok.pad_id, max_len)
+        micro = [make_batch([train[i] for i in b], [ref_train[i] for i in b], tok.pad_id, max_len, args.share_prompts)
                  for b in dist.mine(step_batches)]
         step_pairs = dist.all_reduce_sum(sum(len(m["winner"]) for m in micro))  # over all ranks' micro-batches
         step_sums = torch.zeros(len(keys), device=rt.device)  # (5,)

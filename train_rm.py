@@ -37,12 +37,12 @@ import torch
 
 from nanorlhf import dist, lora, tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, pack_shared_prefix,
-                           padding_fraction, read_prefs, read_sft, to_device)
+                           padding_fraction, read_prefs, read_sft, run_sequences, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
-from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
-                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
-                                   wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, endless, fmt_count, load_run,
+                                   optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
+                                   resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -66,9 +66,7 @@ class Config:
     lora_targets: str = flag(lora.DEFAULT_TARGETS, "regex naming the Linear layers that get adapters")
     # optimization
     batch_size: int = flag(16, "prompts per micro-batch (each brings its K responses)")
-    share_prompts: bool = flag(True, "run each prompt once with its K responses after it in one row, masked so "
-                               "that each response sees only the prompt and itself: the same scores and gradients "
-                               "from about half the tokens on the built-in task (false: a row per response)")
+    share_prompts: bool = flag(True, SHARE_PROMPTS_HELP)
     grad_accum: int = flag(1, "micro-batches per optimizer step over all ranks (under torchrun each rank runs "
                               "grad_accum / WORLD_SIZE of them)")
     lr: float = flag(5e-4, "peak learning rate")
@@ -158,15 +156,9 @@ def score_batch(model, batch, rt):
     r(x, y) of every response in the batch, as (B, K) (0 where k_mask is False). This is ScalarGPT.score
     written out so that a compiled model runs it: the value at the last real token, the EOS.
     """
-    last = last_index(batch["attention_mask"])[:, None]  # (N, 1)
-    if "unpack" in batch:  # one row per record: the prompt once, then its K responses (pack_shared_prefix)
-        with rt.autocast():
-            values = model(batch["packed_idx"], batch["packed_mask"], batch["packed_pos"])  # (B, T_packed)
-        flat = values.flatten()[batch["unpack"].gather(1, last).squeeze(1)]  # (N,)
-    else:
-        with rt.autocast():
-            values = model(batch["idx"], batch["attention_mask"])  # (N, T)
-        flat = values.gather(1, last).squeeze(1)  # (N,)
+    with rt.autocast():
+        values = run_sequences(model, batch)  # (N, T), through the packed rows when there are
+    flat = values.gather(1, last_index(batch["attention_mask"])[:, None]).squeeze(1)  # (N,)
     scores = flat.new_zeros(batch["k_mask"].shape)  # (B, K)
     scores[batch["k_mask"]] = flat
     return scores

@@ -453,6 +453,17 @@ def pack_shared_prefix(groups, pad_id, multiple=8, max_len=None):
             "unpack": unpack}
 
 
+def run_sequences(model, batch):
+    """
+    The model's per-token output for the batch's N sequences, (N, T, ...) in collate()'s layout: through the packed
+    rows when the batch has them (pack_shared_prefix; unpacked by a gather), else through idx and attention_mask.
+    """
+    if "unpack" in batch:
+        out = model(batch["packed_idx"], batch["packed_mask"], batch["packed_pos"])  # (G, T_packed, ...)
+        return out.flatten(0, 1)[batch["unpack"]]  # (N, T, ...)
+    return model(batch["idx"], batch["attention_mask"])  # (N, T, ...)
+
+
 def to_device(batch, device):
     """Move a dict of tensors to device; on CUDA through pinned memory with non_blocking copies."""
     device = torch.device(device)

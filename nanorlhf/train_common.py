@@ -144,6 +144,9 @@ def save_run(out_dir, payload, optimizer, sampler, step, model=None):
 
 RESUME_HELP = ("continue the run in --out_dir from its last checkpoint, with its saved flags: on (a bare --resume), "
                "off, or auto (continue when out_dir holds a checkpoint, else start fresh: a restarted job's command)")
+SHARE_PROMPTS_HELP = ("run each prompt once, its K responses after it in the same row, masked so that each response sees "
+                      "the prompt and itself (data.pack_shared_prefix): the same outputs and gradients from about half "
+                      "the tokens on the built-in task (false: a row per response)")
 
 
 def parse_stage_flags(cls, argv=None, description=None):

@@ -126,14 +126,18 @@ def tiny_gpt(seed):
     return GPT(GPTConfig(**TINY)).eval()
 
 
-def test_sequence_logprobs_match_float64_loop_per_row():
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_sequence_logprobs_match_float64_loop_per_row(share_prompts):
     tok = Tokenizer.byte_level()
     model = tiny_gpt(0)
-    rows = [tok.render("sort 3 1 2", "1 2 3"), tok.render("sort 9 8 7 6 5 4", "4 5 6 7 8 9 !"), tok.render("hi", "x")]
-    from nanorlhf.data import collate
-    b = collate([r[0] for r in rows], tok.pad_id, masks=[r[1] for r in rows])
-    got = sequence_logprobs(model, b["idx"], b["attention_mask"], b["response_mask"])
+    records = [{"prompt": "sort 3 1 2", "responses": ["1 2 3", "3 2 1 !", "1 3"], "ranking": [0, 2, 1]},
+               {"prompt": "sort 9 8 7 6 5 4", "responses": ["4 5 6 7 8 9 !", "x"], "ranking": [1, 0]}]
+    examples, _ = encode_prefs(records, tok, 64)
+    b = make_batch(examples, None, tok.pad_id, 64, share_prompts=share_prompts)
+    assert ("unpack" in b) == share_prompts
+    got = sequence_logprobs(model, b)
     m64 = tiny_gpt(0).double()
+    rows = [tok.render(r["prompt"], y) for r in records for y in r["responses"]]
     for i, (ids, mask) in enumerate(rows):
         with torch.no_grad():
             lp = torch.log_softmax(m64(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V), unpadded row
@@ -198,6 +202,20 @@ def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
     assert without_timings(read_metrics(str(out2))) == without_timings(rows)
     # a bare --resume is on; the run's saved flags come back, so it has nothing left to do
     assert "nothing to do" in script("train_dpo.py", "--out_dir", str(out2), "--resume").stdout
+
+
+def test_shared_prompts_train_the_same_run(tiny_run):
+    """Each prompt once with its K responses (the default) or a row per response: the same run up to rounding."""
+    runs = []
+    for share in ("true", "false"):  # in float32: bf16 would round the two layouts' matmuls differently
+        script(*dpo_cmd(tiny_run, tiny_run / f"share_{share}", "--share_prompts", share, "--dtype", "float32"))
+        runs.append(read_metrics(str(tiny_run / f"share_{share}")))
+    shared, unshared = runs
+    assert [r["step"] for r in shared] == [r["step"] for r in unshared]
+    for a, b in zip(shared, unshared):
+        for key in ("loss", "margin", "val_loss", "val_margin", "gold"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
 @pytest.mark.parametrize("records, message", [
