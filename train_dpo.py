@@ -8,7 +8,8 @@ implicit reward into the Bradley-Terry loss of the reward-model stage gives, for
     L_DPO = -log sigma( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
 
 with log pi(y|x) summed over the response tokens (the EOS included). A prompt with K ranked responses gives its
-C(K, 2) pairs, as in train_rm.py; each response goes through the model once per step. The reference is the
+C(K, 2) pairs, as in train_rm.py; each response goes through the model once per step, and the prompt once for all K
+(--share_prompts, as in train_rm.py). The reference is the
 SFT model: its log-probabilities of every training and held-out response are computed once, before training,
 and the model is then dropped, so only the policy is in memory while it trains.
 

@@ -7,10 +7,12 @@ real token of prompt + response (the EOS). Bradley-Terry: a labeler prefers y_w 
 A prompt with K ranked responses gives C(K, 2) pairs; each response goes through the model once and the loss
 is averaged over the prompt's pairs, then over prompts (InstructGPT eq. 1), so large K does not dominate:
     loss = 1/N sum_x 1/C(K,2) sum_{y_w ranked above y_l} -log sigma(r(x, y_w) - r(x, y_l))
-Pairwise data is the K = 2 case. After training, the head's bias is shifted so that the SFT demonstrations
+Pairwise data is the K = 2 case. The prompt goes through the model once for its K responses (--share_prompts:
+one row, the responses after the prompt, masked so that each sees only the prompt and itself; the same scores
+and gradients as a row per response). After training, the head's bias is shifted so that the SFT demonstrations
 score 0 on average (InstructGPT), and their mean (0) and std are stored in the checkpoint for PPO.
 
-Run (after train_sft.py; about 3 minutes on 2 CPU cores):
+Run (after train_sft.py; about 75 seconds on 2 CPU cores):
     python train_rm.py --data out/data/prefs.jsonl --init_from out/sft --out_dir out/rm
 Continue an interrupted run (its saved flags are reused; `--resume auto`: continue if there is a checkpoint):
     python train_rm.py --out_dir out/rm --resume

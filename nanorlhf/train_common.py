@@ -200,7 +200,7 @@ def restore_run(state, optimizer, sampler, model=None):
 
 
 # flags a resumed run may take from the command line: where and how it runs, not what it computes
-RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing",
+RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "share_prompts",
                "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
 
 
