@@ -8,6 +8,9 @@ Benchmark one model size on the current device: how fast each stage's inner loop
     PPO iteration    seconds per iteration, split into rollout (generate + make_experience: scores, logprobs,
                      values, rewards, GAE) and update (ppo_update: epochs x minibatches of actor and critic
                      steps), with train_ppo.py's own functions on four random models
+    RM step          (part "rm") a reward-model step (K responses per prompt, the ranking loss, AdamW) run with each
+                     prompt once (train_rm.py's default, data.pack_shared_prefix) and with a row per response, in
+                     alternating rounds on the same tokens; the ratio is the median round's
     Hugging Face     (part "hf", when transformers is installed; skipped otherwise) the same SFT step and the same
                      generation with transformers' GPT2LMHeadModel holding our weights (checked to give our logits),
                      timed in alternating rounds with ours; the ratio is the median round's
@@ -27,6 +30,7 @@ Weights and tokens are random; the generation benchmark passes no EOS and PPO's 
 every response runs all new_tokens (PPO: response_length) steps. Run:
     python bench.py                                           # the pipeline's CPU default model
     python bench.py --json                                    # machine-readable
+    python bench.py --parts rm --prompt_len 37 --response_length 14 --rounds 5   # the built-in task's RM shapes
     python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \\
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
     python bench.py --n_embd 256 --vocab_size 4096 --prompt_len 64 --new_tokens 128 --ppo_batch_size 16 \\
@@ -45,9 +49,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import train_ppo
+from nanorlhf.data import collate, pack_shared_prefix, run_sequences, to_device
 from nanorlhf.hf import hf_config, hf_state_dict
-from nanorlhf.losses import sft_loss
-from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.losses import kwise_ranking_loss, sft_loss
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, last_index
 from nanorlhf.rollout import freeze, generate_responses
 from nanorlhf.train_common import optimizer_step, peak_flops
 from nanorlhf.utils import (check, configure_optimizer, cpu_has_fast_bf16, flag, maybe_compile, parse_flags, run,
@@ -72,7 +77,9 @@ class Config:
     ppo_batch_size: int = flag(64, "episodes per PPO iteration (train_ppo.py --batch_size)")
     response_length: int = flag(24, "new tokens per PPO response (train_ppo.py --response_length)")
     ppo_iters: int = flag(2, "timed PPO iterations (after one warm-up iteration, two with --compile)")
-    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: hf, trl)")
+    rm_batch_size: int = flag(16, "prompts per step in the rm part (train_rm.py --batch_size)")
+    rm_responses: int = flag(4, "responses per prompt in the rm part, --prompt_len + --response_length tokens each")
+    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: rm, hf, trl)")
     rounds: int = flag(3, "alternating rounds of ours and the peer's in the hf and trl parts")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
@@ -220,6 +227,53 @@ def bench_ppo(cfg, model_cfg, rt):
 
 # -----------------------------------------------------------------------------
 # the peer: Hugging Face transformers (optional; never a dependency of the package)
+
+def bench_rm(cfg, model_cfg, rt):
+    """
+    Reward-model steps on random prompts with K random responses each, the same tokens run two ways: a row per
+    response, and each prompt once with its responses after it. Seconds per step both ways, alternating rounds.
+    """
+    torch.manual_seed(cfg.seed)
+    model = ScalarGPT(model_cfg).to(rt.device).train()
+    fwd = maybe_compile(model, cfg.compile)
+    opt = configure_optimizer(model, 3e-4, 0.1, (0.9, 0.95), rt.device_type)
+    B, K, pad = cfg.rm_batch_size, cfg.rm_responses, cfg.vocab_size - 1
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens = lambda n: torch.randint(0, cfg.vocab_size - 2, (n,), generator=g).tolist()  # noqa: E731
+    groups = [[prompt + tokens(cfg.response_length) for _ in range(K)] for prompt in
+              (tokens(cfg.prompt_len) for _ in range(B))]
+    ranking = torch.stack([torch.randperm(K, generator=g) for _ in range(B)]).to(rt.device)  # (B, K)
+    k_mask = torch.ones(B, K, dtype=torch.bool, device=rt.device)  # (B, K)
+    batches = {}
+    for layout in ("row per response", "prompt once"):
+        batch = collate([s for grp in groups for s in grp], pad)
+        if layout == "prompt once":
+            batch.update(pack_shared_prefix(groups, pad))
+        batches[layout] = to_device(batch, rt.device)
+
+    def step(batch):
+        with rt.autocast():
+            values = run_sequences(fwd, batch)  # (B * K, T)
+        scores = values.gather(1, last_index(batch["attention_mask"])[:, None]).view(B, K)  # (B, K)
+        kwise_ranking_loss(scores, ranking, k_mask).backward()
+        optimizer_step(model, opt, 3e-4, 1.0)
+
+    times = {layout: [] for layout in batches}
+    for batch in batches.values():  # warm-up: allocator, kernels, compilation
+        for _ in range(3 if cfg.compile else 2):
+            step(batch)
+    for _ in range(cfg.rounds):
+        for layout, batch in batches.items():
+            sync(rt)
+            t0 = time.perf_counter()
+            for _ in range(cfg.steps):
+                step(batch)
+            sync(rt)
+            times[layout].append((time.perf_counter() - t0) / cfg.steps)
+    ratios = [a / b for a, b in zip(times["row per response"], times["prompt once"])]
+    return {"rm_s_per_step": times, "rm_speedup": statistics.median(ratios),
+            "rm_tokens": {layout: int(b.get("packed_real", b["attention_mask"]).sum()) for layout, b in batches.items()}}
+
 
 def hf_twin(model, eos_id, pad_id):
     """
@@ -415,7 +469,7 @@ def bench_trl(cfg, model_cfg, rt):
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    known = ("train", "generate", "nocache", "ppo", "hf", "trl")
+    known = ("train", "generate", "nocache", "ppo", "rm", "hf", "trl")
     check(all(p in known for p in parts), f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
     check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
@@ -424,6 +478,7 @@ def main(argv=None):
           f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
     check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1 and cfg.rounds >= 1,
           "--steps, --ppo_iters, --batch_size, --rounds >= 1")
+    check(cfg.rm_batch_size >= 1 and cfg.rm_responses >= 2, "--rm_batch_size >= 1 and --rm_responses >= 2")
     check(cfg.gen_batch_size is None or cfg.gen_batch_size >= 1, "--gen_batch_size >= 1")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
@@ -450,6 +505,8 @@ def main(argv=None):
         reset_peak_memory(rt)
         res.update(bench_ppo(cfg, model_cfg, rt))
         mem["ppo"] = peak_memory(rt)
+    if "rm" in parts:
+        res.update(bench_rm(cfg, model_cfg, rt))
     if "hf" in parts:
         res.update(bench_hf(cfg, model_cfg, rt))
     if "trl" in parts:
@@ -484,6 +541,13 @@ def main(argv=None):
                      f"rollout {res['ppo_rollout_s']:.2f} + update {res['ppo_update_s']:.2f}; {res['ppo_episodes']} "
                      f"episodes x {cfg.response_length} tokens, {res['ppo_epochs']} epochs x "
                      f"{res['ppo_minibatches']} minibatches"))
+    if "rm" in parts:
+        t, n = res["rm_s_per_step"], res["rm_tokens"]
+        rows.append(("RM step, each prompt once", f"{res['rm_speedup']:.2f}x",
+                     f"{cfg.rm_batch_size} prompts x {cfg.rm_responses} responses ({cfg.prompt_len} + "
+                     f"{cfg.response_length} tokens): a row per response {min(t['row per response']):.3f} s "
+                     f"({n['row per response']} tokens), each prompt once {min(t['prompt once']):.3f} s "
+                     f"({n['prompt once']} tokens); best of {cfg.rounds} rounds, the ratio is the median round's"))
     if "hf" in parts and "hf_train_s" not in res:
         rows.append(("Hugging Face", "skipped", res["hf"]))
     elif "hf" in parts:

@@ -335,6 +335,16 @@ def test_pack_shared_prefix_layout():
     assert padding_fraction(p) == pytest.approx(5 / 16)
 
 
+def test_pack_shared_prefix_unpacks_to_collates_width_under_max_len():
+    """A block size that is not a multiple of 8 caps both widths alike (a packed row itself may be longer)."""
+    groups = [[[1] * 30 + [2] * 28, [1] * 30 + [3] * 29], [[4] * 10 + [5] * 3, [4] * 10 + [6] * 5]]
+    p = pack_shared_prefix(groups, pad_id=0, max_len=60)
+    plain = collate([s for g in groups for s in g], pad_id=0, max_len=60)
+    assert p["unpack"].shape == plain["idx"].shape == (4, 60)
+    assert p["packed_idx"].size(1) == 88  # 30 + 28 + 29 = 87 tokens, rounded up to 88 > max_len
+    assert torch.equal(p["packed_idx"].flatten()[p["unpack"]] * plain["attention_mask"], plain["idx"])
+
+
 def test_to_device():
     b = collate([[1, 2], [3]], TOK.pad_id, [[0, 1], [1]])
     moved = to_device(b, "cpu")

@@ -188,10 +188,22 @@ def test_evaluate_end_to_end(tmp_path):
 def test_bench_runs_and_prints_its_table():
     stdout = script("bench.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32",
                     "--batch_size", "2", "--steps", "1", "--prompt_len", "4", "--new_tokens", "4",
-                    "--ppo_batch_size", "4", "--response_length", "4", "--ppo_iters", "1", "--device", "cpu").stdout
+                    "--ppo_batch_size", "4", "--response_length", "4", "--ppo_iters", "1", "--rm_batch_size", "2",
+                    "--rounds", "1", "--parts", "train,generate,nocache,ppo,rm", "--device", "cpu").stdout
     for row in ("SFT train tokens/s", "SFT MFU", "generate tokens/s, KV cache", "generate tokens/s, no cache",
-                "PPO s/iteration", "peak memory"):
+                "PPO s/iteration", "RM step, each prompt once", "peak memory"):
         assert row in stdout, stdout
+
+
+def test_bench_rm_runs_the_same_tokens_both_ways(one_thread):
+    """bench.py's rm part: the packed rows hold each prompt once, B (P + K R) tokens against B K (P + R)."""
+    import bench
+    cfg = bench.Config(n_layer=1, n_embd=16, n_head=2, block_size=64, prompt_len=7, response_length=3, steps=1,
+                       rounds=2, rm_batch_size=3, rm_responses=4, device="cpu", dtype="float32")
+    model_cfg = bench.GPTConfig(block_size=64, vocab_size=cfg.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    res = bench.bench_rm(cfg, model_cfg, bench.setup_runtime("cpu", "float32", 0, training=True))
+    assert res["rm_tokens"] == {"row per response": 3 * 4 * (7 + 3), "prompt once": 3 * (7 + 4 * 3)}
+    assert all(len(t) == 2 and min(t) > 0 for t in res["rm_s_per_step"].values()) and res["rm_speedup"] > 0
 
 
 def test_bench_generate_runs_and_prints_the_median_ratio():
