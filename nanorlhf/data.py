@@ -1,6 +1,7 @@
 """
 Data: JSONL readers that validate every record before any training, encoding with one over-length policy,
-a length-grouped batch sampler, collate (padding to a multiple of 8) and moving batches to the device.
+a length-grouped batch sampler, collate (padding to a multiple of 8), the packing of a prompt's responses into one
+row (pack_shared_prefix, run_sequences) and moving batches to the device.
 
 Formats (one JSON object per line; blank lines are skipped; extra keys are ignored):
     SFT          {"prompt": "...", "response": "..."}
