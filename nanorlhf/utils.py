@@ -39,7 +39,7 @@ def run(main):
     teardown, where gloo's threads may abort the process ("terminate called without an active exception", exit
     status -6) after a run that finished and saved everything (a few times in some two hundred 2-rank test runs
     here). Every file the scripts write is closed or flushed when main() returns; stdout and stderr are flushed
-    here.
+    here. atexit handlers do not run then: whatever needs closing is closed in main().
     """
     code = 0
     try:
