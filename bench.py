@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import train_ppo
-from nanorlhf.data import collate, pack_shared_prefix, run_sequences, to_device
+from nanorlhf.data import collate, pack_shared_prefix, run_sequences, slots_run, to_device
 from nanorlhf.hf import hf_config, hf_state_dict
 from nanorlhf.losses import kwise_ranking_loss, sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, last_index
@@ -272,7 +272,7 @@ def bench_rm(cfg, model_cfg, rt):
             times[layout].append((time.perf_counter() - t0) / cfg.steps)
     ratios = [a / b for a, b in zip(times["row per response"], times["prompt once"])]
     return {"rm_s_per_step": times, "rm_speedup": statistics.median(ratios),
-            "rm_tokens": {layout: int(b.get("packed_real", b["attention_mask"]).sum()) for layout, b in batches.items()}}
+            "rm_tokens": {layout: int(slots_run(b).sum()) for layout, b in batches.items()}}
 
 
 def hf_twin(model, eos_id, pad_id):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from nanorlhf import tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix, read_prefs,
-                           run_sequences, to_device)
+                           to_device)
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
 from nanorlhf import dist
@@ -97,8 +97,16 @@ def sequence_logprobs(model, batch):
     of losses.sft_loss: logits[:, t] predict idx[:, t + 1]). batch: idx, attention_mask, response_mask (N, T), and
     the packed rows when make_batch packed them -> (N,).
     """
-    logits = run_sequences(model, batch)  # (N, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], batch["idx"][:, 1:])  # (N, T - 1)
+    labels = batch["idx"][:, 1:]  # (N, T - 1)
+    if "unpack" in batch:
+        # packed rows: read log p(y) = z_y - logsumexp(z) at each sequence's slots, so that no (N, T, V) copy of the
+        # logits is made (run_sequences would gather one); the logsumexp runs row by row as in logprobs_from_logits
+        logits = model(batch["packed_idx"], batch["packed_mask"], batch["packed_pos"])  # (G, T_packed, V)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits]).flatten()  # (G * T_packed,)
+        slots = batch["unpack"][:, :-1]  # (N, T - 1): the slot whose logits predict each label
+        logp = logits.flatten(0, 1)[slots, labels] - lse[slots]  # (N, T - 1)
+    else:
+        logp = logprobs_from_logits(model(batch["idx"], batch["attention_mask"])[:, :-1], labels)  # (N, T - 1)
     return masked_sum(logp, batch["response_mask"][:, 1:], dim=1)  # (N,)
 
 

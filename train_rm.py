@@ -39,7 +39,7 @@ import torch
 
 from nanorlhf import dist, lora, tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, pack_shared_prefix,
-                           padding_fraction, read_prefs, read_sft, run_sequences, to_device)
+                           padding_fraction, read_prefs, read_sft, run_sequences, slots_run, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, endless, fmt_count, load_run,
@@ -344,7 +344,7 @@ def main():
         n_prompts = dist.all_reduce_sum(sum(len(b["ranking"]) for b in micro))  # over all ranks' micro-batches
         step_loss = 0.0
         for i, batch in enumerate(micro):
-            real = batch["packed_real"] if args.share_prompts else batch["attention_mask"]  # the slots run
+            real = slots_run(batch)  # (rows, T): the packed rows when prompts are shared
             tokens = int(real.sum())
             n_tok += tokens
             flops += model.flops_per_token(real.size(1)) * tokens

@@ -473,7 +473,12 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def slots_run(batch):
+    """The (rows, T) 0/1 mask of the token slots the model runs: the packed rows' when the batch has them."""
+    return batch["packed_real"] if "packed_real" in batch else batch["attention_mask"]
+
+
 def padding_fraction(batch):
-    """Fraction of the token slots the model runs that are padding (of the packed rows when the batch has them)."""
-    m = batch["packed_real"] if "packed_real" in batch else batch["attention_mask"]
+    """Fraction of the token slots the model runs that are padding."""
+    m = slots_run(batch)
     return 1.0 - m.sum().item() / max(m.numel(), 1)

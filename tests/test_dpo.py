@@ -145,6 +145,22 @@ def test_sequence_logprobs_match_float64_loop_per_row(share_prompts):
         assert got[i].item() == pytest.approx(want, rel=1e-5)
 
 
+def test_shared_prompt_logprobs_have_the_gradients_of_a_row_per_response():
+    tok = Tokenizer.byte_level()
+    records = [{"prompt": "sort 3 1 2", "responses": ["1 2 3", "3 2 1 !", "1 3"], "ranking": [0, 2, 1]},
+               {"prompt": "sort 9 8 7", "responses": ["7 8 9 !", "x"], "ranking": [1, 0]}]
+    examples, _ = encode_prefs(records, tok, 64)
+    weights = torch.randn(5, dtype=torch.float64)
+    grads = []
+    for share in (False, True):
+        model = tiny_gpt(0).double()
+        (sequence_logprobs(model, make_batch(examples, None, tok.pad_id, 64, share)) * weights).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().max() > 0 for g in grads[1])
+
+
 def test_make_batch_pairs_point_at_the_ranked_responses():
     tok = Tokenizer.byte_level()
     records = [{"prompt": "sort 2 1", "responses": ["a", "bb", "ccc", "dddd"], "ranking": [2, 0, 3, 1]},
