@@ -21,20 +21,24 @@ MODEL_FLAGS := $(if $(GPU),--n_layer 6 --n_head 4 --n_embd 256 --lr 1e-3)
 all: $(OUT)/report.md
 
 # The virtual environment. Without a GPU we install the CPU build of torch that is pinned here (CI and the
-# quick start must not pull a multi-GB CUDA wheel); with a GPU, pip's default torch (a CUDA build).
+# quick start must not pull a multi-GB CUDA wheel); with a GPU, pip's default torch (a CUDA build). One pip call
+# for torch and the project. pip does not byte-compile (--no-compile: 13 s of torch's 28 s on a 2-core machine):
+# Python writes the .pyc of what a process imports the first time it imports it, a tenth of the files, which
+# PYTHONDONTWRITEBYTECODE (set on some machines) would forbid, so that every process recompiled torch's modules.
+PIP := $(PY) -m pip install -q --no-compile
+unexport PYTHONDONTWRITEBYTECODE
+
 .venv/stamp: pyproject.toml
 	python3 -m venv .venv
-	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-	  if [ -n "$(GPU)" ]; then $(PY) -m pip install -q torch; \
-	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
-	$(PY) -m pip install -q -e ".[test]"
+	@if $(PY) -c "import torch" 2>/dev/null; then torch=; elif [ -n "$(GPU)" ]; then torch=torch; \
+	  else torch=torch==2.13.0; fi; echo "$(PIP) $$torch -e .[test]"; $(PIP) $$torch -e ".[test]"
 	touch $@
 
 # matplotlib draws the report's pictures. It is optional: where it cannot be installed, pip's output goes to
 # .venv/plots.log, make carries on, and evaluate.py says once that the pictures were skipped.
 .venv/plots: .venv/stamp
 	@echo "installing matplotlib for the report's pictures (optional)"
-	@$(PY) -m pip install -q -e ".[plots]" >.venv/plots.log 2>&1 || true
+	@$(PIP) -e ".[plots]" >.venv/plots.log 2>&1 || true
 	@touch $@
 
 venv: .venv/stamp

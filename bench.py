@@ -52,7 +52,7 @@ import train_ppo
 from nanorlhf.data import collate, pack_shared_prefix, run_sequences, slots_run, to_device
 from nanorlhf.hf import hf_config, hf_state_dict
 from nanorlhf.losses import kwise_ranking_loss, sft_loss
-from nanorlhf.model import GPT, GPTConfig, ScalarGPT, last_index
+from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig, ScalarGPT, last_index
 from nanorlhf.rollout import freeze, generate_responses
 from nanorlhf.train_common import optimizer_step, peak_flops
 from nanorlhf.utils import (check, configure_optimizer, cpu_has_fast_bf16, flag, maybe_compile, parse_flags, run,
@@ -67,6 +67,8 @@ class Config:
     n_embd: int = flag(128, "model width")
     block_size: int = flag(256, "context length; SFT steps train on sequences this long")
     vocab_size: int = flag(258, "vocabulary (258 = byte-level with EOS and PAD; GPT-2: 50304)")
+    activation: str = flag("gelu", "the MLP's GELU: gelu (exact; train_sft.py's default for a new model) | gelu_new "
+                                   "(GPT-2's tanh form)")
     # workload
     batch_size: int = flag(16, "sequences per SFT step (and prompts per generate() call unless --gen_batch_size)")
     gen_batch_size: int | None = flag(None, "prompts per generate() call in the generate, nocache and hf parts "
@@ -480,9 +482,10 @@ def main(argv=None):
           "--steps, --ppo_iters, --batch_size, --rounds >= 1")
     check(cfg.rm_batch_size >= 1 and cfg.rm_responses >= 2, "--rm_batch_size >= 1 and --rm_responses >= 2")
     check(cfg.gen_batch_size is None or cfg.gen_batch_size >= 1, "--gen_batch_size >= 1")
+    check(cfg.activation in GELU_APPROXIMATE, f"--activation: one of {', '.join(GELU_APPROXIMATE)}")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, activation=cfg.activation)
     check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
         f"cpu, {torch.get_num_threads()} threads, {'native' if cpu_has_fast_bf16() else 'no native'} bf16")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from nanorlhf import tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix, read_prefs,
                            to_device)
-from nanorlhf.losses import logprobs_from_logits, masked_sum
+from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
 from nanorlhf import dist
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, endless, load_run,
@@ -100,9 +100,10 @@ def sequence_logprobs(model, batch):
     labels = batch["idx"][:, 1:]  # (N, T - 1)
     if "unpack" in batch:
         # packed rows: read log p(y) = z_y - logsumexp(z) at each sequence's slots, so that no (N, T, V) copy of the
-        # logits is made (run_sequences would gather one); the logsumexp runs row by row as in logprobs_from_logits
+        # logits is made (run_sequences would gather one); the logsumexp runs on row_chunks as in logprobs_from_logits
         logits = model(batch["packed_idx"], batch["packed_mask"], batch["packed_pos"])  # (G, T_packed, V)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits]).flatten()  # (G * T_packed,)
+        lse = torch.cat([torch.logsumexp(chunk, dim=-1) for (chunk,) in row_chunks(logits)])  # (G, T_packed)
+        lse = lse.flatten()  # (G * T_packed,)
         slots = batch["unpack"][:, :-1]  # (N, T - 1): the slot whose logits predict each label
         logp = logits.flatten(0, 1)[slots, labels] - lse[slots]  # (N, T - 1)
     else:

@@ -77,7 +77,7 @@ def hf_config(config, kind, eos_id, pad_id, dtype=torch.float32):
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": None,  # 4 * n_embd
-        "activation_function": "gelu_new",  # the tanh GELU, as nanorlhf's MLP
+        "activation_function": config.activation,  # the same names: gelu_new (tanh GELU) or gelu (erf)
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
         "resid_pdrop": config.dropout,

@@ -350,7 +350,10 @@ def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
     from nanorlhf.tokenizer import Tokenizer
 
     ckpt = load_checkpoint(path, name)
-    config = GPTConfig(**ckpt["model_config"])
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{os.path.join(path, name)}: model_config: {e}") from None
     stored = ckpt["model_kind"]
     if stored == "gpt":
         if kind == "scalar" and not from_gpt:

@@ -30,10 +30,11 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HF_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def random_model(kind="gpt", bias=True, block_size=60, vocab_size=258, seed=0):
+def random_model(kind="gpt", bias=True, block_size=60, vocab_size=258, seed=0, activation="gelu_new"):
     """A tiny model with every parameter random (biases and LayerNorms too, so a dropped or swapped tensor shows)."""
     torch.manual_seed(seed)
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias,
+                       activation=activation)
     model = GPT(config) if kind == "gpt" else ScalarGPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,14 +55,14 @@ def random_ids(vocab, n=3, T=40, seed=1):
 # weights
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_policy_reads_back_with_the_same_logits(tmp_path, bias):
-    model = random_model(bias=bias)
+@pytest.mark.parametrize("bias,activation", [(True, "gelu_new"), (False, "gelu_new"), (True, "gelu")])
+def test_policy_reads_back_with_the_same_logits(tmp_path, bias, activation):
+    model = random_model(bias=bias, activation=activation)
     tok = Tokenizer.byte_level()
     save(model, tok, tmp_path / "ppo")
     export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
     back = GPT.from_pretrained(str(tmp_path / "hf")).eval()
-    assert back.config.block_size == 60 and back.config.vocab_size == 258
+    assert back.config.block_size == 60 and back.config.vocab_size == 258 and back.config.activation == activation
     idx = random_ids(258)
     with torch.no_grad():
         assert torch.allclose(back(idx), model(idx), atol=1e-5, rtol=0)
@@ -275,11 +276,12 @@ def test_cli_bad_checkpoint_writes_nothing(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
-def test_transformers_loads_the_export(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_transformers_loads_the_export(tmp_path, activation):
     from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     tok = Tokenizer.byte_level()
-    model, rm = random_model(), random_model("scalar")
+    model, rm = random_model(activation=activation), random_model("scalar", activation=activation)
     with torch.no_grad():
         rm.head.bias.fill_(0.8)
     save(model, tok, tmp_path / "ppo")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from nanorlhf import losses
 from nanorlhf.losses import (
     entropy_from_logits,
     kwise_ranking_loss,
@@ -50,18 +51,29 @@ def sft_batch(seed, B=5, T=12, V=11):
 # logprobs, entropy
 
 
+# chunks of 1 row, of 2 rows then 1, and the whole batch (the default at this size)
+CHUNKS = [7 * 13 * 2 - 1, 7 * 13 * 2, losses.CHUNK_LOGITS]
+
+
+@pytest.mark.parametrize("chunk_logits", CHUNKS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
-def test_logprobs_from_logits_matches_loop(temperature):
+def test_logprobs_from_logits_matches_loop(temperature, chunk_logits, monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", chunk_logits)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 7, 13, generator=g) * 3
+    logits = (torch.randn(3, 7, 13, generator=g) * 3).requires_grad_()
     labels = torch.randint(0, 13, (3, 7), generator=g)
     out = logprobs_from_logits(logits, labels, temperature)
     assert out.shape == (3, 7) and out.dtype == torch.float32
+    out.sum().backward()
     for b in range(3):
         for t in range(7):
             row = [v / temperature for v in logits[b, t].double().tolist()]
-            ref = ref_log_softmax(row)[labels[b, t]]
-            assert abs(out[b, t].item() - ref) < 1e-5
+            logp = ref_log_softmax(row)
+            assert abs(out[b, t].item() - logp[labels[b, t]]) < 1e-5
+            # d log p(y) / d z_v = (1[v = y] - p_v) / temperature
+            y = int(labels[b, t])
+            grad = [((v == y) - math.exp(lp)) / temperature for v, lp in enumerate(logp)]
+            assert max(abs(a - e) for a, e in zip(logits.grad[b, t].tolist(), grad)) < 1e-5
 
 
 def test_logprobs_from_logits_bf16_is_float32_math():
@@ -82,7 +94,9 @@ def test_logprobs_from_logits_rejects_zero_temperature():
         logprobs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), 0.0)
 
 
-def test_entropy_matches_loop():
+@pytest.mark.parametrize("chunk_logits", [4 * 9 - 1, 4 * 9 * 2, losses.CHUNK_LOGITS])
+def test_entropy_matches_loop(chunk_logits, monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", chunk_logits)
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 4, 9, generator=g) * 2
     for temperature in (1.0, 0.5):

@@ -3,6 +3,7 @@ nanorlhf/model.py against plain references: a float64 GPT-2 forward written with
 (on Hugging Face's weight layout), naive generation that recomputes the whole prefix, rows run alone.
 """
 
+import dataclasses
 import json
 import math
 
@@ -51,9 +52,10 @@ def ref_layer_norm(x, w, b, eps=1e-5):
     return (x - mean) / torch.sqrt(var + eps) * w + b
 
 
-def ref_gelu(x):
-    # GPT-2's tanh approximation
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+def ref_gelu(x, activation="gelu_new"):
+    if activation == "gelu_new":  # GPT-2's tanh approximation
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))  # the exact GELU, x Phi(x)
 
 
 def ref_attention(q, k, v, allowed):
@@ -68,7 +70,7 @@ def ref_attention(q, k, v, allowed):
     return out
 
 
-def ref_trunk(sd, n_head, ids):
+def ref_trunk(sd, n_head, ids, activation="gelu_new"):
     """Float64 GPT-2 trunk for one unpadded sequence from an HF-layout state dict: ids list -> (T, C)."""
     p = {k.removeprefix("transformer."): v.double() for k, v in sd.items()}
     T = len(ids)
@@ -87,13 +89,15 @@ def ref_trunk(sd, n_head, ids):
             y[:, s] = ref_attention(q[:, s], k[:, s], v[:, s], [list(range(i + 1)) for i in range(T)])
         x = x + y @ w("attn.c_proj.weight") + w("attn.c_proj.bias")
         m = ref_layer_norm(x, w("ln_2.weight"), w("ln_2.bias"))
-        x = x + ref_gelu(m @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+        h = ref_gelu(m @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias"), activation)
+        x = x + h @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
     return ref_layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
 
 
-def ref_logits(sd, n_head, ids):
+def ref_logits(sd, n_head, ids, activation="gelu_new"):
     """(T, V) logits of the tied LM head."""
-    return ref_trunk(sd, n_head, ids) @ sd["wte.weight" if "wte.weight" in sd else "transformer.wte.weight"].double().t()
+    wte = sd["wte.weight" if "wte.weight" in sd else "transformer.wte.weight"].double()
+    return ref_trunk(sd, n_head, ids, activation) @ wte.t()
 
 
 # -----------------------------------------------------------------------------
@@ -129,8 +133,9 @@ def test_sdpa_attention_matches_plain_softmax(padded):
         assert torch.allclose(y[b], ref, atol=1e-10)
 
 
-def test_forward_matches_float64_reference():
-    model = make_gpt(noise=0.05)
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_forward_matches_float64_reference(activation):
+    model = make_gpt(dataclasses.replace(CONFIG, activation=activation), noise=0.05)
     sd = to_hf(model.state_dict())
     torch.manual_seed(1)
     idx = torch.randint(0, CONFIG.vocab_size, (2, 9))
@@ -138,7 +143,10 @@ def test_forward_matches_float64_reference():
         logits = model(idx)
     assert logits.shape == (2, 9, CONFIG.vocab_size) and logits.dtype == torch.float64
     for b in range(2):
-        assert torch.allclose(logits[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist()), atol=1e-10)
+        assert torch.allclose(logits[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist(), activation), atol=1e-10)
+        # the two GELUs differ by up to 1e-3 at |x| ~ 2: the other one's reference is far off
+        other = "gelu" if activation == "gelu_new" else "gelu_new"
+        assert not torch.allclose(logits[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist(), other), atol=1e-6)
 
 
 def test_left_padded_rows_match_rows_alone():
@@ -637,9 +645,12 @@ def write_safetensors(path, tensors):
         f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_from_pretrained_matches_reference(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,hf_activation,activation", [("safetensors", "gelu_new", "gelu_new"),
+                                                           ("bin", "gelu_pytorch_tanh", "gelu_new"),
+                                                           ("bin", "gelu", "gelu")])
+def test_from_pretrained_matches_reference(tmp_path, fmt, hf_activation, activation):
     sd, config = random_hf_gpt2()
+    config["activation_function"] = hf_activation
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     if fmt == "safetensors":
@@ -655,10 +666,11 @@ def test_from_pretrained_matches_reference(tmp_path, fmt):
         torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, tmp_path / "pytorch_model.bin")
     model = GPT.from_pretrained(str(tmp_path)).double()
     assert model.config.block_size == 16 and model.config.vocab_size == 50 and model.config.n_head == 4
+    assert model.config.activation == activation
     ids = [3, 17, 42, 8, 8, 0, 49, 21, 5, 11]
     with torch.no_grad():
         logits = model.lm_head(model.trunk(torch.tensor([ids])))[0]
-    assert torch.allclose(logits, ref_logits(sd, 4, ids), atol=1e-9)
+    assert torch.allclose(logits, ref_logits(sd, 4, ids, activation), atol=1e-9)
 
 
 def test_from_pretrained_rejects_unknown_layouts(tmp_path):
@@ -670,6 +682,12 @@ def test_from_pretrained_rejects_unknown_layouts(tmp_path):
     with pytest.raises(ValueError, match="layer_norm_epsilon"):
         GPT.from_pretrained(str(tmp_path))
     config["layer_norm_epsilon"] = 1e-5
+    config["activation_function"] = "relu"
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="activation_function 'relu'"):
+        GPT.from_pretrained(str(tmp_path))
+    config["activation_function"] = "gelu_new"
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     del sd["transformer.h.0.mlp.c_fc.bias"]

@@ -61,7 +61,7 @@ def test_checkpoint_loads_weights_only(full_run):
     state = torch.load(full_run / "train_state.pt", weights_only=True)
     assert state["step"] == 60 and set(state) == {"optimizer", "rng", "data", "step"}
     model, tok, _ = utils.load_model(str(full_run), kind="gpt")
-    assert model.config.n_layer == 2 and tok.name == "byte"
+    assert model.config.n_layer == 2 and tok.name == "byte" and model.config.activation == "gelu"  # the default
     assert not [f for f in os.listdir(full_run) if ".tmp" in f]  # no temporary file left behind
 
 
@@ -105,6 +105,9 @@ def test_bad_flag_writes_nothing(data, tmp_path):
     out = tmp_path / "out"
     p = train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--n_head", "5", check=False)
     assert p.returncode == 2 and "divisible" in p.stderr and not out.exists()
+    p = train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--activation", "relu", check=False)
+    assert p.returncode == 2 and "--activation must be one of gelu_new, gelu, got 'relu'" in p.stderr
+    assert not out.exists()
 
 
 def test_resume_flag_forms(tmp_path):

@@ -114,6 +114,25 @@ def test_load_model_kinds(tmp_path):
     assert torch.equal(back(idx), gpt(idx))
 
 
+def test_load_model_config_without_activation_is_gpt2s_gelu(tmp_path):
+    # checkpoints written before GPTConfig.activation existed hold models with GPT-2's tanh GELU
+    from nanorlhf.model import GPT, GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8, activation="gelu_new"))
+    payload = utils.model_payload(gpt, Tokenizer.byte_level(), "sft", {}, 0)
+    del payload["model_config"]["activation"]
+    utils.save_checkpoint(tmp_path, payload)
+    back, _, _ = utils.load_model(tmp_path, kind="gpt")
+    idx = torch.randint(0, 258, (2, 5))
+    assert back.config.activation == "gelu_new" and torch.equal(back(idx), gpt(idx))
+    payload["model_config"]["activation"] = "swish"
+    utils.save_checkpoint(tmp_path, payload)
+    with pytest.raises(utils.UserError, match=r"ckpt.pt: model_config: activation 'swish'"):
+        utils.load_model(tmp_path, kind="gpt")
+
+
 def test_float16_is_refused_for_training_only():
     with pytest.raises(utils.UserError, match="loss scaling"):
         utils.setup_runtime("cpu", "float16", training=True)
