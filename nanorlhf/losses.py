@@ -34,7 +34,7 @@ CHUNK_LOGITS = 2 ** 22
 def row_chunks(*tensors):
     """
     The same split of (B, T, ...) tensors along B into chunks of whole rows, each at most CHUNK_LOGITS logits of
-    the first tensor (B, T, V). Example: B 64, T 256, V 50257 -> 64 chunks of 1 row; V 258 -> one chunk of 64.
+    the first tensor (B, T, V). Example, B 64: T 64, V 258 -> one chunk of 64 rows; T 256, V 50257 -> 64 chunks of 1.
     """
     B, T, V = tensors[0].shape
     rows = max(1, CHUNK_LOGITS // max(1, T * V))
