@@ -44,7 +44,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, as in GPT-2
     # the MLP's GELU, by Hugging Face's names: "gelu_new" is GPT-2's tanh approximation; "gelu" the exact one (erf),
-    # which train_sft.py gives a new model because torch computes it 3x faster on a CPU (9% of a built-in SFT step)
+    # which train_sft.py gives a new model because torch computes it 3x faster on a CPU (up to 9% of an SFT step)
     activation: str = "gelu_new"
 
     def __post_init__(self):
