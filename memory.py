@@ -85,7 +85,8 @@ def predict(shape, prec, sizes, stage, option, lora_rank, lora_targets=None):
     t = sizes["prompt"] + sizes["response"]
     if stage == "ppo":
         static = F.static_memory(shape, rank, o["shared"], o["offload"], prec, lora_targets)
-        acts = F.activation_memory(shape, sizes["micro"], t, rank, o["shared"], acts_bytes=prec.acts)
+        acts = F.activation_memory(shape, sizes["micro"], t, rank, o["shared"], acts_bytes=prec.acts,
+                                   keep=sizes["response"] + 1)
         kv = F.kv_cache_bytes(shape, sizes["rollout"], sizes["prompt"], sizes["response"], prec.acts)
         return dict(static=static, activations=acts, kv_cache=kv)
     # SFT trains one GPT, RM one ScalarGPT: the actor row / the critic row of the PPO table, alone

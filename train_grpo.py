@@ -282,7 +282,8 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = len(i) / mb_size  # aggregate_loss is a mean over responses: weigh by the count
                 with rt.autocast():
-                    logits = actor(seq, seq_mask)[:, T - 1:-1]  # (b, N, V)
+                    # the logits at T-1+t predict y_t: the last N + 1 positions' logits without the last one
+                    logits = actor(seq, seq_mask, logits_to_keep=seq.size(1) - T + 1)[:, :-1]  # (b, N, V)
                 new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
                 # l_t = -min(ratio_t * A_i, clip(ratio_t, 1 - eps, 1 + eps) * A_i)
                 pg_tokens, ratio = clipped_surrogate(new_logprobs, exp["logprobs"][i], exp["advantages"][i][:, None],

@@ -490,14 +490,17 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 saved = footprint.SavedTensors([p for m in models for p in m.parameters()]) if measure else None
                 with saved if measure else contextlib.nullcontext():
                     with rt.autocast():
+                        # the logits at T-1+t predict y_t: only the last N + 1 positions get logits (the last dropped)
+                        keep = seq.size(1) - T + 1
                         if shared:  # one trunk: one forward for the policy and the value (through forward(): DDP)
-                            logits, new_values = actor(seq, seq_mask, values=True)  # (b, T + N, V), (b, T + N)
+                            logits, new_values = actor(seq, seq_mask, values=True, logits_to_keep=keep)  # (b, N + 1, .)
                         else:
-                            logits, new_values = actor(seq, seq_mask), critic(seq, seq_mask)
-                        logits, new_values = logits[:, T - 1:-1], new_values[:, T - 1:-1]  # (b, N, V), (b, N)
+                            logits = actor(seq, seq_mask, logits_to_keep=keep)  # (b, N + 1, V)
+                            new_values = critic(seq, seq_mask)[:, -keep:]  # (b, N + 1)
+                        logits, new_values = logits[:, :-1], new_values[:, :-1]  # (b, N, V), (b, N)
                     new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
                 if measure:
-                    probe["activations"], probe["micro_batch"] = saved.bytes, tuple(seq.shape)
+                    probe["activations"], probe["micro_batch"], probe["keep"] = saved.bytes, tuple(seq.shape), keep
                 # L_CLIP = min(ratio * A_t, clip(ratio, 1 - eps, 1 + eps) * A_t),  ratio = pi_theta / pi_old
                 pg_loss, pg_stats = policy_loss(new_logprobs, exp["logprobs"][i], exp["advantages"][i], mask, args.clip_coef)
                 # L_V = max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / 2
@@ -684,7 +687,7 @@ def write_memory_report(args, config, probe, rt):
     b, t = probe.extra["micro_batch"]
     # exact in float32; under bf16 autocast only an estimate (autocast also keeps bf16 copies of the weights)
     acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared",
-                                       acts_bytes=4 if rt.dtype == "float32" else 2)
+                                       acts_bytes=4 if rt.dtype == "float32" else 2, keep=probe.extra["keep"])
     report = {
         "device": str(rt.device), "predicted": predicted, "measured": measured,
         "static_predicted": footprint.static_total(predicted), "static_measured": footprint.static_total(measured),

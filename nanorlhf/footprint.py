@@ -27,10 +27,14 @@ checked against the saved-tensor hooks in tests/test_memory.py):
     per layer   16 b t C (LayerNorm inputs and outputs, q k v, attention output, MLP 4C twice)
                 + 4 b t (LayerNorm mean and rstd) + b t t (the boolean mask as a float) + a b t (softmax logsumexp)
                 + 4 b t r with LoRA (x A^T of each wrapped Linear, kept for B's gradient)
-    per trunk   L * per layer + b t C + 2 b t (final LayerNorm input, statistics) + b t C (its output, when
-                the head on top is trained) + b t int64 position ids (+ b t token ids, once); with LoRA the embeddings and the
-                first LayerNorm need no gradient, so their b t C + 2 b t and the ids are not kept
-    per LM head b t V (the float32 logits, kept for the logprobs' backward)
+    per trunk   L * per layer + b t C + 2 b t (final LayerNorm input, statistics) + b k C (the head's input, the
+                last k positions of its output, when the head on top is trained) + b t int64 position ids (+ b t
+                token ids, once); with LoRA the embeddings and the first LayerNorm need no gradient, so their
+                b t C + 2 b t and the ids are not kept
+    per LM head b k V (the float32 logits, kept for the logprobs' backward)
+
+k is t for a head over every position (the separate critic's), and the response's N + 1 for the actor's LM head and
+the shared trunk's two heads: PPO asks the actor for those logits only (GPT.forward's logits_to_keep).
 
 KV cache of one rollout: 2 (keys and values) * L * B * (T_prompt + N) * C elements in the activation dtype.
 """
@@ -153,29 +157,30 @@ def static_memory(s, lora_rank=0, shared=False, offload=(), prec=Precision(), lo
     return dict(roles=roles, total=total, resident=resident)
 
 
-def activation_memory(s, b, t, lora_rank=0, shared=False, masked=True, acts_bytes=4, logits_bytes=4):
+def activation_memory(s, b, t, lora_rank=0, shared=False, masked=True, acts_bytes=4, logits_bytes=4, keep=None):
     """
     Predicted bytes autograd saves in one PPO update micro-batch (b rows, t = prompt + response tokens): the
     actor's trunk and logits, and the critic's trunk (separate) or nothing more (shared: the value head reads the
-    actor's last hidden states). See the module docstring for the terms.
+    actor's last hidden states). keep: the positions per row with logits (PPO's N + 1; None: all t).
+    See the module docstring for the terms.
     """
     C, L, a, V = s.n_embd, s.n_layer, s.n_head, s.vocab_size
-    bt = b * t
+    bt, bk = b * t, b * (t if keep is None else keep)
     per_layer = 16 * bt * C + 4 * bt + a * bt + (bt * t if masked else 0) + 4 * bt * lora_rank
 
-    def trunk(head_trained):
+    def trunk(head_trained, head_rows):
         n = L * per_layer + bt * C + 2 * bt  # the blocks, the final LayerNorm's input and statistics
         if head_trained:
-            n += bt * C  # the final LayerNorm's output, the head's input (needed for the head's gradient)
+            n += head_rows * C  # the head's input: the final LayerNorm's output at the positions the head reads
         if lora_rank:
             n -= bt * C + 2 * bt  # nothing before the first block needs a gradient: ln_1 keeps no input
         return n * acts_bytes + (0 if lora_rank else bt * 8)  # + the int64 position ids of the embedding
 
-    logits = bt * V * logits_bytes
+    logits = bk * V * logits_bytes
     token_ids = 0 if lora_rank else bt * 8  # one int64 (b, t) tensor, shared by the trunks' embeddings
     if shared:
-        return trunk(True) + logits + token_ids
-    return trunk(not lora_rank) + logits + trunk(True) + token_ids
+        return trunk(True, bk) + logits + token_ids
+    return trunk(not lora_rank, bk) + logits + trunk(True, bt) + token_ids
 
 
 def kv_cache_bytes(s, rollout_batch, prompt_len, response_len, acts_bytes=4):

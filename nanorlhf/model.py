@@ -303,13 +303,16 @@ class GPT(Trunk):
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         self.init_weights()
 
-    def forward(self, idx, attention_mask=None, position_ids=None):
+    def forward(self, idx, attention_mask=None, position_ids=None, logits_to_keep=0):
         """
         idx (B, T) -> logits (B, T, vocab_size), computed in float32 also under autocast (float64 for a float64
         model): the lm_head matmul runs in float32, see float32_head.
+        logits_to_keep K > 0: the logits of the last K positions only, (B, K, V). PPO reads the response's logits
+        only; at GPT-2's vocabulary the head is the largest matmul, and its float32 output the largest activation.
         """
-        h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
-        return float32_head(self.lm_head, h)  # (B, T, V)
+        # [:, -0:] keeps all of T; a kept slice is made contiguous once, the copy the head's matmul would make
+        h = self.trunk(idx, attention_mask, position_ids)[:, -logits_to_keep:].contiguous()  # (B, T or K, C)
+        return float32_head(self.lm_head, h)  # (B, T or K, V)
 
     def resize_vocab(self, new_vocab_size):
         """
@@ -617,17 +620,17 @@ class ValueHeadGPT(GPT):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, values=False):
+    def forward(self, idx, attention_mask=None, position_ids=None, values=False, logits_to_keep=0):
         """
         idx (B, T) -> logits (B, T, V) as GPT.forward; values=True: (logits, values (B, T)) from one pass through
         the trunk (float32 out). Both go through forward() because DistributedDataParallel syncs gradients only for
-        what its wrapper's forward() ran.
+        what its wrapper's forward() ran. logits_to_keep K > 0: both for the last K positions only, as GPT.forward.
         """
-        h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
-        logits = float32_head(self.lm_head, h)  # (B, T, V), as GPT.forward computes them
+        h = self.trunk(idx, attention_mask, position_ids)[:, -logits_to_keep:].contiguous()  # (B, T or K, C)
+        logits = float32_head(self.lm_head, h)  # (B, T or K, V), as GPT.forward computes them
         if not values:
             return logits
-        return logits, float32_head(self.value_head, h).squeeze(-1)  # (B, T), as ScalarGPT.forward computes them
+        return logits, float32_head(self.value_head, h).squeeze(-1)  # (B, T or K), as ScalarGPT.forward
 
     def policy_state_dict(self):
         """The state dict of the plain GPT inside (the value head left out): what ckpt.pt holds."""

@@ -102,18 +102,20 @@ def score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, contex
                 # 3. score with the reward model at the last real token of prompt + response
                 rm_scores.append(reward_model.score(s, s_mask))  # (b,)
                 # 4. log-probs under the actor and the reference; the critic's values V(s_t)
+                # the logits at T-1+t predict y_t: only the last N + 1 positions get logits, and the last is dropped
+                keep = s.size(1) - T + 1
                 if shared:  # one trunk: one forward gives both
-                    logits, v = actor(s, s_mask, values=True)  # (b, T + N, V), (b, T + N)
+                    logits, v = actor(s, s_mask, values=True, logits_to_keep=keep)  # (b, N + 1, V), (b, N + 1)
                 else:
-                    logits = actor(s, s_mask)  # (b, T + N, V)
-                    v = critic(s, s_mask) if critic is not None else None  # (b, T + N)
-                logits = logits[:, T - 1:-1]  # (b, N, V) the logits at T-1+t predict y_t
+                    logits = actor(s, s_mask, logits_to_keep=keep)  # (b, N + 1, V)
+                    v = critic(s, s_mask)[:, -keep:] if critic is not None else None  # (b, N + 1)
+                logits = logits[:, :-1]  # (b, N, V)
                 logprobs.append(logprobs_from_logits(logits, y, temperature))  # (b, N)
                 entropy.append(entropy_from_logits(logits, temperature))  # (b, N)
-                ref_logits = ref(s, s_mask)[:, T - 1:-1]  # (b, N, V)
+                ref_logits = ref(s, s_mask, logits_to_keep=keep)[:, :-1]  # (b, N, V)
                 ref_logprobs.append(logprobs_from_logits(ref_logits, y, temperature))  # (b, N)
                 if with_values:
-                    values.append(v[:, T - 1:-1])  # (b, N)
+                    values.append(v[:, :-1])  # (b, N)
     maskf = seq_mask[:, T:].float()  # (B, N) the response part of seq_mask: the response mask
     out = {"rm_scores": dist.gather_rows(torch.cat(rm_scores)), "entropy": dist.gather_rows(torch.cat(entropy))}
     for name, x in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values)):

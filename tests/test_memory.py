@@ -95,9 +95,13 @@ def saved_bytes(model, fn):
     return saved.bytes
 
 
+@pytest.mark.parametrize("keep", [None, 10])
 @pytest.mark.parametrize("rank,shared", [(0, False), (0, True), (3, False), (3, True)])
-def test_activation_prediction(rank, shared):
-    """The formula against the bytes autograd really saves in a PPO-like micro-batch (padding mask, logprobs)."""
+def test_activation_prediction(rank, shared, keep):
+    """
+    The formula against the bytes autograd really saves in a PPO-like micro-batch (padding mask, logprobs), with
+    logits at every position (keep None) or at the response's N + 1 = 10 only, as PPO asks for them.
+    """
     torch.manual_seed(0)
     b, T, N = 3, 20, 9
     idx = torch.randint(0, SHAPE.vocab_size, (b, T + N))
@@ -112,17 +116,18 @@ def test_activation_prediction(rank, shared):
         (actor.value_head if shared else critic.head).requires_grad_(True)
 
     def micro_batch():
+        k = keep or T + N
         if shared:
-            logits, values = actor(idx, mask, values=True)
+            logits, values = actor(idx, mask, values=True, logits_to_keep=keep or 0)
         else:
-            logits, values = actor(idx, mask), critic(idx, mask)
-        lp = logprobs_from_logits(logits[:, T - 1:-1], idx[:, T:])
-        return lp.sum() + values[:, T - 1:-1].sum()
+            logits, values = actor(idx, mask, logits_to_keep=keep or 0), critic(idx, mask)[:, -k:]
+        lp = logprobs_from_logits(logits[:, k - N - 1:-1], idx[:, T:])  # the logits at T-1+t predict y_t
+        return lp.sum() + values[:, k - N - 1:-1].sum()
 
     params = list(actor.parameters()) + (list(critic.parameters()) if critic is not None else [])
     with F.SavedTensors(params) as saved:
         micro_batch()
-    want = F.activation_memory(SHAPE, b, T + N, lora_rank=rank, shared=shared)
+    want = F.activation_memory(SHAPE, b, T + N, lora_rank=rank, shared=shared, keep=keep)
     # the formula leaves out the index tensors (token ids, gather indices) and per-row logsumexp outputs
     assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
 
@@ -240,7 +245,8 @@ def test_option_ratio_one_memory_and_reference(ckpts, option):
         assert (got["roles"][role]["weights"] + got["roles"][role]["weights_host"]
                 == want["roles"][role]["weights"] + want["roles"][role]["weights_host"]), role
     b, t = probe.extra["micro_batch"]
-    acts = F.activation_memory(shape, b, t, args.lora_rank, o["shared"])
+    assert probe.extra["keep"] == t - exp["context_len"] + 1  # the response's N + 1 positions get logits
+    acts = F.activation_memory(shape, b, t, args.lora_rank, o["shared"], keep=probe.extra["keep"])
     assert acts <= probe.extra["activations"] <= acts * 1.01
     # the reference after the update: the SFT model as loaded from disk
     exp2, _ = rollout(m, args, seed=1)

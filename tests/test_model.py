@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.model import (GPT, GPTConfig, ScalarGPT, attention_mask_4d, last_index, load_safetensors, sample,
-                            sample_categorical)
+from nanorlhf.model import (GPT, GPTConfig, ScalarGPT, ValueHeadGPT, attention_mask_4d, last_index, load_safetensors,
+                            sample, sample_categorical)
 
 CONFIG = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -162,6 +162,36 @@ def test_left_padded_rows_match_rows_alone():
         assert torch.allclose(real, ref_logits(sd, CONFIG.n_head, r), atol=1e-10)
         alone = model.lm_head(model.trunk(torch.tensor([r])))[0]
         assert torch.allclose(real, alone, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_logits_to_keep_are_the_last_positions(shared):
+    # PPO asks for the response's logits only: the same numbers as the full forward's last K, gradients included
+    torch.manual_seed(0)
+    model = make_gpt(noise=0.05)
+    if shared:
+        model = ValueHeadGPT.from_gpt(model)
+        with torch.no_grad():
+            model.value_head.weight.normal_()
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], pad_id=3)
+    w = torch.randn(3, 4, CONFIG.vocab_size, dtype=torch.float64)  # a loss that reads every kept logit
+
+    def run(keep):
+        model.zero_grad()
+        out = model(idx, mask, values=True, logits_to_keep=keep) if shared else model(idx, mask, logits_to_keep=keep)
+        logits, values = out if shared else (out, None)
+        assert logits.shape == (3, keep or idx.size(1), CONFIG.vocab_size)  # no logits for the other positions
+        logits, values = logits[:, -4:], values[:, -4:] if shared else None
+        ((logits * w).sum() + (values.sum() if shared else 0)).backward()
+        return logits.detach(), values, [p.grad.clone() for p in model.parameters()]
+
+    full, kept = run(0), run(4)
+    assert full[0].shape == kept[0].shape == (3, 4, CONFIG.vocab_size)
+    assert torch.allclose(full[0], kept[0], atol=1e-12)
+    if shared:
+        assert model(idx, mask, values=True, logits_to_keep=4)[1].shape == (3, 4)
+        assert torch.allclose(full[1], kept[1], atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(full[2], kept[2]))
 
 
 def test_right_padding_and_explicit_position_ids():
