@@ -227,9 +227,6 @@ def bench_ppo(cfg, model_cfg, rt):
             "ppo_episodes": args.batch_size, "ppo_epochs": args.ppo_epochs, "ppo_minibatches": args.num_minibatches}
 
 
-# -----------------------------------------------------------------------------
-# the peer: Hugging Face transformers (optional; never a dependency of the package)
-
 def bench_rm(cfg, model_cfg, rt):
     """
     Reward-model steps on random prompts with K random responses each, the same tokens run two ways: a row per
@@ -275,6 +272,10 @@ def bench_rm(cfg, model_cfg, rt):
     ratios = [a / b for a, b in zip(times["row per response"], times["prompt once"])]
     return {"rm_s_per_step": times, "rm_speedup": statistics.median(ratios),
             "rm_tokens": {layout: int(slots_run(b).sum()) for layout, b in batches.items()}}
+
+
+# -----------------------------------------------------------------------------
+# the peer: Hugging Face transformers (optional; never a dependency of the package)
 
 
 def hf_twin(model, eos_id, pad_id):

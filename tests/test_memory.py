@@ -128,7 +128,7 @@ def test_activation_prediction(rank, shared, keep):
     with F.SavedTensors(params) as saved:
         micro_batch()
     want = F.activation_memory(SHAPE, b, T + N, lora_rank=rank, shared=shared, keep=keep)
-    # the formula leaves out the index tensors (token ids, gather indices) and per-row logsumexp outputs
+    # the formula leaves out the index tensors (token ids, gather indices) and logsumexp's outputs
     assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
 
 

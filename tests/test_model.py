@@ -169,11 +169,13 @@ def test_logits_to_keep_are_the_last_positions(shared):
     # PPO asks for the response's logits only: the same numbers as the full forward's last K, gradients included
     torch.manual_seed(0)
     model = make_gpt(noise=0.05)
+    sd = to_hf(model.state_dict())
     if shared:
         model = ValueHeadGPT.from_gpt(model)
         with torch.no_grad():
             model.value_head.weight.normal_()
-    idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], pad_id=3)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    idx, mask = left_pad(rows, pad_id=3)
     w = torch.randn(3, 4, CONFIG.vocab_size, dtype=torch.float64)  # a loss that reads every kept logit
 
     def run(keep):
@@ -186,8 +188,10 @@ def test_logits_to_keep_are_the_last_positions(shared):
         return logits.detach(), values, [p.grad.clone() for p in model.parameters()]
 
     full, kept = run(0), run(4)
-    assert full[0].shape == kept[0].shape == (3, 4, CONFIG.vocab_size)
     assert torch.allclose(full[0], kept[0], atol=1e-12)
+    for b, r in enumerate(rows):  # and the float64 reference of each row alone, at its real positions
+        n = min(4, len(r))
+        assert torch.allclose(kept[0][b, -n:], ref_logits(sd, CONFIG.n_head, r)[-n:], atol=1e-10)
     if shared:
         assert model(idx, mask, values=True, logits_to_keep=4)[1].shape == (3, 4)
         assert torch.allclose(full[1], kept[1], atol=1e-12)
