@@ -22,7 +22,7 @@ Deliberate deviations from GPT-2 / nanoGPT:
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,7 +73,9 @@ def float32_head(head, h):
     """
     x = at_least_float32(h)  # (..., C)
     with torch.autocast(x.device.type, enabled=False):
-        bias = None if head.bias is None else head.bias.to(x.dtype)
+        if head.weight.dtype == x.dtype:
+            return head(x)  # (..., out); during generate() on a CPU possibly a OneDNNLinear, see onednn_linears
+        bias = None if head.bias is None else head.bias.to(x.dtype)  # a bf16/fp16 model's head
         return F.linear(x, head.weight.to(x.dtype), bias)  # (..., out)
 
 
@@ -378,8 +380,9 @@ class GPT(Trunk):
             pad_id = eos_id if eos_id is not None else 0
 
         # inference mode: no autograd bookkeeping at all in the sampling loop (it costs per op, and a decode
-        # step is many small ops); its tensors may not enter autograd later, so the results are copied out below
-        with torch.inference_mode():
+        # step is many small ops); its tensors may not enter autograd later, so the results are copied out below.
+        # On an x86 CPU the Linears run through oneDNN with weights reordered once (onednn_linears).
+        with torch.inference_mode(), onednn_linears(self, B, self.lm_head):
             T_max = T0 + max_new_tokens
             out = torch.full((B, T_max), pad_id, dtype=idx.dtype, device=device)  # (B, T_max)
             out[:, :T0] = idx
@@ -556,6 +559,66 @@ def sample_categorical(probs, generator=None):
     u = 1 - torch.rand(probs.size(0), 1, dtype=dtype, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
     tok = torch.searchsorted(cdf, u * cdf[:, -1:])  # (B, 1): the first i with cdf[i] >= u * total
     return tok.squeeze(-1).clamp_(max=probs.size(-1) - 1)  # (B,)
+
+
+# -----------------------------------------------------------------------------
+# generation's Linears on an x86 CPU: oneDNN, each weight reordered once
+
+
+def onednn_dtype(weight):
+    """
+    The dtype in which generate() runs a Linear with this weight through oneDNN (OneDNNLinear), or None to keep
+    F.linear: float32 weights on an x86 CPU whose torch has oneDNN; bfloat16 under CPU autocast to bfloat16 (where
+    oneDNN has bf16 kernels), float32 without autocast. Anything else (a GPU, a float64 or bf16 model, fp16
+    autocast, ARM) keeps F.linear.
+    """
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    if torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class OneDNNLinear:
+    """
+    y = x W^T + b for one nn.Linear, through oneDNN with W reordered once into oneDNN's blocked layout for about
+    `rows` rows of x; computes in `dtype` and returns that dtype (what F.linear gives under autocast).
+    """
+
+    def __init__(self, linear, dtype, rows):
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def __call__(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+
+@contextmanager
+def onednn_linears(model, rows, head):
+    """
+    Inside the block, every plain nn.Linear of model runs as a OneDNNLinear (its forward is replaced, and put
+    back on exit), the trunk's in onednn_dtype, `head` (the lm_head) in float32 as float32_head wants. Where
+    onednn_dtype says None, nothing changes. For inference only: a OneDNNLinear has no backward, and it holds a
+    copy of the weight taken on entry.
+
+    Why: a decode step multiplies a few rows (one per sequence) by every weight of the model. F.linear hands that
+    to MKL's sgemm on a CPU (in float32; oneDNN under bf16 autocast), which re-packs the whole weight at every
+    call, and on this project's AMD CPU MKL also runs its slower kernels. Reordering each weight once per
+    generate() call and running oneDNN's matmul is what torch.compile's freezing pass does for CPU inference.
+    """
+    dtype = onednn_dtype(head.weight)
+    linears = [m for m in model.modules() if type(m) is nn.Linear] if dtype is not None else []
+    for m in linears:
+        m.forward = OneDNNLinear(m, torch.float32 if m is head else dtype, rows)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
 
 
 # -----------------------------------------------------------------------------

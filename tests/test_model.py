@@ -588,6 +588,100 @@ def test_cuda_bf16_matches_cpu():
 
 
 # -----------------------------------------------------------------------------
+# generation's oneDNN Linears (x86 CPUs)
+
+def onednn_or_skip(dtype=torch.float32):
+    """Skip where generate() keeps F.linear (not an x86 CPU with oneDNN, or no bf16 kernels for dtype bf16)."""
+    from nanorlhf.model import onednn_dtype
+
+    w = torch.zeros(2, 2)
+    if dtype == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = onednn_dtype(w)
+    else:
+        got = onednn_dtype(w)
+    if got != dtype:
+        pytest.skip(f"generate() keeps F.linear for {dtype} on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,bias", [(1, True), (16, True), (40, False)])
+def test_onednn_linear_matches_float64(dtype, rows, bias):
+    # x W^T + b through oneDNN with the weight reordered once, against the float64 product of the same
+    # numbers (in bf16: of the bf16-rounded inputs, the one rounding left being the output's)
+    from nanorlhf.model import OneDNNLinear
+
+    onednn_or_skip(dtype)
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(48, 72, bias=bias)
+    x = torch.randn(rows, 5, 48)  # (rows, 5, C): leading dimensions are kept, as F.linear keeps them
+    y = OneDNNLinear(linear, dtype, rows)(x)
+    cast = lambda t: t.to(dtype).double()  # noqa: E731
+    ref = cast(x) @ cast(linear.weight).t() + (cast(linear.bias) if bias else 0.0)  # (rows, 5, 72)
+    assert y.shape == (rows, 5, 72) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16 keeps 8 significant bits
+    assert ((y.double() - ref).abs() / (1 + ref.abs())).max() < tol
+
+
+def test_onednn_dtype_choices():
+    from nanorlhf.model import onednn_dtype
+
+    onednn_or_skip()
+    assert onednn_dtype(torch.zeros(2, 2, dtype=torch.float64)) is None  # a float64 model keeps F.linear
+    assert onednn_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) is None  # so does a bf16 one
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert onednn_dtype(torch.zeros(2, 2)) is None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
+    # generate() with the oneDNN Linears samples the same tokens as with F.linear, with the same logprobs up to
+    # float32 rounding (bf16 autocast: up to bf16 rounding of the trunk; the head is float32 in both), and
+    # during the call every Linear is a OneDNNLinear of the right dtype: the trunk's in bf16 under autocast, the
+    # lm_head's in float32. Afterwards, and after an error inside the call, the modules are plain again.
+    import nanorlhf.model as M
+
+    onednn_or_skip(torch.bfloat16 if autocast else torch.float32)
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13]])
+    seen, real_sample = [], M.sample
+
+    def spy_sample(*args, **kwargs):
+        seen.append({name: (type(m.forward).__name__, getattr(m.forward, "dtype", None))
+                     for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        return real_sample(*args, **kwargs)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model.generate(idx, 10, attention_mask=mask, return_logprobs=True,
+                                  generator=torch.Generator().manual_seed(3))
+
+    monkeypatch.setattr(M, "sample", spy_sample)
+    out, lp = run()
+    trunk_dtype = torch.bfloat16 if autocast else torch.float32
+    assert len(seen) == 10
+    for linears in seen:
+        assert linears["lm_head"] == ("OneDNNLinear", torch.float32)
+        assert {v for k, v in linears.items() if k != "lm_head"} == {("OneDNNLinear", trunk_dtype)}
+    assert all("forward" not in vars(m) for m in model.modules())
+    monkeypatch.setattr(M, "onednn_dtype", lambda weight: None)  # F.linear everywhere
+    seen.clear()
+    out_ref, lp_ref = run()
+    assert {v for linears in seen for v in linears.values()} == {("method", None)}
+    assert torch.equal(out, out_ref)
+    assert (lp - lp_ref).abs().max() < (1e-5 if not autocast else 0.05)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(M, "sample", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run()
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+# -----------------------------------------------------------------------------
 # scalar head
 
 
