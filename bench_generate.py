@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
 from nanorlhf.utils import FlagParser
 
 parser = FlagParser(description=__doc__)
@@ -25,6 +25,8 @@ parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n_head", type=int, default=4, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=256, help="model width")
 parser.add_argument("--vocab_size", type=int, default=258, help="vocabulary size (258 = byte-level)")
+parser.add_argument("--activation", default="gelu", choices=list(GELU_APPROXIMATE),
+                    help="the MLP's GELU: gelu (exact; train_sft.py's default for a new model) | gelu_new (GPT-2's)")
 parser.add_argument("--left_pad", type=int, default=0, help="left-pad half of the prompts by this many tokens")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 (autocast, on a CPU too)")
@@ -42,7 +44,7 @@ device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_availabl
 ctx = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, args.dtype))
 torch.manual_seed(args.seed)
 config = GPTConfig(block_size=args.prompt_len + args.new_tokens, vocab_size=args.vocab_size,
-                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, activation=args.activation)
 model = GPT(config).to(device).eval()
 B, T = args.batch_size, args.prompt_len
 idx = torch.randint(0, args.vocab_size, (B, T), device=device)
