@@ -590,6 +590,7 @@ def test_cuda_bf16_matches_cpu():
 # -----------------------------------------------------------------------------
 # generation's oneDNN Linears (x86 CPUs)
 
+
 def onednn_or_skip(dtype=torch.float32):
     """Skip where generate() keeps F.linear (not an x86 CPU with oneDNN, or no bf16 kernels for dtype bf16)."""
     from nanorlhf.model import onednn_dtype
@@ -627,6 +628,8 @@ def test_onednn_dtype_choices():
     from nanorlhf.model import onednn_dtype
 
     onednn_or_skip()
+    assert onednn_dtype(torch.zeros(2, 2)) == torch.float32
+    assert onednn_dtype(torch.zeros(2, 2, device="meta")) is None  # not on the CPU (a GPU) keeps F.linear
     assert onednn_dtype(torch.zeros(2, 2, dtype=torch.float64)) is None  # a float64 model keeps F.linear
     assert onednn_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) is None  # so does a bf16 one
     with torch.autocast("cpu", dtype=torch.float16):
