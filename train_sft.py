@@ -33,7 +33,7 @@ Deviations from InstructGPT (Ouyang et al. 2022, appendix C):
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -98,6 +98,7 @@ class Config:
 
 
 BETAS = (0.9, 0.95)
+SCRATCH_ONLY = ("n_layer", "n_head", "n_embd", "dropout", "activation")  # flags a checkpoint's config overrides
 
 
 def check_flags(args):
@@ -111,6 +112,11 @@ def check_flags(args):
           f"--activation must be one of {', '.join(GELU_APPROXIMATE)}, got {args.activation!r}")
     check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
     check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.init_from != "scratch":  # the checkpoint's shape and GELU win: a changed scratch flag would do nothing
+        defaults = {f.name: f.default for f in fields(Config)}
+        changed = [f"--{name}" for name in SCRATCH_ONLY if getattr(args, name) != defaults[name]]
+        check(not changed, f"{', '.join(changed)}: only for a model from scratch; --init_from {args.init_from} "
+                           f"keeps the checkpoint's")
 
 
 def make_tokenizer(spec):

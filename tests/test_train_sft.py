@@ -110,6 +110,19 @@ def test_bad_flag_writes_nothing(data, tmp_path):
     assert not out.exists()
 
 
+def test_scratch_only_flags_are_refused_with_init_from(data, full_run, tmp_path):
+    # with --init_from a checkpoint, the shape flags and the GELU are the checkpoint's: a value other than the
+    # default would do nothing, so it is refused (one line, exit 2, nothing written); the defaults pass
+    out = tmp_path / "out"
+    common = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), "--init_from", str(full_run)]
+    p = train_sft(*common, "--activation", "gelu_new", "--n_layer", "3", check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "--n_layer, --activation: only for a model from scratch" in p.stderr and not out.exists()
+    p = train_sft(*common, "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--activation", "gelu")
+    model, _, _ = utils.load_model(str(out), kind="gpt")
+    assert model.config.n_layer == 2  # the checkpoint's (TINY's), not --n_layer's default 4
+
+
 def test_resume_flag_forms(tmp_path):
     """A bare --resume still means on; auto depends on out_dir holding both checkpoint files; others are refused."""
     args = train_common.parse_stage_flags(sft_stage.Config, ["--resume", "--lr", "0.1"])
