@@ -62,6 +62,15 @@ def at_least_float32(x):
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def autocast_off(device_type):
+    """
+    A context in which autocast is off on device_type: torch.autocast(enabled=False) where autocast is on, else
+    nothing to do (a null context; entering torch.autocast costs about 15 us, several times per decode step).
+    """
+    on = torch.is_autocast_enabled(device_type) if hasattr(torch, "get_autocast_dtype") else True  # torch < 2.4
+    return torch.autocast(device_type, enabled=False) if on else nullcontext()
+
+
 def float32_head(head, h):
     """
     head(h) for an output head (the lm_head, the scalar head) with its matmul in float32 also under autocast:
@@ -73,7 +82,7 @@ def float32_head(head, h):
     little (on a GPU the float32 matmul runs on TF32 where setup_runtime allows it).
     """
     x = at_least_float32(h)  # (..., C)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if head.weight.dtype == x.dtype:
             return head(x)  # (..., out); during generate() on a CPU possibly a OneDNNLinear, see onednn_linears
         bias = None if head.bias is None else head.bias.to(x.dtype)  # a bf16/fp16 model's head
@@ -137,9 +146,9 @@ class KVCache:
         if self.kv is None:
             _, B, nh, _, hs = kv.shape
             self.kv = kv.new_empty(2, B, nh, self.T_max, hs)
-        end = start + kv.size(3)
-        self.kv[:, :, :, start:end] = kv
-        return self.kv[0, :, :, :end], self.kv[1, :, :, :end]  # (B, nh, end, hs) each
+        T = kv.size(3)
+        self.kv.narrow(3, start, T).copy_(kv)  # narrow + copy_: fewer ops per decode step than slice assignment
+        return self.kv.narrow(3, 0, start + T).unbind(0)  # keys, values (B, nh, start + T, hs) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -172,7 +181,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(qkv[1:], start)  # (B, nh, start + T, hs) each
         # softmax(q k^T / sqrt(hs) + mask) v, through the fused kernels (flash when there is no explicit mask)
-        with torch.autocast("cpu", enabled=False) if cpu else nullcontext():
+        with autocast_off("cpu") if cpu else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=attn_mask is None and start == 0,
@@ -525,7 +534,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None, retu
         tok = logits.argmax(-1)  # (B,)
         scaled = logits
     else:
-        scaled = logits / temperature  # (B, V)
+        scaled = logits / temperature if temperature != 1 else logits  # (B, V)
         filtered = scaled
         if top_k is not None:
             v, _ = torch.topk(scaled, min(top_k, scaled.size(-1)))  # (B, k)
@@ -596,7 +605,8 @@ class OneDNNLinear:
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
     def __call__(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        x = x if x.dtype == self.dtype else x.to(self.dtype)  # a no-op .to() still costs a few us per call
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 @contextmanager
