@@ -464,7 +464,14 @@ class GPT(Trunk):
         if os.path.exists(st_path):
             sd_hf = load_safetensors(st_path)
         else:
-            sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            bin_path = os.path.join(path, "pytorch_model.bin")
+            try:
+                sd_hf = torch.load(bin_path, map_location="cpu", weights_only=True)
+            except OSError:
+                raise
+            except Exception as e:  # a file that would run code, or not a checkpoint at all: say so in one line
+                from nanorlhf.utils import load_error_reason  # here, so that model.py imports only torch
+                raise ValueError(f"{bin_path}: cannot load ({load_error_reason(e)})") from None
 
         model = cls(config)
         sd = model.state_dict()

@@ -319,7 +319,22 @@ def load_checkpoint(path, name=CKPT, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot load checkpoint ({load_error_reason(e)})") from None
+
+
+def load_error_reason(e):
+    """
+    One line for an exception of torch.load(weights_only=True), e.g. "UnpicklingError: Trying to load unsupported
+    GLOBAL posix.system whose module posix is blocked". torch wraps the reason in paragraphs of advice, among them
+    to retry with weights_only=False, which would let the file run code: we never do, so only the reason is kept.
+    """
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    reasons = [p for p in paragraphs if not p.startswith(advice)] or paragraphs or ["no message"]
+    name = type(e).__name__
+    name = name if name[0].isupper() else f"{type(e).__module__}.{name}"  # struct.error, not "error"
+    return f"{name}: {reasons[0].splitlines()[0].split('. ')[0]}"
 
 
 def model_payload(model, tok, stage, args, step, **extra):

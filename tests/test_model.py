@@ -825,3 +825,6 @@ def test_from_pretrained_rejects_unknown_layouts(tmp_path):
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="missing"):
         GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"garbage\n")  # one line naming the file, not torch's paragraphs
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot load \(UnpicklingError: [^\n]*$"):
+        GPT.from_pretrained(str(tmp_path))

@@ -2,6 +2,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -81,10 +82,43 @@ def test_write_text_and_a_failed_figure_leave_no_half_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "report.md"]
 
 
+class RunsCode:
+    """Unpickling this runs code: os.system("touch <marker>")."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     torch.save({"f": os.system}, tmp_path / "ckpt.pt")  # a pickle that would import a callable
     with pytest.raises(utils.UserError, match="cannot load"):
         utils.load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("runs code", "UnpicklingError: .*system"),
+    ("garbage", "UnpicklingError: "),
+    ("truncated", "RuntimeError: .*zip archive"),
+])
+def test_a_bad_checkpoint_is_one_line_that_names_it_and_runs_nothing(tmp_path, kind, reason):
+    # torch's own message is paragraphs long and suggests weights_only=False, which would run the file's code
+    marker, path = tmp_path / "ran", tmp_path / "ckpt.pt"
+    if kind == "runs code":
+        torch.save({"model": RunsCode(marker)}, path)
+    elif kind == "garbage":
+        path.write_bytes(b"garbage\n")
+    else:
+        torch.save({"model": {"w": torch.ones(1000)}, "step": 3}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(utils.UserError) as info:
+        utils.load_checkpoint(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot load checkpoint (") and "\n" not in message
+    assert re.search(reason, message) and "weights_only" not in message, message
+    assert not marker.exists()
 
 
 def test_rng_state_round_trip_through_weights_only(tmp_path):
