@@ -48,7 +48,7 @@ from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_p
 from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
 from nanorlhf import dist
-from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, endless, load_run,
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, load_run,
                                    optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags, save_run,
                                    wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
@@ -256,6 +256,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
+    check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)

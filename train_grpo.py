@@ -59,7 +59,7 @@ from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, load_run, optimizer_step, parse_stage_flags,
+from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_out_dir, load_run, optimizer_step, parse_stage_flags,
                                    resumed_flags, wants_resume)
 from nanorlhf.utils import check, flag
 
@@ -329,6 +329,7 @@ def main(argv=None):
         ckpt, state = load_run(args.out_dir)
         # the saved flags, but for where it runs and how long: a larger --num_iterations extends the run
         args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",))
+    check_out_dir(args.out_dir, "grpo", {"--sft": args.sft, "--rm": args.rm})
     check_args(args)
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     G = args.group_size

@@ -731,6 +731,7 @@ def main(argv=None):
         check(os.path.isfile(os.path.join(args.out_dir, utils.TRAIN_STATE)),
               f"--resume: {args.out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
         args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], free=RESUME_FREE)
+    C.check_out_dir(args.out_dir, "ppo", {"--sft": args.sft, "--rm": args.rm})
 
     # derived sizes, checked before anything is loaded or written
     check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,

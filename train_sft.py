@@ -42,9 +42,9 @@ from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fra
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, load_run, optimizer_step,
-                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
-                                   wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, check_out_dir, endless, fmt_count, load_run,
+                                   optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
+                                   resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -184,6 +184,7 @@ def main():
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
+    check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from} if args.init_from != "scratch" else {})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir

@@ -174,6 +174,24 @@ def wants_resume(mode, out_dir, files=(utils.CKPT, utils.TRAIN_STATE)):
     return mode == "on"
 
 
+def check_out_dir(out_dir, stage, inputs):
+    """
+    Refuse, before anything is written, an --out_dir whose checkpoint the run would overwrite by mistake: the
+    directory of one of the run's own inputs (inputs: {flag: directory}, e.g. {"--sft": args.sft}), or one that
+    holds another stage's model (a PPO run pointed at out/sft). A stage rerun in its own directory overwrites it,
+    as `make` expects when a stage's inputs change.
+    """
+    for flag_name, path in inputs.items():
+        utils.check(os.path.realpath(path) != os.path.realpath(out_dir),
+                    f"--out_dir {out_dir} is also {flag_name}: the run would overwrite the checkpoint it starts "
+                    f"from; pick another --out_dir")
+    path = os.path.join(out_dir, utils.CKPT)
+    if os.path.isfile(path):
+        held = utils.load_checkpoint(path, mmap=True).get("stage")  # mapped, not read: only the stage is needed
+        utils.check(held in (None, stage), f"--out_dir {out_dir} holds a checkpoint of the {held!r} stage ({path}); "
+                    f"this {stage!r} run would overwrite it: pick another --out_dir, or remove that one first")
+
+
 def load_run(out_dir):
     """(ckpt, train_state) of the run in out_dir, checked to be from the same step."""
     utils.check(os.path.isfile(os.path.join(out_dir, utils.TRAIN_STATE)),

@@ -310,14 +310,14 @@ def save_checkpoint(out_dir, payload, name=CKPT):
     write_atomic(os.path.join(out_dir, name), lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path, name=CKPT, map_location="cpu"):
-    """Load out_dir/name (or a file path) with weights_only=True."""
+def load_checkpoint(path, name=CKPT, map_location="cpu", mmap=False):
+    """Load out_dir/name (or a file path) with weights_only=True; mmap=True maps the tensors instead of reading them."""
     if os.path.isdir(path):
         path = os.path.join(path, name)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"{path}: cannot load checkpoint ({load_error_reason(e)})") from None
 

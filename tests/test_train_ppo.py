@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 
 import numpy as np
@@ -393,6 +395,21 @@ def ppo_cmd(d, out, *extra):
     return ["train_ppo.py", "--data", str(d / "data/prompts.jsonl"), "--sft", str(d / "sft"), "--rm", str(d / "rm"),
             "--out_dir", str(out), "--batch_size", "32", "--num_minibatches", "2", "--response_length", "20",
             "--lr", "1e-3", "--critic_lr", "1e-3", "--kl_coef", "0.01", "--sample_interval", "4", *extra]
+
+
+def test_an_out_dir_holding_an_input_or_another_stage_is_refused(tiny_pipeline):
+    # a PPO run pointed at the SFT directory would replace the SFT model (its own reference) with its policy
+    sft = tiny_pipeline / "sft"
+    before = {f: (sft / f).read_bytes() for f in os.listdir(sft)}
+    for out, expected in [(sft, "is also --sft"), (tiny_pipeline / "rm", "is also --rm")]:
+        p = script(*ppo_cmd(tiny_pipeline, out, "--num_iterations", "1"), check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and expected in p.stderr, p.stderr
+    other = tiny_pipeline / "sft_copy"
+    shutil.copytree(sft, other)
+    p = script(*ppo_cmd(tiny_pipeline, other, "--num_iterations", "1"), check=False)
+    assert p.returncode == 2 and f"--out_dir {other} holds a checkpoint of the 'sft' stage" in p.stderr, p.stderr
+    assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before
+    assert {f: (sft / f).read_bytes() for f in os.listdir(sft)} == before
 
 
 def test_short_ppo_run_raises_the_rm_score(tiny_pipeline):

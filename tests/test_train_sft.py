@@ -140,6 +140,17 @@ def test_resume_flag_forms(tmp_path):
         train_common.wants_resume("yes", str(tmp_path))
 
 
+def test_check_out_dir(tmp_path):
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    utils.save_checkpoint(str(sft), {"stage": "sft", "step": 1, "w": torch.ones(3)})
+    train_common.check_out_dir(str(sft), "sft", {})  # a stage rerun in its own directory: allowed
+    train_common.check_out_dir(str(rm), "rm", {"--init_from": str(sft)})  # a new directory: allowed
+    with pytest.raises(utils.UserError, match="holds a checkpoint of the 'sft' stage"):
+        train_common.check_out_dir(str(sft), "rm", {})
+    with pytest.raises(utils.UserError, match="is also --init_from"):  # the same directory, spelled otherwise
+        train_common.check_out_dir(str(sft) + "/", "sft", {"--init_from": os.path.relpath(sft)})
+
+
 def test_clip_grad_norm_zero_does_not_clip():
     """The one clipping rule of all three stages: 0 leaves the gradients alone, c > 0 scales them to norm c."""
     for max_norm, want in ((0.0, [3.0, 4.0]), (1.0, [0.6, 0.8]), (10.0, [3.0, 4.0])):
