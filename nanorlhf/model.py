@@ -467,7 +467,7 @@ class GPT(Trunk):
             bin_path = os.path.join(path, "pytorch_model.bin")
             try:
                 sd_hf = torch.load(bin_path, map_location="cpu", weights_only=True)
-            except OSError:
+            except OSError:  # no such file, or unreadable: the message names it already
                 raise
             except Exception as e:  # a file that would run code, or not a checkpoint at all: say so in one line
                 from nanorlhf.utils import load_error_reason  # here, so that model.py imports only torch
