@@ -227,19 +227,23 @@ def resumed_flags(args, saved, free=RESUME_FREE):
     The flags of a resumed run: the saved ones, except
     - out_dir, resume and stop_at, which always come from the command line;
     - the fields named in `free` (where to run, how often to log), which come from the command line when
-      given there (when they differ from their default);
-    A flag given on the command line that differs from both its default and the saved value is an error
-    rather than silently ignored.
+      given there, also at their default value (`--share_prompts true` after a run without it);
+    A flag given on the command line with another value than the saved one is an error rather than silently
+    ignored, whatever its default. Which flags were given: args._given (utils.parse_flags); for args built
+    in code, the fields that differ from their default.
     """
+    given = getattr(args, "_given", None)
+    if given is None:
+        given = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}
     merged = {}
     for f in dataclasses.fields(args):
         now, before = getattr(args, f.name), saved.get(f.name, f.default)
         if f.name in ("out_dir", "resume", "stop_at"):
             merged[f.name] = now
         elif f.name in free:
-            merged[f.name] = now if now != f.default else before
+            merged[f.name] = now if f.name in given else before
         else:
-            utils.check(now == f.default or now == before,
+            utils.check(f.name not in given or now == before,
                         f"--resume: --{f.name} {now} differs from the run's {before} (resume with the same flags)")
             merged[f.name] = before
     return dataclasses.replace(args, **merged)

@@ -133,6 +133,8 @@ def parse_flags(cls, argv=None, description=None):
     Build a FlagParser from a dataclass, parse argv and return an instance of the dataclass.
     A bool field `compile: bool = False` becomes `--compile` (and `--compile false` also works).
     Optional fields (default None) take the type of their annotation, e.g. `top_k: int | None`.
+    The instance's `_given` is the set of the flags that argv names (given at their default value or not): a
+    resumed run takes only those from the command line (train_common.resumed_flags).
     """
     parser = FlagParser(description=description)
     for f in dataclasses.fields(cls):
@@ -147,7 +149,12 @@ def parse_flags(cls, argv=None, description=None):
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=typ, default=f.default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+    # argparse fills in a default only where the namespace lacks the name, so a flag still `unset` was not given
+    unset = object()
+    ns = vars(parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(cls)})))
+    args = cls(**{f.name: f.default if ns[f.name] is unset else ns[f.name] for f in dataclasses.fields(cls)})
+    args._given = {name for name, value in ns.items() if value is not unset}
+    return args
 
 
 def check(condition, message):

@@ -4,6 +4,7 @@ the built-in task: it learns, bad input is refused before anything is written, -
 and the checkpoint loads without running code.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -217,3 +218,27 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path,
         assert torch.load(out / name, weights_only=True)["step"] == 3, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_resumed_flags_take_what_the_command_line_names():
+    """
+    A resumed run keeps its saved flags; a flag named on the command line counts even at its default value: a
+    free one (dtype) comes back to the default, any other one with another value than the saved one is refused.
+    """
+    defaults = sft_stage.Config()
+    saved = dataclasses.asdict(dataclasses.replace(defaults, lr=0.1, dtype="float32", eval_interval=7))
+
+    def resume(*argv):
+        return train_common.resumed_flags(train_common.parse_stage_flags(sft_stage.Config, ["--resume", *argv]), saved)
+
+    args = resume()  # nothing named: every flag is the run's
+    assert (args.lr, args.dtype, args.eval_interval, args.resume) == (0.1, "float32", 7, "on")
+    args = resume("--dtype", defaults.dtype, "--eval_interval", str(defaults.eval_interval))
+    assert (args.dtype, args.eval_interval, args.lr) == (defaults.dtype, defaults.eval_interval, 0.1)
+    assert resume("--lr", "0.1").lr == 0.1  # the saved value, named again
+    for argv in (["--lr", str(defaults.lr)], ["--lr", "0.2"]):  # at the default, or another value
+        with pytest.raises(utils.UserError, match=r"--lr .* differs from the run's 0.1"):
+            resume(*argv)
+    # built in code, without a command line: the fields that differ from their default count as named
+    args = train_common.resumed_flags(dataclasses.replace(defaults, resume="on", dtype="bfloat16"), saved)
+    assert (args.dtype, args.lr) == ("bfloat16", 0.1)
