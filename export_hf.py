@@ -50,7 +50,8 @@ class Args:
     ckpt: str = flag("out/ppo", "checkpoint to export: a directory (its ckpt.pt) or a .pt file (e.g. out/ppo/critic.pt)")
     out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite)")
     dtype: str = flag("float32", "dtype of the exported weights: float32 | bfloat16 | float16")
-    overwrite: bool = flag(False, "replace --out if it holds files (the old directory goes only once the new one is complete)")
+    overwrite: bool = flag(False, "replace --out if it holds files (the old directory goes only once the new one is "
+                                  "complete); never a directory that holds a checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +198,8 @@ def readme(ckpt, kind, tok, hf_tokenizer):
         "```",
         "",
         "The prompt template the model was trained on (tokenizer_config.json's chat_template writes it):",
-        "`\"\\n\\nHuman: {prompt}\\n\\nAssistant:\"`, the response follows after a space and ends with EOS.",
+        "`\"\\n\\nHuman: {prompt}\\n\\nAssistant:\"`, the response follows after a space and ends with EOS. "
+        "Its text encoded whole, as `apply_chat_template` does, gives the ids the model was trained on.",
         "nanorlhf encodes text typed by a user as plain text, also `<|endoftext|>`; Hugging Face tokenizers turn that "
         "string into the EOS id unless told otherwise (`split_special_tokens=True`).",
         "",
@@ -214,22 +216,46 @@ def readme(ckpt, kind, tok, hf_tokenizer):
 # -----------------------------------------------------------------------------
 
 
+def check_out_is_not_a_run(out, ckpt_path):
+    """
+    --overwrite replaces --out as a whole, so --out may never be a directory that training wrote: the checkpoint's
+    own directory or one above it (out/ppo, out), nor any directory that holds a ckpt.pt. Paths are compared
+    resolved (symlinks, "..") so that no spelling of the same directory gets through.
+    """
+    if not os.path.exists(out):
+        return
+    real_out = os.path.realpath(out)
+    ckpt_dir = os.path.realpath(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path)))
+    check(os.path.commonpath([real_out, ckpt_dir]) != real_out,
+          f"--out {out} is or contains the directory of --ckpt {ckpt_path}: replacing it would delete the checkpoint "
+          f"(choose another --out; --overwrite never replaces it)")
+    for root, _, files in os.walk(real_out):
+        check(utils.CKPT not in files, f"--out {out} holds a nanorlhf checkpoint ({os.path.join(root, utils.CKPT)}): "
+                                       f"refusing to replace it, even with --overwrite")
+
+
 def export(ckpt_path, out, dtype="float32", overwrite=False):
     """Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed)."""
     check(dtype in ("float32", "bfloat16", "float16"), f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    check_out_is_not_a_run(out, ckpt_path)
     check(not os.path.exists(out) or (os.path.isdir(out) and (overwrite or not os.listdir(out))),
           f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
     ckpt = utils.load_checkpoint(ckpt_path)
-    check(isinstance(ckpt, dict) and "model_kind" in ckpt and "tokenizer" in ckpt,
+    check(isinstance(ckpt, dict) and all(k in ckpt for k in ("model", "model_config", "model_kind", "tokenizer")),
           f"{ckpt_path}: not a nanorlhf model checkpoint (train_state.pt holds no model)")
     kind = ckpt["model_kind"]
     check(kind in ("gpt", "scalar"), f"{ckpt_path}: unknown model_kind {kind!r}")
-    config = GPTConfig(**ckpt["model_config"])
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:  # e.g. a field that a newer nanorlhf writes and this one does not know
+        ckpt_file = os.path.join(ckpt_path, utils.CKPT) if os.path.isdir(ckpt_path) else ckpt_path
+        raise utils.UserError(f"{ckpt_file}: model_config: {e}") from None
     tok = Tokenizer.from_dict(ckpt["tokenizer"])
     torch_dtype = getattr(torch, dtype)
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 
-    tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
+    path = os.path.abspath(out)  # no trailing "/", and "." becomes a name that can be renamed
+    tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(tmp)
     try:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
@@ -244,13 +270,13 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(readme(ckpt, kind, tok, "vocab.json" in tok_files))
         # the new directory is complete: only now does it take the place of an old one
-        if os.path.exists(out):
-            old = f"{out.rstrip(os.sep)}.old{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
+        if os.path.exists(path):
+            old = f"{path}.old{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
             shutil.rmtree(old)
         else:
-            os.replace(tmp, out)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

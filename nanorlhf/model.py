@@ -13,7 +13,9 @@ The GPT-2 model, in the style of nanoGPT's model.py, plus what RLHF needs on top
 Deliberate deviations from GPT-2 / nanoGPT:
 - Attention always goes through F.scaled_dot_product_attention; with padding it gets a boolean mask in which
   every query may at least attend to itself, so a pad query of a left-padded row never makes a NaN.
-- GPTConfig has no layer_norm_epsilon: it is GPT-2's 1e-5 (from_pretrained refuses anything else).
+- GPTConfig has no layer_norm_epsilon: it is GPT-2's 1e-5 (from_pretrained refuses anything else). Nor does it
+  have an untied lm_head or another attention scale than 1 / sqrt(head size): from_pretrained refuses a config.json
+  with tie_word_embeddings false, scale_attn_weights false or scale_attn_by_inverse_layer_idx true.
 - GPTConfig.activation: GPT-2's tanh GELU ("gelu_new", the default and what GPT-2's weights load with) or the exact
   GELU ("gelu", nanoGPT's choice, which train_sft.py gives a new model: torch computes it 3x faster on a CPU).
 - Under autocast the output heads still multiply in float32 (float32_head: logprobs and PPO's ratio need it), and
@@ -457,6 +459,14 @@ class GPT(Trunk):
         n_embd = hf["n_embd"]
         if hf.get("n_inner") not in (None, 4 * n_embd):
             raise ValueError(f"{path}: n_inner {hf['n_inner']} is not supported (GPT-2 uses 4 * n_embd)")
+        # GPT2Config options that change what the model computes and that GPT has no place for: an lm_head of its
+        # own (GPT ties it to wte, so the file's would be dropped), and attention scores scaled otherwise than by
+        # 1 / sqrt(head size). reorder_and_upcast_attn only changes the precision, so it is accepted.
+        for key, gpt2 in (("tie_word_embeddings", True), ("scale_attn_weights", True),
+                          ("scale_attn_by_inverse_layer_idx", False)):
+            if hf.get(key, gpt2) != gpt2:  # json.dumps: true/false, as config.json writes them
+                raise ValueError(f"{path}: {key} {json.dumps(hf[key])} is not supported "
+                                 f"(GPT-2 uses {json.dumps(gpt2)})")
         config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True,
                            activation=activation)
@@ -659,30 +669,44 @@ def load_safetensors(path):
     Read a .safetensors file into {name: tensor} (CPU). The format: an 8-byte little-endian header length n,
     n bytes of JSON {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": ..},
     then the raw little-endian tensor bytes, offsets counted from the end of the header.
-    Uses the safetensors package when it is installed.
+    Uses the safetensors package when it is installed. A file that is not valid safetensors raises ValueError
+    naming it, whichever reader ran (OSError for one that cannot be read at all).
     """
     try:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
         load_file = None
     if load_file is not None:
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:  # its own class, no ValueError: callers that report bad files would miss it
+            raise ValueError(f"{path}: {e}") from None
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = bytearray(os.path.getsize(path) - 8 - n)
+        if n > size - 8:  # checked before reading: a corrupt length would ask for that many bytes of memory
+            raise ValueError(f"{path}: cannot read it as safetensors (header length {n} > file size {size} - 8)")
+        header_bytes = f.read(n)
+        data = bytearray(size - 8 - n)
         f.readinto(data)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        if end == begin:
-            t = torch.empty(info["shape"], dtype=dtype)
-        else:
-            t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-        tensors[name] = t.reshape(info["shape"])
+    try:
+        header = json.loads(header_bytes)
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
+            begin, end = info["data_offsets"]
+            if end == begin:
+                t = torch.empty(info["shape"], dtype=dtype)
+            else:
+                t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            tensors[name] = t.reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # truncated, or a bad header
+        raise ValueError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})") from None
     return tensors
 
 

@@ -12,9 +12,9 @@ Two special tokens are appended after the ranks: EOS "<|endoftext|>" (id n_ranks
 PAD "<|pad|>" (id n_ranks + 1). pad != eos. User text is always encoded as ordinary text, so a prompt that
 contains the string "<|endoftext|>" is encoded as the bytes "<", "|", "end", ... and never as EOS.
 
-The template (Anthropic HH format), with the response mask underneath:
-    "\n\nHuman: {prompt}" "\n\nAssistant:" " {response}" <|endoftext|>
-     0 0 0 ... 0           0 0 0 ...       1 1 1 ...      1
+The template (Anthropic HH format), encoded in the pieces shown, with the response mask underneath:
+    "\n\nHuman: {prompt}\n\nAssistant:" " {response}" <|endoftext|>
+     0 0 0 ...                        0  1 1 1 ...      1
 
 Train a tokenizer from the command line:
     python -m nanorlhf.tokenizer --train corpus.txt --vocab_size 512 --out my.tiktoken
@@ -258,10 +258,12 @@ class Tokenizer:
 
     def render_prompt(self, prompt):
         """
-        Ids of "\\n\\nHuman: {prompt}\\n\\nAssistant:", encoded in two pieces ("\\n\\nHuman: {prompt}" and
-        "\\n\\nAssistant:") so that it is exactly the prefix that render() and render_messages() produce.
+        Ids of "\\n\\nHuman: {prompt}\\n\\nAssistant:", encoded in one piece, as a Hugging Face tokenizer encodes
+        the text of the exported chat template (export_hf.py). In two pieces, a prompt that ends in whitespace
+        would get other ids from GPT-2's BPE: "2\\n" + "\\n\\nAssistant:" -> ..., 198, 198, 198, but
+        "2\\n\\n\\nAssistant:" -> ..., 628, 198. It is exactly the prefix that render() and render_messages() produce.
         """
-        return self.encode(f"{HUMAN} {prompt}") + self.encode(ASSISTANT)
+        return self.encode(f"{HUMAN} {prompt}{ASSISTANT}")
 
     def render(self, prompt, response):
         """
@@ -274,31 +276,39 @@ class Tokenizer:
         response_ids = self.encode(" " + response) + [self.eos_id]
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
-    def render_messages(self, messages):
+    def render_messages(self, messages, add_generation_prompt=False):
         """
         (ids, response_mask) for a conversation [{"role": "system"|"user"|"assistant", "content": str}, ...]:
             system    -> "{content}"                            mask 0
             user      -> "\\n\\nHuman: {content}"                 mask 0
             assistant -> "\\n\\nAssistant:" " {content}" <eos>    mask 0, then 1 on " {content}" and the eos
-        so render_messages([user p, assistant r]) == render(p, r).
+        and with add_generation_prompt a last "\\n\\nAssistant:" (mask 0), the cue for the model to answer.
+        The text before each response is encoded in one piece, as a Hugging Face tokenizer encodes the exported chat
+        template's text (split only at the EOS), so both give the same ids; a response starts a new piece after
+        "Assistant:" in either case (GPT-2's split pattern never joins ":" and " "). So
+        render_messages([user p, assistant r]) == render(p, r) and
+        render_messages([user p], add_generation_prompt=True)[0] == render_prompt(p).
         """
         ids, mask = [], []
+        context = ""  # the text since the last response (mask 0)
         for m in messages:
             role, content = m["role"], m["content"]
             if not isinstance(content, str):
                 raise ValueError(f"message content must be a string, got {type(content).__name__}")
             if role == "system":
-                pieces = [(self.encode(content), 0)]
+                context += content
             elif role == "user":
-                pieces = [(self.encode(f"{HUMAN} {content}"), 0)]
+                context += f"{HUMAN} {content}"
             elif role == "assistant":
-                pieces = [(self.encode(ASSISTANT), 0), (self.encode(" " + content) + [self.eos_id], 1)]
+                context_ids = self.encode(context + ASSISTANT)
+                response_ids = self.encode(" " + content) + [self.eos_id]
+                ids += context_ids + response_ids
+                mask += [0] * len(context_ids) + [1] * len(response_ids)
+                context = ""
             else:
                 raise ValueError(f"unknown message role {role!r} (expected system, user or assistant)")
-            for piece, m_value in pieces:
-                ids += piece
-                mask += [m_value] * len(piece)
-        return ids, mask
+        context_ids = self.encode(context + ASSISTANT if add_generation_prompt else context)
+        return ids + context_ids, mask + [0] * len(context_ids)
 
     def __repr__(self):
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
@@ -307,7 +317,8 @@ class Tokenizer:
 # CLI: train a BPE on a text file
 
 def main(argv=None):
-    from nanorlhf.utils import FlagParser  # here, not at the top: utils imports data, which imports this module
+    # here, not at the top: utils imports data, which imports this module
+    from nanorlhf.utils import FlagParser, write_atomic
 
     parser = FlagParser(description="Train a byte-level BPE and save it as a .tiktoken file.")
     parser.add_argument("--train", required=True, help="UTF-8 text file to train on")
@@ -316,6 +327,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.vocab_size < 256:
         parser.error(f"--vocab_size must be at least 256, got {args.vocab_size}")
+    # checked before training, which may take minutes: a missing folder would otherwise lose them
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory: name the .tiktoken file to write")
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        parser.error(f"--out {args.out}: the folder {out_dir} does not exist or is not writable")
     try:
         with open(args.train, encoding="utf-8") as f:
             text = f.read()
@@ -324,7 +341,7 @@ def main(argv=None):
     t0 = time.time()
     ranks = train_bpe(text, args.vocab_size, verbose=True)
     dt = time.time() - t0
-    save_tiktoken(ranks, args.out)
+    write_atomic(args.out, lambda tmp: save_tiktoken(ranks, tmp))
     tok = Tokenizer.from_tiktoken_file(args.out)
     n_bytes, n_tokens = len(text.encode("utf-8")), len(tok.encode(text))
     print(f"trained {len(ranks) - 256} merges on {n_bytes / 1e6:.2f} MB in {dt:.1f}s -> {args.out}")

@@ -244,6 +244,35 @@ def test_chat_template_renders_the_training_text():
     assert prompt == tok.enc.decode(tok.render_prompt("sort 9 8"))
 
 
+@pytest.mark.parametrize("source", ["trained", "gpt2"])
+def test_chat_template_gives_the_training_ids(tmp_path, source):
+    """
+    The exported tokenizer files run the way GPT2Tokenizer runs them (hf_bpe_encode) on the chat template's text,
+    split at the special tokens first: the ids must be the ones the model was trained on, also for a prompt that
+    ends in whitespace, where GPT-2's split pattern cuts "\\n\\n\\nAssistant" otherwise than "\\n" + "\\n\\nAssistant".
+    """
+    jinja2 = pytest.importorskip("jinja2")
+    if source == "gpt2" and not GPT2_FILE.exists():
+        pytest.skip("shared/data/gpt2.tiktoken not present")
+    corpus = " ".join(random_texts(400, seed=3))  # its BPE merges "\n\n", as GPT-2's does
+    tok = Tokenizer.gpt2(str(GPT2_FILE)) if source == "gpt2" else Tokenizer("trained", train_bpe(corpus, 400))
+    export_hf.write_tokenizer(tok, str(tmp_path), 64)
+    vocab, rank = read_hf_tokenizer(tmp_path)
+    template = jinja2.Environment().from_string(export_hf.CHAT_TEMPLATE)
+
+    def hf_ids(messages, add_generation_prompt):
+        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        pieces = [hf_bpe_encode(piece, vocab, rank) for piece in text.split("<|endoftext|>")]
+        return sum((piece + [tok.eos_id] for piece in pieces[:-1]), []) + pieces[-1]
+
+    for prompt in ["sort 3 1 2", "sort 3 1 2\n", "sort 3 1 2\n\n", "what is this?  ", "tab\t", ""]:
+        user = [{"role": "user", "content": prompt}]
+        assert hf_ids(user, True) == tok.render_prompt(prompt), prompt
+        conversation = [{"role": "system", "content": "Be brief. "}, *user, {"role": "assistant", "content": "1 2 3\n"},
+                        {"role": "user", "content": prompt}, {"role": "assistant", "content": " ok"}]
+        assert hf_ids(conversation, False) == tok.render_messages(conversation)[0], prompt
+
+
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -261,6 +290,65 @@ def test_cli_exports_a_critic_and_refuses_to_overwrite(tmp_path):
     script("export_hf.py", "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "hf"), "--overwrite")
     assert json.loads((tmp_path / "hf/config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]  # no temporary directory left behind
+
+
+def run_cli(monkeypatch, capsys, *argv):
+    """export_hf.py as its __main__ runs it (utils.run), in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["export_hf.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        utils.run(export_hf.main)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_overwrite_never_replaces_a_checkpoint_directory(tmp_path, monkeypatch, capsys):
+    """--out resolving to the checkpoint's directory, one above it, or one that holds a ckpt.pt: refused, untouched."""
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "out/ppo")
+    save(random_model(), tok, tmp_path / "out/sft", stage="sft")
+    save(random_model("scalar"), tok, tmp_path / "out/ppo", name="critic.pt")
+    (tmp_path / "out/ppo/metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "link").symlink_to(tmp_path / "out/ppo")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [("out/ppo", "out/ppo", "is or contains"), ("out/ppo", "out", "is or contains"),
+             ("out/ppo/critic.pt", "out/ppo", "is or contains"), ("out/ppo", "link", "is or contains"),
+             ("out/ppo", "out/sft/../ppo/", "is or contains"), ("out/ppo", "out/sft", "holds a nanorlhf checkpoint"),
+             ("out/sft", "", "is or contains")]
+    for ckpt, out, message in cases:
+        with pytest.raises(utils.UserError, match=message):
+            export_hf.export(str(tmp_path / ckpt), str(tmp_path / out), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "elsewhere").mkdir()
+    save(random_model(), tok, tmp_path / "elsewhere/ppo")
+    with pytest.raises(utils.UserError, match=r"out holds a nanorlhf checkpoint"):  # a whole pipeline
+        export_hf.export(str(tmp_path / "elsewhere/ppo"), str(tmp_path / "out"), overwrite=True)
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "out/ppo"), "--out", str(tmp_path / "out/ppo"),
+                        "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and "--out" in err and "--ckpt" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "elsewhere" not in p.parts} == before
+
+
+def test_overwrite_of_the_current_directory(tmp_path, monkeypatch):
+    """--out . names a directory that can be replaced like any other (a rename of "." itself fails)."""
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/stale.txt").write_text("old export")
+    monkeypatch.chdir(tmp_path / "hf")
+    export_hf.export(str(tmp_path / "ppo"), ".", overwrite=True)
+    assert "config.json" in {q.name for q in (tmp_path / "hf").iterdir()} and not (tmp_path / "hf/stale.txt").exists()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]
+
+
+def test_newer_model_config_is_one_line(tmp_path, monkeypatch, capsys):
+    """A config field this version does not know (a newer nanorlhf's): one line naming the file, nothing written."""
+    tok = Tokenizer.byte_level()
+    payload = utils.model_payload(random_model(), tok, "ppo", {"seed": 0}, 7)
+    payload["model_config"]["rope"] = True
+    utils.save_checkpoint(str(tmp_path), payload, "newer.pt")
+    with pytest.raises(utils.UserError, match=r"newer.pt: model_config: .*'rope'"):
+        export_hf.export(str(tmp_path / "newer.pt"), str(tmp_path / "hf"))
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "newer.pt"), "--out", str(tmp_path / "hf"))
+    assert code == 2 and err.count("\n") == 1 and "newer.pt: model_config" in err, err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["newer.pt"]
 
 
 def test_cli_bad_checkpoint_writes_nothing(tmp_path):
@@ -319,3 +407,10 @@ def test_transformers_runs_the_gpt2_tokenizer_files(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in random_texts(200, seed=5):
         assert hf_tok.encode(text) == tok.encode(text), text
+    for prompt in ["sort 3 1 2", "sort 3 1 2\n", "what is this?  ", ""]:  # the chat template: the training ids
+        messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": "1 2 3\n"}, {"role": "user", "content": prompt}]
+        text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert hf_tok.encode(text) == tok.render_messages(messages, add_generation_prompt=True)[0], prompt
+        text = hf_tok.apply_chat_template(messages[1:2], add_generation_prompt=True, tokenize=False)
+        assert hf_tok.encode(text) == tok.render_prompt(prompt), prompt

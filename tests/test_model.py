@@ -6,6 +6,9 @@ nanorlhf/model.py against plain references: a float64 GPT-2 forward written with
 import dataclasses
 import json
 import math
+import re
+import sys
+import types
 
 import pytest
 import torch
@@ -828,3 +831,54 @@ def test_from_pretrained_rejects_unknown_layouts(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"garbage\n")  # one line naming the file, not torch's paragraphs
     with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot load \(UnpicklingError: [^\n]*$"):
         GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value", [("tie_word_embeddings", False), ("scale_attn_weights", False),
+                                       ("scale_attn_by_inverse_layer_idx", True)])
+def test_from_pretrained_refuses_options_that_change_the_function(tmp_path, key, value):
+    """GPT computes each of these GPT-2's way only: a file that asks for the other way must not load silently."""
+    sd, config = random_hf_gpt2()
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1.0  # an untied file's own head, which GPT would drop for wte
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{key} {json.dumps(value)} is not supported"):
+        GPT.from_pretrained(str(tmp_path))
+    config[key] = not value  # GPT-2's own value, written out as transformers does, loads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    GPT.from_pretrained(str(tmp_path))
+
+
+def test_load_safetensors_bad_file_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    """train_sft.py --init_from reports OSError, ValueError and KeyError in one line; anything else is a traceback."""
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"a": torch.randn(4, 3)})
+    raw = path.read_bytes()
+    # our own reader (the package made unimportable): truncated data, broken JSON, a huge header length, a shape
+    # that does not match the data
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    for bad in (raw[:-5], raw[:8] + b"[" + raw[9:], (1 << 62).to_bytes(8, "little") + raw[8:],
+                raw.replace(b"[4, 3]", b"[5, 3]")):
+        assert bad != raw
+        path.write_bytes(bad)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: cannot read it as safetensors"):
+            load_safetensors(str(path))
+
+
+def test_load_safetensors_package_error_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    """The safetensors package, faked (it is optional): its SafetensorError derives from Exception only."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 16)
+
+    class SafetensorError(Exception):
+        pass
+
+    def load_file(p):
+        raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    monkeypatch.setitem(sys.modules, "safetensors", types.ModuleType("safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", types.ModuleType("safetensors.torch"))
+    sys.modules["safetensors"].SafetensorError = SafetensorError
+    sys.modules["safetensors.torch"].load_file = load_file
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: Error while deserializing header"):
+        load_safetensors(str(path))

@@ -230,12 +230,14 @@ def test_render_mask(source):
     for _ in range(50):
         prompt, response = random_text(rng, rng.randint(0, 30)), random_text(rng, rng.randint(0, 30))
         ids, mask = tok.render(prompt, response)
-        # independently encoded pieces
-        head = tok.encode("\n\nHuman: " + prompt) + tok.encode("\n\nAssistant:")
+        # independently encoded pieces: the prompt's text in one, as a Hugging Face tokenizer encodes it
+        head = tok.encode("\n\nHuman: " + prompt + "\n\nAssistant:")
         tail = tok.encode(" " + response)
         assert ids == head + tail + [tok.eos_id]
         assert mask == [0] * len(head) + [1] * (len(tail) + 1)
         assert tok.render_prompt(prompt) == head
+        cue = tok.render_messages([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        assert cue == (head, [0] * len(head))
         assert tok.decode(head) == f"\n\nHuman: {prompt}\n\nAssistant:"
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == " " + response
         assert tok.render_messages([{"role": "user", "content": prompt},
@@ -244,6 +246,21 @@ def test_render_mask(source):
         ids, mask = tok.render("2+2?", "4")
         assert ids == list(b"\n\nHuman: 2+2?\n\nAssistant: 4") + [256]
         assert mask == [0] * 25 + [1, 1, 1]
+        assert tok.render_prompt("2 \n") == list(b"\n\nHuman: 2 \n\n\nAssistant:")
+
+
+@pytest.mark.skipif(not GPT2_FILE.exists(), reason="shared/data/gpt2.tiktoken not present")
+def test_gpt2_prompt_ending_in_whitespace_gets_the_ids_of_its_whole_text():
+    # transformers' GPT2Tokenizer on the exported chat template's text: "2" "\n\n" "\n" "Assistant" ":", where
+    # encoding "...2\n" and "\n\nAssistant:" apart would give "2" "\n" "\n" "\n" "Assistant" ":"
+    tok = make_tokenizer("gpt2")
+    #                 \n   \n   Human  :  " sort" " 3" " 1" " 2" \n\n  \n  Assistant  :
+    prompt_ids = [198, 198, 20490, 25, 3297, 513, 352, 362, 628, 198, 48902, 25]
+    assert tok.render_prompt("sort 3 1 2\n") == prompt_ids
+    #                                               " 1" " 2" " 3"  EOS
+    assert tok.render("sort 3 1 2\n", "1 2 3") == (prompt_ids + [352, 362, 513, 50256], [0] * 12 + [1] * 4)
+    conversation = [{"role": "user", "content": "sort 3 1 2\n"}, {"role": "assistant", "content": "1 2 3"}]
+    assert tok.render_messages(conversation) == tok.render("sort 3 1 2\n", "1 2 3")
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -264,11 +281,19 @@ def test_render_messages_mask(source):
                 runs.append((m, [i]))
         assert [m for m, _ in runs] == [0, 1, 0, 1]
         sys_, u1, a1, u2, a2 = contents
-        assert runs[0][1] == tok.encode(sys_) + tok.encode("\n\nHuman: " + u1) + tok.encode("\n\nAssistant:")
+        assert runs[0][1] == tok.encode(f"{sys_}\n\nHuman: {u1}\n\nAssistant:")
         assert runs[1][1] == tok.encode(" " + a1) + [tok.eos_id]
-        assert runs[2][1] == tok.encode("\n\nHuman: " + u2) + tok.encode("\n\nAssistant:")
+        assert runs[2][1] == tok.encode(f"\n\nHuman: {u2}\n\nAssistant:")
         assert runs[3][1] == tok.encode(" " + a2) + [tok.eos_id]
-        assert tok.decode(ids) == f"{sys_}\n\nHuman: {u1}\n\nAssistant: {a1}\n\nHuman: {u2}\n\nAssistant: {a2}"
+        text = f"{sys_}\n\nHuman: {u1}\n\nAssistant: {a1}\n\nHuman: {u2}\n\nAssistant: {a2}"
+        assert tok.decode(ids) == text
+        # the exported chat template's text as a Hugging Face tokenizer encodes it: split at the EOS only
+        eos_split = f"{sys_}\n\nHuman: {u1}\n\nAssistant: {a1}", f"\n\nHuman: {u2}\n\nAssistant: {a2}"
+        assert ids == tok.encode(eos_split[0]) + [tok.eos_id] + tok.encode(eos_split[1]) + [tok.eos_id]
+        cue, cue_mask = tok.render_messages([{"role": r, "content": c} for r, c in zip(roles[:4], contents)],
+                                            add_generation_prompt=True)
+        assert cue == ids[:len(cue)]
+        assert cue_mask == [0] * len(runs[0][1]) + [1] * len(runs[1][1]) + [0] * len(runs[2][1])
     with pytest.raises(ValueError, match="role"):
         tok.render_messages([{"role": "robot", "content": "hi"}])
 
@@ -299,3 +324,40 @@ def test_checkpoint_roundtrip(source):
         s = random_text(rng, rng.randint(0, 60))
         assert tok2.encode(s) == tok.encode(s)
         assert tok2.render(s, s) == tok.render(s, s)
+
+# -----------------------------------------------------------------------------
+# the trainer's command line
+
+
+def test_train_cli_checks_the_output_folder_before_training(tmp_path, monkeypatch, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat " * 20)
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: pytest.fail("trained before checking --out"))
+    for out, reason in [(tmp_path / "missing/x.tiktoken", "does not exist"), (tmp_path, "is a directory")]:
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(["--train", str(corpus), "--vocab_size", "260", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and str(out) in err and reason in err, err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_train_cli_writes_atomically(tmp_path, monkeypatch):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "x.tiktoken"
+    corpus.write_text("the cat sat on the mat " * 20)
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "260", "--out", str(out)])
+    good = out.read_bytes()
+    assert len(load_tiktoken(str(out))) == 260
+
+    def half_written(ranks, path):  # a write that dies halfway (disk full, killed)
+        with open(path, "w") as f:
+            f.write("YWI=")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save_tiktoken", half_written)
+    with pytest.raises(OSError, match="No space"):
+        tokenizer.main(["--train", str(corpus), "--vocab_size", "270", "--out", str(out)])
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "x.tiktoken"]
