@@ -5,7 +5,12 @@ and judged with PPO and SFT by the same held-out gold (evaluate.py).
 Matched budget:
 - online methods (GRPO, Dr. GRPO, RLOO): the same number of sampled episodes as the pipeline's PPO run
   (its num_iterations x batch_size from out/ppo/ckpt.pt, 50 x 64 = 3200 by default), at the same batch size, with
-  the same epochs x minibatches per rollout, so the same number of policy gradient steps too.
+  the same epochs x minibatches per rollout, so the same number of policy gradient steps too; and PPO's settings
+  of the flags that mean the same in train_grpo.py (SHARED_FLAGS: response length, temperature, missing-EOS
+  score, learning rate and its schedule, AdamW, clip epsilon, gradient clip). --grpo_flags come after them on
+  the command line and win: a deliberate difference (another --lr, say) is one the command shows. Not copied:
+  the KL coefficient (beta means something else with the KL in the loss; each method keeps its own, see
+  train_grpo.py) and where or how it runs (--device, --dtype, --grad_accum: the same gradient).
 - DPO samples nothing; it gets as many sequences through the policy's backward pass as PPO's actor:
   episodes x ppo_epochs = 12800 by default, i.e. 12800 / (batch_size x K) steps of --dpo_batch_size prompts
   with their K ranked responses each (200 steps of 16 x 4). It reads the RM's comparisons, not the RM.
@@ -39,6 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE = ("grpo", "dr_grpo", "rloo")
 # models held in memory while training, for the rows this script does not train
 RESIDENT = {"sft": 1, "ppo": 4}
+# train_ppo.py flags that train_grpo.py has with the same meaning, for the online methods' matched runs
+SHARED_FLAGS = ("response_length", "temperature", "missing_eos_penalty", "lr", "anneal_lr", "weight_decay", "beta1",
+                "beta2", "clip_coef", "max_grad_norm")
 
 
 @dataclass
@@ -64,6 +72,19 @@ def matched_budget(ppo_args, n_responses_per_prompt, dpo_batch_size):
               "num_epochs": ppo_args["ppo_epochs"], "num_minibatches": ppo_args["num_minibatches"]}
     sequences = ppo_args["num_iterations"] * ppo_args["batch_size"] * ppo_args["ppo_epochs"]
     return online, max(1, round(sequences / (dpo_batch_size * n_responses_per_prompt)))
+
+
+def shared_settings(ppo_args):
+    """
+    PPO's values of SHARED_FLAGS, the ones its run recorded (an older checkpoint may lack some; None is skipped).
+    Example: {"lr": 1e-4, "temperature": 0.7, "gamma": 1.0, ...} -> {"lr": 1e-4, "temperature": 0.7, ...}.
+    """
+    return {k: ppo_args[k] for k in SHARED_FLAGS if ppo_args.get(k) is not None}
+
+
+def as_flags(settings):
+    """{"lr": 0.0001, "anneal_lr": False} -> ["--lr", "0.0001", "--anneal_lr", "false"]."""
+    return [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
 def train(name, cmd, log_path):
@@ -174,11 +195,14 @@ def main():
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))
     k = sum(len(r["responses"]) for r in prefs) / len(prefs)
     online, dpo_steps = matched_budget(ppo["args"], k, cfg.dpo_batch_size)
+    shared = shared_settings(ppo["args"])
     episodes = online["num_iterations"] * online["batch_size"]
     print(f"budget: {episodes} episodes per online method (PPO's), {online['num_epochs']} epochs x "
           f"{online['num_minibatches']} minibatches each; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x "
           f"{k:g} responses = {dpo_steps * cfg.dpo_batch_size * k:.0f} sequences (PPO's actor: "
           f"{episodes * online['num_epochs']})")
+    then = f", then --grpo_flags {cfg.grpo_flags}" if cfg.grpo_flags else ""
+    print(f"online methods with PPO's {' '.join(as_flags(shared))}{then}")
 
     root = os.path.join(d, "compare")
     os.makedirs(root, exist_ok=True)
@@ -187,8 +211,7 @@ def main():
         if m in ONLINE:
             cmd = [sys.executable, "train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
                    "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--out_dir", out_dir,
-                   "--seed", str(cfg.seed), *(x for kv in online.items() for x in (f"--{kv[0]}", str(kv[1]))),
-                   *cfg.grpo_flags.split()]
+                   "--seed", str(cfg.seed), *as_flags(online), *as_flags(shared), *cfg.grpo_flags.split()]
         else:
             cmd = [sys.executable, "train_dpo.py", "--data", os.path.join(d, "data/prefs.jsonl"),
                    "--val_data", os.path.join(d, "data/prefs_eval.jsonl"), "--sft", os.path.join(d, "sft"),
@@ -220,7 +243,8 @@ def main():
           f"Budget: {episodes} sampled episodes per online method (the PPO run's {online['num_iterations']} x "
           f"{online['batch_size']}), {online['num_epochs']} epochs x {online['num_minibatches']} minibatches per "
           f"rollout; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x {k:g} ranked responses, as many "
-          f"sequences through the policy's backward pass as PPO's actor ({episodes * online['num_epochs']}).", "",
+          f"sequences through the policy's backward pass as PPO's actor ({episodes * online['num_epochs']}). "
+          f"Online methods with PPO's `{' '.join(as_flags(shared))}`{then}.", "",
           table(rows, order), "",
           "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
           "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "

@@ -33,20 +33,26 @@ train_state.pt, metrics.jsonl (one row per iteration), samples.jsonl and samples
 Deviations from the papers, on purpose:
 - The same budget as train_ppo.py's defaults: 50 iterations x 64 episodes (16 prompts x G = 4), 4 epochs x
   4 minibatches per rollout (DeepSeekMath uses G = 64 and one update per rollout; RLOO uses k = 2 to 4 samples
-  and one update, without the clip). With one epoch the clip never binds and the objective is plain REINFORCE.
+  and one update, without the clip). With one epoch and one minibatch (--num_epochs 1 --num_minibatches 1) the
+  clip never binds and the objective is plain REINFORCE; with more minibatches the later ones run after optimizer
+  steps, so their ratios are not 1.
 - A response that never emits EOS gets --missing_eos_penalty as its score, as in train_ppo.py.
 - beta is relative to each placement's scale. In the reward it weighs the summed k1 against raw RM scores, as
   PPO's does (train_ppo.py's 0.3). In the loss it weighs a per-token k3 against the advantages: 0.2, not
   DeepSeekMath's 0.04, with which GRPO drifted to KL 7.6 on the built-in task and ended below the SFT model
   on held-out gold (README, "Beyond PPO"); 0.2 held it at KL 1.3, about where PPO and RLOO end.
-- The std in grpo's advantage is the unbiased one (n - 1), and eps = 1e-4 (as TRL); a group whose G scores are
-  all equal gets advantages 0 for every variant (no signal, no NaN): the fraction of such groups is logged.
+- The std in grpo's advantage is the unbiased one (n - 1), and eps = 1e-4 (as TRL); a group whose G rewards are
+  all equal gets advantages 0 for every variant (no NaN). Equal scores give equal rewards only with the KL in
+  the loss (grpo, dr_grpo); with the KL in the reward (rloo) the responses of a group of equal scores still
+  differ by their KL, so their advantages are not 0. The fraction of groups whose G scores are all equal is
+  logged (equal_groups).
 - Under torchrun every rank samples the whole batch of prompts x G (one shared random stream, so the responses are
   those of one process), scores its 1/WORLD_SIZE of the rows and the ranks gather them, so every group is whole and
   its advantages are those of one process; the update splits each minibatch's micro-batches over the ranks (DDP).
   Generation is not sped up by more ranks, the scoring passes and the update are.
 """
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -59,8 +65,8 @@ from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_out_dir, load_run, optimizer_step, parse_stage_flags,
-                                   resumed_flags, wants_resume)
+from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_clip_flag, check_out_dir, load_run, optimizer_step,
+                                   parse_stage_flags, resumed_flags, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -126,7 +132,10 @@ def aggregate_loss(per_token, mask, kind, max_len):
 
 
 def equal_groups(scores, group_size):
-    """Fraction of the groups whose G scores are all equal (their advantages are 0: no learning signal)."""
+    """
+    Fraction of the groups whose G scores are all equal: with the KL in the loss their advantages are 0 (no
+    learning signal); with the KL in the reward (rloo) only the KL tells their responses apart.
+    """
     r = scores.view(-1, group_size)  # (n_groups, G)
     return (r == r[:, :1]).all(dim=1).float().mean().item()
 
@@ -201,6 +210,9 @@ def check_args(args):
     check(args.temperature > 0, "--temperature must be > 0 (a policy gradient needs a stochastic policy)")
     check(args.kl_in in ("auto", "loss", "reward"), f"--kl_in {args.kl_in!r}: expected auto, loss or reward")
     check(args.kl_coef is None or args.kl_coef >= 0, "--kl_coef must be >= 0")
+    check(args.clip_coef > 0, f"--clip_coef must be > 0 (the ratio stays in [1 - eps, 1 + eps]), got {args.clip_coef}")
+    check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    check_clip_flag("max_grad_norm", args.max_grad_norm)
     check(args.adv_eps > 0, "--adv_eps must be > 0")
     check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.num_epochs >= 1, "--num_iterations and --num_epochs must be >= 1")
@@ -233,7 +245,7 @@ def make_experience(actor, ref, reward_model, context, context_mask, response, t
     # its share of them and the ranks gather the rows, so that every group is whole for 5. on every rank
     micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
     out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt)
-    rm_scores, entropy = out["rm_scores"].float(), out["entropy"]  # (B,), (B, N)
+    rm_scores, entropy = out["rm_scores"], out["entropy"]  # (B,), (B, N) float32 (float64 for float64 models)
     logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]  # (B, N) each, 0 on the pads
     # a response that never ended gets the penalty score instead of the RM's
     scores = rm_scores
@@ -319,6 +331,31 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
     return out
 
 
+def drop_samples_after(out_dir, step):
+    """
+    Keep only the samples of iterations 1..step in samples.jsonl and samples.txt (both rewritten from the kept
+    rows). A run resumed from the checkpoint of iteration `step` writes the later iterations again, and a crash
+    or a NaN stop after that checkpoint may already have written some of them: without this they would appear
+    twice. A last line cut off by a crash (no newline) belongs to a later iteration and goes too.
+    """
+    path = os.path.join(out_dir, "samples.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    # the kept rows go to new files beside the old ones, then replace them: a crash here leaves whole files
+    tmp = os.path.join(out_dir, f"samples.tmp{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    for it in sorted({r["iter"] for r in rows if r["iter"] <= step}):
+        write_samples(tmp, it, [{k: v for k, v in r.items() if k != "iter"} for r in rows if r["iter"] == it])
+    for name in ("samples.jsonl", "samples.txt"):
+        if os.path.exists(os.path.join(tmp, name)):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        elif os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -390,9 +427,12 @@ def main(argv=None):
 
     if dist.is_main():  # only rank 0 writes
         os.makedirs(args.out_dir, exist_ok=True)
-        for name in ("samples.jsonl", "samples.txt"):
-            if state is None and os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
+        if state is None:
+            for name in ("samples.jsonl", "samples.txt"):
+                if os.path.exists(os.path.join(args.out_dir, name)):
+                    os.remove(os.path.join(args.out_dir, name))
+        else:
+            drop_samples_after(args.out_dir, start_iter)
     logger = dist.metrics_logger(args.out_dir, resume=state is not None)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
@@ -426,7 +466,7 @@ def main(argv=None):
             "rm_score": exp["rm_scores"].mean().item(),
             "kl": exp["kl"].mean().item(),
             "reward": exp["rewards"].mean().item(),
-            "equal_groups": equal_groups(exp["rewards"], G),
+            "equal_groups": equal_groups(exp["scores"], G),  # the scores: KL-shaped rewards (rloo) never tie
             "adv_abs": exp["advantages"].abs().mean().item(),
             "entropy": masked_mean(exp["entropy"], mask).item(),
             "response_length": mask.sum(-1).float().mean().item(),

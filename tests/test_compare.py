@@ -1,5 +1,8 @@
-"""compare.py: the matched budget, the table over seeds, and a missing pipeline reported in one line."""
+"""
+compare.py: the matched budget and settings, the table over seeds, and a missing pipeline reported in one line.
+"""
 
+import dataclasses
 import json
 import sys
 
@@ -10,6 +13,9 @@ from scripts import ROOT, script
 sys.path.insert(0, ROOT)  # compare.py is a top-level script
 
 import compare
+import train_grpo
+import train_ppo
+from nanorlhf.train_common import parse_stage_flags
 
 
 def test_matched_budget_gives_dpo_as_many_backward_sequences_as_ppo():
@@ -21,6 +27,28 @@ def test_matched_budget_gives_dpo_as_many_backward_sequences_as_ppo():
         p = {"num_iterations": iters, "batch_size": bs, "ppo_epochs": epochs, "num_minibatches": 2}
         _, steps = compare.matched_budget(p, k, dpo_bs)
         assert steps == max(1, round(iters * bs * epochs / (dpo_bs * k)))
+
+
+def test_online_runs_get_the_ppo_run_s_settings_of_the_shared_flags():
+    """
+    Every shared flag is a flag of both scripts; PPO's values (none of them a default) reach train_grpo.py's parser
+    as PPO ran them, a negative number and a false bool included; PPO-only flags and beta stay behind.
+    """
+    ppo_flags = {f.name for f in dataclasses.fields(train_ppo.Args)}
+    grpo_defaults = {f.name: f.default for f in dataclasses.fields(train_grpo.Args)}
+    assert set(compare.SHARED_FLAGS) <= ppo_flags & set(grpo_defaults)
+    ppo = {"response_length": 16, "temperature": 0.7, "missing_eos_penalty": -1.25, "lr": 3e-5, "anneal_lr": False,
+           "weight_decay": 0.1, "beta1": 0.8, "beta2": 0.99, "clip_coef": 0.1, "max_grad_norm": 0.5,
+           "kl_coef": 0.05, "gamma": 0.99, "num_iterations": 7}
+    shared = compare.shared_settings(ppo)
+    assert set(shared) == set(ppo) - {"kl_coef", "gamma", "num_iterations"}  # (the budget is matched_budget's)
+    args = parse_stage_flags(train_grpo.Args, compare.as_flags(shared))
+    for k in shared:
+        assert getattr(args, k) == ppo[k] != grpo_defaults[k], k
+    assert args.kl_coef == grpo_defaults["kl_coef"]
+    # --grpo_flags, which compare.py puts after them, win; a flag an older run did not record keeps its default
+    assert parse_stage_flags(train_grpo.Args, compare.as_flags(shared) + ["--lr", "1e-4"]).lr == 1e-4
+    assert compare.shared_settings({"lr": 1e-4, "missing_eos_penalty": None}) == {"lr": 1e-4}
 
 
 def test_summarize_prints_mean_and_sd_over_pipelines(tmp_path, capsys):

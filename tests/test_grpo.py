@@ -1,6 +1,7 @@
 """
 train_grpo.py: the group advantages and loss aggregations against float64 loops, the clipped surrogate, the
-zero signal of a group of equal rewards, and the script end to end on tiny random checkpoints (subprocess).
+zero signal of a group of equal rewards, the update's gradient against the papers' objective written as loops,
+and the script end to end on tiny random checkpoints (subprocess and in-process).
 """
 
 import copy
@@ -253,6 +254,14 @@ def test_update_moves_the_policy_and_first_ratio_is_one(kind, max_grad_norm):
     assert any(not torch.equal(v, before[k]) for k, v in actor.state_dict().items())
 
 
+@pytest.mark.parametrize("flag, value", [("max_grad_norm", -1.0), ("clip_coef", 0.0), ("clip_coef", -0.5),
+                                         ("lr", 0.0), ("lr", -1e-3)])
+def test_check_args_rejects_a_negative_grad_clip_and_a_clip_coef_or_lr_of_0_or_less(flag, value):
+    """(--max_grad_norm 0 is allowed: no clipping, as in train_ppo.py.)"""
+    with pytest.raises(utils.UserError, match=f"--{flag} must be"):
+        train_grpo.check_args(train_grpo.Args(**{flag: value}))
+
+
 def test_kl_goes_where_each_paper_put_it():
     for kind, where, beta in (("grpo", "loss", 0.2), ("dr_grpo", "loss", 0.2), ("rloo", "reward", 0.3)):
         args = train_grpo.Args(advantage=kind)
@@ -275,6 +284,117 @@ def test_kl_in_the_reward_lowers_each_reward_by_beta_times_the_summed_k1():
         k1 = sum(exp["logprobs"][b, t].item() - exp["ref_logprobs"][b, t].item() for t in range(n))
         assert exp["rewards"][b].item() == pytest.approx(exp["scores"][b].item() - 0.5 * k1, abs=1e-5)
     assert exp["kl"].abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# the update's gradient against the papers' objective, written the plain way
+
+
+def logprobs_alone(model, prompt, response, temperature):
+    """log pi(y_t | x, y_<t) at the temperature from a forward pass of the sequence alone (no pads): a list."""
+    logits = model(torch.tensor([prompt + response]))[0]  # (len, V)
+    out = []
+    for t, y in enumerate(response):
+        z = logits[len(prompt) - 1 + t] / temperature  # the position before y_t predicts y_t
+        out.append(z[y] - torch.logsumexp(z, dim=0))
+    return out
+
+
+def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_size, eos_id):
+    """
+    The papers' loss for the rows of a rollout, float64, Python loops over responses and tokens; pi is the policy
+    being trained, pi_old the one that sampled, pi_ref the reference:
+
+        R_i  = the RM's score at y_i's last token; --missing_eos_penalty without EOS
+        r_i  = R_i [- beta * sum_t (log pi_old(y_t) - log pi_ref(y_t))]             --kl_in reward
+        A_i  = ref_advantages(r) within i's group                                   grpo | dr_grpo | rloo
+        l_t  = -min(ratio_t A_i, clip(ratio_t, 1 - eps, 1 + eps) A_i)               ratio_t = pi(y_t) / pi_old(y_t)
+               [+ beta * (pi_ref(y_t) / pi(y_t) - log(pi_ref(y_t) / pi(y_t)) - 1)]   --kl_in loss (k3)
+        loss = 1 / mb_size * sum_i (1 / |y_i| | 1 / L_max | 1) * sum_t l_t          grpo | dr_grpo | rloo
+
+    The sum runs over all rows: a minibatch's loss is the mean over its mb_size responses, so the minibatches'
+    losses add up to this whatever rows the shuffle gave each. A response's real tokens run up to its first EOS,
+    the EOS included. -> (loss, the number of tokens where the clip bound, the number where it did not).
+    """
+    beta, eps, T = args.kl_coef, args.clip_coef, args.temperature
+    lp, lp_old, lp_ref, rewards = [], [], [], []
+    for p, y in zip(prompts, responses):
+        y = y[:y.index(eos_id) + 1] if eos_id in y else y
+        lp.append(logprobs_alone(policy, p, y, T))
+        with torch.no_grad():
+            lp_old.append([x.item() for x in logprobs_alone(old, p, y, T)])
+            lp_ref.append([x.item() for x in logprobs_alone(ref, p, y, T)])
+            r = reward_model(torch.tensor([p + y]))[0, -1].item() if eos_id in y else args.missing_eos_penalty
+        if args.kl_in == "reward":
+            r -= beta * sum(a - b for a, b in zip(lp_old[-1], lp_ref[-1]))
+        rewards.append(r)
+    adv = ref_advantages(rewards, args.group_size, args.advantage, args.adv_eps)
+    loss, n_bound, n_free = 0.0, 0, 0
+    for i in range(len(prompts)):
+        total = 0.0
+        for t in range(len(lp[i])):
+            ratio = torch.exp(lp[i][t] - lp_old[i][t])
+            total = total - torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+            bound = (adv[i] > 0 and ratio.item() > 1 + eps) or (adv[i] < 0 and ratio.item() < 1 - eps)
+            n_bound, n_free = n_bound + bound, n_free + (not bound)
+            if args.kl_in == "loss":
+                log_r = lp_ref[i][t] - lp[i][t]  # log(pi_ref / pi)
+                total = total + beta * (torch.exp(log_r) - log_r - 1)
+        n = {"grpo": len(lp[i]), "dr_grpo": args.response_length, "rloo": 1}[args.advantage]
+        loss = loss + total / n
+    return loss / mb_size, n_bound, n_free
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+@pytest.mark.parametrize("kl_in", ["loss", "reward"])
+def test_update_gradient_is_the_papers_objective(kind, kl_in, monkeypatch):
+    """
+    make_experience + grpo_update on float64 tiny models: the gradient the update steps on equals the gradient of
+    ref_objective. At temperature 0.7; responses of 1 to L_max tokens, some without EOS, after prompts of three
+    lengths (pads on both sides); a policy moved away from pi_old (the clip binds on some tokens, as in a later
+    epoch) and pi_old away from pi_ref (the KL and its gradient are not 0); 2 minibatches of 3 micro-batches. The
+    optimizer step is replaced by one that keeps the minibatch's gradient and leaves the weights where they are.
+    """
+    tok = Tokenizer.byte_level()
+    ref, _, reward_model = tiny_setup(4)
+    ref, reward_model = ref.double(), reward_model.double()
+    g = torch.Generator().manual_seed(0)
+    old, policy = copy.deepcopy(ref), copy.deepcopy(ref)
+    with torch.no_grad():
+        for p_old, p in zip(old.parameters(), policy.parameters()):
+            p_old.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            p.copy_(p_old + 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    args = train_grpo.Args(advantage=kind, kl_in=kl_in, batch_size=12, group_size=4, response_length=6,
+                           temperature=0.7, num_epochs=1, num_minibatches=2, grad_accum=3, missing_eos_penalty=-1.0)
+    train_grpo.check_args(args)
+    rt = utils.setup_runtime("cpu", "float32", seed=0)
+
+    # the rollout: 3 prompts x G = 4 responses of random tokens, an EOS at a chosen index (None: no EOS)
+    prompts = [tok.render_prompt(p) for p in ("sort 5 3 8 1", "sort 2 9", "sort 7 7 1 0 3 6") for _ in range(4)]
+    responses = torch.randint(32, 127, (12, 6), generator=g).tolist()
+    for row, eos_at in zip(responses, (5, 0, None, 2, 3, None, 1, 5, 0, 4, None, 2)):
+        if eos_at is not None:
+            row[eos_at] = tok.eos_id
+    batch = D.collate(prompts, tok.pad_id, left_pad=True)
+    exp = train_grpo.make_experience(old, ref, reward_model, batch["idx"], batch["attention_mask"],
+                                     torch.tensor(responses), tok, args, rt)
+
+    grads = []
+
+    def keep_gradient(model, opt, lr, grad_clip, where="", loss=None):
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(train_grpo, "optimizer_step", keep_gradient)
+    train_grpo.grpo_update(policy, None, exp, args, rt, 0.0)
+    assert len(grads) == 2
+
+    want, n_bound, n_free = ref_objective(policy, old, ref, reward_model, prompts, responses, args, 6, tok.eos_id)
+    want.backward()
+    assert n_bound >= 5 and n_free >= 5, (n_bound, n_free)  # the clip binds on some tokens, not on all
+    for name, p in policy.named_parameters():
+        got = grads[0][name] + grads[1][name]
+        assert torch.allclose(got, p.grad, rtol=1e-9, atol=1e-12 * p.grad.abs().max()), name
 
 
 # -----------------------------------------------------------------------------
@@ -329,11 +449,64 @@ def test_script_runs_logs_and_resumes(tiny_ckpts):
     assert {json.loads(line)["iter"] for line in open(out / "samples.jsonl")} == {1, 2}
 
 
+def test_resume_after_a_crash_keeps_each_iteration_of_the_samples_once(tiny_ckpts, tmp_path, one_thread):
+    """
+    A run that wrote iteration 2's samples and died before its checkpoint (or stopped on a NaN) resumes from the
+    checkpoint of iteration 1 and writes iteration 2 again: samples.jsonl and samples.txt hold it once, and the
+    rows of iteration 1 as they were.
+    """
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--sample_interval", "1", "--gold", "off")[1:]
+    train_grpo.main(argv + ["--stop_at", "1"])
+    before = (out / "samples.jsonl").read_text()
+    at_1 = {name: (out / name).read_bytes() for name in ("ckpt.pt", "train_state.pt")}
+    train_grpo.main(["--out_dir", str(out), "--resume"])
+    for name, data in at_1.items():  # the crash: iteration 2 logged and sampled, its checkpoint never written
+        (out / name).write_bytes(data)
+    train_grpo.main(["--out_dir", str(out), "--resume"])
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [r["iter"] for r in rows] == [1] * 4 + [2] * 4
+    assert (out / "samples.jsonl").read_text().startswith(before)
+    headers = [line.split()[2] for line in open(out / "samples.txt") if line.startswith("=== iter ")]
+    assert headers == ["1"] * 4 + ["2"] * 4
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "samples.jsonl", "samples.txt", "train_state.pt"]
+
+
+def test_equal_groups_counts_equal_scores_with_the_kl_in_the_reward(tiny_ckpts, tmp_path, monkeypatch, one_thread):
+    """
+    rloo (KL in the reward) with a reward model that gives every response 0.5 (0.5 also without EOS) and a
+    reference that differs from the policy: every group's scores are equal, its rewards are not (their KL differs).
+    The logged equal_groups counts equal scores (1.0), while the advantages are not 0.
+    """
+    tok = Tokenizer.byte_level()
+    _, _, reward_model = tiny_setup(3)
+    with torch.no_grad():
+        reward_model.head.weight.zero_()
+        reward_model.head.bias.fill_(0.5)
+    utils.save_checkpoint(str(tmp_path / "rm"), utils.model_payload(reward_model, tok, "rm", {"seed": 0}, 1))
+    real = train_grpo.make_experience
+
+    def with_moved_reference(actor, ref, *rest):
+        moved = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return real(actor, moved, *rest)
+
+    monkeypatch.setattr(train_grpo, "make_experience", with_moved_reference)
+    out = tmp_path / "out"
+    train_grpo.main(grpo_cmd(tiny_ckpts, out, "--rm", str(tmp_path / "rm"), "--advantage", "rloo", "--num_iterations",
+                             "1", "--missing_eos_penalty", "0.5", "--gold", "off")[1:])
+    row = read_metrics(str(out))[0]
+    assert row["equal_groups"] == 1.0 and row["adv_abs"] > 0.01 and abs(row["kl"]) > 0.01, row
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--group_size", "1"), "--group_size 1"),
     (("--batch_size", "10", "--num_minibatches", "1"), "divisible by --group_size 4"),
     (("--advantage", "ppo"), "--advantage 'ppo'"),
     (("--kl_in", "both"), "--kl_in 'both'"),
+    (("--max_grad_norm", "-1"), "--max_grad_norm must be >= 0"),
 ])
 def test_bad_flags_exit_2_and_write_nothing(tiny_ckpts, flags, message):
     out = tiny_ckpts / "bad"
