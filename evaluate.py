@@ -61,7 +61,8 @@ from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.report import CURVE_KEYS, curves, fmt, pyplot, read_metrics, save_figure, smooth, sweep_section
 from nanorlhf.rollout import decode_response, truncate_after_eos
-from nanorlhf.utils import check, flag, load_checkpoint, load_model, parse_flags, run, setup_runtime, write_text
+from nanorlhf.utils import (check, flag, load_model, load_model_checkpoint, parse_flags, run, setup_runtime,
+                            write_text)
 
 
 @dataclass
@@ -510,7 +511,13 @@ def parse_extra(extra):
 def main(argv=None):
     t_start = time.time()
     cfg = parse_flags(Config, argv, description=__doc__)
-    sft_ckpt = load_checkpoint(cfg.sft)
+    # the flags alone, before anything is loaded (as sample.py does)
+    check(cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more")
+    check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
+          f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
+    check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
+          "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
+    sft_ckpt = load_model_checkpoint(cfg.sft)[1]
     if cfg.seed is None:
         cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
@@ -546,8 +553,6 @@ def main(argv=None):
     prompt_budget = block_size - cfg.max_new_tokens
     check(prompt_budget > 0, f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
                              f"block_size {block_size}")
-    check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
-          "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
 
     # the prompts; the gold judge applies when they are the built-in task's
     prompts = read_prompts(cfg.data)[:cfg.n_prompts]

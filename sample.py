@@ -32,7 +32,6 @@ import torch
 
 from nanorlhf import tasks
 from nanorlhf.data import collate, read_prompts
-from nanorlhf.tokenizer import ASSISTANT
 from nanorlhf.utils import CKPT, UserError, check, flag, load_model, parse_flags, run, setup_runtime
 
 
@@ -90,7 +89,7 @@ def chat_ids(tok, messages):
     The ids the model continues: the conversation through the chat template, then the assistant's cue.
     chat_ids(tok, [{"role": "user", "content": p}]) == tok.render_prompt(p)
     """
-    return tok.render_messages(messages)[0] + tok.encode(ASSISTANT)
+    return tok.render_messages(messages, add_generation_prompt=True)[0]
 
 
 def cut_response(tok, row):

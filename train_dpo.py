@@ -22,8 +22,8 @@ On 2 GPUs (README "Many GPUs"; --grad_accum counts the micro-batches of all rank
     torchrun --standalone --nproc_per_node 2 train_dpo.py --data out/data/prefs.jsonl --sft out/sft --out_dir out/dpo --grad_accum 2
 
 Writes to --out_dir: ckpt.pt (the policy, stage "dpo", loadable by evaluate.py like the PPO actor),
-train_state.pt, metrics.jsonl (train and held-out loss, implicit-reward accuracy and margin, and the gold score of
-sampled responses on the built-in task).
+train_state.pt, metrics.jsonl (train and held-out loss, implicit-reward accuracy and margin, the tokens the model
+runs per step and their padding fraction, and the gold score of sampled responses on the built-in task).
 
 Deviations from the paper, on purpose:
 - The pairs of a batch count equally (the paper's loss is a mean over pairs); train_rm.py instead weighs each
@@ -31,8 +31,10 @@ Deviations from the paper, on purpose:
   many pairs. With the built-in task's K = 4 for every prompt the two are the same.
 - The default budget (200 steps of 16 prompts x K = 4 responses) puts as many sequences through the policy's
   backward pass (12800) as the online scripts' defaults (3200 episodes x 4 epochs); see README "Beyond PPO".
-- Dropout is off (as in the online scripts), so that at step 0 the policy equals the reference exactly: the
-  loss is log 2 and the implicit-reward accuracy 1/2 (every pair a tie).
+- Dropout is off (as in the online scripts), so that at step 0 the policy equals the reference: the loss is log 2
+  and every pair a tie. That holds exactly for the held-out pairs, evaluated in the reference pass's own batches
+  (accuracy 1/2, a tie counting 1/2); a training pair's reference log-probs were computed in other batches, so
+  rounding breaks some of its ties and the first train accuracy logged is near 1/2 (0.49), not exactly 1/2.
 """
 
 import math
@@ -43,10 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from nanorlhf import tasks
-from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix, read_prefs,
-                           to_device)
+from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix,
+                           padding_fraction, read_prefs, slots_run, to_device)
 from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
-from nanorlhf.rollout import decode_response, disable_dropout, generate_responses, gold_scores, truncate_after_eos
+from nanorlhf.rollout import decode_response, disable_dropout, gold_scores, truncate_after_eos
 from nanorlhf import dist
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, load_run,
                                    optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags, save_run,
@@ -152,7 +154,7 @@ class Config:
     dtype: str = flag("auto", "auto | float32 | bfloat16 (autocast; auto: bf16 where GPU or CPU has it natively)")
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
-    seed: int = flag(0, "seed for the held-out split and the batch order")
+    seed: int = flag(0, "seed for the held-out split, the batch order and the gold score's samples")
     resume: str = flag("off", RESUME_HELP)
     stop_at: int | None = flag(None, "stop (with a checkpoint) after this step; the schedule still runs to --max_steps")
 
@@ -237,12 +239,20 @@ def evaluate(model, batches, beta, rt):
 
 @torch.no_grad()
 def sampled_gold(model, prompts, prompt_ids, tok, args, rt):
-    """Mean gold score of one response per prompt sampled from the policy (the built-in task's judge)."""
+    """
+    Mean gold score of one response per prompt sampled from the policy (the built-in task's judge). The draws come
+    from their own generator, seeded with --seed at every evaluation: evaluations differ only by the policy, and
+    the global RNG that train_state.pt saves is left alone, so the evaluation a --stop_at adds changes nothing
+    that the resumed run computes.
+    """
     model.eval()
     batch = to_device(collate(prompt_ids, tok.pad_id, left_pad=True), rt.device)
+    generator = torch.Generator(device=rt.device).manual_seed(args.seed)
     with rt.autocast():
-        response = generate_responses(model, batch["idx"], batch["attention_mask"], tok, args)
-    response, mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
+        out = model.generate(batch["idx"], args.response_length, temperature=args.temperature,
+                             attention_mask=batch["attention_mask"], eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             generator=generator)  # (B, T + N)
+    response, mask = truncate_after_eos(out[:, batch["idx"].size(1):], tok.eos_id, tok.pad_id)  # (B, N), (B, N)
     texts = [decode_response(tok, r, m) for r, m in zip(response.tolist(), mask.tolist())]
     model.train()
     return sum(gold_scores(prompts, texts)) / len(texts)
@@ -255,6 +265,7 @@ def main():
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
+        del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
     check_flags(args)
     check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
@@ -262,13 +273,29 @@ def main():
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)
     train_records, val_records = read_split(read_prefs, args.data, args.val_data, args.val_frac, args.seed)
 
-    # the reference: the SFT model, used once for the log-probs of every response, then dropped
-    ref, tok, _ = load_model(args.sft, rt.device, kind="gpt")
+    # the reference: the SFT model, used once for the log-probs of every response, then dropped (load_model's
+    # third value, the checkpoint dict, is a CPU copy of the weights: not kept)
+    ref, tok = load_model(args.sft, rt.device, kind="gpt")[:2]
     disable_dropout(ref)
     max_len = ref.config.block_size
-    train, _ = encode_prefs(train_records, tok, max_len)
-    val, _ = encode_prefs(val_records, tok, max_len)
+    train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
+    val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
     check(len(train) > 0 and len(val) > 0, f"no record keeps 2 responses that fit in {max_len} tokens")
+    n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
+    print(f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
+          f"{len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the left, "
+          f"{len(train_records) + len(val_records) - len(train) - len(val)} records dropped (fewer than 2 responses "
+          f"fit), {n_dropped + n_dropped_val} responses dropped from the records kept")
+
+    # the gold score of sampled responses to held-out prompts (the built-in task only; never trained on), its
+    # flags checked before the reference pass, which takes minutes on a real model
+    gold_prompts = [r["prompt"] for r in val_records[:args.gold_prompts]]
+    use_gold = args.gold == "on" or (args.gold == "auto" and
+                                     all(tasks.parse_prompt(p) is not None for p in gold_prompts))
+    check(not use_gold or args.response_length < max_len,
+          f"--response_length {args.response_length} must be < block_size {max_len} for the gold score (or --gold off)")
+    gold_ids = encode_prompts(gold_prompts, tok, max_len - args.response_length)[0] if use_gold else None
+
     train_lengths = [max(map(len, ex["ids"])) for ex in train]
     val_order = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size,
                                      seed=args.seed).batches(0)[:args.eval_batches]
@@ -276,13 +303,10 @@ def main():
                                    .batches(0), tok.pad_id, max_len, rt, args.share_prompts)
     ref_val = reference_logprobs(ref, val, val_order, tok.pad_id, max_len, rt, args.share_prompts)
     del ref
-    t_ref = time.time() - t_start
-    n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
-    print(f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
-          f"{len(val)} val prompts; reference log-probs computed in {t_ref:.1f}s")
+    print(f"reference log-probs computed in {time.time() - t_start:.1f}s")
 
     # the policy: the SFT model (or the run being resumed)
-    model, _, _ = load_model(args.out_dir if state else args.sft, rt.device, kind="gpt")
+    model = load_model(args.out_dir if state else args.sft, rt.device, kind="gpt")[0]
     disable_dropout(model)
     model.grad_checkpointing = args.grad_checkpointing
     train_model = dist.wrap(maybe_compile(model, args.compile))  # DDP under torchrun
@@ -297,12 +321,6 @@ def main():
         dist.cleanup()
         return
 
-    # the gold score of sampled responses to held-out prompts (the built-in task only; never trained on)
-    gold_prompts = [r["prompt"] for r in val_records[:args.gold_prompts]]
-    use_gold = args.gold == "on" or (args.gold == "auto" and all(tasks.parse_prompt(p) is not None for p in gold_prompts))
-    check(args.response_length < max_len, f"--response_length {args.response_length} must be < block_size {max_len}")
-    gold_ids = encode_prompts(gold_prompts, tok, max_len - args.response_length)[0] if use_gold else None
-
     def eval_row():
         row = evaluate(dist.unwrap(train_model), val_batches, args.beta, rt)
         if use_gold:
@@ -313,7 +331,7 @@ def main():
         gold = f" gold {m['gold']:.3f}" if "gold" in m else ""
         return f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} margin {m['val_margin']:.3f}{gold}"
 
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=step)  # the first write to out_dir
     print(f"DPO: policy {model.num_params() / 1e6:.2f}M params, beta {args.beta}, {args.max_steps} steps x "
           f"{args.batch_size * args.grad_accum} prompts, models in memory while training: 1, {rt.device} {rt.dtype}")
     timer = Timer(stop, step)
@@ -323,9 +341,10 @@ def main():
         print(f"step 0/{args.max_steps} | {val_line(val_metrics)}")
     stream = endless(sampler)
     model.train()
-    # the running sums stay on the device (one sync per log line, not five per micro-batch)
+    # the running sums stay on the device (one sync per log line, not five per micro-batch); the token counts
+    # are the host's (the batches are built there)
     keys = ("loss", "acc", "margin", "chosen_reward", "rejected_reward")
-    sums, n_steps = torch.zeros(len(keys), device=rt.device), 0  # (5,)
+    sums, n_steps, n_tok, pad_frac = torch.zeros(len(keys), device=rt.device), 0, 0, 0.0  # (5,)
     while step < stop:
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
@@ -335,6 +354,8 @@ def main():
         step_pairs = dist.all_reduce_sum(sum(len(m["winner"]) for m in micro))  # over all ranks' micro-batches
         step_sums = torch.zeros(len(keys), device=rt.device)  # (5,)
         for j, batch in enumerate(micro):
+            n_tok += int(slots_run(batch).sum())  # the tokens the model runs: the packed rows' when prompts are shared
+            pad_frac += padding_fraction(batch) / args.grad_accum
             # L = mean over the step's pairs: a micro-batch weighs by its share of them
             share = len(batch["winner"]) / step_pairs
             dist.sync_grads(train_model, j == len(micro) - 1)  # the ranks sum their gradients once per step
@@ -353,13 +374,14 @@ def main():
         val_metrics = eval_row() if evaluated else None
         if step % args.log_interval == 0 or evaluated:
             means = dict(zip(keys, (sums / n_steps).tolist()))
-            row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm,
-                   "time": time.time() - t_start, **(val_metrics or {})}
+            n_tok, pad_frac = dist.all_reduce_sum([n_tok, pad_frac])  # all ranks'
+            row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok / n_steps,
+                   "pad_frac": pad_frac / n_steps, "time": time.time() - t_start, **(val_metrics or {})}
             logger.log(row)
             print(f"step {step}/{args.max_steps} | loss {row['loss']:.4f} | acc {row['acc']:.3f} | margin "
                   f"{row['margin']:.3f} | {val_line(val_metrics) if val_metrics else 'val -'} | "
                   f"{fmt_time(timer.eta(step - 1))} left", flush=True)
-            sums, n_steps = torch.zeros(len(keys), device=rt.device), 0
+            sums, n_steps, n_tok, pad_frac = torch.zeros(len(keys), device=rt.device), 0, 0, 0.0
         if step % args.ckpt_interval == 0 or step == stop:
             save_run(args.out_dir, model_payload(model, tok, "dpo", args, step, models_resident=1), optimizer,
                      sampler, step, model)

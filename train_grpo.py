@@ -52,7 +52,6 @@ Deviations from the papers, on purpose:
   Generation is not sped up by more ranks, the scoring passes and the update are.
 """
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -65,8 +64,8 @@ from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_clip_flag, check_out_dir, load_run, optimizer_step,
-                                   parse_stage_flags, resumed_flags, wants_resume)
+from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_clip_flag, check_out_dir, keep_samples_until, load_run,
+                                   optimizer_step, parse_stage_flags, resumed_flags, save_files, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -331,31 +330,6 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
     return out
 
 
-def drop_samples_after(out_dir, step):
-    """
-    Keep only the samples of iterations 1..step in samples.jsonl and samples.txt (both rewritten from the kept
-    rows). A run resumed from the checkpoint of iteration `step` writes the later iterations again, and a crash
-    or a NaN stop after that checkpoint may already have written some of them: without this they would appear
-    twice. A last line cut off by a crash (no newline) belongs to a later iteration and goes too.
-    """
-    path = os.path.join(out_dir, "samples.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.endswith("\n")]
-    # the kept rows go to new files beside the old ones, then replace them: a crash here leaves whole files
-    tmp = os.path.join(out_dir, f"samples.tmp{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    for it in sorted({r["iter"] for r in rows if r["iter"] <= step}):
-        write_samples(tmp, it, [{k: v for k, v in r.items() if k != "iter"} for r in rows if r["iter"] == it])
-    for name in ("samples.jsonl", "samples.txt"):
-        if os.path.exists(os.path.join(tmp, name)):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        elif os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -420,10 +394,10 @@ def main(argv=None):
     def save(iteration):
         if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
             return
-        utils.save_checkpoint(args.out_dir, utils.model_payload(actor, tok, "grpo", args, iteration,
-                                                                models_resident=models_resident))
-        utils.save_checkpoint(args.out_dir, {"optimizer": opt.state_dict(), "rng": utils.rng_state(),
-                                             "data": sampler_state, "step": iteration}, utils.TRAIN_STATE)
+        save_files(args.out_dir, {  # all or nothing: a kill leaves a pair of one iteration (train_common.save_files)
+            utils.TRAIN_STATE: {"optimizer": opt.state_dict(), "rng": utils.rng_state(), "data": sampler_state,
+                                "step": iteration},
+            utils.CKPT: utils.model_payload(actor, tok, "grpo", args, iteration, models_resident=models_resident)})
 
     if dist.is_main():  # only rank 0 writes
         os.makedirs(args.out_dir, exist_ok=True)
@@ -432,8 +406,8 @@ def main(argv=None):
                 if os.path.exists(os.path.join(args.out_dir, name)):
                     os.remove(os.path.join(args.out_dir, name))
         else:
-            drop_samples_after(args.out_dir, start_iter)
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None)
+            keep_samples_until(args.out_dir, start_iter)
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "

@@ -563,11 +563,12 @@ OFFLOADABLE = ("ref", "rm")
 ADAPTERS = "adapters.pt"  # the LoRA adapters alone (ckpt.pt and critic.pt hold merged weights): what --resume needs
 
 
-def build_models(args, device, resume=False):
+def build_models(args, device, files=None):
     """
     Actor, critic, reference and reward model for the options, as a dict (critic None with --critic shared)
     with the tokenizer, the RM's checkpoint, and "roles": the parameters of each role, for memory.json.
-    Dropout is off everywhere, the frozen models are frozen; on --resume the trained parts come from --out_dir.
+    Dropout is off everywhere, the frozen models are frozen; on --resume the trained parts come from `files`,
+    {name: path} of the run's checkpoint (train_common.complete_files).
 
     Which memory serves which role (W weights, G gradients, O AdamW state; the seed's section 3.3):
 
@@ -593,16 +594,15 @@ def build_models(args, device, resume=False):
     the actor's, which is the SFT model's.
     """
     offload_names = {n for n in args.offload.split(",") if n}
-    state_dir = args.out_dir if resume else None
     if args.lora_rank:
         # LoRA: the frozen base is the SFT model itself (it is the reference), adapters come from --out_dir on resume
         actor, tok, _ = utils.load_model(args.sft, device, kind="gpt")
     else:
-        actor, tok, _ = utils.load_model(state_dir or args.sft, device, kind="gpt")
+        actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, device, kind="gpt")
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, device, kind="scalar")
     check(rm_tok.to_dict() == tok.to_dict(),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
-    saved_critic = utils.load_model(state_dir, device, kind="scalar", name=CRITIC)[0] if state_dir else None
+    saved_critic = utils.load_model(files[CRITIC], device, kind="scalar")[0] if files else None
     for m in (actor, reward_model):
         disable_dropout(m)
     freeze(reward_model)
@@ -634,8 +634,8 @@ def build_models(args, device, resume=False):
             raise utils.UserError(f"--lora_targets: {e}") from None
         # the heads on top of the adapters train in full
         (actor.value_head if critic is None else critic.head).requires_grad_(True)
-        if state_dir:
-            adapters = utils.load_checkpoint(state_dir, ADAPTERS)
+        if files:
+            adapters = utils.load_checkpoint(files[ADAPTERS])
             for m, key in ((actor, "actor"), (critic, "critic")):
                 if m is not None:
                     m.load_state_dict(adapters[key], strict=False)
@@ -694,8 +694,7 @@ def write_memory_report(args, config, probe, rt):
         "activations_predicted": acts, "activations": probe.extra["activations"], "micro_batch": [b, t],
         "cuda_max_allocated": torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else None,
     }
-    with open(os.path.join(args.out_dir, "memory.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    utils.write_text(os.path.join(args.out_dir, "memory.json"), json.dumps(report, indent=1))
     same = "equal" if report["static_predicted"] == report["static_measured"] else "DIFFERENT"
     fb = footprint.fmt_bytes
     cuda = f"; cuda max allocated {fb(report['cuda_max_allocated'])}" if report["cuda_max_allocated"] else ""
@@ -743,6 +742,9 @@ def main(argv=None):
           f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by --grad_accum {args.grad_accum}")
     check(args.response_length >= 1, "--response_length must be >= 1")
     check(args.temperature > 0, "--temperature must be > 0 (PPO needs a stochastic policy)")
+    check(args.clip_coef > 0 and args.vf_clip_coef > 0,
+          f"--clip_coef and --vf_clip_coef must be > 0 (got {args.clip_coef}, {args.vf_clip_coef})")
+    check(args.lr > 0 and args.critic_lr > 0, f"--lr and --critic_lr must be > 0 (got {args.lr}, {args.critic_lr})")
     check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
     check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
@@ -765,14 +767,12 @@ def main(argv=None):
     ptx_records = D.read_sft(args.ptx_data) if args.ptx_coef > 0 else None
 
     # models
-    state = None
-    if resuming:
-        state = utils.load_checkpoint(args.out_dir, utils.TRAIN_STATE)
-        names = [utils.CKPT, CRITIC] + ([ADAPTERS] if args.lora_rank else [])
-        steps = tuple(utils.load_checkpoint(args.out_dir, n)["step"] for n in names) + (state["step"],)
-        check(len(set(steps)) == 1, f"--resume: in {args.out_dir}, {', '.join(names)} and {utils.TRAIN_STATE} "
-              f"are at iterations {steps} (a save was interrupted)")
-    models = build_models(args, rt.device, resume=resuming)
+    state = files = None
+    if resuming:  # the files of one iteration (an interrupted save left the previous iteration's beside them)
+        names = [utils.CKPT, CRITIC, utils.TRAIN_STATE] + ([ADAPTERS] if args.lora_rank else [])
+        files = C.complete_files(args.out_dir, names)
+        state = utils.load_checkpoint(files[utils.TRAIN_STATE])
+    models = build_models(args, rt.device, files)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
@@ -836,29 +836,30 @@ def main(argv=None):
         if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
             return
         # ckpt.pt and critic.pt are plain merged models that every stage and evaluate.py load as usual
-        payload = utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value)
-        payload["model"] = policy_state_dict(actor)
-        utils.save_checkpoint(args.out_dir, payload)
-        payload = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
-        payload["model"], payload["model_kind"] = critic_state_dict(actor, critic), "scalar"
-        utils.save_checkpoint(args.out_dir, payload, CRITIC)
-        if args.lora_rank:
-            utils.save_checkpoint(args.out_dir, {"actor": lora.adapter_state_dict(actor), "step": iteration,
-                                                 "critic": lora.adapter_state_dict(critic) if critic is not None else {}},
-                                  ADAPTERS)
-        utils.save_checkpoint(args.out_dir, {
+        policy = utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value)
+        policy["model"] = policy_state_dict(actor)
+        value = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
+        value["model"], value["model_kind"] = critic_state_dict(actor, critic), "scalar"
+        files = {utils.TRAIN_STATE: {
             "actor_optimizer": actor_opt.state_dict(),
             "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
             "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
             "ptx_rng": ptx_gen.get_state() if ptx is not None else None,
-        }, utils.TRAIN_STATE)
+        }, CRITIC: value, utils.CKPT: policy}
+        if args.lora_rank:
+            files[ADAPTERS] = {"actor": lora.adapter_state_dict(actor), "step": iteration,
+                               "critic": lora.adapter_state_dict(critic) if critic is not None else {}}
+        C.save_files(args.out_dir, files)  # all or nothing: a kill leaves the files of one iteration
 
     if dist.is_main():  # only rank 0 writes
         os.makedirs(args.out_dir, exist_ok=True)
-        for name in ("samples.jsonl", "samples.txt"):
-            if not resuming and os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
-    logger = dist.metrics_logger(args.out_dir, resume=resuming)
+        if resuming:  # a run killed after its last checkpoint sampled iterations that this one samples again
+            C.keep_samples_until(args.out_dir, start_iter)
+        else:
+            for name in ("samples.jsonl", "samples.txt"):
+                if os.path.exists(os.path.join(args.out_dir, name)):
+                    os.remove(os.path.join(args.out_dir, name))
+    logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
@@ -887,7 +888,7 @@ def main(argv=None):
         upd = ppo_update(train_actor, train_critic, actor_opt, critic_opt, exp, args, rt, ptx, where=f"iteration {it + 1}, ",
                          probe=mem_probe.extra)
         t_update = time.time() - t0
-        if it == start_iter:
+        if it == start_iter and dist.is_main():  # the ranks measure the same bytes: rank 0 writes them
             write_memory_report(args, actor.config, mem_probe, rt)
 
         # statistics of this rollout (before the update)

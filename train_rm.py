@@ -257,10 +257,12 @@ def score_sequences(model, seqs, pad_id, batch_size, max_len, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
-    state = None
+    state = saved_lora = None
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
+        saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
+        del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)
     check_out_dir(args.out_dir, "rm", {"--init_from": args.init_from})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
@@ -274,9 +276,10 @@ def main():
         n_ties = n1 + n2
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
     # a fresh run starts from the SFT model's trunk; a LoRA run resumes from that base and its saved adapters
+    # (load_model's third value, the checkpoint dict, is a CPU copy of the weights: not kept)
     resume_full = state is not None and not args.lora_rank
     src = args.out_dir if resume_full else args.init_from
-    model, tok, _ = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full)
+    model, tok = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full)[:2]
     if args.lora_rank:
         try:
             lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
@@ -284,15 +287,16 @@ def main():
             raise UserError(f"--lora_targets: {e}") from None
         model.head.requires_grad_(True)  # the new scalar head trains in full
         if state is not None:
-            model.load_state_dict(ckpt["lora"]["trainable"], strict=False)
+            model.load_state_dict(saved_lora["trainable"], strict=False)
     max_len = model.config.block_size
-    train, n_cut = encode_prefs(train_records, tok, max_len)
-    val, n_cut_val = encode_prefs(val_records, tok, max_len)
+    train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
+    val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
     check(len(train) > 0 and len(val) > 0, f"no record keeps 2 responses that fit in {max_len} tokens")
     n_seqs = sum(len(ex["ids"]) for ex in train)
     print(f"data: {len(train)} train prompts ({n_seqs} responses, {sum(math.comb(len(ex['ids']), 2) for ex in train)} "
-          f"pairs), {len(val)} val prompts; {n_cut + n_cut_val} prompts cut from the left, "
-          f"{len(train_records) + len(val_records) - len(train) - len(val)} records dropped (responses too long)"
+          f"pairs), {len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the "
+          f"left, {len(train_records) + len(val_records) - len(train) - len(val)} records dropped (fewer than 2 "
+          f"responses fit), {n_dropped + n_dropped_val} responses dropped from the records kept"
           + (f"; {n_ties} tied responses dropped" if args.allow_ties else ""))
 
     sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in train], args.batch_size, seed=args.seed)
@@ -324,7 +328,7 @@ def main():
         return f"val acc {m['val_acc']:.3f} margin {m['val_margin']:.2f} ece {m['val_ece']:.3f}"
 
     # training loop
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=step)  # the first write to out_dir
     timer = Timer(stop, step)
     t_start = time.time()
     val_metrics = None

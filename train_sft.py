@@ -231,7 +231,7 @@ def main():
         return
 
     # training loop
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None)  # the first write to out_dir
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=step)  # the first write to out_dir
     timer = Timer(stop, step)
     t_start = time.time()
     val_loss = None

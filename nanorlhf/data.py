@@ -63,6 +63,10 @@ def read_jsonl(path):
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             _fail(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            _fail(path, lineno, None, "malformed JSON: nested too deeply")
+        except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+            _fail(path, lineno, None, f"malformed JSON: {str(e).split(';')[0]}")
         if not isinstance(obj, dict):
             _fail(path, lineno, None, f"expected a JSON object, got {_typename(obj)}")
         out.append((lineno, obj))
@@ -248,13 +252,15 @@ def encode_sft(records, tok, block_size):
 def encode_prefs(records, tok, block_size):
     """
     records (from read_prefs) -> (list of {"ids": [ids per response], "masks": [...], "ranking": [...]},
-    n_truncated). Each response is rendered with its prompt and fitted on its own (fit()); a response that
-    does not fit is dropped from its record and the ranking is restricted to the rest; a record left with
-    fewer than 2 responses is dropped. n_truncated counts the kept sequences whose prompt was cut.
+    n_truncated, n_dropped). Each response is rendered with its prompt and fitted on its own (fit()); a response
+    that does not fit is dropped from its record and the ranking is restricted to the rest; a record left with
+    fewer than 2 responses is dropped whole (the caller counts those). Of the records kept, n_truncated counts
+    those whose prompt was cut (once, for however many of its responses) and n_dropped the responses they lost,
+    which may include the best-ranked one.
     """
-    out, n_truncated = [], 0
+    out, n_truncated, n_dropped = [], 0, 0
     for r in records:
-        kept, ids, masks, cut = [], [], [], 0
+        kept, ids, masks, cut = [], [], [], False
         for i, resp in enumerate(r["responses"]):
             seq, mask = tok.render(r["prompt"], resp)
             fitted = fit(list(seq), list(mask), block_size)
@@ -262,12 +268,13 @@ def encode_prefs(records, tok, block_size):
                 kept.append(i)
                 ids.append(fitted[0])
                 masks.append(fitted[1])
-                cut += fitted[2]
-        if len(kept) >= 2:  # a dropped record's cut sequences are not counted: they are not trained on
+                cut = cut or fitted[2]
+        if len(kept) >= 2:  # a dropped record is counted by the caller, not here: none of it is trained on
             ranking = [kept.index(i) for i in r["ranking"] if i in kept]
             out.append({"ids": ids, "masks": masks, "ranking": ranking})
             n_truncated += cut
-    return out, n_truncated
+            n_dropped += len(r["responses"]) - len(kept)
+    return out, n_truncated, n_dropped
 
 
 def encode_prompts(prompts, tok, max_prompt_len):

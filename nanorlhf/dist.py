@@ -278,6 +278,6 @@ class _NoLogger:
         pass
 
 
-def metrics_logger(out_dir, resume=False):
+def metrics_logger(out_dir, resume=False, step=None):
     """utils.MetricsLogger on rank 0; on the other ranks a logger that writes nothing."""
-    return utils.MetricsLogger(out_dir, resume) if is_main() else _NoLogger()
+    return utils.MetricsLogger(out_dir, resume, step) if is_main() else _NoLogger()

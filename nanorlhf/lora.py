@@ -139,18 +139,23 @@ def adapters_off(model):
 
 
 @torch.no_grad()
-def merged_state_dict(model, device="cpu"):
+def merged_state_dict(model, device="cpu", state=None):
     """
     The model's state dict as a plain model holds it: each LoRALinear's weight replaced by W + (alpha / r) B A
     (computed in the weight's dtype), lora_A / lora_B dropped. The model itself is not changed.
+    state: the model's whole state dict to merge instead of model.state_dict(), e.g. dist.full_state_dict's, which
+    under FSDP2 gathers what each rank holds a shard of (the model's own tensors are then DTensors, one shard each).
     """
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    sd = raw.state_dict() if state is None else state
     merged = {}
     for name, m in raw.named_modules():
-        if isinstance(m, LoRALinear):
-            merged[f"{name}.weight"] = m.weight + m.delta_weight()
+        if isinstance(m, LoRALinear) and f"{name}.weight" in sd:
+            # W + (alpha / r) B A, as m.weight + m.delta_weight() computes it
+            w, a, b = (sd[f"{name}.{k}"] for k in ("weight", "lora_A", "lora_B"))
+            merged[f"{name}.weight"] = w + (b @ a) * m.scaling
     out = {}
-    for k, v in raw.state_dict().items():
+    for k, v in sd.items():
         if k.endswith((".lora_A", ".lora_B")):
             continue
         out[k] = merged.get(k, v).detach().to(device).clone()
@@ -200,17 +205,16 @@ class AdaptersOff(nn.Module):
             return self.model(*args, **kwargs)
 
 
-def trainable_state_dict(model):
-    """The tensors that train (adapters, and heads left trainable), on the CPU: what resuming a LoRA run needs."""
-    raw = getattr(model, "_orig_mod", model)
-    return {k: p.detach().cpu().clone() for k, p in raw.named_parameters() if p.requires_grad}
-
-
 def lora_payload(model, payload, rank, alpha, targets):
     """
     A checkpoint payload (utils.model_payload) made plain: "model" holds the merged weights, which every stage
-    loads as a plain model; "lora" keeps the trained tensors and the settings, which only --resume reads.
+    loads as a plain model; "lora" keeps the trained tensors and the settings, which only --resume reads. Both
+    come from payload["model"], the whole weights that model_payload gathered (under FSDP2 on rank 0; the other
+    ranks hold an empty dict and write nothing), never from one rank's shards.
     """
-    payload["model"] = merged_state_dict(model)
-    payload["lora"] = {"rank": rank, "alpha": alpha, "targets": targets, "trainable": trainable_state_dict(model)}
+    full = payload["model"]
+    raw = getattr(model, "_orig_mod", model)
+    trainable = {k: full[k].clone() for k, p in raw.named_parameters() if p.requires_grad and k in full}
+    payload["model"] = merged_state_dict(model, state=full)
+    payload["lora"] = {"rank": rank, "alpha": alpha, "targets": targets, "trainable": trainable}
     return payload

@@ -1,13 +1,16 @@
 """
 The training-loop scaffolding that the stage scripts share, and nothing else: the held-out split, an endless
 resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
-step, the checkpoint pair (ckpt.pt + train_state.pt), --resume (on, off, auto) and the flags of a resumed run,
-and the peak FLOP/s that MFU divides by. The loops themselves stay in the scripts, where a reader expects them.
+step, the checkpoint files (ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves
+a set of one step, --resume (on, off, auto), the flags of a resumed run and the samples it keeps, and the peak
+FLOP/s that MFU divides by. The loops themselves stay in the scripts, where a reader expects them.
 """
 
 import dataclasses
+import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from nanorlhf import dist, utils
+from nanorlhf.rollout import write_samples
 
 # -----------------------------------------------------------------------------
 # data
@@ -129,8 +133,8 @@ def optimizer_step(model, optimizer, lr, grad_clip, where="", loss=None):
 def save_run(out_dir, payload, optimizer, sampler, step, model=None):
     """
     ckpt.pt (what the next stage loads) and train_state.pt (what --resume needs: optimizer, RNG states,
-    the sampler's position, the step), each written atomically. Both carry the step, so a crash between
-    the two writes is detected by load_run instead of resuming from a mismatched pair.
+    the sampler's position, the step), written together by save_files: a kill at any moment leaves a pair of
+    one step that load_run resumes from.
     Under torchrun every rank calls it (an FSDP-sharded `model`'s optimizer state is gathered from all ranks)
     and rank 0 writes; the ranks share one RNG state and one sampler position, so rank 0's are everyone's.
     """
@@ -138,8 +142,121 @@ def save_run(out_dir, payload, optimizer, sampler, step, model=None):
     if not dist.is_main():
         return
     state = {"optimizer": optim, "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
-    utils.save_checkpoint(out_dir, state, utils.TRAIN_STATE)
-    utils.save_checkpoint(out_dir, payload, utils.CKPT)
+    save_files(out_dir, {utils.TRAIN_STATE: state, utils.CKPT: payload})
+
+
+def prev_name(name):
+    """Where save_files keeps a file's previous version during a save: train_state.pt -> train_state.prev.pt."""
+    root, ext = os.path.splitext(name)
+    return f"{root}.prev{ext}"
+
+
+def save_files(out_dir, payloads):
+    """
+    Write the files of one checkpoint, {name: payload} with ckpt.pt among them and a "step" in every payload, so
+    that a kill at any moment leaves in out_dir a set of one step that complete_files finds:
+    1. every file is written whole under a temporary name and fsync'd; the previous files stay as they are;
+    2. each file but ckpt.pt keeps its previous version as name.prev.pt (a hard link: no copy);
+    3. the temporaries are renamed into place one after the other, ckpt.pt last, so that until the last rename
+       ckpt.pt and the .prev.pt files are the previous step's complete set, and after it the new files are;
+    4. the .prev.pt files are removed.
+    A save that finds .prev.pt files (an earlier save was interrupted) keeps the ones at ckpt.pt's step.
+    Example: {"train_state.pt": state, "ckpt.pt": payload}, as save_run writes them.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    names = [n for n in payloads if n != utils.CKPT] + [utils.CKPT]
+    paths = {n: os.path.join(out_dir, n) for n in names}
+    prevs = {n: os.path.join(out_dir, prev_name(n)) for n in names[:-1]}
+    tmps = {}
+    try:
+        for n in names:
+            tmps[n] = utils.tmp_name(paths[n])
+            torch.save(payloads[n], tmps[n])
+            utils.fsync(tmps[n])
+        for n, prev in prevs.items():
+            if os.path.exists(prev):
+                if not _same_step(paths[n], paths[utils.CKPT]):
+                    continue  # the current file is of a later save that never finished: the kept one completes ckpt.pt
+                os.remove(prev)
+            if os.path.exists(paths[n]):
+                try:
+                    os.link(paths[n], prev)
+                except OSError:  # a file system without hard links: a copy then
+                    shutil.copyfile(paths[n], prev)
+        for n in names:
+            os.replace(tmps[n], paths[n])
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for prev in prevs.values():
+        if os.path.exists(prev):
+            os.remove(prev)
+
+
+def _step(path):
+    """The "step" of a checkpoint file, read mapped: the tensors are not read."""
+    return utils.load_checkpoint(path, mmap=True).get("step")
+
+
+def _same_step(a, b):
+    """Whether the checkpoint files a and b both exist and are of the same step."""
+    return os.path.isfile(a) and os.path.isfile(b) and _step(a) == _step(b)
+
+
+def complete_files(out_dir, names):
+    """
+    {name: path} of the files of names at ckpt.pt's step: each file itself or, where a save was interrupted
+    before its last rename (save_files), the previous version that save kept, name.prev.pt, which one line then
+    says. UserError when a file is at another step and no kept version mends it.
+    Example: ckpt.pt and train_state.prev.pt at step 2, train_state.pt at step 4 -> the step-2 pair and a note.
+    """
+    ckpt_step = _step(os.path.join(out_dir, utils.CKPT))
+    files, kept, wrong = {utils.CKPT: os.path.join(out_dir, utils.CKPT)}, [], []
+    for n in names:
+        if n == utils.CKPT:
+            continue
+        files[n] = os.path.join(out_dir, n)
+        step = _step(files[n])
+        if step != ckpt_step:
+            prev = os.path.join(out_dir, prev_name(n))
+            if _same_step(prev, files[utils.CKPT]):
+                files[n] = prev
+                kept.append(prev_name(n))
+            else:
+                wrong.append(f"{n} at step {step}")
+    utils.check(not wrong, f"--resume: {out_dir}/{utils.CKPT} is at step {ckpt_step} but {', '.join(wrong)} (a save "
+                           f"was interrupted)")
+    if kept and dist.is_main():
+        print(f"note: a save in {out_dir} was interrupted before {utils.CKPT} was replaced: resuming from step "
+              f"{ckpt_step} with {', '.join(kept)}")
+    return files
+
+
+def keep_samples_until(out_dir, iteration):
+    """
+    samples.jsonl and samples.txt of a resumed PPO or GRPO run with only the samples of iterations 1..iteration,
+    the one its checkpoint holds: a run killed after that checkpoint may have written later iterations, which the
+    resumed run writes again. Both files are rebuilt from samples.jsonl's rows (rollout.write_samples), so that no
+    response text can be mistaken for a header of samples.txt; a last line that a kill cut short goes too.
+    """
+    path = os.path.join(out_dir, "samples.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    tmp = utils.tmp_name(os.path.join(out_dir, "samples"))  # a directory beside them: the new files, then renamed
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        for it in sorted({r["iter"] for r in rows if r["iter"] <= iteration}):
+            write_samples(tmp, it, [{k: v for k, v in r.items() if k != "iter"} for r in rows if r["iter"] == it])
+        for name in ("samples.jsonl", "samples.txt"):
+            if os.path.exists(os.path.join(tmp, name)):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            elif os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 RESUME_HELP = ("continue the run in --out_dir from its last checkpoint, with its saved flags: on (a bare --resume), "
@@ -193,14 +310,11 @@ def check_out_dir(out_dir, stage, inputs):
 
 
 def load_run(out_dir):
-    """(ckpt, train_state) of the run in out_dir, checked to be from the same step."""
+    """(ckpt, train_state) of the run in out_dir, of the same step (complete_files)."""
     utils.check(os.path.isfile(os.path.join(out_dir, utils.TRAIN_STATE)),
                 f"--resume: {out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
-    ckpt = utils.load_checkpoint(out_dir, utils.CKPT)
-    state = utils.load_checkpoint(out_dir, utils.TRAIN_STATE)
-    utils.check(ckpt["step"] == state["step"], f"--resume: {out_dir}/{utils.CKPT} is at step {ckpt['step']} but "
-                f"{utils.TRAIN_STATE} at step {state['step']} (a save was interrupted)")
-    return ckpt, state
+    files = complete_files(out_dir, (utils.CKPT, utils.TRAIN_STATE))
+    return utils.load_checkpoint(files[utils.CKPT]), utils.load_checkpoint(files[utils.TRAIN_STATE])
 
 
 def restore_run(state, optimizer, sampler, model=None):

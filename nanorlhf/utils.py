@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import typing
@@ -138,7 +139,8 @@ def parse_flags(cls, argv=None, description=None):
     """
     parser = FlagParser(description=description)
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        # argparse formats a help string with %: a literal one ("~30% slower") is written %%
+        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
         typ = f.type
         if isinstance(typ, str):  # under `from __future__ import annotations`
             typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]
@@ -292,13 +294,31 @@ def write_atomic(path, write):
     into place: a crash or an error in write never leaves half a file, an overwritten good one, or the temporary.
     Example: write_atomic("out/fig.png", lambda tmp: fig.savefig(tmp, format="png"))
     """
-    tmp = path + f".tmp{os.getpid()}"
+    tmp = tmp_name(path)
     try:
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def tmp_name(path):
+    """The temporary name a file is written to before it is renamed into place: beside it, this process's own."""
+    return path + f".tmp{os.getpid()}"
+
+
+def fsync(path):
+    """
+    Put the file's bytes on the disk, not only in the OS's cache, before a rename makes them the file: else a
+    power cut right after the rename can leave the new name pointing at an empty file.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path, text):
@@ -329,19 +349,26 @@ def load_checkpoint(path, name=CKPT, map_location="cpu", mmap=False):
         raise UserError(f"{path}: cannot load checkpoint ({load_error_reason(e)})") from None
 
 
+# the sentences of torch.load's messages that are advice, not the reason (one of them: retry with weights_only=False)
+LOAD_ADVICE = ("Weights only load failed", "In PyTorch", "Re-running", "Do it only", "Please",
+               "Check the documentation", "This file can still be loaded", "Alternatively", "(1)", "(2)")
+
+
 def load_error_reason(e):
     """
-    One line for an exception of torch.load(weights_only=True), e.g. "UnpicklingError: Trying to load unsupported
-    GLOBAL posix.system whose module posix is blocked". torch wraps the reason in paragraphs of advice, among them
-    to retry with weights_only=False, which would let the file run code: we never do, so only the reason is kept.
+    One line for an exception of torch.load(weights_only=True): its first sentence that is not advice, e.g.
+    "UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module posix is blocked" or
+    "UnpicklingError: ``torch.distributed.tensor`` must be imported to load DTensors". torch wraps the reason in
+    sentences of advice, before it or after it, among them to retry with weights_only=False, which would let the
+    file run code: we never do, so only the reason is kept.
     """
     text = str(e).split("WeightsUnpickler error:")[-1]
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    reasons = [p for p in paragraphs if not p.startswith(advice)] or paragraphs or ["no message"]
+    sentences = [s.strip(" .") for s in re.split(r"\.\s+|\n", text)]
+    sentences = [s for s in sentences if s and "weights_only" not in s]
+    reasons = [s for s in sentences if not s.startswith(LOAD_ADVICE)] or sentences or ["no message"]
     name = type(e).__name__
     name = name if name[0].isupper() else f"{type(e).__module__}.{name}"  # struct.error, not "error"
-    return f"{name}: {reasons[0].splitlines()[0].split('. ')[0]}"
+    return f"{name}: {reasons[0]}"
 
 
 def model_payload(model, tok, stage, args, step, **extra):
@@ -362,36 +389,67 @@ def model_payload(model, tok, stage, args, step, **extra):
     }
 
 
+MODEL_KEYS = ("model_kind", "model_config", "model", "tokenizer")  # what model_payload writes and load_model reads
+
+
+def load_model_checkpoint(path, name=CKPT):
+    """
+    (file, ckpt): load_checkpoint of out_dir/name (or of a file path), checked to hold a model, so that a valid
+    torch file of another kind (a train_state.pt) is one line naming the file actually read, not a KeyError.
+    """
+    file = os.path.join(path, name) if os.path.isdir(path) else path
+    ckpt = load_checkpoint(file)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{file}: not a nanorlhf model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in MODEL_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{file}: not a nanorlhf model checkpoint (no {', '.join(missing)}; a stage writes its "
+                        f"model to {CKPT} in its out_dir)")
+    return file, ckpt
+
+
 def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
     """
-    Rebuild (model, tokenizer, ckpt) from a checkpoint directory. kind="gpt" or "scalar" asserts what the
+    Rebuild (model, tokenizer, ckpt) from a checkpoint directory (or file). kind="gpt" or "scalar" asserts what the
     checkpoint must hold; from_gpt=True lets kind="scalar" also take a "gpt" checkpoint and build a ScalarGPT
     from its trunk (this is how the reward model starts from the SFT model, and only there).
     """
     from nanorlhf.model import GPT, GPTConfig, ScalarGPT
     from nanorlhf.tokenizer import Tokenizer
 
-    ckpt = load_checkpoint(path, name)
+    file, ckpt = load_model_checkpoint(path, name)
     try:
         config = GPTConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:
-        raise UserError(f"{os.path.join(path, name)}: model_config: {e}") from None
+        raise UserError(f"{file}: model_config: {e}") from None
     stored = ckpt["model_kind"]
     if stored == "gpt":
         if kind == "scalar" and not from_gpt:
             raise UserError(f"{path}: holds a language model, but a scalar (reward/value) model is needed here")
         model = GPT(config)
-        model.load_state_dict(ckpt["model"])
-        if kind == "scalar":
-            model = ScalarGPT.from_gpt(model)
     elif stored == "scalar":
         if kind == "gpt":
             raise UserError(f"{path}: holds a scalar (reward/value) model, but a language model is needed here")
         model = ScalarGPT(config)
-        model.load_state_dict(ckpt["model"])
     else:
-        raise UserError(f"{path}: unknown model_kind {stored!r}")
-    return model.to(device), Tokenizer.from_dict(ckpt["tokenizer"]), ckpt
+        raise UserError(f"{file}: unknown model_kind {stored!r}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # torch lists every wrong key on lines of its own
+        raise UserError(f"{file}: the weights do not fit its model_config ({_one_line(e)})") from None
+    if stored == "gpt" and kind == "scalar":
+        model = ScalarGPT.from_gpt(model)
+    try:
+        tok = Tokenizer.from_dict(ckpt["tokenizer"])
+    except (AssertionError, KeyError, ValueError, TypeError) as e:  # from_dict asserts the special tokens
+        raise UserError(f"{file}: the tokenizer does not load ({type(e).__name__}: {_one_line(e)})") from None
+    return model.to(device), tok, ckpt
+
+
+def _one_line(e, limit=300):
+    """An exception's message on one line, at most `limit` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -----------------------------------------------------------------------------
@@ -426,16 +484,43 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr):
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to out_dir/metrics.jsonl (a resumed run keeps appending)."""
+    """
+    Appends one JSON object per logged step to out_dir/metrics.jsonl. A resumed run (resume=True) keeps the rows up
+    to `step`, the step (or iteration) of the checkpoint it continues from, and appends after them: a run killed
+    after its last checkpoint logged rows past it, which the resumed run logs again.
+    """
 
-    def __init__(self, out_dir, resume=False):
+    def __init__(self, out_dir, resume=False, step=None):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if resume and step is not None:
+            keep_rows_until(self.path, step)
         self.f = open(self.path, "a" if resume else "w")
 
     def log(self, row):
         self.f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self.f.flush()
+
+
+def keep_rows_until(path, last):
+    """
+    Rewrite the JSONL file at path (atomically) with only its rows up to `last`, by each row's "step" (or "iter"),
+    and without a last line that a kill cut short. No file: nothing to do.
+    Example: rows of steps [0, 1, 2, 3] and a line cut short, last 2 -> rows of steps [0, 1, 2].
+    """
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # the line being written when the run was killed
+                continue
+            n = row.get("step", row.get("iter"))
+            if n is None or n <= last:
+                kept.append(line.rstrip("\n") + "\n")
+    write_text(path, "".join(kept))
 
 
 def _jsonable(v):

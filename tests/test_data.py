@@ -32,6 +32,9 @@ BAD = [
     (read_sft, "\n  \n\n", ": empty file (no records)"),
     (read_sft, lines(GOOD_SFT, '{"prompt": "p", "response": }'), ":2: malformed JSON"),
     (read_sft, lines(GOOD_SFT, "[1, 2]"), ":2: expected a JSON object, got a list"),
+    (read_sft, lines(GOOD_SFT, "[" * 100_000), ":2: malformed JSON: nested too deeply"),
+    (read_sft, lines(GOOD_SFT, '{"prompt": "p", "response": "r", "n": ' + "1" * 5000 + "}"),
+     ":2: malformed JSON: Exceeds the limit (4300 digits)"),
     (read_sft, lines({"prompt": "p"}), ":1: field 'response': missing"),
     (read_sft, lines({"prompt": "p", "response": 3}), ":1: field 'response': expected a non-empty string, got a number"),
     (read_sft, lines({"prompt": "", "response": "r"}), ":1: field 'prompt': expected a non-empty string"),
@@ -177,9 +180,9 @@ def test_encode_prefs_and_prompts():
     records = [{"prompt": "p" * 10, "responses": ["a", "b" * 40, "c" * 10], "ranking": [1, 2, 0]},
                {"prompt": "q", "responses": ["d" * 40, "e" * 40], "ranking": [0, 1]},
                {"prompt": "r" * 30, "responses": ["f", "g" * 40], "ranking": [0, 1]}]
-    out, n_truncated = encode_prefs(records, TOK, 36)
+    out, n_truncated, n_dropped = encode_prefs(records, TOK, 36)
     assert len(out) == 1  # the second record has no response that fits, the third only one (cut, not counted)
-    assert encode_prefs(records[2:], TOK, 36) == ([], 0)
+    assert encode_prefs(records[2:], TOK, 36) == ([], 0, 0)
     rec = out[0]
     # "b"*40 is dropped; ranking [1, 2, 0] restricted to kept [0, 2] -> [c, a] -> [1, 0]
     assert rec["ranking"] == [1, 0]
@@ -187,6 +190,7 @@ def test_encode_prefs_and_prompts():
         full, full_mask = TOK.render(records[0]["prompt"], resp)
         assert ids == full[-36:] and mask == full_mask[-36:]
     assert n_truncated == 1  # 21 + 10 + 1 + 10 + 1 = 43 > 36
+    assert n_dropped == 1  # "b" * 40 of the record kept
     ids, n = encode_prompts(["sort 1 2", "x" * 50], TOK, 40)
     assert ids == [TOK.render_prompt("sort 1 2"), TOK.render_prompt("x" * 50)[-40:]] and n == 1
 

@@ -215,8 +215,9 @@ def test_grpo_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_
     torchrun("train_grpo.py", *common, "--out_dir", str(two), "--resume")
     assert_same_run(two, one)
     # the groups had a signal to compare: the tiny SFT model seldom ends a response (all of a group's scores are then
-    # --missing_eos_penalty), so the KL goes into the reward (--kl_in reward), where it differs between responses
-    assert all(r["adv_abs"] > 0.1 and r["equal_groups"] < 1 for r in read_metrics(one))
+    # --missing_eos_penalty, and equal_groups often 1), so the KL goes into the reward (--kl_in reward), where it
+    # differs between responses
+    assert all(r["adv_abs"] > 0.1 for r in read_metrics(one))
     assert sorted(os.listdir(two)) == ["ckpt.pt", "metrics.jsonl", "samples.jsonl", "samples.txt", "train_state.pt"]
     samples = [[json.loads(line) for line in open(d / "samples.jsonl")] for d in (one, two)]
     assert [(r["iter"], r["prompt"], r["response"]) for r in samples[1]] == \

@@ -1,7 +1,7 @@
 """
 train_dpo.py: dpo_loss and its gradient against float64 references, the pairs of a K-wise ranking, the sequence
 log-probabilities, and the script end to end on a tiny random SFT checkpoint (subprocess): log 2 at step 0,
-resume, bad preference files.
+resume, over-long and bad preference files.
 """
 
 import itertools
@@ -9,6 +9,7 @@ import json
 import math
 import random
 import sys
+import weakref
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_sequence_logprobs_match_float64_loop_per_row(share_prompts):
     model = tiny_gpt(0)
     records = [{"prompt": "sort 3 1 2", "responses": ["1 2 3", "3 2 1 !", "1 3"], "ranking": [0, 2, 1]},
                {"prompt": "sort 9 8 7 6 5 4", "responses": ["4 5 6 7 8 9 !", "x"], "ranking": [1, 0]}]
-    examples, _ = encode_prefs(records, tok, 64)
+    examples = encode_prefs(records, tok, 64)[0]
     b = make_batch(examples, None, tok.pad_id, 64, share_prompts=share_prompts)
     assert ("unpack" in b) == share_prompts
     got = sequence_logprobs(model, b)
@@ -149,7 +150,7 @@ def test_shared_prompt_logprobs_have_the_gradients_of_a_row_per_response():
     tok = Tokenizer.byte_level()
     records = [{"prompt": "sort 3 1 2", "responses": ["1 2 3", "3 2 1 !", "1 3"], "ranking": [0, 2, 1]},
                {"prompt": "sort 9 8 7", "responses": ["7 8 9 !", "x"], "ranking": [1, 0]}]
-    examples, _ = encode_prefs(records, tok, 64)
+    examples = encode_prefs(records, tok, 64)[0]
     weights = torch.randn(5, dtype=torch.float64)
     grads = []
     for share in (False, True):
@@ -165,7 +166,7 @@ def test_make_batch_pairs_point_at_the_ranked_responses():
     tok = Tokenizer.byte_level()
     records = [{"prompt": "sort 2 1", "responses": ["a", "bb", "ccc", "dddd"], "ranking": [2, 0, 3, 1]},
                {"prompt": "sort 5 4", "responses": ["x", "yy"], "ranking": [1, 0]}]
-    examples, _ = encode_prefs(records, tok, 64)
+    examples = encode_prefs(records, tok, 64)[0]
     ref = [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([10.0, 11.0])]
     b = make_batch(examples, ref, tok.pad_id, 64)
     assert len(b["winner"]) == 6 + 1
@@ -209,13 +210,19 @@ def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
     assert all(0 <= r["gold"] <= 1 for r in rows if "val_loss" in r)  # the built-in task: gold is logged
     policy, _, ckpt = utils.load_model(str(out), kind="gpt")  # a policy, as evaluate.py loads it
     assert ckpt["stage"] == "dpo" and ckpt["step"] == 6 and ckpt["models_resident"] == 1
-    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 3)...
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 2)...
     out2 = tiny_run / "resumed"
     cmd = dpo_cmd(tiny_run, out2, "--resume", "auto")
-    script(*cmd, "--stop_at", "3")
-    assert torch.load(out2 / "ckpt.pt", weights_only=True)["step"] == 3
-    script(*cmd)  # ... and the same command continues from the checkpoint: the same rows as the uninterrupted run
-    assert without_timings(read_metrics(str(out2))) == without_timings(rows)
+    script(*cmd, "--stop_at", "2")
+    assert torch.load(out2 / "ckpt.pt", weights_only=True)["step"] == 2
+    script(*cmd)  # ... and the same command continues from the checkpoint: the same rows as the uninterrupted run,
+    resumed = read_metrics(str(out2))
+    assert "gold" in resumed[2] and "gold" not in rows[2]  # but for the evaluation at the stop, not an eval step
+    resumed[2] = {k: v for k, v in resumed[2].items() if k in rows[2]}
+    assert without_timings(resumed) == without_timings(rows)
+    # that evaluation's samples came from their own generator: the RNG states train_state.pt saves are the same
+    a, b = (torch.load(d / "train_state.pt", weights_only=True)["rng"] for d in (out, out2))
+    assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and a["numpy"] == b["numpy"]
     # a bare --resume is on; the run's saved flags come back, so it has nothing left to do
     assert "nothing to do" in script("train_dpo.py", "--out_dir", str(out2), "--resume").stdout
 
@@ -232,6 +239,68 @@ def test_shared_prompts_train_the_same_run(tiny_run):
         for key in ("loss", "margin", "val_loss", "val_margin", "gold"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        if a["step"] > 0:  # ... from fewer tokens: the prompts ran once
+            assert 0 < a["tokens"] < b["tokens"] and 0 <= a["pad_frac"] < 1 and 0 <= b["pad_frac"] < 1, a["step"]
+
+
+def write_prefs(path, extra=()):
+    """A preference file of 8 short records that fit in TINY's 64 tokens, then `extra`."""
+    records = [{"prompt": f"sort {i} 1", "chosen": "1 2", "rejected": "2 1"} for i in range(8)] + list(extra)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+OVER_LONG = [{"prompt": "sort 1 2", "chosen": "x" * 100, "rejected": "y" * 100},  # no response fits: dropped
+             {"prompt": "p" * 80, "chosen": "a", "rejected": "b"},  # the prompt is cut for both responses: one prompt
+             {"prompt": "sort 3 4", "responses": ["a", "b", "z" * 100], "ranking": [2, 0, 1]}]  # loses its best
+
+
+def test_over_long_records_are_counted_and_response_length_is_checked_for_the_gold_score_only(tiny_run, tmp_path):
+    cmd = ["train_dpo.py", "--data", write_prefs(tmp_path / "prefs.jsonl", OVER_LONG), "--val_data",
+           write_prefs(tmp_path / "val.jsonl"), "--sft", str(tiny_run / "sft"), "--batch_size", "4", "--max_steps",
+           "1", "--eval_batches", "1", "--response_length", "64"]  # block_size 64: no room for a gold sample's prompt
+    p = script(*cmd, "--out_dir", str(tmp_path / "off"), "--gold", "off")
+    assert ("too long for 64 tokens: 1 prompts cut from the left, 1 records dropped (fewer than 2 responses fit), "
+            "1 responses dropped from the records kept") in p.stdout, p.stdout
+    p = script(*cmd, "--out_dir", str(tmp_path / "on"), "--gold", "on", check=False)
+    assert p.returncode == 2 and "--response_length 64 must be < block_size 64" in p.stderr, p.stderr
+    assert "reference log-probs" not in p.stdout  # refused before the reference pass
+    assert not (tmp_path / "on").exists()
+
+
+def test_no_checkpoint_dict_is_kept_while_training(tiny_run, tmp_path, monkeypatch, one_thread):
+    """The checkpoint dicts load_model and load_run return, CPU copies of the weights, are gone by the first step."""
+    class Ckpt(dict):  # a dict that a weakref can point at
+        pass
+
+    refs, alive = [], []
+    real_load_model, real_load_run, real_batch_loss = train_dpo.load_model, train_dpo.load_run, train_dpo.batch_loss
+
+    def tracked(ckpt):
+        ckpt = Ckpt(ckpt)
+        refs.append(weakref.ref(ckpt))
+        return ckpt
+
+    def load_model(*a, **kw):
+        model, tok, ckpt = real_load_model(*a, **kw)
+        return model, tok, tracked(ckpt)
+
+    def load_run(out_dir):
+        ckpt, state = real_load_run(out_dir)
+        return tracked(ckpt), state
+
+    def batch_loss(*a, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        return real_batch_loss(*a, **kw)
+
+    monkeypatch.setattr(train_dpo, "load_model", load_model)
+    monkeypatch.setattr(train_dpo, "load_run", load_run)
+    monkeypatch.setattr(train_dpo, "batch_loss", batch_loss)
+    for extra in (["--stop_at", "1"], ["--resume", "on"]):  # a fresh run, then a resumed one
+        monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, tmp_path / "out", "--max_steps", "2", "--gold", "off",
+                                                 "--eval_batches", "1", *extra))
+        train_dpo.main()
+    assert len(refs) == 5 and alive and not any(alive), alive  # 2 load_model, then load_run and 2 load_model
 
 
 @pytest.mark.parametrize("records, message", [

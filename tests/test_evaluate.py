@@ -19,7 +19,7 @@ from nanorlhf import tasks
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.report import overoptimisation, pyplot, sweep_section
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.utils import model_payload, save_checkpoint, setup_runtime
+from nanorlhf.utils import UserError, model_payload, save_checkpoint, setup_runtime
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -183,6 +183,22 @@ def test_evaluate_end_to_end(tmp_path):
         for p in pictures:
             assert f"]({p})" in md and (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
         assert "pictures skipped" not in stdout and "not installed" not in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    (["--max_new_tokens", "-40"], "--max_new_tokens -40: must be at least 1"),
+    (["--sft", "{d}/run/train_state.pt"], "{d}/run/train_state.pt: not a nanorlhf model checkpoint"),
+])
+def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, argv, message):
+    # a negative temperature sampled the least likely tokens; --max_new_tokens 0 wrote a report of empty responses.
+    # Both are refused before any checkpoint is read: --sft here names a directory that does not exist
+    save_checkpoint(str(tmp_path / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")
+    argv = [a.format(d=tmp_path) for a in argv]
+    with pytest.raises(UserError) as info:
+        evaluate.main(["--sft", str(tmp_path / "missing"), "--data", str(tmp_path / "missing.jsonl"), *argv])
+    assert str(info.value).startswith(message.format(d=tmp_path)), str(info.value)
 
 
 def test_bench_runs_and_prints_its_table():

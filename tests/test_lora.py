@@ -116,6 +116,42 @@ def test_merged_equals_unmerged_and_float64_merge():
     torch.testing.assert_close(model(idx, mask), out, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_payload_of_an_fsdp_sharded_model_is_the_whole_merged_model(tmp_path):
+    """
+    --fsdp --lora_rank: FSDP2 turns every parameter into a DTensor that holds one rank's shard, and ckpt.pt used to
+    hold those DTensors (merged and trainable tensors read from the shards), which nothing could load. The payload
+    merges the gathered weights instead: plain tensors equal to the unsharded model's merge, loaded strictly.
+    One process in a process group of one (FSDP2 shards over it as over many); torchrun is not needed to show it.
+    """
+    import torch.distributed as td
+    from torch.distributed.fsdp import fully_shard
+
+    from nanorlhf.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=16))
+    lora.apply_lora(model, rank=2, alpha=4)
+    randomise_adapters(model)
+    want = lora.merged_state_dict(model)
+    want_trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    td.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for module in [*model.transformer.h, model]:  # as dist.wrap shards it
+            fully_shard(module)
+        assert type(model.transformer.h[0].attn.c_attn.lora_B) is not torch.nn.Parameter  # a DTensor now
+        payload = lora.lora_payload(model, utils.model_payload(model, tok, "sft", {}, 1), 2, 4, lora.DEFAULT_TARGETS)
+    finally:
+        td.destroy_process_group()
+    got, trainable = payload["model"], payload["lora"]["trainable"]
+    assert all(type(v) is torch.Tensor for v in [*got.values(), *trainable.values()])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert trainable.keys() == want_trainable.keys()
+    assert all(torch.equal(trainable[k], want_trainable[k]) for k in trainable)
+    utils.save_checkpoint(str(tmp_path), payload)
+    utils.load_model(str(tmp_path), kind="gpt")  # strict: a plain GPT
+
+
 def test_adapters_off_is_the_separately_loaded_base(tmp_path):
     """The LoRA-PPO reference: after steps that changed the adapters, adapters off == the SFT model from disk."""
     torch.manual_seed(0)

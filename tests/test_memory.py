@@ -341,6 +341,17 @@ def test_lora_shared_run_saves_plain_models_and_resumes(ckpts, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(pa.state_dict().values(), pb.state_dict().values()))
 
 
+def test_only_rank_0_writes_memory_json(ckpts, tmp_path, monkeypatch, one_thread):
+    # under torchrun every rank wrote out_dir/memory.json, the same file at the same time; a rank that is not
+    # rank 0 (the run itself is one process) now writes nothing at all
+    monkeypatch.setattr(train_ppo.dist, "is_main", lambda: False)
+    out = tmp_path / "ppo"
+    train_ppo.main(["--data", str(ckpts / "prompts.jsonl"), "--sft", str(ckpts / "sft"), "--rm", str(ckpts / "rm"),
+                    "--out_dir", str(out), "--num_iterations", "1", "--batch_size", "4", "--num_minibatches", "1",
+                    "--response_length", "4", "--ppo_epochs", "1", "--device", "cpu", "--dtype", "float32"])
+    assert not out.exists()
+
+
 def test_memory_script_presets(capsys):
     """memory.py's seed-7b preset in the seed's own arithmetic: 16-bit weights and grads, Adam = 2 x the weights."""
     import memory

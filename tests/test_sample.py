@@ -56,6 +56,10 @@ def ckpts(tmp_path_factory):
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)
     (d / "empty.jsonl").write_text("\n")
     (d / "not_a_ckpt").mkdir()
+    save_checkpoint(str(d / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")  # a valid torch file, no model
+    newer = model_payload(tiny_gpt(1), TOK, "ppo", {}, 1)
+    newer["model_config"]["rope"] = True  # a config field of another version
+    save_checkpoint(str(d), newer, "newer.pt")
     return d
 
 
@@ -212,6 +216,11 @@ def test_streamer_prints_whole_characters_only():
     (["--ckpt", "{d}/missing", "--prompt", "x"], "--ckpt {d}/missing: no such checkpoint directory"),
     (["--ckpt", "{d}/rm", "--prompt", "x"], "--ckpt {d}/rm: holds a scalar (reward/value) model, but a language model"),
     (["--ckpt", "{d}/a", "--rm", "{d}/b", "--prompt", "x"], "--rm {d}/b: holds a language model, but a scalar"),
+    (["--ckpt", "{d}/run/train_state.pt", "--prompt", "x"],
+     "--ckpt {d}/run/train_state.pt: not a nanorlhf model checkpoint (no model_kind, model_config, model, tokenizer"),
+    (["--ckpt", "{d}/a", "--rm", "{d}/run/train_state.pt", "--prompt", "x"],
+     "--rm {d}/run/train_state.pt: not a nanorlhf model checkpoint"),
+    (["--ckpt", "{d}/newer.pt", "--prompt", "x"], "--ckpt {d}/newer.pt: model_config: "),
     (["--ckpt", "{d}/a", "--prompts", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file (no records)"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--prompts", "{d}/prompts.jsonl"], "--prompt and --prompts"),
     (["--ckpt", "{d}/a", "--prompt", " "], "--prompt: empty"),
@@ -226,3 +235,19 @@ def test_bad_input_is_one_line_and_exit_2(ckpts, argv, message, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: " + message.format(d=ckpts)), err
+
+
+def test_chat_ids_encode_the_text_before_the_answer_in_one_piece():
+    # a BPE that merges newlines: a prompt ending in "\n" then "\n\nAssistant:" gets other ids in two pieces than
+    # whole, and whole is what the model was trained on (render_prompt) and what the exported chat template gives
+    from nanorlhf.tokenizer import train_bpe
+    tok = Tokenizer("bpe", train_bpe("\n\nHuman: sort 3 1 2\n\n\nAssistant: 1 2 3\n" * 50, 300))
+    for p in ("sort 3 1 2\n", "sort 3 1 2", "two\nlines\n\n"):
+        whole = tok.encode(f"\n\nHuman: {p}\n\nAssistant:")
+        assert sample.chat_ids(tok, [{"role": "user", "content": p}]) == tok.render_prompt(p) == whole
+    two_pieces = tok.encode("\n\nHuman: sort 3 1 2\n") + tok.encode("\n\nAssistant:")
+    assert two_pieces != tok.render_prompt("sort 3 1 2\n")  # the case the one piece is for
+    turns = [{"role": "user", "content": "sort 3 1 2"}, {"role": "assistant", "content": "1 2 3"},
+             {"role": "user", "content": "sort 2 1\n"}]
+    assert sample.chat_ids(tok, turns) == tok.render("sort 3 1 2", "1 2 3")[0] + tok.encode(
+        "\n\nHuman: sort 2 1\n\n\nAssistant:")

@@ -374,6 +374,18 @@ def test_bad_flag_combination_is_reported():
     assert p.returncode == 2 and "--max_grad_norm must be >= 0 (0: no clipping)" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--clip_coef", "0", "--clip_coef and --vf_clip_coef must be > 0"),  # a zero gradient at ratio 1: no learning
+    ("--vf_clip_coef", "-0.1", "--clip_coef and --vf_clip_coef must be > 0"),
+    ("--lr", "-0.001", "--lr and --critic_lr must be > 0"),  # gradient ascent
+    ("--critic_lr", "0", "--lr and --critic_lr must be > 0"),
+])
+def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag, value, message):
+    with pytest.raises(utils.UserError, match=message):  # checked before anything is read or written
+        train_ppo.main(["--out_dir", str(tmp_path / "ppo"), flag, value])
+    assert not (tmp_path / "ppo").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """
@@ -510,6 +522,69 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, 
         assert torch.load(out / name, weights_only=True)["step"] == 1, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+@pytest.fixture
+def random_ckpts(tmp_path):
+    """Random tiny SFT and RM checkpoints (byte tokenizer) and prompts: for runs whose learning is not looked at."""
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    utils.save_checkpoint(str(tmp_path / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
+    utils.save_checkpoint(str(tmp_path / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {}, 0))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return tmp_path
+
+
+def test_a_run_killed_between_the_files_of_a_save_resumes_and_logs_each_iteration_once(random_ckpts, monkeypatch,
+                                                                                      capsys, one_thread):
+    """
+    A LoRA run (4 files per save) killed in the save of iteration 3, after train_state.pt, critic.pt and
+    adapters.pt were replaced and before ckpt.pt was: --resume auto continues from the files of iteration 2 (the
+    save kept the previous ones), and metrics.jsonl, samples.jsonl and samples.txt hold each iteration once, as
+    in the uninterrupted run. A resumed run used to log and sample iteration 3 twice, and a kill inside a save
+    used to leave files of different iterations that no --resume would take.
+    """
+    d = random_ckpts
+
+    def ppo(out):
+        train_ppo.main(["--data", str(d / "prompts.jsonl"), "--sft", str(d / "sft"), "--rm", str(d / "rm"),
+                        "--out_dir", str(out), "--num_iterations", "4", "--batch_size", "4", "--num_minibatches", "1",
+                        "--response_length", "4", "--ppo_epochs", "1", "--lora_rank", "2", "--save_interval", "1",
+                        "--sample_interval", "1", "--num_samples", "2", "--resume", "auto", "--device", "cpu",
+                        "--dtype", "float32"])
+
+    def iters(out):
+        samples = [json.loads(line)["iter"] for line in open(out / "samples.jsonl")]
+        headers = [int(line.split()[2]) for line in open(out / "samples.txt") if line.startswith("=== iter ")]
+        return [r["iter"] for r in read_metrics(out)], samples, headers
+
+    real_replace, renames = os.replace, []
+
+    def killed_in_the_third_save(src, dst):
+        if os.path.basename(dst) == "ckpt.pt":
+            renames.append(dst)
+            if len(renames) == 3:
+                raise KeyboardInterrupt("killed between the renames of a save")
+        return real_replace(src, dst)
+
+    out = d / "ppo"
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_in_the_third_save)
+        with pytest.raises(KeyboardInterrupt):
+            ppo(out)
+    assert iters(out) == ([1, 2, 3], [1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3])
+    steps = [torch.load(out / n, weights_only=True)["step"] for n in ("ckpt.pt", "critic.pt", "train_state.pt")]
+    assert steps == [2, 3, 3]
+    capsys.readouterr()
+    ppo(out)  # the scheduler reruns the same command
+    assert "resuming from step 2 with critic.prev.pt, train_state.prev.pt, adapters.prev.pt" in capsys.readouterr().out
+    assert iters(out) == ([1, 2, 3, 4], [1, 1, 2, 2, 3, 3, 4, 4], [1, 1, 2, 2, 3, 3, 4, 4])
+    assert not [f for f in os.listdir(out) if ".prev." in f or ".tmp" in f]
+    ppo(d / "whole")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(d / "whole"))
+    assert (out / "samples.txt").read_text() == (d / "whole" / "samples.txt").read_text()
 
 
 def test_rm_must_be_a_reward_model(tiny_pipeline):

@@ -1,12 +1,14 @@
 """
 Tests of train_rm.py: its batching and metrics against plain references, and end-to-end runs (subprocess, tiny
 model, a small copy of the built-in task): held-out accuracy well above chance, the bias normalisation, exact
-resume, bad input refused before anything is written.
+resume, over-long records counted, bad input refused before anything is written.
 """
 
+import json
 import math
 import random
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -18,9 +20,10 @@ sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 
 import train_rm
 from nanorlhf import tasks, utils
-from nanorlhf.data import read_sft
+from nanorlhf.data import encode_prefs, read_sft
 from nanorlhf.losses import kwise_ranking_loss
 from nanorlhf.model import GPTConfig, ScalarGPT
+from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.utils import Runtime
 
 SFT_TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
@@ -108,6 +111,76 @@ def test_shared_prompts_train_the_same_run(sft, tmp_path):
             assert a["acc"] == pytest.approx(b["acc"], abs=0.01), a["step"]
         if "pad_frac" in a:  # ... from fewer token slots: the prompts ran once
             assert a["tok_per_s"] > 0 and a["pad_frac"] != b["pad_frac"]
+
+
+def write_prefs(path, extra=()):
+    """A preference file of 8 short records that fit in the tiny model's 64 tokens, then `extra`."""
+    records = [{"prompt": f"sort {i} 1", "chosen": "1 2", "rejected": "2 1"} for i in range(8)] + list(extra)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+OVER_LONG = [{"prompt": "sort 1 2", "responses": ["x" * 100, "y" * 100], "ranking": [0, 1]},  # none fits: dropped
+             {"prompt": "p" * 80, "responses": ["a", "b"], "ranking": [1, 0]},  # its prompt cut for both: one prompt
+             {"prompt": "sort 3 4", "responses": ["a", "b", "z" * 100], "ranking": [2, 0, 1]}]  # loses its best
+
+
+def test_encode_prefs_counts_each_cut_prompt_once_and_each_dropped_response():
+    tok = Tokenizer.byte_level()
+    out, n_truncated, n_dropped = encode_prefs(OVER_LONG, tok, 64)
+    assert len(out) == 2  # the first record is dropped whole, and counted by the caller, not here
+    assert n_truncated == 1  # one prompt, cut for its 2 responses
+    assert n_dropped == 1 and out[1]["ranking"] == [0, 1]  # "z" * 100 ranked first is gone: "a" above "b"
+    assert [len(ids) for ids in out[0]["ids"]] == [64, 64]
+
+
+def test_over_long_records_are_counted(sft, tmp_path):
+    p = script("train_rm.py", "--data", write_prefs(tmp_path / "prefs.jsonl", OVER_LONG), "--val_data",
+               write_prefs(tmp_path / "val.jsonl"), "--init_from", str(sft / "sft"), "--out_dir", str(tmp_path / "rm"),
+               "--sft_data", "", "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1", "--device", "cpu")
+    assert ("too long for 64 tokens: 1 prompts cut from the left, 1 records dropped (fewer than 2 responses fit), "
+            "1 responses dropped from the records kept") in p.stdout, p.stdout
+
+
+def test_lora_resume_keeps_no_checkpoint_dict_and_gives_the_same_run(sft, tmp_path, monkeypatch, one_thread):
+    """
+    The checkpoint dicts load_model and load_run return, CPU copies of the weights, are gone by the first step, also
+    when a LoRA run resumes from the adapters its checkpoint holds; the resumed run ends where the uninterrupted one
+    does.
+    """
+    class Ckpt(dict):  # a dict that a weakref can point at
+        pass
+
+    refs, alive = [], []
+    real_load_model, real_load_run, real_loss = train_rm.load_model, train_rm.load_run, train_rm.kwise_ranking_loss
+
+    def tracked(ckpt):
+        ckpt = Ckpt(ckpt)
+        refs.append(weakref.ref(ckpt))
+        return ckpt
+
+    def load_model(*a, **kw):
+        model, tok, ckpt = real_load_model(*a, **kw)
+        return model, tok, tracked(ckpt)
+
+    def load_run(out_dir):
+        ckpt, state = real_load_run(out_dir)
+        return tracked(ckpt), state
+
+    def kwise_ranking_loss(*a, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(train_rm, "load_model", load_model)
+    monkeypatch.setattr(train_rm, "load_run", load_run)
+    monkeypatch.setattr(train_rm, "kwise_ranking_loss", kwise_ranking_loss)
+    short = ["--lora_rank", "4", "--max_steps", "2", "--eval_batches", "2", "--norm_samples", "20"]
+    for out, extra in (("full", []), ("part", ["--stop_at", "1"]), ("part", ["--resume", "on"])):
+        monkeypatch.setattr(sys, "argv", ["train_rm.py", *rm_args(sft, tmp_path / out), *short, *extra])
+        train_rm.main()
+    assert len(refs) == 4 and alive and not any(alive), alive  # 3 load_model and 1 load_run
+    a, b = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True)["model"] for out in ("full", "part"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(sft, tmp_path):

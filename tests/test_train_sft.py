@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -218,6 +219,86 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path,
         assert torch.load(out / name, weights_only=True)["step"] == 3, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_a_save_killed_between_its_files_resumes_from_the_last_complete_pair(tmp_path, monkeypatch, capsys):
+    """
+    save_run killed at any point of a save: while ckpt.pt is written after train_state.pt (the run could never be
+    resumed: "a save was interrupted", forever), or between the renames of the two files. load_run then finds the
+    pair of the last complete save, says so in one line, and so does it again after a second interrupted save.
+    """
+    out = str(tmp_path)
+    optimizer = types.SimpleNamespace(state_dict=lambda: {"state": {}, "param_groups": []})  # all save_run reads
+    sampler = sft_stage.LengthGroupedSampler([3, 1, 2, 5], 2, seed=0)
+
+    def save(step):
+        train_common.save_run(out, {"stage": "sft", "step": step}, optimizer, sampler, step)
+
+    def steps():
+        ckpt, state = train_common.load_run(out)
+        assert ckpt["step"] == state["step"]
+        return ckpt["step"]
+
+    real_save, real_replace = torch.save, os.replace
+
+    def killed_writing_ckpt(obj, f, *a, **kw):
+        if os.path.basename(str(f)).startswith("ckpt.pt"):
+            raise KeyboardInterrupt("killed while ckpt.pt is written")
+        return real_save(obj, f, *a, **kw)
+
+    def killed_renaming_ckpt(src, dst):
+        if os.path.basename(dst) == "ckpt.pt":
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    save(2)
+    kills = [(torch, "save", killed_writing_ckpt), (os, "replace", killed_renaming_ckpt),
+             (os, "replace", killed_renaming_ckpt)]  # the last: a save of the run resumed from the kept pair
+    for module, name, kill in kills:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, kill)
+            with pytest.raises(KeyboardInterrupt):
+                save(4)
+        assert steps() == 2
+        assert not [f for f in os.listdir(out) if ".tmp" in f]
+        said = capsys.readouterr().out
+        if kill is killed_renaming_ckpt:  # train_state.pt is of step 4: the kept one of step 2 is taken
+            assert said.count("\n") == 1 and "resuming from step 2 with train_state.prev.pt" in said, said
+    save(4)  # a save that completes: the new pair, and nothing kept beside it
+    assert steps() == 4 and sorted(os.listdir(out)) == ["ckpt.pt", "train_state.pt"]
+    # a pair that disagrees with nothing kept (a save of an older version) is still refused
+    utils.save_checkpoint(out, {**torch.load(tmp_path / "train_state.pt", weights_only=True), "step": 3},
+                          "train_state.pt")
+    with pytest.raises(utils.UserError, match="ckpt.pt is at step 4 but train_state.pt at step 3 .a save was"):
+        train_common.load_run(out)
+
+
+def test_a_run_killed_during_a_save_resumes_and_logs_each_step_once(data, tmp_path, monkeypatch, one_thread):
+    """
+    A run killed while it writes the checkpoint of step 4 (the last complete one is of step 2; steps 3 and 4 are
+    logged) continues under --resume auto, and metrics.jsonl holds each step once: it used to refuse to resume
+    ("a save was interrupted"), and a resumed run after a kill logged steps 3 and 4 twice.
+    """
+    out = tmp_path / "sft"
+    argv = ["train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--n_embd", "16",
+            "--batch_size", "8", "--max_steps", "6", "--ckpt_interval", "2", "--eval_interval", "3",
+            "--eval_batches", "1", "--log_interval", "1", "--resume", "auto"]
+    monkeypatch.setattr(sys, "argv", argv)
+    real_save = torch.save
+
+    def killed_at_step_4(obj, f, *a, **kw):
+        if os.path.basename(str(f)).startswith("ckpt.pt") and obj["step"] == 4:
+            raise KeyboardInterrupt("killed while ckpt.pt of step 4 is written")
+        return real_save(obj, f, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            sft_stage.main()
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+    sft_stage.main()  # the scheduler reruns the same command
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4, 5, 6]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
 
 
 def test_resumed_flags_take_what_the_command_line_names():

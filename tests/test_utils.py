@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import os
 import random
@@ -165,6 +166,94 @@ def test_load_model_config_without_activation_is_gpt2s_gelu(tmp_path):
     utils.save_checkpoint(tmp_path, payload)
     with pytest.raises(utils.UserError, match=r"ckpt.pt: model_config: activation 'swish'"):
         utils.load_model(tmp_path, kind="gpt")
+
+
+def test_load_model_refuses_what_is_not_a_model_in_one_line_naming_the_file(tmp_path):
+    # a valid torch file of another kind (a stage's train_state.pt) used to be a KeyError and a traceback; a
+    # checkpoint given as a file used to be named "file/ckpt.pt", a path that does not exist
+    from nanorlhf.model import GPT, GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8))
+    good = utils.model_payload(gpt, Tokenizer.byte_level(), "sft", {}, 0)
+    bad_tok = {**good["tokenizer"], "special_tokens": {}}
+    cases = {
+        "train_state.pt": ({"optimizer": {}, "rng": {}, "data": {}, "step": 3}, "not a nanorlhf model checkpoint"),
+        "list.pt": ([1, 2], "not a nanorlhf model checkpoint"),
+        "newer.pt": ({**good, "model_config": {**good["model_config"], "rope": True}}, "model_config: "),
+        "wider.pt": ({**good, "model_config": {**good["model_config"], "n_embd": 16}}, "the weights do not fit"),
+        "weights.pt": ({**good, "model": [1]}, "the weights do not fit"),
+        "tokenizer.pt": ({**good, "tokenizer": bad_tok}, "the tokenizer does not load"),
+        "no_ranks.pt": ({**good, "tokenizer": {"name": "byte"}}, "the tokenizer does not load"),
+    }
+    for name, (payload, message) in cases.items():
+        utils.save_checkpoint(str(tmp_path), payload, name)
+        path = str(tmp_path / name)
+        for where in ({"path": path}, {"path": str(tmp_path), "name": name}):  # the file, or its directory and name
+            with pytest.raises(utils.UserError) as info:
+                utils.load_model(**where, kind="gpt")
+            assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value), str(info.value)
+
+
+def test_help_with_a_percent_sign(capsys):
+    # argparse formats help strings with %: "~30% slower" printed argparse's parameter dict in the middle of it
+    @dataclasses.dataclass
+    class Percent:
+        slow: bool = flag(False, "recompute (less memory, ~30% slower)")
+        frac: float = flag(0.5, "a share in %")
+
+    with pytest.raises(SystemExit):
+        utils.parse_flags(Percent, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "~30% slower" in out and "a share in % (default: 0.5)" in out and "{" not in out, out
+
+
+# torch.load's messages (torch 2.13, weights_only=True) as they are: the reason sits before, after or between advice
+TORCH_DTENSOR = ("Weights only load failed. ``torch.distributed.tensor`` must be imported to load DTensors\n In PyTorch "
+                 "2.6, we changed the default value of the `weights_only` argument in `torch.load` from `False` to `True`. "
+                 "Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can result in "
+                 "arbitrary code execution. Do it only if you got the file from a trusted source.\n")
+TORCH_GLOBAL = ("Weights only load failed. This file can still be loaded, to do so you have two options, \x1b[1mdo those "
+                "steps only if you trust the source of the checkpoint\x1b[0m. \n\t(1) In PyTorch 2.6, we changed the "
+                "default value of the `weights_only` argument in `torch.load` from `False` to `True`. Re-running "
+                "`torch.load` with `weights_only` set to `False` will likely succeed, but it can result in arbitrary "
+                "code execution. Do it only if you got the file from a trusted source.\n\t(2) Alternatively, to load "
+                "with `weights_only=True` please check the recommended steps in the following error message.\n\t"
+                "WeightsUnpickler error: Unsupported global: GLOBAL fractions.Fraction was not an allowed global by "
+                "default. Please use `torch.serialization.add_safe_globals([fractions.Fraction])` or the "
+                "`torch.serialization.safe_globals([fractions.Fraction])` context manager to allowlist this global if "
+                "you trust this class/function.\n\nCheck the documentation of torch.load to learn more about types "
+                "accepted by default with weights_only https://pytorch.org/docs/stable/generated/torch.load.html.")
+
+
+@pytest.mark.parametrize("text, reason", [
+    (TORCH_DTENSOR, "``torch.distributed.tensor`` must be imported to load DTensors"),
+    (TORCH_GLOBAL, "Unsupported global: GLOBAL fractions.Fraction was not an allowed global by default"),
+])
+def test_load_error_reason_keeps_the_cause_after_torchs_first_sentence(text, reason):
+    # the DTensor message was cut at its first ". ", which left only "Weights only load failed"
+    import pickle
+
+    assert utils.load_error_reason(pickle.UnpicklingError(text)) == f"UnpicklingError: {reason}"
+
+
+def test_a_resumed_metrics_logger_keeps_the_rows_up_to_its_step(tmp_path):
+    # a run killed after step 3 with its last checkpoint at step 2 logged step 3, which the resumed run logs again:
+    # metrics.jsonl used to read steps 0, 1, 2, 3, 3, 4
+    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(4)] + ['{"step": 4, "lo']  # cut short
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    logger = utils.MetricsLogger(str(tmp_path), resume=True, step=2)
+    logger.log({"step": 3, "loss": 0.5})
+    logger.f.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["loss"] == 0.5
+    # the online stages count iterations ("iter"); a row without a counter stays
+    rows = [{"iter": 1}, {"note": 1}, {"iter": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    utils.MetricsLogger(str(tmp_path), resume=True, step=1).f.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iter": 1}\n{"note": 1}\n'
+    utils.MetricsLogger(str(tmp_path), resume=False).f.close()  # a fresh run starts the file over
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_float16_is_refused_for_training_only():
