@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one thread and MKL's reproducible mode: two processes then compute bit-identical floats whatever the
@@ -28,3 +29,39 @@ def read_metrics(out_dir):
 
 def without_timings(rows):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+def track_checkpoint_dicts(monkeypatch, module, probe):
+    """
+    Wrap module.load_model and module.load_run so that every checkpoint dict they return is watched (a weakref),
+    and module.<probe> so that each call appends how many of those dicts are still alive to the list returned.
+    Returns (alive, refs): after a run, not any(alive) means no checkpoint dict (a CPU copy of the weights) was
+    held while training.
+    """
+    class Ckpt(dict):  # a dict that a weakref can point at
+        pass
+
+    refs, alive = [], []
+    real_load_model, real_load_run, real_probe = module.load_model, module.load_run, getattr(module, probe)
+
+    def tracked(ckpt):
+        ckpt = Ckpt(ckpt)
+        refs.append(weakref.ref(ckpt))
+        return ckpt
+
+    def load_model(*a, **kw):
+        model, tok, ckpt = real_load_model(*a, **kw)
+        return model, tok, tracked(ckpt)
+
+    def load_run(out_dir):
+        ckpt, state = real_load_run(out_dir)
+        return tracked(ckpt), state
+
+    def probed(*a, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        return real_probe(*a, **kw)
+
+    monkeypatch.setattr(module, "load_model", load_model)
+    monkeypatch.setattr(module, "load_run", load_run)
+    monkeypatch.setattr(module, probe, probed)
+    return alive, refs

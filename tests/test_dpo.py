@@ -9,12 +9,11 @@ import json
 import math
 import random
 import sys
-import weakref
 
 import pytest
 import torch
 
-from scripts import ROOT, read_metrics, script, without_timings
+from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_timings
 
 sys.path.insert(0, ROOT)  # train_dpo.py is a top-level script
 
@@ -270,32 +269,7 @@ def test_over_long_records_are_counted_and_response_length_is_checked_for_the_go
 
 def test_no_checkpoint_dict_is_kept_while_training(tiny_run, tmp_path, monkeypatch, one_thread):
     """The checkpoint dicts load_model and load_run return, CPU copies of the weights, are gone by the first step."""
-    class Ckpt(dict):  # a dict that a weakref can point at
-        pass
-
-    refs, alive = [], []
-    real_load_model, real_load_run, real_batch_loss = train_dpo.load_model, train_dpo.load_run, train_dpo.batch_loss
-
-    def tracked(ckpt):
-        ckpt = Ckpt(ckpt)
-        refs.append(weakref.ref(ckpt))
-        return ckpt
-
-    def load_model(*a, **kw):
-        model, tok, ckpt = real_load_model(*a, **kw)
-        return model, tok, tracked(ckpt)
-
-    def load_run(out_dir):
-        ckpt, state = real_load_run(out_dir)
-        return tracked(ckpt), state
-
-    def batch_loss(*a, **kw):
-        alive.append(sum(r() is not None for r in refs))
-        return real_batch_loss(*a, **kw)
-
-    monkeypatch.setattr(train_dpo, "load_model", load_model)
-    monkeypatch.setattr(train_dpo, "load_run", load_run)
-    monkeypatch.setattr(train_dpo, "batch_loss", batch_loss)
+    alive, refs = track_checkpoint_dicts(monkeypatch, train_dpo, "batch_loss")
     for extra in (["--stop_at", "1"], ["--resume", "on"]):  # a fresh run, then a resumed one
         monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, tmp_path / "out", "--max_steps", "2", "--gold", "off",
                                                  "--eval_batches", "1", *extra))

@@ -8,13 +8,12 @@ import json
 import math
 import random
 import sys
-import weakref
 
 import numpy as np
 import pytest
 import torch
 
-from scripts import ROOT, read_metrics, script, without_timings
+from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_timings
 
 sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 
@@ -148,32 +147,7 @@ def test_lora_resume_keeps_no_checkpoint_dict_and_gives_the_same_run(sft, tmp_pa
     when a LoRA run resumes from the adapters its checkpoint holds; the resumed run ends where the uninterrupted one
     does.
     """
-    class Ckpt(dict):  # a dict that a weakref can point at
-        pass
-
-    refs, alive = [], []
-    real_load_model, real_load_run, real_loss = train_rm.load_model, train_rm.load_run, train_rm.kwise_ranking_loss
-
-    def tracked(ckpt):
-        ckpt = Ckpt(ckpt)
-        refs.append(weakref.ref(ckpt))
-        return ckpt
-
-    def load_model(*a, **kw):
-        model, tok, ckpt = real_load_model(*a, **kw)
-        return model, tok, tracked(ckpt)
-
-    def load_run(out_dir):
-        ckpt, state = real_load_run(out_dir)
-        return tracked(ckpt), state
-
-    def kwise_ranking_loss(*a, **kw):
-        alive.append(sum(r() is not None for r in refs))
-        return real_loss(*a, **kw)
-
-    monkeypatch.setattr(train_rm, "load_model", load_model)
-    monkeypatch.setattr(train_rm, "load_run", load_run)
-    monkeypatch.setattr(train_rm, "kwise_ranking_loss", kwise_ranking_loss)
+    alive, refs = track_checkpoint_dicts(monkeypatch, train_rm, "kwise_ranking_loss")
     short = ["--lora_rank", "4", "--max_steps", "2", "--eval_batches", "2", "--norm_samples", "20"]
     for out, extra in (("full", []), ("part", ["--stop_at", "1"]), ("part", ["--resume", "on"])):
         monkeypatch.setattr(sys, "argv", ["train_rm.py", *rm_args(sft, tmp_path / out), *short, *extra])
