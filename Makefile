@@ -20,18 +20,23 @@ MODEL_FLAGS := $(if $(GPU),--n_layer 6 --n_head 4 --n_embd 256 --lr 1e-3)
 
 all: $(OUT)/report.md
 
-# The virtual environment. Without a GPU we install the CPU build of torch that is pinned here (CI and the
-# quick start must not pull a multi-GB CUDA wheel); with a GPU, pip's default torch (a CUDA build). One pip call
+# The virtual environment. Without a GPU we pin torch==2.13.0, whose CPU wheel this project's CI machines hold
+# locally (CI and the quick start must not pull a multi-GB CUDA wheel); elsewhere PyPI's torch 2.13.0 for Linux is
+# the CUDA build, and `make TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the CPU one (not the default:
+# where that index cannot be reached, pip retries it for every package, minutes here). With a GPU, pip's default
+# torch (a CUDA build). One pip call
 # for torch and the project. pip does not byte-compile (--no-compile: 13 s of torch's 28 s on a 2-core machine):
 # Python writes the .pyc of what a process imports the first time it imports it, a tenth of the files, which
 # PYTHONDONTWRITEBYTECODE (set on some machines) would forbid, so that every process recompiled torch's modules.
 PIP := $(PY) -m pip install -q --no-compile
+TORCH_INDEX ?=
 unexport PYTHONDONTWRITEBYTECODE
 
 .venv/stamp: pyproject.toml
 	python3 -m venv .venv
 	@if $(PY) -c "import torch" 2>/dev/null; then torch=; elif [ -n "$(GPU)" ]; then torch=torch; \
-	  else torch=torch==2.13.0; fi; echo "$(PIP) $$torch -e .[test]"; $(PIP) $$torch -e ".[test]"
+	  else torch="torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))"; fi; \
+	  echo "$(PIP) $$torch -e .[test]"; $(PIP) $$torch -e ".[test]"
 	touch $@
 
 # matplotlib draws the report's pictures. It is optional: where it cannot be installed, pip's output goes to
@@ -47,20 +52,39 @@ venv: .venv/stamp
 test: .venv/stamp
 	$(PY) -m pytest -q tests
 
-$(OUT)/data/meta.json: .venv/stamp nanorlhf/tasks.py
-	$(PY) -m nanorlhf.tasks --out_dir $(OUT)/data --seed $(SEED)
+# Each stage's command, and a file per stage that holds it: $(OUT)/STAGE/cmd is rewritten only when the command
+# changes (other flags, another seed, GPU), so that a change reruns the stage and what follows it. A flag with a
+# single quote in it would break the shell quoting of the stamp below.
+CMD_data = $(PY) -m nanorlhf.tasks --out_dir $(OUT)/data --seed $(SEED)
+CMD_sft  = $(PY) train_sft.py --data $(OUT)/data/sft.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(MODEL_FLAGS) \
+           $(SFT_FLAGS)
+CMD_rm   = $(PY) train_rm.py --data $(OUT)/data/prefs.jsonl --val_data $(OUT)/data/prefs_eval.jsonl \
+           --sft_data $(OUT)/data/sft.jsonl --init_from $(OUT)/sft --out_dir $(OUT)/rm --seed $(SEED) $(RM_FLAGS)
+CMD_ppo  = $(PY) train_ppo.py --data $(OUT)/data/prompts.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --out_dir $(OUT)/ppo \
+           --seed $(SEED) $(PPO_FLAGS)
 
-$(OUT)/sft/ckpt.pt: $(OUT)/data/meta.json train_sft.py $(CODE)
-	$(PY) train_sft.py --data $(OUT)/data/sft.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(MODEL_FLAGS) $(SFT_FLAGS)
+.PHONY: FORCE
+$(OUT)/%/cmd: FORCE
+	@mkdir -p $(@D); printf '%s\n' '$(CMD_$*)' | cmp -s - $@ || printf '%s\n' '$(CMD_$*)' > $@
 
-$(OUT)/rm/ckpt.pt: $(OUT)/sft/ckpt.pt train_rm.py
-	$(PY) train_rm.py --data $(OUT)/data/prefs.jsonl --val_data $(OUT)/data/prefs_eval.jsonl \
-	  --sft_data $(OUT)/data/sft.jsonl --init_from $(OUT)/sft --out_dir $(OUT)/rm --seed $(SEED) $(RM_FLAGS)
+# A training stage is done when its script exits 0: $(OUT)/STAGE/done, touched after it. Not its ckpt.pt, which
+# the stage also writes during training (for --resume), so that a stage that failed never looks finished.
+$(OUT)/data/meta.json: $(OUT)/data/cmd .venv/stamp nanorlhf/tasks.py
+	$(CMD_data)
 
-$(OUT)/ppo/ckpt.pt: $(OUT)/rm/ckpt.pt train_ppo.py
-	$(PY) train_ppo.py --data $(OUT)/data/prompts.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --out_dir $(OUT)/ppo --seed $(SEED) $(PPO_FLAGS)
+$(OUT)/sft/done: $(OUT)/sft/cmd $(OUT)/data/meta.json train_sft.py $(CODE)
+	$(CMD_sft)
+	@touch $@
 
-$(OUT)/report.md: $(OUT)/ppo/ckpt.pt evaluate.py .venv/plots
+$(OUT)/rm/done: $(OUT)/rm/cmd $(OUT)/sft/done train_rm.py
+	$(CMD_rm)
+	@touch $@
+
+$(OUT)/ppo/done: $(OUT)/ppo/cmd $(OUT)/rm/done train_ppo.py
+	$(CMD_ppo)
+	@touch $@
+
+$(OUT)/report.md: $(OUT)/ppo/done evaluate.py .venv/plots
 	$(PY) evaluate.py --data $(OUT)/data/eval.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --ppo $(OUT)/ppo --out_dir $(OUT)
 
 clean:
@@ -71,6 +95,7 @@ help:
 	@echo "  make              the whole pipeline: virtualenv, data, SFT -> RM -> PPO -> $(OUT)/report.md (+ PNGs)"
 	@echo "  make test         the test suite (pytest)"
 	@echo "  make venv         only the virtualenv (.venv)"
+	@echo "  make compare      after make: GRPO, Dr. GRPO, RLOO and DPO with PPO's budget -> $(OUT)/compare/report.md"
 	@echo "  make clean        remove $(OUT)/"
 	@echo "  make help         this list"
 	@echo "Variables (make VAR=value):"
@@ -80,6 +105,7 @@ help:
 	@echo "  SEED       seed of the data and of every stage (now: $(SEED))"
 	@echo "  OUT        output directory (now: $(OUT))"
 	@echo "  GPU        1: the larger model and pip's CUDA torch; empty: the CPU model (now: $(if $(GPU),1,empty))"
+	@echo "  TORCH_INDEX  an extra pip index for torch without a GPU, e.g. https://download.pytorch.org/whl/cpu"
 	@echo "After make:  python sample.py --ckpt $(OUT)/ppo --compare $(OUT)/sft --prompt \"sort 5 3 8 1\""
 
 # Beyond PPO (after `make`): GRPO, Dr. GRPO, RLOO and DPO from $(OUT)/sft and $(OUT)/rm with PPO's budget,
@@ -87,5 +113,5 @@ help:
 .PHONY: compare
 compare: $(OUT)/compare/report.md
 
-$(OUT)/compare/report.md: $(OUT)/ppo/ckpt.pt train_grpo.py train_dpo.py compare.py evaluate.py
+$(OUT)/compare/report.md: $(OUT)/ppo/done train_grpo.py train_dpo.py compare.py evaluate.py
 	$(PY) compare.py --out $(OUT)
