@@ -223,14 +223,16 @@ def rm_accuracy(rm_dir):
 
 def stage_seconds(stage_dir):
     """
-    Seconds a stage spent in its loop, from its metrics.jsonl: the last logged "time" (train_sft.py and
-    train_rm.py log the seconds since their loop started), or the sum of "t_rollout" + "t_update" over the
-    rows (train_ppo.py). Set-up and the final checkpoint write are not counted. None when neither is there.
+    Seconds a stage spent in its loop, from its metrics.jsonl: train_sft.py and train_rm.py log "time", the
+    seconds since their loop started, which a --resume starts again from 0; so where "time" drops a new session
+    began, and the stage's seconds are the sum of each session's last "time" (times 4.5, 6.4, 0.5, 0.8 -> 6.4 +
+    0.8 = 7.2). train_ppo.py: the sum of "t_rollout" + "t_update" over the rows. Set-up and the final checkpoint
+    write are not counted. None when neither is there.
     """
     rows = read_metrics(stage_dir)
-    timed = [r["time"] for r in rows if r.get("time") is not None]
+    timed = [float(r["time"]) for r in rows if r.get("time") is not None]
     if timed:
-        return float(timed[-1])
+        return sum(t for t, later in zip(timed, timed[1:] + [-math.inf]) if later < t)  # each session's last
     if rows and all("t_rollout" in r and "t_update" in r for r in rows):
         return sum(r["t_rollout"] + r["t_update"] for r in rows)
     return None

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from nanorlhf.report import pyplot, sweep_section
-from nanorlhf.utils import check, flag, parse_flags, run, write_text
+from nanorlhf.utils import UserError, check, flag, parse_flags, run, write_text
 
 
 @dataclass
@@ -38,24 +38,39 @@ class Config:
     out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir")
     num_iterations: int = flag(150, "PPO iterations per run: 3 x train_ppo.py's default of 50")
     kl_coef: float | None = flag(None, "beta of the 'default' run; unset: none passed, so train_ppo.py's own default")
-    ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =)")
+    ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =); not "
+                              "those the sweep sets: --data --sft --rm --out_dir --seed --num_iterations --kl_coef "
+                              "--gold")
     seed: int = flag(0, "train_ppo.py --seed for both runs")
     train: bool = flag(True, "run the two PPO runs (false: only rewrite the report from their metrics)")
+
+
+def run_flags(cfg, name, beta):
+    """The train_ppo.py flags the sweep itself sets for one run (beta None: no --kl_coef, train_ppo.py's default)."""
+    kl_flag = ["--kl_coef", str(beta)] if beta is not None else []
+    return ["--data", cfg.data, "--sft", cfg.sft, "--rm", cfg.rm, "--out_dir", os.path.join(cfg.out_dir, name),
+            "--seed", str(cfg.seed), "--num_iterations", str(cfg.num_iterations), *kl_flag, "--gold", "on"]
 
 
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     check(cfg.kl_coef is None or cfg.kl_coef > 0,
           f"--kl_coef {cfg.kl_coef}: the default run needs a positive beta to compare with 0")
+    try:
+        ppo_flags = shlex.split(cfg.ppo_flags)
+    except ValueError as e:
+        raise UserError(f"--ppo_flags {cfg.ppo_flags!r}: {e}") from None
+    # --ppo_flags come last, so one of the sweep's own flags there would win silently: --kl_coef 0.1 would make
+    # the beta0 run a beta 0.1 run that the report still calls beta = 0
+    own = [a for a in run_flags(cfg, "beta0", 0.0) if a.startswith("--")]
+    clash = [a.split("=", 1)[0] for a in ppo_flags if a.split("=", 1)[0] in own]
+    check(not clash, f"--ppo_flags: kl_sweep.py sets {', '.join(clash)} itself for each run: pass its own flag of "
+                     f"that name instead (--kl_coef: the default run's beta, beta0's is always 0; --gold is always on)")
     here = os.path.dirname(os.path.abspath(__file__))
     if cfg.train:
         # the 'default' run gets no --kl_coef unless one was given: train_ppo.py's own default then applies
         for name, beta in (("beta0", 0.0), ("default", cfg.kl_coef)):
-            kl_flag = ["--kl_coef", str(beta)] if beta is not None else []
-            cmd = [sys.executable, os.path.join(here, "train_ppo.py"), "--data", cfg.data, "--sft", cfg.sft,
-                   "--rm", cfg.rm, "--out_dir", os.path.join(cfg.out_dir, name), "--seed", str(cfg.seed),
-                   "--num_iterations", str(cfg.num_iterations), *kl_flag, "--gold", "on",
-                   *shlex.split(cfg.ppo_flags)]
+            cmd = [sys.executable, os.path.join(here, "train_ppo.py"), *run_flags(cfg, name, beta), *ppo_flags]
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
             if subprocess.run(cmd).returncode != 0:
                 sys.exit(f"kl_sweep: the {name} run failed")

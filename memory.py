@@ -96,8 +96,10 @@ def predict(shape, prec, sizes, stage, option, lora_rank, lora_targets=None):
     if stage == "rm" and rank:  # the RM's LoRA base is its own: count the frozen trunk
         row["weights"] += (F.gpt_params(shape)[0]) * prec.weights
     static = dict(roles={role: row}, total={k: row[k] for k in static["total"]}, resident=1)
-    acts = F.activation_memory(shape, sizes["micro"], t, rank, shared=True, acts_bytes=prec.acts)
-    if stage == "rm":  # a trunk and a scalar head, no logits
+    if stage == "sft":  # the actor alone; right-padded batches run the plain causal attention, without a mask
+        acts = F.activation_memory(shape, sizes["micro"], t, rank, masked=False, acts_bytes=prec.acts, critic=False)
+    else:  # a trunk under the attention mask and a trained scalar head over every position, no logits
+        acts = F.activation_memory(shape, sizes["micro"], t, rank, shared=True, acts_bytes=prec.acts)
         acts -= sizes["micro"] * t * shape.vocab_size * 4
     return dict(static=static, activations=acts, kv_cache=0)
 

@@ -18,6 +18,7 @@ step over all ranks, so it must be divisible by the number of processes (README 
 Fine-tune GPT-2 from a local Hugging Face directory (config.json + model.safetensors), on a GPU:
     python train_sft.py --init_from path/to/gpt2 --tokenizer path/to/gpt2.tiktoken --data my_sft.jsonl \\
         --out_dir out/sft --block_size 512 --batch_size 16 --grad_accum 4 --lr 3e-5 --min_lr 3e-6 --warmup 50
+A directory that export_hf.py wrote brings its own tokenizer (tokenizer.tiktoken): no --tokenizer is needed.
 
 Deviations from InstructGPT (Ouyang et al. 2022, appendix C):
 - By default the model is a tiny GPT trained from scratch on the built-in task, not a pretrained GPT-3.
@@ -31,6 +32,7 @@ Deviations from InstructGPT (Ouyang et al. 2022, appendix C):
   seen exactly once per epoch.
 """
 
+import json
 import os
 import time
 from dataclasses import dataclass, fields
@@ -57,9 +59,11 @@ class Config:
     val_frac: float = flag(0.05, "fraction of --data held out when there is no --val_data")
     out_dir: str = flag("out/sft", "output directory: ckpt.pt, train_state.pt, metrics.jsonl")
     # model
-    init_from: str = flag("scratch", "scratch | a nanorlhf checkpoint dir | a local HF GPT-2 dir (with config.json)")
+    init_from: str = flag("scratch", "scratch | a nanorlhf checkpoint dir | a local HF GPT-2 dir or export_hf.py's "
+                                     "export (with config.json)")
     tokenizer: str = flag("byte", "byte | gpt2 | path/to/file.tiktoken (scratch); HF GPT-2 needs gpt2 or GPT-2's "
-                                  ".tiktoken file; a nanorlhf checkpoint brings its own")
+                                  ".tiktoken file; a nanorlhf checkpoint, or an HF directory with a "
+                                  "tokenizer.tiktoken (export_hf.py), brings its own")
     n_layer: int = flag(4, "transformer blocks (scratch only)")
     n_head: int = flag(4, "attention heads (scratch only)")
     n_embd: int = flag(128, "embedding width (scratch only)")
@@ -126,6 +130,46 @@ def make_tokenizer(spec):
         raise UserError(f"--tokenizer {spec}: {e}") from None
 
 
+GPT2_VOCAB = (50257, 50258)  # GPT-2's ids (EOS last); with the pad row that resize_vocab adds and export_hf.py keeps
+
+
+def hf_tokenizer(src, spec):
+    """
+    The tokenizer of a Hugging Face directory: its own tokenizer.tiktoken when it has one (export_hf.py writes it),
+    else GPT-2's, named by --tokenizer. Either must give config.json's vocab_size, so that no id indexes an embedding
+    trained for another token (GPT-2's BPE ids on a byte-level export's rows, say).
+    """
+    config_path = os.path.join(src, "config.json")
+    try:
+        with open(config_path) as f:
+            vocab_size = json.load(f)["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--init_from {src}: no vocab_size in {config_path} ({type(e).__name__}: {e})") from None
+    own = os.path.join(src, "tokenizer.tiktoken")
+    if os.path.isfile(own):
+        try:
+            tok = Tokenizer.from_tiktoken_file(own)
+        except ValueError as e:
+            raise UserError(f"--init_from {src}: {e}") from None
+        if tok.mergeable_ranks == Tokenizer.byte_level().mergeable_ranks:
+            tok = Tokenizer.byte_level()  # named as a run from scratch names it: later stages compare tokenizers
+        check(tok.vocab_size == vocab_size, f"--init_from {src}: tokenizer.tiktoken gives {tok.vocab_size} ids (with "
+                                            f"EOS and PAD) but config.json has vocab_size {vocab_size}")
+        # like a nanorlhf checkpoint, the directory brings its own tokenizer: another --tokenizer would be ignored
+        if spec != Config.tokenizer:
+            check(make_tokenizer(spec).mergeable_ranks == tok.mergeable_ranks,
+                  f"--tokenizer {spec}: --init_from {src} brings its own tokenizer (tokenizer.tiktoken, "
+                  f"{tok.vocab_size} ids), which differs; leave --tokenizer out")
+        return tok
+    check(vocab_size in GPT2_VOCAB, f"--init_from {src}: config.json has vocab_size {vocab_size}, not GPT-2's "
+                                    f"{GPT2_VOCAB[0]} (or {GPT2_VOCAB[1]} with a pad token), and the directory has no "
+                                    f"tokenizer.tiktoken of its own")
+    tok = make_tokenizer(spec)
+    check(tok.name == "gpt2", f"--init_from {src} is a Hugging Face GPT-2: pass --tokenizer gpt2 or the path to "
+                              f"GPT-2's .tiktoken file (got {spec!r})")
+    return tok
+
+
 def init_model(args):
     """(model, tokenizer) from --init_from: a fresh GPT, a nanorlhf checkpoint, or a local Hugging Face GPT-2."""
     src = args.init_from
@@ -138,9 +182,7 @@ def init_model(args):
         model, tok, _ = load_model(src, kind="gpt")
         return model, tok
     if os.path.isfile(os.path.join(src, "config.json")):
-        tok = make_tokenizer(args.tokenizer)
-        check(tok.name == "gpt2", f"--init_from {src} is a Hugging Face GPT-2: pass --tokenizer gpt2 or the path to "
-                                  f"GPT-2's .tiktoken file (got {args.tokenizer!r})")
+        tok = hf_tokenizer(src, args.tokenizer)
         try:
             model = GPT.from_pretrained(src)
         except (OSError, ValueError, KeyError) as e:

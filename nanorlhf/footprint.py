@@ -21,16 +21,17 @@ W = weights, G = gradients, O = AdamW state. All counts are exact for nanorlhf's
     AdamW state           2 moments per trained number + one 4-byte `step` tensor per trained tensor (torch's)
 
 Activations: the tensors autograd saves during one update micro-batch (b rows of t tokens), float32 on a CPU with
-a padding mask (what PPO runs), per trunk of L layers with a heads (derived from what each op saves, and
-checked against the saved-tensor hooks in tests/test_memory.py):
+a padding mask (what PPO and the RM run; SFT's right-padded batches run without one), per trunk of L layers with
+a heads (derived from what each op saves, and checked against the saved-tensor hooks in tests/test_memory.py):
 
     per layer   16 b t C (LayerNorm inputs and outputs, q k v, attention output, MLP 4C twice)
-                + 4 b t (LayerNorm mean and rstd) + b t t (the boolean mask as a float) + a b t (softmax logsumexp)
+                + 4 b t (LayerNorm mean and rstd) + b t t (the boolean mask as a float; none without a mask)
+                + a b t (softmax logsumexp)
                 + 4 b t r with LoRA (x A^T of each wrapped Linear, kept for B's gradient)
     per trunk   L * per layer + b t C + 2 b t (final LayerNorm input, statistics) + b k C (the head's input, the
-                last k positions of its output, when the head on top is trained) + b t int64 position ids (+ b t
-                token ids, once); with LoRA the embeddings and the first LayerNorm need no gradient, so their
-                b t C + 2 b t and the ids are not kept
+                last k positions of its output, when the head on top is trained) + b t int64 position ids (t
+                without a mask: one row, broadcast) (+ b t token ids, once); with LoRA the embeddings and the first
+                LayerNorm need no gradient, so their b t C + 2 b t and the ids are not kept
     per LM head b k V (the float32 logits, kept for the logprobs' backward)
 
 k is t for a head over every position (the separate critic's), and the response's N + 1 for the actor's LM head and
@@ -157,16 +158,19 @@ def static_memory(s, lora_rank=0, shared=False, offload=(), prec=Precision(), lo
     return dict(roles=roles, total=total, resident=resident)
 
 
-def activation_memory(s, b, t, lora_rank=0, shared=False, masked=True, acts_bytes=4, logits_bytes=4, keep=None):
+def activation_memory(s, b, t, lora_rank=0, shared=False, masked=True, acts_bytes=4, logits_bytes=4, keep=None,
+                      critic=True):
     """
     Predicted bytes autograd saves in one PPO update micro-batch (b rows, t = prompt + response tokens): the
     actor's trunk and logits, and the critic's trunk (separate) or nothing more (shared: the value head reads the
     actor's last hidden states). keep: the positions per row with logits (PPO's N + 1; None: all t).
-    See the module docstring for the terms.
+    critic=False: the actor alone, as SFT trains it (with masked=False: train_sft.py's right-padded batches run
+    the plain causal attention). See the module docstring for the terms.
     """
     C, L, a, V = s.n_embd, s.n_layer, s.n_head, s.vocab_size
     bt, bk = b * t, b * (t if keep is None else keep)
     per_layer = 16 * bt * C + 4 * bt + a * bt + (bt * t if masked else 0) + 4 * bt * lora_rank
+    positions = (bt if masked else t) * 8  # int64 position ids: from the mask (b, t), else one (1, t) arange
 
     def trunk(head_trained, head_rows):
         n = L * per_layer + bt * C + 2 * bt  # the blocks, the final LayerNorm's input and statistics
@@ -174,13 +178,14 @@ def activation_memory(s, b, t, lora_rank=0, shared=False, masked=True, acts_byte
             n += head_rows * C  # the head's input: the final LayerNorm's output at the positions the head reads
         if lora_rank:
             n -= bt * C + 2 * bt  # nothing before the first block needs a gradient: ln_1 keeps no input
-        return n * acts_bytes + (0 if lora_rank else bt * 8)  # + the int64 position ids of the embedding
+        return n * acts_bytes + (0 if lora_rank else positions)  # + the position ids of the embedding
 
     logits = bk * V * logits_bytes
     token_ids = 0 if lora_rank else bt * 8  # one int64 (b, t) tensor, shared by the trunks' embeddings
     if shared:
         return trunk(True, bk) + logits + token_ids
-    return trunk(not lora_rank, bk) + logits + trunk(True, bt) + token_ids
+    actor = trunk(not lora_rank, bk) + logits + token_ids  # a LoRA actor's LM head is frozen: its input is not kept
+    return actor + trunk(True, bt) if critic else actor
 
 
 def kv_cache_bytes(s, rollout_batch, prompt_len, response_len, acts_bytes=4):

@@ -114,6 +114,23 @@ def test_sweep_section_says_whether_it_shows(tmp_path):
     assert sweep_section(str(tmp_path / "nothing"), None, str(tmp_path)) is None
 
 
+def test_stage_seconds_sums_the_sessions_of_a_resumed_run(tmp_path):
+    # train_sft.py --stop_at 20, then --resume to 40: the second process logs "time" from its own start
+    rows = [{"step": 0, "val_loss": 5.5}, {"step": 10, "loss": 3.0, "time": 4.55},
+            {"step": 20, "loss": 2.0, "time": 6.41, "val_loss": 2.1}, {"step": 30, "loss": 1.5, "time": 0.51},
+            {"step": 40, "loss": 1.2, "time": 0.76, "val_loss": 1.3}]
+    third = [{"step": 50, "loss": 1.1, "time": 0.3}, {"step": 60, "loss": 1.0, "time": 0.6}]  # resumed once more
+    runs = {"resumed": rows, "twice": rows + third, "one_session": rows[:3],
+            "ppo": [{"iter": 1, "t_rollout": 1.5, "t_update": 2.0}, {"iter": 2, "t_rollout": 1.25, "t_update": 2.5}],
+            "untimed": rows[:1]}
+    for name, run_rows in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run_rows))
+    seconds = {name: evaluate.stage_seconds(str(tmp_path / name)) for name in runs}
+    assert seconds == pytest.approx({"resumed": 6.41 + 0.76, "twice": 6.41 + 0.76 + 0.6, "one_session": 6.41,
+                                     "ppo": 7.25, "untimed": None})
+
+
 def test_report_json_has_exactly_the_keys():
     s = {"gold": 0.5, "gold_sem": 0.1, "rm": 0.1, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0, "n": 8}
     report = evaluate.report_json({"sft": s, "ppo": s, "init": s}, {"accuracy": 0.7, "annotator_agreement": 0.8},

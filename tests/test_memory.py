@@ -7,7 +7,7 @@ import torch
 
 from nanorlhf import footprint as F
 from nanorlhf import lora, utils
-from nanorlhf.losses import logprobs_from_logits
+from nanorlhf.losses import logprobs_from_logits, sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, ValueHeadGPT
 
 SHAPE = F.Shape(n_layer=2, n_head=2, n_embd=32, vocab_size=61, block_size=48)
@@ -129,6 +129,30 @@ def test_activation_prediction(rank, shared, keep):
         micro_batch()
     want = F.activation_memory(SHAPE, b, T + N, lora_rank=rank, shared=shared, keep=keep)
     # the formula leaves out the index tensors (token ids, gather indices) and logsumexp's outputs
+    assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_sft_activation_prediction(rank):
+    """
+    memory.py --stage sft against the bytes autograd saves in train_sft.py's micro-batch: right-padded rows through
+    the plain causal attention (no mask), then sft_loss; with LoRA the LM head is frozen, so its input is not kept.
+    """
+    import memory
+
+    torch.manual_seed(0)
+    b, T, N = 3, 20, 9
+    model = GPT(CONFIG)
+    if rank:
+        lora.apply_lora(model, rank, rank)
+    idx = torch.randint(0, SHAPE.vocab_size, (b, T + N))
+    response_mask = torch.zeros_like(idx)
+    response_mask[:, T:] = 1
+    with F.SavedTensors(model.parameters()) as saved:
+        sft_loss(model(idx), idx, response_mask)
+    sizes = dict(micro=b, rollout=1, prompt=T, response=N)
+    want = memory.predict(SHAPE, F.PRECISIONS["fp32"], sizes, "sft", "lora" if rank else "full", rank)["activations"]
+    # as for PPO, the formula leaves out the loss's index tensors and logsumexp's outputs
     assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
 
 

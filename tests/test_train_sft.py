@@ -5,10 +5,12 @@ and the checkpoint loads without running code.
 """
 
 import dataclasses
+import json
 import math
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +19,17 @@ from scripts import ROOT, read_metrics, script, without_timings
 
 sys.path.insert(0, ROOT)  # train_sft.py is a top-level script
 
+import export_hf
 import train_sft as sft_stage
-from nanorlhf import tasks, train_common, utils
+from nanorlhf import hf, tasks, train_common, utils
+from nanorlhf.model import GPT, GPTConfig
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "48", "--block_size", "64", "--batch_size", "32",
         "--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--max_steps", "60", "--val_frac", "0.1",
         "--eval_interval", "30", "--eval_batches", "4", "--log_interval", "10", "--ckpt_interval", "30",
         "--dropout", "0.1", "--device", "cpu"]
+GPT2_FILE = Path(__file__).resolve().parents[2] / "shared/data/gpt2.tiktoken"
+needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.exists(), reason="shared/data/gpt2.tiktoken not present")
 
 
 def train_sft(*args, check=True):
@@ -123,6 +129,49 @@ def test_scratch_only_flags_are_refused_with_init_from(data, full_run, tmp_path)
     p = train_sft(*common, "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--activation", "gelu")
     model, _, _ = utils.load_model(str(out), kind="gpt")
     assert model.config.n_layer == 2  # the checkpoint's (TINY's), not --n_layer's default 4
+
+
+def init_model(*argv):
+    return sft_stage.init_model(train_common.parse_stage_flags(sft_stage.Config, list(argv)))
+
+
+@needs_gpt2
+def test_init_from_an_hf_export_brings_its_own_tokenizer(data, full_run, tmp_path):
+    # export_hf.py's directory of the byte-level model: its tokenizer.tiktoken is the tokenizer, as a checkpoint's
+    # is; GPT-2's ids would index its 258 byte embeddings (grown to 50258 rows), so GPT-2's tokenizer is refused
+    hf_dir = tmp_path / "hf"
+    export_hf.export(str(full_run), str(hf_dir))
+    model, tok = init_model("--init_from", str(hf_dir))
+    want, want_tok, _ = utils.load_model(str(full_run), kind="gpt")
+    assert tok.to_dict() == want_tok.to_dict() and model.config.vocab_size == 258
+    idx = torch.randint(0, 258, (2, 16))
+    torch.testing.assert_close(model.eval()(idx), want.eval()(idx))
+    assert init_model("--init_from", str(hf_dir), "--tokenizer", str(hf_dir / "tokenizer.tiktoken"))[1].name == "byte"
+    out = tmp_path / "out"
+    p = train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), "--init_from", str(hf_dir),
+                  "--tokenizer", str(GPT2_FILE), "--max_steps", "1", "--batch_size", "4", "--eval_batches", "1",
+                  check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "brings its own tokenizer (tokenizer.tiktoken, 258 ids)" in p.stderr and not out.exists()
+    # without its tokenizer.tiktoken the directory is taken for GPT-2, which its vocab_size is not
+    (hf_dir / "tokenizer.tiktoken").unlink()
+    with pytest.raises(utils.UserError, match="config.json has vocab_size 258, not GPT-2's 50257"):
+        init_model("--init_from", str(hf_dir), "--tokenizer", str(GPT2_FILE))
+
+
+@needs_gpt2
+def test_init_from_hf_gpt2_takes_gpt2s_tokenizer(tmp_path):
+    # a Hugging Face GPT-2 (no tokenizer.tiktoken, vocab 50257: EOS last) gets the pad row, with GPT-2's BPE
+    config = GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=8)
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    export_hf.save_safetensors(hf.hf_state_dict(GPT(config).state_dict(), config, "gpt"),
+                               str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(hf.hf_config(config, "gpt", 50256, 50256)))
+    model, tok = init_model("--init_from", str(hf_dir), "--tokenizer", str(GPT2_FILE))
+    assert (tok.name, tok.vocab_size, model.config.vocab_size) == ("gpt2", 50258, 50258)
+    with pytest.raises(utils.UserError, match="is a Hugging Face GPT-2: pass --tokenizer gpt2"):
+        init_model("--init_from", str(hf_dir))
 
 
 def test_resume_flag_forms(tmp_path):
