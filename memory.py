@@ -224,9 +224,10 @@ def main(argv=None):
             m_static, p_static = got["static_measured"], F.static_total(m_pred)
             ok = "equal" if m_static == p_static else "DIFFERENT"
             b, t = got["micro_batch"]
+            acts = got["activations_predicted"]  # null where train_ppo.py's formula does not apply
+            acts = f"predicted {acts:,} B" if acts is not None else f"not predicted ({got['activations_not_modelled']})"
             line += (f"\nmeasured (vocab 258, float32, device {got['device']}): static {m_static:,} B, predicted "
-                     f"{p_static:,} B ({ok}); activations of a {b} x {t} micro-batch {got['activations']:,} B, "
-                     f"predicted {got['activations_predicted']:,} B")
+                     f"{p_static:,} B ({ok}); activations of a {b} x {t} micro-batch {got['activations']:,} B, {acts}")
             if got.get("cuda_max_allocated"):
                 line += f"; torch.cuda.max_memory_allocated {fb(got['cuda_max_allocated'])}"
             row.append(f"{m_static:,} / {p_static:,}")

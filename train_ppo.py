@@ -54,6 +54,7 @@ Deviations from InstructGPT, on purpose:
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -595,14 +596,27 @@ def build_models(args, device, files=None):
     """
     offload_names = {n for n in args.offload.split(",") if n}
     if args.lora_rank:
+        for name, why in (("ref", "the reference is the actor's own frozen base (adapters off)"),
+                          ("rm", "the LoRA critic computes on the reward model's weights")):
+            if name in offload_names and (name == "ref" or args.critic != "shared"):
+                print(f"note: --offload {name} does nothing here: {why}, so those weights stay on {device}")
+                offload_names.discard(name)
+    # an offloaded model is loaded straight into CPU memory, and the shared trunk is built there before it moves:
+    # a full model on the accelerator only where the table above has one, also while they are built
+    home = {name: "cpu" if name in offload_names else device for name in OFFLOADABLE}
+    actor_home = "cpu" if args.critic == "shared" else device
+    if args.lora_rank:
         # LoRA: the frozen base is the SFT model itself (it is the reference), adapters come from --out_dir on resume
-        actor, tok, _ = utils.load_model(args.sft, device, kind="gpt")
+        actor, tok, _ = utils.load_model(args.sft, actor_home, kind="gpt")
     else:
-        actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, device, kind="gpt")
-    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, device, kind="scalar")
+        actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, actor_home, kind="gpt")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar")
     check(rm_tok.to_dict() == tok.to_dict(),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
-    saved_critic = utils.load_model(files[CRITIC], device, kind="scalar")[0] if files else None
+    check(reward_model.config.block_size >= actor.config.block_size,
+          f"{args.rm} has block_size {reward_model.config.block_size} < {actor.config.block_size} of {args.sft}: "
+          f"the RM must score the policy's longest prompt + response")
+    saved_critic = utils.load_model(files[CRITIC], actor_home, kind="scalar")[0] if files else None
     for m in (actor, reward_model):
         disable_dropout(m)
     freeze(reward_model)
@@ -611,6 +625,7 @@ def build_models(args, device, files=None):
         actor = ValueHeadGPT.from_gpt(actor)
         if saved_critic is not None:
             actor.value_head.load_state_dict(saved_critic.head.state_dict())
+        actor = actor.to(device)
         critic = None
     elif args.lora_rank:
         # the critic computes on the reward model's own frozen weights (no copy) with adapters and its own head
@@ -640,13 +655,8 @@ def build_models(args, device, files=None):
                 if m is not None:
                     m.load_state_dict(adapters[key], strict=False)
         ref = lora.AdaptersOff(actor)
-        for name, why in (("ref", "the reference is the actor's own frozen base (adapters off)"),
-                          ("rm", "the LoRA critic computes on the reward model's weights")):
-            if name in offload_names and (name == "ref" or critic is not None):
-                print(f"note: --offload {name} does nothing here: {why}, so those weights stay on {device}")
-                offload_names.discard(name)
     else:
-        ref, _, _ = utils.load_model(args.sft, device, kind="gpt")
+        ref, _, _ = utils.load_model(args.sft, home["ref"], kind="gpt")
         disable_dropout(ref)
         freeze(ref)
 
@@ -677,7 +687,8 @@ def write_memory_report(args, config, probe, rt):
     """
     out_dir/memory.json after the first iteration: the measured live bytes per role (footprint.StaticProbe) beside
     the prediction from the model's shape, the bytes autograd saved for one update micro-batch beside the
-    formula, and on CUDA torch.cuda.max_memory_allocated of the iteration. Prints one line.
+    formula, and on CUDA torch.cuda.max_memory_allocated of the iteration. Prints one line. Where the formula does
+    not apply, activations_predicted is null and activations_not_modelled names why.
     """
     shape = footprint.Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
     offload_names = {n for n in args.offload.split(",") if n}
@@ -685,24 +696,34 @@ def write_memory_report(args, config, probe, rt):
                                         lora_targets=args.lora_targets)
     measured = probe.result
     b, t = probe.extra["micro_batch"]
-    # exact in float32; under bf16 autocast only an estimate (autocast also keeps bf16 copies of the weights)
-    acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared",
-                                       acts_bytes=4 if rt.dtype == "float32" else 2, keep=probe.extra["keep"])
+    # the formula is exact for a float32 run that saves every activation with adapters on the default targets;
+    # otherwise it is no estimate at all (recomputation saves about a tenth, bf16 autocast measured about 2x more,
+    # fewer adapters save less), so it is left out with the reason
+    custom_targets = args.lora_rank and args.lora_targets != lora.DEFAULT_TARGETS
+    not_modelled = [why for why, cond in (("grad_checkpointing", args.grad_checkpointing),
+                                          ("lora_targets", custom_targets), ("autocast", rt.dtype != "float32")) if cond]
+    acts = None
+    if not not_modelled:
+        acts = footprint.activation_memory(shape, b, t, args.lora_rank, args.critic == "shared",
+                                           acts_bytes=4, keep=probe.extra["keep"])
     report = {
         "device": str(rt.device), "predicted": predicted, "measured": measured,
         "static_predicted": footprint.static_total(predicted), "static_measured": footprint.static_total(measured),
         "activations_predicted": acts, "activations": probe.extra["activations"], "micro_batch": [b, t],
         "cuda_max_allocated": torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else None,
     }
+    if not_modelled:
+        report["activations_not_modelled"] = ", ".join(not_modelled)
     utils.write_text(os.path.join(args.out_dir, "memory.json"), json.dumps(report, indent=1))
     same = "equal" if report["static_predicted"] == report["static_measured"] else "DIFFERENT"
     fb = footprint.fmt_bytes
     cuda = f"; cuda max allocated {fb(report['cuda_max_allocated'])}" if report["cuda_max_allocated"] else ""
+    acts_text = f"predicted {fb(acts)}" if acts is not None else f"not predicted with {', '.join(not_modelled)}"
     print(f"memory: {predicted['resident']} full model(s) on the accelerator with these options, "
           f"{measured['total']['trainable']:,} trainable; "
           f"static {report['static_measured']:,} B measured, {report['static_predicted']:,} B predicted ({same}); "
           f"activations of a {b} x {t} micro-batch {fb(report['activations'])} "
-          f"(predicted {fb(acts)}){cuda}", flush=True)
+          f"({acts_text}){cuda}", flush=True)
 
 
 def policy_state_dict(actor):
@@ -725,6 +746,7 @@ def critic_state_dict(actor, critic):
 
 def main(argv=None):
     args = C.parse_stage_flags(Args, argv, description=__doc__)
+    given = args._given  # the flags argv names (a resumed run's args are the saved ones, without this set)
     resuming = C.wants_resume(args.resume, args.out_dir, (utils.CKPT, CRITIC, utils.TRAIN_STATE))
     if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
         check(os.path.isfile(os.path.join(args.out_dir, utils.TRAIN_STATE)),
@@ -745,14 +767,39 @@ def main(argv=None):
     check(args.clip_coef > 0 and args.vf_clip_coef > 0,
           f"--clip_coef and --vf_clip_coef must be > 0 (got {args.clip_coef}, {args.vf_clip_coef})")
     check(args.lr > 0 and args.critic_lr > 0, f"--lr and --critic_lr must be > 0 (got {args.lr}, {args.critic_lr})")
+    # the shared trunk has one optimizer, at --lr, for the value head too: a --critic_lr would be ignored
+    check(not (args.critic == "shared" and "critic_lr" in given),
+          "--critic_lr does nothing with --critic shared (one optimizer at --lr trains the trunk and the value head)")
+    for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "ptx_coef"):
+        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        check(0 <= getattr(args, name) <= 1, f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("beta1", "beta2"):
+        check(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.adaptive_kl:
+        check(args.target_kl > 0, f"--target_kl must be > 0 with --adaptive_kl, got {args.target_kl}")
+        # beta is multiplied by 1 + e * batch_size / kl_horizon with e in [-0.2, 0.2]: that factor must stay > 0
+        check(args.kl_horizon > 0.2 * args.batch_size,
+              f"--kl_horizon {args.kl_horizon} must be > 0.2 * --batch_size = {0.2 * args.batch_size:g} with "
+              f"--adaptive_kl (beta is multiplied by 1 +- 0.2 * batch_size / kl_horizon, which must stay > 0)")
     check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
     check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
     check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
+    check(args.ptx_coef > 0 or not args.ptx_data, "--ptx_data does nothing without --ptx_coef > 0 (plain PPO)")
     check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
+    check(args.num_samples >= 1, f"--num_samples must be >= 1, got {args.num_samples}")
     check(args.lora_rank >= 0, f"--lora_rank {args.lora_rank}: must be >= 0 (0 = no LoRA)")
     check(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha}: must be > 0")
     check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
+    if args.lora_rank:
+        # the critic's head and the value head train in full (build_models), and footprint.py predicts them so
+        try:
+            heads = [h for h in ("head", "value_head") if re.search(args.lora_targets, h)]
+        except re.error as e:
+            raise utils.UserError(f"--lora_targets {args.lora_targets!r}: not a regular expression ({e})") from None
+        check(not heads, f"--lora_targets {args.lora_targets!r} matches {', '.join(heads)}: the critic's head and "
+                         f"the value head train in full, leave them out of the targets")
     unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
     check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
     check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
@@ -863,6 +910,8 @@ def main(argv=None):
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
+    if rt.device_type == "cuda":  # memory.json's cuda_max_allocated is the iterations', not build_models' peak
+        torch.cuda.reset_peak_memory_stats(rt.device)
     timer = utils.Timer(stop, start_iter)
     for it in range(start_iter, stop):
         if args.anneal_lr:

@@ -237,8 +237,8 @@ def test_ppo_option_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one
     reward model's own weights, adapters.pt for the resume; ckpt.pt and critic.pt are the merged weights.
     """
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--data", str(data / "prompts.jsonl"), "--sft", str(sft_one), "--rm", str(rm_one),
-              "--ptx_data", str(data / "sft.jsonl"), *PPO, *option]
+    ptx = [] if "--critic" in option else ["--ptx_data", str(data / "sft.jsonl")]  # --ptx_coef 0: no --ptx_data
+    common = ["--data", str(data / "prompts.jsonl"), "--sft", str(sft_one), "--rm", str(rm_one), *ptx, *PPO, *option]
     script("train_ppo.py", *common, "--out_dir", str(one))
     torchrun("train_ppo.py", *common, "--out_dir", str(two), "--stop_at", "2")
     torchrun("train_ppo.py", *common, "--out_dir", str(two), "--resume")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -386,6 +387,36 @@ def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag,
     assert not (tmp_path / "ppo").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    # the adaptive controller divides by both, after metrics.jsonl was started
+    (["--adaptive_kl", "--target_kl", "0"], "--target_kl must be > 0 with --adaptive_kl, got 0.0"),
+    (["--adaptive_kl", "--kl_horizon", "0"], "--kl_horizon 0 must be > 0.2 * --batch_size = 12.8"),
+    # 1 - 0.2 * 64 / 12 < 0: beta would change sign
+    (["--adaptive_kl", "--kl_horizon", "12"], "--kl_horizon 12 must be > 0.2 * --batch_size = 12.8"),
+    (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),  # crashed in gold_scores mid-run
+    (["--num_samples", "-1"], "--num_samples must be >= 1, got -1"),  # wrote batch_size - 1 samples
+    (["--kl_coef", "-0.1"], "--kl_coef must be >= 0, got -0.1"),
+    (["--vf_coef", "-1"], "--vf_coef must be >= 0, got -1.0"),
+    (["--ent_coef", "-1"], "--ent_coef must be >= 0, got -1.0"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1.0"),
+    (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
+    (["--gae_lambda", "-1"], "--gae_lambda must be in [0, 1], got -1.0"),
+    (["--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),  # a torch ValueError traceback
+    (["--beta2", "1"], "--beta2 must be in [0, 1), got 1.0"),
+    (["--ptx_coef", "-1", "--ptx_data", "sft.jsonl"], "--ptx_coef must be >= 0, got -1.0"),  # was plain PPO
+    (["--ptx_data", "sft.jsonl"], "--ptx_data does nothing without --ptx_coef > 0"),  # was ignored
+    # one optimizer at --lr: also refused at the default value, which the user may have meant to set
+    (["--critic", "shared", "--critic_lr", "1e-4"], "--critic_lr does nothing with --critic shared"),
+    (["--lora_rank", "4", "--lora_targets", "c_fc|^head"], "--lora_targets 'c_fc|^head' matches head"),
+    (["--lora_rank", "4", "--critic", "shared", "--lora_targets", "value_head"], "matches value_head"),
+    (["--lora_rank", "4", "--lora_targets", "c_fc("], "--lora_targets 'c_fc(': not a regular expression"),
+])
+def test_flags_out_of_range_are_refused(tmp_path, argv, message):
+    with pytest.raises(utils.UserError, match=re.escape(message)):  # checked before anything is read or written
+        train_ppo.main(["--out_dir", str(tmp_path / "ppo"), *argv])
+    assert not (tmp_path / "ppo").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """
@@ -524,16 +555,80 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, 
     assert all(torch.isfinite(v).all() for v in model.values())
 
 
-@pytest.fixture
-def random_ckpts(tmp_path):
-    """Random tiny SFT and RM checkpoints (byte tokenizer) and prompts: for runs whose learning is not looked at."""
+def save_random_ckpts(d, rm_block_size=64):
     tok = Tokenizer.byte_level()
     config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    utils.save_checkpoint(str(tmp_path / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
-    utils.save_checkpoint(str(tmp_path / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {}, 0))
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return tmp_path
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
+    rm_config = dataclasses.replace(config, block_size=rm_block_size)
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(ScalarGPT(rm_config), tok, "rm", {}, 0))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return d
+
+
+@pytest.fixture
+def random_ckpts(tmp_path):
+    """Random tiny SFT and RM checkpoints (byte tokenizer) and prompts: for runs whose learning is not looked at."""
+    return save_random_ckpts(tmp_path)
+
+
+def tiny_ppo_args(d, out, *extra):
+    return ["--data", str(d / "prompts.jsonl"), "--sft", str(d / "sft"), "--rm", str(d / "rm"), "--out_dir", str(out),
+            "--num_iterations", "1", "--batch_size", "4", "--num_minibatches", "1", "--response_length", "4",
+            "--ppo_epochs", "1", "--device", "cpu", "--dtype", "float32", *extra]
+
+
+def test_a_reward_model_with_a_shorter_context_is_refused(tmp_path):
+    # it crashed in the first rollout with an IndexError, metrics.jsonl already started
+    d = save_random_ckpts(tmp_path, rm_block_size=32)
+    with pytest.raises(utils.UserError, match="has block_size 32 < 64 of"):
+        train_ppo.main(tiny_ppo_args(d, d / "ppo"))
+    assert not (d / "ppo").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"offload": "ref,rm"}, [("sft", "meta"), ("rm", "cpu"), ("rm", "meta"), ("sft", "cpu")]),
+    ({"offload": "rm", "critic": "shared"}, [("sft", "cpu"), ("rm", "cpu"), ("sft", "meta")]),
+    ({"offload": "rm", "critic": "shared", "lora_rank": 2}, [("sft", "cpu"), ("rm", "cpu")]),
+    ({"offload": "ref,rm", "lora_rank": 2}, [("sft", "meta"), ("rm", "meta")]),  # neither can be offloaded
+])
+def test_build_models_puts_no_extra_full_model_on_the_accelerator(random_ckpts, monkeypatch, flags, expected):
+    """
+    An offloaded frozen model is loaded into CPU memory, never onto the accelerator first, and the shared trunk is
+    built in CPU memory before it moves ("meta" stands in for the accelerator; the loads themselves stay on the CPU).
+    Both used to pass through the accelerator: about 3 full models there at once where the table says 1.
+    """
+    loads, real_load = [], utils.load_model
+
+    def load_model(path, device="cpu", **kw):
+        loads.append((os.path.basename(path), str(device)))
+        return real_load(path, "cpu", **kw)
+
+    monkeypatch.setattr(utils, "load_model", load_model)
+    monkeypatch.setattr(train_ppo, "offload", lambda model, device: model)
+    args = Args(sft=str(random_ckpts / "sft"), rm=str(random_ckpts / "rm"), **flags)
+    models = train_ppo.build_models(args, "meta")
+    assert loads == expected
+    if args.critic == "shared":  # built in CPU memory, then moved
+        assert next(models["actor"].parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("extra, why", [
+    ([], None),
+    (["--grad_checkpointing"], "grad_checkpointing"),  # measured about a tenth of the formula
+    (["--lora_rank", "2", "--lora_targets", r"mlp\.c_fc"], "lora_targets"),  # about 0.6 of it
+    (["--dtype", "bfloat16", "--grad_checkpointing"], "grad_checkpointing, autocast"),  # bf16: about 2x
+])
+def test_memory_json_leaves_out_an_activation_prediction_it_cannot_make(random_ckpts, capsys, extra, why, one_thread):
+    out = random_ckpts / "ppo"
+    train_ppo.main(tiny_ppo_args(random_ckpts, out, *extra))
+    report = json.loads((out / "memory.json").read_text())
+    assert report["activations"] > 0 and report.get("activations_not_modelled") == why
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory: "))
+    if why is None:
+        assert report["activations_predicted"] > 0 and "(predicted " in line
+    else:
+        assert report["activations_predicted"] is None and f"(not predicted with {why})" in line
 
 
 def test_a_run_killed_between_the_files_of_a_save_resumes_and_logs_each_iteration_once(random_ckpts, monkeypatch,
