@@ -592,7 +592,7 @@ def test_a_reward_model_with_a_shorter_context_is_refused(tmp_path):
     ({"offload": "rm", "critic": "shared", "lora_rank": 2}, [("sft", "cpu"), ("rm", "cpu")]),
     ({"offload": "ref,rm", "lora_rank": 2}, [("sft", "meta"), ("rm", "meta")]),  # neither can be offloaded
 ])
-@pytest.mark.filterwarnings("ignore:for .*: copying from a non-meta parameter")  # "meta" stands for the device
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter:UserWarning")  # "meta" stands for the device
 def test_build_models_puts_no_extra_full_model_on_the_accelerator(random_ckpts, monkeypatch, flags, expected):
     """
     An offloaded frozen model is loaded into CPU memory, never onto the accelerator first, and the shared trunk is
