@@ -644,13 +644,17 @@ def onednn_linears(model, rows, head):
     this needs no compiler.
     """
     dtype = onednn_dtype(head.weight)
-    linears = [m for m in model.modules() if type(m) is nn.Linear] if dtype is not None else []
-    for m in linears:
-        m.forward = OneDNNLinear(m, torch.float32 if m is head else dtype, rows)
+    # a Linear swapped already belongs to an enclosing call (a generate() inside another's on_token): left to it
+    linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__] \
+        if dtype is not None else []
+    swapped = []
     try:
+        for m in linears:
+            m.forward = OneDNNLinear(m, torch.float32 if m is head else dtype, rows)
+            swapped.append(m)
         yield
     finally:
-        for m in linears:
+        for m in swapped:
             del m.forward
 
 

@@ -687,6 +687,24 @@ def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def test_generate_inside_generate_keeps_the_outer_calls_linears():
+    # a generate() inside another's on_token (a side sample while streaming) leaves the outer call's oneDNN
+    # Linears in place, and the outer call ends normally with every module plain again
+    onednn_or_skip(torch.float32)
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    kinds = []
+
+    def on_token(*args):
+        model.generate(idx[:1], 2, generator=torch.Generator().manual_seed(1))
+        kinds.append({type(m.forward).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+
+    out = model.generate(idx, 4, attention_mask=mask, generator=torch.Generator().manual_seed(0), on_token=on_token)
+    assert kinds and all(k == {"OneDNNLinear"} for k in kinds), kinds
+    assert torch.equal(out, model.generate(idx, 4, attention_mask=mask, generator=torch.Generator().manual_seed(0)))
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
 # -----------------------------------------------------------------------------
 # scalar head
 
