@@ -23,8 +23,9 @@ Benchmark one model size on the current device: how fast each stage's inner loop
 
 Peak FLOP/s: train_common.peak_flops, as train_sft.py logs its MFU: the data-sheet dense peak for the GPUs it
 knows (H100/H200 bf16 989e12, A100 312e12; half that in float32, which runs on TF32); on a CPU the theoretical
-float32 peak from /proc/cpuinfo (threads x clock x FLOPs per cycle); else the measured FLOP/s of a 1024 x 1024
-matmul in the run's dtype. The line says which.
+peak from /proc/cpuinfo (threads x clock x FLOPs per cycle: float32 FMAs, or for a bf16 run on AVX512-BF16 twice as
+many); else (a bf16 run on AMX among them) the measured FLOP/s of a 1024 x 1024 matmul in the run's dtype. The line
+says which.
 
 Weights and tokens are random; the generation benchmark passes no EOS and PPO's EOS is an id no model samples, so
 every response runs all new_tokens (PPO: response_length) steps. Run:

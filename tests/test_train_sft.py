@@ -372,3 +372,18 @@ def test_resumed_flags_take_what_the_command_line_names():
     # built in code, without a command line: the fields that differ from their default count as named
     args = train_common.resumed_flags(dataclasses.replace(defaults, resume="on", dtype="bfloat16"), saved)
     assert (args.dtype, args.lr) == ("bfloat16", 0.1)
+
+
+def test_cpu_peak_flops_follows_the_run_s_dtype(monkeypatch):
+    # MFU divides by the peak of the arithmetic the run does: float32 FMAs, twice as many FLOPs per cycle for bf16
+    # dot products on AVX512-BF16, and a timed matmul where the CPU has AMX tiles (no per-cycle figure here)
+    cpu = utils.Runtime(torch.device("cpu"), "cpu", "float32")
+    threads = torch.get_num_threads()
+    for flags, dtype, per_cycle in (("fma avx512f", "float32", 64), ("fma avx512f", "bfloat16", 64),
+                                    ("fma avx512f avx512_bf16", "float32", 64),
+                                    ("fma avx512f avx512_bf16", "bfloat16", 128), ("fma", "bfloat16", 32)):
+        monkeypatch.setattr(train_common, "cpuinfo", lambda: f"cpu MHz\t\t: 2000.000\nflags\t\t: {flags}\n")
+        peak, source = train_common.peak_flops(dataclasses.replace(cpu, dtype=dtype))
+        assert peak == threads * 2000e6 * per_cycle and f"x {per_cycle} " in source, (flags, dtype, source)
+    monkeypatch.setattr(train_common, "cpuinfo", lambda: "cpu MHz\t\t: 2000.000\nflags\t\t: avx512f amx_bf16\n")
+    assert train_common.peak_flops(dataclasses.replace(cpu, dtype="bfloat16"))[1].startswith("measured")
