@@ -40,8 +40,7 @@ import torch
 
 from nanorlhf import utils
 from nanorlhf.hf import hf_config, hf_state_dict
-from nanorlhf.model import GPTConfig
-from nanorlhf.tokenizer import EOS, GPT2_PATTERN, PAD, Tokenizer, save_tiktoken
+from nanorlhf.tokenizer import EOS, GPT2_PATTERN, PAD, save_tiktoken
 from nanorlhf.utils import check, flag
 
 
@@ -240,17 +239,10 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     check_out_is_not_a_run(out, ckpt_path)
     check(not os.path.exists(out) or (os.path.isdir(out) and (overwrite or not os.listdir(out))),
           f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
-    ckpt = utils.load_checkpoint(ckpt_path)
-    check(isinstance(ckpt, dict) and all(k in ckpt for k in ("model", "model_config", "model_kind", "tokenizer")),
-          f"{ckpt_path}: not a nanorlhf model checkpoint (train_state.pt holds no model)")
+    ckpt_file, ckpt = utils.load_model_checkpoint(ckpt_path)  # a train_state.pt, say, is one line
     kind = ckpt["model_kind"]
-    check(kind in ("gpt", "scalar"), f"{ckpt_path}: unknown model_kind {kind!r}")
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:  # e.g. a field that a newer nanorlhf writes and this one does not know
-        ckpt_file = os.path.join(ckpt_path, utils.CKPT) if os.path.isdir(ckpt_path) else ckpt_path
-        raise utils.UserError(f"{ckpt_file}: model_config: {e}") from None
-    tok = Tokenizer.from_dict(ckpt["tokenizer"])
+    check(kind in ("gpt", "scalar"), f"{ckpt_file}: unknown model_kind {kind!r}")
+    config, tok = utils.model_spec(ckpt_file, ckpt)
     torch_dtype = getattr(torch, dtype)
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 

@@ -133,7 +133,7 @@ def make_tokenizer(spec):
 GPT2_VOCAB = (50257, 50258)  # GPT-2's ids (EOS last); with the pad row that resize_vocab adds and export_hf.py keeps
 
 
-def hf_tokenizer(src, spec):
+def hf_tokenizer(src, spec, named=False):
     """
     The tokenizer of a Hugging Face directory: its own tokenizer.tiktoken when it has one (export_hf.py writes it),
     else GPT-2's, named by --tokenizer. Either must give config.json's vocab_size, so that no id indexes an embedding
@@ -156,7 +156,7 @@ def hf_tokenizer(src, spec):
         check(tok.vocab_size == vocab_size, f"--init_from {src}: tokenizer.tiktoken gives {tok.vocab_size} ids (with "
                                             f"EOS and PAD) but config.json has vocab_size {vocab_size}")
         # like a nanorlhf checkpoint, the directory brings its own tokenizer: another --tokenizer would be ignored
-        if spec != Config.tokenizer:
+        if named or spec != Config.tokenizer:  # named: --tokenizer on the command line, even `byte`
             check(make_tokenizer(spec).mergeable_ranks == tok.mergeable_ranks,
                   f"--tokenizer {spec}: --init_from {src} brings its own tokenizer (tokenizer.tiktoken, "
                   f"{tok.vocab_size} ids), which differs; leave --tokenizer out")
@@ -182,7 +182,7 @@ def init_model(args):
         model, tok, _ = load_model(src, kind="gpt")
         return model, tok
     if os.path.isfile(os.path.join(src, "config.json")):
-        tok = hf_tokenizer(src, args.tokenizer)
+        tok = hf_tokenizer(src, args.tokenizer, "tokenizer" in getattr(args, "_given", ()))
         try:
             model = GPT.from_pretrained(src)
         except (OSError, ValueError, KeyError) as e:

@@ -414,14 +414,10 @@ def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
     checkpoint must hold; from_gpt=True lets kind="scalar" also take a "gpt" checkpoint and build a ScalarGPT
     from its trunk (this is how the reward model starts from the SFT model, and only there).
     """
-    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-    from nanorlhf.tokenizer import Tokenizer
+    from nanorlhf.model import GPT, ScalarGPT
 
     file, ckpt = load_model_checkpoint(path, name)
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{file}: model_config: {e}") from None
+    config, tok = model_spec(file, ckpt)
     stored = ckpt["model_kind"]
     if stored == "gpt":
         if kind == "scalar" and not from_gpt:
@@ -439,11 +435,26 @@ def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
         raise UserError(f"{file}: the weights do not fit its model_config ({_one_line(e)})") from None
     if stored == "gpt" and kind == "scalar":
         model = ScalarGPT.from_gpt(model)
+    return model.to(device), tok, ckpt
+
+
+def model_spec(file, ckpt):
+    """
+    (GPTConfig, Tokenizer) of a model checkpoint (load_model_checkpoint's), each failure one line naming the file:
+    a config field this version does not know (a newer nanorlhf wrote it), a tokenizer that does not load.
+    """
+    from nanorlhf.model import GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{file}: model_config: {e}") from None
     try:
         tok = Tokenizer.from_dict(ckpt["tokenizer"])
     except (AssertionError, KeyError, ValueError, TypeError) as e:  # from_dict asserts the special tokens
         raise UserError(f"{file}: the tokenizer does not load ({type(e).__name__}: {_one_line(e)})") from None
-    return model.to(device), tok, ckpt
+    return config, tok
 
 
 def _one_line(e, limit=300):

@@ -351,6 +351,16 @@ def test_newer_model_config_is_one_line(tmp_path, monkeypatch, capsys):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["newer.pt"]
 
 
+def test_a_tokenizer_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsys):
+    # export reads a checkpoint's config and tokenizer as load_model does (utils.model_spec): one line, no traceback
+    payload = utils.model_payload(random_model(), Tokenizer.byte_level(), "ppo", {"seed": 0}, 7)
+    del payload["tokenizer"]["special_tokens"]
+    utils.save_checkpoint(str(tmp_path), payload, "badtok.pt")
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "badtok.pt"), "--out", str(tmp_path / "hf"))
+    assert code == 2 and err.count("\n") == 1 and "badtok.pt: the tokenizer does not load" in err, err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["badtok.pt"]
+
+
 def test_cli_bad_checkpoint_writes_nothing(tmp_path):
     p = script("export_hf.py", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), check=False)
     assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "hf").exists()

@@ -159,6 +159,19 @@ def test_init_from_an_hf_export_brings_its_own_tokenizer(data, full_run, tmp_pat
         init_model("--init_from", str(hf_dir), "--tokenizer", str(GPT2_FILE))
 
 
+def test_init_from_an_hf_export_refuses_another_tokenizer_named_even_byte(tmp_path):
+    # an export of a BPE model brings that BPE; `--tokenizer byte` named on the command line differs from it and is
+    # refused like any other, not taken for the default and ignored
+    from nanorlhf.tokenizer import Tokenizer, train_bpe
+    tok = Tokenizer("bpe", train_bpe("sort 3 1 2 -> 1 2 3\n" * 40, 270))
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8))
+    utils.save_checkpoint(str(tmp_path / "sft"), utils.model_payload(model, tok, "sft", {"seed": 0}, 1))
+    export_hf.export(str(tmp_path / "sft"), str(tmp_path / "hf"))
+    assert init_model("--init_from", str(tmp_path / "hf"))[1].mergeable_ranks == tok.mergeable_ranks
+    with pytest.raises(utils.UserError, match="brings its own tokenizer"):
+        init_model("--init_from", str(tmp_path / "hf"), "--tokenizer", "byte")
+
+
 @needs_gpt2
 def test_init_from_hf_gpt2_takes_gpt2s_tokenizer(tmp_path):
     # a Hugging Face GPT-2 (no tokenizer.tiktoken, vocab 50257: EOS last) gets the pad row, with GPT-2's BPE
