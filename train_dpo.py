@@ -268,6 +268,10 @@ def main():
         del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
     check_flags(args)
     check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})
+    stop = args.stop_at or args.max_steps
+    if state is not None and state["step"] >= stop:  # before the reference pass, which takes minutes on a real model
+        print(f"nothing to do: the run in {args.out_dir} is at step {state['step']}")
+        return
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)
@@ -315,11 +319,6 @@ def main():
                    for b in val_order]
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, BETAS, rt.device_type)
     step = restore_run(state, optimizer, sampler) if state is not None else 0
-    stop = args.stop_at or args.max_steps
-    if step >= stop:
-        print(f"nothing to do: the run in {args.out_dir} is at step {step}")
-        dist.cleanup()
-        return
 
     def eval_row():
         row = evaluate(dist.unwrap(train_model), val_batches, args.beta, rt)

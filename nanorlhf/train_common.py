@@ -160,6 +160,7 @@ def save_files(out_dir, payloads):
     3. the temporaries are renamed into place one after the other, ckpt.pt last, so that until the last rename
        ckpt.pt and the .prev.pt files are the previous step's complete set, and after it the new files are;
     4. the .prev.pt files are removed.
+    Temporaries that a killed save left (SIGKILL runs no cleanup) are removed first.
     A save that finds .prev.pt files (an earlier save was interrupted) keeps the ones at ckpt.pt's step.
     Example: {"train_state.pt": state, "ckpt.pt": payload}, as save_run writes them.
     """
@@ -170,6 +171,7 @@ def save_files(out_dir, payloads):
     tmps = {}
     try:
         for n in names:
+            utils.remove_stale_tmps(paths[n])
             tmps[n] = utils.tmp_name(paths[n])
             torch.save(payloads[n], tmps[n])
             utils.fsync(tmps[n])
@@ -185,6 +187,7 @@ def save_files(out_dir, payloads):
                     shutil.copyfile(paths[n], prev)
         for n in names:
             os.replace(tmps[n], paths[n])
+        utils.fsync_dir(out_dir)  # the renames themselves on the disk, in their order
     finally:
         for tmp in tmps.values():
             if os.path.exists(tmp):

@@ -238,6 +238,8 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
         raise UserError("--dtype float16: training needs loss scaling in float16, which nanorlhf does not do; "
                         "use bfloat16 or float32")
     if dev.type == "cuda":
+        if dev.index is not None:
+            torch.cuda.set_device(dev)  # the current device is the run's: rng_state saves that one's generator
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     random.seed(seed)
@@ -255,7 +257,9 @@ def rng_state():
     """Every random state a resumed run needs, as plain tensors and lists (weights_only-loadable)."""
     state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()), "numpy": _numpy_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the run's device only (setup_runtime makes it the current one): under torchrun rank 0 saves and every rank
+        # restores, and the ranks share one stream, so rank 0's device's state is every rank's
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -265,7 +269,10 @@ def set_rng_state(state):
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], list):  # a file of an older version: every device's state, as it saved them
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])  # on the current device, this rank's
 
 
 def _numpy_state():
@@ -296,9 +303,11 @@ def write_atomic(path, write):
     """
     tmp = tmp_name(path)
     try:
+        remove_stale_tmps(path)
         write(tmp)
         fsync(tmp)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -309,6 +318,31 @@ def tmp_name(path):
     return path + f".tmp{os.getpid()}"
 
 
+def remove_stale_tmps(path):
+    """
+    Remove the temporaries of path (tmp_name) whose process is gone: a process killed by SIGKILL mid-write runs no
+    cleanup, and nothing ever loads them. A running process's temporary (this one's, another rank's) is left alone.
+    """
+    folder, base = os.path.split(path)
+    for name in os.listdir(folder or "."):
+        m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
+        if m and not pid_alive(int(m.group(1))):
+            os.remove(os.path.join(folder, name))
+
+
+def pid_alive(pid):
+    """Whether a process with this id runs on this machine (one of another user counts as running)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only the checks are made
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def fsync(path):
     """
     Put the file's bytes on the disk, not only in the OS's cache, before a rename makes them the file: else a
@@ -317,6 +351,23 @@ def fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """
+    Put a directory's entries on the disk after renames in it (POSIX), so that a power cut cannot undo a rename or
+    reorder two. Where a directory cannot be opened or synced (Windows), a no-op.
+    """
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

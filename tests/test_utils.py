@@ -4,12 +4,14 @@ import math
 import os
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from nanorlhf import utils
+from nanorlhf import train_common, utils
 from nanorlhf.utils import flag
 
 
@@ -130,6 +132,50 @@ def test_rng_state_round_trip_through_weights_only(tmp_path):
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
 
+
+
+class FakeCuda:
+    """Two CUDA devices' generator states and a current device, as one torchrun rank's process sees them."""
+
+    def __init__(self, current):
+        self.states, self.current = [torch.tensor([0], dtype=torch.uint8)] * 2, current
+
+    def patch(self, monkeypatch):
+        def index(device):
+            return self.current if device in ("cuda", None) else torch.device(device).index
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[index(device)])
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: setattr(self, "states", list(states)))
+
+        def set_rng_state(state, device="cuda"):
+            self.states[index(device)] = state
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+
+
+def test_a_resumed_rank_gets_the_saved_state_on_its_own_cuda_device(monkeypatch):
+    """
+    Under torchrun rank 0 saves the RNG states and every rank restores them; the ranks share one stream. Rank 1 runs
+    on cuda:1, so its generator there must get the state of rank 0's generator on cuda:0 (before, every rank got
+    rank 0's view of all devices, in which cuda:1's generator never moved).
+    """
+    rank0, rank1 = FakeCuda(current=0), FakeCuda(current=1)
+    rank0.states[0] = torch.tensor([7], dtype=torch.uint8)  # rank 0's generator after some steps
+    with monkeypatch.context() as m:
+        rank0.patch(m)
+        state = utils.rng_state()
+    with monkeypatch.context() as m:
+        rank1.patch(m)
+        utils.set_rng_state(state)
+    assert rank1.states[1].item() == 7
+    # a file of the older format (every device's state) is restored as it was saved
+    old = FakeCuda(current=0)
+    with monkeypatch.context() as m:
+        old.patch(m)
+        utils.set_rng_state({**state, "cuda": [torch.tensor([5], dtype=torch.uint8)] * 2})
+    assert [s.item() for s in old.states] == [5, 5]
 
 def test_load_model_kinds(tmp_path):
     from nanorlhf.model import GPT, GPTConfig, ScalarGPT
@@ -293,3 +339,51 @@ def test_cpu_bf16_probe_and_auto_dtype(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert utils.cpu_has_fast_bf16() is False
     assert utils.setup_runtime("cpu", "auto", training=True).dtype == "float32"
+
+
+def dead_pid():
+    """The id of a process that has exited (and been reaped)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_a_save_removes_the_temporaries_of_killed_writers_only(tmp_path):
+    """
+    A process killed by SIGKILL while it wrote a checkpoint leaves its ckpt.pt.tmp<pid> behind (no finally runs);
+    the next save removes those, and leaves a running process's temporary and every other file alone.
+    """
+    dead, alive = dead_pid(), os.getppid()
+    stale = [f"ckpt.pt.tmp{dead}", f"train_state.pt.tmp{dead}"]
+    kept = [f"ckpt.pt.tmp{alive}", f"ckpt.pt.tmp{dead}x", "notes.txt.tmp1", f"ckpt.prev.pt.tmp{dead}x"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"half")
+    train_common.save_files(str(tmp_path), {"train_state.pt": {"step": 1}, "ckpt.pt": {"step": 1}})
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "train_state.pt"] + kept)
+    (tmp_path / f"memory.json.tmp{dead}").write_bytes(b"half")  # write_atomic's temporaries too
+    utils.write_text(str(tmp_path / "memory.json"), "{}")
+    assert f"memory.json.tmp{dead}" not in os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd through /proc")
+def test_a_save_syncs_its_directory_after_the_renames(tmp_path, monkeypatch):
+    """The renames that make a save's files current reach the disk: the directory is fsync'd after the last."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = os.path.realpath(tmp_path)
+    train_common.save_files(out, {"train_state.pt": {"step": 1}, "ckpt.pt": {"step": 1}})
+    last_rename = max(i for i, e in enumerate(events) if e == ("replace", os.path.join(out, "ckpt.pt")))
+    assert ("fsync", out) in events[last_rename:]
+    events.clear()
+    utils.write_text(os.path.join(out, "report.md"), "x")
+    assert events[-2:] == [("replace", os.path.join(out, "report.md")), ("fsync", out)]
