@@ -338,7 +338,7 @@ def pid_alive(pid):
         os.kill(pid, 0)  # signal 0: nothing is sent, only the checks are made
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:  # PermissionError: it runs, as another user
         return True
     return True
 
