@@ -534,14 +534,14 @@ def main(argv=None):
         models[name], tok_i, ckpts[name] = load_model(path, rt.device, kind="gpt")
         if name == "sft":
             tok = tok_i
-        check(tok_i.to_dict() == tok.to_dict(), f"{path}: its tokenizer differs from the SFT checkpoint's")
+        check(tok_i.same_encoding(tok), f"{path}: its tokenizer differs from the SFT checkpoint's")
     if cfg.init_row:
         torch.manual_seed(cfg.seed)
         models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
     rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
     if cfg.rm:
         rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar")
-        check(tok_rm.to_dict() == tok.to_dict(), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
+        check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)
     for m in models.values():

@@ -195,12 +195,12 @@ def main(argv=None):
     if cfg.compare:
         check(cfg.compare != cfg.ckpt, f"--compare {cfg.compare}: the same checkpoint as --ckpt")
         model, tok_c, _ = load("compare", cfg.compare, rt.device, "gpt")
-        check(tok_c.to_dict() == tok.to_dict(), f"--compare {cfg.compare}: its tokenizer differs from --ckpt's")
+        check(tok_c.same_encoding(tok), f"--compare {cfg.compare}: its tokenizer differs from --ckpt's")
         policies[cfg.compare] = model.eval()
     rm, reward_norm = None, (0.0, 1.0)
     if cfg.rm:
         rm, tok_r, rm_ckpt = load("rm", cfg.rm, rt.device, "scalar")
-        check(tok_r.to_dict() == tok.to_dict(), f"--rm {cfg.rm}: its tokenizer differs from --ckpt's")
+        check(tok_r.same_encoding(tok), f"--rm {cfg.rm}: its tokenizer differs from --ckpt's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)
     # prompt + response must fit the context: prompt + max_new_tokens - 1 tokens go through the model

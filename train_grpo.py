@@ -356,7 +356,7 @@ def main(argv=None):
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
         mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
         args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
-    check(ref_tok.to_dict() == tok.to_dict() == rm_tok.to_dict(),
+    check(ref_tok.same_encoding(tok) and rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
     for m in (actor, ref, reward_model):
         disable_dropout(m)

@@ -611,7 +611,7 @@ def build_models(args, device, files=None):
     else:
         actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, actor_home, kind="gpt")
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar")
-    check(rm_tok.to_dict() == tok.to_dict(),
+    check(rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
     check(reward_model.config.block_size >= actor.config.block_size,
           f"{args.rm} has block_size {reward_model.config.block_size} < {actor.config.block_size} of {args.sft}: "

@@ -236,6 +236,15 @@ class Tokenizer:
             "special_tokens": {EOS: self.eos_id, PAD: self.pad_id},
         }
 
+    def same_encoding(self, other):
+        """
+        Whether two tokenizers give every text the same ids: the same merges, split pattern and special ids. The
+        name is a label only (a .tiktoken file does not store it: export_hf.py's tokenizer.tiktoken comes back named
+        "tokenizer"), so two stages whose tokenizers differ in name alone work together.
+        """
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: v for k, v in mine.items() if k != "name"} == {k: v for k, v in theirs.items() if k != "name"}
+
     @classmethod
     def from_dict(cls, d):
         ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(d["ranks"])}

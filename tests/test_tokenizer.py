@@ -325,6 +325,19 @@ def test_checkpoint_roundtrip(source):
         assert tok2.encode(s) == tok.encode(s)
         assert tok2.render(s, s) == tok.render(s, s)
 
+
+def test_same_encoding_ignores_the_name_only(tmp_path):
+    """A tokenizer read back from a .tiktoken file (named after the file) encodes like the one saved: same_encoding;
+    other merges, or the same merges in another order, do not."""
+    tok = make_tokenizer("bpe")
+    save_tiktoken(tok.mergeable_ranks, tmp_path / "tokenizer.tiktoken")
+    back = Tokenizer.from_tiktoken_file(str(tmp_path / "tokenizer.tiktoken"))
+    assert back.name != tok.name and back.same_encoding(tok) and tok.same_encoding(back)
+    assert not tok.same_encoding(Tokenizer.byte_level())
+    ranks = sorted(tok.mergeable_ranks, key=tok.mergeable_ranks.get)
+    swapped = ranks[:-2] + [ranks[-1], ranks[-2]]  # the last two merges in the other order
+    assert not tok.same_encoding(Tokenizer("x", {t: r for r, t in enumerate(swapped)}))
+
 # -----------------------------------------------------------------------------
 # the trainer's command line
 

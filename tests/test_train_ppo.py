@@ -586,6 +586,25 @@ def test_a_reward_model_with_a_shorter_context_is_refused(tmp_path):
     assert not (d / "ppo").exists()
 
 
+
+def test_reward_model_tokenizer_must_encode_alike_whatever_its_name(tmp_path):
+    """
+    An RM whose tokenizer has other merges is refused (it would score other tokens than the policy's); one whose
+    tokenizer differs in name alone is not (a .tiktoken file stores no name: export_hf.py's comes back "tokenizer").
+    """
+    d = save_random_ckpts(tmp_path)
+    ckpt = utils.load_checkpoint(str(d / "rm"))
+    renamed = {**ckpt, "tokenizer": {**ckpt["tokenizer"], "name": "tokenizer"}}
+    utils.save_checkpoint(str(d / "rm"), renamed)
+    train_ppo.main(tiny_ppo_args(d, d / "ppo"))
+    assert utils.load_checkpoint(str(d / "ppo"))["step"] == 1
+    ranks = ckpt["tokenizer"]["ranks"]
+    other = {**ckpt, "tokenizer": {**ckpt["tokenizer"], "ranks": [ranks[1], ranks[0], *ranks[2:]]}}
+    utils.save_checkpoint(str(d / "rm"), other)
+    with pytest.raises(utils.UserError, match="use different tokenizers"):
+        train_ppo.main(tiny_ppo_args(d, d / "ppo2"))
+    assert not (d / "ppo2").exists()
+
 @pytest.mark.parametrize("flags, expected", [
     ({"offload": "ref,rm"}, [("sft", "meta"), ("rm", "cpu"), ("rm", "meta"), ("sft", "cpu")]),
     ({"offload": "rm", "critic": "shared"}, [("sft", "cpu"), ("rm", "cpu"), ("sft", "meta")]),
