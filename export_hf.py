@@ -47,10 +47,11 @@ from nanorlhf.utils import check, flag
 @dataclass
 class Args:
     ckpt: str = flag("out/ppo", "checkpoint to export: a directory (its ckpt.pt) or a .pt file (e.g. out/ppo/critic.pt)")
-    out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite)")
+    out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite); a symlink "
+                              "exports into the directory it points to")
     dtype: str = flag("float32", "dtype of the exported weights: float32 | bfloat16 | float16")
-    overwrite: bool = flag(False, "replace --out if it holds files (the old directory goes only once the new one is "
-                                  "complete); never a directory that holds a checkpoint")
+    overwrite: bool = flag(False, "replace --out if it holds an earlier export (the old directory goes only once "
+                                  "the new one is complete); never a directory holding any other file")
 
 
 # -----------------------------------------------------------------------------
@@ -168,11 +169,18 @@ def write_tokenizer(tok, out, block_size):
     return files + ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 
 
+# README.md's first line starts so: --overwrite recognises an earlier export by it
+README_TITLE = "# nanorlhf export"
+# every file export() may write; --overwrite replaces a directory that holds no other
+EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.tiktoken", "vocab.json",
+                "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md")
+
+
 def readme(ckpt, kind, tok, hf_tokenizer):
     """The note in the exported directory: what it is and how to load each part."""
     cls = "GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"
     lines = [
-        f"# nanorlhf export: stage {ckpt['stage']}, step {ckpt['step']}",
+        f"{README_TITLE}: stage {ckpt['stage']}, step {ckpt['step']}",
         "",
         f"A {cls} ({'language model' if kind == 'gpt' else 'scalar model: reward model or critic, num_labels 1'}), "
         f"tokenizer {tok.name!r} ({tok.vocab_size} ids: EOS {tok.eos_id} = {EOS}, PAD {tok.pad_id} = {PAD}).",
@@ -233,11 +241,45 @@ def check_out_is_not_a_run(out, ckpt_path):
                                        f"refusing to replace it, even with --overwrite")
 
 
+def check_out_is_an_export(out, path):
+    """
+    --overwrite replaces --out as a whole, so it replaces only what export() itself wrote: an empty directory, or one
+    holding nothing but EXPORT_FILES, its README.md starting with README_TITLE. A name check alone would pass a
+    model directory that transformers' save_pretrained wrote (config.json, model.safetensors, vocab.json, ...).
+    out is the flag as given, path the directory it resolves to.
+    """
+    names = sorted(os.listdir(path))
+    if not names:
+        return
+    for name in names:
+        check(name in EXPORT_FILES and os.path.isfile(os.path.join(path, name)),
+              f"--out {out} holds {os.path.join(out, name)}, which export_hf.py does not write: refusing to replace "
+              f"it, even with --overwrite (choose another --out, or remove that directory yourself)")
+    first = ""
+    if "README.md" in names:
+        with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    check(first.startswith(README_TITLE),
+          f"--out {out}: {os.path.join(out, 'README.md')} is missing or does not start with {README_TITLE!r}, so "
+          f"export_hf.py did not write this directory: refusing to replace it, even with --overwrite (choose another "
+          f"--out, or remove that directory yourself)")
+
+
 def export(ckpt_path, out, dtype="float32", overwrite=False):
-    """Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed)."""
+    """
+    Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed).
+    A symlink --out is followed: the export goes into the directory it points to (created if it does not exist
+    yet), which every check below is about, and the link stays as it was.
+    """
     check(dtype in ("float32", "bfloat16", "float16"), f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    # no trailing "/", "." becomes a name that can be renamed, and a symlink becomes its target: renaming the link
+    # itself would replace it, not the directory the user meant
+    path = os.path.realpath(out)
+    check(not os.path.islink(path), f"--out {out} is a symlink that resolves to no path (a loop at {path})")
     check_out_is_not_a_run(out, ckpt_path)
-    check(not os.path.exists(out) or (os.path.isdir(out) and (overwrite or not os.listdir(out))),
+    if os.path.isdir(path):  # before the hint to pass --overwrite, which would not replace this one either
+        check_out_is_an_export(out, path)
+    check(not os.path.exists(path) or (os.path.isdir(path) and (overwrite or not os.listdir(path))),
           f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
     ckpt_file, ckpt = utils.load_model_checkpoint(ckpt_path)  # a train_state.pt, say, is one line
     kind = ckpt["model_kind"]
@@ -246,7 +288,6 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     torch_dtype = getattr(torch, dtype)
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 
-    path = os.path.abspath(out)  # no trailing "/", and "." becomes a name that can be renamed
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(tmp)
     try:

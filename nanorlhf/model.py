@@ -446,9 +446,18 @@ class GPT(Trunk):
         Load a Hugging Face GPT-2 checkpoint from a local directory holding config.json and model.safetensors
         (or pytorch_model.bin), without transformers. HF's GPT-2 uses Conv1D layers, whose weights are stored
         transposed (in, out) relative to nn.Linear (out, in); keys may carry a `transformer.` prefix or not.
+        A directory that is no GPT-2 language model, or whose config.json GPT cannot follow exactly, is a one-line
+        ValueError naming it and the field (train_sft.py --init_from reports it so).
         """
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
+        # a config.json without model_type is read as GPT-2's, as transformers' GPT2Config.from_pretrained reads it
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{path}: model_type {hf['model_type']!r} is not supported (only GPT-2's, 'gpt2')")
+        # export_hf.py writes a reward model or critic as GPT2ForSequenceClassification: a score head, no LM head
+        if "GPT2ForSequenceClassification" in (hf.get("architectures") or []):
+            raise ValueError(f"{path}: architectures {hf['architectures']} is a sequence classifier (a reward model "
+                             f"or critic), not a language model (GPT2LMHeadModel)")
         eps = hf.get("layer_norm_epsilon", 1e-5)
         if abs(eps - 1e-5) > 1e-12:
             raise ValueError(f"{path}: layer_norm_epsilon {eps} is not supported (GPT-2 uses 1e-5)")
@@ -456,7 +465,9 @@ class GPT(Trunk):
             hf.get("activation_function", "gelu_new"))
         if activation is None:
             raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
-        n_embd = hf["n_embd"]
+        n_embd, n_head = hf_size(path, hf, "n_embd"), hf_size(path, hf, "n_head")
+        if n_embd % n_head:
+            raise ValueError(f"{path}: n_embd {n_embd} is not divisible by n_head {n_head}")
         if hf.get("n_inner") not in (None, 4 * n_embd):
             raise ValueError(f"{path}: n_inner {hf['n_inner']} is not supported (GPT-2 uses 4 * n_embd)")
         # GPT2Config options that change what the model computes and that GPT has no place for: an lm_head of its
@@ -467,9 +478,9 @@ class GPT(Trunk):
             if hf.get(key, gpt2) != gpt2:  # json.dumps: true/false, as config.json writes them
                 raise ValueError(f"{path}: {key} {json.dumps(hf[key])} is not supported "
                                  f"(GPT-2 uses {json.dumps(gpt2)})")
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx")), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True,
-                           activation=activation)
+        config = GPTConfig(block_size=hf_size(path, hf, "n_positions", "n_ctx"),
+                           vocab_size=hf_size(path, hf, "vocab_size"), n_layer=hf_size(path, hf, "n_layer"),
+                           n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, activation=activation)
         st_path = os.path.join(path, "model.safetensors")
         if os.path.exists(st_path):
             sd_hf = load_safetensors(st_path)
@@ -490,6 +501,9 @@ class GPT(Trunk):
         for k, v in sd_hf.items():
             if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
                 continue  # HF's causal-mask buffers, and the lm_head that is tied to wte
+            if k.startswith("score."):  # a config.json without architectures: the tensors tell
+                raise ValueError(f"{path}: tensor {k!r} is a sequence classifier's head (GPT2ForSequenceClassification:"
+                                 f" a reward model or critic), not a language model (GPT2LMHeadModel)")
             name = k if k.startswith("transformer.") else "transformer." + k
             if name not in sd:
                 raise ValueError(f"{path}: unexpected tensor {k!r}")
@@ -504,6 +518,20 @@ class GPT(Trunk):
         if missing:
             raise ValueError(f"{path}: missing tensors {sorted(missing)}")
         return model
+
+
+def hf_size(path, hf, *keys):
+    """
+    A size from a Hugging Face config.json (the dict hf): the first of keys it has, a positive integer, or a
+    ValueError naming the directory and the field. Example: hf_size(p, {"n_ctx": 1024}, "n_positions", "n_ctx")
+    -> 1024 (GPT-2's old files name the number of positions n_ctx only); hf_size(p, {}, "n_layer") -> ValueError.
+    """
+    for key in keys:
+        if hf.get(key) is not None:
+            if type(hf[key]) is not int or hf[key] <= 0:  # not isinstance: JSON's true is no size
+                raise ValueError(f"{path}: {key} {json.dumps(hf[key])} in config.json is not a positive integer")
+            return hf[key]
+    raise ValueError(f"{path}: config.json has no {' nor '.join(keys)}")
 
 
 class ScalarGPT(Trunk):

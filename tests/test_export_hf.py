@@ -329,13 +329,86 @@ def test_overwrite_never_replaces_a_checkpoint_directory(tmp_path, monkeypatch, 
 
 def test_overwrite_of_the_current_directory(tmp_path, monkeypatch):
     """--out . names a directory that can be replaced like any other (a rename of "." itself fails)."""
-    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf/stale.txt").write_text("old export")
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))  # a policy: it has a generation_config.json
     monkeypatch.chdir(tmp_path / "hf")
-    export_hf.export(str(tmp_path / "ppo"), ".", overwrite=True)
-    assert "config.json" in {q.name for q in (tmp_path / "hf").iterdir()} and not (tmp_path / "hf/stale.txt").exists()
+    export_hf.export(str(tmp_path / "ppo/critic.pt"), ".", overwrite=True)
+    assert "config.json" in {q.name for q in (tmp_path / "hf").iterdir()}
+    assert not (tmp_path / "hf/generation_config.json").exists()  # replaced as a whole, not written over
     assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, monkeypatch, capsys):
+    """
+    --overwrite replaces an empty directory or one export_hf.py wrote, nothing else: a data directory, someone's
+    notes, a model directory transformers wrote (the same file names, no README.md of ours) are refused in one line
+    naming a file, exit status 2, every file untouched and nothing written beside them.
+    """
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "notes/drafts").mkdir(parents=True)
+    (tmp_path / "notes/drafts/thesis.tex").write_text("important")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "saved"))  # as transformers' save_pretrained: no README
+    (tmp_path / "saved/README.md").unlink()
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "card"))  # a model card of someone else's
+    (tmp_path / "card/README.md").write_text("# my fine-tuned GPT-2\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, message in [("data", r"holds \S*data/sft.jsonl, which export_hf.py does not write"),
+                         ("notes", r"holds \S*notes/drafts, which export_hf.py does not write"),
+                         ("saved", r"saved/README.md is missing or does not start with '# nanorlhf export'"),
+                         ("card", r"card/README.md is missing or does not start with '# nanorlhf export'")]:
+        with pytest.raises(utils.UserError, match=message):
+            export_hf.export(str(tmp_path / "ppo"), str(tmp_path / out), overwrite=True)
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "notes"),
+                        "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and "notes/drafts" in err, err
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "data"))
+    assert code == 2 and "data/sft.jsonl" in err and "pass --overwrite" not in err, err  # no hint that would not do
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["card", "data", "notes", "ppo", "saved"]
+    # what export writes, for either kind of model, is replaced, also by the other kind; an empty directory too
+    (tmp_path / "empty").mkdir()
+    for ckpt, out in [("ppo/critic.pt", "empty"), ("ppo", "empty"), ("ppo/critic.pt", "empty")]:
+        _, files = export_hf.export(str(tmp_path / ckpt), str(tmp_path / out), overwrite=True)
+        assert sorted(q.name for q in (tmp_path / out).iterdir()) == sorted(files)
+        assert set(files) <= set(export_hf.EXPORT_FILES)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["card", "data", "empty", "notes", "ppo", "saved"]
+
+
+def test_symlink_out_exports_into_its_target(tmp_path, monkeypatch, capsys):
+    """
+    --out a symlink: the export goes into the directory it points to (made if missing), the link stays, and every
+    check is about that directory. Before, the link itself was renamed and then rmtree refused it (a traceback).
+    """
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to("target")  # relative, as `ln -s target link` makes it
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "link"))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target/config.json").is_file()
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "link"), overwrite=True)  # an earlier export: replaced
+    (tmp_path / "dangling").symlink_to(tmp_path / "later/hf")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "dangling"))
+    assert (tmp_path / "dangling").is_symlink() and (tmp_path / "later/hf/model.safetensors").is_file()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["dangling", "later", "link", "ppo", "target"]
+    assert sorted(q.name for q in (tmp_path / "later").iterdir()) == ["hf"]  # no temporary left beside the target
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/prefs.jsonl").write_text("{}\n")
+    (tmp_path / "to_data").symlink_to("data")
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "to_data"),
+                        "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and "to_data/prefs.jsonl, which export_hf.py does not write" in err, err
+    assert (tmp_path / "data/prefs.jsonl").read_text() == "{}\n" and (tmp_path / "to_data").is_symlink()
+    (tmp_path / "loop").symlink_to("loop")
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "loop"))
+    assert code == 2 and err.count("\n") == 1 and "loop is a symlink that resolves to no path" in err, err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["dangling", "data", "later", "link", "loop", "ppo", "target",
+                                                         "to_data"]
 
 
 def test_newer_model_config_is_one_line(tmp_path, monkeypatch, capsys):
@@ -359,6 +432,15 @@ def test_a_tokenizer_that_does_not_load_is_one_line(tmp_path, monkeypatch, capsy
     code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "badtok.pt"), "--out", str(tmp_path / "hf"))
     assert code == 2 and err.count("\n") == 1 and "badtok.pt: the tokenizer does not load" in err, err
     assert sorted(q.name for q in tmp_path.iterdir()) == ["badtok.pt"]
+
+
+def test_exported_reward_model_is_no_language_model_to_from_pretrained(tmp_path):
+    """GPT.from_pretrained on an RM export: one line saying what it is (before: "unexpected tensor 'score.weight'")."""
+    save(random_model("scalar"), Tokenizer.byte_level(), tmp_path / "rm", stage="rm")
+    export_hf.export(str(tmp_path / "rm"), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"hf: architectures \['GPT2ForSequenceClassification'\] is a sequence "
+                                         r"classifier \(a reward model or critic\), not a language model"):
+        GPT.from_pretrained(str(tmp_path / "hf"))
 
 
 def test_cli_bad_checkpoint_writes_nothing(tmp_path):

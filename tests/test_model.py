@@ -867,6 +867,40 @@ def test_from_pretrained_refuses_options_that_change_the_function(tmp_path, key,
     GPT.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("edit,field", [
+    ({"n_head": 5}, "n_embd 32 is not divisible by n_head 5"),  # was a bare AssertionError from the attention
+    ({"n_head": 0}, "n_head 0 in config.json is not a positive integer"),
+    ({"n_positions": None, "n_ctx": None}, "config.json has no n_positions nor n_ctx"),  # was a TypeError in nn.Embedding
+    ({"n_layer": None}, "config.json has no n_layer"),
+    ({"vocab_size": "50"}, 'vocab_size "50" in config.json is not a positive integer'),
+    ({"model_type": "gpt_neo"}, "model_type 'gpt_neo' is not supported"),  # GPT-2's tensor names, another model
+    ({"architectures": ["GPT2ForSequenceClassification"]}, r"architectures .* is a sequence classifier"),
+    ({"score.weight": torch.zeros(1, 32)}, "tensor 'score.weight' is a sequence classifier's head"),
+])
+def test_from_pretrained_malformed_config_is_a_value_error_naming_the_field(tmp_path, edit, field):
+    """train_sft.py --init_from reports OSError, ValueError and KeyError in one line; anything else is a traceback."""
+    sd, config = random_hf_gpt2()
+    for key, value in edit.items():
+        if isinstance(value, torch.Tensor):
+            sd[key] = value  # a reward model's head, its config.json without architectures
+        elif value is None:
+            del config[key]
+        else:
+            config[key] = value
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: {field}"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_reads_n_ctx_without_n_positions(tmp_path):
+    sd, config = random_hf_gpt2()
+    del config["n_positions"], config["model_type"]  # n_ctx alone, no model_type: read as GPT-2's, as transformers does
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert GPT.from_pretrained(str(tmp_path)).config.block_size == 16
+
+
 def test_load_safetensors_bad_file_is_a_value_error_naming_it(tmp_path, monkeypatch):
     """train_sft.py --init_from reports OSError, ValueError and KeyError in one line; anything else is a traceback."""
     path = tmp_path / "model.safetensors"
