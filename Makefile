@@ -10,11 +10,14 @@ SFT_FLAGS ?=
 RM_FLAGS  ?=
 PPO_FLAGS ?=
 CODE    := $(wildcard nanorlhf/*.py)
-# With an NVIDIA GPU (make GPU=1 forces it, make GPU= turns it off) the SFT model, which the RM and PPO stages
-# inherit, is larger: 6 layers x 256 (4.8M parameters) instead of the CPU's 4 x 128 (0.86M). Flags given in
-# SFT_FLAGS come after these, so they win.
+# With an NVIDIA GPU (make GPU=1 forces it; make GPU=0, GPU=false, GPU=no, GPU=off or GPU= turns it off) the SFT
+# model, which the RM and PPO stages inherit, is larger: 6 layers x 256 (4.8M parameters) instead of the CPU's
+# 4 x 128 (0.86M). Flags given in SFT_FLAGS come after these, so they win. USE_GPU is 1 or empty, what the rules
+# below test: make's $(if) takes any non-empty value, "0" too, as true.
 GPU     ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-MODEL_FLAGS := $(if $(GPU),--n_layer 6 --n_head 4 --n_embd 256 --lr 1e-3)
+OFF     := 0 false False FALSE no No NO off Off OFF
+USE_GPU := $(if $(filter-out $(OFF),$(GPU)),1)
+MODEL_FLAGS := $(if $(USE_GPU),--n_layer 6 --n_head 4 --n_embd 256 --lr 1e-3)
 
 .PHONY: all help test venv clean
 
@@ -34,7 +37,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .venv/stamp: pyproject.toml
 	python3 -m venv .venv
-	@if $(PY) -c "import torch" 2>/dev/null; then torch=; elif [ -n "$(GPU)" ]; then torch=torch; \
+	@if $(PY) -c "import torch" 2>/dev/null; then torch=; elif [ -n "$(USE_GPU)" ]; then torch=torch; \
 	  else torch="torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))"; fi; \
 	  echo "$(PIP) $$torch -e .[test]"; $(PIP) $$torch -e ".[test]"
 	touch $@
@@ -68,19 +71,26 @@ $(OUT)/%/cmd: FORCE
 	@mkdir -p $(@D); printf '%s\n' '$(CMD_$*)' | cmp -s - $@ || printf '%s\n' '$(CMD_$*)' > $@
 
 # A training stage is done when its script exits 0: $(OUT)/STAGE/done, touched after it. Not its ckpt.pt, which
-# the stage also writes during training (for --resume), so that a stage that failed never looks finished.
+# the stage also writes during training (for --resume), so that a stage that failed never looks finished. A stage
+# that reruns first removes its own done (the data stage: its meta.json, written last) and the done files of the
+# stages after it, which were trained on what it is about to overwrite: a stage that fails leaves no done beside
+# its files, and $(OUT)/ppo/done is there only while the whole pipeline in $(OUT) is finished and consistent.
 $(OUT)/data/meta.json: $(OUT)/data/cmd .venv/stamp nanorlhf/tasks.py
+	@rm -f $@ $(OUT)/sft/done $(OUT)/rm/done $(OUT)/ppo/done
 	$(CMD_data)
 
 $(OUT)/sft/done: $(OUT)/sft/cmd $(OUT)/data/meta.json train_sft.py $(CODE)
+	@rm -f $@ $(OUT)/rm/done $(OUT)/ppo/done
 	$(CMD_sft)
 	@touch $@
 
 $(OUT)/rm/done: $(OUT)/rm/cmd $(OUT)/sft/done train_rm.py
+	@rm -f $@ $(OUT)/ppo/done
 	$(CMD_rm)
 	@touch $@
 
 $(OUT)/ppo/done: $(OUT)/ppo/cmd $(OUT)/rm/done train_ppo.py
+	@rm -f $@
 	$(CMD_ppo)
 	@touch $@
 
@@ -95,7 +105,9 @@ help:
 	@echo "  make              the whole pipeline: virtualenv, data, SFT -> RM -> PPO -> $(OUT)/report.md (+ PNGs)"
 	@echo "  make test         the test suite (pytest)"
 	@echo "  make venv         only the virtualenv (.venv)"
-	@echo "  make compare      after make: GRPO, Dr. GRPO, RLOO and DPO with PPO's budget -> $(OUT)/compare/report.md"
+	@echo "  make compare      GRPO, Dr. GRPO, RLOO and DPO with PPO's budget -> $(OUT)/compare/report.md, from the"
+	@echo "                    finished pipeline in $(OUT) as it is (the variables of its make need not be repeated;"
+	@echo "                    new ones do not retrain it); where $(OUT)/ppo/done is missing, it runs make first"
 	@echo "  make clean        remove $(OUT)/"
 	@echo "  make help         this list"
 	@echo "Variables (make VAR=value):"
@@ -104,14 +116,22 @@ help:
 	@echo "  PPO_FLAGS  extra train_ppo.py flags, e.g. PPO_FLAGS=\"--kl_coef 0.1\"      (python train_ppo.py --help)"
 	@echo "  SEED       seed of the data and of every stage (now: $(SEED))"
 	@echo "  OUT        output directory (now: $(OUT))"
-	@echo "  GPU        1: the larger model and pip's CUDA torch; empty: the CPU model (now: $(if $(GPU),1,empty))"
+	@echo "  GPU        1: the larger model and pip's CUDA torch; empty, 0, false, no or off: the CPU model"
+	@echo "             (default: 1 where nvidia-smi finds a GPU; now: $(if $(USE_GPU),on,off))"
 	@echo "  TORCH_INDEX  an extra pip index for torch without a GPU, e.g. https://download.pytorch.org/whl/cpu"
 	@echo "After make:  python sample.py --ckpt $(OUT)/ppo --compare $(OUT)/sft --prompt \"sort 5 3 8 1\""
 
 # Beyond PPO (after `make`): GRPO, Dr. GRPO, RLOO and DPO from $(OUT)/sft and $(OUT)/rm with PPO's budget,
 # judged with PPO and SFT on the held-out prompts: $(OUT)/compare/report.md
+# A finished pipeline ($(OUT)/ppo/done there) is compared as it is: `make SEED=1 OUT=o` then `make OUT=o compare`
+# must not retrain it with the default SEED, so the stage stamps, whose rules compare the commands of the
+# variables now with those of its make, are not prerequisites then. PPO's ckpt.pt, which no rule makes, is: the
+# comparison reruns after a new PPO run (and compare.py names the file if it is missing). Without $(OUT)/ppo/done,
+# the pipeline (data, SFT, RM, PPO) is made first, as `make` makes it.
+PIPELINE := $(if $(wildcard $(OUT)/ppo/done),$(wildcard $(OUT)/ppo/ckpt.pt),$(OUT)/ppo/done)
+
 .PHONY: compare
 compare: $(OUT)/compare/report.md
 
-$(OUT)/compare/report.md: $(OUT)/ppo/done train_grpo.py train_dpo.py compare.py evaluate.py
+$(OUT)/compare/report.md: $(PIPELINE) train_grpo.py train_dpo.py compare.py evaluate.py
 	$(PY) compare.py --out $(OUT)

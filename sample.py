@@ -15,12 +15,15 @@ Chat (neither --prompt nor --prompts): every line of standard input is a user tu
 token by token as it is sampled and joins the conversation, which goes to the model whole, through the same
 template for several turns (tokenizer.render_messages), cut from the left once it outgrows the context. An
 empty line starts a new conversation; end of input (Ctrl-D) ends the session. One reply per turn and policy;
-with --compare each policy keeps its own conversation, and both answer each turn with the same seed.
+with --compare each policy keeps its own conversation, and both answer each turn with the same seed. A reply cut
+off by --max_new_tokens (marked "no EOS") joins the conversation as it was shown, and the template closes it with
+EOS as it closes every assistant turn: the next "Human:" then follows an EOS, as it always did in training.
 
 --rm scores every response with the reward model at its last token, normalised as in evaluate.py's report:
 (r - mean) / std of the demonstrations' rewards that train_rm.py stored. On the built-in task's prompts
 ("sort 5 3 8 1") each response also gets its gold score (nanorlhf.tasks.gold), the judge the RM imitates.
---json prints one JSON object per response instead of the table.
+--json prints one JSON object per response instead of the table; in the chat, stdout then holds only those lines
+(the echoed turns and "(new conversation)" go to stderr), so that it can be piped to jq.
 """
 
 import json
@@ -235,32 +238,34 @@ def main(argv=None):
                 print_table(prompt, i, list(policies), results, sys.stdout)
         return
 
-    # the chat: a conversation per policy; an empty line starts new ones
+    # the chat: a conversation per policy; an empty line starts new ones. With --json, stdout holds the JSON lines
+    # only (for jq and the like), and what is there for a person to read goes to stderr.
     interactive = sys.stdin.isatty()
+    talk = sys.stderr if cfg.json else sys.stdout
     if interactive:
         print(f"chat with {' and '.join(policies)}: a line is a turn, an empty line starts a new conversation, "
-              "Ctrl-D ends")
+              "Ctrl-D ends", file=talk)
     conversations = {name: [] for name in policies}
     width = max(len(n) for n in policies)
     turn = 0
     while True:
         if interactive:
-            print("you> ", end="", flush=True)
+            print("you> ", end="", flush=True, file=talk)
         try:
             line = sys.stdin.readline()
         except KeyboardInterrupt:
             line = ""
         if not line:  # end of input
             if interactive:
-                print()
+                print(file=talk)
             return
         line = line.rstrip("\n")
         if not line.strip():
             conversations = {name: [] for name in policies}
-            print("(new conversation)")
+            print("(new conversation)", file=talk)
             continue
         if not interactive:
-            print(f"you> {line}")  # piped input is not echoed by a terminal: the transcript shows it
+            print(f"you> {line}", file=talk)  # piped input is not echoed by a terminal: the transcript shows it
         for name, messages in conversations.items():
             messages.append({"role": "user", "content": line})
             if cfg.json:

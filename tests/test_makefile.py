@@ -1,6 +1,7 @@
 """
-The Makefile's stage rules, with a stand-in for Python that records each stage it is asked to run and writes the
-stage's ckpt.pt (failing after the write when told to, as a stage that stops on a NaN does).
+The Makefile's rules, with a stand-in for Python that records each stage it is asked to run and writes the
+stage's ckpt.pt (failing after the write when told to, as a stage that stops on a NaN does), and a stand-in for
+nvidia-smi, so that whether make finds a GPU is the test's choice, not the machine's.
 """
 
 import os
@@ -11,34 +12,78 @@ import pytest
 from scripts import ROOT
 
 FAKE_PYTHON = """#!/bin/sh
-# argv: train_X.py ... --out_dir D ...  or  -m nanorlhf.tasks --out_dir D ...
+# argv: train_X.py ... --out_dir D ...  or  -m nanorlhf.tasks --out_dir D ...  or  compare.py --out D
 stage=$1; [ "$1" = -m ] && stage=$2
-out=$(echo "$@" | sed 's/.*--out_dir \\([^ ]*\\).*/\\1/')
+case $stage in
+  compare.py) out=$(echo "$@" | sed 's/.*--out \\([^ ]*\\).*/\\1/')/compare;;
+  *) out=$(echo "$@" | sed 's/.*--out_dir \\([^ ]*\\).*/\\1/');;
+esac
 echo "$stage $*" >> "$CALLS"
 mkdir -p "$out"
-case $stage in nanorlhf.tasks) touch "$out/meta.json";; *) touch "$out/ckpt.pt";; esac
+case $stage in nanorlhf.tasks|compare.py) ;; *) touch "$out/ckpt.pt";; esac  # a training stage writes it as it goes
 case " $* " in *" --fail "*) exit 2;; esac
+case $stage in nanorlhf.tasks) touch "$out/meta.json";; compare.py) touch "$out/report.md";; esac  # written last
 exit 0
 """
 
+# exits 0 (a GPU is found) or 1, as the test says through $GPU_FOUND
+FAKE_NVIDIA_SMI = """#!/bin/sh
+[ "$GPU_FOUND" = 1 ]
+"""
+
+# python3 -m venv DIR makes DIR; -c "import torch" fails (no torch yet); -m pip ... records its arguments
+FAKE_PYTHON_FOR_PIP = """#!/bin/sh
+case "$1 $2" in
+  "-m venv") mkdir -p "$3";;
+  "-c import torch") exit 1;;
+  "-m pip") echo "$*" >> "$CALLS";;
+esac
+exit 0
+"""
+
+# (make's variables, whether nvidia-smi finds a GPU, whether the GPU configuration is chosen): the values that turn
+# it off win over a GPU found, GPU=1 wins over none found, and without GPU make asks nvidia-smi
+GPU_CASES = ([([f"GPU={v}"], True, False) for v in ("", "0", "false", "no", "off", "OFF", "False")]
+             + [(["GPU=1"], False, True), ([], False, False), ([], True, True)])
+
+
+def write_script(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
 
 @pytest.fixture
-def make(tmp_path):
+def fake_bin(tmp_path):
+    """A directory, first on PATH, with the fake nvidia-smi."""
     if subprocess.run(["make", "--version"], capture_output=True).returncode != 0:
         pytest.skip("no make")
+    d = tmp_path / "bin"
+    d.mkdir()
+    write_script(d / "nvidia-smi", FAKE_NVIDIA_SMI)
+    return d
+
+
+@pytest.fixture
+def make(tmp_path, fake_bin):
     if not os.path.exists(os.path.join(ROOT, ".venv", "stamp")):
         pytest.skip("the virtualenv is not built (make builds it first)")
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
+    fake = write_script(tmp_path / "python", FAKE_PYTHON)
     calls = tmp_path / "calls"
 
-    def run(*variables, ok=True):
-        """Make the PPO stage (and what it needs) in tmp_path/out; returns the stages run, in order."""
+    def run(*variables, ok=True, goal="ppo/done", gpu_found=False):
+        """
+        Make goal (a file under tmp_path/out, or a target such as compare) in tmp_path/out; returns the stages run,
+        in order. tmp_path/calls holds their command lines.
+        """
         calls.write_text("")
-        p = subprocess.run(["make", "-C", ROOT, f"OUT={tmp_path}/out", f"PY={fake}", f"{tmp_path}/out/ppo/done",
-                            *variables], env={**os.environ, "CALLS": str(calls)}, capture_output=True, text=True)
+        goal = goal if goal in ("compare", "help") else f"{tmp_path}/out/{goal}"
+        env = {**os.environ, "CALLS": str(calls), "PATH": f"{fake_bin}:{os.environ['PATH']}",
+               "GPU_FOUND": "1" if gpu_found else "0"}
+        p = subprocess.run(["make", "-C", ROOT, f"OUT={tmp_path}/out", f"PY={fake}", goal, *variables], env=env,
+                           capture_output=True, text=True)
         assert (p.returncode == 0) == ok, p.stdout + p.stderr
+        run.stdout = p.stdout
         return [line.split()[0] for line in calls.read_text().splitlines()]
 
     return run
@@ -61,3 +106,66 @@ def test_a_failed_stage_is_rerun_not_built_on(make, tmp_path):
     assert (tmp_path / "out/sft/ckpt.pt").exists() and not (tmp_path / "out/sft/done").exists()
     assert make("SFT_FLAGS=--fail", ok=False) == ["train_sft.py"]
     assert make() == ["train_sft.py", "train_rm.py", "train_ppo.py"]
+
+
+def test_a_rerun_that_fails_leaves_no_done_of_its_stage_or_those_after_it(make, tmp_path):
+    out = tmp_path / "out"
+    make()
+    # the RM reruns and fails: its files are the failed run's, and PPO's were trained on the RM now overwritten
+    assert make("RM_FLAGS=--fail", ok=False) == ["train_rm.py"]
+    assert (out / "rm/ckpt.pt").exists() and (out / "sft/done").exists()
+    assert not (out / "rm/done").exists() and not (out / "ppo/done").exists()
+    make()
+    # the data stage reruns (another seed) and fails: nothing after it is done, nor the data (its meta.json)
+    assert make("SEED=1 --fail", ok=False) == ["nanorlhf.tasks"]
+    assert not [f for f in ("data/meta.json", "sft/done", "rm/done", "ppo/done") if (out / f).exists()]
+
+
+def test_compare_uses_the_finished_pipeline_whatever_the_variables_now(make, tmp_path):
+    # a pipeline made with other variables than the defaults, then `make compare` without them: compare.py only
+    assert make("SEED=1", "SFT_FLAGS=--max_steps 5") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py",
+                                                         "train_ppo.py"]
+    assert make(goal="compare") == ["compare.py"]
+    assert f"--out {tmp_path}/out" in (tmp_path / "calls").read_text()
+    assert make(goal="compare") == []
+    assert make("PPO_FLAGS=--kl_coef 0.1", goal="compare") == []  # new variables do not retrain it either
+    # a new PPO run (made with the pipeline's variables) is compared anew
+    assert make("SEED=1", "SFT_FLAGS=--max_steps 5", "PPO_FLAGS=--kl_coef 0.1") == ["train_ppo.py"]
+    assert make(goal="compare") == ["compare.py"]
+    # no finished pipeline (its RM failed on a rerun): make compare makes it, as make does, with the variables now
+    assert make("SEED=1", "SFT_FLAGS=--max_steps 5", "RM_FLAGS=--fail", ok=False) == ["train_rm.py"]
+    assert make(goal="compare") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "compare.py"]
+    assert "--seed 0" in (tmp_path / "out/sft/cmd").read_text()
+
+
+def test_compare_in_a_new_directory_makes_the_pipeline_first(make):
+    assert make("SEED=1", goal="compare") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py",
+                                              "compare.py"]
+
+
+def test_gpu_0_false_no_off_mean_no_gpu_and_help_says_so(make, tmp_path):
+    for variables, gpu_found, on in GPU_CASES:
+        make(*variables, goal="sft/cmd", gpu_found=gpu_found)  # only the SFT command, written by its stamp rule
+        assert ("--n_layer 6" in (tmp_path / "out/sft/cmd").read_text()) == on, (variables, gpu_found)
+    for variables, gpu_found, on in GPU_CASES:
+        make(*variables, goal="help", gpu_found=gpu_found)
+        assert f"now: {'on' if on else 'off'})" in make.stdout, (variables, gpu_found)
+
+
+def test_the_virtualenv_gets_the_cuda_torch_only_with_gpu_on(fake_bin, tmp_path):
+    # the .venv/stamp rule run in an empty directory, with fakes for python3 (on PATH) and the venv's python
+    fake = write_script(fake_bin / "python3", FAKE_PYTHON_FOR_PIP)
+    calls = tmp_path / "calls"
+    for k, (variables, gpu_found, on) in enumerate(GPU_CASES):
+        work = tmp_path / f"work{k}"
+        work.mkdir()
+        (work / "pyproject.toml").write_text("")
+        calls.write_text("")
+        env = {**os.environ, "CALLS": str(calls), "PATH": f"{fake_bin}:{os.environ['PATH']}",
+               "GPU_FOUND": "1" if gpu_found else "0"}
+        p = subprocess.run(["make", "-C", str(work), "-f", os.path.join(ROOT, "Makefile"), f"PY={fake}",
+                            ".venv/stamp", *variables], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+        pip = calls.read_text().split()
+        assert pip[:2] == ["-m", "pip"], pip
+        assert ("torch" in pip) == on and ("torch==2.13.0" in pip) == (not on), (variables, gpu_found, pip)

@@ -172,8 +172,7 @@ def test_chat_is_multi_turn_streams_and_ends_at_eof(ckpts, capsys, monkeypatch):
     a, b = str(ckpts / "a"), str(ckpts / "b")
     stdin = "sort 3 1 2\nhello\n\nsort 9 8\n"  # two turns, a new conversation, one turn, end of input
     args = ["--ckpt", a, "--compare", b, "--max_new_tokens", "10", "--seed", "7"]
-    rows = [json.loads(line) for line in run_main(args + ["--json"], capsys, stdin, monkeypatch).splitlines()
-            if line.startswith("{")]
+    rows = [json.loads(line) for line in run_main(args + ["--json"], capsys, stdin, monkeypatch).splitlines()]
     assert [(r["policy"], r["turn"], r["prompt"]) for r in rows] == [
         (a, 0, "sort 3 1 2"), (b, 0, "sort 3 1 2"), (a, 1, "hello"), (b, 1, "hello"), (a, 2, "sort 9 8"),
         (b, 2, "sort 9 8")]
@@ -191,6 +190,42 @@ def test_chat_is_multi_turn_streams_and_ends_at_eof(ckpts, capsys, monkeypatch):
     want = ("you> sort 3 1 2\n" + reply[0] + reply[1] + "you> hello\n" + reply[2] + reply[3] + "(new conversation)\n"
             + "you> sort 9 8\n" + reply[4] + reply[5])
     assert run_main(args, capsys, stdin, monkeypatch) == want
+
+
+class TerminalInput(io.StringIO):
+    """Standard input that says it is a terminal, as a person typing at the chat."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_chat_json_writes_only_json_to_stdout(ckpts, capsys, monkeypatch, terminal):
+    # `sample.py --json < turns.txt | jq`: the transcript's lines (the echoed turns, "(new conversation)", and at a
+    # terminal the greeting and the "you> " cue) go to stderr, so that every line of stdout is a JSON object
+    stdin = "sort 3 1 2\n\nhello\n"
+    monkeypatch.setattr(sys, "stdin", TerminalInput(stdin) if terminal else io.StringIO(stdin))
+    sample.main(["--device", "cpu", "--dtype", "float32", "--ckpt", str(ckpts / "a"), "--max_new_tokens", "6",
+                 "--json"])
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["turn"], r["prompt"]) for r in rows] == [(0, "sort 3 1 2"), (1, "hello")]
+    if terminal:
+        assert err.startswith("chat with ") and err.count("you> ") == 4  # three lines read and the end of input
+    else:
+        assert "you> sort 3 1 2\n(new conversation)\nyou> hello\n" in err
+
+
+def test_chat_reply_cut_off_by_max_new_tokens_is_closed_like_any_turn(ckpts, capsys, monkeypatch):
+    # the first reply ran into --max_new_tokens (no EOS); the second turn sees it as shown, closed with EOS by the
+    # template as every assistant turn is in training, then the next "Human:"
+    args = ["--ckpt", str(ckpts / "a"), "--max_new_tokens", "3", "--seed", "2", "--json"]
+    r0, r1 = [json.loads(line) for line in run_main(args, capsys, "sort 3 1 2\nhello\n", monkeypatch).splitlines()]
+    assert not r0["eos"] and r0["tokens"] == 3
+    model = tiny_gpt(1)
+    budget = 64 - 3 + 1  # block_size - max_new_tokens + 1: the conversation is cut from the left to fit
+    ids = template("sort 3 1 2", r0["response"], "hello")[-budget:]
+    assert r1["response"] == reference_sample(model, ids, 1, 3, 3)[0]
 
 
 def test_streamer_prints_whole_characters_only():
