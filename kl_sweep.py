@@ -26,13 +26,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from nanorlhf.data import read_prompts
 from nanorlhf.report import pyplot, sweep_section
+from nanorlhf.tasks import parse_prompt
 from nanorlhf.utils import UserError, check, flag, parse_flags, run, write_text
 
 
 @dataclass
 class Config:
-    data: str = flag("out/data/prompts.jsonl", "PPO prompts (train_ppo.py --data)")
+    data: str = flag("out/data/prompts.jsonl", "PPO prompts (train_ppo.py --data), the built-in task's: its judge "
+                                               "gives the gold score")
     sft: str = flag("out/sft", "SFT checkpoint (actor start and reference)")
     rm: str = flag("out/rm", "reward model checkpoint")
     out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir")
@@ -40,7 +43,7 @@ class Config:
     kl_coef: float | None = flag(None, "beta of the 'default' run; unset: none passed, so train_ppo.py's own default")
     ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =); not "
                               "those the sweep sets: --data --sft --rm --out_dir --seed --num_iterations --kl_coef "
-                              "--gold")
+                              "--gold; nor --adaptive_kl (beta0's beta is a fixed 0)")
     seed: int = flag(0, "train_ppo.py --seed for both runs")
     train: bool = flag(True, "run the two PPO runs (false: only rewrite the report from their metrics)")
 
@@ -63,9 +66,21 @@ def main(argv=None):
     # --ppo_flags come last, so one of the sweep's own flags there would win silently: --kl_coef 0.1 would make
     # the beta0 run a beta 0.1 run that the report still calls beta = 0
     own = [a for a in run_flags(cfg, "beta0", 0.0) if a.startswith("--")]
-    clash = [a.split("=", 1)[0] for a in ppo_flags if a.split("=", 1)[0] in own]
+    named = [a.split("=", 1)[0] for a in ppo_flags]
+    clash = [a for a in named if a in own]
     check(not clash, f"--ppo_flags: kl_sweep.py sets {', '.join(clash)} itself for each run: pass its own flag of "
                      f"that name instead (--kl_coef: the default run's beta, beta0's is always 0; --gold is always on)")
+    # beta0 is PPO at a fixed beta of 0, which the adaptive controller could never move (train_ppo.py refuses it)
+    check("--adaptive_kl" not in named, "--ppo_flags: --adaptive_kl cannot apply to the beta0 run, whose beta of 0 "
+                                        "the controller could never move; the sweep compares fixed betas")
+    if cfg.train:
+        # gold, what the sweep is about, comes from the built-in task's judge (train_ppo.py --gold on)
+        prompts = read_prompts(cfg.data)
+        foreign = next((p for p in prompts if parse_prompt(p) is None), None)
+        if foreign is not None:
+            raise UserError(f"--data {cfg.data}: kl_sweep.py needs the built-in task's prompts (python -m "
+                            f"nanorlhf.tasks makes them), whose gold score it plots against KL; {foreign[:60]!r} is "
+                            f"not one")
     here = os.path.dirname(os.path.abspath(__file__))
     if cfg.train:
         # the 'default' run gets no --kl_coef unless one was given: train_ppo.py's own default then applies

@@ -59,13 +59,14 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import data as D
-from nanorlhf import dist, tasks
+from nanorlhf import dist
 from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_clip_flag, check_out_dir, keep_samples_until, load_run,
-                                   optimizer_step, parse_stage_flags, resumed_flags, save_files, wants_resume)
+from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_out_dir, check_rollout_flags, gold_on,
+                                   keep_samples_until, load_run, optimizer_step, parse_stage_flags, resumed_flags,
+                                   save_files, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -192,35 +193,27 @@ class Args:
                                      "--num_iterations (continue with --resume)")
 
 
+# flags whose default main() resolves from the other flags and the RM before they are saved: a resumed run given
+# that default (the command that started it) takes the saved value (train_common.resumed_flags)
+RESOLVED_AT_START = ("kl_in", "kl_coef", "missing_eos_penalty")
+
+
 def check_args(args):
-    """Derived sizes and flag combinations, checked before anything is loaded or written."""
+    """
+    Derived sizes and flag combinations, checked before anything is loaded or written; then --kl_in auto and
+    --kl_coef none resolved (RESOLVED_AT_START).
+    """
     check(args.advantage in ADVANTAGES, f"--advantage {args.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
     check(args.group_size >= 2, f"--group_size {args.group_size}: a group needs at least 2 responses (G >= 2)")
-    check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
-          "--batch_size, --num_minibatches and --grad_accum must be >= 1")
+    check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_ppo.py checks them
     check(args.batch_size % args.group_size == 0,
           f"--batch_size {args.batch_size} must be divisible by --group_size {args.group_size} (whole groups)")
-    check(args.batch_size % args.num_minibatches == 0,
-          f"--batch_size {args.batch_size} must be divisible by --num_minibatches {args.num_minibatches}")
-    mb_size = args.batch_size // args.num_minibatches
-    check(mb_size % args.grad_accum == 0,
-          f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by --grad_accum {args.grad_accum}")
-    check(args.response_length >= 1, "--response_length must be >= 1")
-    check(args.temperature > 0, "--temperature must be > 0 (a policy gradient needs a stochastic policy)")
     check(args.kl_in in ("auto", "loss", "reward"), f"--kl_in {args.kl_in!r}: expected auto, loss or reward")
     check(args.kl_coef is None or args.kl_coef >= 0, "--kl_coef must be >= 0")
     check(args.clip_coef > 0, f"--clip_coef must be > 0 (the ratio stays in [1 - eps, 1 + eps]), got {args.clip_coef}")
     check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
-    check_clip_flag("max_grad_norm", args.max_grad_norm)
     check(args.adv_eps > 0, "--adv_eps must be > 0")
-    check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.num_epochs >= 1, "--num_iterations and --num_epochs must be >= 1")
-    check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
-    check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
-          f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
-    # nanoGPT's batch semantics under torchrun: the --grad_accum micro-batches of a minibatch (and so the rollout's
-    # scoring micro-batches) split evenly over the ranks
-    dist.check_grad_accum(args.grad_accum)
     if args.kl_in == "auto":
         args.kl_in = "reward" if args.advantage == "rloo" else "loss"
     if args.kl_coef is None:
@@ -339,7 +332,7 @@ def main(argv=None):
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         # the saved flags, but for where it runs and how long: a larger --num_iterations extends the run
-        args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",))
+        args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",), RESOLVED_AT_START)
     check_out_dir(args.out_dir, "grpo", {"--sft": args.sft, "--rm": args.rm})
     check_args(args)
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
@@ -348,6 +341,7 @@ def main(argv=None):
 
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
+    use_gold = gold_on(args.gold, prompts, args.data)
 
     # models: the policy, the frozen reference (the SFT model) and the frozen reward model; no critic
     actor, tok, _ = utils.load_model(args.out_dir if state is not None else args.sft, rt.device, kind="gpt")
@@ -370,9 +364,6 @@ def main(argv=None):
     prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
     if n_cut:
         print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
-    use_gold = args.gold == "on"
-    if args.gold == "auto":
-        use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
     train_actor = dist.wrap(fwd_actor)  # DDP under torchrun: the update's gradients are summed over the ranks

@@ -36,9 +36,10 @@ Deviations from InstructGPT, on purpose:
   KL, so --target_kl means the same number with either estimator and matches the KL that evaluate.py reports.
 - PPO-ptx mixes in the SFT data's response log-likelihood (a file you name), not the pretraining corpus.
 - By default the actor and the critic are two networks with two AdamW optimizers, as in InstructGPT.
-  So --vf_coef barely matters: Adam's step does not change when a loss is scaled (up to its eps and gradient
-  clipping). With --critic shared (one trunk, a value head beside the LM head, one optimizer) it weighs the
-  two losses against each other; the value head starts at zero, not from the RM (see build_models).
+  So the size of --vf_coef barely matters: Adam's step does not change when a loss is scaled (up to its eps and
+  gradient clipping); 0, where the critic would get no gradient and never train, is refused. With --critic shared
+  (one trunk, a value head beside the LM head, one optimizer) it weighs the two losses against each other; the
+  value head starts at zero, not from the RM (see build_models).
 - A response that never emits EOS within --response_length gets the score --missing_eos_penalty instead of
   the RM's score (Stiennon et al. / summarize_from_feedback_details), so the policy cannot win by rambling.
 - Scale: a 1M-parameter model and 50 x 64 = 3200 episodes by default (InstructGPT: 256k episodes). beta = 0.3
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import data as D
-from nanorlhf import dist, footprint, lora, tasks
+from nanorlhf import dist, footprint, lora
 from nanorlhf import train_common as C
 from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
@@ -338,8 +339,10 @@ class Args:
     beta2: float = flag(0.95, "AdamW beta2")
     clip_coef: float = flag(0.2, "epsilon of the clipped surrogate: ratio stays in [1 - eps, 1 + eps]")
     vf_clip_coef: float = flag(0.2, "values move at most this far from the rollout's values (clipped value loss)")
-    vf_coef: float = flag(0.1, "weight of the value loss; with the separate critic and its own AdamW it barely matters "
-                               "(Adam's step ignores a loss's scale, up to eps and clipping); it matters in a shared trunk")
+    vf_coef: float = flag(0.1, "weight of the value loss, > 0 (at 0 the critic never trains); above 0 its size "
+                               "barely matters to the separate critic with its own AdamW (Adam's step ignores a loss's "
+                               "scale, up to eps and clipping); in a shared trunk it weighs the value loss against the "
+                               "policy's")
     ent_coef: float = flag(0.0, "weight of the entropy bonus")
     max_grad_norm: float = flag(1.0, "clip each model's global gradient norm to this (0: no clipping)")
     # memory (seed section 3.3; build_models has the table of who holds which weights)
@@ -365,6 +368,9 @@ CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in ou
 # flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
 RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
                "save_interval", "offload")
+# flags whose default main() resolves from the RM before they are saved: a resumed run given that default (the
+# command that started it) takes the saved value (train_common.resumed_flags)
+RESOLVED_AT_START = ("missing_eos_penalty",)
 
 
 # -----------------------------------------------------------------------------
@@ -751,66 +757,63 @@ def main(argv=None):
     if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
         check(os.path.isfile(os.path.join(args.out_dir, utils.TRAIN_STATE)),
               f"--resume: {args.out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
-        args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], free=RESUME_FREE)
+        args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], RESUME_FREE,
+                               RESOLVED_AT_START)
     C.check_out_dir(args.out_dir, "ppo", {"--sft": args.sft, "--rm": args.rm})
 
-    # derived sizes, checked before anything is loaded or written
-    check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
-          "--batch_size, --num_minibatches and --grad_accum must be >= 1")
-    check(args.batch_size % args.num_minibatches == 0,
-          f"--batch_size {args.batch_size} must be divisible by --num_minibatches {args.num_minibatches}")
-    mb_size = args.batch_size // args.num_minibatches
-    check(mb_size % args.grad_accum == 0,
-          f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by --grad_accum {args.grad_accum}")
-    check(args.response_length >= 1, "--response_length must be >= 1")
-    check(args.temperature > 0, "--temperature must be > 0 (PPO needs a stochastic policy)")
+    # derived sizes and flag combinations, checked before anything is loaded or written
+    C.check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_grpo.py checks them
     check(args.clip_coef > 0 and args.vf_clip_coef > 0,
           f"--clip_coef and --vf_clip_coef must be > 0 (got {args.clip_coef}, {args.vf_clip_coef})")
     check(args.lr > 0 and args.critic_lr > 0, f"--lr and --critic_lr must be > 0 (got {args.lr}, {args.critic_lr})")
     # the shared trunk has one optimizer, at --lr, for the value head too: a --critic_lr would be ignored
     check(not (args.critic == "shared" and "critic_lr" in given),
           "--critic_lr does nothing with --critic shared (one optimizer at --lr trains the trunk and the value head)")
-    for name in ("kl_coef", "vf_coef", "ent_coef", "weight_decay", "ptx_coef"):
+    for name in ("kl_coef", "ent_coef", "ptx_coef"):
         check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    check(args.vf_coef > 0, f"--vf_coef must be > 0, got {args.vf_coef}: at 0 the critic gets no gradient and never "
+                            f"trains (the value head of --critic shared stays at 0)")
     for name in ("gamma", "gae_lambda"):
         check(0 <= getattr(args, name) <= 1, f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("beta1", "beta2"):
-        check(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    # the options of a switch that is off would be accepted and ignored (as --ptx_data without --ptx_coef)
+    for names, on, switch in ((("target_kl", "kl_horizon"), args.adaptive_kl, "--adaptive_kl"),
+                              (("lora_alpha", "lora_targets"), args.lora_rank > 0, "--lora_rank > 0")):
+        named = [f"--{n}" for n in names if n in given]
+        check(on or not named, f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without {switch}")
     if args.adaptive_kl:
+        # beta_t+1 = beta_t * (1 + K_beta * e_t): a start of 0 stays 0
+        check(args.kl_coef > 0, f"--adaptive_kl needs --kl_coef > 0 as beta's start value, got {args.kl_coef}: the "
+                                f"controller multiplies beta, so 0 stays 0")
         check(args.target_kl > 0, f"--target_kl must be > 0 with --adaptive_kl, got {args.target_kl}")
         # beta is multiplied by 1 + e * batch_size / kl_horizon with e in [-0.2, 0.2]: that factor must stay > 0
         check(args.kl_horizon > 0.2 * args.batch_size,
               f"--kl_horizon {args.kl_horizon} must be > 0.2 * --batch_size = {0.2 * args.batch_size:g} with "
               f"--adaptive_kl (beta is multiplied by 1 +- 0.2 * batch_size / kl_horizon, which must stay > 0)")
     check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
-    check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
     check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
     check(args.ptx_coef > 0 or not args.ptx_data, "--ptx_data does nothing without --ptx_coef > 0 (plain PPO)")
-    check(args.sample_interval >= 1 and args.save_interval >= 1, "--sample_interval and --save_interval must be >= 1")
-    check(args.num_samples >= 1, f"--num_samples must be >= 1, got {args.num_samples}")
     check(args.lora_rank >= 0, f"--lora_rank {args.lora_rank}: must be >= 0 (0 = no LoRA)")
     check(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha}: must be > 0")
     check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
     if args.lora_rank:
-        # the critic's head and the value head train in full (build_models), and footprint.py predicts them so
+        # the critic's head (separate) or the value head (shared) trains in full (build_models), and footprint.py
+        # predicts it so
+        head, what = ("value_head", "the value head") if args.critic == "shared" else ("head", "the critic's head")
         try:
-            heads = [h for h in ("head", "value_head") if re.search(args.lora_targets, h)]
+            matched = re.search(args.lora_targets, head)
         except re.error as e:
             raise utils.UserError(f"--lora_targets {args.lora_targets!r}: not a regular expression ({e})") from None
-        check(not heads, f"--lora_targets {args.lora_targets!r} matches {', '.join(heads)}: the critic's head and "
-                         f"the value head train in full, leave them out of the targets")
+        check(not matched, f"--lora_targets {args.lora_targets!r} matches {head}: {what} trains in full, leave it out "
+                           f"of the targets")
     unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
     check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
-    check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
-          f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
-    C.check_clip_flag("max_grad_norm", args.max_grad_norm)
-    dist.check_grad_accum(args.grad_accum)  # then the rollout's micro-batches split over the ranks too
 
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
+    use_gold = C.gold_on(args.gold, prompts, args.data)
     ptx_records = D.read_sft(args.ptx_data) if args.ptx_coef > 0 else None
 
     # models
@@ -836,9 +839,6 @@ def main(argv=None):
     if ptx_records is not None:
         ptx_examples, _ = D.encode_sft(ptx_records, tok, block_size)
         check(len(ptx_examples) > 0, f"{args.ptx_data}: no example fits block_size {block_size}")
-    use_gold = args.gold == "on"
-    if args.gold == "auto":
-        use_gold = all(tasks.parse_prompt(p) is not None for p in prompts)
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
     fwd_critic = utils.maybe_compile(critic, args.compile) if critic is not None else None
@@ -872,6 +872,7 @@ def main(argv=None):
     if ptx_records is not None:
         if state is not None and state.get("ptx_rng") is not None:
             ptx_gen.set_state(state["ptx_rng"])
+        mb_size = args.batch_size // args.num_minibatches  # a PPO-ptx batch per minibatch, of its size
         ptx = ptx_batches(ptx_examples, mb_size, tok.pad_id, ptx_gen, block_size)
     stop = args.stop_at or args.num_iterations
     if start_iter >= stop:

@@ -1,9 +1,10 @@
 """
 The training-loop scaffolding that the stage scripts share, and nothing else: the held-out split, an endless
 resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
-step, the checkpoint files (ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves
-a set of one step, --resume (on, off, auto), the flags of a resumed run and the samples it keeps, and the peak
-FLOP/s that MFU divides by. The loops themselves stay in the scripts, where a reader expects them.
+step, the checks of the flags that the loops share (PPO's and GRPO's, --gold among them), the checkpoint files
+(ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves a set of one step, --resume
+(on, off, auto), the flags of a resumed run and the samples it keeps, and the peak FLOP/s that MFU divides by.
+The loops themselves stay in the scripts, where a reader expects them.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from nanorlhf import dist, utils
+from nanorlhf import dist, tasks, utils
 from nanorlhf.rollout import write_samples
 
 # -----------------------------------------------------------------------------
@@ -75,6 +76,51 @@ def check_loop_flags(args):
                 f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")
     dist.check_grad_accum(args.grad_accum)
     dist.check_fsdp(getattr(args, "fsdp", False))
+
+
+def check_rollout_flags(args):
+    """
+    The checks of the flags that train_ppo.py and train_grpo.py share (rollout and minibatch sizes, AdamW, samples,
+    checkpoints, --stop_at), before anything is loaded or written.
+    """
+    utils.check(args.batch_size >= 1 and args.num_minibatches >= 1 and args.grad_accum >= 1,
+                "--batch_size, --num_minibatches and --grad_accum must be >= 1")
+    utils.check(args.batch_size % args.num_minibatches == 0,
+                f"--batch_size {args.batch_size} must be divisible by --num_minibatches {args.num_minibatches}")
+    mb_size = args.batch_size // args.num_minibatches
+    utils.check(mb_size % args.grad_accum == 0,
+                f"the minibatch ({args.batch_size} / {args.num_minibatches} = {mb_size} episodes) must be divisible by "
+                f"--grad_accum {args.grad_accum}")
+    utils.check(args.response_length >= 1, "--response_length must be >= 1")
+    utils.check(args.temperature > 0, "--temperature must be > 0 (a policy gradient needs a stochastic policy)")
+    utils.check(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
+    for name in ("beta1", "beta2"):  # torch's AdamW raises a ValueError on its first step otherwise
+        utils.check(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    check_clip_flag("max_grad_norm", args.max_grad_norm)
+    utils.check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
+    utils.check(args.sample_interval >= 1 and args.save_interval >= 1,
+                "--sample_interval and --save_interval must be >= 1")
+    utils.check(args.num_samples >= 1, f"--num_samples must be >= 1, got {args.num_samples}")
+    utils.check(args.stop_at is None or 1 <= args.stop_at <= args.num_iterations,
+                f"--stop_at must be in 1..{args.num_iterations} (--num_iterations), got {args.stop_at}")
+    # nanoGPT's batch semantics under torchrun: the --grad_accum micro-batches of a minibatch (and so the rollout's
+    # scoring micro-batches) split evenly over the ranks
+    dist.check_grad_accum(args.grad_accum)
+
+
+def gold_on(mode, prompts, data):
+    """
+    Whether a PPO or GRPO run logs the built-in task's gold score (--gold auto | on | off): auto, when every prompt
+    is one of the task's; on, refused (one line, before anything is written) when one is not, since the task's
+    judge cannot parse it and gold would be 0 every iteration.
+    Example: ("auto", ["sort 3 1", "hello"], path) -> False; ("on", the same) -> UserError; ("off", ...) -> False.
+    """
+    foreign = next((p for p in prompts if tasks.parse_prompt(p) is None), None)
+    if mode == "on" and foreign is not None:
+        raise utils.UserError(f"--gold on: {data} holds prompts that are not the built-in task's, e.g. "
+                              f"{foreign[:60]!r}, which its gold judge cannot score (it would log 0); use --gold auto "
+                              f"or off")
+    return mode == "on" or (mode == "auto" and foreign is None)
 
 
 def check_clip_flag(name, value):
@@ -339,7 +385,7 @@ RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "share_prompt
                "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
 
 
-def resumed_flags(args, saved, free=RESUME_FREE):
+def resumed_flags(args, saved, free=RESUME_FREE, resolved=()):
     """
     The flags of a resumed run: the saved ones, except
     - out_dir, resume and stop_at, which always come from the command line;
@@ -348,6 +394,11 @@ def resumed_flags(args, saved, free=RESUME_FREE):
     A flag given on the command line with another value than the saved one is an error rather than silently
     ignored, whatever its default. Which flags were given: args._given (utils.parse_flags); for args built
     in code, the fields that differ from their default.
+    The fields named in `resolved` have a default that the script resolves at start-up from the other flags and
+    its inputs, and saves resolved (train_grpo.py's --kl_in auto, --kl_coef none): given at that default they take
+    the run's resolved value, so that the command that started the run also resumes it; given at another value,
+    they must equal the saved one like any flag.
+    Example: saved kl_in "loss"; `--kl_in auto` -> "loss", `--kl_in loss` -> "loss", `--kl_in reward` -> error.
     """
     given = getattr(args, "_given", None)
     if given is None:
@@ -359,6 +410,8 @@ def resumed_flags(args, saved, free=RESUME_FREE):
             merged[f.name] = now
         elif f.name in free:
             merged[f.name] = now if f.name in given else before
+        elif f.name in resolved and now == f.default:
+            merged[f.name] = before
         else:
             utils.check(f.name not in given or now == before,
                         f"--resume: --{f.name} {now} differs from the run's {before} (resume with the same flags)")

@@ -84,11 +84,11 @@ def _optional(base):
 
 class FlagParser(argparse.ArgumentParser):
     """
-    argparse with strict flags: no abbreviations (a prefix such as `--critic` never sets `--critic_lr`, so a
-    typo or a flag of another version cannot silently set a different one), and every mistake is one line on
-    stderr and exit status 2. An unknown flag gets the flags it abbreviates, else the closest names:
-        $ python train_ppo.py --critic shared
-        train_ppo.py: error: unknown flag --critic (did you mean --critic_lr?)
+    argparse with strict flags: no abbreviations (a prefix such as `--kl` never sets `--kl_coef`, so a typo or a
+    flag of another version cannot silently set a different one), and every mistake is one line on stderr and
+    exit status 2. An unknown flag gets the flags it abbreviates, else the closest names:
+        $ python train_ppo.py --kl 0.1
+        train_ppo.py: error: unknown flag --kl (did you mean --kl_coef, --kl_estimator or --kl_horizon?)
     Every script builds its parser with this class (parse_flags does), so a new script inherits it.
     """
 

@@ -15,6 +15,9 @@ import pytest
 
 from scripts import ROOT, script
 
+sys.path.insert(0, ROOT)  # train_ppo.py is a top-level script
+
+import train_ppo
 from nanorlhf import tasks, tokenizer, utils
 from nanorlhf.utils import flag
 
@@ -92,6 +95,16 @@ def test_misspelt_flag_suggests_the_closest(name, monkeypatch, capsys):
 def test_train_ppo_refuses_abbreviations(argv, flag_name, hint, monkeypatch, capsys):
     code, err = run_cli("train_ppo.py", argv, monkeypatch, capsys)
     assert code == 2 and f"unknown flag {flag_name} (did you mean {hint}" in err, err
+
+
+def test_the_parser_docstring_example_is_what_train_ppo_prints(monkeypatch, capsys):
+    # it showed `--critic shared` refused as an unknown flag, after --critic became one
+    doc = [line.strip() for line in utils.FlagParser.__doc__.splitlines()]
+    i = next(i for i, line in enumerate(doc) if line.startswith("$ python train_ppo.py "))
+    monkeypatch.setattr(sys, "argv", ["train_ppo.py"])
+    with pytest.raises(SystemExit) as e:  # parsed only: nothing runs, whatever the example says
+        utils.parse_flags(train_ppo.Args, doc[i].split()[3:])
+    assert e.value.code == 2 and capsys.readouterr().err == doc[i + 1] + "\n"
 
 
 def test_subprocess_one_line_and_exit_2():

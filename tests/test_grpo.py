@@ -5,10 +5,12 @@ and the script end to end on tiny random checkpoints (subprocess and in-process)
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -449,6 +451,45 @@ def test_script_runs_logs_and_resumes(tiny_ckpts):
     assert {json.loads(line)["iter"] for line in open(out / "samples.jsonl")} == {1, 2}
 
 
+def test_the_command_that_started_a_run_resumes_it_with_its_defaults_given(tiny_ckpts, tmp_path, one_thread):
+    """
+    --kl_in auto, --kl_coef none and --missing_eos_penalty none given explicitly are resolved at start-up and saved
+    resolved (loss, 0.2, from the RM's statistics): the same command rerun by a scheduler (--resume auto) continues
+    the run. It used to be refused ("--kl_in auto differs from the run's loss").
+    """
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--gold", "off", "--kl_in", "auto", "--kl_coef",
+                    "none", "--missing_eos_penalty", "none", "--resume", "auto")[1:]
+    train_grpo.main(argv + ["--stop_at", "1"])
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["args"]
+    assert (saved["kl_in"], saved["kl_coef"], saved["missing_eos_penalty"]) == ("loss", 0.2, -2.0)
+    train_grpo.main(argv)
+    assert [r["iter"] for r in read_metrics(str(out))] == [1, 2]
+
+
+def test_resumed_flags_take_the_saved_value_of_a_default_resolved_at_start_only():
+    """
+    Given at the sentinel default of a flag resolved at start-up, the saved resolved value; given at another value,
+    it must equal the saved one; any other flag given at its default (--lr 2e-4) is still compared with the run's.
+    """
+    saved = dataclasses.asdict(train_grpo.Args(kl_in="loss", kl_coef=0.2, missing_eos_penalty=-1.5, lr=1e-3))
+    free = train_grpo.RESUME_FREE + ("num_iterations",)
+
+    def resumed(*argv):
+        args = utils.parse_flags(train_grpo.Args, list(argv))
+        return train_grpo.resumed_flags(args, saved, free, train_grpo.RESOLVED_AT_START)
+
+    args = resumed("--kl_in", "auto", "--kl_coef", "none", "--missing_eos_penalty", "none")
+    assert (args.kl_in, args.kl_coef, args.missing_eos_penalty, args.lr) == ("loss", 0.2, -1.5, 1e-3)
+    assert resumed("--kl_in", "loss", "--kl_coef", "0.2").kl_in == "loss"
+    for argv, message in [(("--kl_in", "reward"), "--kl_in reward differs from the run's loss"),
+                          (("--kl_coef", "0.3"), "--kl_coef 0.3 differs from the run's 0.2"),
+                          (("--missing_eos_penalty", "-1"), "--missing_eos_penalty -1.0 differs from the run's -1.5"),
+                          (("--lr", "2e-4"), "--lr 0.0002 differs from the run's 0.001")]:
+        with pytest.raises(utils.UserError, match=message):
+            resumed(*argv)
+
+
 def test_resume_after_a_crash_keeps_each_iteration_of_the_samples_once(tiny_ckpts, tmp_path, one_thread):
     """
     A run that wrote iteration 2's samples and died before its checkpoint (or stopped on a NaN) resumes from the
@@ -514,6 +555,35 @@ def test_bad_flags_exit_2_and_write_nothing(tiny_ckpts, flags, message):
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    # --num_samples 0 ran the first rollout and update, then crashed in gold_scores; -2 wrote batch_size - 2 samples
+    (("--num_samples", "0"), "--num_samples must be >= 1, got 0"),
+    (("--num_samples", "-2"), "--num_samples must be >= 1, got -2"),
+    (("--beta1", "-0.1"), "--beta1 must be in [0, 1), got -0.1"),  # torch's ValueError traceback
+    (("--beta2", "1.0"), "--beta2 must be in [0, 1), got 1.0"),
+    (("--weight_decay", "-0.1"), "--weight_decay must be >= 0, got -0.1"),  # was accepted
+])
+def test_flags_that_train_ppo_checks_are_checked_before_anything_is_written(tiny_ckpts, tmp_path, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        train_grpo.main(grpo_cmd(tiny_ckpts, out, "--num_iterations", "1", *flags)[1:])
+    assert not out.exists()
+
+
+def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(tiny_ckpts, tmp_path):
+    """It logged gold 0.000 every iteration; --gold auto turns gold off for such prompts, as before."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "sort 3 1 2"}) + "\n" + json.dumps({"prompt": "write a poem"}) + "\n")
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "1", "--data", str(data))[1:]
+    with pytest.raises(utils.UserError, match=re.escape(f"--gold on: {data} holds prompts that are not the built-in "
+                                                        f"task's, e.g. 'write a poem'")):
+        train_grpo.main(argv + ["--gold", "on"])
+    assert not out.exists()
+    train_grpo.main(argv)  # --gold auto: no gold for these prompts
+    assert "gold" not in read_metrics(str(out))[0]
 
 
 def test_bad_prompts_file_exits_2_and_writes_nothing(tiny_ckpts, tmp_path):

@@ -1,8 +1,10 @@
 """
 kl_sweep.py's two train_ppo.py commands: beta0 runs with beta 0 and the default run with the default beta, whatever
---ppo_flags adds; --ppo_flags that would override a flag the sweep sets are refused before anything runs.
+--ppo_flags adds; --ppo_flags that would override a flag the sweep sets, --adaptive_kl, and prompts that are not the
+built-in task's (no gold) are refused before anything runs.
 """
 
+import json
 import sys
 import types
 
@@ -32,13 +34,38 @@ def sweep(monkeypatch, capsys, *argv):
     return code, capsys.readouterr().err, cmds
 
 
+def task_prompts(tmp_path, *prompts):
+    """A prompts file; by default two of the built-in task's."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts or ("sort 3 1 2", "sort 9 4")))
+    return str(path)
+
+
 def test_ppo_flags_reach_both_runs_and_beta0_stays_0(tmp_path, monkeypatch, capsys):
-    code, _, cmds = sweep(monkeypatch, capsys, "--ppo_flags=--lr 2e-4 --adaptive_kl", "--kl_coef", "0.2",
-                          "--out_dir", str(tmp_path))
+    code, _, cmds = sweep(monkeypatch, capsys, "--ppo_flags=--lr 2e-4 --kl_estimator k3", "--kl_coef", "0.2",
+                          "--out_dir", str(tmp_path), "--data", task_prompts(tmp_path))
     assert code == 0 and len(cmds) == 2
     runs = [utils.parse_flags(train_ppo.Args, cmd[2:]) for cmd in cmds]
-    assert [(a.out_dir, a.kl_coef, a.lr, a.adaptive_kl) for a in runs] == [
-        (str(tmp_path / "beta0"), 0.0, 2e-4, True), (str(tmp_path / "default"), 0.2, 2e-4, True)]
+    assert [(a.out_dir, a.kl_coef, a.lr, a.kl_estimator, a.gold) for a in runs] == [
+        (str(tmp_path / "beta0"), 0.0, 2e-4, "k3", "on"), (str(tmp_path / "default"), 0.2, 2e-4, "k3", "on")]
+
+
+def test_prompts_without_gold_are_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    # train_ppo.py --gold on refuses them, so the beta0 run failed; before that refusal the sweep reported a gold of 0
+    data = task_prompts(tmp_path, "sort 3 1 2", "Summarise this post.")
+    code, err, cmds = sweep(monkeypatch, capsys, "--data", data, "--out_dir", str(tmp_path / "sweep"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --data {data}: kl_sweep.py needs the built-in task's prompts"), err
+    assert "'Summarise this post.' is not one" in err
+    assert not cmds and not (tmp_path / "sweep").exists()
+
+
+def test_adaptive_kl_is_refused_for_the_beta0_run(tmp_path, monkeypatch, capsys):
+    # train_ppo.py refuses --adaptive_kl from beta 0 (the controller multiplies beta: 0 stays 0)
+    code, err, cmds = sweep(monkeypatch, capsys, "--ppo_flags=--adaptive_kl --target_kl 1", "--data",
+                            task_prompts(tmp_path), "--out_dir", str(tmp_path / "sweep"))
+    assert code == 2 and err.startswith("error: --ppo_flags: --adaptive_kl cannot apply to the beta0 run"), err
+    assert not cmds and not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.parametrize("ppo_flags, named", [

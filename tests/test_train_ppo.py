@@ -396,7 +396,20 @@ def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag,
     (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),  # crashed in gold_scores mid-run
     (["--num_samples", "-1"], "--num_samples must be >= 1, got -1"),  # wrote batch_size - 1 samples
     (["--kl_coef", "-0.1"], "--kl_coef must be >= 0, got -0.1"),
-    (["--vf_coef", "-1"], "--vf_coef must be >= 0, got -1.0"),
+    (["--vf_coef", "-1"], "--vf_coef must be > 0, got -1.0"),
+    # the critic got no gradient and never trained (the shared trunk's value head stayed at 0)
+    (["--vf_coef", "0"], "--vf_coef must be > 0, got 0.0: at 0 the critic gets no gradient and never trains"),
+    (["--vf_coef", "0", "--critic", "shared"], "--vf_coef must be > 0, got 0.0"),
+    # beta is multiplied by the controller: from 0 it stayed 0
+    (["--adaptive_kl", "--kl_coef", "0"], "--adaptive_kl needs --kl_coef > 0 as beta's start value, got 0.0"),
+    # options of a switch that is off were accepted and ignored; named at their default value too
+    (["--target_kl", "1"], "--target_kl does nothing without --adaptive_kl"),
+    (["--target_kl", "1", "--kl_horizon", "500"], "--target_kl and --kl_horizon do nothing without --adaptive_kl"),
+    (["--kl_horizon", "10000"], "--kl_horizon does nothing without --adaptive_kl"),
+    (["--adaptive_kl", "false", "--target_kl", "1"], "--target_kl does nothing without --adaptive_kl"),
+    (["--lora_alpha", "64"], "--lora_alpha does nothing without --lora_rank > 0"),
+    (["--lora_targets", "attn", "--lora_alpha", "64"],
+     "--lora_alpha and --lora_targets do nothing without --lora_rank > 0"),
     (["--ent_coef", "-1"], "--ent_coef must be >= 0, got -1.0"),
     (["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1.0"),
     (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
@@ -407,8 +420,12 @@ def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag,
     (["--ptx_data", "sft.jsonl"], "--ptx_data does nothing without --ptx_coef > 0"),  # was ignored
     # one optimizer at --lr: also refused at the default value, which the user may have meant to set
     (["--critic", "shared", "--critic_lr", "1e-4"], "--critic_lr does nothing with --critic shared"),
-    (["--lora_rank", "4", "--lora_targets", "c_fc|^head"], "--lora_targets 'c_fc|^head' matches head"),
-    (["--lora_rank", "4", "--critic", "shared", "--lora_targets", "value_head"], "matches value_head"),
+    # the heads that exist: the separate critic's head, or the shared trunk's value head
+    (["--lora_rank", "4", "--lora_targets", "c_fc|^head"],
+     "--lora_targets 'c_fc|^head' matches head: the critic's head trains in full, leave it out of the targets"),
+    (["--lora_rank", "4", "--critic", "shared", "--lora_targets", "value_head"],
+     "--lora_targets 'value_head' matches value_head: the value head trains in full, leave it out of the targets"),
+    (["--lora_rank", "4", "--critic", "shared", "--lora_targets", "head"], "'head' matches value_head: the value head"),
     (["--lora_rank", "4", "--lora_targets", "c_fc("], "--lora_targets 'c_fc(': not a regular expression"),
 ])
 def test_flags_out_of_range_are_refused(tmp_path, argv, message):
@@ -585,6 +602,42 @@ def test_a_reward_model_with_a_shorter_context_is_refused(tmp_path):
         train_ppo.main(tiny_ppo_args(d, d / "ppo"))
     assert not (d / "ppo").exists()
 
+
+
+@pytest.mark.parametrize("extra", [
+    ["--lora_targets", r"value_head|mlp\.c_fc"],  # the separate critic has no value head
+    ["--critic", "shared", "--lora_targets", r"^head|mlp\.c_fc"],  # the shared trunk has no separate head
+])
+def test_lora_targets_are_refused_only_for_a_head_that_exists(random_ckpts, extra, one_thread):
+    # both were refused as matching "head, value_head", whatever --critic was
+    train_ppo.main(tiny_ppo_args(random_ckpts, random_ckpts / "ppo", "--lora_rank", "2", *extra))
+    assert utils.load_checkpoint(str(random_ckpts / "ppo"))["step"] == 1
+
+
+def test_the_command_that_started_a_run_resumes_it_with_missing_eos_penalty_none(random_ckpts, one_thread):
+    """
+    --missing_eos_penalty none is resolved from the RM's statistics at start-up and saved resolved (-1 for an RM
+    without them): the same command rerun (--resume auto) continues the run; it used to be refused as differing.
+    """
+    out = random_ckpts / "ppo"
+    argv = tiny_ppo_args(random_ckpts, out, "--num_iterations", "2", "--missing_eos_penalty", "none", "--resume",
+                         "auto")
+    train_ppo.main(argv + ["--stop_at", "1"])
+    assert utils.load_checkpoint(str(out))["args"]["missing_eos_penalty"] == -1.0
+    train_ppo.main(argv)
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2]
+    with pytest.raises(utils.UserError, match="--missing_eos_penalty -2.0 differs from the run's -1.0"):
+        train_ppo.main(argv[:-2] + ["--missing_eos_penalty", "-2", "--resume", "on"])
+
+
+def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(random_ckpts):
+    # it logged gold 0.000 every iteration (kl_sweep.py passes --gold on); --gold auto turns gold off for them
+    (random_ckpts / "mine.jsonl").write_text('{"prompt": "sort 3 1"}\n{"prompt": "Tell me a joke."}\n')
+    out = random_ckpts / "ppo"
+    with pytest.raises(utils.UserError, match=re.escape("holds prompts that are not the built-in task's, e.g. "
+                                                        "'Tell me a joke.', which its gold judge cannot score")):
+        train_ppo.main(tiny_ppo_args(random_ckpts, out, "--data", str(random_ckpts / "mine.jsonl"), "--gold", "on"))
+    assert not out.exists()
 
 
 def test_reward_model_tokenizer_must_encode_alike_whatever_its_name(tmp_path):
