@@ -261,13 +261,15 @@ def sampled_gold(model, prompts, prompt_ids, tok, args, rt):
 def main():
     t_start = time.time()
     args = parse_stage_flags(Config, description=__doc__)
+    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
+    check_out_dir(args.out_dir, "dpo", {})
     state = None
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
         del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
     check_flags(args)
-    check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})
+    check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})  # the run's input, once the flags are merged
     stop = args.stop_at or args.max_steps
     if state is not None and state["step"] >= stop:  # before the reference pass, which takes minutes on a real model
         print(f"nothing to do: the run in {args.out_dir} is at step {state['step']}")
@@ -340,10 +342,14 @@ def main():
         print(f"step 0/{args.max_steps} | {val_line(val_metrics)}")
     stream = endless(sampler)
     model.train()
-    # the running sums stay on the device (one sync per log line, not five per micro-batch); the token counts
-    # are the host's (the batches are built there)
+    # the sums of the metrics row being gathered; a resumed run takes them from train_state.pt (save_run), so that its
+    # next row averages the same steps as the uninterrupted run's (rank 0 holds the ranks' tokens and pad_frac there).
+    # The running sums of the losses stay on the device (one sync per log line, not five per micro-batch); the token
+    # counts are the host's (the batches are built there)
     keys = ("loss", "acc", "margin", "chosen_reward", "rejected_reward")
-    sums, n_steps, n_tok, pad_frac = torch.zeros(len(keys), device=rt.device), 0, 0, 0.0  # (5,)
+    window = (state or {}).get("window") or {**dict.fromkeys(keys, 0.0), "tokens": 0, "pad_frac": 0.0, "steps": 0}
+    sums, n_steps = torch.tensor([window[k] for k in keys], device=rt.device), window["steps"]  # (5,)
+    n_tok, pad_frac = (window["tokens"], window["pad_frac"]) if dist.is_main() else (0, 0.0)
     while step < stop:
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         # every rank draws the step's grad_accum micro-batches and keeps its own share (all of them in one process)
@@ -370,20 +376,28 @@ def main():
         n_steps += 1
 
         evaluated = step % args.eval_interval == 0 or step == stop
+        # the rows of the run's schedule; a --stop_at between them adds one, whose sums the resumed run carries on
+        scheduled = step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps
         val_metrics = eval_row() if evaluated else None
-        if step % args.log_interval == 0 or evaluated:
+        if scheduled or evaluated:
             means = dict(zip(keys, (sums / n_steps).tolist()))
-            n_tok, pad_frac = dist.all_reduce_sum([n_tok, pad_frac])  # all ranks'
-            row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok / n_steps,
-                   "pad_frac": pad_frac / n_steps, "time": time.time() - t_start, **(val_metrics or {})}
+            tok_all, pad_all = dist.all_reduce_sum([n_tok, pad_frac])  # all ranks'
+            row = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "tokens": tok_all / n_steps,
+                   "pad_frac": pad_all / n_steps, "time": time.time() - t_start, **(val_metrics or {})}
             logger.log(row)
             print(f"step {step}/{args.max_steps} | loss {row['loss']:.4f} | acc {row['acc']:.3f} | margin "
                   f"{row['margin']:.3f} | {val_line(val_metrics) if val_metrics else 'val -'} | "
                   f"{fmt_time(timer.eta(step - 1))} left", flush=True)
-            sums, n_steps, n_tok, pad_frac = torch.zeros(len(keys), device=rt.device), 0, 0, 0.0
+            if scheduled:
+                sums, n_steps, n_tok, pad_frac = torch.zeros(len(keys), device=rt.device), 0, 0, 0.0
         if step % args.ckpt_interval == 0 or step == stop:
+            # train_state.pt keeps the row's sums; the ranks' tokens and pad_frac are added up on rank 0 now, here as in
+            # a resumed run, so that both add the same numbers in the same order
+            n_tok, pad_frac = dist.all_reduce_sum([n_tok, pad_frac])
+            window = {**dict(zip(keys, sums.tolist())), "tokens": n_tok, "pad_frac": pad_frac, "steps": n_steps}
+            n_tok, pad_frac = (n_tok, pad_frac) if dist.is_main() else (0, 0.0)
             save_run(args.out_dir, model_payload(model, tok, "dpo", args, step, models_resident=1), optimizer,
-                     sampler, step, model)
+                     sampler, step, model, window)
     dist.cleanup()
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")

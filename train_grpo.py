@@ -64,7 +64,7 @@ from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
 from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
                               next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_FREE, RESUME_HELP, check_out_dir, check_rollout_flags, gold_on,
+from nanorlhf.train_common import (RESUME_HELP, ROLLOUT_RESUME_FREE, check_out_dir, check_rollout_flags, gold_on,
                                    keep_samples_until, load_run, optimizer_step, parse_stage_flags, resumed_flags,
                                    save_files, wants_resume)
 from nanorlhf.utils import check, flag
@@ -193,6 +193,9 @@ class Args:
                                      "--num_iterations (continue with --resume)")
 
 
+# flags a resumed run may take from the command line: where it runs, what it logs and how often it saves, as in
+# train_ppo.py, and a larger --num_iterations, which extends the run
+RESUME_FREE = ROLLOUT_RESUME_FREE + ("num_iterations",)
 # flags whose default main() resolves from the other flags and the RM before they are saved: a resumed run given
 # that default (the command that started it) takes the saved value (train_common.resumed_flags)
 RESOLVED_AT_START = ("kl_in", "kl_coef", "missing_eos_penalty")
@@ -328,12 +331,15 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
 
 def main(argv=None):
     args = parse_stage_flags(Args, argv, description=__doc__)
+    resuming = wants_resume(args.resume, args.out_dir)
+    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
+    # --sft and --rm are its saved ones, checked when it started
+    check_out_dir(args.out_dir, "grpo", {} if resuming else {"--sft": args.sft, "--rm": args.rm})
     state = None
-    if wants_resume(args.resume, args.out_dir):
+    if resuming:
         ckpt, state = load_run(args.out_dir)
-        # the saved flags, but for where it runs and how long: a larger --num_iterations extends the run
-        args = resumed_flags(args, ckpt["args"], RESUME_FREE + ("num_iterations",), RESOLVED_AT_START)
-    check_out_dir(args.out_dir, "grpo", {"--sft": args.sft, "--rm": args.rm})
+        # the saved flags, but for where it runs, what it logs and how long (RESUME_FREE)
+        args = resumed_flags(args, ckpt["args"], RESUME_FREE, RESOLVED_AT_START)
     check_args(args)
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     G = args.group_size
@@ -390,15 +396,15 @@ def main(argv=None):
                                 "step": iteration},
             utils.CKPT: utils.model_payload(actor, tok, "grpo", args, iteration, models_resident=models_resident)})
 
+    # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
+    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
     if dist.is_main():  # only rank 0 writes
-        os.makedirs(args.out_dir, exist_ok=True)
         if state is None:
             for name in ("samples.jsonl", "samples.txt"):
                 if os.path.exists(os.path.join(args.out_dir, name)):
                     os.remove(os.path.join(args.out_dir, name))
         else:
             keep_samples_until(args.out_dir, start_iter)
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "

@@ -365,9 +365,9 @@ class Args:
 
 
 CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in out_dir
-# flags a resumed run may take from the command line (where it runs, what it logs); the rest come from the run
-RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
-               "save_interval", "offload")
+# flags a resumed run may take from the command line (where it runs, what it logs, how often it saves, as in
+# train_grpo.py, and which frozen models wait in CPU memory); the rest come from the run
+RESUME_FREE = C.ROLLOUT_RESUME_FREE + ("offload",)
 # flags whose default main() resolves from the RM before they are saved: a resumed run given that default (the
 # command that started it) takes the saved value (train_common.resumed_flags)
 RESOLVED_AT_START = ("missing_eos_penalty",)
@@ -754,12 +754,15 @@ def main(argv=None):
     args = C.parse_stage_flags(Args, argv, description=__doc__)
     given = args._given  # the flags argv names (a resumed run's args are the saved ones, without this set)
     resuming = C.wants_resume(args.resume, args.out_dir, (utils.CKPT, CRITIC, utils.TRAIN_STATE))
+    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
+    # --sft and --rm are its saved ones, checked when it started
+    C.check_out_dir(args.out_dir, "ppo", {} if resuming else {"--sft": args.sft, "--rm": args.rm})
     if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
-        check(os.path.isfile(os.path.join(args.out_dir, utils.TRAIN_STATE)),
-              f"--resume: {args.out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
+        for name in (utils.TRAIN_STATE, utils.CKPT):
+            check(os.path.isfile(os.path.join(args.out_dir, name)),
+                  f"--resume: {args.out_dir}/{name} not found (nothing to resume)")
         args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], RESUME_FREE,
                                RESOLVED_AT_START)
-    C.check_out_dir(args.out_dir, "ppo", {"--sft": args.sft, "--rm": args.rm})
 
     # derived sizes and flag combinations, checked before anything is loaded or written
     C.check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_grpo.py checks them
@@ -899,15 +902,15 @@ def main(argv=None):
                                "critic": lora.adapter_state_dict(critic) if critic is not None else {}}
         C.save_files(args.out_dir, files)  # all or nothing: a kill leaves the files of one iteration
 
+    # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
+    logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
     if dist.is_main():  # only rank 0 writes
-        os.makedirs(args.out_dir, exist_ok=True)
         if resuming:  # a run killed after its last checkpoint sampled iterations that this one samples again
             C.keep_samples_until(args.out_dir, start_iter)
         else:
             for name in ("samples.jsonl", "samples.txt"):
                 if os.path.exists(os.path.join(args.out_dir, name)):
                     os.remove(os.path.join(args.out_dir, name))
-    logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")

@@ -257,6 +257,8 @@ def score_sequences(model, seqs, pad_id, batch_size, max_len, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
+    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
+    check_out_dir(args.out_dir, "rm", {})
     state = saved_lora = None
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
@@ -264,7 +266,7 @@ def main():
         saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
         del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)
-    check_out_dir(args.out_dir, "rm", {"--init_from": args.init_from})
+    check_out_dir(args.out_dir, "rm", {"--init_from": args.init_from})  # the run's input, once the flags are merged
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir
@@ -338,7 +340,12 @@ def main():
         print(f"step 0/{args.max_steps} | {val_line(val_metrics)}")
     stream = endless(sampler)
     model.train()
-    loss_sum, acc_sum, n_tok, flops, pad_frac, n_steps, dt = 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0
+    # the sums of the metrics row being gathered; a resumed run takes them from train_state.pt (save_run), so that its
+    # next row averages the same steps as the uninterrupted run's (rank 0 holds the ranks' acc and pad_frac there)
+    window = (state or {}).get("window") or {"loss": 0.0, "acc": 0.0, "pad_frac": 0.0, "steps": 0}
+    loss_sum, n_steps = window["loss"], window["steps"]
+    acc_sum, pad_frac = (window["acc"], window["pad_frac"]) if dist.is_main() else (0.0, 0.0)
+    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this session's steps
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
@@ -376,22 +383,31 @@ def main():
         dt += time.perf_counter() - t0
 
         evaluated = step % args.eval_interval == 0 or step == stop
+        # the rows of the run's schedule; a --stop_at between them adds one, whose sums the resumed run carries on
+        scheduled = step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps
         if evaluated:
             val_metrics, record_scores = evaluate(eval_model, val_batches, rt)
-        if step % args.log_interval == 0 or evaluated:
-            acc_sum, n_tok, flops, pad_frac = dist.all_reduce_sum([acc_sum, n_tok, flops, pad_frac])  # all ranks'
-            row = {"step": step, "loss": loss_sum / n_steps, "acc": acc_sum / n_steps, "lr": lr, "grad_norm": grad_norm,
-                   "tok_per_s": n_tok / dt, "mfu": flops / dt / peak, "pad_frac": pad_frac / n_steps,
+        if scheduled or evaluated:
+            acc_all, n_tok, flops, pad_all = dist.all_reduce_sum([acc_sum, n_tok, flops, pad_frac])  # all ranks'
+            row = {"step": step, "loss": loss_sum / n_steps, "acc": acc_all / n_steps, "lr": lr, "grad_norm": grad_norm,
+                   "tok_per_s": n_tok / dt, "mfu": flops / dt / peak, "pad_frac": pad_all / n_steps,
                    "epoch": step * args.grad_accum / len(sampler), "time": time.time() - t_start}
             if evaluated:
                 row.update(val_metrics)
             logger.log(row)
-            print(f"step {step}/{args.max_steps} | loss {loss_sum / n_steps:.3f} | acc {acc_sum / n_steps:.3f} | "
+            print(f"step {step}/{args.max_steps} | loss {loss_sum / n_steps:.3f} | acc {acc_all / n_steps:.3f} | "
                   f"{val_line(val_metrics) if val_metrics else 'val -'} | {fmt_count(n_tok / dt)} tok/s | "
                   f"mfu {100 * flops / dt / peak:.1f}% | {fmt_time(timer.eta(step - 1))} left")
-            loss_sum, acc_sum, n_tok, flops, pad_frac, n_steps, dt = 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0
+            n_tok, flops, dt = 0, 0.0, 0.0
+            if scheduled:
+                loss_sum, acc_sum, pad_frac, n_steps = 0.0, 0.0, 0.0, 0
         if step < args.max_steps and (step % args.ckpt_interval == 0 or step == stop):  # the end saves below
-            save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model)
+            # train_state.pt keeps the row's sums; the ranks' acc and pad_frac are added up on rank 0 now, here as in a
+            # resumed run, so that both add the same numbers in the same order
+            acc_sum, pad_frac = dist.all_reduce_sum([acc_sum, pad_frac])
+            window = {"loss": loss_sum, "acc": acc_sum, "pad_frac": pad_frac, "steps": n_steps}
+            acc_sum, pad_frac = (acc_sum, pad_frac) if dist.is_main() else (0.0, 0.0)
+            save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model, window)
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")
         dist.cleanup()

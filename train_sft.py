@@ -221,11 +221,14 @@ def evaluate(model, batches, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
+    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
+    check_out_dir(args.out_dir, "sft", {})
     state = None
     if wants_resume(args.resume, args.out_dir):
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
+    # the run's input, known once the saved flags are merged
     check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from} if args.init_from != "scratch" else {})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
@@ -283,7 +286,12 @@ def main():
         print(f"step 0/{args.max_steps} | val {val_loss:.3f}")
     stream = endless(sampler)
     model.train()
-    loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
+    # the sums of the metrics row being gathered; a resumed run takes them from train_state.pt (save_run), so that its
+    # next row averages the same steps as the uninterrupted run's (rank 0 holds the ranks' pad_frac there)
+    window = (state or {}).get("window") or {"loss": 0.0, "pad_frac": 0.0, "steps": 0}
+    loss_sum, n_steps = torch.tensor(window["loss"], device=rt.device), window["steps"]
+    pad_frac = window["pad_frac"] if dist.is_main() else 0.0
+    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this session's steps
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
@@ -317,27 +325,36 @@ def main():
         dt += time.perf_counter() - t0
 
         evaluated = step % args.eval_interval == 0 or step == stop
+        # the rows of the run's schedule; a --stop_at between them adds one, whose sums the resumed run carries on
+        scheduled = step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps
         if evaluated:
             val_loss = evaluate(eval_model, val_batches, rt)
-        if step % args.log_interval == 0 or evaluated:
-            n_tok, flops, pad_frac = dist.all_reduce_sum([n_tok, flops, pad_frac])  # all ranks' micro-batches
+        if scheduled or evaluated:
+            n_tok, flops, pad_all = dist.all_reduce_sum([n_tok, flops, pad_frac])  # all ranks' micro-batches
             loss = loss_sum.item() / n_steps
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tok / dt,
-                   "mfu": flops / dt / peak, "pad_frac": pad_frac / n_steps,
+                   "mfu": flops / dt / peak, "pad_frac": pad_all / n_steps,
                    "epoch": step * args.grad_accum / len(sampler), "time": time.time() - t_start}
             if evaluated:
                 row["val_loss"] = val_loss
             logger.log(row)
             val_str = f"{val_loss:.3f}" if val_loss is not None else "-"
             print(f"step {step}/{args.max_steps} | loss {loss:.3f} | val {val_str} | {fmt_count(n_tok / dt)} tok/s | "
-                  f"mfu {100 * flops / dt / peak:.1f}% | pad {100 * pad_frac / n_steps:.0f}% | "
+                  f"mfu {100 * flops / dt / peak:.1f}% | pad {100 * pad_all / n_steps:.0f}% | "
                   f"{fmt_time(timer.eta(step - 1))} left")
-            loss_sum, n_tok, flops, pad_frac, n_steps, dt = torch.zeros((), device=rt.device), 0, 0.0, 0.0, 0, 0.0
+            n_tok, flops, dt = 0, 0.0, 0.0
+            if scheduled:
+                loss_sum, pad_frac, n_steps = torch.zeros((), device=rt.device), 0.0, 0
         if step % args.ckpt_interval == 0 or step == stop:
             payload = model_payload(model, tok, "sft", args, step)
             if args.lora_rank:  # merged: the next stage loads a plain GPT
                 payload = lora.lora_payload(model, payload, args.lora_rank, args.lora_alpha, args.lora_targets)
-            save_run(args.out_dir, payload, optimizer, sampler, step, model)
+            # train_state.pt keeps the row's sums; the ranks' pad_frac is added up on rank 0 now, here as in a resumed
+            # run, so that both add the same numbers in the same order
+            pad_frac = dist.all_reduce_sum(pad_frac)
+            window = {"loss": loss_sum.item(), "pad_frac": pad_frac, "steps": n_steps}
+            pad_frac = pad_frac if dist.is_main() else 0.0
+            save_run(args.out_dir, payload, optimizer, sampler, step, model, window)
     dist.cleanup()
     print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
 

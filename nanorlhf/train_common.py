@@ -176,18 +176,21 @@ def optimizer_step(model, optimizer, lr, grad_clip, where="", loss=None):
 # checkpoints and resume
 
 
-def save_run(out_dir, payload, optimizer, sampler, step, model=None):
+def save_run(out_dir, payload, optimizer, sampler, step, model=None, window=None):
     """
     ckpt.pt (what the next stage loads) and train_state.pt (what --resume needs: optimizer, RNG states,
-    the sampler's position, the step), written together by save_files: a kill at any moment leaves a pair of
-    one step that load_run resumes from.
+    the sampler's position, the step, and `window`, the sums of the metrics row being gathered since the last one,
+    e.g. {"loss": 7.2, "pad_frac": 0.3, "steps": 5}, so that a resumed run's next row averages the same steps),
+    written together by save_files: a kill at any moment leaves a pair of one step that load_run resumes from.
     Under torchrun every rank calls it (an FSDP-sharded `model`'s optimizer state is gathered from all ranks)
-    and rank 0 writes; the ranks share one RNG state and one sampler position, so rank 0's are everyone's.
+    and rank 0 writes; the ranks share one RNG state and one sampler position, so rank 0's are everyone's, and
+    rank 0's `window` must hold the sums over all ranks.
     """
     optim = dist.full_optimizer_state(model, optimizer) if model is not None else optimizer.state_dict()
     if not dist.is_main():
         return
-    state = {"optimizer": optim, "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step}
+    state = {"optimizer": optim, "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step,
+             "window": window}
     save_files(out_dir, {utils.TRAIN_STATE: state, utils.CKPT: payload})
 
 
@@ -200,17 +203,23 @@ def prev_name(name):
 def save_files(out_dir, payloads):
     """
     Write the files of one checkpoint, {name: payload} with ckpt.pt among them and a "step" in every payload, so
-    that a kill at any moment leaves in out_dir a set of one step that complete_files finds:
+    that a kill at any moment leaves in out_dir a set of one save that complete_files finds:
     1. every file is written whole under a temporary name and fsync'd; the previous files stay as they are;
     2. each file but ckpt.pt keeps its previous version as name.prev.pt (a hard link: no copy);
     3. the temporaries are renamed into place one after the other, ckpt.pt last, so that until the last rename
-       ckpt.pt and the .prev.pt files are the previous step's complete set, and after it the new files are;
+       ckpt.pt and the .prev.pt files are the previous save's complete set, and after it the new files are;
     4. the .prev.pt files are removed.
-    Temporaries that a killed save left (SIGKILL runs no cleanup) are removed first.
-    A save that finds .prev.pt files (an earlier save was interrupted) keeps the ones at ckpt.pt's step.
+    Every payload gets the same "save_id", a random hex string, by which complete_files tells this save's files
+    from another run's of the same step. Temporaries that a killed save left (SIGKILL runs no cleanup) are removed
+    first. A save that finds .prev.pt files (an earlier save was interrupted) keeps the ones of ckpt.pt's save. A
+    ckpt.pt that has no other file of the set beside it (a fresh run's first save: utils.MetricsLogger removed the
+    earlier run's train_state.pt) is removed before the renames, so that a kill between them leaves no checkpoint,
+    which --resume auto starts afresh from, rather than the earlier run's model beside this run's train_state.pt.
     Example: {"train_state.pt": state, "ckpt.pt": payload}, as save_run writes them.
     """
     os.makedirs(out_dir, exist_ok=True)
+    save_id = os.urandom(8).hex()  # not the random module's: the run's own random state must not move
+    payloads = {n: {**p, "save_id": save_id} for n, p in payloads.items()}
     names = [n for n in payloads if n != utils.CKPT] + [utils.CKPT]
     paths = {n: os.path.join(out_dir, n) for n in names}
     prevs = {n: os.path.join(out_dir, prev_name(n)) for n in names[:-1]}
@@ -223,7 +232,7 @@ def save_files(out_dir, payloads):
             utils.fsync(tmps[n])
         for n, prev in prevs.items():
             if os.path.exists(prev):
-                if not _same_step(paths[n], paths[utils.CKPT]):
+                if not _same_save(paths[n], paths[utils.CKPT]):
                     continue  # the current file is of a later save that never finished: the kept one completes ckpt.pt
                 os.remove(prev)
             if os.path.exists(paths[n]):
@@ -231,6 +240,9 @@ def save_files(out_dir, payloads):
                     os.link(paths[n], prev)
                 except OSError:  # a file system without hard links: a copy then
                     shutil.copyfile(paths[n], prev)
+        alone = not all(os.path.exists(paths[n]) or os.path.exists(prev) for n, prev in prevs.items())
+        if alone and os.path.exists(paths[utils.CKPT]):
+            os.remove(paths[utils.CKPT])  # an earlier run's model, which no file of this save may be paired with
         for n in names:
             os.replace(tmps[n], paths[n])
         utils.fsync_dir(out_dir)  # the renames themselves on the disk, in their order
@@ -243,42 +255,62 @@ def save_files(out_dir, payloads):
             os.remove(prev)
 
 
-def _step(path):
-    """The "step" of a checkpoint file, read mapped: the tensors are not read."""
-    return utils.load_checkpoint(path, mmap=True).get("step")
+def _load_mapped(path):
+    """A checkpoint file's dict, mapped (the tensors are not read); one line naming the file when it holds no dict."""
+    ckpt = utils.load_checkpoint(path, mmap=True)
+    utils.check(isinstance(ckpt, dict),
+                f"{path}: not a nanorlhf checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
-def _same_step(a, b):
-    """Whether the checkpoint files a and b both exist and are of the same step."""
-    return os.path.isfile(a) and os.path.isfile(b) and _step(a) == _step(b)
+def _save_of(path):
+    """
+    (step, save_id) of a checkpoint file: which save_files call wrote it. A file of an older version has no
+    save_id (None): such files match on the step alone.
+    """
+    ckpt = _load_mapped(path)
+    return ckpt.get("step"), ckpt.get("save_id")
+
+
+def _same_save(a, b):
+    """Whether the checkpoint files a and b both exist and were written by the same save (step and save_id)."""
+    return os.path.isfile(a) and os.path.isfile(b) and _save_of(a) == _save_of(b)
 
 
 def complete_files(out_dir, names):
     """
-    {name: path} of the files of names at ckpt.pt's step: each file itself or, where a save was interrupted
-    before its last rename (save_files), the previous version that save kept, name.prev.pt, which one line then
-    says. UserError when a file is at another step and no kept version mends it.
+    {name: path} of the files of names written by ckpt.pt's save (the same step and save_id): each file itself or,
+    where a save was interrupted before its last rename (save_files), the previous version that save kept,
+    name.prev.pt, which one line then says. UserError when a file is of another save and no kept version mends it.
+    The .prev.pt files of names that the set does not use (a save killed after its renames, before it removed
+    them) are removed.
     Example: ckpt.pt and train_state.prev.pt at step 2, train_state.pt at step 4 -> the step-2 pair and a note.
     """
-    ckpt_step = _step(os.path.join(out_dir, utils.CKPT))
-    files, kept, wrong = {utils.CKPT: os.path.join(out_dir, utils.CKPT)}, [], []
+    ckpt = os.path.join(out_dir, utils.CKPT)
+    ckpt_step, ckpt_id = _save_of(ckpt)
+    files, kept, wrong = {utils.CKPT: ckpt}, [], []
     for n in names:
         if n == utils.CKPT:
             continue
         files[n] = os.path.join(out_dir, n)
-        step = _step(files[n])
-        if step != ckpt_step:
+        step, save_id = _save_of(files[n])
+        if (step, save_id) != (ckpt_step, ckpt_id):
             prev = os.path.join(out_dir, prev_name(n))
-            if _same_step(prev, files[utils.CKPT]):
+            if _same_save(prev, ckpt):
                 files[n] = prev
                 kept.append(prev_name(n))
             else:
-                wrong.append(f"{n} at step {step}")
+                wrong.append(f"{n} at step {step}" + (" of another save" if step == ckpt_step else ""))
     utils.check(not wrong, f"--resume: {out_dir}/{utils.CKPT} is at step {ckpt_step} but {', '.join(wrong)} (a save "
                            f"was interrupted)")
     if kept and dist.is_main():
         print(f"note: a save in {out_dir} was interrupted before {utils.CKPT} was replaced: resuming from step "
               f"{ckpt_step} with {', '.join(kept)}")
+    if dist.is_main():  # the kept versions that the set does not use: a save killed after its renames left them
+        for n in names:
+            prev = os.path.join(out_dir, prev_name(n))
+            if n != utils.CKPT and files[n] != prev and os.path.exists(prev):
+                os.remove(prev)
     return files
 
 
@@ -289,6 +321,7 @@ def keep_samples_until(out_dir, iteration):
     resumed run writes again. Both files are rebuilt from samples.jsonl's rows (rollout.write_samples), so that no
     response text can be mistaken for a header of samples.txt; a last line that a kill cut short goes too.
     """
+    utils.remove_stale_tmps(os.path.join(out_dir, "samples"))  # the directories of a kill inside this function
     path = os.path.join(out_dir, "samples.jsonl")
     if not os.path.isfile(path):
         return
@@ -353,15 +386,16 @@ def check_out_dir(out_dir, stage, inputs):
                     f"from; pick another --out_dir")
     path = os.path.join(out_dir, utils.CKPT)
     if os.path.isfile(path):
-        held = utils.load_checkpoint(path, mmap=True).get("stage")  # mapped, not read: only the stage is needed
+        held = _load_mapped(path).get("stage")  # mapped, not read: only the stage is needed
         utils.check(held in (None, stage), f"--out_dir {out_dir} holds a checkpoint of the {held!r} stage ({path}); "
                     f"this {stage!r} run would overwrite it: pick another --out_dir, or remove that one first")
 
 
 def load_run(out_dir):
-    """(ckpt, train_state) of the run in out_dir, of the same step (complete_files)."""
-    utils.check(os.path.isfile(os.path.join(out_dir, utils.TRAIN_STATE)),
-                f"--resume: {out_dir}/{utils.TRAIN_STATE} not found (nothing to resume)")
+    """(ckpt, train_state) of the run in out_dir, of the same save (complete_files)."""
+    for name in (utils.TRAIN_STATE, utils.CKPT):
+        utils.check(os.path.isfile(os.path.join(out_dir, name)),
+                    f"--resume: {out_dir}/{name} not found (nothing to resume)")
     files = complete_files(out_dir, (utils.CKPT, utils.TRAIN_STATE))
     return utils.load_checkpoint(files[utils.CKPT]), utils.load_checkpoint(files[utils.TRAIN_STATE])
 
@@ -380,9 +414,12 @@ def restore_run(state, optimizer, sampler, model=None):
     return state["step"]
 
 
-# flags a resumed run may take from the command line: where and how it runs, not what it computes
+# flags a resumed run may take from the command line: where and how it runs, what it logs and how often it
+# evaluates and saves, not what it computes; SFT's, RM's and DPO's, then PPO's and GRPO's (their scripts add theirs)
 RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "share_prompts",
                "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
+ROLLOUT_RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
+                       "save_interval")
 
 
 def resumed_flags(args, saved, free=RESUME_FREE, resolved=()):

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import typing
@@ -320,14 +321,33 @@ def tmp_name(path):
 
 def remove_stale_tmps(path):
     """
-    Remove the temporaries of path (tmp_name) whose process is gone: a process killed by SIGKILL mid-write runs no
-    cleanup, and nothing ever loads them. A running process's temporary (this one's, another rank's) is left alone.
+    Remove the temporaries of path (tmp_name), files or directories, whose process is gone: a process killed by
+    SIGKILL mid-write runs no cleanup, and nothing ever loads them. A running process's temporary (this one's,
+    another rank's) is left alone.
     """
     folder, base = os.path.split(path)
     for name in os.listdir(folder or "."):
         m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
         if m and not pid_alive(int(m.group(1))):
-            os.remove(os.path.join(folder, name))
+            stale = os.path.join(folder, name)
+            if os.path.isdir(stale):  # train_common.keep_samples_until writes a directory of files
+                shutil.rmtree(stale)
+            else:
+                os.remove(stale)
+
+
+def remove_resume_state(out_dir):
+    """
+    Remove what would let --resume continue the earlier run in out_dir, before a fresh run writes its first file
+    there: its train_state.pt first, then the *.prev.pt files of an interrupted save. The earlier run's models
+    (ckpt.pt, PPO's critic.pt) stay until the new run's first save replaces them, but without a train_state.pt no
+    --resume pairs them with this run's metrics.jsonl (--resume auto starts afresh; --resume on finds nothing).
+    """
+    stale = [TRAIN_STATE] + sorted(n for n in os.listdir(out_dir) if n.endswith(".prev.pt"))
+    for name in stale:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    fsync_dir(out_dir)  # gone on the disk before the new run's metrics.jsonl is
 
 
 def pid_alive(pid):
@@ -549,7 +569,9 @@ class MetricsLogger:
     """
     Appends one JSON object per logged step to out_dir/metrics.jsonl. A resumed run (resume=True) keeps the rows up
     to `step`, the step (or iteration) of the checkpoint it continues from, and appends after them: a run killed
-    after its last checkpoint logged rows past it, which the resumed run logs again.
+    after its last checkpoint logged rows past it, which the resumed run logs again. A fresh run starts the file
+    over, and first makes the earlier run in out_dir impossible to resume (remove_resume_state): every stage
+    creates its logger before anything else of the run is written.
     """
 
     def __init__(self, out_dir, resume=False, step=None):
@@ -557,6 +579,8 @@ class MetricsLogger:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if resume and step is not None:
             keep_rows_until(self.path, step)
+        if not resume:
+            remove_resume_state(out_dir)
         self.f = open(self.path, "a" if resume else "w")
 
     def log(self, row):

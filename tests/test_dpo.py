@@ -198,27 +198,30 @@ def dpo_cmd(d, out, *extra):
 
 
 def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
+    # rows at steps 2, 3 (an evaluation), 4 and 6, checkpoints at 3 and 6
     out = tiny_run / "run"
-    script(*dpo_cmd(tiny_run, out))
+    script(*dpo_cmd(tiny_run, out, "--log_interval", "2"))
     rows = read_metrics(str(out))
     assert rows[0]["step"] == 0
     assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["val_acc"] == 0.5
-    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
-    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's loss is taken before its update
+    assert [r["step"] for r in rows[1:]] == [2, 3, 4, 6]
     assert rows[-1]["loss"] < math.log(2) - 0.005  # it fits the training pairs (6 steps at lr 1e-3)
     assert all(0 <= r["gold"] <= 1 for r in rows if "val_loss" in r)  # the built-in task: gold is logged
     policy, _, ckpt = utils.load_model(str(out), kind="gpt")  # a policy, as evaluate.py loads it
     assert ckpt["stage"] == "dpo" and ckpt["step"] == 6 and ckpt["models_resident"] == 1
-    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 2)...
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 1,
+    # before the first row)...
     out2 = tiny_run / "resumed"
-    cmd = dpo_cmd(tiny_run, out2, "--resume", "auto")
-    script(*cmd, "--stop_at", "2")
-    assert torch.load(out2 / "ckpt.pt", weights_only=True)["step"] == 2
+    cmd = dpo_cmd(tiny_run, out2, "--log_interval", "2", "--resume", "auto")
+    script(*cmd, "--stop_at", "1")
+    state = torch.load(out2 / "train_state.pt", weights_only=True)
+    assert state["step"] == 1 and state["window"]["steps"] == 1
+    stop_row = read_metrics(str(out2))[1]  # the row and evaluation of the stop: step 1 alone
+    assert stop_row["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's loss is taken before its update
     script(*cmd)  # ... and the same command continues from the checkpoint: the same rows as the uninterrupted run,
-    resumed = read_metrics(str(out2))
-    assert "gold" in resumed[2] and "gold" not in rows[2]  # but for the evaluation at the stop, not an eval step
-    resumed[2] = {k: v for k, v in resumed[2].items() if k in rows[2]}
-    assert without_timings(resumed) == without_timings(rows)
+    resumed = read_metrics(str(out2))  # the first (step 2) averaging steps 1 and 2 as well
+    assert resumed[1] == stop_row and "gold" in stop_row  # but for the stop's row, with its evaluation
+    assert without_timings(resumed[:1] + resumed[2:]) == without_timings(rows)
     # that evaluation's samples came from their own generator: the RNG states train_state.pt saves are the same
     a, b = (torch.load(d / "train_state.pt", weights_only=True)["rng"] for d in (out, out2))
     assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and a["numpy"] == b["numpy"]
@@ -226,6 +229,16 @@ def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
     # the reference pass (minutes on a real model) rather than after it
     stdout = script("train_dpo.py", "--out_dir", str(out2), "--resume").stdout
     assert "nothing to do" in stdout and "reference log-probs" not in stdout
+
+
+def test_resume_in_another_stage_s_directory_says_so(tiny_run, tmp_path):
+    """
+    --resume with --out_dir at the SFT model and a flag given: the directory is named as another stage's before
+    anything else is read of it.
+    """
+    p = script(*dpo_cmd(tiny_run, tiny_run / "sft", "--resume"), check=False)
+    assert p.returncode == 2 and f"--out_dir {tiny_run / 'sft'} holds a checkpoint of the 'sft' stage" in p.stderr, \
+        p.stderr
 
 
 def test_shared_prompts_train_the_same_run(tiny_run):

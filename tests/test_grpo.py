@@ -467,13 +467,45 @@ def test_the_command_that_started_a_run_resumes_it_with_its_defaults_given(tiny_
     assert [r["iter"] for r in read_metrics(str(out))] == [1, 2]
 
 
+def test_a_resumed_run_takes_its_logging_and_checkpoint_flags_anew(tiny_ckpts, tmp_path, monkeypatch, one_thread):
+    """
+    --save_interval, --sample_interval, --num_samples and --gold given on --resume take effect, as in train_ppo.py
+    (the README: the logging and checkpoint intervals may be given anew). They were refused: "--save_interval 1
+    differs from the run's 25".
+    """
+    out = tmp_path / "out"
+    train_grpo.main(grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--stop_at", "1")[1:])
+    saves, real = [], train_grpo.save_files
+
+    def recorded(out_dir, payloads):
+        saves.append(payloads[utils.CKPT]["step"])
+        return real(out_dir, payloads)
+
+    monkeypatch.setattr(train_grpo, "save_files", recorded)
+    train_grpo.main(["--out_dir", str(out), "--resume", "--save_interval", "1", "--sample_interval", "1",
+                     "--num_samples", "2", "--gold", "off"])
+    assert saves == [2, 3]
+    assert [json.loads(line)["iter"] for line in open(out / "samples.jsonl")] == [1, 1, 1, 1, 2, 2, 3, 3]
+    assert ["gold" in r for r in read_metrics(str(out))] == [True, False, False]
+    assert utils.load_checkpoint(str(out))["args"]["save_interval"] == 1
+
+
+def test_resume_in_another_stages_directory_says_so(tiny_ckpts, tmp_path):
+    """It compared the flags first: "--data ... differs from the run's ...", about a run that is not GRPO's."""
+    out = tmp_path / "sft"
+    ckpt = {"stage": "sft", "args": {"data": "sft.jsonl"}, "step": 1}
+    train_grpo.save_files(str(out), {utils.TRAIN_STATE: {"step": 1}, utils.CKPT: ckpt})
+    with pytest.raises(utils.UserError, match=f"--out_dir {out} holds a checkpoint of the 'sft' stage"):
+        train_grpo.main(grpo_cmd(tiny_ckpts, out, "--resume")[1:])
+
+
 def test_resumed_flags_take_the_saved_value_of_a_default_resolved_at_start_only():
     """
     Given at the sentinel default of a flag resolved at start-up, the saved resolved value; given at another value,
     it must equal the saved one; any other flag given at its default (--lr 2e-4) is still compared with the run's.
     """
     saved = dataclasses.asdict(train_grpo.Args(kl_in="loss", kl_coef=0.2, missing_eos_penalty=-1.5, lr=1e-3))
-    free = train_grpo.RESUME_FREE + ("num_iterations",)
+    free = train_grpo.RESUME_FREE
 
     def resumed(*argv):
         args = utils.parse_flags(train_grpo.Args, list(argv))

@@ -630,6 +630,15 @@ def test_the_command_that_started_a_run_resumes_it_with_missing_eos_penalty_none
         train_ppo.main(argv[:-2] + ["--missing_eos_penalty", "-2", "--resume", "on"])
 
 
+def test_resume_in_another_stages_directory_says_so(random_ckpts):
+    """It compared the flags first: "--data ... differs from the run's ...", about a run that is not PPO's."""
+    out = random_ckpts / "sft_run"
+    ckpt = {"stage": "sft", "args": {"data": "sft.jsonl"}, "step": 1}
+    train_ppo.C.save_files(str(out), {utils.TRAIN_STATE: {"step": 1}, "critic.pt": {"step": 1}, utils.CKPT: ckpt})
+    with pytest.raises(utils.UserError, match=f"--out_dir {out} holds a checkpoint of the 'sft' stage"):
+        train_ppo.main(tiny_ppo_args(random_ckpts, out, "--resume"))
+
+
 def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(random_ckpts):
     # it logged gold 0.000 every iteration (kl_sweep.py passes --gold on); --gold auto turns gold off for them
     (random_ckpts / "mine.jsonl").write_text('{"prompt": "sort 3 1"}\n{"prompt": "Tell me a joke."}\n')

@@ -82,16 +82,34 @@ def test_bias_normalisation_gives_mean_zero_on_the_demonstrations(rm, sft):
 
 
 def test_resume_gives_the_same_run(sft, tmp_path):
-    short = ["--max_steps", "20", "--eval_interval", "10", "--log_interval", "5", "--ckpt_interval", "10"]
+    # rows at steps 4, 8, 10 (an evaluation), 12, 16, 20 and checkpoints at 6, 12, 18: stopped at 6, between two
+    # rows, the resumed run's first row (step 8) averages steps 5-8 as the uninterrupted run's does
+    short = ["--max_steps", "20", "--eval_interval", "10", "--log_interval", "4", "--ckpt_interval", "6"]
     script("train_rm.py", *rm_args(sft, tmp_path / "full"), *short)
-    script("train_rm.py", *rm_args(sft, tmp_path / "rm"), *short, "--stop_at", "10")
-    assert torch.load(tmp_path / "rm/ckpt.pt", weights_only=True)["step"] == 10
+    script("train_rm.py", *rm_args(sft, tmp_path / "rm"), *short, "--stop_at", "6")
+    state = torch.load(tmp_path / "rm/train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["window"]["steps"] == 2
     script("train_rm.py", "--out_dir", str(tmp_path / "rm"), "--resume")  # the saved flags are reused
-    assert without_timings(read_metrics(tmp_path / "rm")) == without_timings(read_metrics(tmp_path / "full"))
+    got, want = read_metrics(tmp_path / "rm"), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in got] == [0, 4, 6, 8, 10, 12, 16, 20, 20]  # the stop's row too; the last: "final"
+    got = [r for r in got if r["step"] != 6]
+    assert without_timings(got) == without_timings(want)
     a = torch.load(tmp_path / "full/ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "rm/ckpt.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["reward_std"] == b["reward_std"]
+
+
+def test_resume_in_another_stage_s_directory_says_so(sft, tmp_path):
+    """
+    --resume with --out_dir at the SFT run and a flag given: the directory is named as another stage's, not the flag
+    as differing from the SFT run's (which the saved flags were checked for first); nothing is written.
+    """
+    before = sorted(p.name for p in (sft / "sft").iterdir())
+    p = script("train_rm.py", "--out_dir", str(sft / "sft"), "--resume", "--data", str(sft / "data/prefs.jsonl"),
+               check=False)
+    assert p.returncode == 2 and f"--out_dir {sft / 'sft'} holds a checkpoint of the 'sft' stage" in p.stderr, p.stderr
+    assert sorted(p.name for p in (sft / "sft").iterdir()) == before
 
 
 def test_shared_prompts_train_the_same_run(sft, tmp_path):

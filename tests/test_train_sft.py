@@ -67,7 +67,8 @@ def test_checkpoint_loads_weights_only(full_run):
     assert ckpt["stage"] == "sft" and ckpt["step"] == 60 and ckpt["model_kind"] == "gpt"
     assert ckpt["args"]["n_embd"] == 48
     state = torch.load(full_run / "train_state.pt", weights_only=True)
-    assert state["step"] == 60 and set(state) == {"optimizer", "rng", "data", "step"}
+    assert state["step"] == 60 and {"optimizer", "rng", "data", "step", "window"} <= set(state)
+    assert state["window"] == {"loss": 0.0, "pad_frac": 0.0, "steps": 0}  # the last row took every step
     model, tok, _ = utils.load_model(str(full_run), kind="gpt")
     assert model.config.n_layer == 2 and tok.name == "byte" and model.config.activation == "gelu"  # the default
     assert not [f for f in os.listdir(full_run) if ".tmp" in f]  # no temporary file left behind
@@ -75,14 +76,18 @@ def test_checkpoint_loads_weights_only(full_run):
 
 def test_resume_gives_the_same_run(data, full_run, tmp_path):
     out = tmp_path / "sft"
-    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 30)...
+    # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 25,
+    # between the rows of steps 20 and 30)...
     cmd = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--resume", "auto"]
-    train_sft(*cmd, "--stop_at", "30")
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 30
+    train_sft(*cmd, "--stop_at", "25")
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 25 and state["window"]["steps"] == 5  # steps 21-25, which the row of step 30 averages
     p = train_sft(*cmd)  # ... and the same command continues from the checkpoint, with the run's saved flags
     assert "step 60/60" in p.stdout
     assert "nothing to do" in train_sft(*cmd).stdout
     want, got = read_metrics(full_run), read_metrics(out)
+    assert [r["step"] for r in got] == [0, 10, 20, 25, 30, 40, 50, 60]  # and the row (and evaluation) of the stop
+    got = [r for r in got if r["step"] != 25]
     assert without_timings(got) == without_timings(want)  # every loss, val loss, lr and grad norm, at every step
     a = torch.load(full_run / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(out / "ckpt.pt", weights_only=True)["model"]
@@ -202,6 +207,23 @@ def test_resume_flag_forms(tmp_path):
     assert not train_common.wants_resume("off", str(tmp_path))
     with pytest.raises(utils.UserError, match="--resume 'yes'"):
         train_common.wants_resume("yes", str(tmp_path))
+
+
+def test_resume_in_another_stage_s_directory_says_so(tmp_path, monkeypatch, capsys):
+    """
+    --resume with --out_dir at another stage's run (both its files) and a flag given: the directory is named as
+    another stage's, not the flag as differing from that run's (which the saved flags were checked for first).
+    """
+    out = tmp_path / "rm"
+    optimizer = types.SimpleNamespace(state_dict=lambda: {"state": {}, "param_groups": []})  # all save_run reads
+    sampler = sft_stage.LengthGroupedSampler([3, 1, 2, 5], 2, seed=0)
+    train_common.save_run(str(out), {"stage": "rm", "step": 1, "args": {"data": "out/data/prefs.jsonl"}}, optimizer,
+                          sampler, 1)
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--out_dir", str(out), "--resume", "--data", "sft.jsonl"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(sft_stage.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out_dir {out} holds a checkpoint of the 'rm' stage" in err, err
 
 
 def test_check_out_dir(tmp_path):

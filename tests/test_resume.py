@@ -1,0 +1,281 @@
+"""
+The checkpoint files that every stage shares (train_common.save_files, complete_files, load_run) and what a fresh run
+does to an earlier run's files in its --out_dir: each stage run in this process, killed where a SIGKILL could land.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scripts import ROOT, read_metrics, without_timings
+
+sys.path.insert(0, ROOT)  # the stages are top-level scripts
+
+from nanorlhf import tasks, train_common, utils
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.tokenizer import Tokenizer
+
+import train_dpo
+import train_grpo
+import train_ppo
+import train_rm
+import train_sft
+
+
+def dead_pid():
+    """The id of a process that has exited (and been reaped)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def save(out, step, **extra):
+    """A pair as save_run writes it, with tiny payloads: {"step": step, **extra} in both files."""
+    train_common.save_files(str(out), {"train_state.pt": {"step": step, **extra}, "ckpt.pt": {"step": step, **extra}})
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# the files of one save
+
+
+def test_the_files_of_two_saves_at_the_same_step_are_not_taken_for_a_pair(tmp_path, capsys):
+    """
+    Run A saved at step 10; run B, started afresh in the same directory, saved at step 10 too and was killed between
+    its renames of train_state.pt and ckpt.pt: A's ckpt.pt, B's train_state.pt, and A's train_state.prev.pt that B's
+    save kept (as a fresh run left them before it removed A's train_state.pt first). The step alone paired A's
+    weights and flags with B's optimizer and random state, with no note; the save_id that every file of one save
+    carries pairs A's ckpt.pt with A's kept train_state.
+    """
+    out = tmp_path / "out"
+    save(out, 10, run="A")
+    a = {n: (out / n).read_bytes() for n in ("ckpt.pt", "train_state.pt")}
+    save(out, 10, run="B")
+    (out / "ckpt.pt").write_bytes(a["ckpt.pt"])  # B's last rename never happened...
+    (out / "train_state.prev.pt").write_bytes(a["train_state.pt"])  # ... and A's kept version is still there
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["run"], state["run"]) == ("A", "A")
+    assert "resuming from step 10 with train_state.prev.pt" in capsys.readouterr().out
+    # without the kept version: refused, naming the two saves of one step
+    save(out, 10, run="B")
+    (out / "ckpt.pt").write_bytes(a["ckpt.pt"])
+    with pytest.raises(utils.UserError, match="ckpt.pt is at step 10 but train_state.pt at step 10 of another save"):
+        train_common.load_run(str(out))
+
+
+def test_files_of_an_older_version_without_a_save_id_pair_by_their_step(tmp_path):
+    out = tmp_path / "out"
+    for name in ("ckpt.pt", "train_state.pt"):
+        utils.save_checkpoint(str(out), {"step": 3}, name)
+    ckpt, state = train_common.load_run(str(out))
+    assert ckpt["step"] == state["step"] == 3
+    save(out, 4)  # the run resumed by this version: its files carry one save_id
+    ckpt, state = train_common.load_run(str(out))
+    assert ckpt["save_id"] == state["save_id"] and len(ckpt["save_id"]) == 16
+
+
+def test_a_saves_id_leaves_the_random_state_of_the_run_alone(tmp_path):
+    """The save_id is drawn from the OS, not from a generator whose state train_state.pt saves for the resumed run."""
+    torch.manual_seed(0)
+    before = utils.rng_state()
+    save(tmp_path, 1)
+    after = utils.rng_state()
+    assert torch.equal(before.pop("torch"), after.pop("torch")) and before == after
+
+
+def test_a_fresh_run_makes_the_earlier_run_impossible_to_resume_before_it_writes(tmp_path):
+    """
+    A fresh run's logger is the first thing it writes (it truncates metrics.jsonl): before that, the earlier run's
+    train_state.pt and the .prev.pt files of an interrupted save go, so that no --resume continues the earlier run
+    under the new run's metrics. The earlier model stays until the new run's first save replaces it.
+    """
+    out = tmp_path / "out"
+    save(out, 10)
+    for name in ("train_state.prev.pt", "critic.prev.pt"):
+        (out / name).write_bytes((out / "train_state.pt").read_bytes())
+    (out / "metrics.jsonl").write_text('{"step": 10}\n')
+    utils.MetricsLogger(str(out), resume=False).f.close()
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+    assert not train_common.wants_resume("auto", str(out))  # --resume auto starts afresh
+    with pytest.raises(utils.UserError, match="train_state.pt not found \\(nothing to resume\\)"):
+        train_common.load_run(str(out))
+
+
+def test_a_fresh_runs_first_save_removes_the_earlier_model_before_its_renames(tmp_path, monkeypatch):
+    """
+    Killed between its renames, a fresh run's first save leaves its train_state.pt and no ckpt.pt, which --resume
+    auto starts afresh from, rather than the earlier run's ckpt.pt beside it.
+    """
+    out = tmp_path / "out"
+    save(out, 10, run="A")
+    (out / "train_state.pt").unlink()  # what the fresh run's logger did
+    real = os.replace
+
+    def killed_before_ckpt(src, dst):
+        if os.path.basename(dst) == "ckpt.pt":
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        save(out, 10, run="B")
+    assert sorted(os.listdir(out)) == ["train_state.pt"] and load(out / "train_state.pt")["run"] == "B"
+    assert not train_common.wants_resume("auto", str(out))
+    with pytest.raises(utils.UserError, match="ckpt.pt not found \\(nothing to resume\\)"):
+        train_common.load_run(str(out))
+
+
+def test_resume_removes_the_kept_versions_that_its_set_does_not_use(tmp_path):
+    """
+    A save killed after its renames and before it removed its .prev.pt files left them in the directory for good;
+    loading the run removes them once the set is complete without them, and keeps one that completes it.
+    """
+    out = tmp_path / "out"
+    save(out, 1)
+    old = (out / "train_state.pt").read_bytes()
+    save(out, 2)
+    (out / "train_state.prev.pt").write_bytes(old)
+    (out / "critic.prev.pt").write_bytes(old)  # of a file that is not in this set: not this function's
+    ckpt, state = train_common.load_run(str(out))
+    assert ckpt["step"] == state["step"] == 2
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "critic.prev.pt", "train_state.pt"]
+    # a save of step 3 killed before its last rename: the kept version completes ckpt.pt's set, and stays
+    at_2 = {n: (out / n).read_bytes() for n in ("ckpt.pt", "train_state.pt")}
+    save(out, 3)
+    (out / "ckpt.pt").write_bytes(at_2["ckpt.pt"])
+    (out / "train_state.prev.pt").write_bytes(at_2["train_state.pt"])
+    ckpt, state = train_common.load_run(str(out))
+    assert ckpt["step"] == state["step"] == 2 and (out / "train_state.prev.pt").exists()
+
+
+def test_a_torch_file_that_holds_no_dict_is_one_line_naming_it(tmp_path):
+    """It was a traceback: AttributeError: 'Tensor' object has no attribute 'get'."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(torch.zeros(3), out / "ckpt.pt")
+    with pytest.raises(utils.UserError, match=f"^{out}/ckpt.pt: not a nanorlhf checkpoint \\(it holds a Tensor"):
+        train_common.check_out_dir(str(out), "sft", {})
+    save(out, 2)
+    torch.save([1, 2], out / "train_state.pt")
+    with pytest.raises(utils.UserError, match=f"^{out}/train_state.pt: not a nanorlhf checkpoint \\(it holds a list"):
+        train_common.load_run(str(out))
+
+
+def test_resume_removes_the_samples_directory_of_a_killed_resume(tmp_path):
+    """
+    keep_samples_until rebuilds the samples in samples.tmp<pid>/: a kill inside it left that directory for good. Those
+    of processes that are gone are removed; a running process's (another run's) is left alone.
+    """
+    dead, alive = dead_pid(), os.getppid()
+    for pid in (dead, alive):
+        (tmp_path / f"samples.tmp{pid}").mkdir()
+        (tmp_path / f"samples.tmp{pid}" / "samples.jsonl").write_text("{}\n")
+    rows = [{"iter": i, "prompt": "p", "response": "r", "score": 0.0, "gold": None} for i in (1, 2)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_common.keep_samples_until(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"samples.tmp{alive}", "samples.jsonl", "samples.txt"])
+    assert [json.loads(line)["iter"] for line in open(tmp_path / "samples.jsonl")] == [1]
+
+
+# -----------------------------------------------------------------------------
+# a fresh run into a directory that holds an earlier run, killed before its first save is complete (every stage)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The built-in task's files, small, and random tiny SFT and reward models (byte tokenizer)."""
+    d = tmp_path_factory.mktemp("inputs")
+    tasks.generate_task(str(d / "data"), n_sft=200, n_prefs=48, n_prefs_eval=16, n_prompts=40, n_eval=10)
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {"seed": 0}, 1))
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {"seed": 0}, 1))
+    return d
+
+
+LOOP = ["--max_steps", "4", "--warmup", "1", "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1",
+        "--ckpt_interval", "2", "--device", "cpu", "--dtype", "float32"]
+ROLLOUT = ["--num_iterations", "4", "--batch_size", "4", "--num_minibatches", "1", "--response_length", "4",
+           "--save_interval", "2", "--sample_interval", "1", "--device", "cpu", "--dtype", "float32"]
+STAGES = {  # (module, its flags but --out_dir); each stage's checkpoints at steps 2 and 4
+    "sft": (train_sft, lambda d: ["--data", str(d / "data/sft.jsonl"), "--n_layer", "2", "--n_head", "2",
+                                  "--n_embd", "32", "--block_size", "64", "--batch_size", "8", *LOOP]),
+    "rm": (train_rm, lambda d: ["--data", str(d / "data/prefs.jsonl"), "--sft_data", str(d / "data/sft.jsonl"),
+                                "--init_from", str(d / "sft"), "--batch_size", "4", "--norm_samples", "16", *LOOP]),
+    "dpo": (train_dpo, lambda d: ["--data", str(d / "data/prefs.jsonl"), "--val_data",
+                                  str(d / "data/prefs_eval.jsonl"), "--sft", str(d / "sft"), "--batch_size", "4",
+                                  "--gold_prompts", "4", "--response_length", "4", *LOOP]),
+    "ppo": (train_ppo, lambda d: ["--data", str(d / "data/prompts.jsonl"), "--sft", str(d / "sft"), "--rm",
+                                  str(d / "rm"), "--ppo_epochs", "1", *ROLLOUT]),
+    "grpo": (train_grpo, lambda d: ["--data", str(d / "data/prompts.jsonl"), "--sft", str(d / "sft"), "--rm",
+                                    str(d / "rm"), "--group_size", "2", "--num_epochs", "1", *ROLLOUT]),
+}
+
+
+def numbers(rows):
+    """The metrics rows without the times, which differ between two runs of the same computation."""
+    return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in without_timings(rows)]
+
+
+def run_stage(monkeypatch, stage, argv):
+    """The stage's main() on argv, in this process (SFT's, RM's and DPO's main() read sys.argv)."""
+    module = STAGES[stage][0]
+    with monkeypatch.context() as m:
+        m.setattr(sys, "argv", [module.__name__ + ".py", *argv])
+        module.main()
+
+
+def kill_in_first_save(monkeypatch, where):
+    """
+    Make the next save stop as a SIGKILL would: "write", while it writes its first temporary (nothing of the save is
+    in place); "rename", after train_state.pt (and PPO's critic.pt) was renamed into place, before ckpt.pt was.
+    """
+    real_save, real_replace = torch.save, os.replace
+
+    def save(obj, f, *a, **kw):
+        if where == "write" and os.path.basename(str(f)).startswith("train_state.pt.tmp"):
+            raise KeyboardInterrupt("killed in the first save")
+        return real_save(obj, f, *a, **kw)
+
+    def replace(src, dst):
+        if where == "rename" and os.path.basename(dst) == "ckpt.pt":
+            raise KeyboardInterrupt("killed in the first save")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_fresh_run_killed_in_its_first_save_never_resumes_the_earlier_run(inputs, tmp_path, monkeypatch, stage,
+                                                                             where, one_thread):
+    """
+    Run A stopped at step 2 in out; run B, another learning rate, started afresh in out (a rerun overwrites), and
+    was killed in its first save, at step 2 too. --resume used to continue A under B's metrics rows (killed while
+    writing), or A's weights and flags with B's optimizer and random state (killed between the renames), without a
+    word. Now --resume finds nothing to resume, and --resume auto with B's command starts B afresh: its metrics are
+    those of B run whole.
+    """
+    flags = STAGES[stage][1](inputs)
+    out = tmp_path / "out"
+    run_stage(monkeypatch, stage, flags + ["--out_dir", str(out), "--stop_at", "2"])
+    b = flags + ["--lr", "0.01"]
+    with monkeypatch.context() as m:
+        kill_in_first_save(m, where)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(monkeypatch, stage, b + ["--out_dir", str(out)])
+    with pytest.raises(utils.UserError, match="not found \\(nothing to resume\\)"):
+        run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
+    run_stage(monkeypatch, stage, b + ["--out_dir", str(out), "--resume", "auto"])
+    run_stage(monkeypatch, stage, b + ["--out_dir", str(tmp_path / "whole")])
+    assert numbers(read_metrics(str(out))) == numbers(read_metrics(str(tmp_path / "whole")))
+    assert load(out / "ckpt.pt")["args"]["lr"] == 0.01
+    assert not [f for f in os.listdir(out) if ".prev." in f or ".tmp" in f]
