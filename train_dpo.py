@@ -261,15 +261,16 @@ def sampled_gold(model, prompts, prompt_ids, tok, args, rt):
 def main():
     t_start = time.time()
     args = parse_stage_flags(Config, description=__doc__)
-    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
-    check_out_dir(args.out_dir, "dpo", {})
+    resuming = wants_resume(args.resume, args.out_dir)
+    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
+    # --sft is its saved one, checked when it started
+    check_out_dir(args.out_dir, "dpo", {} if resuming else {"--sft": args.sft})
     state = None
-    if wants_resume(args.resume, args.out_dir):
+    if resuming:
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
         del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
     check_flags(args)
-    check_out_dir(args.out_dir, "dpo", {"--sft": args.sft})  # the run's input, once the flags are merged
     stop = args.stop_at or args.max_steps
     if state is not None and state["step"] >= stop:  # before the reference pass, which takes minutes on a real model
         print(f"nothing to do: the run in {args.out_dir} is at step {state['step']}")

@@ -758,9 +758,7 @@ def main(argv=None):
     # --sft and --rm are its saved ones, checked when it started
     C.check_out_dir(args.out_dir, "ppo", {} if resuming else {"--sft": args.sft, "--rm": args.rm})
     if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
-        for name in (utils.TRAIN_STATE, utils.CKPT):
-            check(os.path.isfile(os.path.join(args.out_dir, name)),
-                  f"--resume: {args.out_dir}/{name} not found (nothing to resume)")
+        C.check_resumable(args.out_dir)
         args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT)["args"], RESUME_FREE,
                                RESOLVED_AT_START)
 

@@ -257,16 +257,17 @@ def score_sequences(model, seqs, pad_id, batch_size, max_len, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
-    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
-    check_out_dir(args.out_dir, "rm", {})
+    resuming = wants_resume(args.resume, args.out_dir)
+    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
+    # --init_from is its saved one, checked when it started
+    check_out_dir(args.out_dir, "rm", {} if resuming else {"--init_from": args.init_from})
     state = saved_lora = None
-    if wants_resume(args.resume, args.out_dir):
+    if resuming:
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
         saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
         del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)
-    check_out_dir(args.out_dir, "rm", {"--init_from": args.init_from})  # the run's input, once the flags are merged
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir

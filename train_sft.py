@@ -221,15 +221,16 @@ def evaluate(model, batches, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
-    # first: --resume in another stage's directory says so, rather than that a flag differs from that run's
-    check_out_dir(args.out_dir, "sft", {})
+    resuming = wants_resume(args.resume, args.out_dir)
+    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
+    # --init_from is its saved one, checked when it started
+    check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from}
+                  if not resuming and args.init_from != "scratch" else {})
     state = None
-    if wants_resume(args.resume, args.out_dir):
+    if resuming:
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt["args"])
     check_flags(args)
-    # the run's input, known once the saved flags are merged
-    check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from} if args.init_from != "scratch" else {})
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
     # data and model: everything is read and validated before anything is written to out_dir

@@ -255,20 +255,12 @@ def save_files(out_dir, payloads):
             os.remove(prev)
 
 
-def _load_mapped(path):
-    """A checkpoint file's dict, mapped (the tensors are not read); one line naming the file when it holds no dict."""
-    ckpt = utils.load_checkpoint(path, mmap=True)
-    utils.check(isinstance(ckpt, dict),
-                f"{path}: not a nanorlhf checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
-    return ckpt
-
-
 def _save_of(path):
     """
     (step, save_id) of a checkpoint file: which save_files call wrote it. A file of an older version has no
     save_id (None): such files match on the step alone.
     """
-    ckpt = _load_mapped(path)
+    ckpt = utils.load_checkpoint(path, mmap=True)  # mapped: the tensors are not read
     return ckpt.get("step"), ckpt.get("save_id")
 
 
@@ -386,16 +378,21 @@ def check_out_dir(out_dir, stage, inputs):
                     f"from; pick another --out_dir")
     path = os.path.join(out_dir, utils.CKPT)
     if os.path.isfile(path):
-        held = _load_mapped(path).get("stage")  # mapped, not read: only the stage is needed
+        held = utils.load_checkpoint(path, mmap=True).get("stage")  # mapped, not read: only the stage is needed
         utils.check(held in (None, stage), f"--out_dir {out_dir} holds a checkpoint of the {held!r} stage ({path}); "
                     f"this {stage!r} run would overwrite it: pick another --out_dir, or remove that one first")
 
 
-def load_run(out_dir):
-    """(ckpt, train_state) of the run in out_dir, of the same save (complete_files)."""
+def check_resumable(out_dir):
+    """A run to resume in out_dir: its train_state.pt and ckpt.pt exist (a fresh run removes the former first)."""
     for name in (utils.TRAIN_STATE, utils.CKPT):
         utils.check(os.path.isfile(os.path.join(out_dir, name)),
                     f"--resume: {out_dir}/{name} not found (nothing to resume)")
+
+
+def load_run(out_dir):
+    """(ckpt, train_state) of the run in out_dir, of the same save (complete_files)."""
+    check_resumable(out_dir)
     files = complete_files(out_dir, (utils.CKPT, utils.TRAIN_STATE))
     return utils.load_checkpoint(files[utils.CKPT]), utils.load_checkpoint(files[utils.TRAIN_STATE])
 
@@ -416,10 +413,9 @@ def restore_run(state, optimizer, sampler, model=None):
 
 # flags a resumed run may take from the command line: where and how it runs, what it logs and how often it
 # evaluates and saves, not what it computes; SFT's, RM's and DPO's, then PPO's and GRPO's (their scripts add theirs)
-RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "share_prompts",
-               "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
-ROLLOUT_RESUME_FREE = ("device", "dtype", "compile", "grad_checkpointing", "gold", "sample_interval", "num_samples",
-                       "save_interval")
+RUN_FREE = ("device", "dtype", "compile", "grad_checkpointing")  # where and how it runs
+RESUME_FREE = RUN_FREE + ("share_prompts", "eval_interval", "eval_batches", "log_interval", "ckpt_interval")
+ROLLOUT_RESUME_FREE = RUN_FREE + ("gold", "sample_interval", "num_samples", "save_interval")
 
 
 def resumed_flags(args, saved, free=RESUME_FREE, resolved=()):

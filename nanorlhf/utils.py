@@ -409,15 +409,21 @@ def save_checkpoint(out_dir, payload, name=CKPT):
 
 
 def load_checkpoint(path, name=CKPT, map_location="cpu", mmap=False):
-    """Load out_dir/name (or a file path) with weights_only=True; mmap=True maps the tensors instead of reading them."""
+    """
+    Load out_dir/name (or a file path) with weights_only=True; mmap=True maps the tensors instead of reading them.
+    Every file nanorlhf writes holds a dict: any other torch file is one line naming it.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, name)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"{path}: cannot load checkpoint ({load_error_reason(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a nanorlhf checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 # the sentences of torch.load's messages that are advice, not the reason (one of them: retry with weights_only=False)
@@ -470,8 +476,6 @@ def load_model_checkpoint(path, name=CKPT):
     """
     file = os.path.join(path, name) if os.path.isdir(path) else path
     ckpt = load_checkpoint(file)
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{file}: not a nanorlhf model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in MODEL_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{file}: not a nanorlhf model checkpoint (no {', '.join(missing)}; a stage writes its "

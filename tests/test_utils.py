@@ -225,7 +225,7 @@ def test_load_model_refuses_what_is_not_a_model_in_one_line_naming_the_file(tmp_
     bad_tok = {**good["tokenizer"], "special_tokens": {}}
     cases = {
         "train_state.pt": ({"optimizer": {}, "rng": {}, "data": {}, "step": 3}, "not a nanorlhf model checkpoint"),
-        "list.pt": ([1, 2], "not a nanorlhf model checkpoint"),
+        "list.pt": ([1, 2], "not a nanorlhf checkpoint (it holds a list, not a dict)"),
         "newer.pt": ({**good, "model_config": {**good["model_config"], "rope": True}}, "model_config: "),
         "wider.pt": ({**good, "model_config": {**good["model_config"], "n_embd": 16}}, "the weights do not fit"),
         "weights.pt": ({**good, "model": [1]}, "the weights do not fit"),
