@@ -52,7 +52,6 @@ Deviations from the papers, on purpose:
   Generation is not sped up by more ranks, the scoring passes and the update are.
 """
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -398,13 +397,8 @@ def main(argv=None):
 
     # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
     logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
-    if dist.is_main():  # only rank 0 writes
-        if state is None:
-            for name in ("samples.jsonl", "samples.txt"):
-                if os.path.exists(os.path.join(args.out_dir, name)):
-                    os.remove(os.path.join(args.out_dir, name))
-        else:
-            keep_samples_until(args.out_dir, start_iter)
+    if dist.is_main():  # only rank 0 writes; a fresh run (iteration 0) keeps no earlier run's samples
+        keep_samples_until(args.out_dir, start_iter)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "

@@ -902,13 +902,8 @@ def main(argv=None):
 
     # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
     logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
-    if dist.is_main():  # only rank 0 writes
-        if resuming:  # a run killed after its last checkpoint sampled iterations that this one samples again
-            C.keep_samples_until(args.out_dir, start_iter)
-        else:
-            for name in ("samples.jsonl", "samples.txt"):
-                if os.path.exists(os.path.join(args.out_dir, name)):
-                    os.remove(os.path.join(args.out_dir, name))
+    if dist.is_main():  # only rank 0 writes; a fresh run (iteration 0) keeps no earlier run's samples
+        C.keep_samples_until(args.out_dir, start_iter)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
