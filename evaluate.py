@@ -20,8 +20,8 @@ The policies: the SFT model (its own row has kl = 0 and win = 1/2 by constructio
 (--ppo), any --extra name=path checkpoints, and "init", a randomly initialised model of the SFT model's
 config, as a floor. Sampling is at --temperature, default 1.0: the distribution that PPO optimises and
 whose KL to the reference the penalty measures; --temperature 0 is greedy (the KL then uses the logits at
-temperature 1). Every policy samples from a generator seeded alike (common random numbers: two identical
-policies give identical responses, so the win rate compares the policies, not the dice).
+temperature 1). Every policy draws the same random numbers for the same prompt (common random numbers: two
+identical policies give identical responses, so the win rate compares the policies, not the dice).
 
 Run (what `make` runs last):
     python evaluate.py --data out/data/eval.jsonl --sft out/sft --rm out/rm --ppo out/ppo --out_dir out
@@ -138,11 +138,16 @@ def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_n
     """
     k = cfg.samples_per_prompt
     lp_temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)  # same stream for every policy
     rows = {key: [] for key in ("prompt", "response", "response_ids", "gold", "rm", "kl", "length", "eos")}
     flat = [(p, ids) for p, ids in zip(prompts, prompt_ids) for _ in range(k)]
-    for start in range(0, len(flat), cfg.batch_size):
+    starts = range(0, len(flat), cfg.batch_size)
+    # Common random numbers: batch b of every policy samples from a generator of its own, seeded with the b-th
+    # of these seeds, so a prompt's response draws the same uniforms whatever the policy, and whatever number
+    # of steps the batches before it took (one stream through all batches would be in step for the first only).
+    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    for start, seed in zip(starts, seeds):
         chunk = flat[start:start + cfg.batch_size]
+        generator = torch.Generator(device=rt.device).manual_seed(seed)
         batch = collate([ids for _, ids in chunk], tok.pad_id, left_pad=True, multiple=1)
         x = batch["idx"].to(rt.device)  # (B, Tp)
         x_mask = batch["attention_mask"].to(rt.device)  # (B, Tp)

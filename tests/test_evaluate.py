@@ -74,7 +74,7 @@ def test_kl_matches_float64_loop(temperature):
     policy, ref = tiny_gpt(1, eos_boost=8.0), tiny_gpt(2, eos_boost=8.0)
     prompts = ["sort 3 1 2", "sort 9 8 7 6 5 4", "hi", "sort 1 1"]
     prompt_ids = [tok.render_prompt(p) for p in prompts]
-    cfg = SimpleNamespace(samples_per_prompt=2, temperature=temperature, batch_size=5, seed=3, max_new_tokens=12)
+    cfg = SimpleNamespace(samples_per_prompt=2, temperature=temperature, batch_size=5, seed=6, max_new_tokens=12)
     rt = setup_runtime("cpu", "float32", 0)
     rows = evaluate.evaluate_policy(policy, ref, None, tok, prompts, prompt_ids, cfg, rt)
     assert len(rows["kl"]) == len(prompts) * 2
@@ -87,6 +87,24 @@ def test_kl_matches_float64_loop(temperature):
     ref = ref.float()
     rows_sft = evaluate.evaluate_policy(ref, copy.deepcopy(ref), None, tok, prompts, prompt_ids, cfg, rt)
     assert all(kl == 0.0 for kl in rows_sft["kl"])
+
+
+def test_common_random_numbers_hold_in_every_batch():
+    # A prompt's response must draw the same random numbers whatever came before it. Here the same prompts follow
+    # two different first batches (one prompt each), whose responses end after different numbers of steps; with
+    # one stream through all batches, the later batches' draws would depend on that number.
+    tok = Tokenizer.byte_level()
+    policy = tiny_gpt(4, eos_boost=20.0)
+    cfg = SimpleNamespace(samples_per_prompt=1, temperature=1.0, batch_size=1, seed=5, max_new_tokens=16)
+    rt = setup_runtime("cpu", "float32", 0)
+    tail = ["sort 2 7 1", "sort 9 9 4 0", "hi", "sort 1 1"]
+    runs = []
+    for head in ("sort 1", "sort 5 6"):
+        prompts = [head] + tail
+        runs.append(evaluate.evaluate_policy(policy, policy, None, tok, prompts,
+                                             [tok.render_prompt(p) for p in prompts], cfg, rt, use_gold=False))
+    assert runs[0]["length"][0] != runs[1]["length"][0]  # the first batches took different numbers of steps
+    assert runs[0]["response_ids"][1:] == runs[1]["response_ids"][1:]
 
 
 def test_overoptimisation_verdict():

@@ -121,11 +121,12 @@ def test_shared_prompts_train_the_same_run(sft, tmp_path):
         runs.append(read_metrics(tmp_path / share))
     assert len(runs[0]) == len(runs[1]) > 4
     for a, b in zip(*runs):
-        for key in ("loss", "val_loss", "val_acc", "val_margin", "reward_std"):
+        for key in ("loss", "val_loss", "val_margin", "reward_std"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-3), (a["step"], key)
-        if "acc" in a:  # a training pair whose scores nearly tie may flip
-            assert a["acc"] == pytest.approx(b["acc"], abs=0.01), a["step"]
+        for key, pairs in (("acc", 0.01), ("val_acc", 0.005)):  # a pair whose scores nearly tie may flip (seen:
+            if key in a:                                           # one of 720 held-out pairs on an AVX2 CPU)
+                assert a[key] == pytest.approx(b[key], abs=pairs), (a["step"], key)
         if "pad_frac" in a:  # ... from fewer token slots: the prompts ran once
             assert a["tok_per_s"] > 0 and a["pad_frac"] != b["pad_frac"]
 
