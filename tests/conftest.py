@@ -1,7 +1,12 @@
 """Fixtures that more than one test file uses."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
