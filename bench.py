@@ -384,7 +384,9 @@ def bench_trl(cfg, model_cfg, rt):
     One PPO iteration of TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) against one of ours, alternating: the
     trainer calls back after each of its iterations and our iteration runs there, between two of TRL's. The same
     starting weights (ours converted by hf_twin), prompts, batch, epochs, minibatches, response length (no stop token)
-    and temperature; TRL once in float32 and once with bf16=True. Returns seconds per iteration and median ratios.
+    and temperature; TRL once in float32 and once with bf16=True, the latter only where bf16 is native (a GPU, or a
+    CPU with AVX512-BF16 or AMX: elsewhere torch emulates bf16 matmuls, a hundred times slower, and float32 is TRL's
+    best). Returns seconds per iteration and median ratios.
     """
     import tempfile
     import warnings
@@ -433,7 +435,8 @@ def bench_trl(cfg, model_cfg, rt):
             self.t = time.perf_counter()
 
     res = {"trl_version": trl.__version__}
-    for precision in ("float32", "bf16"):
+    precisions = ("float32", "bf16") if rt.device_type != "cpu" or cpu_has_fast_bf16() else ("float32",)
+    for precision in precisions:
         for k, t in twins.items():  # every trainer starts from the same weights
             t.load_state_dict(state0[k])
             t.train(k in ("actor", "critic"))
@@ -465,7 +468,7 @@ def bench_trl(cfg, model_cfg, rt):
         assert len(trl_s) == len(clock.ours) == cfg.rounds, (clock.trl, clock.ours)
         res[f"trl_{precision}_s"] = {"ours": clock.ours, "trl": trl_s}
         res[f"trl_{precision}_ratio"] = statistics.median(o / t for o, t in zip(clock.ours, trl_s))  # < 1: ours faster
-    best = min(("float32", "bf16"), key=lambda p: statistics.median(res[f"trl_{p}_s"]["trl"]))
+    best = min(precisions, key=lambda p: statistics.median(res[f"trl_{p}_s"]["trl"]))
     res["trl_best"], res["trl_best_ratio"] = best, res[f"trl_{best}_ratio"]
     return res
 
@@ -567,6 +570,9 @@ def main(argv=None):
         rows.append(("TRL PPOTrainer", "skipped", res["trl"]))
     elif "trl" in parts:
         for p in ("float32", "bf16"):
+            if f"trl_{p}_s" not in res:
+                rows.append((f"vs TRL {res['trl_version']} PPO, {p}", "skipped", "this CPU has no native bf16"))
+                continue
             t = res[f"trl_{p}_s"]
             rows.append((f"vs TRL {res['trl_version']} PPO, {p}", f"{res[f'trl_{p}_ratio']:.2f}x",
                          f"ours / TRL s per iteration: ours {statistics.median(t['ours']):.2f} s, TRL "
