@@ -220,8 +220,8 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     """
     device: "auto" picks cuda when available, else cpu. dtype: "auto" is auto_dtype(device): bfloat16 autocast on a
     GPU or CPU that multiplies bf16 natively, float32 otherwise; "bfloat16" autocasts on any CPU; float16 only when
-    not training (float16 gradients would need loss scaling, which we do not do: bfloat16 has float32's range).
-    Seeds python, numpy and torch.
+    not training (float16 gradients would need loss scaling, which we do not do: bfloat16 has float32's range); on a
+    CPU without native bf16 it says once (rank 0) that it will be slow. Seeds python, numpy and torch.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,6 +238,10 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     if training and dtype == "float16":
         raise UserError("--dtype float16: training needs loss scaling in float16, which nanorlhf does not do; "
                         "use bfloat16 or float32")
+    if dev.type == "cpu" and dtype == "bfloat16" and not cpu_has_fast_bf16() and os.environ.get("RANK", "0") == "0":
+        print("note: --dtype bfloat16 on a CPU without native bf16 (torch finds neither AVX512-BF16 nor AMX): torch "
+              "emulates its matmuls, 13x slower than float32 for the built-in SFT step on an AVX2 CPU; --dtype auto "
+              "is float32 here", file=sys.stderr)
     if dev.type == "cuda":
         if dev.index is not None:
             torch.cuda.set_device(dev)  # the current device is the run's: rng_state saves that one's generator

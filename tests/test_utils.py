@@ -341,6 +341,18 @@ def test_cpu_bf16_probe_and_auto_dtype(monkeypatch):
     assert utils.setup_runtime("cpu", "auto", training=True).dtype == "float32"
 
 
+def test_bf16_on_a_cpu_without_native_bf16_says_it_will_be_slow(monkeypatch, capsys):
+    # an explicit --dtype bfloat16 where torch emulates bf16 matmuls: one note on rank 0; nothing anywhere else
+    for native, dtype, rank, noted in ((False, "bfloat16", "0", True), (False, "bfloat16", "1", False),
+                                       (True, "bfloat16", "0", False), (False, "float32", "0", False),
+                                       (False, "auto", "0", False)):
+        monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: native)
+        monkeypatch.setenv("RANK", rank)
+        utils.setup_runtime("cpu", dtype, training=True)
+        err = capsys.readouterr().err
+        assert ("without native bf16" in err) == noted and err.count("\n") == noted, (native, dtype, rank, err)
+
+
 def dead_pid():
     """The id of a process that has exited (and been reaped)."""
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
