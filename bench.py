@@ -385,8 +385,8 @@ def bench_trl(cfg, model_cfg, rt):
     trainer calls back after each of its iterations and our iteration runs there, between two of TRL's. The same
     starting weights (ours converted by hf_twin), prompts, batch, epochs, minibatches, response length (no stop token)
     and temperature; TRL once in float32 and once with bf16=True, the latter only where bf16 is native (a GPU, or a
-    CPU with AVX512-BF16 or AMX: elsewhere torch emulates bf16 matmuls, a hundred times slower, and float32 is TRL's
-    best). Returns seconds per iteration and median ratios.
+    CPU with AVX512-BF16 or AMX: elsewhere torch emulates bf16 matmuls, about 30x slower than float32 on an AVX2 CPU,
+    and float32 is TRL's best). Returns seconds per iteration and median ratios.
     """
     import tempfile
     import warnings
