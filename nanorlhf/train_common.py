@@ -310,8 +310,9 @@ def keep_samples_until(out_dir, iteration):
     """
     samples.jsonl and samples.txt of a resumed PPO or GRPO run with only the samples of iterations 1..iteration,
     the one its checkpoint holds: a run killed after that checkpoint may have written later iterations, which the
-    resumed run writes again. A fresh run (iteration 0) keeps none of an earlier run's. Both files are rebuilt from samples.jsonl's rows (rollout.write_samples), so that no
-    response text can be mistaken for a header of samples.txt; a last line that a kill cut short goes too.
+    resumed run writes again. A fresh run (iteration 0) keeps none of an earlier run's. Both files are rebuilt from
+    samples.jsonl's rows (rollout.write_samples), so that no response text can be mistaken for a header of
+    samples.txt; a last line that a kill cut short goes too.
     """
     utils.remove_stale_tmps(os.path.join(out_dir, "samples"))  # the directories of a kill inside this function
     path, rows = os.path.join(out_dir, "samples.jsonl"), []
