@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 
 from nanorlhf.data import read_prefs
-from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run
+from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run, saved_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE = ("grpo", "dr_grpo", "rloo")
@@ -189,13 +189,14 @@ def main():
     for path in ("data/prompts.jsonl", "data/prefs.jsonl", "data/prefs_eval.jsonl", "data/eval.jsonl",
                  "sft/ckpt.pt", "rm/ckpt.pt", "ppo/ckpt.pt"):
         check(os.path.isfile(os.path.join(d, path)), f"{os.path.join(d, path)}: not found (run `make` first)")
-    ppo = load_checkpoint(os.path.join(d, "ppo"))
+    ppo_ckpt = os.path.join(d, "ppo/ckpt.pt")
+    ppo_flags = saved_flags(load_checkpoint(ppo_ckpt), ppo_ckpt)
     if cfg.seed is None:
         cfg.seed = int(load_checkpoint(os.path.join(d, "sft")).get("args", {}).get("seed", 0))
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))
     k = sum(len(r["responses"]) for r in prefs) / len(prefs)
-    online, dpo_steps = matched_budget(ppo["args"], k, cfg.dpo_batch_size)
-    shared = shared_settings(ppo["args"])
+    online, dpo_steps = matched_budget(ppo_flags, k, cfg.dpo_batch_size)
+    shared = shared_settings(ppo_flags)
     episodes = online["num_iterations"] * online["batch_size"]
     print(f"budget: {episodes} episodes per online method (PPO's), {online['num_epochs']} epochs x "
           f"{online['num_minibatches']} minibatches each; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x "

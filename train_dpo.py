@@ -268,7 +268,7 @@ def main():
     state = None
     if resuming:
         ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt["args"])
+        args = resumed_flags(args, ckpt)
         del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
     check_flags(args)
     stop = args.stop_at or args.max_steps

@@ -338,7 +338,7 @@ def main(argv=None):
     if resuming:
         ckpt, state = load_run(args.out_dir)
         # the saved flags, but for where it runs, what it logs and how long (RESUME_FREE)
-        args = resumed_flags(args, ckpt["args"], RESUME_FREE, RESOLVED_AT_START)
+        args = resumed_flags(args, ckpt, RESUME_FREE, RESOLVED_AT_START)
     check_args(args)
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     G = args.group_size

@@ -264,7 +264,7 @@ def main():
     state = saved_lora = None
     if resuming:
         ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt["args"])
+        args = resumed_flags(args, ckpt)
         saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
         del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)

@@ -229,7 +229,7 @@ def main():
     state = None
     if resuming:
         ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt["args"])
+        args = resumed_flags(args, ckpt)
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 

@@ -418,9 +418,9 @@ RESUME_FREE = RUN_FREE + ("share_prompts", "eval_interval", "eval_batches", "log
 ROLLOUT_RESUME_FREE = RUN_FREE + ("gold", "sample_interval", "num_samples", "save_interval")
 
 
-def resumed_flags(args, saved, free=RESUME_FREE, resolved=()):
+def resumed_flags(args, ckpt, free=RESUME_FREE, resolved=()):
     """
-    The flags of a resumed run: the saved ones, except
+    The flags of a resumed run, from its ckpt.pt (the dict): the saved ones, except
     - out_dir, resume and stop_at, which always come from the command line;
     - the fields named in `free` (where to run, how often to log), which come from the command line when
       given there, also at their default value (`--share_prompts true` after a run without it);
@@ -433,6 +433,7 @@ def resumed_flags(args, saved, free=RESUME_FREE, resolved=()):
     they must equal the saved one like any flag.
     Example: saved kl_in "loss"; `--kl_in auto` -> "loss", `--kl_in loss` -> "loss", `--kl_in reward` -> error.
     """
+    saved = utils.saved_flags(ckpt, os.path.join(args.out_dir, utils.CKPT))
     given = getattr(args, "_given", None)
     if given is None:
         given = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != f.default}

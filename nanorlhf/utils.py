@@ -430,6 +430,13 @@ def load_checkpoint(path, name=CKPT, map_location="cpu", mmap=False):
     return ckpt
 
 
+def saved_flags(ckpt, path):
+    """The flags a checkpoint was written with (its "args"); a file without them is one line naming it."""
+    flags = ckpt.get("args")
+    check(isinstance(flags, dict), f"{path}: holds no saved flags (no 'args' dict); not a checkpoint of a nanorlhf run")
+    return flags
+
+
 # the sentences of torch.load's messages that are advice, not the reason (one of them: retry with weights_only=False)
 LOAD_ADVICE = ("Weights only load failed", "In PyTorch", "Re-running", "Do it only", "Please",
                "Check the documentation", "This file can still be loaded", "Alternatively", "(1)", "(2)")

@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from scripts import ROOT, script
 
@@ -16,6 +17,7 @@ import compare
 import train_grpo
 import train_ppo
 from nanorlhf.train_common import parse_stage_flags
+from nanorlhf.utils import UserError
 
 
 def test_matched_budget_gives_dpo_as_many_backward_sequences_as_ppo():
@@ -68,3 +70,16 @@ def test_missing_pipeline_exits_2(tmp_path):
     p = script("compare.py", "--out", str(tmp_path / "nope"), check=False)
     assert p.returncode == 2 and "run `make` first" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_ppo_checkpoint_without_saved_flags_is_one_line_naming_it(tmp_path, monkeypatch):
+    """compare.py reads PPO's budget from its flags in ppo/ckpt.pt: a file without them was KeyError: 'args'."""
+    for name in ("prompts", "prefs", "prefs_eval", "eval"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}.jsonl").write_text("")
+    for stage in ("sft", "rm", "ppo"):
+        (tmp_path / stage).mkdir()
+        torch.save({"step": 1, "stage": stage}, tmp_path / stage / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=f"^{tmp_path}/ppo/ckpt.pt: holds no saved flags"):
+        compare.main()

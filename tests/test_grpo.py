@@ -504,7 +504,8 @@ def test_resumed_flags_take_the_saved_value_of_a_default_resolved_at_start_only(
     Given at the sentinel default of a flag resolved at start-up, the saved resolved value; given at another value,
     it must equal the saved one; any other flag given at its default (--lr 2e-4) is still compared with the run's.
     """
-    saved = dataclasses.asdict(train_grpo.Args(kl_in="loss", kl_coef=0.2, missing_eos_penalty=-1.5, lr=1e-3))
+    saved = {"args": dataclasses.asdict(train_grpo.Args(kl_in="loss", kl_coef=0.2, missing_eos_penalty=-1.5,
+                                                        lr=1e-3))}
     free = train_grpo.RESUME_FREE
 
     def resumed(*argv):

@@ -279,3 +279,12 @@ def test_a_fresh_run_killed_in_its_first_save_never_resumes_the_earlier_run(inpu
     assert numbers(read_metrics(str(out))) == numbers(read_metrics(str(tmp_path / "whole")))
     assert load(out / "ckpt.pt")["args"]["lr"] == 0.01
     assert not [f for f in os.listdir(out) if ".prev." in f or ".tmp" in f]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_from_a_checkpoint_without_saved_flags_is_one_line_naming_it(tmp_path, monkeypatch, stage):
+    """A ckpt.pt and train_state.pt of one save, but no flags in ckpt.pt: it was KeyError: 'args'."""
+    out = tmp_path / "out"
+    save(out, 2)
+    with pytest.raises(utils.UserError, match=f"^{out}/ckpt.pt: holds no saved flags \\(no 'args' dict\\)"):
+        run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])

@@ -391,7 +391,7 @@ def test_resumed_flags_take_what_the_command_line_names():
     free one (dtype) comes back to the default, any other one with another value than the saved one is refused.
     """
     defaults = sft_stage.Config()
-    saved = dataclasses.asdict(dataclasses.replace(defaults, lr=0.1, dtype="float32", eval_interval=7))
+    saved = {"args": dataclasses.asdict(dataclasses.replace(defaults, lr=0.1, dtype="float32", eval_interval=7))}
 
     def resume(*argv):
         return train_common.resumed_flags(train_common.parse_stage_flags(sft_stage.Config, ["--resume", *argv]), saved)
