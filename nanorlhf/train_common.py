@@ -461,14 +461,17 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12,
                   "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
+PEAK_MATMUL = 1024  # the size of the matmul peak_flops times where it has no per-cycle figure
+
+
 def peak_flops(rt):
     """
     (the FLOP/s that MFU divides by, a line saying where it comes from). A known GPU: its data-sheet peak.
     A CPU: threads x clock x float32 FLOPs per cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512,
     32 with AVX2, 8 otherwise), twice that for a bf16 run on AVX512-BF16 (its dot products do two multiply-adds
     per float32 lane), read from /proc/cpuinfo, a theoretical peak that other processes on the machine cannot
-    distort. Anything else, a bf16 run on AMX tiles among it: the fastest of 8 timed 1024 x 1024 matmuls in the
-    run's dtype.
+    distort. Anything else, a bf16 run on AMX tiles among it: the fastest of 8 timed PEAK_MATMUL x PEAK_MATMUL
+    matmuls in the run's dtype.
     """
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
@@ -487,7 +490,7 @@ def peak_flops(rt):
                 per_cycle, kind = 2 * per_cycle, "bf16"
             peak = torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
             return peak, f"{torch.get_num_threads()} threads x {max(mhz):.0f} MHz x {per_cycle} {kind} FLOPs/cycle"
-    n = 1024
+    n = PEAK_MATMUL
     a = torch.full((n, n), 0.5, device=rt.device, dtype=getattr(torch, rt.dtype))
     best = float("inf")
     for _ in range(8):  # the fastest of several: other processes on the machine only ever slow a trial down
