@@ -759,7 +759,8 @@ def main(argv=None):
     C.check_out_dir(args.out_dir, "ppo", {} if resuming else {"--sft": args.sft, "--rm": args.rm})
     if resuming:  # the run's own flags, so that the resumed run computes what the uninterrupted one would have
         C.check_resumable(args.out_dir)
-        args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT), RESUME_FREE,
+        # mapped, not read: only the flags are needed here, the weights are loaded with the run's state below
+        args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT, mmap=True), RESUME_FREE,
                                RESOLVED_AT_START)
 
     # derived sizes and flag combinations, checked before anything is loaded or written
