@@ -47,6 +47,10 @@ RESIDENT = {"sft": 1, "ppo": 4}
 # train_ppo.py flags that train_grpo.py has with the same meaning, for the online methods' matched runs
 SHARED_FLAGS = ("response_length", "temperature", "missing_eos_penalty", "lr", "anneal_lr", "weight_decay", "beta1",
                 "beta2", "clip_coef", "max_grad_norm")
+# the PPO run's flags that matched_budget reads
+BUDGET_FLAGS = ("num_iterations", "batch_size", "ppo_epochs", "num_minibatches")
+# the numeric columns of rows.json that --summarize averages
+COLUMNS = ("gold", "win_rate_vs_sft", "kl", "rm", "length", "wall_s")
 
 
 @dataclass
@@ -149,9 +153,20 @@ def write_text(path, text):
 def load_rows(out):
     """The compare results of one pipeline: {name: policies.json entry + "models"}."""
     path = os.path.join(out, "compare", "rows.json")
+    rerun = f"rerun `python compare.py --out {out}`"
     check(os.path.isfile(path), f"{path}: not found (run `python compare.py --out {out}` first)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {rerun}") from None
+    check(isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values()),
+          f"{path}: expected an object of {{method: its row of numbers}}, as compare.py writes it; {rerun}")
+    for name, r in rows.items():
+        for key in COLUMNS:
+            check(r.get(key) is None or type(r[key]) in (int, float),
+                  f"{path}: {name}.{key}: expected a number or null, got {json.dumps(r[key])[:40]}; {rerun}")
+    return rows
 
 
 def summarize(outs):
@@ -161,7 +176,7 @@ def summarize(outs):
     lines = ["| method | held-out gold | win vs SFT | KL to SFT | RM score | length | wall time (s) | models |",
              "|---|---|---|---|---|---|---|---|"]
 
-    def ms(name, key, digits):
+    def ms(name, key, digits):  # load_rows checked that these are numbers
         xs = [r[name][key] for r in runs if r[name].get(key) is not None]
         if not xs:
             return "-"
@@ -171,15 +186,19 @@ def summarize(outs):
 
     for n in names:
         lines.append(f"| {n} | {ms(n, 'gold', 3)} | {ms(n, 'win_rate_vs_sft', 3)} | {ms(n, 'kl', 2)} | "
-                     f"{ms(n, 'rm', 2)} | {ms(n, 'length', 1)} | {ms(n, 'wall_s', 0)} | {runs[0][n]['models']} |")
+                     f"{ms(n, 'rm', 2)} | {ms(n, 'length', 1)} | {ms(n, 'wall_s', 0)} | "
+                     f"{runs[0][n].get('models', '-')} |")
     print(f"{len(runs)} pipelines ({', '.join(outs)}): mean ± sd over them\n")
     print("\n".join(lines))
 
 
 def main():
     cfg = parse_flags(Config, description=__doc__)
+    check(cfg.dpo_batch_size >= 1, f"--dpo_batch_size {cfg.dpo_batch_size}: must be at least 1")
     if cfg.summarize:
-        summarize([o.strip() for o in cfg.summarize.split(",") if o.strip()])
+        outs = [o.strip() for o in cfg.summarize.split(",") if o.strip()]
+        check(outs, f"--summarize {cfg.summarize!r}: expected pipeline directories, e.g. out,out_s1")
+        summarize(outs)
         return
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     for m in methods:
@@ -190,7 +209,13 @@ def main():
                  "sft/ckpt.pt", "rm/ckpt.pt", "ppo/ckpt.pt"):
         check(os.path.isfile(os.path.join(d, path)), f"{os.path.join(d, path)}: not found (run `make` first)")
     ppo_ckpt = os.path.join(d, "ppo/ckpt.pt")
-    ppo_flags = saved_flags(load_checkpoint(ppo_ckpt), ppo_ckpt)
+    ppo_payload = load_checkpoint(ppo_ckpt)
+    stage = ppo_payload.get("stage")
+    check(stage in (None, "ppo"), f"{ppo_ckpt}: holds a checkpoint of the {stage!r} stage, not of a PPO run "
+                                  "(the methods get the budget of the run that train_ppo.py writes there)")
+    ppo_flags = saved_flags(ppo_payload, ppo_ckpt)
+    missing = [k for k in BUDGET_FLAGS if k not in ppo_flags]
+    check(not missing, f"{ppo_ckpt}: its saved flags lack {', '.join(missing)}: not a train_ppo.py run's checkpoint")
     if cfg.seed is None:
         cfg.seed = int(load_checkpoint(os.path.join(d, "sft")).get("args", {}).get("seed", 0))
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))

@@ -59,7 +59,8 @@ from nanorlhf import tasks
 from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT, GPTConfig
-from nanorlhf.report import CURVE_KEYS, curves, fmt, pyplot, read_metrics, save_figure, smooth, sweep_section
+from nanorlhf.report import (CURVE_KEYS, curves, fmt, metrics_path, pyplot, read_metrics, save_figure, smooth,
+                             sweep_section)
 from nanorlhf.rollout import decode_response, truncate_after_eos
 from nanorlhf.utils import (check, flag, load_model, load_model_checkpoint, parse_flags, run, setup_runtime,
                             write_text)
@@ -485,7 +486,7 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     if any(c[label] for label in CURVE_KEYS):
         md += ["", "## PPO learning curves", ""]
         md += picture("curves.png", "PPO learning curves", plot_curves, c)
-        md += [f"From `{os.path.join(cfg.ppo, 'metrics.jsonl')}` (rollout means on the training prompts):", "",
+        md += [f"From `{metrics_path(cfg.ppo)}` (rollout means on the training prompts):", "",
                curves_table(c)]
     sweep = sweep_section(os.path.join(cfg.out_dir, "sweep"), plt, cfg.out_dir)
     md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO longer "
@@ -515,6 +516,20 @@ def parse_extra(extra):
     return out
 
 
+def check_out_dir(out_dir):
+    """
+    --out_dir must be a directory we can write, or one that makedirs can create: said now, in one line, not after
+    minutes of sampling. Nothing is created here, so an error later on (a missing checkpoint) leaves nothing behind.
+    """
+    check(out_dir.strip(), "--out_dir: empty (give a directory)")
+    existing = out_dir.rstrip(os.sep) or os.sep
+    while not os.path.lexists(existing):  # the nearest ancestor that exists: makedirs creates the rest below it
+        existing = os.path.dirname(existing) or "."
+    what = "it" if existing == out_dir.rstrip(os.sep) else existing
+    check(os.path.isdir(existing), f"--out_dir {out_dir}: {what} is not a directory")
+    check(os.access(existing, os.W_OK | os.X_OK), f"--out_dir {out_dir}: {what} is not writable")
+
+
 def main(argv=None):
     t_start = time.time()
     cfg = parse_flags(Config, argv, description=__doc__)
@@ -524,6 +539,7 @@ def main(argv=None):
           f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
     check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
+    check_out_dir(cfg.out_dir)
     sft_ckpt = load_model_checkpoint(cfg.sft)[1]
     if cfg.seed is None:
         cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))

@@ -15,10 +15,21 @@ from nanorlhf.utils import write_atomic
 # metrics and the PPO curves in them
 
 
-def read_metrics(path):
-    """The rows of a metrics.jsonl file ([] if there is none); a half-written last line is skipped."""
+def metrics_path(path):
+    """
+    The metrics.jsonl of a run, given its directory or a checkpoint file in it (the checkpoint flags take either):
+    "out/rm" -> "out/rm/metrics.jsonl", "out/rm/ckpt.pt" -> "out/rm/metrics.jsonl"; any other path is itself.
+    """
     if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+        return os.path.join(path, "metrics.jsonl")
+    if os.path.isfile(path) and not path.endswith(".jsonl"):  # a checkpoint: its run's metrics are beside it
+        return os.path.join(os.path.dirname(path), "metrics.jsonl")
+    return path
+
+
+def read_metrics(path):
+    """The rows of a run's metrics.jsonl (metrics_path; [] if there is none); a half-written last line is skipped."""
+    path = metrics_path(path)
     if not os.path.isfile(path):
         return []
     rows = []

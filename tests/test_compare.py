@@ -83,3 +83,56 @@ def test_a_ppo_checkpoint_without_saved_flags_is_one_line_naming_it(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path)])
     with pytest.raises(UserError, match=f"^{tmp_path}/ppo/ckpt.pt: holds no saved flags"):
         compare.main()
+
+
+def exit_status_and_error(monkeypatch, capsys, argv):
+    """Run compare.py with argv as a user does (utils.run): its exit status and what it printed to stderr."""
+    monkeypatch.setattr(sys, "argv", ["compare.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        compare.run(compare.main)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_dpo_batch_size_below_1_is_one_line(tmp_path, monkeypatch, capsys):
+    """--dpo_batch_size 0 was a ZeroDivisionError in matched_budget, after the pipeline's checkpoints were read."""
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--dpo_batch_size", "0"])
+    assert (code, err) == (2, "error: --dpo_batch_size 0: must be at least 1\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"stage": "sft", "args": {"seed": 0, "lr": 1e-5}},
+     "ppo/ckpt.pt: holds a checkpoint of the 'sft' stage, not of a PPO run"),
+    ({"stage": "ppo", "args": {"num_iterations": 2, "batch_size": 8}},
+     "ppo/ckpt.pt: its saved flags lack ppo_epochs, num_minibatches: not a train_ppo.py run's checkpoint"),
+])
+def test_a_ppo_checkpoint_that_is_not_a_ppo_run_s_is_one_line_naming_it(tmp_path, monkeypatch, capsys, payload,
+                                                                        message):
+    """An SFT checkpoint copied to ppo/ckpt.pt has saved flags, but not PPO's: it was KeyError: 'num_iterations'."""
+    (tmp_path / "data").mkdir()
+    for name in ("prompts", "prefs_eval", "eval"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text("")
+    (tmp_path / "data" / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for stage in ("sft", "rm", "ppo"):
+        (tmp_path / stage).mkdir()
+        torch.save({"step": 1, "stage": stage, "args": {"seed": 0}}, tmp_path / stage / "ckpt.pt")
+    torch.save(payload, tmp_path / "ppo" / "ckpt.pt")
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", "dpo"])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/{message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "compare").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"sft": {"gold": 0.5, "models": 1}\n', "not valid JSON (Expecting ',' delimiter: line 2 column 1"),
+    (b"\x80\x04garbage", "not valid JSON ('utf-8' codec can't decode byte 0x80"),
+    (b"[1, 2]", "expected an object of {method: its row of numbers}"),
+    (b'{"grpo": [0.5]}', "expected an object of {method: its row of numbers}"),
+    (b'{"grpo": {"gold": "high", "models": 3}}', 'grpo.gold: expected a number or null, got "high"'),
+])
+def test_summarize_a_malformed_rows_json_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content, message):
+    """A rows.json cut short was a JSONDecodeError, a list there an AttributeError, a string a TypeError."""
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "rows.json").write_bytes(content)
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--summarize", str(tmp_path)])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/compare/rows.json: {message}"), err
+    assert err.count("\n") == 1 and err.endswith(f"; rerun `python compare.py --out {tmp_path}`\n"), err

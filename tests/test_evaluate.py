@@ -236,6 +236,80 @@ def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, 
     assert str(info.value).startswith(message.format(d=tmp_path)), str(info.value)
 
 
+def exit_status_and_error(capsys, main, argv):
+    """Run main(argv) as the script does (utils.run): its exit status and what it printed to stderr."""
+    with pytest.raises(SystemExit) as info:
+        evaluate.run(lambda: main(argv))
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_dir, message", [
+    ("{d}/run/train_state.pt", "error: --out_dir {d}/run/train_state.pt: it is not a directory\n"),
+    ("{d}/run/train_state.pt/eval", "error: --out_dir {d}/run/train_state.pt/eval: {d}/run/train_state.pt is not "
+                                    "a directory\n"),
+    ("{d}/read_only/eval", "error: --out_dir {d}/read_only/eval: {d}/read_only is not writable\n"),
+])
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_sampling(tmp_path, monkeypatch, capsys, out_dir,
+                                                                       message):
+    # a regular file or a read-only directory as --out_dir was a FileExistsError, NotADirectoryError or
+    # PermissionError from os.makedirs, after every policy had been sampled; now it is said before any checkpoint
+    # is read (--sft names a directory that does not exist, so reading one would be a different error)
+    save_checkpoint(str(tmp_path / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")
+    before = (tmp_path / "run" / "train_state.pt").read_bytes()
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    real_access = os.access
+    # root may write a 0o555 directory: there, the OS is told to say what it says to anyone else
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("read_only")
+                        else real_access(path, mode))
+    out_dir, message = out_dir.format(d=tmp_path), message.format(d=tmp_path)
+    argv = ["--sft", str(tmp_path / "missing"), "--out_dir", out_dir]
+    code, err = exit_status_and_error(capsys, evaluate.main, argv)
+    assert (code, err) == (2, message)
+    assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
+    assert os.listdir(tmp_path / "read_only") == []
+
+
+def test_an_out_dir_is_not_created_before_the_inputs_are_read(tmp_path, capsys):
+    """--out_dir is checked, not made, up front: a missing checkpoint then leaves no empty directory behind."""
+    code, err = exit_status_and_error(capsys, evaluate.main, ["--sft", str(tmp_path / "missing"),
+                                                              "--out_dir", str(tmp_path / "new" / "eval")])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/missing") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_file_paths_read_the_metrics_of_their_run(tmp_path):
+    """
+    --sft, --rm, --ppo and --extra take a ckpt.pt file as well as its directory (the loader does): the report then
+    reads the metrics.jsonl beside the file. It opened the checkpoint itself as text (UnicodeDecodeError) after
+    every policy had been sampled.
+    """
+    data = tmp_path / "data"
+    tasks.generate_task(str(data), seed=0, n_sft=2, n_prefs=2, n_prefs_eval=2, n_prompts=2, n_eval=3)
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(2), tok, "ppo", {"response_length": 4}, 5))
+    save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 5))
+    metrics = {"sft": [{"step": 0, "val_loss": 5.5}, {"step": 10, "loss": 1.0, "val_loss": 1.2, "time": 10.0}],
+               "rm": [{"step": 5, "final": True, "val_acc": 0.7, "val_gold_acc": 0.75, "time": 4.0}],
+               "ppo": [{"iter": it, "rm_score": 0.1, "gold": 0.5, "kl": 0.2, "t_rollout": 1.0, "t_update": 2.0}
+                       for it in range(1, 3)]}
+    for stage, rows in metrics.items():
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = {stage: str(tmp_path / stage / "ckpt.pt") for stage in metrics}
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data / "eval.jsonl"), "--sft", ckpt["sft"], "--rm", ckpt["rm"], "--ppo", ckpt["ppo"],
+                   "--extra", f"again={ckpt['ppo']}", "--init_row", "false", "--n_prompts", "2",
+                   "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["rm"]["accuracy"] == 0.7
+    assert 10.0 + 4.0 + 2 * 3.0 <= report["wall_s"] < 10.0 + 4.0 + 2 * 3.0 + 60
+    policies = json.loads((out / "policies.json").read_text())
+    assert {name: p["wall_s"] for name, p in policies.items()} == {"sft": 10.0, "ppo": 6.0, "again": 6.0}
+    md = (out / "report.md").read_text()
+    assert "Held-out loss 5.500 at step 0 -> 1.200 at step 10" in md
+    assert f"From `{tmp_path}/ppo/metrics.jsonl`" in md
+
+
 def test_bench_runs_and_prints_its_table():
     stdout = script("bench.py", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32",
                     "--batch_size", "2", "--steps", "1", "--prompt_len", "4", "--new_tokens", "4",
