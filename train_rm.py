@@ -100,7 +100,8 @@ CALIBRATION_BINS = 5
 
 def check_flags(args):
     check_loop_flags(args)
-    check(args.norm_samples >= 1, f"--norm_samples must be at least 1, got {args.norm_samples}")
+    # the normalisation needs a std, which 1 score does not have
+    check(args.norm_samples >= 2, f"--norm_samples must be at least 2, got {args.norm_samples}")
     check(args.center_coef >= 0, f"--center_coef must be >= 0, got {args.center_coef}")
     check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
     check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
@@ -278,6 +279,9 @@ def main():
         (train_records, n1), (val_records, n2) = drop_ties(train_records), drop_ties(val_records)
         n_ties = n1 + n2
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
+    # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling.
+    # Decided now, so that a meta.json of the task's that is broken stops the run here, not after training
+    meta = tasks.task_meta(args.val_data or args.data)
     # a fresh run starts from the SFT model's trunk; a LoRA run resumes from that base and its saved adapters
     # (load_model's third value, the checkpoint dict, is a CPU copy of the weights: not kept)
     resume_full = state is not None and not args.lora_rank
@@ -295,6 +299,17 @@ def main():
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
     val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
     check(len(train) > 0 and len(val) > 0, f"no record keeps 2 responses that fit in {max_len} tokens")
+    # the demonstrations that set the reward's mean and std after training (the held-out responses without them:
+    # at least 2, as a val record keeps 2); found now, so that too few stop the run before anything is written
+    if sft_records is not None:
+        norm_seqs = [ids for ids, _ in encode_sft(sft_records, tok, max_len)[0]]
+        check(len(norm_seqs) >= 2, f"{args.sft_data}: {len(norm_seqs)} of its first {len(sft_records)} demonstrations "
+                                   f"fit in {max_len} tokens; the reward's mean and std need at least 2 "
+                                   f"(--sft_data '': the held-out responses)")
+        norm_on = f"{len(norm_seqs)} demonstrations of {args.sft_data}"
+    else:
+        norm_seqs = [s for ex in val for s in ex["ids"]]
+        norm_on = f"{len(norm_seqs)} held-out responses"
     n_seqs = sum(len(ex["ids"]) for ex in train)
     print(f"data: {len(train)} train prompts ({n_seqs} responses, {sum(math.comb(len(ex['ids']), 2) for ex in train)} "
           f"pairs), {len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the "
@@ -306,8 +321,6 @@ def main():
     val_sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size, seed=args.seed)
     val_order = val_sampler.batches(0)[:args.eval_batches]
     val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len, args.share_prompts) for b in val_order]
-    # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling
-    meta = tasks.task_meta(args.val_data or args.data)
     builtin = meta is not None and len(val) == len(val_records) and all(
         len(ex["ids"]) == len(r["responses"]) for ex, r in zip(val, val_records))
     val_evaluated = [val_records[i] for b in val_order for i in b] if builtin else None
@@ -416,16 +429,10 @@ def main():
 
     # the InstructGPT normalisation: shift the head's bias so that the demonstrations score mean 0. It changes
     # no difference r_w - r_l, so the held-out metrics above stand.
-    if sft_records is not None:
-        seqs = [ids for ids, _ in encode_sft(sft_records, tok, max_len)[0]]
-        norm_on = f"{len(seqs)} demonstrations of {args.sft_data}"
-    else:
-        seqs = [s for ex in val for s in ex["ids"]]
-        norm_on = f"{len(seqs)} held-out responses"
-    scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
+    scores = score_sequences(model, norm_seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     with torch.no_grad():
         dist.writable(model, "head.bias").sub_(scores.mean().item())  # under FSDP2 every rank shifts its shard
-    scores = score_sequences(model, seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
+    scores = score_sequences(model, norm_seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     reward_mean, reward_std = scores.mean().item(), scores.std().item()
     summary = {"step": step, "final": True, **val_metrics, "reward_mean": reward_mean, "reward_std": reward_std,
                "time": time.time() - t_start}

@@ -233,14 +233,37 @@ def gold_tie_fraction(records):
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
+# the numbers of meta.json that the stages read (train_rm.py, evaluate.py); generate_task writes them all
+META_KEYS = ("annotator_beta", "annotator_agreement", "gold_demonstrator", "gold_demonstrator_without_habit",
+             "gold_perfect")
+
+
 def task_meta(data_path):
-    """meta.json next to a data file (or in a data directory), or None when it is not built-in task data."""
+    """
+    meta.json next to a data file (or in a data directory), or None when it is not built-in task data.
+    Users keep files of their own named meta.json beside their data, so one is the task's only if it says so:
+    a JSON object with META_KEYS. One that is not a JSON object, or has none of them, is someone else's and
+    means "not the built-in task" (generate_task writes meta.json whole, with os.replace, so a file it cannot
+    parse is not one of the task's). One with some of them claims to be the task's: a missing or non-numeric
+    one is then an error naming the file and the field, rather than a guess either way.
+    """
     d = data_path if os.path.isdir(data_path) else os.path.dirname(os.path.abspath(data_path))
     path = os.path.join(d, "meta.json")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # absent, unreadable, or not JSON (UnicodeDecodeError is a ValueError)
         return None
-    with open(path) as f:
-        return json.load(f)
+    if not isinstance(meta, dict) or not any(k in meta for k in META_KEYS):
+        return None
+    for k in META_KEYS:
+        v = meta.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            from nanorlhf.data import DataError  # here, not at the top: the task itself needs no torch
+            what = "missing" if k not in meta else f"expected a finite number, got {v!r:.40}"
+            raise DataError(f"{path}: field '{k}': {what} (this looks like the built-in task's meta.json; "
+                            f"regenerate it with python -m nanorlhf.tasks)")
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -252,6 +275,14 @@ def _write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+
+def max_prompts(min_digits=3, max_digits=8):
+    """How many distinct prompts generate_task may draw: 90% of all there are, so that rejection sampling ends."""
+    return int(0.9 * sum(10 ** n for n in range(min_digits, max_digits + 1)))
+
+
+MAX_K = 100  # 'sort 0 0 0' has about a thousand distinct short responses: far more k would take forever to draw
 
 
 def generate_task(out_dir, seed=0, n_sft=20000, n_prefs=5000, n_prefs_eval=500, n_prompts=2000, n_eval=500,
@@ -269,7 +300,7 @@ def generate_task(out_dir, seed=0, n_sft=20000, n_prefs=5000, n_prefs_eval=500, 
     # Rejection sampling keeps them distinct; the 1000 prompts of 3 digits run out first, so with the
     # default sizes short prompts are rarer than long ones, in every file alike.
     sizes = [n_eval, n_prefs_eval, n_prompts, n_prefs, n_sft]
-    assert sum(sizes) <= 0.9 * sum(10 ** n for n in range(min_digits, max_digits + 1)), "not enough distinct prompts"
+    assert sum(sizes) <= max_prompts(min_digits, max_digits), "not enough distinct prompts"
     pool, seen = [], set()
     while len(pool) < sum(sizes):
         p = random_prompt(rng, min_digits, max_digits)
@@ -353,6 +384,23 @@ def main(argv=None):
     parser.add_argument("--error_prob", type=float, default=ERROR_PROB, help="demonstrator's rate of random mistakes")
     parser.add_argument("--habit_prob", type=float, default=HABIT_PROB, help="demonstrator's rate of the ' !' habit")
     args = parser.parse_args(argv)
+    # checked here, before anything is written: generate_task only asserts
+    sizes = ["n_sft", "n_prefs", "n_prefs_eval", "n_prompts", "n_eval"]
+    for name in sizes:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    total = sum(getattr(args, name) for name in sizes)
+    if total > max_prompts():
+        parser.error(f"--{' + --'.join(sizes)} = {total} prompts, more than the {max_prompts()} distinct ones to draw")
+    if not 2 <= args.k <= MAX_K:
+        parser.error(f"--k must be between 2 and {MAX_K} (responses ranked per prompt), got {args.k}")
+    if not (math.isfinite(args.annotator_beta) and args.annotator_beta >= 0):
+        parser.error(f"--annotator_beta must be a finite number >= 0 (0 = coin flips), got {args.annotator_beta}")
+    for name in ("error_prob", "habit_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name} must be a probability in [0, 1], got {getattr(args, name)}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out_dir {args.out_dir} is a file, not a directory")
     meta = generate_task(**vars(args))
     print(f"wrote {args.out_dir}/{{sft,prefs,prefs_eval,prompts,eval}}.jsonl and meta.json")
     for key in ["gold_perfect", "gold_demonstrator_without_habit", "gold_demonstrator", "annotator_agreement",

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from nanorlhf.data import read_prefs, read_prompts, read_sft
-from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, annotate, annotator_agreement, candidate, demonstrate,
-                            generate_task, gold, ranking_agreement, rendered_len, solve, task_meta)
+from nanorlhf.data import DataError, read_prefs, read_prompts, read_sft
+from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, META_KEYS, annotate, annotator_agreement, candidate,
+                            demonstrate, generate_task, gold, main, ranking_agreement, rendered_len, solve, task_meta)
 from nanorlhf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,3 +209,59 @@ def test_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "annotator_agreement" in proc.stdout
     assert len(read_sft(str(out / "sft.jsonl"))) == 20
+
+
+def test_task_meta_is_only_the_task_s(tmp_path):
+    """
+    A meta.json beside the data is the task's only with the task's fields: none, not JSON or not an object is
+    someone else's file (None); some of them but one missing or not a number is a one-line error naming the field.
+    """
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("")
+    assert task_meta(str(data)) is None  # no meta.json
+    for text in ['{"dataset": "mine"}', "not json", "[1, 2]", '"annotator_beta"', ""]:
+        (tmp_path / "meta.json").write_text(text)
+        assert task_meta(str(data)) is None, text
+    meta = {k: 0.5 for k in META_KEYS}
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "task": "mine"}))
+    assert task_meta(str(data)) == {**meta, "task": "mine"} == task_meta(str(tmp_path))
+    for field, value, what in (("annotator_beta", None, "missing"), ("gold_perfect", "1", "expected a finite number"),
+                               ("annotator_agreement", True, "expected a finite number"),
+                               ("gold_demonstrator", float("nan"), "expected a finite number")):
+        broken = {k: v for k, v in {**meta, field: value}.items() if v is not None}
+        (tmp_path / "meta.json").write_text(json.dumps(broken))
+        with pytest.raises(DataError) as e:
+            task_meta(str(data))
+        assert str(e.value).startswith(f"{tmp_path / 'meta.json'}: field '{field}': {what}"), e.value
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "1"], "--k must be between 2 and 100"),
+    (["--k", "101"], "--k must be between 2 and 100"),
+    (["--n_sft", "-5", "--n_prefs", "10"], "--n_sft must be >= 0, got -5"),
+    (["--n_eval", "-1"], "--n_eval must be >= 0, got -1"),
+    (["--n_sft", "100000000"], "prompts, more than the 99999900 distinct ones to draw"),
+    (["--error_prob", "2"], "--error_prob must be a probability in [0, 1], got 2.0"),
+    (["--habit_prob", "nan"], "--habit_prob must be a probability in [0, 1], got nan"),
+    (["--annotator_beta", "-5"], "--annotator_beta must be a finite number >= 0"),
+    (["--annotator_beta", "inf"], "--annotator_beta must be a finite number >= 0"),
+])
+def test_cli_refuses_bad_flags_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "data"
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", str(out), "--n_sft", "20", "--n_prefs", "10", "--n_prefs_eval", "10", "--n_prompts", "10",
+              "--n_eval", "10", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error: " in err and message in err, err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_file_as_out_dir(tmp_path, capsys):
+    out = tmp_path / "data"
+    out.write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", str(out), "--n_sft", "20"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out_dir {out} is a file" in err, err
+    assert out.read_text() == "mine"

@@ -291,3 +291,68 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(sft, tmp_path, 
         assert torch.load(out / name, weights_only=True)["step"] == 2, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def run_rm(monkeypatch, capsys, argv):
+    """train_rm.py's main(argv) as utils.run calls it -> (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *argv])
+    try:
+        utils.run(train_rm.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def short_rm_args(sft, data, out, *extra):
+    """Two steps on a small preference file (its own directory, so that its meta.json is the test's)."""
+    return ["--data", str(data), "--init_from", str(sft / "sft"), "--out_dir", str(out), "--sft_data",
+            str(sft / "data/sft.jsonl"), "--norm_samples", "20", "--batch_size", "4", "--max_steps", "2",
+            "--eval_batches", "1", "--val_frac", "0.25", "--device", "cpu", *extra]
+
+
+def test_a_meta_json_that_is_not_the_task_s_is_not_built_in_data(sft, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    A meta.json of the user's own beside the data (not the task's keys, or not JSON) means no built-in metrics, and
+    the run ends with its normalised checkpoint; one that claims to be the task's but is broken stops the run at the
+    start, in one line naming the file and the field, with nothing written.
+    """
+    data = tmp_path / "mydata"
+    data.mkdir()
+    prefs = write_prefs(data / "prefs.jsonl")
+    for i, text in enumerate(['{"dataset": "mine"}', "not json", "[1, 2]"]):
+        (data / "meta.json").write_text(text)
+        out = tmp_path / f"rm{i}"
+        code, err = run_rm(monkeypatch, capsys, short_rm_args(sft, prefs, out))
+        assert code == 0, (text, err)
+        final = read_metrics(out)[-1]
+        assert final["final"] and "annotator_agreement" not in final and math.isfinite(final["reward_std"])
+        assert math.isfinite(torch.load(out / "ckpt.pt", weights_only=True)["reward_std"])
+    meta = {k: 0.5 for k in tasks.META_KEYS}
+    for field, value in (("annotator_beta", None), ("gold_perfect", "1.0")):
+        broken = {k: v for k, v in {**meta, field: value}.items() if v is not None}
+        (data / "meta.json").write_text(json.dumps(broken))
+        out = tmp_path / "broken"
+        code, err = run_rm(monkeypatch, capsys, short_rm_args(sft, prefs, out))
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {data / 'meta.json'}: field '{field}': "), err
+        assert not out.exists()
+
+
+def test_too_few_demonstrations_for_the_normalisation_are_refused(sft, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    The reward's std needs 2 scores: --norm_samples 1, or --sft_data whose records do not fit the context but one,
+    stops before anything is written, in one line naming the flag or the file and the count.
+    """
+    prefs = write_prefs(tmp_path / "prefs.jsonl")
+    out = tmp_path / "rm"
+    code, err = run_rm(monkeypatch, capsys, short_rm_args(sft, prefs, out, "--norm_samples", "1"))
+    assert code == 2 and err == "error: --norm_samples must be at least 2, got 1\n", err
+    assert not out.exists()
+    long_sft = tmp_path / "long_sft.jsonl"
+    long_sft.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "x" * 100}) + "\n" for i in range(3))
+                        + json.dumps({"prompt": "sort 2 1", "response": "1 2"}) + "\n")
+    code, err = run_rm(monkeypatch, capsys, short_rm_args(sft, prefs, out, "--sft_data", str(long_sft)))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {long_sft}: 1 of its first 4 demonstrations fit in 64 tokens"), err
+    assert not out.exists()
