@@ -44,15 +44,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanorlhf import tasks
 from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix,
                            padding_fraction, read_prefs, slots_run, to_device)
 from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, gold_scores, truncate_after_eos
 from nanorlhf import dist
-from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, load_run,
-                                   optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags, save_run,
-                                   wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, gold_on,
+                                   load_run, optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags,
+                                   save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -297,8 +296,7 @@ def main():
     # the gold score of sampled responses to held-out prompts (the built-in task only; never trained on), its
     # flags checked before the reference pass, which takes minutes on a real model
     gold_prompts = [r["prompt"] for r in val_records[:args.gold_prompts]]
-    use_gold = args.gold == "on" or (args.gold == "auto" and
-                                     all(tasks.parse_prompt(p) is not None for p in gold_prompts))
+    use_gold = gold_on(args.gold, gold_prompts, args.val_data or args.data)  # --gold on with other prompts: refused
     check(not use_gold or args.response_length < max_len,
           f"--response_length {args.response_length} must be < block_size {max_len} for the gold score (or --gold off)")
     gold_ids = encode_prompts(gold_prompts, tok, max_len - args.response_length)[0] if use_gold else None

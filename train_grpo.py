@@ -61,11 +61,11 @@ from nanorlhf import data as D
 from nanorlhf import dist
 from nanorlhf import utils
 from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
-from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
-                              next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
-from nanorlhf.train_common import (RESUME_HELP, ROLLOUT_RESUME_FREE, check_out_dir, check_rollout_flags, gold_on,
-                                   keep_samples_until, load_run, optimizer_step, parse_stage_flags, resumed_flags,
-                                   save_files, wants_resume)
+from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
+                              score_and_logprobs, truncate_after_eos, write_samples)
+from nanorlhf.train_common import (RESUME_HELP, ROLLOUT_RESUME_FREE, check_out_dir, check_rm_context,
+                                   check_rollout_flags, gold_on, keep_samples_until, load_run, optimizer_step,
+                                   parse_stage_flags, resumed_flags, save_files, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -357,6 +357,7 @@ def main(argv=None):
         args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
     check(ref_tok.same_encoding(tok) and rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
+    check_rm_context(actor, reward_model, args.sft, args.rm)
     for m in (actor, ref, reward_model):
         disable_dropout(m)
     freeze(ref)
@@ -441,12 +442,11 @@ def main(argv=None):
             "t_rollout": t_rollout,
             "t_update": t_update,
         }
-        texts = None
         write = it == 0 or (it + 1) % args.sample_interval == 0
         if use_gold or write:
-            texts = [(prompts[i], decode_response(tok, r, m)) for i, r, m in zip(idx, exp["response"].tolist(), mask.tolist())]
+            samples = judged_samples(tok, [prompts[i] for i in idx], exp["response"], mask, exp["scores"], use_gold)
         if use_gold:
-            row["gold"] = sum(gold_scores(*zip(*texts))) / len(texts)
+            row["gold"] = sum(s["gold"] for s in samples) / len(samples)
         logger.log(row)
         gold = f" gold {row['gold']:.3f} |" if use_gold else ""
         print(f"iter {it + 1}/{args.num_iterations} | score {row['score']:+.3f} |{gold} kl {row['kl']:.2f} | "
@@ -454,10 +454,7 @@ def main(argv=None):
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
         if write and dist.is_main():
-            golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
-            write_samples(args.out_dir, it + 1, [
-                {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
-                for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
+            write_samples(args.out_dir, it + 1, samples[:args.num_samples])
         if (it + 1) % args.save_interval == 0 or it + 1 == stop:
             save(it + 1)
     if stop < args.num_iterations:

@@ -68,8 +68,8 @@ from nanorlhf import utils
 from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
 from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
 from nanorlhf.offload import offload
-from nanorlhf.rollout import (decode_response, disable_dropout, freeze, generate_responses, gold_scores,
-                              next_prompt_indices, score_and_logprobs, truncate_after_eos, write_samples)
+from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
+                              score_and_logprobs, truncate_after_eos, write_samples)
 from nanorlhf.utils import check, flag
 
 
@@ -619,9 +619,7 @@ def build_models(args, device, files=None):
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar")
     check(rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
-    check(reward_model.config.block_size >= actor.config.block_size,
-          f"{args.rm} has block_size {reward_model.config.block_size} < {actor.config.block_size} of {args.sft}: "
-          f"the RM must score the policy's longest prompt + response")
+    C.check_rm_context(actor, reward_model, args.sft, args.rm)
     saved_critic = utils.load_model(files[CRITIC], actor_home, kind="scalar")[0] if files else None
     for m in (actor, reward_model):
         disable_dropout(m)
@@ -959,13 +957,11 @@ def main(argv=None):
             "t_rollout": t_rollout,
             "t_update": t_update,
         }
-        texts = None
         write = it == 0 or (it + 1) % args.sample_interval == 0
         if use_gold or write:
-            texts = [(prompts[i], decode_response(tok, r, m))
-                     for i, r, m in zip(idx, exp["response"].tolist(), mask.tolist())]
+            samples = judged_samples(tok, [prompts[i] for i in idx], exp["response"], mask, exp["scores"], use_gold)
         if use_gold:
-            row["gold"] = sum(gold_scores(*zip(*texts))) / len(texts)
+            row["gold"] = sum(s["gold"] for s in samples) / len(samples)
         logger.log(row)
         gold = f" gold {row['gold']:.3f} |" if use_gold else ""
         print(f"iter {it + 1}/{args.num_iterations} | score {row['score']:+.3f} |{gold} kl {row['kl']:.2f} beta {beta:.3f} | "
@@ -973,10 +969,7 @@ def main(argv=None):
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
         if write and dist.is_main():
-            golds = gold_scores(*zip(*texts[:args.num_samples])) if use_gold else [None] * args.num_samples
-            write_samples(args.out_dir, it + 1, [
-                {"prompt": p, "response": r, "score": exp["scores"][j].item(), "gold": g}
-                for j, ((p, r), g) in enumerate(zip(texts[:args.num_samples], golds))])
+            write_samples(args.out_dir, it + 1, samples[:args.num_samples])
         if (it + 1) % args.save_interval == 0 or it + 1 == stop:
             save(it + 1)
     if stop < args.num_iterations:

@@ -134,6 +134,20 @@ def decode_response(tok, ids, mask):
     return text[1:] if text.startswith(" ") else text
 
 
+def judged_samples(tok, prompts, response, mask, scores, gold):
+    """
+    The rollout as the judge and samples.jsonl read it: one {"prompt", "response", "score", "gold"} per row, the
+    response decoded (decode_response), gold the built-in task's score, or None with gold False. prompts: B strings;
+    response, mask (B, N); scores (B,).
+    Example: (["sort 2 1"], the ids of " 1 2" and EOS, their mask, [0.5], True) -> [{"prompt": "sort 2 1",
+    "response": "1 2", "score": 0.5, "gold": 1.0}].
+    """
+    texts = [decode_response(tok, r, m) for r, m in zip(response.tolist(), mask.tolist())]
+    golds = gold_scores(prompts, texts) if gold else [None] * len(texts)
+    return [{"prompt": p, "response": t, "score": s, "gold": g}
+            for p, t, s, g in zip(prompts, texts, scores.tolist(), golds)]
+
+
 def write_samples(out_dir, iteration, rows):
     with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
         for r in rows:

@@ -1,9 +1,10 @@
 """
 The training-loop scaffolding that the stage scripts share, and nothing else: the held-out split, an endless
 resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
-step, the checks of the flags that the loops share (PPO's and GRPO's, --gold among them), the checkpoint files
-(ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves a set of one step, --resume
-(on, off, auto), the flags of a resumed run and the samples it keeps, and the peak FLOP/s that MFU divides by.
+step, the checks of the flags that the loops share (PPO's and GRPO's, --gold among them, and their RM's context),
+the checkpoint files (ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves a set
+of one step, --resume (on, off, auto), the flags of a resumed run and the samples it keeps, and the peak FLOP/s that
+MFU divides by.
 The loops themselves stay in the scripts, where a reader expects them.
 """
 
@@ -110,9 +111,9 @@ def check_rollout_flags(args):
 
 def gold_on(mode, prompts, data):
     """
-    Whether a PPO or GRPO run logs the built-in task's gold score (--gold auto | on | off): auto, when every prompt
-    is one of the task's; on, refused (one line, before anything is written) when one is not, since the task's
-    judge cannot parse it and gold would be 0 every iteration.
+    Whether a PPO, GRPO or DPO run logs the built-in task's gold score (--gold auto | on | off): auto, when every
+    prompt is one of the task's; on, refused (one line, before anything is written) when one is not, since the
+    task's judge cannot parse it and gold would be 0 every iteration (every evaluation in DPO).
     Example: ("auto", ["sort 3 1", "hello"], path) -> False; ("on", the same) -> UserError; ("off", ...) -> False.
     """
     foreign = next((p for p in prompts if tasks.parse_prompt(p) is None), None)
@@ -121,6 +122,17 @@ def gold_on(mode, prompts, data):
                               f"{foreign[:60]!r}, which its gold judge cannot score (it would log 0); use --gold auto "
                               f"or off")
     return mode == "on" or (mode == "auto" and foreign is None)
+
+
+def check_rm_context(policy, reward_model, sft, rm):
+    """
+    The reward model of a PPO or GRPO run scores prompt + response, up to the policy's block_size tokens: its own
+    context must be as long (a shorter one failed in the first rollout with an IndexError, after metrics.jsonl was
+    started). sft and rm are the checkpoint directories, for the message.
+    """
+    utils.check(reward_model.config.block_size >= policy.config.block_size,
+                f"{rm} has block_size {reward_model.config.block_size} < {policy.config.block_size} of {sft}: "
+                f"the RM must score the policy's longest prompt + response")
 
 
 def check_clip_flag(name, value):

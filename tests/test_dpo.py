@@ -282,6 +282,29 @@ def test_over_long_records_are_counted_and_response_length_is_checked_for_the_go
     assert not (tmp_path / "on").exists()
 
 
+def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(tiny_run, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    Held-out prompts that are not the built-in task's (as a TRL-style file's): --gold on logged gold 0.000 at every
+    evaluation; it is refused in one line, as train_ppo.py and train_grpo.py refuse it. --gold auto turns gold off.
+    """
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": f"yes {i}", "rejected": "no"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "out"
+    cmd = ["train_dpo.py", "--data", str(data), "--sft", str(tiny_run / "sft"), "--out_dir", str(out), "--batch_size",
+           "2", "--max_steps", "1", "--eval_batches", "1", "--gold_prompts", "2", "--response_length", "8"]
+    monkeypatch.setattr(sys, "argv", cmd + ["--gold", "on"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_dpo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --gold on: {data} holds prompts that are not the built-in task's, e.g. 'hello "), err
+    assert not out.exists()
+    monkeypatch.setattr(sys, "argv", cmd)  # --gold auto: no gold for these prompts
+    train_dpo.main()
+    assert not any("gold" in r for r in read_metrics(str(out)))
+
+
 def test_no_checkpoint_dict_is_kept_while_training(tiny_run, tmp_path, monkeypatch, one_thread):
     """The checkpoint dicts load_model and load_run return, CPU copies of the weights, are gone by the first step."""
     alive, refs = track_checkpoint_dicts(monkeypatch, train_dpo, "batch_loss")

@@ -619,6 +619,24 @@ def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(tiny_ckpts, tmp_
     assert "gold" not in read_metrics(str(out))[0]
 
 
+def test_a_reward_model_with_a_shorter_context_is_refused(tiny_ckpts, tmp_path, capsys):
+    """
+    An RM of block_size 32 under a policy of 64 (prompt + 40 response tokens do not fit in 32): it crashed in the
+    first rollout with an IndexError from the embedding, metrics.jsonl already written. Refused as train_ppo.py does.
+    """
+    rm = tmp_path / "rm"
+    rm_model = ScalarGPT(GPTConfig(**{**TINY, "block_size": 32}))
+    utils.save_checkpoint(str(rm), utils.model_payload(rm_model, Tokenizer.byte_level(), "rm", {"seed": 0}, 1))
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--rm", str(rm), "--response_length", "40", "--num_iterations", "1")[1:]
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: train_grpo.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {rm} has block_size 32 < 64 of {tiny_ckpts / 'sft'}"), err
+    assert not out.exists()
+
+
 def test_bad_prompts_file_exits_2_and_writes_nothing(tiny_ckpts, tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "sort 1 2"}\n{"text": "sort 3 4"}\n')

@@ -28,7 +28,8 @@ from nanorlhf import tasks
 from nanorlhf import utils
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-from nanorlhf.rollout import disable_dropout, freeze, generate_responses, next_prompt_indices, truncate_after_eos
+from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
+                              truncate_after_eos)
 from nanorlhf.tokenizer import Tokenizer
 
 import train_ppo
@@ -73,6 +74,30 @@ def test_truncate_after_eos():
     for row, c, m in zip(response.tolist(), cut.tolist(), mask.tolist()):
         end = row.index(E) + 1 if E in row else len(row)
         assert m == [1] * end + [0] * (len(row) - end) and c == row[:end] + [P] * (len(row) - end)
+
+
+def test_judged_samples_decode_score_and_judge_each_row():
+    """
+    The rows train_ppo.py and train_grpo.py log gold from and write to samples.jsonl, against the plain way: the
+    real tokens decoded without the template's leading space, the score as a float, the task's gold (None when off).
+    """
+    tok = Tokenizer.byte_level()
+    E, P = tok.eos_id, tok.pad_id
+    prompts = ["sort 3 1 2", "sort 9 8", "sort 5 4 6"]
+    answers = [" 1 2 3", " 8 9 !", " 4 5 6 6"]  # right; right with the habit; an extra digit, cut without EOS
+    rows = [tok.encode(a) + [E] for a in answers[:2]] + [tok.encode(answers[2])]
+    N = max(map(len, rows)) + 2
+    response = torch.tensor([r + [P] * (N - len(r)) for r in rows])  # (3, N)
+    response[2, len(rows[2]):] = 7  # a row without EOS is all real: what is past the answer is decoded too
+    cut, mask = truncate_after_eos(response, E, P)
+    scores = torch.tensor([0.25, -1.5, 3.0])
+    got = judged_samples(tok, prompts, cut, mask, scores, True)
+    texts = [tok.decode([t for t, m in zip(r, k) if m]).removeprefix(" ") for r, k in zip(cut.tolist(), mask.tolist())]
+    assert texts[:2] == ["1 2 3", "8 9 !"] and texts[2].startswith("4 5 6 6")
+    assert got == [{"prompt": p, "response": t, "score": s.item(), "gold": tasks.gold(p, t)}
+                   for p, t, s in zip(prompts, texts, scores)]
+    assert [r["gold"] for r in got[:2]] == [1.0, 0.5]
+    assert [r["gold"] for r in judged_samples(tok, prompts, cut, mask, scores, False)] == [None, None, None]
 
 
 def test_score_lands_at_last_real_token():
