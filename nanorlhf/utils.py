@@ -43,12 +43,18 @@ def run(main):
     here). Every file the scripts write is closed or flushed when main() returns; stdout and stderr are flushed
     here. atexit handlers do not run then: whatever needs closing is closed in main().
     """
-    code = 0
+    code, message = 0, None
     try:
         main()
     except (UserError, DataError) as e:
+        message = str(e)
+    except OSError as e:
+        # a path the OS refuses (a file where --out_dir's directory goes, a file we may not read) or a full disk: the
+        # user's to fix, so one line too. Only OSError: any other exception is a bug and keeps its traceback
+        message = os_error_line(e)
+    if message is not None:
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank meets the same error: rank 0 says it
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.stdout.flush()
@@ -56,6 +62,20 @@ def run(main):
         os._exit(code)
     if code:
         sys.exit(code)
+
+
+def os_error_line(e):
+    """
+    An OSError in one line: the path (or the two paths of a rename) and the OS's reason, e.g.
+    FileExistsError(17, "File exists", "out/afile") -> "out/afile: File exists", and an empty path is shown as one:
+    FileNotFoundError(2, "No such file or directory", "") -> "'' (an empty path): No such file or directory".
+    One without a path or an errno, OSError("disk full") -> "disk full".
+    """
+    reason = e.strerror or _one_line(e) or type(e).__name__
+    paths = [os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in (e.filename, e.filename2)
+             if p is not None]
+    paths = [p if p else "'' (an empty path)" for p in paths]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 # -----------------------------------------------------------------------------
@@ -73,6 +93,20 @@ def _str2bool(s):
     if s.lower() in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(s)
+
+
+def finite_float(s):
+    """
+    A float flag's type: a number, not nan or inf (in any case, with a sign, or as an overflow such as 1e999). No
+    flag of nanorlhf means either, and a run given one would start, clear its out_dir, and fail at its first step.
+    """
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {s!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return x
 
 
 def _optional(base):
@@ -113,6 +147,10 @@ class FlagParser(argparse.ArgumentParser):
         if extras:
             what = f"unknown flag {extras[0]}" if extras[0].startswith("-") else f"unexpected argument {extras[0]!r}"
             self.error(f"{what} (flags are --name value; see --help)")
+        # a script's --seed seeds numpy (setup_runtime), which takes 0 to 2**32 - 1 only: the same range in every one
+        seed = getattr(ns, "seed", None)
+        if type(seed) is int and not 0 <= seed < 2**32:
+            self.error(f"argument --seed: {seed} is out of range (a seed is 0 to {2**32 - 1})")
         return ns
 
     def error(self, message):
@@ -134,7 +172,8 @@ def parse_flags(cls, argv=None, description=None):
     """
     Build a FlagParser from a dataclass, parse argv and return an instance of the dataclass.
     A bool field `compile: bool = False` becomes `--compile` (and `--compile false` also works).
-    Optional fields (default None) take the type of their annotation, e.g. `top_k: int | None`.
+    Optional fields (default None) take the type of their annotation, e.g. `top_k: int | None`. A float flag refuses
+    nan and inf (finite_float).
     The instance's `_given` is the set of the flags that argv names (given at their default value or not): a
     resumed run takes only those from the command line (train_common.resumed_flags).
     """
@@ -142,12 +181,15 @@ def parse_flags(cls, argv=None, description=None):
     for f in dataclasses.fields(cls):
         # argparse formats a help string with %: a literal one ("~30% slower") is written %%
         help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
-        typ = f.type
+        typ, optional = f.type, False
         if isinstance(typ, str):  # under `from __future__ import annotations`
             typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]
         elif not isinstance(typ, type):  # `int | None`: "none" on the command line gives None back
-            base = next(a for a in typing.get_args(typ) if a is not type(None))
-            typ = _optional(base)
+            typ, optional = next(a for a in typing.get_args(typ) if a is not type(None)), True
+        if typ is float:
+            typ = finite_float
+        if optional:
+            typ = _optional(typ)
         if typ is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
         else:
@@ -216,6 +258,19 @@ def auto_dtype(device_type):
     return "float32"
 
 
+def available_devices():
+    """
+    The --device values this machine can run, in words, e.g. "cpu" or "cpu, cuda (cuda:0 to cuda:1)" or "cpu, mps".
+    """
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names.append("cuda (cuda:0)" if n == 1 else f"cuda (cuda:0 to cuda:{n - 1})")
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
 def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     """
     device: "auto" picks cuda when available, else cpu. dtype: "auto" is auto_dtype(device): bfloat16 autocast on a
@@ -223,6 +278,7 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     not training (float16 gradients would need loss scaling, which we do not do: bfloat16 has float32's range); on a
     CPU without native bf16 it says once (rank 0) that it will be slow. Seeds python, numpy and torch.
     """
+    check(0 <= seed < 2**32, f"--seed {seed}: out of range (a seed is 0 to {2**32 - 1})")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -231,6 +287,13 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
         raise UserError(f"--device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if dev.type not in ("cpu", "cuda", "mps"):  # torch names more device types (meta, xla, ...): we run on none
+        raise UserError(f"--device {device}: nanorlhf runs on cpu, cuda or mps; this machine has "
+                        f"{available_devices()}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine; it has {available_devices()}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: no such GPU; this machine has {available_devices()}")
     if dtype == "auto":
         dtype = auto_dtype(dev.type)
     if dtype not in ("float32", "bfloat16", "float16"):

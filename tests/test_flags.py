@@ -155,6 +155,61 @@ def test_every_mistake_is_one_line(capsys):
     assert "--kl_coef: expected one argument" in parse(["--kl_coef"], capsys)
 
 
+@dataclasses.dataclass
+class Numbers:
+    lr: float = flag(1e-3, "learning rate")
+    top_p: float | None = flag(None, "nucleus")
+    seed: int = flag(0, "seed")
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-Inf", "+INFINITY", "1e999"])
+def test_a_float_flag_refuses_nan_and_inf(value, capsys):
+    # a run given --lr inf started, cleared its out_dir's earlier run, and failed at its first step
+    for name in ("--lr", "--top_p"):
+        with pytest.raises(SystemExit) as e:
+            utils.parse_flags(Numbers, [f"{name}={value}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f": error: argument {name}: {value!r} is not a finite number\n") and err.count("\n") == 1
+    assert utils.parse_flags(Numbers, ["--lr=-1e-300", "--top_p", "none"]) == Numbers(lr=-1e-300)
+    assert utils.parse_flags(Numbers, ["--top_p", "1e308"]).top_p == 1e308
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
+def test_a_seed_out_of_numpys_range_is_refused(seed, capsys):
+    with pytest.raises(SystemExit) as e:
+        utils.parse_flags(Numbers, ["--seed", seed])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f": error: argument --seed: {seed} is out of range (a seed is 0 to 4294967295)\n")
+    assert err.count("\n") == 1
+    assert utils.parse_flags(Numbers, ["--seed", "4294967295"]).seed == 2**32 - 1
+
+
+# a float flag of each script that has one: nan or inf is refused before anything runs
+FLOATS = {
+    "train_sft.py": "--lr", "train_rm.py": "--lr", "train_dpo.py": "--beta", "train_grpo.py": "--missing_eos_penalty",
+    "train_ppo.py": "--missing_eos_penalty", "sample.py": "--temperature", "evaluate.py": "--temperature",
+    "kl_sweep.py": "--kl_coef",
+}
+
+
+@pytest.mark.parametrize("name", list(FLOATS))
+def test_every_script_refuses_a_float_flag_of_nan(name, monkeypatch, capsys):
+    code, err = run_cli(name, [FLOATS[name], "nan"], monkeypatch, capsys)
+    assert code == 2 and err == f"{name}: error: argument {FLOATS[name]}: 'nan' is not a finite number\n", err
+
+
+@pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
+def test_every_script_refuses_a_seed_numpy_cannot_take(name, monkeypatch, capsys):
+    # np.random.seed(-1) in setup_runtime was a ValueError and a traceback, in every stage
+    code, out = run_cli(name, ["--help"], monkeypatch, capsys, stream="out")
+    if "--seed" not in out:
+        pytest.skip(f"{name} has no --seed")
+    code, err = run_cli(name, ["--seed", "-1"], monkeypatch, capsys)
+    assert code == 2 and err == f"{name}: error: argument --seed: -1 is out of range (a seed is 0 to 4294967295)\n"
+
+
 def test_suggest():
     opts = ["--kl_coef", "--kl_estimator", "--kl_horizon", "--lr", "--learning_rate", "--seed"]
     assert utils.suggest("--kl", opts) == "--kl_coef, --kl_estimator or --kl_horizon"

@@ -399,3 +399,100 @@ def test_a_save_syncs_its_directory_after_the_renames(tmp_path, monkeypatch):
     events.clear()
     utils.write_text(os.path.join(out, "report.md"), "x")
     assert events[-2:] == [("replace", os.path.join(out, "report.md")), ("fsync", out)]
+
+
+def run_main(main, capsys):
+    """utils.run(main) -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        utils.run(main)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["a file as out_dir", "under a file", "an empty out_dir", "unreadable data",
+                                  "a rename", "no path"])
+def test_an_os_error_is_one_line_naming_the_path(case, tmp_path, monkeypatch, capsys):
+    # a file given as --out_dir (MetricsLogger's makedirs), a --data file we may not read: each was a traceback
+    from nanorlhf import data
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    if case == "a file as out_dir":
+        main, want = lambda: utils.MetricsLogger(str(afile)), f"{afile}: File exists"
+    elif case == "under a file":
+        main, want = lambda: utils.MetricsLogger(str(afile / "sub")), f"{afile}/sub: Not a directory"
+    elif case == "an empty out_dir":
+        main, want = lambda: utils.MetricsLogger(""), "'' (an empty path): No such file or directory"
+    elif case == "unreadable data":  # as a mode-000 file is to a user other than root
+        def deny(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", path)
+
+        (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+        monkeypatch.setattr(data, "open", deny, raising=False)  # read_jsonl's open
+        main, want = lambda: data.read_jsonl(str(tmp_path / "sft.jsonl")), f"{tmp_path}/sft.jsonl: Permission denied"
+    elif case == "a rename":
+        main = lambda: os.replace(str(tmp_path / "gone"), str(afile))
+        want = f"{tmp_path}/gone -> {afile}: No such file or directory"
+    else:
+        def main():
+            raise OSError("disk full")
+        want = "disk full"
+    before = sorted(os.listdir(tmp_path))
+    code, err = run_main(main, capsys)
+    assert code == 2 and err == f"error: {want}\n", err
+    assert sorted(os.listdir(tmp_path)) == before and afile.read_text() == "mine\n"  # nothing written
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    assert run_main(main, capsys) == (2, "")
+
+
+def test_run_keeps_the_traceback_of_what_is_not_an_os_error(capsys):
+    # a bug (here a ValueError) is not the user's to fix: it must not become one tidy line
+    with pytest.raises(ValueError):
+        utils.run(lambda: int("x"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_seed_numpy_cannot_take_is_one_line_naming_seed():
+    for seed in (-1, 2**32):
+        with pytest.raises(utils.UserError, match=rf"^--seed {seed}: out of range \(a seed is 0 to 4294967295\)$"):
+            utils.setup_runtime("cpu", "float32", seed=seed)
+    utils.setup_runtime("cpu", "float32", seed=2**32 - 1)
+    assert np.random.get_state()[1][0] == np.random.RandomState(2**32 - 1).get_state()[1][0]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "--device mps: MPS is not available on this machine; it has cpu"),
+    ("xla", "--device xla: nanorlhf runs on cpu, cuda or mps; this machine has cpu"),
+    ("meta", "--device meta: nanorlhf runs on cpu, cuda or mps; this machine has cpu"),
+    ("cuda", "--device cuda: CUDA is not available on this machine (try --device cpu)"),
+])
+def test_a_device_this_machine_lacks_is_one_line(device, message, monkeypatch):
+    # --device mps, xla or meta on a machine without them was torch's RuntimeError and a traceback, at the first .to()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(utils.UserError) as info:
+        utils.setup_runtime(device, "float32")
+    assert str(info.value) == message
+
+
+def test_a_gpu_past_the_last_is_one_line_naming_the_gpus(monkeypatch, request):
+    # cuda:2 on a machine with two GPUs was "CUDA error: invalid device ordinal" from torch.cuda.set_device
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup_runtime sets both on CUDA
+
+    def restore():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    request.addfinalizer(restore)
+    with pytest.raises(utils.UserError) as info:
+        utils.setup_runtime("cuda:2", "float32")
+    assert str(info.value) == "--device cuda:2: no such GPU; this machine has cpu, cuda (cuda:0 to cuda:1)"
+    assert chosen == []
+    assert utils.setup_runtime("cuda:1", "float32").device == torch.device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(utils.UserError, match=r"this machine has cpu, cuda \(cuda:0\)$"):
+        utils.setup_runtime("cuda:1", "float32")
