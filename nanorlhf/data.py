@@ -31,7 +31,7 @@ class DataError(ValueError):
 
 
 def _fail(path, line, field, what):
-    where = f"{path}:{line}" if line is not None else f"{path}"
+    where = f"{path or repr(path) + ' (an empty path)'}" + (f":{line}" if line is not None else "")
     raise DataError(f"{where}: field '{field}': {what}" if field else f"{where}: {what}")
 
 

@@ -82,6 +82,10 @@ def setup(device="auto"):
         return device
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
+        utils.check(torch.cuda.is_available(), f"--device {device}: CUDA is not available on this machine (try "
+                                               f"--device cpu)")
+        utils.check(local_rank() < torch.cuda.device_count(), f"torchrun started rank {local_rank()} of this "
+                    f"machine, but it has {torch.cuda.device_count()} GPUs (--nproc_per_node at most that)")
         device = f"cuda:{local_rank()}"
         torch.cuda.set_device(device)
     if not is_distributed():

@@ -90,6 +90,8 @@ def test_missing_file_and_exact_message(tmp_path):
     for reader in (read_sft, read_prefs, read_prompts):
         with pytest.raises(DataError, match=r"nope\.jsonl: no such file$"):
             reader(missing)
+        with pytest.raises(DataError, match=r"^'' \(an empty path\): no such file$"):  # it was ": no such file"
+            reader("")
     with pytest.raises(DataError, match="not a file"):
         read_sft(str(tmp_path))
     (tmp_path / "data").mkdir()

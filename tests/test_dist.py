@@ -250,3 +250,22 @@ def test_ppo_option_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one
             assert sorted(a[part]) == sorted(b[part]) and len(b[part]) > 0
             for k in b[part]:
                 assert torch.allclose(a[part][k], b[part][k], rtol=0, atol=TOL), (part, k)
+
+
+def test_torchrun_on_gpus_the_machine_lacks_is_one_line(monkeypatch):
+    """
+    Under torchrun, setup() set the CUDA device before setup_runtime could say anything: --device cuda on a machine
+    without CUDA was a traceback from torch.cuda.set_device, as was a rank past the last GPU. Neither starts a
+    process group.
+    """
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist.td, "init_process_group", lambda **kw: pytest.fail("process group started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(utils.UserError, match="^--device cuda: CUDA is not available on this machine"):
+        dist.setup("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(utils.UserError, match="^torchrun started rank 1 of this machine, but it has 1 GPUs"):
+        dist.setup("auto")
