@@ -477,7 +477,17 @@ def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     known = ("train", "generate", "nocache", "ppo", "rm", "hf", "trl")
-    check(all(p in known for p in parts), f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
+    check(parts and all(p in known for p in parts),
+          f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
+    # sizes that would fail deep inside a part (a division by zero, a tensor of negative size), or after minutes
+    # of the parts before it: refused here, before anything runs
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "prompt_len", "new_tokens", "ppo_batch_size",
+                 "response_length"):
+        check(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    n_minibatches = train_ppo.Args().num_minibatches  # ppo_setup runs train_ppo's default
+    check("ppo" not in parts and "trl" not in parts or cfg.ppo_batch_size % n_minibatches == 0,
+          f"--ppo_batch_size {cfg.ppo_batch_size} must be divisible by train_ppo's num_minibatches ({n_minibatches})")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
     check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
           f"--prompt_len + --new_tokens ({cfg.prompt_len + cfg.new_tokens}) must fit --block_size {cfg.block_size}")
@@ -491,7 +501,6 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, activation=cfg.activation)
-    check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else (
         f"cpu, {torch.get_num_threads()} threads, {'native' if cpu_has_fast_bf16() else 'no native'} bf16")
     res = {"config": asdict(cfg), "device": device_name, "dtype": rt.dtype, "torch": torch.__version__,

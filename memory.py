@@ -172,6 +172,7 @@ def main(argv=None):
           f"--precision {args.precision!r}: expected one of {', '.join(F.PRECISIONS)}")
     check(args.lora_rank >= 1, "--lora_rank must be >= 1")
     options = [o.strip() for o in args.options.split(",") if o.strip()]
+    check(options, f"--options {args.options!r}: no option named (expected some of {', '.join(OPTIONS)})")
     for o in options:
         try:
             F.options_of(o)
@@ -180,8 +181,25 @@ def main(argv=None):
     if args.stage != "ppo":
         options = [o for o in options if o in ("full", "lora")]
         check(options, "--stage sft/rm: only the options full and lora apply")
+    # the preset's sizes with the flags' overrides: checked as the training scripts check theirs, since a zero or
+    # negative size gives negative bytes rather than an error
     shape, prec, sizes = shape_and_sizes(args)
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        check(getattr(shape, name) >= 1, f"--{name} must be at least 1, got {getattr(shape, name)}")
+    check(shape.n_embd % shape.n_head == 0, f"--n_embd {shape.n_embd} must be divisible by --n_head {shape.n_head} "
+                                            f"(the values not given are --preset {args.preset}'s)")
+    for name, key in (("micro_batch", "micro"), ("rollout_batch", "rollout"), ("prompt_length", "prompt"),
+                      ("response_length", "response")):
+        check(sizes[key] >= 1, f"--{name} must be at least 1, got {sizes[key]}")
+    check(sizes["prompt"] + sizes["response"] <= shape.block_size,
+          f"--prompt_length + --response_length ({sizes['prompt']} + {sizes['response']}) must fit --block_size "
+          f"{shape.block_size} (the values not given are --preset {args.preset}'s)")
     targets = args.lora_targets or None
+    if targets:  # counted on a meta model of the shape: a pattern that is no regex or matches nothing says so here
+        try:
+            F.lora_params(shape, args.lora_rank, targets)
+        except ValueError as e:
+            raise utils.UserError(f"--lora_targets: {e}") from None
     n_gpt = F.gpt_params(shape)[0]
     fb = F.fmt_bytes
     print(f"model: {shape.n_layer} layers x {shape.n_embd} ({shape.n_head} heads), vocabulary {shape.vocab_size}, "

@@ -14,10 +14,13 @@ what differs is the policies), and alike whatever other prompts the file holds.
 Chat (neither --prompt nor --prompts): every line of standard input is a user turn. The reply is printed
 token by token as it is sampled and joins the conversation, which goes to the model whole, through the same
 template for several turns (tokenizer.render_messages), cut from the left once it outgrows the context. An
-empty line starts a new conversation; end of input (Ctrl-D) ends the session. One reply per turn and policy;
-with --compare each policy keeps its own conversation, and both answer each turn with the same seed. A reply cut
-off by --max_new_tokens (marked "no EOS") joins the conversation as it was shown, and the template closes it with
-EOS as it closes every assistant turn: the next "Human:" then follows an EOS, as it always did in training.
+empty line starts a new conversation; end of input (Ctrl-D), or Ctrl-C at the prompt, ends the session. Ctrl-C
+during a reply stops it, drops that turn and brings the prompt back (with piped input it ends the session, exit
+status 130). A line's trailing carriage return (Windows line endings) is not part of the turn. One reply per turn
+and policy; with --compare each policy keeps its own conversation, and both answer each turn with the same seed.
+A reply cut off by --max_new_tokens (marked "no EOS") joins the conversation as it was shown, and the template
+closes it with EOS as it closes every assistant turn: the next "Human:" then follows an EOS, as it always did in
+training.
 
 --rm scores every response with the reward model at its last token, normalised as in evaluate.py's report:
 (r - mean) / std of the demonstrations' rewards that train_rm.py stored. On the built-in task's prompts
@@ -259,25 +262,39 @@ def main(argv=None):
             if interactive:
                 print(file=talk)
             return
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")  # a file with Windows line endings: the \r is not part of the turn
         if not line.strip():
             conversations = {name: [] for name in policies}
             print("(new conversation)", file=talk)
             continue
         if not interactive:
             print(f"you> {line}", file=talk)  # piped input is not echoed by a terminal: the transcript shows it
-        for name, messages in conversations.items():
-            messages.append({"role": "user", "content": line})
-            if cfg.json:
-                r = respond(name, messages, 1, cfg.seed + turn)[0]
-                print(json.dumps({"policy": name, "turn": turn, "prompt": line, **r}))
-            else:
-                print(f"{name:>{width}s}> ", end="", flush=True)
-                streamer = Streamer(tok, sys.stdout)
-                r = respond(name, messages, 1, cfg.seed + turn, on_token=streamer)[0]
-                streamer.finish()
-                print(score_note(r["rm"], r["gold"], r["eos"]))
-            messages.append({"role": "assistant", "content": r["response"]})
+        before = {name: len(messages) for name, messages in conversations.items()}
+        try:
+            for name, messages in conversations.items():
+                messages.append({"role": "user", "content": line})
+                if cfg.json:
+                    r = respond(name, messages, 1, cfg.seed + turn)[0]
+                    print(json.dumps({"policy": name, "turn": turn, "prompt": line, **r}))
+                else:
+                    print(f"{name:>{width}s}> ", end="", flush=True)
+                    streamer = Streamer(tok, sys.stdout)
+                    r = respond(name, messages, 1, cfg.seed + turn, on_token=streamer)[0]
+                    streamer.finish()
+                    print(score_note(r["rm"], r["gold"], r["eos"]))
+                messages.append({"role": "assistant", "content": r["response"]})
+        except KeyboardInterrupt:
+            # Ctrl-C during a reply stops it, as in other chats: the turn is dropped from every conversation (also
+            # where a policy had answered it already) and the prompt comes back. Piped input has no one at a prompt
+            # to come back to: the session ends there, with the status of a process stopped by Ctrl-C.
+            for name, n in before.items():
+                del conversations[name][n:]
+            if not cfg.json:
+                print(flush=True)  # end the line the reply was streaming on
+            print("(interrupted: this turn is dropped)", file=talk, flush=True)
+            if not interactive:
+                sys.exit(130)
+            continue
         turn += 1
 
 

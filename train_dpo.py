@@ -50,8 +50,8 @@ from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, gold_scores, truncate_after_eos
 from nanorlhf import dist
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, gold_on,
-                                   load_run, optimizer_step, parse_stage_flags, read_split, restore_run, resumed_flags,
-                                   save_run, wants_resume)
+                                   input_digests, load_run, optimizer_step, parse_stage_flags, read_split, restore_run,
+                                   resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -275,6 +275,7 @@ def main():
         print(f"nothing to do: the run in {args.out_dir} is at step {state['step']}")
         return
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
+    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft": args.sft}, state)
 
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)
     train_records, val_records = read_split(read_prefs, args.data, args.val_data, args.val_frac, args.seed)
@@ -396,7 +397,7 @@ def main():
             window = {**dict(zip(keys, sums.tolist())), "tokens": n_tok, "pad_frac": pad_frac, "steps": n_steps}
             n_tok, pad_frac = (n_tok, pad_frac) if dist.is_main() else (0, 0.0)
             save_run(args.out_dir, model_payload(model, tok, "dpo", args, step, models_resident=1), optimizer,
-                     sampler, step, model, window)
+                     sampler, step, model, window, inputs)
     dist.cleanup()
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")

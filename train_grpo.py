@@ -64,8 +64,8 @@ from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits,
 from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
                               score_and_logprobs, truncate_after_eos, write_samples)
 from nanorlhf.train_common import (RESUME_HELP, ROLLOUT_RESUME_FREE, check_out_dir, check_rm_context,
-                                   check_rollout_flags, gold_on, keep_samples_until, load_run, optimizer_step,
-                                   parse_stage_flags, resumed_flags, save_files, wants_resume)
+                                   check_rollout_flags, gold_on, input_digests, keep_samples_until, load_run,
+                                   optimizer_step, parse_stage_flags, resumed_flags, save_files, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -344,7 +344,8 @@ def main(argv=None):
     G = args.group_size
     n_prompts_per_batch = args.batch_size // G
 
-    # data (validated before anything is written)
+    # data (validated before anything is written), and the files the run reads: the same ones when it resumes
+    inputs = input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm}, state)
     prompts = D.read_prompts(args.data)
     use_gold = gold_on(args.gold, prompts, args.data)
 
@@ -393,7 +394,7 @@ def main(argv=None):
             return
         save_files(args.out_dir, {  # all or nothing: a kill leaves a pair of one iteration (train_common.save_files)
             utils.TRAIN_STATE: {"optimizer": opt.state_dict(), "rng": utils.rng_state(), "data": sampler_state,
-                                "step": iteration},
+                                "step": iteration, "inputs": inputs},
             utils.CKPT: utils.model_payload(actor, tok, "grpo", args, iteration, models_resident=models_resident)})
 
     # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed

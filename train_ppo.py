@@ -822,6 +822,9 @@ def main(argv=None):
         names = [utils.CKPT, CRITIC, utils.TRAIN_STATE] + ([ADAPTERS] if args.lora_rank else [])
         files = C.complete_files(args.out_dir, names)
         state = utils.load_checkpoint(files[utils.TRAIN_STATE])
+    # the files the run reads: a resumed run must read the same ones
+    inputs = C.input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm, "--ptx_data": args.ptx_data},
+                             state)
     models = build_models(args, rt.device, files)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]
@@ -892,7 +895,7 @@ def main(argv=None):
             "actor_optimizer": actor_opt.state_dict(),
             "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
             "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
-            "ptx_rng": ptx_gen.get_state() if ptx is not None else None,
+            "ptx_rng": ptx_gen.get_state() if ptx is not None else None, "inputs": inputs,
         }, CRITIC: value, utils.CKPT: policy}
         if args.lora_rank:
             files[ADAPTERS] = {"actor": lora.adapter_state_dict(actor), "step": iteration,

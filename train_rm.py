@@ -43,8 +43,8 @@ from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_s
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, fmt_count,
-                                   load_run, optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
-                                   resumed_flags, save_run, wants_resume)
+                                   input_digests, load_run, optimizer_step, parse_stage_flags, peak_flops, read_split,
+                                   restore_run, resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -270,6 +270,10 @@ def main():
         del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
+    # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
+    # continues from its own checkpoint and does not read it again)
+    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft_data": args.sft_data,
+                            "--init_from": args.init_from if state is None or args.lora_rank else None}, state)
 
     # data and model: everything is read and validated before anything is written to out_dir
     reader = functools.partial(read_prefs, allow_ties=args.allow_ties)
@@ -421,7 +425,8 @@ def main():
             acc_sum, pad_frac = dist.all_reduce_sum([acc_sum, pad_frac])
             window = {"loss": loss_sum, "acc": acc_sum, "pad_frac": pad_frac, "steps": n_steps}
             acc_sum, pad_frac = (acc_sum, pad_frac) if dist.is_main() else (0.0, 0.0)
-            save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model, window)
+            save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model, window,
+                     inputs)
     if step < args.max_steps:
         print(f"stopped at step {step} (--stop_at); continue with --resume")
         dist.cleanup()
@@ -445,7 +450,7 @@ def main():
                  f"RM agrees with gold on {summary['val_gold_acc']:.3f} of the pairs gold does not tie")
     logger.log(summary)
     save_run(args.out_dir, rm_payload(model, tok, args, step, reward_mean=reward_mean, reward_std=reward_std),
-             optimizer, sampler, step, model)
+             optimizer, sampler, step, model, inputs=inputs)
     dist.cleanup()
     print(line)
     print(f"done: step {step}; rewards on {norm_on}: mean {reward_mean:.2e}, std {reward_std:.3f}; "

@@ -44,8 +44,8 @@ from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fra
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, check_out_dir, endless, fmt_count, load_run,
-                                   optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, check_out_dir, endless, fmt_count, input_digests,
+                                   load_run, optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
                                    resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
@@ -232,6 +232,10 @@ def main():
         args = resumed_flags(args, ckpt)
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
+    # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
+    # continues from its own checkpoint and does not read it again)
+    base = args.init_from if args.init_from != "scratch" and (state is None or args.lora_rank) else None
+    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--init_from": base}, state)
 
     # data and model: everything is read and validated before anything is written to out_dir
     train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
@@ -355,7 +359,7 @@ def main():
             pad_frac = dist.all_reduce_sum(pad_frac)
             window = {"loss": loss_sum.item(), "pad_frac": pad_frac, "steps": n_steps}
             pad_frac = pad_frac if dist.is_main() else 0.0
-            save_run(args.out_dir, payload, optimizer, sampler, step, model, window)
+            save_run(args.out_dir, payload, optimizer, sampler, step, model, window, inputs)
     dist.cleanup()
     print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
 

@@ -91,12 +91,16 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS):
     Replace every nn.Linear whose full name matches the regex `targets` (re.search) by a LoRALinear, freeze
     every parameter of the model, and leave only the adapters trainable. Returns the wrapped names, in order.
     The caller unfreezes what else should train (the scalar head of a reward model or critic).
-    Raises ValueError when nothing matches, or when a match is tied to another parameter (lm_head = wte:
-    merging would change the embedding too, so merged and unmerged models would differ).
+    Raises ValueError when targets is not a regular expression, when nothing matches, or when a match is tied to
+    another parameter (lm_head = wte: merging would change the embedding too, so merged and unmerged models would
+    differ).
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    pattern = re.compile(targets)
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:  # a ValueError as the other bad targets are, which the scripts turn into one line
+        raise ValueError(f"LoRA targets {targets!r}: not a regular expression ({e})") from None
     tied = _tied_parameters(model)
     matches = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and pattern.search(name)]

@@ -3,12 +3,13 @@ The training-loop scaffolding that the stage scripts share, and nothing else: th
 resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
 step, the checks of the flags that the loops share (PPO's and GRPO's, --gold among them, and their RM's context),
 the checkpoint files (ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves a set
-of one step, --resume (on, off, auto), the flags of a resumed run and the samples it keeps, and the peak FLOP/s that
+of one step, --resume (on, off, auto), the flags of a resumed run, the digests of its inputs and the samples it keeps, and the peak FLOP/s that
 MFU divides by.
 The loops themselves stay in the scripts, where a reader expects them.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -65,7 +66,10 @@ def endless(sampler):
 
 
 def check_loop_flags(args):
-    """The checks of the flags every training loop has (batch, schedule, intervals, --stop_at)."""
+    """
+    The checks of the flags every training loop has (SFT's, RM's and DPO's: batch, schedule, intervals, --stop_at,
+    and the held-out split's).
+    """
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
                  "ckpt_interval"):
         utils.check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -77,6 +81,17 @@ def check_loop_flags(args):
                 f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")
     dist.check_grad_accum(args.grad_accum)
     dist.check_fsdp(getattr(args, "fsdp", False))
+    # flags that would be accepted and do nothing, refused as train_ppo.py refuses its own; only those named on the
+    # command line (a resumed run's flags are the saved ones, without _given: they were checked when it started)
+    given = getattr(args, "_given", ())
+    named = [f"--{n}" for n in ("lora_alpha", "lora_targets") if n in given]
+    utils.check(getattr(args, "lora_rank", 0) > 0 or not named,
+                f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without --lora_rank > 0")
+    # read_split holds out --val_frac of --data only without --val_data (named at its default, it changes nothing)
+    default_frac = next(f.default for f in dataclasses.fields(args) if f.name == "val_frac")
+    utils.check(not (args.val_data and "val_frac" in given and args.val_frac != default_frac),
+                f"--val_frac {args.val_frac} does nothing with --val_data (the held-out set is {args.val_data}); "
+                f"leave --val_frac out")
 
 
 def check_rollout_flags(args):
@@ -188,11 +203,12 @@ def optimizer_step(model, optimizer, lr, grad_clip, where="", loss=None):
 # checkpoints and resume
 
 
-def save_run(out_dir, payload, optimizer, sampler, step, model=None, window=None):
+def save_run(out_dir, payload, optimizer, sampler, step, model=None, window=None, inputs=None):
     """
     ckpt.pt (what the next stage loads) and train_state.pt (what --resume needs: optimizer, RNG states,
-    the sampler's position, the step, and `window`, the sums of the metrics row being gathered since the last one,
-    e.g. {"loss": 7.2, "pad_frac": 0.3, "steps": 5}, so that a resumed run's next row averages the same steps),
+    the sampler's position, the step, `window`, the sums of the metrics row being gathered since the last one,
+    e.g. {"loss": 7.2, "pad_frac": 0.3, "steps": 5}, so that a resumed run's next row averages the same steps,
+    and `inputs`, the digests of the files the run reads: input_digests),
     written together by save_files: a kill at any moment leaves a pair of one step that load_run resumes from.
     Under torchrun every rank calls it (an FSDP-sharded `model`'s optimizer state is gathered from all ranks)
     and rank 0 writes; the ranks share one RNG state and one sampler position, so rank 0's are everyone's, and
@@ -202,7 +218,7 @@ def save_run(out_dir, payload, optimizer, sampler, step, model=None, window=None
     if not dist.is_main():
         return
     state = {"optimizer": optim, "rng": utils.rng_state(), "data": sampler.state_dict(), "step": step,
-             "window": window}
+             "window": window, "inputs": inputs}
     save_files(out_dir, {utils.TRAIN_STATE: state, utils.CKPT: payload})
 
 
@@ -393,6 +409,40 @@ def check_out_dir(out_dir, stage, inputs):
         held = utils.load_checkpoint(path, mmap=True).get("stage")  # mapped, not read: only the stage is needed
         utils.check(held in (None, stage), f"--out_dir {out_dir} holds a checkpoint of the {held!r} stage ({path}); "
                     f"this {stage!r} run would overwrite it: pick another --out_dir, or remove that one first")
+
+
+def input_digests(inputs, state=None):
+    """
+    {flag: sha256 hex digest} of the files a run reads, saved in its train_state.pt. inputs: {flag: path}, a path
+    that is None or empty left out; a directory stands for what the loaders read there: its ckpt.pt, or every file
+    of a Hugging Face export. Resuming (state: the run's train_state.pt), each must equal the saved one: a resumed
+    run computes what the uninterrupted run would have only from the same data and the same models (a retrained
+    out/sft, an edited prompts file or a LoRA run's replaced base would otherwise go on silently). A train_state.pt
+    written before the digests were saved has none, and is not checked.
+    Example: {"--data": "out/data/prompts.jsonl", "--sft": "out/sft", "--val_data": None} -> {"--data": "3f2a...",
+    "--sft": "9b1c..."}, the second of them out/sft/ckpt.pt's.
+    """
+    digests = {}
+    for flag_name, path in inputs.items():
+        if not path:
+            continue
+        files = [path]
+        if os.path.isdir(path):
+            ckpt = os.path.join(path, utils.CKPT)
+            files = [ckpt] if os.path.isfile(ckpt) else sorted(
+                os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+        h = hashlib.sha256()
+        for name in files:
+            with open(name, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        digests[flag_name] = h.hexdigest()
+    saved = (state or {}).get("inputs") or {}
+    for flag_name, digest in digests.items():
+        utils.check(saved.get(flag_name, digest) == digest,
+                    f"--resume: {flag_name} {inputs[flag_name]} is not what the run started from (its contents "
+                    f"changed since); resume with the run's own inputs, or start afresh without --resume")
+    return digests
 
 
 def check_resumable(out_dir):

@@ -217,3 +217,18 @@ def test_suggest():
     assert utils.suggest("--seeed", opts) == "--seed"
     assert utils.suggest("--lerning_rate", opts) == "--learning_rate"
     assert utils.suggest("--nothing_like_it", opts) == ""
+
+
+@pytest.mark.parametrize("name,flags,message", [
+    ("train_rm.py", ["--lora_alpha", "32"], "^--lora_alpha does nothing without --lora_rank > 0$"),
+    ("train_rm.py", ["--val_data", "v.jsonl", "--val_frac", "0.3"], "^--val_frac 0.3 does nothing with --val_data"),
+    ("train_dpo.py", ["--val_data", "v.jsonl", "--val_frac", "0.3"], "^--val_frac 0.3 does nothing with --val_data"),
+])
+def test_flags_that_would_do_nothing_are_refused_in_every_loop(name, flags, message):
+    """train_common.check_loop_flags, which SFT, RM and DPO share: these were accepted and ignored by RM and DPO."""
+    module = runpy.run_path(os.path.join(ROOT, name), run_name="not_main")
+    args = utils.parse_flags(module["Config"], flags)
+    with pytest.raises(utils.UserError, match=message):
+        module["check_flags"](args)
+    alone = flags[:2] if "--val_frac" in flags else []  # --val_data alone, or no flag: fine
+    module["check_flags"](utils.parse_flags(module["Config"], alone))

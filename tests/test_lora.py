@@ -185,6 +185,9 @@ def test_bad_targets_and_rank():
         lora.apply_lora(model, rank=4, alpha=8, targets="lm_head")
     with pytest.raises(ValueError, match="rank"):
         lora.apply_lora(model, rank=0, alpha=8)
+    # a pattern that is no regex is a ValueError like the others (re.error is not one), which the scripts print
+    with pytest.raises(ValueError, match=r"LoRA targets '\(': not a regular expression \(missing \)"):
+        lora.apply_lora(model, rank=4, alpha=8, targets="(")
     assert not lora.has_lora(model) and all(p.requires_grad for p in model.parameters())
 
 
@@ -298,4 +301,31 @@ def test_bad_lora_flags_exit_2_and_write_nothing(base, tmp_path, name, flags):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and ("--lora_rank" in lines[0] or "--lora_targets" in lines[0]), p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["train_sft.py", "train_rm.py"])
+def test_lora_targets_not_a_regex_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, name):
+    # in-process (main reads sys.argv) on a tiny random base: apply_lora runs after the data and the model are read,
+    # and before the first write to --out_dir
+    import train_rm
+    import train_sft
+    from nanorlhf.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(block_size=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    utils.save_checkpoint(str(tmp_path / "base"), utils.model_payload(GPT(config), tok, "sft", {}, 1))
+    tasks.generate_task(str(tmp_path / "data"), n_sft=20, n_prefs=20, n_prefs_eval=2, n_prompts=2, n_eval=2)
+    sft = str(tmp_path / "data" / "sft.jsonl")
+    data = ["--data", sft] if name == "train_sft.py" else ["--data", str(tmp_path / "data" / "prefs.jsonl"),
+                                                           "--sft_data", sft]
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [name, *data, "--init_from", str(tmp_path / "base"), "--out_dir", str(out),
+                                      "--val_frac", "0.2", "--max_steps", "1", "--device", "cpu", "--lora_rank", "2",
+                                      "--lora_targets", "("])
+    with pytest.raises(SystemExit) as e:
+        utils.run((train_sft if name == "train_sft.py" else train_rm).main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --lora_targets: LoRA targets '(': not a regular expression"), err
     assert not out.exists()

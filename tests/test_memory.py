@@ -394,3 +394,25 @@ def test_memory_script_presets(capsys):
     memory.main(["--preset", "seed-7b", "--options", "full,lora+shared"])
     out = capsys.readouterr().out
     assert "| full | 4 |" in out and "| lora+shared | 2 |" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_embd", "-128"], "--n_embd must be at least 1, got -128"),
+    (["--micro_batch", "-4"], "--micro_batch must be at least 1, got -4"),
+    (["--n_head", "3"], "--n_embd 128 must be divisible by --n_head 3 (the values not given are --preset cpu's)"),
+    (["--options", ","], "--options ',': no option named"),
+    (["--prompt_length", "300"], "--prompt_length + --response_length (300 + 24) must fit --block_size 256"),
+    (["--lora_targets", "("], "--lora_targets: LoRA targets '(': not a regular expression"),
+    (["--lora_targets", "zzz"], "--lora_targets: LoRA targets 'zzz' match no Linear layer"),
+])
+def test_memory_script_refuses_bad_flags_in_one_line(capsys, flags, message):
+    # sizes that would print negative bytes, a head count that does not divide the width, an empty table, or a
+    # traceback: one line on stderr, exit 2, before any table
+    import memory
+
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: memory.main(flags))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message), err
+    assert out == ""

@@ -288,3 +288,76 @@ def test_resume_from_a_checkpoint_without_saved_flags_is_one_line_naming_it(tmp_
     save(out, 2)
     with pytest.raises(utils.UserError, match=f"^{out}/ckpt.pt: holds no saved flags \\(no 'args' dict\\)"):
         run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
+
+
+# -----------------------------------------------------------------------------
+# the inputs of a resumed run: the files it started from (train_common.input_digests)
+
+
+def test_input_digests_are_the_sha256_of_what_the_loaders_read(tmp_path):
+    """A file: its bytes; a run directory: its ckpt.pt; a directory without one (an HF export): its files, by name."""
+    (tmp_path / "data.jsonl").write_bytes(b'{"prompt": "sort 2 1"}\n')
+    run_dir, export = tmp_path / "sft", tmp_path / "hf"
+    run_dir.mkdir()
+    export.mkdir()
+    (run_dir / "ckpt.pt").write_bytes(b"weights")
+    (run_dir / "metrics.jsonl").write_bytes(b"not read by the loaders")
+    (export / "model.safetensors").write_bytes(b"tensors")
+    (export / "config.json").write_bytes(b"{}")
+    import hashlib
+    plain = lambda *parts: hashlib.sha256(b"".join(parts)).hexdigest()  # noqa: E731
+    got = train_common.input_digests({"--data": str(tmp_path / "data.jsonl"), "--sft": str(run_dir),
+                                       "--init_from": str(export), "--val_data": None, "--ptx_data": ""})
+    assert got == {"--data": plain(b'{"prompt": "sort 2 1"}\n'), "--sft": plain(b"weights"),
+                   "--init_from": plain(b"{}", b"tensors")}  # config.json before model.safetensors
+    # resuming: the same files pass, a changed one is refused by its flag, a state of an older version is not checked
+    inputs = {"--data": str(tmp_path / "data.jsonl"), "--sft": str(run_dir)}
+    state = {"inputs": train_common.input_digests(inputs)}
+    assert train_common.input_digests(inputs, state) == state["inputs"]
+    (run_dir / "ckpt.pt").write_bytes(b"retrained")
+    with pytest.raises(utils.UserError, match=f"^--resume: --sft {run_dir} is not what the run started from"):
+        train_common.input_digests(inputs, state)
+    train_common.input_digests(inputs, {"step": 2})
+
+
+CHANGED = {  # per stage: the input changed between a run's stop and its resume, and how
+    "sft": ("--data", lambda d: (d / "data/sft.jsonl").write_text(
+        "".join(reversed(open(d / "data/sft.jsonl").readlines())))),  # the same records in another order
+    "rm": ("--sft_data", lambda d: (d / "data/sft.jsonl").write_text(
+        "".join(reversed(open(d / "data/sft.jsonl").readlines())))),
+    "dpo": ("--sft", lambda d: utils.save_checkpoint(str(d / "sft"), utils.model_payload(
+        GPT(GPTConfig(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32)), Tokenizer.byte_level(),
+        "sft", {"seed": 1}, 1))),  # a retrained SFT model
+    "ppo": ("--rm", lambda d: utils.save_checkpoint(str(d / "rm"), utils.model_payload(
+        ScalarGPT(GPTConfig(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32)), Tokenizer.byte_level(),
+        "rm", {"seed": 1}, 1))),
+    "grpo": ("--data", lambda d: (d / "data/prompts.jsonl").write_text(
+        "".join(reversed(open(d / "data/prompts.jsonl").readlines())))),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_refuses_inputs_that_changed_since_the_run_started(inputs, tmp_path, monkeypatch, stage, one_thread):
+    """
+    A run stopped at step 2; one of its inputs changed (the same number of records in another order, or a retrained
+    model), then --resume. It went on silently from the new input, which the uninterrupted run never saw; now it is
+    one line naming the flag, and the run's files stay as they were. With the input put back it resumes.
+    """
+    import shutil
+    d = tmp_path / "in"
+    shutil.copytree(inputs, d)
+    out = tmp_path / "out"
+    run_stage(monkeypatch, stage, STAGES[stage][1](d) + ["--out_dir", str(out), "--stop_at", "2"])
+    before = {n: (out / n).read_bytes() for n in os.listdir(out) if os.path.isfile(out / n)}
+    flag_name, change = CHANGED[stage]
+    kept = tmp_path / "kept"
+    shutil.copytree(d, kept)
+    torch.manual_seed(1)
+    change(d)
+    with pytest.raises(utils.UserError, match=f"^--resume: {flag_name} .* is not what the run started from"):
+        run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if os.path.isfile(out / n)} == before
+    shutil.rmtree(d)
+    shutil.copytree(kept, d)
+    run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
+    assert load(out / "ckpt.pt")["step"] == 4

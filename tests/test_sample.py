@@ -228,6 +228,67 @@ def test_chat_reply_cut_off_by_max_new_tokens_is_closed_like_any_turn(ckpts, cap
     assert r1["response"] == reference_sample(model, ids, 1, 3, 3)[0]
 
 
+def test_chat_strips_the_carriage_return_of_windows_line_endings(ckpts, capsys, monkeypatch):
+    # `printf 'sort 3 1 2\r\n' | sample.py`: the turn is "sort 3 1 2", as with \n alone (same prompt, same reply)
+    args = ["--ckpt", str(ckpts / "a"), "--max_new_tokens", "6", "--json"]
+    crlf = [json.loads(line) for line in run_main(args, capsys, "sort 3 1 2\r\nhello\r\n", monkeypatch).splitlines()]
+    lf = [json.loads(line) for line in run_main(args, capsys, "sort 3 1 2\nhello\n", monkeypatch).splitlines()]
+    assert [r["prompt"] for r in crlf] == ["sort 3 1 2", "hello"]
+    assert crlf == lf
+
+
+def interrupt_reply(monkeypatch, at):
+    """
+    Make sample_responses behave as if Ctrl-C were pressed during its call number `at` (1-based), after the reply
+    has streamed one character. Returns the list of (prompt ids, seed) of every call.
+    """
+    real, calls = sample.sample_responses, []
+
+    def fake(model, tok, ids, n, seed, cfg, rt, on_token=None):
+        calls.append((list(ids), seed))
+        if len(calls) == at:
+            if on_token is not None:
+                on_token(torch.tensor(TOK.encode("x")))
+            raise KeyboardInterrupt
+        return real(model, tok, ids, n, seed, cfg, rt, on_token)
+
+    monkeypatch.setattr(sample, "sample_responses", fake)
+    return calls
+
+
+def test_chat_ctrl_c_during_a_reply_drops_the_turn_and_comes_back_to_the_prompt(ckpts, capsys, monkeypatch):
+    # at a terminal, with --compare: Ctrl-C while the second policy streams its reply to turn 0 ends that line and
+    # drops the turn from both conversations (the first policy had answered it); the next line is turn 0 again
+    a, b = str(ckpts / "a"), str(ckpts / "b")
+    calls = interrupt_reply(monkeypatch, at=2)
+    monkeypatch.setattr(sys, "stdin", TerminalInput("sort 3 1 2\nhello\n"))
+    try:
+        sample.main(["--device", "cpu", "--dtype", "float32", "--ckpt", a, "--compare", b, "--max_new_tokens", "6",
+                     "--seed", "7"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during a reply escaped sample.main (a traceback for the user)")
+    out = capsys.readouterr().out
+    width = max(len(a), len(b))
+    assert f"{b:>{width}s}> x\n(interrupted: this turn is dropped)\nyou> " in out, out
+    assert calls[2:] == [(template("hello"), 7), (template("hello"), 7)]  # neither conversation holds the turn
+    assert out.endswith("you> \n")  # then the session went on, and ended at the end of input
+
+
+def test_chat_ctrl_c_with_piped_input_ends_the_session(ckpts, capsys, monkeypatch):
+    # piped input has no one at the prompt: Ctrl-C during a reply ends the session, exit status 130, no traceback
+    calls = interrupt_reply(monkeypatch, at=1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("sort 3 1 2\nhello\n"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--device", "cpu", "--dtype", "float32", "--ckpt", str(ckpts / "a"), "--max_new_tokens", "6",
+                         "--json"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during a reply escaped sample.main (a traceback for the user)")
+    out, err = capsys.readouterr()
+    assert e.value.code == 130 and len(calls) == 1 and out == ""
+    assert err == "you> sort 3 1 2\n(interrupted: this turn is dropped)\n"
+
+
 def test_streamer_prints_whole_characters_only():
     out = io.StringIO()
     s = sample.Streamer(TOK, out)

@@ -226,6 +226,36 @@ def test_resume_in_another_stage_s_directory_says_so(tmp_path, monkeypatch, caps
     assert e.value.code == 2 and f"--out_dir {out} holds a checkpoint of the 'rm' stage" in err, err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_alpha", "64", "--lora_targets", "zzz"],
+     "--lora_alpha and --lora_targets do nothing without --lora_rank > 0"),
+    (["--lora_rank", "0", "--lora_targets", "zzz"], "--lora_targets does nothing without --lora_rank > 0"),
+    (["--val_frac", "0.5", "--val_data", "{d}/sft.jsonl"],
+     "--val_frac 0.5 does nothing with --val_data (the held-out set is {d}/sft.jsonl)"),
+])
+def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch, capsys, flags, message):
+    # as train_ppo.py refuses them: one line, exit 2, before anything is read or written (in-process: main reads argv)
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "sort 2 1", "response": "1 2"}\n' * 20)
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(out), "--n_layer", "1", "--n_head", "2",
+            "--n_embd", "16", "--block_size", "32", "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1",
+            "--device", "cpu", *[f.format(d=tmp_path) for f in flags]]
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        utils.run(sft_stage.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message.format(d=tmp_path)), err
+    assert not out.exists()
+
+
+def test_val_frac_at_its_default_and_lora_flags_with_a_rank_pass():
+    parse = lambda *argv: train_common.parse_stage_flags(sft_stage.Config, list(argv))  # noqa: E731
+    sft_stage.check_flags(parse("--val_data", "v.jsonl", "--val_frac", "0.05"))  # the default: nothing is ignored
+    sft_stage.check_flags(parse("--lora_rank", "2", "--lora_alpha", "4", "--lora_targets", "attn"))
+    sft_stage.check_flags(sft_stage.Config(lora_alpha=64.0))  # built in code (a resumed run's saved flags): no _given
+
+
 def test_check_out_dir(tmp_path):
     sft, rm = tmp_path / "sft", tmp_path / "rm"
     utils.save_checkpoint(str(sft), {"stage": "sft", "step": 1, "w": torch.ones(3)})
