@@ -561,7 +561,7 @@ def main(argv=None):
         models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
     rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar")
+        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm")
         check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)

@@ -75,13 +75,13 @@ def check_flags(cfg):
     check(cfg.max_new_tokens >= 1, f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
 
 
-def load(flag_name, path, device, kind):
+def load(flag_name, path, device, kind, stage=None):
     """load_model, with the flag named in its one-line error (a reward model given as --ckpt, a missing ckpt.pt)."""
     check(os.path.exists(path), f"--{flag_name} {path}: no such checkpoint directory")
     check(not os.path.isdir(path) or os.path.isfile(os.path.join(path, CKPT)),
           f"--{flag_name} {path}: not a checkpoint directory (no {CKPT} in it)")
     try:
-        return load_model(path, device, kind=kind)
+        return load_model(path, device, kind=kind, stage=stage)
     except UserError as e:
         raise UserError(f"--{flag_name} {e}") from None
 
@@ -205,7 +205,7 @@ def main(argv=None):
         policies[cfg.compare] = model.eval()
     rm, reward_norm = None, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_r, rm_ckpt = load("rm", cfg.rm, rt.device, "scalar")
+        rm, tok_r, rm_ckpt = load("rm", cfg.rm, rt.device, "scalar", stage="rm")
         check(tok_r.same_encoding(tok), f"--rm {cfg.rm}: its tokenizer differs from --ckpt's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)

@@ -616,7 +616,7 @@ def build_models(args, device, files=None):
         actor, tok, _ = utils.load_model(args.sft, actor_home, kind="gpt")
     else:
         actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, actor_home, kind="gpt")
-    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar", stage="rm")
     check(rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
     C.check_rm_context(actor, reward_model, args.sft, args.rm)

@@ -179,6 +179,9 @@ def init_model(args):
                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, activation=args.activation)
         return GPT(config), tok
     if os.path.isfile(os.path.join(src, CKPT)):
+        # the checkpoint holds its tokenizer, as it holds its shape: a --tokenizer would be ignored
+        check("tokenizer" not in getattr(args, "_given", ()),
+              f"--tokenizer: only for a model from scratch (or a Hugging Face GPT-2); --init_from {src} keeps its own")
         model, tok, _ = load_model(src, kind="gpt")
         return model, tok
     if os.path.isfile(os.path.join(src, "config.json")):

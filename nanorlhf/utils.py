@@ -557,11 +557,12 @@ def load_model_checkpoint(path, name=CKPT):
     return file, ckpt
 
 
-def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
+def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False, stage=None):
     """
     Rebuild (model, tokenizer, ckpt) from a checkpoint directory (or file). kind="gpt" or "scalar" asserts what the
     checkpoint must hold; from_gpt=True lets kind="scalar" also take a "gpt" checkpoint and build a ScalarGPT
-    from its trunk (this is how the reward model starts from the SFT model, and only there).
+    from its trunk (this is how the reward model starts from the SFT model, and only there). stage="rm" asserts
+    the stage that wrote it: a PPO critic (critic.pt) is a scalar model too, but scores nothing a reward model does.
     """
     from nanorlhf.model import GPT, ScalarGPT
 
@@ -578,6 +579,10 @@ def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False):
         model = ScalarGPT(config)
     else:
         raise UserError(f"{file}: unknown model_kind {stored!r}")
+    held = ckpt.get("stage")  # None in a checkpoint of an older version: not checked
+    if stage is not None and held not in (None, stage):
+        raise UserError(f"{path}: holds a model of the {held!r} stage, but one of the {stage!r} stage is needed here "
+                        f"(train_{stage}.py writes it)")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:  # torch lists every wrong key on lines of its own

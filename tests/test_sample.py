@@ -55,6 +55,7 @@ def ckpts(tmp_path_factory):
     with open(d / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)
     (d / "empty.jsonl").write_text("\n")
+    save_checkpoint(str(d / "ppo"), model_payload(tiny_rm(), TOK, "ppo", {}, 1), "critic.pt")  # a scalar model too
     (d / "not_a_ckpt").mkdir()
     save_checkpoint(str(d / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")  # a valid torch file, no model
     newer = model_payload(tiny_gpt(1), TOK, "ppo", {}, 1)
@@ -316,6 +317,8 @@ def test_streamer_prints_whole_characters_only():
      "--ckpt {d}/run/train_state.pt: not a nanorlhf model checkpoint (no model_kind, model_config, model, tokenizer"),
     (["--ckpt", "{d}/a", "--rm", "{d}/run/train_state.pt", "--prompt", "x"],
      "--rm {d}/run/train_state.pt: not a nanorlhf model checkpoint"),
+    (["--ckpt", "{d}/a", "--rm", "{d}/ppo/critic.pt", "--prompt", "x"],  # it printed the critic's value as "rm"
+     "--rm {d}/ppo/critic.pt: holds a model of the 'ppo' stage, but one of the 'rm' stage is needed here"),
     (["--ckpt", "{d}/newer.pt", "--prompt", "x"], "--ckpt {d}/newer.pt: model_config: "),
     (["--ckpt", "{d}/a", "--prompts", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file (no records)"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--prompts", "{d}/prompts.jsonl"], "--prompt and --prompts"),

@@ -140,6 +140,14 @@ def init_model(*argv):
     return sft_stage.init_model(train_common.parse_stage_flags(sft_stage.Config, list(argv)))
 
 
+def test_a_tokenizer_with_init_from_a_checkpoint_is_refused(full_run):
+    # the checkpoint's own tokenizer is used: --tokenizer gpt2 (or a missing file) was accepted and ignored
+    for spec in ("gpt2", "/nonexistent.tiktoken", "byte"):
+        with pytest.raises(utils.UserError, match="^--tokenizer: only for a model from scratch .*--init_from "):
+            init_model("--init_from", str(full_run), "--tokenizer", spec)
+    assert init_model("--init_from", str(full_run))[1].name == "byte"
+
+
 @needs_gpt2
 def test_init_from_an_hf_export_brings_its_own_tokenizer(data, full_run, tmp_path):
     # export_hf.py's directory of the byte-level model: its tokenizer.tiktoken is the tokenizer, as a checkpoint's

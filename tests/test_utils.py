@@ -496,3 +496,21 @@ def test_a_gpu_past_the_last_is_one_line_naming_the_gpus(monkeypatch, request):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(utils.UserError, match=r"this machine has cpu, cuda \(cuda:0\)$"):
         utils.setup_runtime("cuda:1", "float32")
+
+
+def test_load_model_with_a_stage_refuses_another_stages_scalar_model(tmp_path):
+    """A PPO critic is a ScalarGPT like a reward model: as --rm it was taken, and PPO trained against its values."""
+    from nanorlhf.model import GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    model = ScalarGPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    utils.save_checkpoint(str(tmp_path / "ppo"), utils.model_payload(model, tok, "ppo", {}, 1), "critic.pt")
+    utils.save_checkpoint(str(tmp_path / "rm"), utils.model_payload(model, tok, "rm", {}, 1))
+    old = utils.model_payload(model, tok, "rm", {}, 1)
+    del old["stage"]  # a checkpoint of a version that saved no stage: not checked
+    utils.save_checkpoint(str(tmp_path / "old"), old)
+    with pytest.raises(utils.UserError, match="critic.pt: holds a model of the 'ppo' stage, but one of the 'rm' "):
+        utils.load_model(str(tmp_path / "ppo/critic.pt"), kind="scalar", stage="rm")
+    for ok in ("rm", "old"):
+        utils.load_model(str(tmp_path / ok), kind="scalar", stage="rm")
+    utils.load_model(str(tmp_path / "ppo/critic.pt"), kind="scalar")  # no stage asked: any scalar model
