@@ -5,6 +5,20 @@
 PY      := .venv/bin/python
 OUT     := out
 SEED    := 0
+# OUT is checked before any rule runs. Empty, the stages would write to /data, /sft, ... at the root; with a space,
+# make would read two names where one was meant. A trailing slash is dropped (OUT=out/ is OUT=out), because the
+# text of a stage's command decides whether the stage reruns, and out//data is not out/data.
+ifeq ($(strip $(OUT)),)
+$(error OUT is empty: give the output directory, e.g. make OUT=out)
+endif
+ifneq ($(words $(OUT)),1)
+$(error OUT="$(OUT)" has a space in it: give a directory name without spaces)
+endif
+drop_slashes = $(if $(filter %/,$1),$(call drop_slashes,$(patsubst %/,%,$1)),$1)
+override OUT := $(call drop_slashes,$(strip $(OUT)))
+ifeq ($(OUT),)
+$(error OUT=/ is the root directory: give a directory of its own, e.g. make OUT=out)
+endif
 # Extra flags per stage, e.g.  make SFT_FLAGS="--max_steps 2000"
 SFT_FLAGS ?=
 RM_FLAGS  ?=
@@ -100,7 +114,17 @@ $(OUT)/ppo/done: $(OUT)/ppo/cmd $(OUT)/rm/done train_ppo.py
 $(OUT)/report.md: $(OUT)/ppo/done evaluate.py .venv/plots
 	$(PY) evaluate.py --data $(OUT)/data/eval.jsonl --sft $(OUT)/sft --rm $(OUT)/rm --ppo $(OUT)/ppo --out_dir $(OUT)
 
+# `make clean` removes $(OUT) only where it is a pipeline's output: absent, or a directory that holds a file the
+# pipeline writes (a stage's cmd or ckpt.pt, data/meta.json, report.md), no file git tracks, and not the directory
+# make runs in. A mistyped OUT (nanorlhf, ., ..) is refused in one line instead of deleted.
+NOT_OUTPUT = $(if $(wildcard $(OUT)),$(or \
+  $(if $(filter $(realpath $(OUT))/%,$(CURDIR)/),it holds this directory), \
+  $(if $(wildcard $(OUT)/*/cmd $(OUT)/*/ckpt.pt $(OUT)/data/meta.json $(OUT)/report.md),,it holds no file that the \
+       pipeline writes (a stage's cmd or ckpt.pt or data/meta.json or report.md)), \
+  $(if $(shell git ls-files -- $(OUT) 2>/dev/null | head -n 1),git tracks files in it)))
+
 clean:
+	$(if $(NOT_OUTPUT),$(error make clean: not removing $(OUT): $(NOT_OUTPUT)))
 	rm -rf $(OUT)
 
 help:
@@ -111,7 +135,7 @@ help:
 	@echo "  make compare      GRPO, Dr. GRPO, RLOO and DPO with PPO's budget -> $(OUT)/compare/report.md, from the"
 	@echo "                    finished pipeline in $(OUT) as it is (the variables of its make need not be repeated;"
 	@echo "                    new ones do not retrain it); where $(OUT)/ppo/done is missing, it runs make first"
-	@echo "  make clean        remove $(OUT)/"
+	@echo "  make clean        remove $(OUT)/ (only if it holds a pipeline's output and no file git tracks)"
 	@echo "  make help         this list"
 	@echo "Variables (make VAR=value):"
 	@echo "  SFT_FLAGS  extra train_sft.py flags, e.g. SFT_FLAGS=\"--max_steps 2000\"   (python train_sft.py --help)"

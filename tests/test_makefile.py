@@ -12,7 +12,7 @@ import pytest
 from scripts import ROOT
 
 FAKE_PYTHON = """#!/bin/sh
-# argv: train_X.py ... --out_dir D ...  or  -m nanorlhf.tasks --out_dir D ...  or  compare.py --out D
+# argv: train_X.py or evaluate.py ... --out_dir D ...  or  -m nanorlhf.tasks --out_dir D ...  or  compare.py --out D
 stage=$1; [ "$1" = -m ] && stage=$2
 case $stage in
   compare.py) out=$(echo "$@" | sed 's/.*--out \\([^ ]*\\).*/\\1/')/compare;;
@@ -20,9 +20,10 @@ case $stage in
 esac
 echo "$stage $*" >> "$CALLS"
 mkdir -p "$out"
-case $stage in nanorlhf.tasks|compare.py) ;; *) touch "$out/ckpt.pt";; esac  # a training stage writes it as it goes
+# a training stage writes its ckpt.pt as it goes; the others write their one file last
+case $stage in nanorlhf.tasks|compare.py|evaluate.py) ;; *) touch "$out/ckpt.pt";; esac
 case " $* " in *" --fail "*) exit 2;; esac
-case $stage in nanorlhf.tasks) touch "$out/meta.json";; compare.py) touch "$out/report.md";; esac  # written last
+case $stage in nanorlhf.tasks) touch "$out/meta.json";; compare.py|evaluate.py) touch "$out/report.md";; esac
 exit 0
 """
 
@@ -74,16 +75,19 @@ def make(tmp_path, fake_bin):
     def run(*variables, ok=True, goal="ppo/done", gpu_found=False):
         """
         Make goal (a file under tmp_path/out, or a target such as compare) in tmp_path/out; returns the stages run,
-        in order. tmp_path/calls holds their command lines.
+        in order. tmp_path/calls holds their command lines, run.output what make printed.
         """
         calls.write_text("")
-        goal = goal if goal in ("compare", "help") else f"{tmp_path}/out/{goal}"
+        goal = [goal] if goal in ("all", "compare", "help", "clean") else [f"{tmp_path}/out/{goal}"]
+        if goal == ["all"]:
+            goal = ["all", "-o", ".venv/plots"]  # not the optional matplotlib install into the project's .venv
         env = {**os.environ, "CALLS": str(calls), "PATH": f"{fake_bin}:{os.environ['PATH']}",
                "GPU_FOUND": "1" if gpu_found else "0"}
-        p = subprocess.run(["make", "-C", ROOT, f"OUT={tmp_path}/out", f"PY={fake}", goal, *variables], env=env,
+        p = subprocess.run(["make", "-C", ROOT, f"OUT={tmp_path}/out", f"PY={fake}", *goal, *variables], env=env,
                            capture_output=True, text=True)
         assert (p.returncode == 0) == ok, p.stdout + p.stderr
-        run.stdout = p.stdout
+        assert p.returncode in (0, 2), p.stdout + p.stderr  # 2: make's own error, or a stage's
+        run.stdout, run.output = p.stdout, p.stdout + p.stderr
         return [line.split()[0] for line in calls.read_text().splitlines()]
 
     return run
@@ -169,3 +173,74 @@ def test_the_virtualenv_gets_the_cuda_torch_only_with_gpu_on(fake_bin, tmp_path)
         pip = calls.read_text().split()
         assert pip[:2] == ["-m", "pip"], pip
         assert ("torch" in pip) == on and ("torch==2.13.0" in pip) == (not on), (variables, gpu_found, pip)
+
+
+def error_line(output):
+    """make's one line for a $(error) in the Makefile (and nothing else printed but make -C's directory lines)."""
+    lines = [line for line in output.strip().splitlines() if not line.startswith("make: Entering directory")
+             and not line.startswith("make: Leaving directory")]
+    assert len(lines) == 1 and "Makefile:" in lines[0] and "***" in lines[0], output
+    return lines[0]
+
+
+def test_an_empty_or_spaced_or_root_out_is_refused_before_any_rule_runs(make, tmp_path):
+    out = tmp_path / "out"
+    make()
+    finished = ["data/meta.json", "sft/done", "rm/done", "ppo/done"]
+    for bad in ("", " ", f"{tmp_path}/my out", "/", "//"):
+        # a dry run, which prints every command a rule would run: none, the whole pipeline at /data, /sft, ... before
+        assert make(f"OUT={bad}", "-n", goal="all", ok=False) == []
+        assert "OUT" in error_line(make.output), bad
+    # OUT with a space in it, where the second word is a finished pipeline: it was once told to rerun the data stage,
+    # which deleted that pipeline's meta.json and done files before it failed
+    assert make(f"OUT={tmp_path}/my {out}", goal="all", ok=False) == []
+    assert f"OUT=\"{tmp_path}/my {out}\" has a space in it" in error_line(make.output)
+    assert [f for f in finished if (out / f).exists()] == finished
+    assert not (tmp_path / "my").exists()
+
+
+def test_a_trailing_slash_in_out_is_the_same_out(make, tmp_path):
+    assert make(goal="all") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]
+    # the stage commands keep their text (out/data, not out//data), so nothing reruns
+    assert make(f"OUT={tmp_path}/out/", goal="all") == []
+    assert make(f"OUT={tmp_path}/out//", goal="all") == []
+    for given, used in (("out/", "out"), ("./x/", "./x"), (f"{tmp_path}/o//", f"{tmp_path}/o")):
+        make(f"OUT={given}", goal="help")
+        assert f"output directory (now: {used})" in make.stdout, given
+
+
+def test_clean_removes_a_pipelines_output_and_refuses_any_other_directory(make, tmp_path):
+    out = tmp_path / "out"
+    make()
+    make(f"OUT={out}/", goal="clean")
+    assert not out.exists()
+    make(goal="clean")  # already gone: nothing to refuse
+    # a dry run, which would print `rm -rf nanorlhf` (the source package), `rm -rf .` or `rm -rf ..`
+    for bad, why in (("nanorlhf", "holds no file that the pipeline writes"), (".", "holds this directory"),
+                     ("..", "holds this directory"), ("Makefile", "holds no file that the pipeline writes")):
+        assert make(f"OUT={bad}", "-n", goal="clean", ok=False) == []
+        assert f"not removing {bad}: it {why}" in error_line(make.output), bad
+    # a directory of other files is left as it is
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n")
+    make(f"OUT={notes}", goal="clean", ok=False)
+    assert f"not removing {notes}:" in error_line(make.output)
+    assert (notes / "todo.txt").read_text() == "keep me\n"
+
+
+def test_clean_refuses_a_directory_git_tracks_files_in(fake_bin, tmp_path):
+    # a pipeline written into a source directory (make OUT=src): its stamps are there, and so are tracked files
+    if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("no git")
+    work = tmp_path / "work"
+    (work / "src/data").mkdir(parents=True)
+    (work / "src/model.py").write_text("")
+    (work / "src/data/cmd").write_text("")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["git", "add", "src/model.py"], cwd=work, check=True)
+    p = subprocess.run(["make", "-C", str(work), "-f", os.path.join(ROOT, "Makefile"), "clean", "OUT=src"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "not removing src: git tracks files in it" in error_line(p.stdout + p.stderr)
+    assert (work / "src/model.py").exists()
