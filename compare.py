@@ -8,8 +8,9 @@ Matched budget:
   the same epochs x minibatches per rollout, so the same number of policy gradient steps too; and PPO's settings
   of the flags that mean the same in train_grpo.py (SHARED_FLAGS: response length, temperature, missing-EOS
   score, learning rate and its schedule, AdamW, clip epsilon, gradient clip). --grpo_flags come after them on
-  the command line and win: a deliberate difference (another --lr, say) is one the command shows. Not copied:
-  the KL coefficient (beta means something else with the KL in the loss; each method keeps its own, see
+  the command line and win: a deliberate difference (another --lr, say) is one the command shows. The flags
+  compare.py sets itself (paths, seed, budget) are refused in --grpo_flags, --dpo_flags and --eval_flags. Not
+  copied: the KL coefficient (beta means something else with the KL in the loss; each method keeps its own, see
   train_grpo.py) and where or how it runs (--device, --dtype, --grad_accum: the same gradient).
 - DPO samples nothing; it gets as many sequences through the policy's backward pass as PPO's actor:
   episodes x ppo_epochs = 12800 by default, i.e. 12800 / (batch_size x K) steps of --dpo_batch_size prompts
@@ -31,6 +32,7 @@ models resident in memory while training.
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -49,6 +51,15 @@ SHARED_FLAGS = ("response_length", "temperature", "missing_eos_penalty", "lr", "
                 "beta2", "clip_coef", "max_grad_norm")
 # the PPO run's flags that matched_budget reads
 BUDGET_FLAGS = ("num_iterations", "batch_size", "ppo_epochs", "num_minibatches")
+# the flags compare.py passes itself to the script that each --*_flags goes to: one there too would come last and win,
+# so a run would go elsewhere, or differ from the budget the report states, and compare.py would then evaluate and
+# describe the runs it meant to make. SHARED_FLAGS are not among them: --grpo_flags may change those on purpose.
+OWN_FLAGS = {"grpo_flags": ("train_grpo.py", ("advantage", "data", "sft", "rm", "out_dir", "seed", "num_iterations",
+                                              "batch_size", "num_epochs", "num_minibatches")),
+             "dpo_flags": ("train_dpo.py", ("data", "val_data", "sft", "out_dir", "seed", "batch_size", "max_steps")),
+             "eval_flags": ("evaluate.py", ("data", "sft", "rm", "ppo", "extra", "init_row", "out_dir"))}
+# the flags that only shape the training runs: with --train false the runs in --out/compare are already made
+TRAIN_ONLY = ("seed", "dpo_batch_size", "grpo_flags", "dpo_flags")
 # the numeric columns of rows.json that --summarize averages
 COLUMNS = ("gold", "win_rate_vs_sft", "kl", "rm", "length", "wall_s")
 
@@ -89,6 +100,39 @@ def shared_settings(ppo_args):
 def as_flags(settings):
     """{"lr": 0.0001, "anneal_lr": False} -> ["--lr", "0.0001", "--anneal_lr", "false"]."""
     return [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+def split_flags(name, text):
+    """
+    The words of --{name} (shell quoting), refusing a flag that compare.py passes to that script itself (OWN_FLAGS).
+    Example: split_flags("eval_flags", "--n_prompts 3") -> ["--n_prompts", "3"]; "--out_dir x" -> UserError.
+    """
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"--{name} {text!r}: {e}") from None
+    script, own = OWN_FLAGS[name]
+    names = [w.split("=", 1)[0] for w in words]
+    clash = [n for n in names if n.startswith("--") and n[2:] in own]
+    ours = {"--seed": "--seed", "--batch_size": "--dpo_batch_size"}
+    hint = "".join(f"; for {c}: compare.py's own {ours[c]}" for c in dict.fromkeys(clash) if c in ours)
+    check(not clash, f"--{name}: compare.py passes {', '.join(dict.fromkeys(clash))} to {script} itself, and "
+                     f"evaluates and reports what it passed: drop it{hint}")
+    return words
+
+
+def eval_temperature(eval_words):
+    """
+    The temperature evaluate.py samples at: the last --temperature in --eval_flags (argparse keeps the last), else
+    evaluate.py's default of 1. Example: ["--temperature", "0.7"] -> 0.7; ["--temperature=0"] -> 0.0; [] -> 1.0.
+    """
+    t = 1.0
+    for i, w in enumerate(eval_words):
+        if w == "--temperature" and i + 1 < len(eval_words):
+            t = float(eval_words[i + 1])
+        elif w.startswith("--temperature="):
+            t = float(w.split("=", 1)[1])
+    return t
 
 
 def train(name, cmd, log_path):
@@ -195,6 +239,10 @@ def summarize(outs):
 def main():
     cfg = parse_flags(Config, description=__doc__)
     check(cfg.dpo_batch_size >= 1, f"--dpo_batch_size {cfg.dpo_batch_size}: must be at least 1")
+    given = [f"--{k}" for k in TRAIN_ONLY if k in cfg._given]
+    check(cfg.train or not given, f"{', '.join(given)}: only shape the training runs, and --train false trains "
+                                  f"none (it evaluates the runs already in --out/compare); drop them")
+    extra_flags = {name: split_flags(name, getattr(cfg, name)) for name in OWN_FLAGS}
     if cfg.summarize:
         outs = [o.strip() for o in cfg.summarize.split(",") if o.strip()]
         check(outs, f"--summarize {cfg.summarize!r}: expected pipeline directories, e.g. out,out_s1")
@@ -237,12 +285,12 @@ def main():
         if m in ONLINE:
             cmd = [sys.executable, "train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
                    "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--out_dir", out_dir,
-                   "--seed", str(cfg.seed), *as_flags(online), *as_flags(shared), *cfg.grpo_flags.split()]
+                   "--seed", str(cfg.seed), *as_flags(online), *as_flags(shared), *extra_flags["grpo_flags"]]
         else:
             cmd = [sys.executable, "train_dpo.py", "--data", os.path.join(d, "data/prefs.jsonl"),
                    "--val_data", os.path.join(d, "data/prefs_eval.jsonl"), "--sft", os.path.join(d, "sft"),
                    "--out_dir", out_dir, "--seed", str(cfg.seed), "--batch_size", str(cfg.dpo_batch_size),
-                   "--max_steps", str(dpo_steps), *cfg.dpo_flags.split()]
+                   "--max_steps", str(dpo_steps), *extra_flags["dpo_flags"]]
         train(m, cmd, os.path.join(root, f"{m}.log"))
 
     # every policy on the same held-out prompts, the same sampling seed
@@ -250,7 +298,7 @@ def main():
     extra = ",".join(f"{m}={os.path.join(root, m)}" for m in methods)
     train("evaluate", [sys.executable, "evaluate.py", "--data", os.path.join(d, "data/eval.jsonl"),
                        "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--ppo", os.path.join(d, "ppo"),
-                       "--extra", extra, "--init_row", "false", "--out_dir", eval_dir, *cfg.eval_flags.split()],
+                       "--extra", extra, "--init_row", "false", "--out_dir", eval_dir, *extra_flags["eval_flags"]],
           os.path.join(root, "evaluate.log"))
     with open(os.path.join(eval_dir, "policies.json")) as f:
         rows = json.load(f)
@@ -263,9 +311,11 @@ def main():
     with open(os.path.join(eval_dir, "report.json")) as f:
         device = json.load(f)["device"]
     n = rows["sft"]["n"]
+    t = eval_temperature(extra_flags["eval_flags"])
+    sampled = "decoded greedily (temperature 0)" if t == 0 else f"sampled at temperature {t:g}"
     md = ["# Beyond PPO: GRPO, Dr. GRPO, RLOO and DPO on the built-in task", "",
           f"Pipeline `{d}` (seed {cfg.seed}), device {device}. Held-out: {n} responses to `{d}/data/eval.jsonl`, "
-          "sampled at temperature 1 with the same seed for every policy.", "",
+          f"{sampled} with the same seed for every policy.", "",
           f"Budget: {episodes} sampled episodes per online method (the PPO run's {online['num_iterations']} x "
           f"{online['batch_size']}), {online['num_epochs']} epochs x {online['num_minibatches']} minibatches per "
           f"rollout; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x {k:g} ranked responses, as many "

@@ -27,9 +27,15 @@ import sys
 from dataclasses import dataclass
 
 from nanorlhf.data import read_prompts
-from nanorlhf.report import pyplot, sweep_section
+from nanorlhf.report import SWEEP_HEADING, pyplot, sweep_section
 from nanorlhf.tasks import parse_prompt
 from nanorlhf.utils import UserError, check, flag, parse_flags, run, write_text
+
+
+# the sweep's two runs, out_dir/beta0 and out_dir/default
+RUNS = ("beta0", "default")
+# the flags that only shape the two runs: with --train false they would be ignored
+TRAIN_ONLY = ("data", "sft", "rm", "num_iterations", "kl_coef", "ppo_flags", "seed")
 
 
 @dataclass
@@ -38,7 +44,8 @@ class Config:
                                                "gives the gold score")
     sft: str = flag("out/sft", "SFT checkpoint (actor start and reference)")
     rm: str = flag("out/rm", "reward model checkpoint")
-    out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir")
+    out_dir: str = flag("out/sweep", "the runs go to out_dir/beta0 and out_dir/default; the report to out_dir, a "
+                                     "directory of the sweep's own")
     num_iterations: int = flag(150, "PPO iterations per run: 3 x train_ppo.py's default of 50")
     kl_coef: float | None = flag(None, "beta of the 'default' run; unset: none passed, so train_ppo.py's own default")
     ppo_flags: str = flag("", "more train_ppo.py flags for both runs, e.g. --ppo_flags=\"--lr 2e-4\" (with =); not "
@@ -55,8 +62,33 @@ def run_flags(cfg, name, beta):
             "--seed", str(cfg.seed), "--num_iterations", str(cfg.num_iterations), *kl_flag, "--gold", "on"]
 
 
+def check_out_dir(out_dir):
+    """
+    Refuse an out_dir that is not the sweep's: the report tabulates every run there (a directory with a
+    metrics.jsonl) and replaces out_dir/report.md, so the pipeline's out/ would have its ppo run shown as a sweep
+    run and evaluate.py's report.md overwritten. The sweep's runs are out_dir/beta0 and out_dir/default only.
+    """
+    if not os.path.isdir(out_dir):
+        return
+    others = sorted(d for d in os.listdir(out_dir) if d not in RUNS and os.path.isfile(
+        os.path.join(out_dir, d, "metrics.jsonl")))
+    check(not others, f"--out_dir {out_dir}: holds runs that are not the sweep's ({', '.join(others)}; the sweep's "
+                      f"are {' and '.join(RUNS)}): give the sweep a directory of its own, e.g. out/sweep")
+    report = os.path.join(out_dir, "report.md")
+    if os.path.isfile(report):
+        with open(report, errors="replace") as f:
+            first = f.readline()
+        check(first.startswith(SWEEP_HEADING), f"{report}: not written by kl_sweep.py (its report starts with "
+                                               f"{SWEEP_HEADING!r}), and the sweep would replace it: give the sweep a "
+                                               f"directory of its own")
+
+
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
+    given = [f"--{k}" for k in TRAIN_ONLY if k in cfg._given]
+    check(cfg.train or not given, f"{', '.join(given)}: only shape the two PPO runs, and --train false runs none "
+                                  f"(it rewrites the report from the runs in --out_dir); drop them")
+    check(cfg.num_iterations >= 1, f"--num_iterations {cfg.num_iterations}: must be at least 1")
     check(cfg.kl_coef is None or cfg.kl_coef > 0,
           f"--kl_coef {cfg.kl_coef}: the default run needs a positive beta to compare with 0")
     try:
@@ -81,14 +113,16 @@ def main(argv=None):
             raise UserError(f"--data {cfg.data}: kl_sweep.py needs the built-in task's prompts (python -m "
                             f"nanorlhf.tasks makes them), whose gold score it plots against KL; {foreign[:60]!r} is "
                             f"not one")
+    check_out_dir(cfg.out_dir)
     here = os.path.dirname(os.path.abspath(__file__))
     if cfg.train:
         # the 'default' run gets no --kl_coef unless one was given: train_ppo.py's own default then applies
         for name, beta in (("beta0", 0.0), ("default", cfg.kl_coef)):
             cmd = [sys.executable, os.path.join(here, "train_ppo.py"), *run_flags(cfg, name, beta), *ppo_flags]
             print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            if subprocess.run(cmd).returncode != 0:
-                sys.exit(f"kl_sweep: the {name} run failed")
+            code = subprocess.run(cmd).returncode
+            check(code == 0, f"the {name} run ({os.path.join(cfg.out_dir, name)}) failed: train_ppo.py exited with "
+                             f"{code}, its error is above")
     section = sweep_section(cfg.out_dir, pyplot(), cfg.out_dir)
     check(section is not None, f"{cfg.out_dir}: no PPO runs with rm_score, gold and kl in their metrics.jsonl")
     write_text(os.path.join(cfg.out_dir, "report.md"), section + "\n")

@@ -130,6 +130,9 @@ def fmt(x, digits=3):
     return str(x)
 
 
+SWEEP_HEADING = "## Over-optimisation"  # how the section starts: kl_sweep.py knows its own report.md by it
+
+
 def sweep_section(sweep_dir, plt, report_dir):
     """
     The over-optimisation experiment's section of a report (markdown), from sweep_dir/*/metrics.jsonl as
@@ -145,7 +148,7 @@ def sweep_section(sweep_dir, plt, report_dir):
             runs[name] = c
     if not runs:
         return None
-    lines = ["## Over-optimisation: PPO with beta = 0 against the default beta", "",
+    lines = [f"{SWEEP_HEADING}: PPO with beta = 0 against the default beta", "",
              f"Runs in `{sweep_dir}` (made by `python kl_sweep.py`), from their metrics.jsonl: rollout means on the",
              "training prompts, smoothed over a tenth of each run. KL: nats per response.", ""]
     if plt is not None:

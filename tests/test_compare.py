@@ -4,6 +4,7 @@ compare.py: the matched budget and settings, the table over seeds, and a missing
 
 import dataclasses
 import json
+import os
 import sys
 
 import pytest
@@ -136,3 +137,99 @@ def test_summarize_a_malformed_rows_json_is_one_line_naming_it(tmp_path, monkeyp
     code, err = exit_status_and_error(monkeypatch, capsys, ["--summarize", str(tmp_path)])
     assert code == 2 and err.startswith(f"error: {tmp_path}/compare/rows.json: {message}"), err
     assert err.count("\n") == 1 and err.endswith(f"; rerun `python compare.py --out {tmp_path}`\n"), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grpo_flags", "--out_dir elsewhere_g"], "--grpo_flags: compare.py passes --out_dir to train_grpo.py itself"),
+    (["--grpo_flags", "--lr 1e-4 --seed=3 --num_iterations 2"],
+     "--grpo_flags: compare.py passes --seed, --num_iterations to train_grpo.py itself"),
+    (["--dpo_flags", "--batch_size 4 --max_steps 9"], "--dpo_flags: compare.py passes --batch_size, --max_steps to "
+                                                     "train_dpo.py itself"),
+    (["--eval_flags", "--n_prompts 3 --out_dir elsewhere"], "--eval_flags: compare.py passes --out_dir to evaluate.py"),
+    (["--eval_flags", "--extra x=y"], "--eval_flags: compare.py passes --extra to evaluate.py itself"),
+    (["--eval_flags", "--n_prompts '3"], "--eval_flags \"--n_prompts '3\": No closing quotation"),
+])
+def test_a_flag_compare_sets_itself_is_refused_in_the_flags_strings(tmp_path, monkeypatch, capsys, argv, message):
+    """
+    They come last, so they won: --grpo_flags "--out_dir elsewhere_g" trained there and then compare evaluated the
+    old --out/compare/grpo; --eval_flags "--out_dir x" had it read an old eval/policies.json.
+    """
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path / "pipe"), *argv])
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--seed", "7", "--grpo_flags", "--lr 5"], "--seed, --grpo_flags"),
+    (["--dpo_batch_size", "4"], "--dpo_batch_size"),
+    (["--dpo_flags", "--beta 0.2"], "--dpo_flags"),
+])
+def test_train_false_refuses_the_training_flags(tmp_path, monkeypatch, capsys, argv, named):
+    # --train false trains nothing, yet the report described the runs with them: "(seed 7)", "then --grpo_flags --lr 5"
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--train", "false", *argv])
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {named}: only shape the training runs, and --train false trains none"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def fake_pipeline(tmp_path, monkeypatch):
+    """A pipeline directory whose scripts are recorded, not run: train() saves a run's ckpt.pt, evaluate its rows."""
+    (tmp_path / "data").mkdir()
+    for name in ("prompts", "prefs_eval", "eval"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text("")
+    (tmp_path / "data" / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    ppo = {"num_iterations": 2, "batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2, "lr": 1e-4, "temperature": 0.7}
+    for stage, args in (("sft", {"seed": 0}), ("rm", {"seed": 0}), ("ppo", ppo)):
+        (tmp_path / stage).mkdir()
+        torch.save({"step": 1, "stage": stage, "args": args}, tmp_path / stage / "ckpt.pt")
+    cmds = {}
+
+    def train(name, cmd, log_path):
+        cmds[name] = cmd
+        out_dir = cmd[cmd.index("--out_dir") + 1]
+        os.makedirs(out_dir, exist_ok=True)
+        if name != "evaluate":
+            torch.save({"models_resident": 3}, os.path.join(out_dir, "ckpt.pt"))
+            return
+        row = {"n": 4, "gold": 0.5, "win_rate_vs_sft": 0.5, "kl": 1.0, "rm": 0.0, "length": 5.0, "wall_s": 1.0}
+        names = ["sft", "ppo"] + [x.split("=")[0] for x in cmd[cmd.index("--extra") + 1].split(",")]
+        with open(os.path.join(out_dir, "policies.json"), "w") as f:
+            json.dump({n: row for n in names}, f)
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump({"device": "cpu"}, f)
+
+    monkeypatch.setattr(compare, "train", train)
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    return cmds
+
+
+def test_own_flags_are_the_flags_each_command_sets(tmp_path, monkeypatch, capsys):
+    """OWN_FLAGS, what --*_flags may not name, is what each command sets before them (PPO's shared ones aside)."""
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo", "--grpo_flags",
+                                      "--lr 3e-4", "--dpo_flags", "--beta 0.2", "--eval_flags", "--n_prompts 2"])
+    compare.run(compare.main)
+    for name, key, extra in (("grpo", "grpo_flags", ["--lr", "3e-4"]), ("dpo", "dpo_flags", ["--beta", "0.2"]),
+                             ("evaluate", "eval_flags", ["--n_prompts", "2"])):
+        cmd = cmds[name]
+        assert cmd[-len(extra):] == extra
+        own = {a[2:] for a in cmd[:-len(extra)] if a.startswith("--")} - set(compare.SHARED_FLAGS)
+        assert own == set(compare.OWN_FLAGS[key][1]), name
+
+
+@pytest.mark.parametrize("eval_flags, said", [
+    ("", "sampled at temperature 1 with"),
+    ("--temperature 0", "decoded greedily (temperature 0) with"),
+    ("--temperature=0.7 --n_prompts 2", "sampled at temperature 0.7 with"),
+])
+def test_the_report_states_the_temperature_evaluate_sampled_at(tmp_path, monkeypatch, capsys, eval_flags, said):
+    # --eval_flags "--temperature 0" still said "sampled at temperature 1"
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    (tmp_path / "compare" / "dpo").mkdir(parents=True)
+    torch.save({"models_resident": 1}, tmp_path / "compare" / "dpo" / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false",
+                                      "--eval_flags", eval_flags])
+    compare.run(compare.main)
+    assert list(cmds) == ["evaluate"]
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert said in report and report.count(" at temperature") + report.count("greedily") == 1, report

@@ -83,3 +83,74 @@ def test_ppo_flags_that_the_sweep_sets_are_refused(tmp_path, monkeypatch, capsys
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --ppo_flags: kl_sweep.py sets {named} itself")
     assert not cmds and not out.exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--num_iterations", "0", "--kl_coef", "5", "--ppo_flags=--bogus 1", "--data", "/nonexist"],
+     "--data, --num_iterations, --kl_coef, --ppo_flags"),
+    (["--seed", "0"], "--seed"),  # given at its default value: still a flag --train false would ignore
+    (["--sft", "s", "--rm", "r"], "--sft, --rm"),
+])
+def test_train_false_refuses_the_training_flags(tmp_path, monkeypatch, capsys, argv, named):
+    # they only shape the two runs; --train false ran none and exited 0 as if they had applied
+    (tmp_path / "beta0").mkdir()
+    (tmp_path / "beta0" / "metrics.jsonl").write_text("")
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path), *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {named}: only shape the two PPO runs, and --train false runs none"), err
+    assert not cmds and not (tmp_path / "report.md").exists()
+
+
+def test_num_iterations_below_1_is_refused(tmp_path, monkeypatch, capsys):
+    code, err, cmds = sweep(monkeypatch, capsys, "--num_iterations", "0", "--data", task_prompts(tmp_path),
+                            "--out_dir", str(tmp_path / "sweep"))
+    assert (code, err) == (2, "error: --num_iterations 0: must be at least 1\n")
+    assert not cmds and not (tmp_path / "sweep").exists()
+
+
+def test_a_failed_run_exits_2_with_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    # it was sys.exit("kl_sweep: the beta0 run failed"): exit status 1, not the project's 2 for a run that failed
+    monkeypatch.setattr(kl_sweep.subprocess, "run", lambda cmd, *a, **kw: types.SimpleNamespace(returncode=1))
+    monkeypatch.setattr(sys, "argv", ["kl_sweep.py", "--data", task_prompts(tmp_path), "--out_dir",
+                                      str(tmp_path / "s2")])
+    with pytest.raises(SystemExit) as info:
+        utils.run(kl_sweep.main)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: the beta0 run ({tmp_path / 's2' / 'beta0'}) failed: train_ppo.py exited with 1")
+    assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.parametrize("train", ["true", "false"])
+def test_an_out_dir_that_is_not_the_sweep_s_is_refused(tmp_path, monkeypatch, capsys, train):
+    """
+    The pipeline's out/ as --out_dir: the report tabulated out/ppo (any run with metrics) as a sweep run and replaced
+    evaluate.py's out/report.md with the sweep's section.
+    """
+    for name in ("sft", "ppo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "report.md").write_text("# nanorlhf: the pipeline's report\n")
+    data = ["--data", task_prompts(tmp_path)] if train == "true" else []
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", train, "--out_dir", str(tmp_path), *data)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out_dir {tmp_path}: holds runs that are not the sweep's (ppo, sft; "), err
+    assert not cmds and (tmp_path / "report.md").read_text() == "# nanorlhf: the pipeline's report\n"
+    # without those runs, a report.md that is not the sweep's is still refused, named
+    for name in ("sft", "ppo"):
+        (tmp_path / name / "metrics.jsonl").unlink()
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", train, "--out_dir", str(tmp_path), *data)
+    assert code == 2 and err.startswith(f"error: {tmp_path}/report.md: not written by kl_sweep.py"), err
+    assert not cmds and (tmp_path / "report.md").read_text() == "# nanorlhf: the pipeline's report\n"
+
+
+def test_the_sweep_s_own_out_dir_is_rewritten(tmp_path, monkeypatch, capsys):
+    # its runs and the report it wrote before: --train false rewrites that report
+    for name in kl_sweep.RUNS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "eval").mkdir()  # evaluate.py's output for the two policies: no run
+    (tmp_path / "report.md").write_text("## Over-optimisation: PPO with beta = 0 against the default beta\n")
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path))
+    assert (code, err, cmds) == (0, "", [])
+    assert (tmp_path / "report.md").read_text() == "the section\n"
