@@ -272,6 +272,9 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     yet), which every check below is about, and the link stays as it was.
     """
     check(dtype in ("float32", "bfloat16", "float16"), f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    # an empty path would be the current directory for --out, and an OS message about '' for --ckpt
+    check(ckpt_path, "--ckpt is empty: name a checkpoint directory or .pt file")
+    check(out, "--out is empty: name the directory to write (--out . for the current directory)")
     # no trailing "/", "." becomes a name that can be renamed, and a symlink becomes its target: renaming the link
     # itself would replace it, not the directory the user meant
     path = os.path.realpath(out)
@@ -279,7 +282,9 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     check_out_is_not_a_run(out, ckpt_path)
     if os.path.isdir(path):  # before the hint to pass --overwrite, which would not replace this one either
         check_out_is_an_export(out, path)
-    check(not os.path.exists(path) or (os.path.isdir(path) and (overwrite or not os.listdir(path))),
+    check(not os.path.exists(path) or os.path.isdir(path),
+          f"--out {out} is a file, not a directory: choose another --out (--overwrite replaces only an earlier export)")
+    check(not os.path.exists(path) or overwrite or not os.listdir(path),
           f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
     ckpt_file, ckpt = utils.load_model_checkpoint(ckpt_path)  # a train_state.pt, say, is one line
     kind = ckpt["model_kind"]
@@ -289,7 +294,10 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 
     tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a parent that is a file, or a place no directory can go (/proc): name --out, not tmp
+        raise utils.UserError(f"--out {out}: cannot create a directory there ({e.strerror or e})") from None
     try:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -145,7 +145,10 @@ def hf_tokenizer(src, spec, named=False):
             vocab_size = json.load(f)["vocab_size"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--init_from {src}: no vocab_size in {config_path} ({type(e).__name__}: {e})") from None
+    check(type(vocab_size) is int and vocab_size > 0,
+          f"--init_from {src}: vocab_size {json.dumps(vocab_size)} in {config_path} is not a positive integer")
     own = os.path.join(src, "tokenizer.tiktoken")
+    check(not os.path.exists(own) or os.path.isfile(own), f"--init_from {src}: {own} is not a file")
     if os.path.isfile(own):
         try:
             tok = Tokenizer.from_tiktoken_file(own)

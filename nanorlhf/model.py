@@ -449,22 +449,37 @@ class GPT(Trunk):
         A directory that is no GPT-2 language model, or whose config.json GPT cannot follow exactly, is a one-line
         ValueError naming it and the field (train_sft.py --init_from reports it so).
         """
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
+        config_path = os.path.join(path, "config.json")
+        with open(config_path) as f:
+            try:
+                hf = json.load(f)
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
         # a config.json without model_type is read as GPT-2's, as transformers' GPT2Config.from_pretrained reads it
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"{path}: model_type {hf['model_type']!r} is not supported (only GPT-2's, 'gpt2')")
+        # a hand-edited config.json: each value is checked for its type too, so that a wrong one is one line naming
+        # the field, not a TypeError from the comparison that reads it
+        architectures = hf.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ValueError(f"{path}: architectures {json.dumps(architectures)} in config.json is not a list of "
+                             f"class names")
         # export_hf.py writes a reward model or critic as GPT2ForSequenceClassification: a score head, no LM head
-        if "GPT2ForSequenceClassification" in (hf.get("architectures") or []):
+        if "GPT2ForSequenceClassification" in architectures:
             raise ValueError(f"{path}: architectures {hf['architectures']} is a sequence classifier (a reward model "
                              f"or critic), not a language model (GPT2LMHeadModel)")
         eps = hf.get("layer_norm_epsilon", 1e-5)
-        if abs(eps - 1e-5) > 1e-12:
-            raise ValueError(f"{path}: layer_norm_epsilon {eps} is not supported (GPT-2 uses 1e-5)")
+        if type(eps) not in (int, float) or abs(eps - 1e-5) > 1e-12:  # not isinstance: JSON's true is no number
+            raise ValueError(f"{path}: layer_norm_epsilon {json.dumps(eps)} in config.json is not supported "
+                             f"(GPT-2 uses 1e-5)")
+        act = hf.get("activation_function", "gelu_new")
         activation = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}.get(
-            hf.get("activation_function", "gelu_new"))
+            act if isinstance(act, str) else None)  # a list, say, is no key (unhashable)
         if activation is None:
-            raise ValueError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
+            raise ValueError(f"{path}: activation_function {act!r} in config.json is not supported "
+                             f"(gelu_new, gelu_pytorch_tanh or gelu)")
         n_embd, n_head = hf_size(path, hf, "n_embd"), hf_size(path, hf, "n_head")
         if n_embd % n_head:
             raise ValueError(f"{path}: n_embd {n_embd} is not divisible by n_head {n_head}")
@@ -481,11 +496,14 @@ class GPT(Trunk):
         config = GPTConfig(block_size=hf_size(path, hf, "n_positions", "n_ctx"),
                            vocab_size=hf_size(path, hf, "vocab_size"), n_layer=hf_size(path, hf, "n_layer"),
                            n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, activation=activation)
-        st_path = os.path.join(path, "model.safetensors")
+        st_path, bin_path = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
         if os.path.exists(st_path):
+            weights_path = st_path
             sd_hf = load_safetensors(st_path)
+        elif not os.path.exists(bin_path):  # else the OS's message would name pytorch_model.bin alone
+            raise ValueError(f"{path}: no weights (looked for model.safetensors, then pytorch_model.bin)")
         else:
-            bin_path = os.path.join(path, "pytorch_model.bin")
+            weights_path = bin_path
             try:
                 sd_hf = torch.load(bin_path, map_location="cpu", weights_only=True)
             except OSError:  # no such file, or unreadable: the message names it already
@@ -507,6 +525,10 @@ class GPT(Trunk):
             name = k if k.startswith("transformer.") else "transformer." + k
             if name not in sd:
                 raise ValueError(f"{path}: unexpected tensor {k!r}")
+            # copy_ would cast integers to floats without a word: weights of a file whose dtype is wrong
+            if not v.is_floating_point():
+                raise ValueError(f"{weights_path}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, "
+                                 f"expected a floating-point weight")
             if name.endswith(transposed):
                 v = v.t()
             if v.shape != sd[name].shape:

@@ -443,6 +443,30 @@ def test_exported_reward_model_is_no_language_model_to_from_pretrained(tmp_path)
         GPT.from_pretrained(str(tmp_path / "hf"))
 
 
+def test_bad_out_or_ckpt_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    """
+    Before: --out "" exported into the current directory, --out a file with --overwrite was told to pass
+    --overwrite, --out below a file named the temporary directory (hf.tmp1234: Not a directory), and --ckpt ""
+    gave ": no such checkpoint file".
+    """
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    ppo, afile = str(tmp_path / "ppo"), str(tmp_path / "afile")
+    for argv, message in [(["--ckpt", ppo, "--out", ""], "--out is empty"),
+                          (["--ckpt", "", "--out", str(tmp_path / "hf")], "--ckpt is empty"),
+                          (["--ckpt", ppo, "--out", afile, "--overwrite"], f"--out {afile} is a file, not a directory"),
+                          (["--ckpt", ppo, "--out", afile + "/sub"], f"--out {afile}/sub: cannot create a directory")]:
+        code, err = run_cli(monkeypatch, capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert "pass --overwrite" not in err and ".tmp" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["afile", "cwd", "ppo"]
+    assert not any((tmp_path / "cwd").iterdir())  # --out "": nothing exported into the current directory
+
+
 def test_cli_bad_checkpoint_writes_nothing(tmp_path):
     p = script("export_hf.py", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), check=False)
     assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "hf").exists()

@@ -901,6 +901,67 @@ def test_from_pretrained_reads_n_ctx_without_n_positions(tmp_path):
     assert GPT.from_pretrained(str(tmp_path)).config.block_size == 16
 
 
+@pytest.mark.parametrize("key,value,field", [
+    ("layer_norm_epsilon", None, "layer_norm_epsilon null in config.json is not supported"),  # were TypeErrors
+    ("layer_norm_epsilon", "1e-5", 'layer_norm_epsilon "1e-5" in config.json is not supported'),
+    ("activation_function", ["gelu"], r"activation_function \['gelu'\] in config.json is not supported"),
+    ("architectures", 5, "architectures 5 in config.json is not a list of class names"),
+    ("architectures", "GPT2LMHeadModel", 'architectures "GPT2LMHeadModel" in config.json is not a list'),
+])
+def test_from_pretrained_wrong_type_in_config_is_a_value_error_naming_the_field(tmp_path, key, value, field):
+    """A hand-edited config.json: a value of the wrong JSON type is one line naming the field, not a TypeError."""
+    sd, config = random_hf_gpt2()
+    config[key] = value  # None is written as null, not left out
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: {field}"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_config_that_is_no_json_object_names_the_file(tmp_path):
+    sd, config = random_hf_gpt2()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    for text, message in [("[1]", "expected a JSON object, got list"), ("{", "not valid JSON")]:
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {message}"):
+            GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_pretrained_refuses_integer_weights(tmp_path, fmt):
+    """
+    A float weight stored as integers (a safetensors header's dtype edited to I32, say) was cast by copy_ and
+    trained to a loss of 1e8: one line naming the file and the tensor instead.
+    """
+    sd, config = random_hf_gpt2()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    if fmt == "safetensors":
+        path = tmp_path / "model.safetensors"
+        write_safetensors(path, tensors)
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header["transformer.h.0.mlp.c_fc.weight"]["dtype"] = "I32"  # 4 bytes, as F32: the offsets stay valid
+        blob = json.dumps(header).encode()
+        path.write_bytes(raw[:8] + blob + b" " * (n - len(blob)) + raw[8 + n:])
+    else:
+        path = tmp_path / "pytorch_model.bin"
+        tensors["transformer.h.0.mlp.c_fc.weight"] = tensors["transformer.h.0.mlp.c_fc.weight"] > 0  # bool
+        torch.save(tensors, path)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: tensor 'transformer.h.0.mlp.c_fc.weight' has "
+                                         f"dtype (int32|bool), expected a floating-point weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_without_weights_names_both_files(tmp_path):
+    """Before: the OS's "No such file or directory: .../pytorch_model.bin", as if only that one were looked for."""
+    _, config = random_hf_gpt2()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no weights \(looked for model.safetensors, then pytorch_model.bin\)"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_load_safetensors_bad_file_is_a_value_error_naming_it(tmp_path, monkeypatch):
     """train_sft.py --init_from reports OSError, ValueError and KeyError in one line; anything else is a traceback."""
     path = tmp_path / "model.safetensors"

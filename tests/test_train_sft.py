@@ -185,6 +185,27 @@ def test_init_from_an_hf_export_refuses_another_tokenizer_named_even_byte(tmp_pa
         init_model("--init_from", str(tmp_path / "hf"), "--tokenizer", "byte")
 
 
+def test_init_from_an_hf_export_with_a_hand_broken_vocab_size_or_tokenizer_is_one_line(tmp_path):
+    # a string vocab_size was "gives 258 ids ... but config.json has vocab_size 258"; a tokenizer.tiktoken that is a
+    # directory was "has no tokenizer.tiktoken of its own"
+    import shutil
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8))
+    utils.save_checkpoint(str(tmp_path / "sft"), utils.model_payload(model, tok, "sft", {"seed": 0}, 1))
+    hf_dir = tmp_path / "hf"
+    export_hf.export(str(tmp_path / "sft"), str(hf_dir))
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "vocab_size": "258"}))
+    with pytest.raises(utils.UserError, match='^--init_from .*: vocab_size "258" in .*config.json is not a positive '):
+        init_model("--init_from", str(hf_dir))
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    (hf_dir / "tokenizer.tiktoken").unlink()
+    shutil.copytree(tmp_path / "sft", hf_dir / "tokenizer.tiktoken")
+    with pytest.raises(utils.UserError, match="^--init_from .*tokenizer.tiktoken is not a file$"):
+        init_model("--init_from", str(hf_dir))
+
+
 @needs_gpt2
 def test_init_from_hf_gpt2_takes_gpt2s_tokenizer(tmp_path):
     # a Hugging Face GPT-2 (no tokenizer.tiktoken, vocab 50257: EOS last) gets the pad row, with GPT-2's BPE
