@@ -10,12 +10,12 @@ Prints tokens/s and ms per step of each, and the speed-up (the median over alter
 
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
+from nanorlhf import utils
 from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
-from nanorlhf.utils import FlagParser
+from nanorlhf.utils import FlagParser, check
 
 parser = FlagParser(description=__doc__)
 parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch")
@@ -29,62 +29,78 @@ parser.add_argument("--activation", default="gelu", choices=list(GELU_APPROXIMAT
                     help="the MLP's GELU: gelu (exact; train_sft.py's default for a new model) | gelu_new (GPT-2's)")
 parser.add_argument("--left_pad", type=int, default=0, help="left-pad half of the prompts by this many tokens")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 (autocast, on a CPU too)")
+parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (autocast, on a CPU too)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cached generation per round (best)")
 parser.add_argument("--naive_repeats", type=int, default=1, help="timed runs of the naive generation (best is kept)")
 parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both; the median ratio is reported")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-if args.threads:
-    torch.set_num_threads(args.threads)
-
-device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                      "cpu" if args.device == "auto" else args.device)
-ctx = nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, args.dtype))
-torch.manual_seed(args.seed)
-config = GPTConfig(block_size=args.prompt_len + args.new_tokens, vocab_size=args.vocab_size,
-                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, activation=args.activation)
-model = GPT(config).to(device).eval()
-B, T = args.batch_size, args.prompt_len
-idx = torch.randint(0, args.vocab_size, (B, T), device=device)
-mask = torch.ones_like(idx)
-mask[: B // 2, : args.left_pad] = 0
 
 
-def timed(use_cache, repeats):
+def check_args(args):
+    """Sizes that would fail deep inside the model or the timing (or time nothing), refused in one line."""
+    for name in ("batch_size", "prompt_len", "new_tokens", "n_layer", "n_head", "n_embd", "vocab_size", "repeats",
+                 "naive_repeats", "rounds"):
+        check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+    # generate() needs the last column of every prompt to be a real token
+    check(0 <= args.left_pad < args.prompt_len,
+          f"--left_pad must be from 0 to --prompt_len - 1 ({args.prompt_len - 1}), got {args.left_pad}")
+    check(args.threads >= 0, f"--threads must be 0 (torch's default) or more, got {args.threads}")
+
+
+def timed(model, idx, mask, new_tokens, use_cache, repeats, rt):
     """Best wall time over `repeats` runs of one generation, and the process CPU time of that run."""
+    sync = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
     best, best_cpu = float("inf"), float("inf")
     for r in range(repeats):
-        g = torch.Generator(device=device).manual_seed(r)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        g = torch.Generator(device=rt.device).manual_seed(r)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        with ctx:
-            out = model.generate(idx, args.new_tokens, attention_mask=mask, generator=g, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with rt.autocast():
+            out = model.generate(idx, new_tokens, attention_mask=mask, generator=g, use_cache=use_cache)
+        sync()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if dt < best:
             best, best_cpu = dt, dc
-        assert out.shape == (B, T + args.new_tokens)
+        assert out.shape == (idx.shape[0], idx.shape[1] + new_tokens)
     return best, best_cpu
 
 
-print(f"device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-      f"{model.num_params() / 1e6:.2f}M params, batch {B}, prompt {T}, new tokens {args.new_tokens}")
-# warm-up: the allocator, and on a GPU the kernels chosen per shape (the naive run sees every length once)
-timed(True, 1)
-if device.type == "cuda":
-    timed(False, 1)
-# The machine's speed drifts (a shared host), so the two are timed in alternating rounds and each round
-# gives a ratio of times measured seconds apart; the median round is the number to quote.
-ratios = []
-for k in range(args.rounds):
-    (dt_kv, cpu_kv), (dt_naive, cpu_naive) = timed(True, args.repeats), timed(False, args.naive_repeats)
-    ratios.append(dt_naive / dt_kv)
-    print(f"round {k + 1}: kv cache {B * args.new_tokens / dt_kv:8.0f} tokens/s {1000 * dt_kv / args.new_tokens:7.2f} "
-          f"ms/step | naive {B * args.new_tokens / dt_naive:6.0f} tokens/s {1000 * dt_naive / args.new_tokens:7.2f} "
-          f"ms/step | speed-up {ratios[-1]:.1f}x wall clock, {cpu_naive / cpu_kv:.1f}x cpu time", flush=True)
-print(f"speed-up: {statistics.median(ratios):.1f}x (median of {len(ratios)} rounds; "
-      f"min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args)
+    rt = utils.setup_runtime(args.device, args.dtype, args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = rt.device
+    config = GPTConfig(block_size=args.prompt_len + args.new_tokens, vocab_size=args.vocab_size,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, activation=args.activation)
+    model = GPT(config).to(device).eval()
+    B, T, N = args.batch_size, args.prompt_len, args.new_tokens
+    idx = torch.randint(0, args.vocab_size, (B, T), device=device)
+    mask = torch.ones_like(idx)
+    mask[: B // 2, : args.left_pad] = 0
+
+    print(f"device {device}, dtype {rt.dtype}, threads {torch.get_num_threads()}, "
+          f"{model.num_params() / 1e6:.2f}M params, batch {B}, prompt {T}, new tokens {N}")
+    # warm-up: the allocator, and on a GPU the kernels chosen per shape (the naive run sees every length once)
+    timed(model, idx, mask, N, True, 1, rt)
+    if rt.device_type == "cuda":
+        timed(model, idx, mask, N, False, 1, rt)
+    # The machine's speed drifts (a shared host), so the two are timed in alternating rounds and each round
+    # gives a ratio of times measured seconds apart; the median round is the number to quote.
+    ratios = []
+    for k in range(args.rounds):
+        dt_kv, cpu_kv = timed(model, idx, mask, N, True, args.repeats, rt)
+        dt_naive, cpu_naive = timed(model, idx, mask, N, False, args.naive_repeats, rt)
+        ratios.append(dt_naive / dt_kv)
+        print(f"round {k + 1}: kv cache {B * N / dt_kv:8.0f} tokens/s {1000 * dt_kv / N:7.2f} "
+              f"ms/step | naive {B * N / dt_naive:6.0f} tokens/s {1000 * dt_naive / N:7.2f} "
+              f"ms/step | speed-up {ratios[-1]:.1f}x wall clock, {cpu_naive / cpu_kv:.1f}x cpu time", flush=True)
+    print(f"speed-up: {statistics.median(ratios):.1f}x (median of {len(ratios)} rounds; "
+          f"min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
+
+
+if __name__ == "__main__":
+    utils.run(main)

@@ -45,6 +45,36 @@ class Args:
     seed: int = flag(0, "seed")
 
 
+def check_args(args, tok):
+    """
+    The flags' checks, right after parsing: sizes that would fail deep inside train_ppo.py's functions (or time
+    something other than what the table names) are refused in one line. Returns the list of options.
+    """
+    known = ("full", "shared", "lora", "lora+shared")
+    options = [o for o in args.options.split(",") if o]
+    check(options, f"--options {args.options!r}: name at least one of {', '.join(known)}")
+    for o in options:
+        check(o in known, f"--options: unknown option {o!r} (expected {', '.join(known)})")
+        check(options.count(o) == 1, f"--options {args.options!r}: {o} is named twice")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "response_length", "rounds"):
+        check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
+    check(args.n_embd % args.n_head == 0, f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+    # without adapters a lora option would time the full model under the label "lora"
+    check(args.lora_rank >= 1 or not any("lora" in o for o in options),
+          f"--lora_rank must be at least 1 for the lora options, got {args.lora_rank}")
+    # train_ppo.py's defaults split the batch into minibatches, and each into micro-batches
+    n_mb, accum = train_ppo.Args.num_minibatches, train_ppo.Args.grad_accum
+    check(args.batch_size % (n_mb * accum) == 0,
+          f"--batch_size {args.batch_size} must be divisible by train_ppo.py's num_minibatches x grad_accum "
+          f"({n_mb} x {accum})")
+    # the longest prompt and its response are scored in one sequence, which must fit the context
+    longest = max(len(tok.render_prompt(p)) for p in PROMPTS[:args.batch_size])
+    check(longest + args.response_length <= args.block_size,
+          f"the longest prompt ({longest} tokens) + --response_length {args.response_length} must fit --block_size "
+          f"{args.block_size}")
+    return options
+
+
 def setup(option, args, ckpt_dir, rt):
     """train_ppo.py's models and optimizers for one option."""
     o = footprint.options_of(option)
@@ -80,12 +110,9 @@ def iteration(ppo_args, m, actor_opt, critic_opt, batch, rt):
 
 def main(argv=None):
     args = utils.parse_flags(Args, argv, description=__doc__)
-    options = [o for o in args.options.split(",") if o]
-    for o in options:
-        check(o in ("full", "shared", "lora", "lora+shared"), f"--options: unknown option {o!r}")
-    check(args.rounds >= 1, "--rounds must be >= 1")
-    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
     tok = Tokenizer.byte_level()
+    options = check_args(args, tok)
+    rt = utils.setup_runtime(args.device, args.dtype, args.seed, training=True)
     config = GPTConfig(block_size=args.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     with tempfile.TemporaryDirectory() as d:

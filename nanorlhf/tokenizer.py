@@ -23,6 +23,7 @@ Train a tokenizer from the command line:
 import base64
 import heapq
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -338,6 +339,9 @@ def main(argv=None):
         parser.error(f"--vocab_size must be at least 256, got {args.vocab_size}")
     # checked before training, which may take minutes: a missing folder would otherwise lose them
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    # abspath drops a trailing slash, so "" and "name/" would pass the folder check below and fail only at the write
+    if not args.out or args.out.endswith(("/", os.sep)):
+        parser.error(f"--out {args.out!r}: name the .tiktoken file to write")
     if os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a directory: name the .tiktoken file to write")
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
@@ -347,6 +351,8 @@ def main(argv=None):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         parser.error(f"cannot read {args.train}: {e}")
+    if not text:
+        parser.error(f"--train {args.train}: the file is empty, nothing to train on")
     t0 = time.time()
     ranks = train_bpe(text, args.vocab_size, verbose=True)
     dt = time.time() - t0
@@ -354,6 +360,9 @@ def main(argv=None):
     tok = Tokenizer.from_tiktoken_file(args.out)
     n_bytes, n_tokens = len(text.encode("utf-8")), len(tok.encode(text))
     print(f"trained {len(ranks) - 256} merges on {n_bytes / 1e6:.2f} MB in {dt:.1f}s -> {args.out}")
+    if len(ranks) < args.vocab_size:  # every pair of every chunk was merged before the vocabulary was full
+        print(f"note: {args.train} gave only {len(ranks) - 256} merges of the {args.vocab_size - 256} asked for: "
+              f"{args.out} has a vocabulary of {len(ranks)}, not --vocab_size {args.vocab_size}", file=sys.stderr)
     print(f"compression on the training text: {n_bytes / max(n_tokens, 1):.2f} bytes/token ({n_tokens} tokens)")
 
 

@@ -38,3 +38,79 @@ def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, m
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: " + message), err
     assert out == ""  # no part ran
+
+
+# -----------------------------------------------------------------------------
+# bench_generate.py
+
+import bench_generate  # noqa: E402
+
+GEN_TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2", "--prompt_len", "4",
+            "--new_tokens", "4", "--rounds", "1", "--repeats", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--prompt_len", "0"], "--prompt_len must be at least 1, got 0"),
+    (["--new_tokens", "0"], "--new_tokens must be at least 1, got 0"),
+    (["--n_layer", "0"], "--n_layer must be at least 1, got 0"),
+    (["--vocab_size", "0"], "--vocab_size must be at least 1, got 0"),
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--naive_repeats", "0"], "--naive_repeats must be at least 1, got 0"),
+    (["--n_head", "3"], "--n_embd 16 must be divisible by --n_head 3"),
+    (["--left_pad", "4"], "--left_pad must be from 0 to --prompt_len - 1 (3), got 4"),
+    (["--left_pad", "-1"], "--left_pad must be from 0 to --prompt_len - 1 (3), got -1"),
+    (["--threads", "-1"], "--threads must be 0 (torch's default) or more, got -1"),
+    (["--dtype", "fp8"], "--dtype 'fp8'"),
+    (["--device", "xyz"], "--device 'xyz'"),
+])
+def test_bench_generate_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: bench_generate.main(GEN_TINY + flags))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message), err
+    assert out == ""  # nothing was timed
+
+
+def test_bench_generate_runs_a_tiny_model(capsys):
+    bench_generate.main(GEN_TINY + ["--left_pad", "3"])
+    assert "speed-up:" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# bench_memory.py
+
+import bench_memory  # noqa: E402
+
+MEM_TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "4", "--response_length", "4",
+            "--rounds", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--options", ""], "--options '': name at least one of full, shared, lora, lora+shared"),
+    (["--options", ","], "--options ',': name at least one of"),
+    (["--options", "full,full"], "--options 'full,full': full is named twice"),
+    (["--options", "lora", "--lora_rank", "0"], "--lora_rank must be at least 1 for the lora options, got 0"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--batch_size", "3"], "--batch_size 3 must be divisible by train_ppo.py's num_minibatches x grad_accum (4 x 1)"),
+    (["--response_length", "0"], "--response_length must be at least 1, got 0"),
+    (["--n_layer", "0"], "--n_layer must be at least 1, got 0"),
+    (["--n_head", "3"], "--n_embd 16 must be divisible by --n_head 3"),
+    # the longest of the first 4 prompts is 37 tokens: 37 + 4 = 41 fits, 40 failed deep in the scoring
+    (["--block_size", "40"], "the longest prompt (37 tokens) + --response_length 4 must fit --block_size 40"),
+    (["--block_size", "8"], "the longest prompt (37 tokens) + --response_length 4 must fit --block_size 8"),
+])
+def test_bench_memory_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: bench_memory.main(MEM_TINY + flags))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message), err
+    assert out == ""  # nothing was built or timed
+
+
+def test_bench_memory_accepts_the_largest_prompt_that_fits():
+    assert bench_memory.check_args(bench_memory.utils.parse_flags(bench_memory.Args, MEM_TINY + ["--block_size", "41"]),
+                                   bench_memory.Tokenizer.byte_level()) == ["full", "shared"]

@@ -374,3 +374,32 @@ def test_train_cli_writes_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         tokenizer.main(["--train", str(corpus), "--vocab_size", "270", "--out", str(out)])
     assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "x.tiktoken"]
+
+
+def test_train_cli_refuses_an_empty_out_or_corpus_before_training(tmp_path, monkeypatch, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus, empty = tmp_path / "corpus.txt", tmp_path / "empty.txt"
+    corpus.write_text("the cat sat on the mat " * 20)
+    empty.write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: pytest.fail("trained before refusing the flags"))
+    for train, out, message in [(corpus, "", "--out ''"), (corpus, "new/", "--out 'new/'"),
+                                (empty, "x.tiktoken", f"--train {empty}: the file is empty")]:
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(["--train", str(train), "--vocab_size", "300", "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "empty.txt"]
+
+
+def test_train_cli_says_when_the_corpus_gives_fewer_merges_than_asked(tmp_path, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus, out = tmp_path / "tiny.txt", tmp_path / "x.tiktoken"
+    corpus.write_text("ab ab")  # chunks "ab" and " ab": two merges at most
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "1000", "--out", str(out)])
+    n = len(load_tiktoken(str(out)))
+    err = capsys.readouterr().err
+    assert n < 1000 and err.count("\n") == 1, err
+    assert f"gave only {n - 256} merges of the 744 asked for" in err and f"vocabulary of {n}" in err, err
