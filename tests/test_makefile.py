@@ -5,6 +5,7 @@ nvidia-smi, so that whether make finds a GPU is the test's choice, not the machi
 """
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -177,8 +178,9 @@ def test_the_virtualenv_gets_the_cuda_torch_only_with_gpu_on(fake_bin, tmp_path)
 
 def error_line(output):
     """make's one line for a $(error) in the Makefile (and nothing else printed but make -C's directory lines)."""
-    lines = [line for line in output.strip().splitlines() if not line.startswith("make: Entering directory")
-             and not line.startswith("make: Leaving directory")]
+    # "make:" or, under another make (`make test` runs this file), "make[1]:"
+    lines = [line for line in output.strip().splitlines()
+             if not re.match(r"make(\[\d+\])?: (Entering|Leaving) directory", line)]
     assert len(lines) == 1 and "Makefile:" in lines[0] and "***" in lines[0], output
     return lines[0]
 
