@@ -3,8 +3,8 @@ The training-loop scaffolding that the stage scripts share, and nothing else: th
 resumable stream of length-grouped batches, gradient clipping and the stop on a non-finite loss, the optimizer
 step, the checks of the flags that the loops share (PPO's and GRPO's, --gold among them, and their RM's context),
 the checkpoint files (ckpt.pt + train_state.pt, and PPO's others) written so that a kill at any moment leaves a set
-of one step, --resume (on, off, auto), the flags of a resumed run, the digests of its inputs and the samples it keeps, and the peak FLOP/s that
-MFU divides by.
+of one step, --resume (on, off, auto), the flags of a resumed run, the digests of its inputs and the samples it
+keeps, and the peak FLOP/s that MFU divides by.
 The loops themselves stay in the scripts, where a reader expects them.
 """
 
