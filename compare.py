@@ -121,20 +121,6 @@ def split_flags(name, text):
     return words
 
 
-def eval_temperature(eval_words):
-    """
-    The temperature evaluate.py samples at: the last --temperature in --eval_flags (argparse keeps the last), else
-    evaluate.py's default of 1. Example: ["--temperature", "0.7"] -> 0.7; ["--temperature=0"] -> 0.0; [] -> 1.0.
-    """
-    t = 1.0
-    for i, w in enumerate(eval_words):
-        if w == "--temperature" and i + 1 < len(eval_words):
-            t = float(eval_words[i + 1])
-        elif w.startswith("--temperature="):
-            t = float(w.split("=", 1)[1])
-    return t
-
-
 def train(name, cmd, log_path):
     """Run one training script, its output to log_path; a failure stops the comparison with the log's tail."""
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
@@ -309,9 +295,9 @@ def main():
     order = ["sft", "ppo", *methods]
     png = plot(rows, order, os.path.join(root, "gold_vs_kl.png"))
     with open(os.path.join(eval_dir, "report.json")) as f:
-        device = json.load(f)["device"]
+        report = json.load(f)
+    device, t = report["device"], report["temperature"]  # what evaluate.py ran on and sampled at
     n = rows["sft"]["n"]
-    t = eval_temperature(extra_flags["eval_flags"])
     sampled = "decoded greedily (temperature 0)" if t == 0 else f"sampled at temperature {t:g}"
     md = ["# Beyond PPO: GRPO, Dr. GRPO, RLOO and DPO on the built-in task", "",
           f"Pipeline `{d}` (seed {cfg.seed}), device {device}. Held-out: {n} responses to `{d}/data/eval.jsonl`, "

@@ -36,7 +36,8 @@ Writes, atomically:
     out_dir/*.png         with matplotlib (optional), linked from report.md: gold_vs_kl.png (gold against KL of
                           the evaluated policies), sft_loss.png, rm.png (accuracy, calibration), curves.png (PPO)
     out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
-                           "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s"}
+                           "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s",
+                           "temperature" (of the sampling; 0 = greedy)}
                           (null where a number does not apply: no --ppo, no --rm, not the built-in task)
     out_dir/policies.json {name: {"gold", "gold_sem", "rm", "kl", "win_rate_vs_sft", "length", "eos", "n", "wall_s"}}
                           for every policy (sft, ppo, each --extra), wall_s = its stage's seconds (stage_seconds)
@@ -409,7 +410,7 @@ def side_by_side(all_rows, n_show, samples_per_prompt):
     return "\n".join(lines)
 
 
-def report_json(summaries, rm_info, seed, device, wall_s):
+def report_json(summaries, rm_info, seed, device, wall_s, temperature):
     """The machine-readable report, exactly these keys (null where a number does not apply)."""
     keys = ("gold", "rm", "kl", "win_rate_vs_sft", "length")
 
@@ -421,7 +422,7 @@ def report_json(summaries, rm_info, seed, device, wall_s):
 
     return {"sft": pick("sft"), "ppo": pick("ppo"),
             "rm": {"accuracy": rounded(rm_info["accuracy"]), "annotator_agreement": rounded(rm_info["annotator_agreement"])},
-            "seed": seed, "device": device, "wall_s": wall_s}
+            "seed": seed, "device": device, "wall_s": wall_s, "temperature": temperature}
 
 
 def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_times, report, plt):
@@ -609,7 +610,7 @@ def main(argv=None):
     # report.json
     os.makedirs(cfg.out_dir, exist_ok=True)
     pipeline_seed = int(sft_ckpt.get("args", {}).get("seed", cfg.seed))
-    report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1))
+    report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1), cfg.temperature)
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
 
     # policies.json: every evaluated policy's summary and its training wall time (compare.py reads it)

@@ -15,10 +15,11 @@ from scripts import ROOT, script
 sys.path.insert(0, ROOT)  # compare.py is a top-level script
 
 import compare
+import evaluate
 import train_grpo
 import train_ppo
 from nanorlhf.train_common import parse_stage_flags
-from nanorlhf.utils import UserError
+from nanorlhf.utils import UserError, parse_flags
 
 
 def test_matched_budget_gives_dpo_as_many_backward_sequences_as_ppo():
@@ -195,8 +196,8 @@ def fake_pipeline(tmp_path, monkeypatch):
         names = ["sft", "ppo"] + [x.split("=")[0] for x in cmd[cmd.index("--extra") + 1].split(",")]
         with open(os.path.join(out_dir, "policies.json"), "w") as f:
             json.dump({n: row for n in names}, f)
-        with open(os.path.join(out_dir, "report.json"), "w") as f:
-            json.dump({"device": "cpu"}, f)
+        with open(os.path.join(out_dir, "report.json"), "w") as f:  # evaluate.py's own parse of its flags
+            json.dump({"device": "cpu", "temperature": parse_flags(evaluate.Config, cmd[2:]).temperature}, f)
 
     monkeypatch.setattr(compare, "train", train)
     monkeypatch.setattr(compare, "plot", lambda *a: None)

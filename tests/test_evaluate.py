@@ -152,8 +152,9 @@ def test_stage_seconds_sums_the_sessions_of_a_resumed_run(tmp_path):
 def test_report_json_has_exactly_the_keys():
     s = {"gold": 0.5, "gold_sem": 0.1, "rm": 0.1, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0, "n": 8}
     report = evaluate.report_json({"sft": s, "ppo": s, "init": s}, {"accuracy": 0.7, "annotator_agreement": 0.8},
-                                  0, "cpu", 12.0)
-    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s"}
+                                  0, "cpu", 12.0, 0.7)
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s", "temperature"}
+    assert report["temperature"] == 0.7
     assert set(report["sft"]) == set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
     assert set(report["rm"]) == {"accuracy", "annotator_agreement"}
 
@@ -189,10 +190,11 @@ def test_evaluate_end_to_end(tmp_path):
     out = tmp_path / "out"
     stdout = script("evaluate.py", "--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"),
                     "--rm", str(tmp_path / "rm"), "--ppo", str(tmp_path / "ppo"), "--out_dir", str(out),
-                    "--n_prompts", "5", "--batch_size", "2").stdout
+                    "--n_prompts", "5", "--batch_size", "2", "--temperature", "0.9").stdout
     assert "init" in stdout and "ppo" in stdout
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s"}
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s", "temperature"}
+    assert report["temperature"] == 0.9  # compare.py states it in its report
     assert set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
     assert report["sft"]["kl"] == 0.0 and report["sft"]["win_rate_vs_sft"] == 0.5
     assert report["seed"] == 3 and report["device"] == "cpu"
