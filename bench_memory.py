@@ -60,8 +60,11 @@ def check_args(args, tok):
         check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     check(args.n_embd % args.n_head == 0, f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
     # without adapters a lora option would time the full model under the label "lora"
-    check(args.lora_rank >= 1 or not any("lora" in o for o in options),
-          f"--lora_rank must be at least 1 for the lora options, got {args.lora_rank}")
+    uses_lora = any("lora" in o for o in options)
+    check(args.lora_rank >= 1 or not uses_lora, f"--lora_rank must be at least 1 for the lora options, got "
+                                                f"{args.lora_rank}")
+    check(uses_lora or "lora_rank" not in getattr(args, "_given", ()),
+          f"--lora_rank does nothing without a lora option in --options {args.options!r}")
     # train_ppo.py's defaults split the batch into minibatches, and each into micro-batches
     n_mb, accum = train_ppo.Args.num_minibatches, train_ppo.Args.grad_accum
     check(args.batch_size % (n_mb * accum) == 0,
