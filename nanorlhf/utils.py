@@ -117,6 +117,9 @@ def _optional(base):
     return convert
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0 .. 2**32 - 1
+
+
 class FlagParser(argparse.ArgumentParser):
     """
     argparse with strict flags: no abbreviations (a prefix such as `--kl` never sets `--kl_coef`, so a typo or a
@@ -147,10 +150,11 @@ class FlagParser(argparse.ArgumentParser):
         if extras:
             what = f"unknown flag {extras[0]}" if extras[0].startswith("-") else f"unexpected argument {extras[0]!r}"
             self.error(f"{what} (flags are --name value; see --help)")
-        # a script's --seed seeds numpy (setup_runtime), which takes 0 to 2**32 - 1 only: the same range in every one
+        # a script's --seed seeds numpy (setup_runtime), which takes 0 to MAX_SEED only: refused at parsing in every
+        # script, also in those that only pass it on to others (compare.py, kl_sweep.py)
         seed = getattr(ns, "seed", None)
-        if type(seed) is int and not 0 <= seed < 2**32:
-            self.error(f"argument --seed: {seed} is out of range (a seed is 0 to {2**32 - 1})")
+        if type(seed) is int and not 0 <= seed <= MAX_SEED:
+            self.error(f"argument --seed: {seed} is out of range (a seed is 0 to {MAX_SEED})")
         return ns
 
     def error(self, message):
@@ -278,7 +282,7 @@ def setup_runtime(device="auto", dtype="auto", seed=0, training=False):
     not training (float16 gradients would need loss scaling, which we do not do: bfloat16 has float32's range); on a
     CPU without native bf16 it says once (rank 0) that it will be slow. Seeds python, numpy and torch.
     """
-    check(0 <= seed < 2**32, f"--seed {seed}: out of range (a seed is 0 to {2**32 - 1})")
+    check(0 <= seed <= MAX_SEED, f"--seed {seed}: out of range (a seed is 0 to {MAX_SEED})")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
