@@ -42,20 +42,24 @@ def run(main):
     status -6) after a run that finished and saved everything (a few times in some two hundred 2-rank test runs
     here). Every file the scripts write is closed or flushed when main() returns; stdout and stderr are flushed
     here. atexit handlers do not run then: whatever needs closing is closed in main().
+
+    Ctrl-C (KeyboardInterrupt) is the user's choice, not a bug: one line, "interrupted", and exit status 130, as a
+    shell reports a process stopped by SIGINT. Every file is saved atomically, so what is on disk is whole: the last
+    checkpoint, from which a training run goes on with --resume.
     """
     code, message = 0, None
     try:
         main()
     except (UserError, DataError) as e:
-        message = str(e)
+        code, message = 2, f"error: {e}"
     except OSError as e:
         # a path the OS refuses (a file where --out_dir's directory goes, a file we may not read) or a full disk: the
         # user's to fix, so one line too. Only OSError: any other exception is a bug and keeps its traceback
-        message = os_error_line(e)
-    if message is not None:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank meets the same error: rank 0 says it
-            print(f"error: {message}", file=sys.stderr)
-        code = 2
+        code, message = 2, f"error: {os_error_line(e)}"
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    if message is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)  # under torchrun every rank meets the same error: rank 0 says it
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import ROOT, read_metrics, script, without_timings
+from scripts import ENV, ROOT, read_metrics, script, without_timings
 
 sys.path.insert(0, ROOT)  # train_sft.py is a top-level script
 
@@ -48,6 +50,29 @@ def full_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_full")
     train_sft("--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY)
     return out
+
+
+def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes(data, tmp_path):
+    # SIGINT (Ctrl-C) in the middle of training: Python's KeyboardInterrupt traceback before; now the one line
+    # "interrupted", exit status 130, and the run goes on from its last checkpoint with --resume
+    out = tmp_path / "sft"
+    args = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--max_steps", "100000",
+            "--log_interval", "1", "--ckpt_interval", "5"]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"), *args], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:  # wait for step 6: the checkpoint of step 5 is saved by then
+            if line.startswith("step 6/"):
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.endswith("interrupted\n") and "Traceback" not in err, err
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert saved >= 5
+    train_sft("--out_dir", str(out), "--resume", "--stop_at", str(saved + 2))
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == saved + 2
 
 
 def test_short_run_learns(full_run):

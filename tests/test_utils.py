@@ -444,6 +444,16 @@ def test_an_os_error_is_one_line_naming_the_path(case, tmp_path, monkeypatch, ca
     assert run_main(main, capsys) == (2, "")
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    # Ctrl-C was Python's KeyboardInterrupt traceback; a shell reports a process stopped by SIGINT as 130
+    def main():
+        raise KeyboardInterrupt
+
+    assert run_main(main, capsys) == (130, "interrupted\n")
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    assert run_main(main, capsys) == (130, "")
+
+
 def test_run_keeps_the_traceback_of_what_is_not_an_os_error(capsys):
     # a bug (here a ValueError) is not the user's to fix: it must not become one tidy line
     with pytest.raises(ValueError):
