@@ -102,6 +102,23 @@ def as_flags(settings):
     return [x for k, v in settings.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
+def other_flags(name, run_flags, stated):
+    """
+    The report's line for a run whose saved flags differ from `stated`, the values of the flags compare.py passes
+    that the report states; None where they agree. With --train false the runs in --out/compare may have been made
+    earlier with another seed, another PPO budget or other --grpo_flags. A flag the run did not record (an older
+    version of its script) is not compared.
+    Example: other_flags("grpo", {"seed": 3, "num_iterations": 10, "lr": 1e-4}, {"seed": 0, "num_iterations": 50,
+    "lr": 1e-4}) -> "grpo was trained with other flags than those above: --seed 3 (above: 0), --num_iterations 10
+    (above: 50)".
+    """
+    differ = [k for k, v in stated.items() if k in run_flags and run_flags[k] != v]
+    if not differ:
+        return None
+    return f"{name} was trained with other flags than those above: " + ", ".join(
+        f"{' '.join(as_flags({k: run_flags[k]}))} (above: {as_flags({k: stated[k]})[1]})" for k in differ)
+
+
 def split_flags(name, text):
     """
     The words of --{name} (shell quoting), refusing a flag that compare.py passes to that script itself (OWN_FLAGS).
@@ -279,6 +296,20 @@ def main():
                    "--max_steps", str(dpo_steps), *extra_flags["dpo_flags"]]
         train(m, cmd, os.path.join(root, f"{m}.log"))
 
+    # what each run was trained with against what the report states, before the evaluation: a run without saved
+    # flags stops here, with nothing written. The shared flags --grpo_flags overrides are stated as "then --grpo_flags"
+    overridden = {w.split("=", 1)[0][2:] for w in extra_flags["grpo_flags"] if w.startswith("--")}
+    notes = []
+    for m in methods:
+        if m in ONLINE:
+            stated = {"seed": cfg.seed, **online, **{f: v for f, v in shared.items() if f not in overridden}}
+        else:
+            stated = {"seed": cfg.seed, "batch_size": cfg.dpo_batch_size, "max_steps": dpo_steps}
+        path = os.path.join(root, m, "ckpt.pt")
+        note = other_flags(m, saved_flags(load_checkpoint(path, mmap=True), path), stated)
+        if note:
+            notes.append(note)
+
     # every policy on the same held-out prompts, the same sampling seed
     eval_dir = os.path.join(root, "eval")
     extra = ",".join(f"{m}={os.path.join(root, m)}" for m in methods)
@@ -307,6 +338,7 @@ def main():
           f"rollout; DPO {dpo_steps} steps x {cfg.dpo_batch_size} prompts x {k:g} ranked responses, as many "
           f"sequences through the policy's backward pass as PPO's actor ({episodes * online['num_epochs']}). "
           f"Online methods with PPO's `{' '.join(as_flags(shared))}`{then}.", "",
+          *[line for note in notes for line in (note, "")],
           table(rows, order), "",
           "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
           "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "
@@ -318,6 +350,8 @@ def main():
     md += [f"Full evaluation with responses side by side: `{os.path.join(eval_dir, 'report.md')}`.", ""]
     write_text(os.path.join(root, "report.md"), "\n".join(md))
     print(table(rows, order))
+    for note in notes:
+        print(note)
     print(f"wrote {os.path.join(root, 'report.md')}")
 
 

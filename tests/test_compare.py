@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)  # compare.py is a top-level script
 
 import compare
 import evaluate
+import train_dpo
 import train_grpo
 import train_ppo
 from nanorlhf.train_common import parse_stage_flags
@@ -189,8 +190,10 @@ def fake_pipeline(tmp_path, monkeypatch):
         cmds[name] = cmd
         out_dir = cmd[cmd.index("--out_dir") + 1]
         os.makedirs(out_dir, exist_ok=True)
-        if name != "evaluate":
-            torch.save({"models_resident": 3}, os.path.join(out_dir, "ckpt.pt"))
+        if name != "evaluate":  # the flags the script would record, parsed by its own parser
+            stage_args = train_dpo.Config if name == "dpo" else train_grpo.Args
+            args = dataclasses.asdict(parse_stage_flags(stage_args, cmd[2:]))
+            torch.save({"models_resident": 3, "args": args}, os.path.join(out_dir, "ckpt.pt"))
             return
         row = {"n": 4, "gold": 0.5, "win_rate_vs_sft": 0.5, "kl": 1.0, "rm": 0.0, "length": 5.0, "wall_s": 1.0}
         names = ["sft", "ppo"] + [x.split("=")[0] for x in cmd[cmd.index("--extra") + 1].split(",")]
@@ -227,10 +230,60 @@ def test_the_report_states_the_temperature_evaluate_sampled_at(tmp_path, monkeyp
     # --eval_flags "--temperature 0" still said "sampled at temperature 1"
     cmds = fake_pipeline(tmp_path, monkeypatch)
     (tmp_path / "compare" / "dpo").mkdir(parents=True)
-    torch.save({"models_resident": 1}, tmp_path / "compare" / "dpo" / "ckpt.pt")
+    dpo_args = {"seed": 0, "batch_size": 16, "max_steps": 1}
+    torch.save({"models_resident": 1, "args": dpo_args}, tmp_path / "compare" / "dpo" / "ckpt.pt")
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false",
                                       "--eval_flags", eval_flags])
     compare.run(compare.main)
     assert list(cmds) == ["evaluate"]
     report = (tmp_path / "compare" / "report.md").read_text()
     assert said in report and report.count(" at temperature") + report.count("greedily") == 1, report
+
+
+def test_the_report_names_the_flags_a_run_it_evaluates_was_trained_with_when_they_differ(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """
+    --train false described the runs in --out/compare with the seed and budget it would pass now: a grpo run trained
+    earlier with --seed 3 for 10 iterations was reported as seed 0 with the PPO run's 2 iterations, and nothing said.
+    """
+    fake_pipeline(tmp_path, monkeypatch)  # PPO: 2 x 8 episodes, 2 epochs x 2 minibatches, lr 1e-4, temperature 0.7
+    grpo = {"seed": 3, "num_iterations": 10, "batch_size": 8, "num_epochs": 2, "num_minibatches": 2, "lr": 1e-4,
+            "temperature": 0.7, "kl_coef": 0.1}  # kl_coef: not a flag compare.py passes, so not compared
+    dpo = {"seed": 0, "batch_size": 16, "max_steps": 1}  # 2 x 8 x 2 sequences / (16 prompts x 2 responses)
+    for name, args in (("grpo", grpo), ("dpo", dpo)):
+        (tmp_path / "compare" / name).mkdir(parents=True)
+        torch.save({"models_resident": 3, "args": args}, tmp_path / "compare" / name / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo", "--train", "false"])
+    compare.run(compare.main)
+    line = "grpo was trained with other flags than those above: --seed 3 (above: 0), --num_iterations 10 (above: 2)"
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert line in report and report.count("trained with other flags") == 1, report  # dpo's agree: no line
+    assert "(seed 0)" in report and "the PPO run's 2 x 8" in report
+    assert line in capsys.readouterr().out
+
+
+def test_runs_trained_with_the_flags_the_report_states_add_no_line(tmp_path, monkeypatch, capsys):
+    """Runs compare.py has just trained agree, a shared flag --grpo_flags overrides included (the report states it)."""
+    fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,rloo,dpo", "--seed",
+                                      "5", "--grpo_flags", "--lr=3e-4 --kl_coef 0.2"])
+    compare.run(compare.main)
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "then --grpo_flags --lr=3e-4" in report and "trained with other flags" not in report, report
+    assert "trained with other flags" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("payload, message", [
+    (None, "compare/grpo/ckpt.pt: no such checkpoint file"),
+    ({"models_resident": 3}, "compare/grpo/ckpt.pt: holds no saved flags (no 'args' dict)"),
+])
+def test_train_false_over_a_run_without_saved_flags_is_one_line_before_the_evaluation(tmp_path, monkeypatch, capsys,
+                                                                                       payload, message):
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    (tmp_path / "compare" / "grpo").mkdir(parents=True)
+    if payload is not None:
+        torch.save(payload, tmp_path / "compare" / "grpo" / "ckpt.pt")
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", "grpo", "--train",
+                                                            "false"])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/{message}") and err.count("\n") == 1, err
+    assert cmds == {} and sorted(os.listdir(tmp_path / "compare")) == ["grpo"]
