@@ -8,6 +8,21 @@ SEED    := 0
 # OUT is checked before any rule runs. Empty, the stages would write to /data, /sft, ... at the root; with a space,
 # make would read two names where one was meant. A trailing slash is dropped (OUT=out/ is OUT=out), because the
 # text of a stage's command decides whether the stage reruns, and out//data is not out/data.
+# Only letters, digits and . _ - / + , = @ are let through (spaces get their own message below): the recipes quote
+# OUT for the shell with '...', and make reads $ : % # ; ( ) in a rule as its own syntax (OUT=a$b would be OUT=a),
+# so any other character breaks a rule or its quoting, or names another directory. The text as given is checked,
+# with $(value), before anything expands a $ in it. A leading - would be read as an option by mkdir, rm and python.
+comma := ,
+SAFE_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X \
+              Y Z 0 1 2 3 4 5 6 7 8 9 . _ - / + $(comma) = @
+drop_chars = $(if $2,$(call drop_chars,$(subst $(firstword $2),,$1),$(wordlist 2,$(words $2),$2)),$1)
+ifneq ($(strip $(call drop_chars,$(value OUT),$(SAFE_CHARS))),)
+$(error OUT="$(value OUT)" has $(strip $(call drop_chars,$(value OUT),$(SAFE_CHARS))) in it: give a directory \
+  name of letters, digits and . _ - / + $(comma) = @ only)
+endif
+ifneq ($(filter -%,$(value OUT)),)
+$(error OUT="$(value OUT)" starts with -$(comma) which commands would read as an option: write ./$(value OUT))
+endif
 ifeq ($(strip $(OUT)),)
 $(error OUT is empty: give the output directory, e.g. make OUT=out)
 endif

@@ -201,6 +201,25 @@ def test_an_empty_or_spaced_or_root_out_is_refused_before_any_rule_runs(make, tm
     assert not (tmp_path / "my").exists()
 
 
+@pytest.mark.parametrize("bad", ["'", '"', ":", "#", "$", ";", "%", "(", "*", "\\", "`"])
+def test_an_out_with_a_character_that_breaks_a_rule_or_its_quoting_is_refused(make, tmp_path, bad):
+    # it once ran the pipeline with OUT cut short (a$b is a), broke the stamps' '...' quoting (a'b), or stopped on
+    # make's own syntax (a:b), after some of the stages' directories were made
+    out = f"{tmp_path}/a{bad}b"
+    assert make(f"OUT={out}", goal="all", ok=False) == []
+    assert f'OUT="{out}" has {bad} in it' in error_line(make.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "calls", "python"]  # no directory made
+
+
+def test_an_out_of_the_safe_characters_runs_and_a_leading_dash_is_refused(make, tmp_path):
+    out = tmp_path / "run-1_a.b+c,d=e@f"
+    assert make(f"OUT={out}", goal="all") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py",
+                                              "evaluate.py"]
+    assert (out / "report.md").exists() and f"--out_dir {out}/data " in (tmp_path / "calls").read_text()
+    assert make("OUT=-x", "-n", goal="all", ok=False) == []  # a dry run: mkdir -p -x/data is an unknown option
+    assert 'OUT="-x" starts with -' in error_line(make.output)
+
+
 def test_a_trailing_slash_in_out_is_the_same_out(make, tmp_path):
     assert make(goal="all") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]
     # the stage commands keep their text (out/data, not out//data), so nothing reruns
