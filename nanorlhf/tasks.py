@@ -271,10 +271,14 @@ def task_meta(data_path):
 
 def _write_jsonl(path, records):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a write that failed (a full disk) leaves no .tmp behind
+            os.remove(tmp)
 
 
 def max_prompts(min_digits=3, max_digits=8):
@@ -330,6 +334,11 @@ def generate_task(out_dir, seed=0, n_sft=20000, n_prefs=5000, n_prefs_eval=500, 
     sft = [{"prompt": p, "response": demonstrate(p, rng, error_prob, habit_prob)} for p in sft_prompts]
 
     os.makedirs(out_dir, exist_ok=True)
+    # meta.json marks a finished data set (the Makefile's stamp; train_rm.py reads the task's parameters from it):
+    # an earlier one goes first, so that a rewrite that fails halfway leaves no meta.json beside a mix of new and
+    # old files
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))
     _write_jsonl(os.path.join(out_dir, "sft.jsonl"), sft)
     _write_jsonl(os.path.join(out_dir, "prefs.jsonl"), prefs)
     _write_jsonl(os.path.join(out_dir, "prefs_eval.jsonl"), prefs_eval)
@@ -401,7 +410,13 @@ def main(argv=None):
             parser.error(f"--{name} must be a probability in [0, 1], got {getattr(args, name)}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         parser.error(f"--out_dir {args.out_dir} is a file, not a directory")
-    meta = generate_task(**vars(args))
+    try:
+        meta = generate_task(**vars(args))
+    except OSError as e:
+        # a directory that cannot be made or written (a file on its path, no permission, a full disk): one line, as
+        # for a bad flag. meta.json is written last, so a data set that failed to be written has none
+        parser.error(f"--out_dir {args.out_dir} cannot be written: {e.filename2 or e.filename or args.out_dir}: "
+                     f"{e.strerror or e}")
     print(f"wrote {args.out_dir}/{{sft,prefs,prefs_eval,prompts,eval}}.jsonl and meta.json")
     for key in ["gold_perfect", "gold_demonstrator_without_habit", "gold_demonstrator", "annotator_agreement",
                 "annotator_agreement_untied", "gold_tie_fraction"]:

@@ -265,3 +265,30 @@ def test_cli_refuses_a_file_as_out_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--out_dir {out} is a file" in err, err
     assert out.read_text() == "mine"
+
+
+def test_cli_reports_an_out_dir_it_cannot_write_in_one_line(tmp_path, capsys):
+    # a regular file on the path (which refuses root too, unlike a read-only directory): it was an OSError traceback
+    (tmp_path / "notes").write_text("mine")
+    out = tmp_path / "notes" / "data"
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", str(out), "--n_sft", "20", "--n_prefs", "10", "--n_prefs_eval", "10", "--n_prompts", "10",
+              "--n_eval", "10"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--out_dir {out} cannot be written: {out}: Not a directory" in err, err
+    assert (tmp_path / "notes").read_text() == "mine"
+    # rewriting a finished data set where a file cannot be written once others are (prefs.jsonl is a directory):
+    # no meta.json (the earlier one neither), which would make a mix of new and old files pass for a finished data
+    # set, and no .tmp left behind
+    out = tmp_path / "data"
+    generate_task(str(out), seed=1, n_sft=20, n_prefs=10, n_prefs_eval=10, n_prompts=10, n_eval=10)
+    (out / "prefs.jsonl").unlink()
+    (out / "prefs.jsonl").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--out_dir", str(out), "--n_sft", "20", "--n_prefs", "10", "--n_prefs_eval", "10", "--n_prompts", "10",
+              "--n_eval", "10"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out_dir {out} cannot be written: {out}" in err and "Traceback" not in err, err
+    assert (out / "sft.jsonl").exists() and not (out / "meta.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
