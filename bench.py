@@ -11,6 +11,9 @@ Benchmark one model size on the current device: how fast each stage's inner loop
     RM step          (part "rm") a reward-model step (K responses per prompt, the ranking loss, AdamW) run with each
                      prompt once (train_rm.py's default, data.pack_shared_prefix) and with a row per response, in
                      alternating rounds on the same tokens; the ratio is the median round's
+    floors           (part "floor") lower bounds of the SFT step and the PPO iteration for any implementation of
+                     their arithmetic with this device's kernels: their Linear products (and the SFT step's attention)
+                     each timed alone at its best, the rest of the work left out
     Hugging Face     (part "hf", when transformers is installed; skipped otherwise) the same SFT step and the same
                      generation with transformers' GPT2LMHeadModel holding our weights (checked to give our logits),
                      timed in alternating rounds with ours; the ratio is the median round's
@@ -36,6 +39,8 @@ every response runs all new_tokens (PPO: response_length) steps. Run:
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
     python bench.py --n_embd 256 --vocab_size 4096 --prompt_len 64 --new_tokens 128 --ppo_batch_size 16 \\
         --response_length 128 --parts ppo,trl --rounds 3      # a PPO iteration against TRL's (a Python with trl)
+    python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --ppo_batch_size 16 \\
+        --response_length 128 --parts train,ppo,floor         # how close each is to its Linear products alone
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
         --batch_size 8 --compile                              # GPT-2 small on a GPU (bf16 autocast by default)
 """
@@ -48,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 import train_ppo
 from nanorlhf.data import collate, pack_shared_prefix, run_sequences, slots_run, to_device
@@ -82,7 +88,7 @@ class Config:
     ppo_iters: int = flag(2, "timed PPO iterations (after one warm-up iteration, two with --compile)")
     rm_batch_size: int = flag(16, "prompts per step in the rm part (train_rm.py --batch_size)")
     rm_responses: int = flag(4, "responses per prompt in the rm part, --prompt_len + --response_length tokens each")
-    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: rm, hf, trl)")
+    parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: rm, floor, hf, trl)")
     rounds: int = flag(3, "alternating rounds of ours and the peer's in the hf and trl parts")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
@@ -226,6 +232,69 @@ def bench_ppo(cfg, model_cfg, rt):
     update = sum(t[1] for t in times) / len(times)
     return {"ppo_rollout_s": rollout, "ppo_update_s": update, "ppo_iter_s": rollout + update,
             "ppo_episodes": args.batch_size, "ppo_epochs": args.ppo_epochs, "ppo_minibatches": args.num_minibatches}
+
+
+def best_time(f, rt, n=10):
+    """The fastest of n timed calls of f (after 3 untimed ones): other work on the machine only slows a call down."""
+    for _ in range(3):
+        f()
+    best = float("inf")
+    for _ in range(n):
+        sync(rt)
+        t0 = time.perf_counter()
+        f()
+        sync(rt)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def linear_products_s(shapes, rows, backward, dtype, rt):
+    """
+    Seconds of the products of `rows` rows through Linears of `shapes` ((in, out) each), each product timed alone at
+    its best: the forward x W^T and, with backward, the input's gradient g W and the weight's g^T x.
+    """
+    total = 0.0
+    for k, n in shapes:
+        x, w, g = (torch.randn(*s, device=rt.device, dtype=dtype) for s in ((rows, k), (n, k), (rows, n)))
+        total += best_time(lambda: F.linear(x, w), rt)
+        if backward:
+            total += best_time(lambda: g @ w, rt) + best_time(lambda: g.t() @ x, rt)
+    return total
+
+
+def bench_floor(cfg, model_cfg, rt):
+    """
+    Lower bounds of the SFT step and of the PPO iteration at this size, for any implementation of their arithmetic
+    with this device's kernels: the seconds of their Linear products (and of the SFT step's attention), each timed
+    alone at its best, in the dtype the run would use (the LM head float32, as model.float32_head; on a CPU the
+    attention float32, as model.py runs it there). LayerNorm, GELU, the loss, the optimizer and (PPO) the
+    generation and the attention come on top. PPO's shapes are train_ppo's: micro-batches of ppo_batch_size /
+    num_minibatches rows, the LM head over the response only, four scoring passes (actor, reference, critic, reward
+    model) and epochs x minibatches of the actor's and the critic's forward and backward.
+    """
+    dtype = getattr(torch, rt.dtype)
+    attn_dtype = torch.float32 if rt.device_type == "cpu" else dtype
+    d, V = model_cfg.n_embd, model_cfg.vocab_size
+    trunk = [(m.in_features, m.out_features) for m in meta_gpt(model_cfg).transformer.h.modules()
+             if isinstance(m, torch.nn.Linear)]
+    rows = cfg.batch_size * cfg.block_size
+    linears = linear_products_s(trunk, rows, True, dtype, rt) + linear_products_s([(d, V)], rows, True,
+                                                                                  torch.float32, rt)
+    q, k, v = (torch.randn(cfg.batch_size, model_cfg.n_head, cfg.block_size, d // model_cfg.n_head,
+                           device=rt.device, dtype=attn_dtype, requires_grad=True) for _ in range(3))
+    attention = model_cfg.n_layer * best_time(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), rt)
+    args = train_ppo.Args(batch_size=cfg.ppo_batch_size, response_length=cfg.response_length)
+    micro = args.batch_size // args.num_minibatches  # rows per scoring pass and per update step (grad_accum 1)
+    seq_rows, resp_rows = micro * (cfg.prompt_len + cfg.response_length), micro * cfg.response_length
+    scoring = args.num_minibatches * (4 * linear_products_s(trunk, seq_rows, False, dtype, rt)
+                                      + 2 * linear_products_s([(d, V)], resp_rows, False, torch.float32, rt))
+    update = args.ppo_epochs * args.num_minibatches * (
+        2 * linear_products_s(trunk, seq_rows, True, dtype, rt)
+        + linear_products_s([(d, V)], resp_rows, True, torch.float32, rt))
+    flops = 6 * rows * (sum(a * b for a, b in trunk) + d * V)
+    return {"floor_sft_linears_s": linears, "floor_sft_attention_s": attention, "floor_sft_linear_flops": flops,
+            "floor_ppo_scoring_s": scoring, "floor_ppo_update_s": update}
 
 
 def bench_rm(cfg, model_cfg, rt):
@@ -476,7 +545,7 @@ def bench_trl(cfg, model_cfg, rt):
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    known = ("train", "generate", "nocache", "ppo", "rm", "hf", "trl")
+    known = ("train", "generate", "nocache", "ppo", "rm", "floor", "hf", "trl")
     check(parts and all(p in known for p in parts),
           f"--parts {cfg.parts!r}: expected a comma-separated subset of {known}")
     # sizes that would fail deep inside a part (a division by zero, a tensor of negative size), or after minutes
@@ -486,7 +555,7 @@ def main(argv=None):
         check(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
     check(cfg.n_embd % cfg.n_head == 0, f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     n_minibatches = train_ppo.Args().num_minibatches  # ppo_setup runs train_ppo's default
-    check("ppo" not in parts and "trl" not in parts or cfg.ppo_batch_size % n_minibatches == 0,
+    check(not {"ppo", "trl", "floor"} & set(parts) or cfg.ppo_batch_size % n_minibatches == 0,
           f"--ppo_batch_size {cfg.ppo_batch_size} must be divisible by train_ppo's num_minibatches ({n_minibatches})")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
     check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
@@ -524,6 +593,8 @@ def main(argv=None):
         mem["ppo"] = peak_memory(rt)
     if "rm" in parts:
         res.update(bench_rm(cfg, model_cfg, rt))
+    if "floor" in parts:
+        res.update(bench_floor(cfg, model_cfg, rt))
     if "hf" in parts:
         res.update(bench_hf(cfg, model_cfg, rt))
     if "trl" in parts:
@@ -565,6 +636,19 @@ def main(argv=None):
                      f"{cfg.response_length} tokens): a row per response {min(t['row per response']):.3f} s "
                      f"({n['row per response']} tokens), each prompt once {min(t['prompt once']):.3f} s "
                      f"({n['prompt once']} tokens); best of {cfg.rounds} rounds, the ratio is the median round's"))
+    if "floor" in parts:
+        sft = res["floor_sft_linears_s"] + res["floor_sft_attention_s"]
+        step = f"; the step itself {res['train_s_per_step']:.3f} s" if "train" in parts else ""
+        rows.append(("SFT step floor (s)", f"{sft:.3f}",
+                     f"its Linear products ({res['floor_sft_linear_flops'] / 1e9:.1f} GFLOP) "
+                     f"{res['floor_sft_linears_s']:.3f} s + attention {res['floor_sft_attention_s']:.3f} s, each "
+                     f"timed alone at its best{step}"))
+        ppo = res["floor_ppo_scoring_s"] + res["floor_ppo_update_s"]
+        it = f"; the iteration itself {res['ppo_iter_s']:.2f} s" if "ppo" in parts else ""
+        rows.append(("PPO iteration floor (s)", f"{ppo:.2f}",
+                     f"its Linear products only: scoring {res['floor_ppo_scoring_s']:.2f} s + update "
+                     f"{res['floor_ppo_update_s']:.2f} s, each timed alone at its best (no generation, no "
+                     f"attention){it}"))
     if "hf" in parts and "hf_train_s" not in res:
         rows.append(("Hugging Face", "skipped", res["hf"]))
     elif "hf" in parts:

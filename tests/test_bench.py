@@ -40,6 +40,28 @@ def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, m
     assert out == ""  # no part ran
 
 
+def test_the_floor_part_times_every_linear_product_of_the_step_and_the_iteration(monkeypatch, capsys):
+    # each timed product counted as 1 s: the floors become counts of products, checked against the model's
+    # shapes written out (a block: qkv, attention out, MLP in, MLP out; forward, and backward's two products)
+    L, d, V, B, T, Tp, N = 2, 16, 40, 2, 32, 4, 6
+    cfg = bench.parse_flags(bench.Config, TINY + ["--n_layer", str(L), "--vocab_size", str(V), "--prompt_len",
+                                                  str(Tp), "--response_length", str(N), "--ppo_batch_size", "8"])
+    model_cfg = bench.GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=2, n_embd=d, dropout=0.0)
+    rt = utils.setup_runtime("cpu", "float32")
+    monkeypatch.setattr(bench, "best_time", lambda f, rt, n=10: (f(), 1.0)[1])
+    res = bench.bench_floor(cfg, model_cfg, rt)
+    epochs, minibatches = 4, 4  # train_ppo's defaults
+    assert res["floor_sft_linears_s"] == 3 * (4 * L + 1)
+    assert res["floor_sft_attention_s"] == L
+    assert res["floor_ppo_scoring_s"] == minibatches * (4 * 4 * L + 2)  # four trunks, two LM heads
+    assert res["floor_ppo_update_s"] == epochs * minibatches * (2 * 3 * 4 * L + 3)  # actor and critic, one head
+    assert res["floor_sft_linear_flops"] == 6 * B * T * (L * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + d * V)
+    monkeypatch.undo()
+    bench.main(TINY + ["--parts", "floor"])  # the real thing, timed
+    out = capsys.readouterr().out
+    assert "SFT step floor (s)" in out and "PPO iteration floor (s)" in out, out
+
+
 # -----------------------------------------------------------------------------
 # bench_generate.py
 
