@@ -532,7 +532,9 @@ def peak_flops(rt):
     A CPU: threads x clock x float32 FLOPs per cycle (2 FMA units x 2 FLOPs x vector lanes: 64 with AVX-512,
     32 with AVX2, 8 otherwise), twice that for a bf16 run on AVX512-BF16 (its dot products do two multiply-adds
     per float32 lane), read from /proc/cpuinfo, a theoretical peak that other processes on the machine cannot
-    distort. Anything else, a bf16 run on AMX tiles among it: the fastest of 8 timed PEAK_MATMUL x PEAK_MATMUL
+    distort. It is the peak at the clock the file reports: a virtual machine may report its base clock while the
+    cores run faster (machine B's float32 matmuls reached 179 GFLOP/s against 157 computed so), and then the MFU
+    overstates. Anything else, a bf16 run on AMX tiles among it: the fastest of 8 timed PEAK_MATMUL x PEAK_MATMUL
     matmuls in the run's dtype.
     """
     if rt.device_type == "cuda":
