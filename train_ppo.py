@@ -373,6 +373,59 @@ RESUME_FREE = C.ROLLOUT_RESUME_FREE + ("offload",)
 RESOLVED_AT_START = ("missing_eos_penalty",)
 
 
+def check_flags(args, given):
+    """
+    The flags' values and combinations, checked before anything is loaded or written: one line each (UserError).
+    given: the flags the command line named (a switch's options given without the switch are refused).
+    """
+    C.check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_grpo.py checks them
+    check(args.clip_coef > 0 and args.vf_clip_coef > 0,
+          f"--clip_coef and --vf_clip_coef must be > 0 (got {args.clip_coef}, {args.vf_clip_coef})")
+    check(args.lr > 0 and args.critic_lr > 0, f"--lr and --critic_lr must be > 0 (got {args.lr}, {args.critic_lr})")
+    # the shared trunk has one optimizer, at --lr, for the value head too: a --critic_lr would be ignored
+    check(not (args.critic == "shared" and "critic_lr" in given),
+          "--critic_lr does nothing with --critic shared (one optimizer at --lr trains the trunk and the value head)")
+    for name in ("kl_coef", "ent_coef", "ptx_coef"):
+        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    check(args.vf_coef > 0, f"--vf_coef must be > 0, got {args.vf_coef}: at 0 the critic gets no gradient and never "
+                            f"trains (the value head of --critic shared stays at 0)")
+    for name in ("gamma", "gae_lambda"):
+        check(0 <= getattr(args, name) <= 1, f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    # the options of a switch that is off would be accepted and ignored (as --ptx_data without --ptx_coef)
+    for names, on, switch in ((("target_kl", "kl_horizon"), args.adaptive_kl, "--adaptive_kl"),
+                              (("lora_alpha", "lora_targets"), args.lora_rank > 0, "--lora_rank > 0")):
+        named = [f"--{n}" for n in names if n in given]
+        check(on or not named, f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without {switch}")
+    if args.adaptive_kl:
+        # beta_t+1 = beta_t * (1 + K_beta * e_t): a start of 0 stays 0
+        check(args.kl_coef > 0, f"--adaptive_kl needs --kl_coef > 0 as beta's start value, got {args.kl_coef}: the "
+                                f"controller multiplies beta, so 0 stays 0")
+        check(args.target_kl > 0, f"--target_kl must be > 0 with --adaptive_kl, got {args.target_kl}")
+        # beta is multiplied by 1 + e * batch_size / kl_horizon with e in [-0.2, 0.2]: that factor must stay > 0
+        check(args.kl_horizon > 0.2 * args.batch_size,
+              f"--kl_horizon {args.kl_horizon} must be > 0.2 * --batch_size = {0.2 * args.batch_size:g} with "
+              f"--adaptive_kl (beta is multiplied by 1 +- 0.2 * batch_size / kl_horizon, which must stay > 0)")
+    check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
+    check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
+    check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
+    check(args.ptx_coef > 0 or not args.ptx_data, "--ptx_data does nothing without --ptx_coef > 0 (plain PPO)")
+    check(args.lora_rank >= 0, f"--lora_rank {args.lora_rank}: must be >= 0 (0 = no LoRA)")
+    check(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha}: must be > 0")
+    check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
+    if args.lora_rank:
+        # the critic's head (separate) or the value head (shared) trains in full (build_models), and footprint.py
+        # predicts it so
+        head, what = ("value_head", "the value head") if args.critic == "shared" else ("head", "the critic's head")
+        try:
+            matched = re.search(args.lora_targets, head)
+        except re.error as e:
+            raise utils.UserError(f"--lora_targets {args.lora_targets!r}: not a regular expression ({e})") from None
+        check(not matched, f"--lora_targets {args.lora_targets!r} matches {head}: {what} trains in full, leave it out "
+                           f"of the targets")
+    unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
+    check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
+
+
 # -----------------------------------------------------------------------------
 # rollout (step 1, sampling, and the helpers every online script shares are in nanorlhf/rollout.py)
 
@@ -761,53 +814,7 @@ def main(argv=None):
         args = C.resumed_flags(args, utils.load_checkpoint(args.out_dir, utils.CKPT, mmap=True), RESUME_FREE,
                                RESOLVED_AT_START)
 
-    # derived sizes and flag combinations, checked before anything is loaded or written
-    C.check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_grpo.py checks them
-    check(args.clip_coef > 0 and args.vf_clip_coef > 0,
-          f"--clip_coef and --vf_clip_coef must be > 0 (got {args.clip_coef}, {args.vf_clip_coef})")
-    check(args.lr > 0 and args.critic_lr > 0, f"--lr and --critic_lr must be > 0 (got {args.lr}, {args.critic_lr})")
-    # the shared trunk has one optimizer, at --lr, for the value head too: a --critic_lr would be ignored
-    check(not (args.critic == "shared" and "critic_lr" in given),
-          "--critic_lr does nothing with --critic shared (one optimizer at --lr trains the trunk and the value head)")
-    for name in ("kl_coef", "ent_coef", "ptx_coef"):
-        check(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
-    check(args.vf_coef > 0, f"--vf_coef must be > 0, got {args.vf_coef}: at 0 the critic gets no gradient and never "
-                            f"trains (the value head of --critic shared stays at 0)")
-    for name in ("gamma", "gae_lambda"):
-        check(0 <= getattr(args, name) <= 1, f"--{name} must be in [0, 1], got {getattr(args, name)}")
-    # the options of a switch that is off would be accepted and ignored (as --ptx_data without --ptx_coef)
-    for names, on, switch in ((("target_kl", "kl_horizon"), args.adaptive_kl, "--adaptive_kl"),
-                              (("lora_alpha", "lora_targets"), args.lora_rank > 0, "--lora_rank > 0")):
-        named = [f"--{n}" for n in names if n in given]
-        check(on or not named, f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without {switch}")
-    if args.adaptive_kl:
-        # beta_t+1 = beta_t * (1 + K_beta * e_t): a start of 0 stays 0
-        check(args.kl_coef > 0, f"--adaptive_kl needs --kl_coef > 0 as beta's start value, got {args.kl_coef}: the "
-                                f"controller multiplies beta, so 0 stays 0")
-        check(args.target_kl > 0, f"--target_kl must be > 0 with --adaptive_kl, got {args.target_kl}")
-        # beta is multiplied by 1 + e * batch_size / kl_horizon with e in [-0.2, 0.2]: that factor must stay > 0
-        check(args.kl_horizon > 0.2 * args.batch_size,
-              f"--kl_horizon {args.kl_horizon} must be > 0.2 * --batch_size = {0.2 * args.batch_size:g} with "
-              f"--adaptive_kl (beta is multiplied by 1 +- 0.2 * batch_size / kl_horizon, which must stay > 0)")
-    check(args.kl_estimator in ("k1", "k3"), f"--kl_estimator {args.kl_estimator!r}: expected k1 or k3")
-    check(args.num_iterations >= 1 and args.ppo_epochs >= 1, "--num_iterations and --ppo_epochs must be >= 1")
-    check(args.ptx_coef == 0 or args.ptx_data, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)")
-    check(args.ptx_coef > 0 or not args.ptx_data, "--ptx_data does nothing without --ptx_coef > 0 (plain PPO)")
-    check(args.lora_rank >= 0, f"--lora_rank {args.lora_rank}: must be >= 0 (0 = no LoRA)")
-    check(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha}: must be > 0")
-    check(args.critic in ("separate", "shared"), f"--critic {args.critic!r}: expected separate or shared")
-    if args.lora_rank:
-        # the critic's head (separate) or the value head (shared) trains in full (build_models), and footprint.py
-        # predicts it so
-        head, what = ("value_head", "the value head") if args.critic == "shared" else ("head", "the critic's head")
-        try:
-            matched = re.search(args.lora_targets, head)
-        except re.error as e:
-            raise utils.UserError(f"--lora_targets {args.lora_targets!r}: not a regular expression ({e})") from None
-        check(not matched, f"--lora_targets {args.lora_targets!r} matches {head}: {what} trains in full, leave it out "
-                           f"of the targets")
-    unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
-    check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
+    check_flags(args, given)
 
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
