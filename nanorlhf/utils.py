@@ -46,10 +46,19 @@ def run(main):
     Ctrl-C (KeyboardInterrupt) is the user's choice, not a bug: one line, "interrupted", and exit status 130, as a
     shell reports a process stopped by SIGINT. Every file is saved atomically, so what is on disk is whole: the last
     checkpoint, from which a training run goes on with --resume.
+
+    A reader that stops reading (`python sample.py ... | head`) is not an error either: nothing is printed and the exit
+    status is 141, as a shell reports a process stopped by SIGPIPE. stdout is flushed inside the try, so that a pipe
+    that breaks only at the last flush is caught too, and is then pointed at /dev/null: the interpreter's own flush
+    at exit would meet the broken pipe again.
     """
     code, message = 0, None
     try:
         main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except (UserError, DataError) as e:
         code, message = 2, f"error: {e}"
     except OSError as e:
@@ -131,12 +140,19 @@ class FlagParser(argparse.ArgumentParser):
     exit status 2. An unknown flag gets the flags it abbreviates, else the closest names:
         $ python train_ppo.py --kl 0.1
         train_ppo.py: error: unknown flag --kl (did you mean --kl_coef, --kl_estimator or --kl_horizon?)
-    Every script builds its parser with this class (parse_flags does), so a new script inherits it.
+    Every script builds its parser with this class (parse_flags does), so a new script inherits it. Its --help
+    shows every flag's default after the flag's help, or "(required)".
     """
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(allow_abbrev=False, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        if names[0].startswith("--") and kwargs.get("help") != argparse.SUPPRESS:
+            end = "(required)" if kwargs.get("required") else "(default: %(default)s)"  # argparse fills in the default
+            kwargs["help"] = f"{kwargs.get('help') or ''} {end}".lstrip()
+        return super().add_argument(*names, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -187,8 +203,9 @@ def parse_flags(cls, argv=None, description=None):
     """
     parser = FlagParser(description=description)
     for f in dataclasses.fields(cls):
-        # argparse formats a help string with %: a literal one ("~30% slower") is written %%
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
+        # argparse formats a help string with %: a literal one ("~30% slower") is written %% (FlagParser adds the
+        # default)
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         typ, optional = f.type, False
         if isinstance(typ, str):  # under `from __future__ import annotations`
             typ = {"int": int, "float": float, "str": str, "bool": bool}[typ.split("|")[0].strip()]

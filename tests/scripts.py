@@ -22,6 +22,20 @@ def script(name, *args, check=True):
     return p
 
 
+def closed_early(args, lines):
+    """
+    Run args with stdout a pipe that its reader closes after `lines` lines, as `args | head` does -> (status, stderr).
+    stdout is block-buffered, as a pipe's is unless PYTHONUNBUFFERED is set.
+    """
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    for _ in range(lines):
+        assert p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    return p.wait(timeout=300), err
+
+
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

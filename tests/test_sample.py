@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from scripts import script
+from scripts import closed_early, script
 
 import sample
 from nanorlhf import tasks
@@ -159,6 +159,13 @@ def test_seeded_output_is_reproducible_and_compare_prints_both(ckpts, capsys):
         assert r["response"] == want[r["sample"]]
 
 
+def test_piped_into_head_it_stops_without_a_word(ckpts):
+    # `sample.py --prompts ... | head` ended with "error: Broken pipe" and exit status 2
+    args = ["--ckpt", str(ckpts / "a"), "--prompts", str(ckpts / "prompts.jsonl"), "--num_samples", "300",
+            "--max_new_tokens", "12", "--device", "cpu"]
+    assert closed_early([sys.executable, "sample.py", *args], lines=2) == (141, "")
+
+
 def test_compare_with_an_identical_policy_gives_identical_responses(ckpts, capsys):
     out = run_main(["--ckpt", str(ckpts / "a"), "--compare", str(ckpts / "a_copy"), "--prompts",
                     str(ckpts / "prompts.jsonl"), "--max_new_tokens", "12", "--json"], capsys)
@@ -167,6 +174,11 @@ def test_compare_with_an_identical_policy_gives_identical_responses(ckpts, capsy
                  for name in (str(ckpts / "a"), str(ckpts / "a_copy"))}
     assert len(by_policy[str(ckpts / "a")]) == 9 and len(set(r[2] for r in by_policy[str(ckpts / "a")])) > 1
     assert by_policy[str(ckpts / "a")] == by_policy[str(ckpts / "a_copy")]
+    # without --rm: no RM score, and the gold judge's score on the built-in task's prompts all the same
+    for r in rows:
+        builtin = r["prompt"].startswith("sort")
+        assert r["rm"] is None and r["gold"] == (tasks.gold(r["prompt"], r["response"]) if builtin else None)
+    assert sum(r["gold"] is not None for r in rows) == 12
 
 
 def test_chat_is_multi_turn_streams_and_ends_at_eof(ckpts, capsys, monkeypatch):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+
+from scripts import closed_early
 from nanorlhf import train_common, utils
 from nanorlhf.utils import flag
 
@@ -452,6 +454,15 @@ def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
     assert run_main(main, capsys) == (130, "interrupted\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
     assert run_main(main, capsys) == (130, "")
+
+
+@pytest.mark.parametrize("n, lines", [(100_000, 1), (3, 0)])
+def test_a_reader_that_stops_reading_is_silent_exit_141(n, lines):
+    # `python sample.py ... | head` ended with "error: Broken pipe", exit 2. (3, 0): the reader is gone before the
+    # process starts, and its three short lines are still in stdout's buffer when main() returns (the pipe then
+    # broke at the interpreter's last flush: "Exception ignored ... BrokenPipeError", exit 120)
+    code = f"from nanorlhf.utils import run\nrun(lambda: [print('line', i) for i in range({n})])\n"
+    assert closed_early([sys.executable, "-c", code], lines) == (141, "")
 
 
 def test_run_keeps_the_traceback_of_what_is_not_an_os_error(capsys):
