@@ -3,7 +3,7 @@ Talk to a checkpoint: sample responses from any policy (SFT, PPO, ...) to prompt
 
     python sample.py --ckpt out/ppo --prompt "sort 5 3 8 1"                      # 3 sampled responses
     python sample.py --ckpt out/ppo --compare out/sft --prompt "sort 5 3 8 1"    # two policies, same seeds
-    python sample.py --ckpt out/ppo --prompts out/data/eval.jsonl --rm out/rm    # + reward (and gold) scores
+    python sample.py --ckpt out/ppo --prompts out/data/eval.jsonl --rm out/rm    # + reward-model scores
     python sample.py --ckpt out/ppo                                              # chat on standard input
 
 A prompt goes through the chat template that every stage trains on ("\\n\\nHuman: {prompt}\\n\\nAssistant:");
@@ -24,7 +24,8 @@ training.
 
 --rm scores every response with the reward model at its last token, normalised as in evaluate.py's report:
 (r - mean) / std of the demonstrations' rewards that train_rm.py stored. On the built-in task's prompts
-("sort 5 3 8 1") each response also gets its gold score (nanorlhf.tasks.gold), the judge the RM imitates.
+("sort 5 3 8 1") each response gets its gold score (nanorlhf.tasks.gold), the judge the RM imitates, with or
+without --rm.
 --json prints one JSON object per response instead of the table; in the chat, stdout then holds only those lines
 (the echoed turns and "(new conversation)" go to stderr), so that it can be piped to jq.
 """
@@ -46,7 +47,7 @@ class Config:
     # what to sample from, and on what
     ckpt: str = flag("out/ppo", "policy checkpoint directory (a language model: SFT, PPO, ...)")
     compare: str | None = flag(None, "a second policy, sampled on the same prompts with the same seeds")
-    rm: str | None = flag(None, "reward-model checkpoint: score every response (and gold on the built-in task)")
+    rm: str | None = flag(None, "reward-model checkpoint: score every response with it")
     prompt: str | None = flag(None, "one prompt; with neither --prompt nor --prompts, a chat on standard input")
     prompts: str | None = flag(None, "prompt JSONL, {\"prompt\": ...} per line (train_ppo.py's format)")
     # sampling
