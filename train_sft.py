@@ -367,6 +367,9 @@ def main():
             pad_frac = pad_frac if dist.is_main() else 0.0
             save_run(args.out_dir, payload, optimizer, sampler, step, model, window, inputs)
     dist.cleanup()
+    if step < args.max_steps:
+        print(f"stopped at step {step} (--stop_at); continue with --resume")
+        return
     print(f"done: step {step}, val loss {val_loss:.4f}, {fmt_time(time.time() - t_start)}; saved {args.out_dir}/{CKPT}")
 
 

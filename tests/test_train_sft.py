@@ -104,7 +104,8 @@ def test_resume_gives_the_same_run(data, full_run, tmp_path):
     # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh (this job stops at 25,
     # between the rows of steps 20 and 30)...
     cmd = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--resume", "auto"]
-    train_sft(*cmd, "--stop_at", "25")
+    lines = train_sft(*cmd, "--stop_at", "25").stdout.splitlines()
+    assert lines[-1] == "stopped at step 25 (--stop_at); continue with --resume"  # was "done: step 25, ..."
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 25 and state["window"]["steps"] == 5  # steps 21-25, which the row of step 30 averages
     p = train_sft(*cmd)  # ... and the same command continues from the checkpoint, with the run's saved flags
