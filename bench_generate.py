@@ -2,7 +2,8 @@
 Generation speed: GPT.generate with its KV cache against recomputing the whole prefix at every step.
 
     python bench_generate.py                      # the reference size: batch 16, 64-token prompts, 128 new tokens
-    python bench_generate.py --device cuda --dtype bfloat16 --n_layer 12 --n_embd 768 --vocab_size 50304
+    python bench_generate.py --device cuda --dtype bfloat16 --n_layer 12 --n_head 12 --n_embd 768 \\
+        --vocab_size 50304 --activation gelu_new --batch_size 64 --prompt_len 128 --new_tokens 256   # GPT-2 124M
 
 A random-weight model, sampling at temperature 1 with no EOS, so every run makes exactly new_tokens steps.
 Prints tokens/s and ms per step of each, and the speed-up (the median over alternating rounds).
@@ -34,7 +35,7 @@ parser.add_argument("--repeats", type=int, default=3, help="timed runs of the ca
 parser.add_argument("--naive_repeats", type=int, default=1, help="timed runs of the naive generation (best is kept)")
 parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both; the median ratio is reported")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
 
 
 def check_args(args):

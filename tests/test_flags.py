@@ -87,6 +87,19 @@ def test_misspelt_flag_suggests_the_closest(name, monkeypatch, capsys):
     assert f"(did you mean {want}" in lines[0], err
 
 
+@pytest.mark.parametrize("name", SCRIPTS + list(MODULES))
+def test_help_shows_every_flags_default(name, monkeypatch, capsys):
+    # the README says so of every script; bench_generate.py's, nanorlhf.tasks' and nanorlhf.tokenizer's showed none
+    code, out = run_cli(name, ["--help"], monkeypatch, capsys, stream="out")
+    options = out[out.index("\noptions:"):]
+    entries = re.split(r"\n  (?=-)", options)[1:]  # one per flag: "--name NAME  help ..." over one or more lines
+    assert len(entries) > 1, out
+    entries = [" ".join(e.split()) for e in entries]  # argparse wraps the lines anywhere, "(default:" included
+    missing = [e.split()[0] for e in entries
+               if not e.startswith("-h") and "(default: " not in e and not e.endswith("(required)")]
+    assert not missing, f"{name}: no default shown for {missing}"
+
+
 @pytest.mark.parametrize("argv, flag_name, hint", [
     (["--kl", "0.1"], "--kl", "--kl_coef"),  # a prefix of --kl_coef (and of --kl_estimator, --kl_horizon)
     (["--vf_clip", "0.1"], "--vf_clip", "--vf_clip_coef"),  # once parsed as --vf_clip_coef 0.1
