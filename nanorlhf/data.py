@@ -10,6 +10,10 @@ Formats (one JSON object per line; blank lines are skipped; extra keys are ignor
                  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}  (Anthropic HH)
                  {"prompt": "...", "responses": ["...", ...], "ranking": [2, 0, 1]}  (K-wise, best first)
     prompts      {"prompt": "..."}
+A prompt, response or message is the bare text: the chat template (nanorlhf/tokenizer.py) is put around it when
+rendering, so a prompt (or user turn) that starts with 'Human:' or ends with '\\n\\nAssistant:', or a response (or
+assistant turn) that starts with 'Assistant:' or 'Human:', is an error: it would hold the template twice. An HH
+transcript may start with 'Human:' (one that went through .strip()).
 
 Any problem raises DataError with one line naming the file, the line and the field, e.g.
     data/sft.jsonl:17: field 'response': expected a non-empty string
@@ -24,6 +28,9 @@ import torch
 from nanorlhf.tokenizer import ASSISTANT, HUMAN
 
 ROLES = ("system", "user", "assistant")
+# the way out for a {prompt, chosen, rejected} record whose prompt holds the template (the DeepSpeed-Chat / Dahoas
+# layout "\\n\\nHuman: hi\\n\\nAssistant:" + " yo"): prompt + chosen is then an HH transcript, which split_hh reads
+HH_HINT = 'give the bare prompt, or drop "prompt" and give the whole transcripts as "chosen" and "rejected"'
 
 
 class DataError(ValueError):
@@ -116,13 +123,18 @@ def read_sft(path):
                     _fail(path, line, field + ".role", "missing")
                 if m["role"] not in ROLES:
                     _fail(path, line, field + ".role", f"unknown role {m['role']!r} (expected system, user or assistant)")
-                clean.append({"role": m["role"], "content": _text(m, "content", path, line, field + ".content")})
+                content = _text(m, "content", path, line, field + ".content")
+                if m["role"] == "user":
+                    _bare(content, path, line, field + ".content", hint="give the bare message")
+                elif m["role"] == "assistant":
+                    _bare(content, path, line, field + ".content", "response", "give the bare message")
+                clean.append({"role": m["role"], "content": content})
             if not any(m["role"] == "assistant" for m in clean):
                 _fail(path, line, "messages", "no assistant turn (nothing to train on)")
             records.append({"messages": clean})
         else:
-            records.append({"prompt": _text(obj, "prompt", path, line),
-                            "response": _text(obj, "response", path, line)})
+            records.append({"prompt": _bare(_text(obj, "prompt", path, line), path, line, "prompt"),
+                            "response": _bare(_text(obj, "response", path, line), path, line, "response", "response")})
     return records
 
 
@@ -132,18 +144,46 @@ def split_hh(transcript):
     rendering (prompt, response) through the template gives back the transcript:
         '\\n\\nHuman: Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye?\\n\\nAssistant: Bye.'
         -> ('Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye?', 'Bye.')
-    The leading '\\n\\nHuman: ' is removed from the prompt (the template adds it back) and the one space after
-    'Assistant:' from the response (the template adds it back). None when there is no assistant turn.
+    The leading 'Human:' and the one space after it are removed from the prompt, and the one space after
+    'Assistant:' from the response (the template adds them back). A transcript with .strip() applied, which starts
+    'Human: Hi' without the '\\n\\n', splits the same way, so it renders back to itself with the '\\n\\n' in front
+    (as does any other whitespace before 'Human:': the template's is what the model is trained on).
+    None when there is no assistant turn.
     """
     cut = transcript.rfind(ASSISTANT)
     if cut < 0:
         return None
     prompt, response = transcript[:cut], transcript[cut + len(ASSISTANT):]
-    if prompt.startswith(HUMAN + " "):
-        prompt = prompt[len(HUMAN) + 1:]
+    if prompt.lstrip().startswith(HUMAN.lstrip()):
+        prompt = prompt.lstrip()[len(HUMAN.lstrip()):]
+        if prompt.startswith(" "):
+            prompt = prompt[1:]
     if response.startswith(" "):
         response = response[1:]
     return prompt, response
+
+
+def _bare(text, path, line, field, role="prompt", hint=None):
+    """
+    text, or DataError when it already holds the part of the template that rendering puts around it, which would
+    then be there twice: a prompt (also a user turn) that starts with 'Human:' or ends with '\\n\\nAssistant:', a
+    response (also an assistant turn) that starts with 'Assistant:' or 'Human:'. Markers inside the text are left
+    alone: a multi-turn prompt 'Hi\\n\\nAssistant: Hello\\n\\nHuman: Bye?' (what split_hh gives) is meant to hold
+    them, and renders back to the transcript it came from.
+    """
+    head, tail = text.lstrip(), text.rstrip()
+    human, assistant = HUMAN.lstrip(), ASSISTANT.lstrip()  # 'Human:', 'Assistant:'
+    if role == "prompt":
+        found = (f"starts with {human!r}" if head.startswith(human) else
+                 f"ends with {ASSISTANT!r}" if tail.endswith(ASSISTANT) else None)
+        template = f"{HUMAN} {{prompt}}{ASSISTANT}"
+    else:
+        found = next((f"starts with {m!r}" for m in (assistant, human) if head.startswith(m)), None)
+        template = f"{ASSISTANT} {{response}}"
+    if found:
+        _fail(path, line, field, f"already holds the chat template (it {found}, and rendering adds {template!r} "
+                                 f"itself); {hint or 'give the bare ' + role}")
+    return text
 
 
 def read_prefs(path, allow_ties=False):
@@ -156,13 +196,14 @@ def read_prefs(path, allow_ties=False):
     records = []
     for line, obj in read_jsonl(path):
         if "responses" in obj or "ranking" in obj:
-            prompt = _text(obj, "prompt", path, line)
+            prompt = _bare(_text(obj, "prompt", path, line), path, line, "prompt")
             resp = obj.get("responses")
             if not isinstance(resp, list):
                 _fail(path, line, "responses", "missing" if resp is None else f"expected a list, got {_typename(resp)}")
             if len(resp) < 2:
                 _fail(path, line, "responses", f"expected at least 2 responses, got {len(resp)}")
-            responses = [_check_text(r, path, line, f"responses[{i}]") for i, r in enumerate(resp)]
+            responses = [_bare(_check_text(r, path, line, f"responses[{i}]"), path, line, f"responses[{i}]", "response")
+                         for i, r in enumerate(resp)]
             if "ranking" not in obj:
                 _fail(path, line, "ranking", "missing")
             ranking = obj["ranking"]
@@ -172,8 +213,8 @@ def read_prefs(path, allow_ties=False):
                 _fail(path, line, "ranking", f"expected a permutation of 0..{k - 1} (best first), got {json.dumps(ranking)[:60]}")
             field = "responses"
         elif "prompt" in obj:
-            prompt = _text(obj, "prompt", path, line)
-            responses = [_text(obj, "chosen", path, line), _text(obj, "rejected", path, line)]
+            prompt = _bare(_text(obj, "prompt", path, line), path, line, "prompt", hint=HH_HINT)
+            responses = [_bare(_text(obj, k, path, line), path, line, k, "response") for k in ("chosen", "rejected")]
             ranking = [0, 1]
             field = "rejected"
         elif "chosen" in obj or "rejected" in obj:
@@ -204,7 +245,7 @@ def read_prefs(path, allow_ties=False):
 
 def read_prompts(path):
     """-> list of prompt strings from {"prompt": ...} lines (extra keys, e.g. "answer", are allowed)."""
-    return [_text(obj, "prompt", path, line) for line, obj in read_jsonl(path)]
+    return [_bare(_text(obj, "prompt", path, line), path, line, "prompt") for line, obj in read_jsonl(path)]
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from nanorlhf.data import (DataError, LengthGroupedSampler, collate, encode_prefs, encode_prompts, encode_sft,
                            pack_shared_prefix, padding_fraction, read_prefs, read_prompts, read_sft, shared_prefix_len,
                            split_hh, to_device)
+from nanorlhf import utils
 from nanorlhf.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
@@ -140,6 +141,99 @@ def test_hh_split_renders_back_to_the_transcript():
         assert TOK.decode([i for i, m in zip(ids, mask) if m]) == " " + response
     assert split_hh("\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes") == ("a\n\nAssistant: b\n\nHuman: c?", "yes")
     assert split_hh("no turns") is None
+
+
+def test_hh_split_of_a_stripped_transcript():
+    # many copies of HH on disk went through .strip(): the transcript starts "Human:", without the "\n\n". It renders
+    # back to itself with the template's whitespace around the markers
+    for transcript, rendered in [
+            ("Human: hi\n\nAssistant: hello there", "\n\nHuman: hi\n\nAssistant: hello there"),
+            ("Human: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6",
+             "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6"),
+            (" \nHuman:hi\n\nAssistant:yo", "\n\nHuman: hi\n\nAssistant: yo")]:
+        prompt, response = split_hh(transcript)
+        assert TOK.render(prompt, response)[0] == TOK.encode(rendered) + [TOK.eos_id]
+    assert split_hh("Human: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes") == ("a\n\nAssistant: b\n\nHuman: c?", "yes")
+    assert split_hh("hi\n\nAssistant: yo") == ("hi", "yo")  # no human marker: the prompt is kept as it is
+
+
+def test_read_prefs_stripped_hh_transcripts(tmp_path):
+    path = write(tmp_path, lines(
+        {"chosen": "Human: hi\n\nAssistant: yo", "rejected": "Human: hi\n\nAssistant: no"},
+        {"chosen": "Human: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes",
+         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: no"},  # one stripped, one not
+    ))
+    records = read_prefs(path)
+    assert records == [{"prompt": "hi", "responses": ["yo", "no"], "ranking": [0, 1]},
+                       {"prompt": "a\n\nAssistant: b\n\nHuman: c?", "responses": ["yes", "no"], "ranking": [0, 1]}]
+    assert TOK.decode(TOK.render(records[0]["prompt"], "yo")[0]) == "\n\nHuman: hi\n\nAssistant: yo"
+
+
+# a prompt or response that already holds the template the rendering adds around it: it would be there twice
+TEMPLATED = [
+    # the DeepSpeed-Chat / Dahoas layout
+    (read_prefs, lines(GOOD_PAIR, {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " yo", "rejected": " no"}),
+     ":2: field 'prompt': already holds the chat template (it starts with 'Human:'"),
+    (read_prefs, lines({"prompt": "Human: hi", "chosen": "yo", "rejected": "no"}), ":1: field 'prompt': already holds"),
+    (read_prefs, lines({"prompt": "hi\n\nAssistant: ", "chosen": "yo", "rejected": "no"}),
+     ":1: field 'prompt': already holds the chat template (it ends with '\\n\\nAssistant:'"),
+    # a whole transcript as the response of a {prompt, chosen, rejected} record
+    (read_prefs, lines({"prompt": "hi", "chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "no"}),
+     ":1: field 'chosen': already holds the chat template (it starts with 'Human:'"),
+    (read_prefs, lines({"prompt": "hi", "chosen": "yo", "rejected": "Assistant: no"}),
+     ":1: field 'rejected': already holds the chat template (it starts with 'Assistant:'"),
+    (read_prefs, lines({"prompt": "\n\nHuman: q\n\nAssistant:", "responses": ["x", "y"], "ranking": [0, 1]}),
+     ":1: field 'prompt': already holds"),
+    (read_prefs, lines({"prompt": "q", "responses": ["x", "\n\nAssistant: y"], "ranking": [0, 1]}),
+     ":1: field 'responses[1]': already holds"),
+    (read_sft, lines(GOOD_SFT, {"prompt": "\n\nHuman: hi\n\nAssistant:", "response": "yo"}), ":2: field 'prompt': already holds"),
+    (read_sft, lines({"prompt": "hi", "response": " Assistant: yo"}), ":1: field 'response': already holds"),
+    (read_sft, lines({"messages": [{"role": "user", "content": "Human: hi"}, {"role": "assistant", "content": "yo"}]}),
+     ":1: field 'messages[0].content': already holds"),
+    (read_sft, lines({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\nAssistant: yo"}]}),
+     ":1: field 'messages[1].content': already holds"),
+    (read_prompts, lines({"prompt": "sort 3 1"}, {"prompt": "\n\nHuman: sort 2 1\n\nAssistant:"}),
+     ":2: field 'prompt': already holds the chat template (it starts with 'Human:'"),
+    (read_prompts, lines({"prompt": "sort 2 1\n\nAssistant:"}), ":1: field 'prompt': already holds"),
+]
+
+
+@pytest.mark.parametrize("reader,content,expected", TEMPLATED, ids=[f"{r.__name__}-{i}" for i, (r, _, _) in enumerate(TEMPLATED)])
+def test_already_templated_text_is_refused(tmp_path, reader, content, expected):
+    path = write(tmp_path, content)
+    with pytest.raises(DataError) as e:
+        reader(path)
+    msg = str(e.value)
+    assert msg.startswith(path + expected), msg
+    assert "\n" not in msg
+
+
+def test_already_templated_prompt_message_and_exit_status(tmp_path, capsys):
+    path = write(tmp_path, lines({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " yo", "rejected": " no"}))
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: read_prefs(path))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}:1: field 'prompt': already holds the chat template (it starts with 'Human:', and rendering "
+        "adds '\\n\\nHuman: {prompt}\\n\\nAssistant:' itself); give the bare prompt, or drop \"prompt\" and give the "
+        "whole transcripts as \"chosen\" and \"rejected\"\n")
+
+
+def test_template_words_inside_the_text_are_kept(tmp_path):
+    # a multi-turn prompt holds the markers by design (it is what split_hh gives), and so may any text in the middle
+    multi = "a\n\nAssistant: b\n\nHuman: c?"
+    prefs = write(tmp_path, lines({"prompt": multi, "chosen": "yes", "rejected": "no"},
+                                  {"prompt": "Human resources: who?", "chosen": "The Assistant: me", "rejected": "HR"}),
+                  "prefs.jsonl")
+    assert [r["prompt"] for r in read_prefs(prefs)] == [multi, "Human resources: who?"]
+    assert TOK.decode(TOK.render(multi, "yes")[0]) == "\n\nHuman: " + multi + "\n\nAssistant: yes"
+    sft = write(tmp_path, lines({"prompt": multi, "response": "yes"},
+                                {"messages": [{"role": "system", "content": "\n\nHuman: be brief\n\nAssistant: ok"},
+                                              {"role": "user", "content": "say Human: x"},
+                                              {"role": "assistant", "content": "x, said the Human: bye"}]}), "sft.jsonl")
+    assert len(read_sft(sft)) == 2
+    prompts = write(tmp_path, lines({"prompt": multi}, {"prompt": "what does 'Assistant:' mean?"}), "prompts.jsonl")
+    assert read_prompts(prompts) == [multi, "what does 'Assistant:' mean?"]
 
 
 # -----------------------------------------------------------------------------
