@@ -9,7 +9,8 @@ Matched budget:
   of the flags that mean the same in train_grpo.py (SHARED_FLAGS: response length, temperature, missing-EOS
   score, learning rate and its schedule, AdamW, clip epsilon, gradient clip). --grpo_flags come after them on
   the command line and win: a deliberate difference (another --lr, say) is one the command shows. The flags
-  compare.py sets itself (paths, seed, budget) are refused in --grpo_flags, --dpo_flags and --eval_flags. Not
+  compare.py sets itself (paths, seed, budget) are refused in --grpo_flags, --dpo_flags and --eval_flags, and each
+  string is checked by its script's parser before anything trains (an unknown flag, a value of the wrong type). Not
   copied: the KL coefficient (beta means something else with the KL in the loss; each method keeps its own, see
   train_grpo.py) and where or how it runs (--device, --dtype, --grad_accum: the same gradient).
 - DPO samples nothing; it gets as many sequences through the policy's backward pass as PPO's actor:
@@ -36,11 +37,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
-from nanorlhf.data import read_prefs
-from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run, saved_flags
+from nanorlhf.data import read_prefs, read_prompts
+from nanorlhf.report import pyplot, save_figure
+from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run, saved_flags, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE = ("grpo", "dr_grpo", "rloo")
@@ -60,6 +62,8 @@ OWN_FLAGS = {"grpo_flags": ("train_grpo.py", ("advantage", "data", "sft", "rm", 
              "eval_flags": ("evaluate.py", ("data", "sft", "rm", "ppo", "extra", "init_row", "out_dir"))}
 # the flags that only shape the training runs: with --train false the runs in --out/compare are already made
 TRAIN_ONLY = ("seed", "dpo_batch_size", "grpo_flags", "dpo_flags")
+# the flags that only shape the runs of some methods: refused when --methods has none of them
+METHOD_ONLY = {"grpo_flags": ONLINE, "dpo_batch_size": ("dpo",), "dpo_flags": ("dpo",)}
 # the numeric columns of rows.json that --summarize averages
 COLUMNS = ("gold", "win_rate_vs_sft", "kl", "rm", "length", "wall_s")
 
@@ -135,7 +139,35 @@ def split_flags(name, text):
     hint = "".join(f"; for {c}: compare.py's own {ours[c]}" for c in dict.fromkeys(clash) if c in ours)
     check(not clash, f"--{name}: compare.py passes {', '.join(dict.fromkeys(clash))} to {script} itself, and "
                      f"evaluates and reports what it passed: drop it{hint}")
+    # a word that no flag takes as its value: the script would refuse it, and check_flags' run with --help does not
+    # (nor a --help, with which the script would print its help and train nothing)
+    after_flag = False
+    for w in words:
+        if w.startswith("--") and w not in ("--", "--help"):
+            after_flag = "=" not in w
+            continue
+        check(after_flag, f"--{name}: unexpected argument {w!r} (flags are --name value)")
+        after_flag = False
     return words
+
+
+def check_flags(extra_flags):
+    """
+    Each script's own parser on its --*_flags words, before anything is trained: the script is run (all of them at
+    once) with the words and --help. Its parser refuses an unknown flag and converts the values given before --help,
+    so a bad value stops it too; with none it prints the help and exits 0, and runs nothing. A second or two (each
+    imports torch), where a bad flag met when its script runs comes after the methods before it have trained.
+    The script's own checks after parsing (a value out of range) are not made here.
+    Example: {"eval_flags": ["--n_prompt", "3"]} -> UserError("--eval_flags: evaluate.py: error: unknown flag
+    --n_prompt (did you mean --n_prompts?)").
+    """
+    procs = {name: subprocess.Popen([sys.executable, OWN_FLAGS[name][0], *words, "--help"], cwd=HERE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, words in extra_flags.items() if words}
+    errors = {name: p.communicate()[1].strip().splitlines() for name, p in procs.items()}  # each one's last line
+    for name, p in procs.items():
+        script = OWN_FLAGS[name][0]
+        check(p.returncode == 0, f"--{name}: {errors[name][-1] if errors[name] else f'{script} exited {p.returncode}'}")
 
 
 def train(name, cmd, log_path):
@@ -168,12 +200,8 @@ def table(rows, order):
 
 def plot(rows, order, path):
     """Held-out gold (± s.e.) against KL to SFT, one point per method; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in order:
@@ -183,18 +211,9 @@ def plot(rows, order, path):
     ax.set_ylabel("held-out gold score")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    tmp = path + f".tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
-
-
-def write_text(path, text):
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_rows(out):
@@ -241,20 +260,30 @@ def summarize(outs):
 
 def main():
     cfg = parse_flags(Config, description=__doc__)
-    check(cfg.dpo_batch_size >= 1, f"--dpo_batch_size {cfg.dpo_batch_size}: must be at least 1")
-    given = [f"--{k}" for k in TRAIN_ONLY if k in cfg._given]
-    check(cfg.train or not given, f"{', '.join(given)}: only shape the training runs, and --train false trains "
-                                  f"none (it evaluates the runs already in --out/compare); drop them")
-    extra_flags = {name: split_flags(name, getattr(cfg, name)) for name in OWN_FLAGS}
-    if cfg.summarize:
+    if "summarize" in cfg._given:
+        # the table from results already written: no other flag of compare.py has anything to do
+        given = [f"--{f.name}" for f in fields(Config) if f.name in cfg._given and f.name != "summarize"]
+        check(not given, f"{', '.join(given)}: --summarize trains and evaluates nothing (it reads each pipeline's "
+                         f"compare/rows.json); drop them")
         outs = [o.strip() for o in cfg.summarize.split(",") if o.strip()]
         check(outs, f"--summarize {cfg.summarize!r}: expected pipeline directories, e.g. out,out_s1")
         summarize(outs)
         return
+    check(cfg.dpo_batch_size >= 1, f"--dpo_batch_size {cfg.dpo_batch_size}: must be at least 1")
+    given = [f"--{k}" for k in TRAIN_ONLY if k in cfg._given]
+    check(cfg.train or not given, f"{', '.join(given)}: only shape the training runs, and --train false trains "
+                                  f"none (it evaluates the runs already in --out/compare); drop them")
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     for m in methods:
         check(m in ONLINE + ("dpo",), f"--methods: unknown method {m!r} (expected {', '.join(ONLINE + ('dpo',))})")
     check(len(set(methods)) == len(methods) and methods, "--methods: give each method once")
+    # (--methods trains at least one method, so the flags refused here are all of one kind: online or dpo)
+    unused = [k for k, kind in METHOD_ONLY.items() if k in cfg._given and not set(kind) & set(methods)]
+    if unused:
+        raise UserError(f"{', '.join('--' + k for k in unused)}: only shape the {', '.join(METHOD_ONLY[unused[0]])} "
+                        f"runs, and --methods {','.join(methods)} trains none of them; drop them")
+    extra_flags = {name: split_flags(name, getattr(cfg, name)) for name in OWN_FLAGS}
+    check_flags(extra_flags)
     d = cfg.out
     for path in ("data/prompts.jsonl", "data/prefs.jsonl", "data/prefs_eval.jsonl", "data/eval.jsonl",
                  "sft/ckpt.pt", "rm/ckpt.pt", "ppo/ckpt.pt"):
@@ -270,6 +299,13 @@ def main():
     if cfg.seed is None:
         cfg.seed = int(load_checkpoint(os.path.join(d, "sft")).get("args", {}).get("seed", 0))
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))
+    # the other data files that the runs below read, each with the reader its script uses, so that a bad record
+    # stops compare.py here rather than after the methods before that script have trained
+    read_prompts(os.path.join(d, "data/eval.jsonl"))  # evaluate.py
+    if cfg.train and set(methods) & set(ONLINE):
+        read_prompts(os.path.join(d, "data/prompts.jsonl"))  # train_grpo.py
+    if cfg.train and "dpo" in methods:
+        read_prefs(os.path.join(d, "data/prefs_eval.jsonl"))  # train_dpo.py's --val_data
     k = sum(len(r["responses"]) for r in prefs) / len(prefs)
     online, dpo_steps = matched_budget(ppo_flags, k, cfg.dpo_batch_size)
     shared = shared_settings(ppo_flags)

@@ -2,10 +2,13 @@
 compare.py: the matched budget and settings, the table over seeds, and a missing pipeline reported in one line.
 """
 
+import builtins
 import dataclasses
+import errno
 import json
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -174,12 +177,18 @@ def test_train_false_refuses_the_training_flags(tmp_path, monkeypatch, capsys, a
     assert list(tmp_path.iterdir()) == []
 
 
-def fake_pipeline(tmp_path, monkeypatch):
-    """A pipeline directory whose scripts are recorded, not run: train() saves a run's ckpt.pt, evaluate its rows."""
+def fake_pipeline(tmp_path, monkeypatch, check_flags=False):
+    """
+    A pipeline directory whose scripts are recorded, not run: train() saves a run's ckpt.pt, evaluate its rows.
+    The --*_flags strings are checked by their scripts' parsers (compare.check_flags, a subprocess each) only with
+    check_flags.
+    """
     (tmp_path / "data").mkdir()
-    for name in ("prompts", "prefs_eval", "eval"):
-        (tmp_path / "data" / f"{name}.jsonl").write_text("")
-    (tmp_path / "data" / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for name in ("prompts", "eval"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
+    for name in ("prefs", "prefs_eval"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+                                                          + "\n")
     ppo = {"num_iterations": 2, "batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2, "lr": 1e-4, "temperature": 0.7}
     for stage, args in (("sft", {"seed": 0}), ("rm", {"seed": 0}), ("ppo", ppo)):
         (tmp_path / stage).mkdir()
@@ -204,12 +213,17 @@ def fake_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare, "train", train)
     monkeypatch.setattr(compare, "plot", lambda *a: None)
+    if not check_flags:
+        monkeypatch.setattr(compare, "check_flags", lambda extra_flags: None)
     return cmds
 
 
 def test_own_flags_are_the_flags_each_command_sets(tmp_path, monkeypatch, capsys):
-    """OWN_FLAGS, what --*_flags may not name, is what each command sets before them (PPO's shared ones aside)."""
-    cmds = fake_pipeline(tmp_path, monkeypatch)
+    """
+    OWN_FLAGS, what --*_flags may not name, is what each command sets before them (PPO's shared ones aside). The
+    flags strings, valid, pass check_flags (each script's parser, with --help).
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch, check_flags=True)
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo", "--grpo_flags",
                                       "--lr 3e-4", "--dpo_flags", "--beta 0.2", "--eval_flags", "--n_prompts 2"])
     compare.run(compare.main)
@@ -287,3 +301,134 @@ def test_train_false_over_a_run_without_saved_flags_is_one_line_before_the_evalu
                                                             "false"])
     assert code == 2 and err.startswith(f"error: {tmp_path}/{message}") and err.count("\n") == 1, err
     assert cmds == {} and sorted(os.listdir(tmp_path / "compare")) == ["grpo"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "grpo", "--grpo_flags", "--lr 1e-4 --betta 0.2"],
+     "--grpo_flags: train_grpo.py: error: unknown flag --betta (did you mean"),
+    (["--methods", "rloo,dpo", "--dpo_flags", "--beta abc"],
+     "--dpo_flags: train_dpo.py: error: argument --beta: invalid float value: 'abc'"),
+    (["--eval_flags", "--n_prompt 3"], "--eval_flags: evaluate.py: error: unknown flag --n_prompt (did you mean "
+                                       "--n_prompts?)"),
+])
+def test_a_bad_flag_in_a_flags_string_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys, argv, message):
+    """
+    Each script's parser found it only when the script ran, after every method before it had trained and
+    out/compare had been written: --eval_flags "--n_prompt 3" after all four methods.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch, check_flags=True)
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), *argv])
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert cmds == {} and not (tmp_path / "compare").exists()
+
+
+@pytest.mark.parametrize("text, word", [("--lr 1e-4 5", "5"), ("--lr=1e-4 5", "5"), ("--anneal_lr false true", "true"),
+                                        ("--help", "--help"), ("-h", "-h"), ("--lr 1 --", "--")])
+def test_a_word_no_flag_takes_is_refused_in_a_flags_string(text, word):
+    # the script refuses it, but its parser run with --help (check_flags) stops at --help before it gets there
+    with pytest.raises(UserError, match=f"^--grpo_flags: unexpected argument '{word}' \\(flags are --name value\\)$"):
+        compare.split_flags("grpo_flags", text)
+    assert compare.split_flags("grpo_flags", "--anneal_lr --lr 3 --missing_eos_penalty -1 --temperature=0.5") == [
+        "--anneal_lr", "--lr", "3", "--missing_eos_penalty", "-1", "--temperature=0.5"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "PIPE", "--methods", "grpo", "--dpo_flags", "--beta 0.2", "--dpo_batch_size", "4"],
+     "--dpo_batch_size, --dpo_flags: only shape the dpo runs, and --methods grpo trains none of them; drop them"),
+    (["--out", "PIPE", "--methods", "dpo", "--grpo_flags", "--lr 5e-4"],
+     "--grpo_flags: only shape the grpo, dr_grpo, rloo runs, and --methods dpo trains none of them; drop them"),
+    (["--out", "PIPE", "--methods", "rloo", "--dpo_flags", ""], "--dpo_flags: only shape the dpo runs"),
+    (["--summarize", "PIPE", "--methods", "dpo", "--seed", "5", "--grpo_flags", "--lr 1", "--out", "/nonexistent"],
+     "--out, --methods, --seed, --grpo_flags: --summarize trains and evaluates nothing"),
+    (["--summarize", "PIPE", "--train", "false"], "--train: --summarize trains and evaluates nothing"),
+])
+def test_a_flag_for_a_method_not_run_is_refused(tmp_path, monkeypatch, capsys, argv, message):
+    """
+    They exited 0, doing nothing: --methods dpo --grpo_flags "--lr 5e-4" trained dpo and reported "Online methods ...
+    then --grpo_flags --lr 5e-4"; --summarize read the rows and ignored every other flag.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "rows.json").write_text(json.dumps({"grpo": {"gold": 0.5, "models": 3}}))
+    code, err = exit_status_and_error(monkeypatch, capsys, [a.replace("PIPE", str(tmp_path)) for a in argv])
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert cmds == {} and os.listdir(tmp_path / "compare") == ["rows.json"]
+
+
+@pytest.mark.parametrize("methods, file, content, message", [
+    ("grpo", "eval", {"prompt": 5}, "data/eval.jsonl:1: field 'prompt': expected a non-empty string, got a number"),
+    ("rloo", "prompts", {"text": "p"}, "data/prompts.jsonl:1: field 'prompt': missing"),
+    ("dpo", "prefs_eval", {"prompt": "p", "chosen": "a", "rejected": "a"},
+     "data/prefs_eval.jsonl:1: field 'rejected': identical to chosen (a tie"),
+])
+def test_a_bad_record_in_a_data_file_a_run_reads_is_one_line_before_anything_is_trained(tmp_path, monkeypatch, capsys,
+                                                                                        methods, file, content,
+                                                                                        message):
+    """compare.py read only prefs.jsonl itself: a bad eval.jsonl stopped evaluate.py after every method had trained."""
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    (tmp_path / "data" / f"{file}.jsonl").write_text(json.dumps(content) + "\n")
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", f"{methods},dr_grpo"])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/{message}"), err
+    assert err.count("\n") == 1 and cmds == {} and not (tmp_path / "compare").exists()
+
+
+def test_a_data_file_no_run_reads_is_not_read(tmp_path, monkeypatch, capsys):
+    # --methods dpo trains no online method (prompts.jsonl); --train false trains nothing (prefs_eval.jsonl)
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    (tmp_path / "data" / "prompts.jsonl").write_text("")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo"])
+    compare.run(compare.main)
+    assert list(cmds) == ["dpo", "evaluate"]
+    (tmp_path / "data" / "prefs_eval.jsonl").write_text("")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false"])
+    compare.run(compare.main)
+
+
+def full_disk(monkeypatch):
+    """open() of a temporary (name.tmpPID) for writing gives a file that the first write fills: ENOSPC."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if ".tmp" in os.path.basename(str(path)) and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_a_full_disk_leaves_no_temporary_report(tmp_path, monkeypatch, capsys):
+    # compare.py's own write_text left a 0-byte rows.json.tmp<pid>
+    fake_pipeline(tmp_path, monkeypatch)
+    full_disk(monkeypatch)
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", "dpo"])
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
+    assert not [n for n in os.listdir(tmp_path / "compare") if ".tmp" in n]
+
+
+def test_a_full_disk_leaves_no_temporary_figure(tmp_path, monkeypatch):
+    """plot's savefig on a full disk left a gold_vs_kl.png.tmp<pid> (a stand-in for matplotlib, which may be absent)."""
+    class Fig:
+        def savefig(self, path, **kwargs):
+            with open(path, "wb") as f:
+                f.write(b"\x89PNG")
+
+    plt = mock.MagicMock()
+    plt.subplots.return_value = (Fig(), mock.MagicMock())
+    monkeypatch.setattr(compare, "pyplot", lambda: plt)
+    row = {"kl": 1.0, "gold": 0.5, "gold_sem": 0.1}
+    full_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        compare.plot({"sft": row}, ["sft"], str(tmp_path / "gold_vs_kl.png"))
+    assert os.listdir(tmp_path) == []
