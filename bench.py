@@ -37,8 +37,8 @@ every response runs all new_tokens (PPO: response_length) steps. Run:
     python bench.py --parts rm --prompt_len 37 --response_length 14 --rounds 5   # the built-in task's RM shapes
     python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --new_tokens 128 \\
         --parts hf --gen_batch_size 16 --dtype float32       # against Hugging Face (a Python with transformers)
-    python bench.py --n_embd 256 --vocab_size 4096 --prompt_len 64 --new_tokens 128 --ppo_batch_size 16 \\
-        --response_length 128 --parts ppo,trl --rounds 3      # a PPO iteration against TRL's (a Python with trl)
+    python bench.py --n_embd 256 --vocab_size 4096 --prompt_len 64 --ppo_batch_size 16 --response_length 128 \\
+        --parts ppo,trl --rounds 3                            # a PPO iteration against TRL's (a Python with trl)
     python bench.py --n_embd 256 --vocab_size 4096 --batch_size 8 --prompt_len 64 --ppo_batch_size 16 \\
         --response_length 128 --parts train,ppo,floor         # how close each is to its Linear products alone
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304 \\
@@ -80,7 +80,8 @@ class Config:
     batch_size: int = flag(16, "sequences per SFT step (and prompts per generate() call unless --gen_batch_size)")
     gen_batch_size: int | None = flag(None, "prompts per generate() call in the generate, nocache and hf parts "
                                             "(default: --batch_size)")
-    steps: int = flag(10, "timed SFT steps (after 2 warm-up steps, 3 with --compile)")
+    steps: int = flag(10, "timed steps: SFT steps in the train part; per round, RM steps in the rm part and SFT "
+                          "steps of each side in the hf part")
     prompt_len: int = flag(32, "prompt tokens for generation and PPO")
     new_tokens: int = flag(64, "tokens generated per prompt in the generation benchmark")
     ppo_batch_size: int = flag(64, "episodes per PPO iteration (train_ppo.py --batch_size)")
@@ -89,13 +90,41 @@ class Config:
     rm_batch_size: int = flag(16, "prompts per step in the rm part (train_rm.py --batch_size)")
     rm_responses: int = flag(4, "responses per prompt in the rm part, --prompt_len + --response_length tokens each")
     parts: str = flag("train,generate,nocache,ppo", "which parts to run, comma-separated (also: rm, floor, hf, trl)")
-    rounds: int = flag(3, "alternating rounds of ours and the peer's in the hf and trl parts")
+    rounds: int = flag(3, "alternating rounds in the rm part (the two layouts) and in the hf and trl parts (ours and "
+                          "the peer's)")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
     dtype: str = flag("auto", "auto (bf16 where GPU or CPU has it natively, else float32) | float32 | bfloat16")
     compile: bool = flag(False, "torch.compile the training forward passes (SFT step and PPO update)")
     seed: int = flag(0, "seed for the random weights and tokens")
     json: bool = flag(False, "print one JSON object instead of the table")
+
+
+# the parts that read each workload flag (the model's and the system's flags, --seed and --json serve them all): a
+# flag given for parts that do not run would be accepted and ignored, so main() refuses it
+USED_BY = {
+    "batch_size": ("train", "generate", "nocache", "floor", "hf"),
+    "gen_batch_size": ("generate", "nocache", "hf"),
+    "steps": ("train", "rm", "hf"),
+    "prompt_len": ("generate", "nocache", "ppo", "rm", "floor", "hf", "trl"),
+    "new_tokens": ("generate", "nocache", "hf"),
+    "ppo_batch_size": ("ppo", "floor", "trl"),
+    "response_length": ("ppo", "rm", "floor", "trl"),
+    "ppo_iters": ("ppo",),
+    "rm_batch_size": ("rm",),
+    "rm_responses": ("rm",),
+    "rounds": ("rm", "hf", "trl"),
+    "compile": ("train", "ppo", "rm", "trl"),
+}
+
+
+def unused_flags(given, parts):
+    """
+    The flags named on the command line that none of the chosen parts reads, each with the parts that do:
+    unused_flags({"rounds", "steps"}, ["train"]) -> ["--rounds (parts rm, hf, trl)"].
+    """
+    return [f"--{name} ({'part' if len(users) == 1 else 'parts'} {', '.join(users)})"
+            for name, users in USED_BY.items() if name in given and not set(users) & set(parts)]
 
 
 def meta_gpt(config):
@@ -558,15 +587,18 @@ def main(argv=None):
     check(not {"ppo", "trl", "floor"} & set(parts) or cfg.ppo_batch_size % n_minibatches == 0,
           f"--ppo_batch_size {cfg.ppo_batch_size} must be divisible by train_ppo's num_minibatches ({n_minibatches})")
     check(cfg.vocab_size >= 3, "--vocab_size must leave room for EOS and PAD")
-    check(cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
+    # each length only where a chosen part generates that many tokens after a prompt
+    check(not set(USED_BY["new_tokens"]) & set(parts) or cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
           f"--prompt_len + --new_tokens ({cfg.prompt_len + cfg.new_tokens}) must fit --block_size {cfg.block_size}")
-    check(cfg.prompt_len + cfg.response_length <= cfg.block_size,
+    check(not set(USED_BY["response_length"]) & set(parts) or cfg.prompt_len + cfg.response_length <= cfg.block_size,
           f"--prompt_len + --response_length must fit --block_size {cfg.block_size}")
     check(cfg.steps >= 1 and cfg.ppo_iters >= 1 and cfg.batch_size >= 1 and cfg.rounds >= 1,
           "--steps, --ppo_iters, --batch_size, --rounds >= 1")
     check(cfg.rm_batch_size >= 1 and cfg.rm_responses >= 2, "--rm_batch_size >= 1 and --rm_responses >= 2")
     check(cfg.gen_batch_size is None or cfg.gen_batch_size >= 1, "--gen_batch_size >= 1")
     check(cfg.activation in GELU_APPROXIMATE, f"--activation: one of {', '.join(GELU_APPROXIMATE)}")
+    unused = unused_flags(cfg._given, parts)
+    check(not unused, f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing with --parts {cfg.parts}")
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
     model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, activation=cfg.activation)

@@ -83,7 +83,7 @@ class Config:
     temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
     max_new_tokens: int | None = flag(None, "response length limit; default: the PPO run's --response_length, else 64")
     batch_size: int = flag(64, "prompts generated and scored at once")
-    n_show: int = flag(6, "responses shown side by side in report.md")
+    n_show: int = flag(6, "responses shown side by side in report.md (0: none)")
     seed: int | None = flag(None, "sampling seed; default: the seed the SFT checkpoint was trained with")
     # system
     device: str = flag("auto", "auto | cpu | cuda | cuda:1 | mps")
@@ -355,9 +355,13 @@ def plot_gold_vs_kl(plt, summaries, c, path):
 
 
 def curves_table(c, n_rows=12):
-    """A few evenly spaced rows of the curves as a markdown table."""
+    """
+    At most n_rows evenly spaced rows of the curves as a markdown table, the first and the last iteration always
+    among them: 30 iterations -> rows 1, 4, 6, 9, ..., 27, 30; 5 iterations (fewer than n_rows) -> all 5.
+    """
     n = len(c["iter"])
-    picks = sorted({round(i * (n - 1) / max(1, n_rows - 1)) for i in range(min(n, n_rows))})
+    m = min(n, n_rows)  # the rows shown; spaced over the m of them, not over n_rows, or a short run loses its end
+    picks = sorted({round(i * (n - 1) / max(1, m - 1)) for i in range(m)})
     labels = [label for label in CURVE_KEYS if c[label]]
     lines = ["| iter | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for i in picks:
@@ -452,10 +456,12 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     md += ["", "## SFT vs PPO", "",
            results_table(summaries), "",
            "gold: mean gold-judge score in [0, 1] (± standard error); win vs SFT: gold-judged, ties count 1/2; "
-           f"RM score: (r - mean) / std with the mean {fmt(rm_info['reward_mean'])} and std {fmt(rm_info['reward_std'])} "
-           "of the demonstrations' rewards that train_rm.py stored (the PPO curves below show raw r); KL to SFT: per response, sum over its "
-           "tokens of log pi - log pi_sft on the policy's own samples (nats); length: tokens, EOS included; "
-           "init: a randomly initialised model of the SFT config (the floor).", ""]
+           # without --rm there is no score to explain: its column holds "-"
+           + (f"RM score: (r - mean) / std with the mean {fmt(rm_info['reward_mean'])} and std "
+              f"{fmt(rm_info['reward_std'])} of the demonstrations' rewards that train_rm.py stored (the PPO curves "
+              "below show raw r); " if cfg.rm else "")
+           + "KL to SFT: per response, sum over its tokens of log pi - log pi_sft on the policy's own samples (nats); "
+           "length: tokens, EOS included; init: a randomly initialised model of the SFT config (the floor).", ""]
     md += picture("gold_vs_kl.png", "gold against KL", plot_gold_vs_kl, summaries, c)
     if meta is not None:
         md += [f"For scale, from the task's meta.json: the demonstrator scores {fmt(meta.get('gold_demonstrator'))}"
@@ -471,12 +477,13 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
         md += picture("sft_loss.png", "SFT loss", plot_sft, sft_rows)
     rm_rows = read_metrics(cfg.rm) if cfg.rm else []
     calibrated = next((r for r in reversed(rm_rows) if r.get("val_calibration")), None)
-    md += ["## Reward model", "",
-           f"Held-out pairwise accuracy against the annotators' labels {fmt(rm_info['accuracy'])}; the annotators' "
-           f"own agreement with the gold judge {fmt(rm_info['annotator_agreement'])} (the ceiling for that accuracy; "
-           "gold ties count 1/2 in both). The reward model agrees with gold on "
-           f"{fmt(rm_info['gold_accuracy'])} of the held-out pairs that gold does not tie (from train_rm.py's "
-           "metrics.jsonl)."]
+    if cfg.rm:  # without --rm no reward model was measured: no section of "-"
+        md += ["## Reward model", "",
+               f"Held-out pairwise accuracy against the annotators' labels {fmt(rm_info['accuracy'])}; the annotators' "
+               f"own agreement with the gold judge {fmt(rm_info['annotator_agreement'])} (the ceiling for that "
+               "accuracy; gold ties count 1/2 in both). The reward model agrees with gold on "
+               f"{fmt(rm_info['gold_accuracy'])} of the held-out pairs that gold does not tie (from train_rm.py's "
+               "metrics.jsonl)."]
     if calibrated is not None:
         md += ["", f"Calibration: read as a probability, sigma(r_w - r_l) is off from the annotators' choices by "
                f"{fmt(calibrated.get('val_ece'))} on average (expected calibration error over "
@@ -492,8 +499,9 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     sweep = sweep_section(os.path.join(cfg.out_dir, "sweep"), plt, cfg.out_dir)
     md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO longer "
            "with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
-    md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
-           side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
+    if cfg.n_show > 0:  # --n_show 0: none shown, and no empty table
+        md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
+               side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
     text = "\n".join(md)
     while "\n\n\n" in text:  # sections that are there or not leave double blank lines
         text = text.replace("\n\n\n", "\n\n")
@@ -540,6 +548,7 @@ def main(argv=None):
           f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
     check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
+    check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
     check_out_dir(cfg.out_dir)
     sft_ckpt = load_model_checkpoint(cfg.sft)[1]
     if cfg.seed is None:

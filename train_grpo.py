@@ -200,12 +200,15 @@ RESUME_FREE = ROLLOUT_RESUME_FREE + ("num_iterations",)
 RESOLVED_AT_START = ("kl_in", "kl_coef", "missing_eos_penalty")
 
 
-def check_args(args):
+def check_args(args, given=()):
     """
     Derived sizes and flag combinations, checked before anything is loaded or written; then --kl_in auto and
-    --kl_coef none resolved (RESOLVED_AT_START).
+    --kl_coef none resolved (RESOLVED_AT_START). given: the flags the command line named.
     """
     check(args.advantage in ADVANTAGES, f"--advantage {args.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
+    # only grpo divides by the std: an eps given with another advantage would be accepted and ignored
+    check(args.advantage == "grpo" or "adv_eps" not in given,
+          f"--adv_eps does nothing with --advantage {args.advantage} (only grpo divides by std + eps)")
     check(args.group_size >= 2, f"--group_size {args.group_size}: a group needs at least 2 responses (G >= 2)")
     check_rollout_flags(args)  # the sizes, AdamW, samples and checkpoints, as train_ppo.py checks them
     check(args.batch_size % args.group_size == 0,
@@ -330,6 +333,7 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
 
 def main(argv=None):
     args = parse_stage_flags(Args, argv, description=__doc__)
+    given = args._given  # the flags argv names (a resumed run's args are the saved ones, without this set)
     resuming = wants_resume(args.resume, args.out_dir)
     # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
     # --sft and --rm are its saved ones, checked when it started
@@ -339,7 +343,12 @@ def main(argv=None):
         ckpt, state = load_run(args.out_dir)
         # the saved flags, but for where it runs, what it logs and how long (RESUME_FREE)
         args = resumed_flags(args, ckpt, RESUME_FREE, RESOLVED_AT_START)
-    check_args(args)
+        # --num_iterations may extend the run, not shorten it: a smaller one would change the learning rate of the
+        # iterations left (the schedule decays to 0 at --num_iterations) and end the run early, silently
+        saved = ckpt["args"].get("num_iterations", args.num_iterations)
+        check(args.num_iterations >= saved, f"--resume: --num_iterations {args.num_iterations} is below the run's "
+                                            f"{saved} (a larger value extends the run; a smaller one cannot)")
+    check_args(args, given)
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     G = args.group_size
     n_prompts_per_batch = args.batch_size // G

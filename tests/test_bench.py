@@ -40,6 +40,56 @@ def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, m
     assert out == ""  # no part ran
 
 
+@pytest.mark.parametrize("flags, message", [
+    # the brief's case: --rounds, --rm_batch_size and --gen_batch_size were accepted and ignored (exit 0)
+    (["--parts", "train", "--rounds", "7", "--rm_batch_size", "3", "--gen_batch_size", "5"],
+     "--gen_batch_size (parts generate, nocache, hf), --rm_batch_size (part rm), --rounds (parts rm, hf, trl) do "
+     "nothing with --parts train"),
+    (["--parts", "generate", "--ppo_iters", "3"], "--ppo_iters (part ppo) does nothing with --parts generate"),
+    (["--parts", "ppo", "--steps", "3"], "--steps (parts train, rm, hf) does nothing with --parts ppo"),
+    (["--parts", "generate,floor", "--compile"], "--compile (parts train, ppo, rm, trl) does nothing with --parts "
+                                                 "generate,floor"),
+])
+def test_a_flag_that_no_chosen_part_reads_is_refused(capsys, flags, message):
+    """As bench_memory.py refuses --lora_rank without a lora option: one line naming the flag, before anything runs."""
+    base = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "128", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: bench.main(base + flags))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message), err
+    assert out == ""  # no part ran
+
+
+def test_every_flag_a_part_reads_is_accepted_with_it_and_only_with_it():
+    """unused_flags against each part's own list, read off the bench_* functions (the model's flags serve all)."""
+    reads = {"train": {"batch_size", "steps", "compile"},
+             "generate": {"batch_size", "gen_batch_size", "prompt_len", "new_tokens"},
+             "nocache": {"batch_size", "gen_batch_size", "prompt_len", "new_tokens"},
+             "ppo": {"ppo_batch_size", "response_length", "prompt_len", "ppo_iters", "compile"},
+             "rm": {"rm_batch_size", "rm_responses", "prompt_len", "response_length", "steps", "rounds", "compile"},
+             "floor": {"batch_size", "prompt_len", "ppo_batch_size", "response_length"},
+             "hf": {"batch_size", "gen_batch_size", "prompt_len", "new_tokens", "steps", "rounds"},
+             "trl": {"ppo_batch_size", "response_length", "prompt_len", "rounds", "compile"}}
+    workload = set().union(*reads.values())
+    assert set(bench.USED_BY) == workload
+    for part, flags in reads.items():
+        for name in workload:
+            assert (bench.unused_flags({name}, [part]) == []) == (name in flags), (part, name)
+    for name in ("n_layer", "vocab_size", "activation", "device", "dtype", "seed", "json", "parts"):
+        assert bench.unused_flags({name}, ["floor"]) == []
+
+
+def test_a_length_is_checked_against_the_block_only_where_a_part_uses_it(capsys):
+    """--parts rm never generates --new_tokens: its default 64 needs no room in a block of 32 (it was refused)."""
+    flags = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32", "--prompt_len", "4",
+             "--response_length", "4", "--rm_batch_size", "2", "--steps", "1", "--rounds", "1", "--device", "cpu"]
+    bench.main(flags + ["--parts", "rm"])
+    assert "RM step, each prompt once" in capsys.readouterr().out
+    with pytest.raises(utils.UserError, match=r"--prompt_len \+ --new_tokens \(68\) must fit --block_size 32"):
+        bench.main(flags + ["--parts", "rm,generate"])
+
+
 def test_the_floor_part_times_every_linear_product_of_the_step_and_the_iteration(monkeypatch, capsys):
     # each timed product counted as 1 s: the floors become counts of products, checked against the model's
     # shapes written out (a block: qkv, attention out, MLP in, MLP out; forward, and backward's two products)
@@ -57,7 +107,11 @@ def test_the_floor_part_times_every_linear_product_of_the_step_and_the_iteration
     assert res["floor_ppo_update_s"] == epochs * minibatches * (2 * 3 * 4 * L + 3)  # actor and critic, one head
     assert res["floor_sft_linear_flops"] == 6 * B * T * (L * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + d * V)
     monkeypatch.undo()
-    bench.main(TINY + ["--parts", "floor"])  # the real thing, timed
+    floor_flags = []  # TINY without the flags that the floor part does not read (bench.py refuses them)
+    for name, value in zip(TINY[::2], TINY[1::2]):
+        if name not in ("--new_tokens", "--steps", "--ppo_iters"):
+            floor_flags += [name, value]
+    bench.main(floor_flags + ["--parts", "floor"])  # the real thing, timed
     out = capsys.readouterr().out
     assert "SFT step floor (s)" in out and "PPO iteration floor (s)" in out, out
 

@@ -22,7 +22,7 @@ from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 
 HAS_TRL = all(importlib.util.find_spec(m) is not None for m in ("trl", "transformers", "datasets", "accelerate"))
 TINY = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32", "--vocab_size", "40",
-        "--prompt_len", "4", "--new_tokens", "4", "--ppo_batch_size", "4", "--response_length", "4", "--device", "cpu"]
+        "--prompt_len", "4", "--ppo_batch_size", "4", "--response_length", "4", "--device", "cpu"]
 
 
 def random_model(kind, bias, seed=0):

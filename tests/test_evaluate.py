@@ -413,3 +413,57 @@ def test_bench_gen_batch_size_sets_every_generate_part(monkeypatch, capsys):
                 "--device", "cpu"])
     assert seen == [3] * 4  # a warm-up and a timed call per part
     assert "batch 3, prompt 4, 4 new tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n_rows", [2, 5, 12])
+def test_curves_table_keeps_the_first_and_last_iteration_evenly_spaced(n_rows):
+    """
+    A run shorter than n_rows lost its end: 2 or 3 iterations showed row 1 only, 5 rows 1-2, 10 rows 1-8 (the rows
+    were spaced over n_rows - 1 steps, not over the ones there are).
+    """
+    for n in range(1, 40):
+        c = {"iter": [10 + i for i in range(n)], "rm score": [0.5 * i for i in range(n)], "gold score": [],
+             "KL": [0.25 * i for i in range(n)]}
+        lines = evaluate.curves_table(c, n_rows).splitlines()
+        assert lines[0] == "| iter | rm score | KL |"
+        rows = [line.split(" | ") for line in lines[2:]]
+        shown = [int(r[0].strip("| ")) - 10 for r in rows]  # the 0-based positions of the rows shown
+        # the plain reference: every row when they fit, else n_rows of them from the first to the last, the gaps
+        # between neighbours as equal as whole rows allow
+        if n <= n_rows:
+            assert shown == list(range(n)), (n, shown)
+        else:
+            gaps = [b - a for a, b in zip(shown, shown[1:])]
+            assert len(shown) == n_rows and shown[0] == 0 and shown[-1] == n - 1, (n, shown)
+            assert min(gaps) >= 1 and max(gaps) - min(gaps) <= 1, (n, shown)
+        for r, i in zip(rows, shown):  # each row's numbers are its own iteration's
+            assert r[1:] == [evaluate.fmt(0.5 * i), evaluate.fmt(0.25 * i) + " |"], (n, r)
+
+
+def test_report_without_an_rm_says_nothing_of_one(tmp_path):
+    """
+    Without --rm, report.md explained the RM score as (r - mean) / std "with the mean 0.000 and std 1.000 ... that
+    train_rm.py stored" and printed a "## Reward model" section of "-"; report.json already said null.
+    """
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello there"}) + "\n" + json.dumps({"prompt": "write a poem"}) + "\n")
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--n_show", "2",
+                   "--max_new_tokens", "4", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["rm"] == {"accuracy": None, "annotator_agreement": None} and report["sft"]["rm"] is None
+    md = (out / "report.md").read_text()
+    assert "## Reward model" not in md and "train_rm.py" not in md and "RM score:" not in md, md
+    assert "KL to SFT: per response" in md and "## Responses side by side" in md
+    assert "\n\n\n" not in md
+
+
+def test_a_negative_n_show_is_one_line_before_anything_loads(tmp_path, capsys):
+    """--n_show -5 was taken as 0: an empty table of responses, after every policy had been sampled."""
+    out = tmp_path / "out"
+    code, err = exit_status_and_error(capsys, evaluate.main, ["--sft", str(tmp_path / "missing"), "--n_show", "-5",
+                                                              "--out_dir", str(out)])
+    assert (code, err) == (2, "error: --n_show -5: must be 0 or more\n")
+    assert os.listdir(tmp_path) == []

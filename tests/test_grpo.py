@@ -674,3 +674,39 @@ def test_nan_loss_stops_naming_the_minibatch_and_keeps_the_checkpoint(tiny_ckpts
         assert torch.load(out / name, weights_only=True)["step"] == 1, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+@pytest.mark.parametrize("kind", ["dr_grpo", "rloo"])
+def test_adv_eps_with_another_advantage_than_grpo_is_refused(tiny_ckpts, tmp_path, capsys, kind):
+    """--adv_eps is the eps of grpo's (r - mean) / (std + eps): with dr_grpo or rloo it ran and was ignored."""
+    out = tmp_path / "out"
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "1", "--advantage", kind, "--adv_eps", "0.5")[1:]
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: train_grpo.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: --adv_eps does nothing with --advantage {kind} (only grpo divides " \
+                                        f"by std + eps)\n", err
+    assert not out.exists()
+    # named, even at its default; with grpo it is the eps, and with the others an untouched default is fine
+    with pytest.raises(utils.UserError, match="--adv_eps does nothing"):
+        train_grpo.check_args(train_grpo.Args(advantage=kind), given={"adv_eps"})
+    train_grpo.check_args(train_grpo.Args(advantage="grpo", adv_eps=0.5), given={"advantage", "adv_eps"})
+    train_grpo.check_args(train_grpo.Args(advantage=kind), given={"advantage"})
+
+
+def test_a_resume_cannot_shorten_the_run(tiny_ckpts, tmp_path, capsys, one_thread):
+    """
+    --num_iterations 4 --stop_at 2, then --resume --num_iterations 3 ran iteration 3 of 3 at a learning rate of the
+    shorter schedule (6.67e-5 instead of 1e-4) and ended there, silently. A larger value extends the run (README);
+    a smaller one is refused, one line, and nothing of the run is touched.
+    """
+    out = tmp_path / "out"
+    train_grpo.main(grpo_cmd(tiny_ckpts, out, "--num_iterations", "4", "--stop_at", "2", "--gold", "off")[1:])
+    capsys.readouterr()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: train_grpo.main(["--out_dir", str(out), "--resume", "--num_iterations", "3"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: --resume: --num_iterations 3 is below the run's 4 (a larger value " \
+                                        "extends the run; a smaller one cannot)\n", err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
