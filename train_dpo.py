@@ -167,6 +167,25 @@ def check_flags(args):
     check(args.gold in ("auto", "on", "off"), f"--gold {args.gold!r}: expected auto, on or off")
     check(args.gold_prompts >= 1 and args.response_length >= 1 and args.temperature > 0,
           "--gold_prompts and --response_length must be >= 1 and --temperature > 0")
+    # the sampling flags of the gold score would be accepted and ignored without it; only those named on the command
+    # line (a resumed run's flags are the saved ones, without _given: they were checked when it started)
+    named = [f"--{n}" for n in ("gold_prompts", "response_length", "temperature") if n in getattr(args, "_given", ())]
+    check(args.gold != "off" or not named,
+          f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing with --gold off (no gold score's "
+          f"samples are drawn)")
+
+
+def nothing_left(split, args):
+    """
+    The start of an error saying that no record of a split is left, naming the flag and the file it came from.
+    "train" -> "--data a.jsonl: no record" (with --val_data) or "--data a.jsonl: no training record" (without);
+    "val" -> "--val_data b.jsonl: no record" or "--data a.jsonl: no held-out record (--val_frac 0.1)".
+    """
+    if split == "train":
+        return f"--data {args.data}: no record" if args.val_data else f"--data {args.data}: no training record"
+    if args.val_data:
+        return f"--val_data {args.val_data}: no record"
+    return f"--data {args.data}: no held-out record (--val_frac {args.val_frac})"
 
 
 @torch.no_grad()
@@ -287,7 +306,8 @@ def main():
     max_len = ref.config.block_size
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
     val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
-    check(len(train) > 0 and len(val) > 0, f"no record keeps 2 responses that fit in {max_len} tokens")
+    for split, kept in (("train", train), ("val", val)):
+        check(kept, f"{nothing_left(split, args)} keeps 2 responses that fit in {max_len} tokens")
     n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
     print(f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
           f"{len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the left, "

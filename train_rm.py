@@ -32,6 +32,7 @@ Deviations from InstructGPT (Ouyang et al. 2022, section 3.5 and appendix C):
 
 import functools
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -103,8 +104,34 @@ def check_flags(args):
     # the normalisation needs a std, which 1 score does not have
     check(args.norm_samples >= 2, f"--norm_samples must be at least 2, got {args.norm_samples}")
     check(args.center_coef >= 0, f"--center_coef must be >= 0, got {args.center_coef}")
+    # --norm_samples only slices --sft_data: without it the held-out responses set the mean and std
+    check(args.sft_data or "norm_samples" not in getattr(args, "_given", ()),
+          "--norm_samples does nothing with --sft_data '' (the held-out responses set the reward's mean and std); "
+          "leave it out")
     check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
     check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.lora_rank:
+        # the scalar head trains in full (main): an adapter on it would only add a redundant copy of its update
+        try:
+            matched = re.search(args.lora_targets, "head")
+        except re.error as e:
+            raise UserError(f"--lora_targets: LoRA targets {args.lora_targets!r}: not a regular expression "
+                            f"({e})") from None
+        check(not matched, f"--lora_targets {args.lora_targets!r} matches head: the reward model's head trains in "
+                           f"full, leave it out of the targets")
+
+
+def nothing_left(split, args):
+    """
+    The start of an error saying that no record of a split is left, naming the flag and the file it came from.
+    "train" -> "--data a.jsonl: no record" (with --val_data) or "--data a.jsonl: no training record" (without);
+    "val" -> "--val_data b.jsonl: no record" or "--data a.jsonl: no held-out record (--val_frac 0.1)".
+    """
+    if split == "train":
+        return f"--data {args.data}: no record" if args.val_data else f"--data {args.data}: no training record"
+    if args.val_data:
+        return f"--val_data {args.val_data}: no record"
+    return f"--data {args.data}: no held-out record (--val_frac {args.val_frac})"
 
 
 def rm_payload(model, tok, args, step, **extra):
@@ -230,7 +257,8 @@ def evaluate(model, batches, rt):
 
 def gold_agreement(records, record_scores):
     """
-    Fraction of the pairs that the gold judge orders strictly on which the RM agrees with gold (built-in task).
+    Fraction of the pairs that the gold judge orders strictly on which the RM agrees with gold (built-in task);
+    None when gold ties every pair (there is nothing to agree on).
     records: raw {"prompt", "responses"}, record_scores: the RM score of each response, in the same order.
     """
     agree, n = 0.0, 0
@@ -241,7 +269,7 @@ def gold_agreement(records, record_scores):
                 if g[a] != g[b]:
                     n += 1
                     agree += 0.5 if s[a] == s[b] else float((s[a] > s[b]) == (g[a] > g[b]))
-    return agree / max(n, 1)
+    return agree / n if n else None
 
 
 @torch.no_grad()
@@ -282,6 +310,9 @@ def main():
     if args.allow_ties:
         (train_records, n1), (val_records, n2) = drop_ties(train_records), drop_ties(val_records)
         n_ties = n1 + n2
+        for split, records in (("train", train_records), ("val", val_records)):
+            check(records, f"{nothing_left(split, args)} is left once ties are dropped (--allow_ties): each one's "
+                           f"responses are all identical")
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
     # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling.
     # Decided now, so that a meta.json of the task's that is broken stops the run here, not after training
@@ -302,7 +333,8 @@ def main():
     max_len = model.config.block_size
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
     val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
-    check(len(train) > 0 and len(val) > 0, f"no record keeps 2 responses that fit in {max_len} tokens")
+    for split, kept in (("train", train), ("val", val)):
+        check(kept, f"{nothing_left(split, args)} keeps 2 responses that fit in {max_len} tokens")
     # the demonstrations that set the reward's mean and std after training (the held-out responses without them:
     # at least 2, as a val record keeps 2); found now, so that too few stop the run before anything is written
     if sft_records is not None:
@@ -325,8 +357,11 @@ def main():
     val_sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size, seed=args.seed)
     val_order = val_sampler.batches(0)[:args.eval_batches]
     val_batches = [make_batch([val[i] for i in b], tok.pad_id, max_len, args.share_prompts) for b in val_order]
+    # the built-in judge scores only the task's prompts (0 for any other): with a prompt of the user's beside the
+    # task's meta.json (out/data/my_prefs.jsonl) its numbers would be made up, so there are none
     builtin = meta is not None and len(val) == len(val_records) and all(
-        len(ex["ids"]) == len(r["responses"]) for ex, r in zip(val, val_records))
+        len(ex["ids"]) == len(r["responses"]) and tasks.parse_prompt(r["prompt"]) is not None
+        for ex, r in zip(val, val_records))
     val_evaluated = [val_records[i] for b in val_order for i in b] if builtin else None
     model.grad_checkpointing = args.grad_checkpointing
     # under torchrun: DDP, or FSDP2 (which shards `model` in place, so the optimizer is built after it)
@@ -445,9 +480,13 @@ def main():
     if builtin:
         # E[annotator agrees with gold] = mean over the pairs of sigma(beta |g_a - g_b|), gold ties counted 1/2
         summary["annotator_agreement"] = tasks.annotator_agreement(val_evaluated, meta["annotator_beta"], ties="half")
-        summary["val_gold_acc"] = gold_agreement(val_evaluated, record_scores)
-        line += (f" vs the annotator's agreement with gold on the same pairs {summary['annotator_agreement']:.3f}; "
-                 f"RM agrees with gold on {summary['val_gold_acc']:.3f} of the pairs gold does not tie")
+        gold_acc = gold_agreement(val_evaluated, record_scores)
+        line += f" vs the annotator's agreement with gold on the same pairs {summary['annotator_agreement']:.3f}; "
+        if gold_acc is None:
+            line += "gold ties every one of these pairs"
+        else:
+            summary["val_gold_acc"] = gold_acc
+            line += f"RM agrees with gold on {gold_acc:.3f} of the pairs gold does not tie"
     logger.log(summary)
     save_run(args.out_dir, rm_payload(model, tok, args, step, reward_mean=reward_mean, reward_std=reward_std),
              optimizer, sampler, step, model, inputs=inputs)

@@ -123,6 +123,19 @@ def check_flags(args):
                            f"keeps the checkpoint's")
 
 
+def nothing_left(split, args):
+    """
+    The start of an error saying that no example of a split is left, naming the flag and the file it came from.
+    "train" -> "--data a.jsonl: no example" (with --val_data) or "--data a.jsonl: no training example" (without);
+    "val" -> "--val_data b.jsonl: no example" or "--data a.jsonl: no held-out example (--val_frac 0.1)".
+    """
+    if split == "train":
+        return f"--data {args.data}: no example" if args.val_data else f"--data {args.data}: no training example"
+    if args.val_data:
+        return f"--val_data {args.val_data}: no example"
+    return f"--data {args.data}: no held-out example (--val_frac {args.val_frac})"
+
+
 def make_tokenizer(spec):
     try:
         return Tokenizer.from_spec(spec)
@@ -261,7 +274,8 @@ def main():
     train, n_cut = encode_sft(train_records, tok, max_len)
     val, n_cut_val = encode_sft(val_records, tok, max_len)
     n_dropped = len(train_records) + len(val_records) - len(train) - len(val)
-    check(len(train) > 0 and len(val) > 0, f"no example fits in {max_len} tokens with its whole response")
+    for split, kept in (("train", train), ("val", val)):
+        check(kept, f"{nothing_left(split, args)} fits in {max_len} tokens with its whole response")
     print(f"data: {len(train)} train, {len(val)} val examples; longer than {max_len} tokens: "
           f"{n_cut + n_cut_val} cut from the left of the prompt, {n_dropped} dropped (response does not fit)")
 

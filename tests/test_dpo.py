@@ -17,7 +17,7 @@ from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_
 
 sys.path.insert(0, ROOT)  # train_dpo.py is a top-level script
 
-from nanorlhf import tasks, utils
+from nanorlhf import tasks, train_common, utils
 from nanorlhf.data import encode_prefs
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
@@ -190,11 +190,12 @@ def tiny_run(tmp_path_factory):
     return d
 
 
-def dpo_cmd(d, out, *extra):
+def dpo_cmd(d, out, *extra, gold=True):
+    """gold: the gold score on a few short samples (8 prompts, 8 tokens); else --gold off (which refuses them)."""
     return ["train_dpo.py", "--data", str(d / "data/prefs.jsonl"), "--val_data", str(d / "data/prefs_eval.jsonl"),
             "--sft", str(d / "sft"), "--out_dir", str(out), "--batch_size", "4", "--max_steps", "6", "--warmup", "2",
             "--eval_interval", "3", "--eval_batches", "2", "--log_interval", "1", "--ckpt_interval", "3",
-            "--gold_prompts", "8", "--response_length", "8", "--lr", "1e-3", *extra]
+            *(["--gold_prompts", "8", "--response_length", "8"] if gold else ["--gold", "off"]), "--lr", "1e-3", *extra]
 
 
 def test_script_starts_at_log_2_learns_and_resumes(tiny_run):
@@ -269,14 +270,15 @@ OVER_LONG = [{"prompt": "sort 1 2", "chosen": "x" * 100, "rejected": "y" * 100},
              {"prompt": "sort 3 4", "responses": ["a", "b", "z" * 100], "ranking": [2, 0, 1]}]  # loses its best
 
 
-def test_over_long_records_are_counted_and_response_length_is_checked_for_the_gold_score_only(tiny_run, tmp_path):
+def test_over_long_records_are_counted_and_a_gold_sample_must_fit_the_context(tiny_run, tmp_path):
     cmd = ["train_dpo.py", "--data", write_prefs(tmp_path / "prefs.jsonl", OVER_LONG), "--val_data",
            write_prefs(tmp_path / "val.jsonl"), "--sft", str(tiny_run / "sft"), "--batch_size", "4", "--max_steps",
-           "1", "--eval_batches", "1", "--response_length", "64"]  # block_size 64: no room for a gold sample's prompt
+           "1", "--eval_batches", "1"]
     p = script(*cmd, "--out_dir", str(tmp_path / "off"), "--gold", "off")
     assert ("too long for 64 tokens: 1 prompts cut from the left, 1 records dropped (fewer than 2 responses fit), "
             "1 responses dropped from the records kept") in p.stdout, p.stdout
-    p = script(*cmd, "--out_dir", str(tmp_path / "on"), "--gold", "on", check=False)
+    # block_size 64: no room for a gold sample's prompt
+    p = script(*cmd, "--out_dir", str(tmp_path / "on"), "--gold", "on", "--response_length", "64", check=False)
     assert p.returncode == 2 and "--response_length 64 must be < block_size 64" in p.stderr, p.stderr
     assert "reference log-probs" not in p.stdout  # refused before the reference pass
     assert not (tmp_path / "on").exists()
@@ -305,12 +307,68 @@ def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(tiny_run, tmp_pa
     assert not any("gold" in r for r in read_metrics(str(out)))
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--gold_prompts", "5", "--response_length", "500", "--temperature", "0.5"],
+     "--gold_prompts and --response_length and --temperature do"),
+    (["--temperature", "1.0"], "--temperature does"),  # named at its default: it still does nothing
+])
+def test_gold_sampling_flags_with_gold_off_are_refused(flags, named):
+    # accepted and ignored before (with --gold on, --response_length 500 is refused for the block size)
+    args = train_common.parse_stage_flags(train_dpo.Config, ["--gold", "off", *flags])
+    with pytest.raises(utils.UserError) as e:
+        train_dpo.check_flags(args)
+    assert str(e.value) == f"{named} nothing with --gold off (no gold score's samples are drawn)"
+
+
+def test_gold_sampling_flags_pass_with_gold_and_in_a_resumed_run_s_flags():
+    parse = lambda *argv: train_common.parse_stage_flags(train_dpo.Config, list(argv))  # noqa: E731
+    train_dpo.check_flags(parse("--gold_prompts", "5", "--response_length", "12", "--temperature", "0.5"))  # auto
+    train_dpo.check_flags(parse("--gold", "on", "--temperature", "0.5"))
+    train_dpo.check_flags(parse("--gold", "off"))
+    train_dpo.check_flags(train_dpo.Config(gold="off", temperature=0.5))  # built in code: no _given
+
+
+def test_gold_off_with_its_sampling_flags_exits_2_and_writes_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, out, "--gold", "off", "--temperature", "0.5", gold=False))
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_dpo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: --temperature does nothing with --gold off (no gold score's " \
+                                        "samples are drawn)\n", err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("data, val, message", [
+    ("prefs", "long", "--val_data {d}/long.jsonl: no record keeps 2 responses that fit in 64 tokens"),
+    ("long", "prefs", "--data {d}/long.jsonl: no record keeps 2 responses that fit in 64 tokens"),
+    ("long", None, "--data {d}/long.jsonl: no training record keeps 2 responses that fit in 64 tokens"),
+])
+def test_a_split_with_no_record_that_fits_names_its_file(tiny_run, tmp_path, monkeypatch, capsys, one_thread, data,
+                                                         val, message):
+    # it said "no record keeps 2 responses that fit", of neither file: one line naming the flag and the file
+    write_prefs(tmp_path / "prefs.jsonl")
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 1", "chosen": "x" * 100,
+                                                             "rejected": "y" * 100}) + "\n" for i in range(8)))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--data", str(tmp_path / f"{data}.jsonl"),
+                                      *(["--val_data", str(tmp_path / f"{val}.jsonl")] if val else []),
+                                      "--sft", str(tiny_run / "sft"), "--out_dir", str(out), "--batch_size", "2",
+                                      "--max_steps", "1", "--eval_batches", "1", "--gold", "off"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_dpo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: " + message.format(d=tmp_path)), err
+    assert not out.exists()
+
+
 def test_no_checkpoint_dict_is_kept_while_training(tiny_run, tmp_path, monkeypatch, one_thread):
     """The checkpoint dicts load_model and load_run return, CPU copies of the weights, are gone by the first step."""
     alive, refs = track_checkpoint_dicts(monkeypatch, train_dpo, "batch_loss")
     for extra in (["--stop_at", "1"], ["--resume", "on"]):  # a fresh run, then a resumed one
-        monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, tmp_path / "out", "--max_steps", "2", "--gold", "off",
-                                                 "--eval_batches", "1", *extra))
+        monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, tmp_path / "out", "--max_steps", "2", "--eval_batches", "1",
+                                                 *extra, gold=False))
         train_dpo.main()
     assert len(refs) == 5 and alive and not any(alive), alive  # 2 load_model, then load_run and 2 load_model
 
@@ -355,7 +413,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_run, tmp_p
 
     monkeypatch.setattr(train_dpo, "batch_loss", nan_at_step_4)
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, out, "--ckpt_interval", "1", "--gold", "off"))
+    monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, out, "--ckpt_interval", "1", gold=False))
     with pytest.raises(SystemExit) as e:
         utils.run(train_dpo.main)
     err = capsys.readouterr().err

@@ -7,6 +7,7 @@ resume, over-long records counted, bad input refused before anything is written.
 import json
 import math
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -18,7 +19,7 @@ from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_
 sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 
 import train_rm
-from nanorlhf import tasks, utils
+from nanorlhf import tasks, train_common, utils
 from nanorlhf.data import encode_prefs, read_sft
 from nanorlhf.losses import kwise_ranking_loss
 from nanorlhf.model import GPTConfig, ScalarGPT
@@ -260,6 +261,26 @@ def test_pair_diffs_and_calibration_match_plain_references():
     assert sum(n for _, _, n in table) == len(d)
 
 
+def test_gold_agreement_counts_only_the_pairs_gold_orders():
+    # gold of 'sort 2 1': "1 2" -> 1, "2 1" -> 0, "hello" -> 0 (a tie with "2 1", not counted)
+    records = [{"prompt": "sort 2 1", "responses": ["1 2", "2 1", "hello"]}]
+    assert train_rm.gold_agreement(records, [[3.0, 1.0, 2.0]]) == 1.0
+    assert train_rm.gold_agreement(records, [[0.0, 1.0, 0.0]]) == 0.25  # wrong on (1 2, 2 1); a score tie counts 1/2
+    # gold ties every pair: a prompt its judge cannot parse (0 for any response), or two wrong answers. There is
+    # nothing to agree on: None, not an agreement of 0
+    assert train_rm.gold_agreement([{"prompt": "hi", "responses": ["a", "b"]}], [[1.0, 0.0]]) is None
+    assert train_rm.gold_agreement([{"prompt": "sort 2 1", "responses": ["2 1", "x"]}], [[1.0, 0.0]]) is None
+
+
+def test_nothing_left_names_the_flag_and_file_of_the_split():
+    with_val = train_rm.Config(data="a.jsonl", val_data="b.jsonl")
+    assert train_rm.nothing_left("train", with_val) == "--data a.jsonl: no record"
+    assert train_rm.nothing_left("val", with_val) == "--val_data b.jsonl: no record"
+    split = train_rm.Config(data="a.jsonl", val_frac=0.2)
+    assert train_rm.nothing_left("train", split) == "--data a.jsonl: no training record"
+    assert train_rm.nothing_left("val", split) == "--data a.jsonl: no held-out record (--val_frac 0.2)"
+
+
 def test_drop_ties_keeps_the_better_ranked_copy():
     records = [{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [2, 1, 0]},
                {"prompt": "q", "responses": ["x", "x"], "ranking": [1, 0]}]
@@ -356,3 +377,84 @@ def test_too_few_demonstrations_for_the_normalisation_are_refused(sft, tmp_path,
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {long_sft}: 1 of its first 4 demonstrations fit in 64 tokens"), err
     assert not out.exists()
+
+
+def test_gold_numbers_only_when_every_held_out_prompt_is_the_task_s(sft, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    A comparison file of the user's own beside the task's meta.json (out/data/ after make): the gold judge gives 0 to
+    any prompt that is not the task's, so the run logged made-up numbers (the annotator's agreement 0.5, the RM
+    agreeing with gold on 0.000 of the pairs); now it logs no gold line and no gold fields.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sft / "data/meta.json", data / "meta.json")
+    prefs = data / "my_prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"What is the capital of country {i}?", "chosen": f"City {i}.",
+                                         "rejected": f"I do not know {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "rm"
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *short_rm_args(sft, prefs, out)])
+    train_rm.main()
+    stdout = capsys.readouterr().out
+    final = read_metrics(out)[-1]
+    assert final["final"] and "annotator_agreement" not in final and "val_gold_acc" not in final, final
+    line = next(x for x in stdout.splitlines() if x.startswith("held-out pairwise accuracy"))
+    assert " vs " not in line and "gold" not in line, line
+
+
+@pytest.mark.parametrize("files, flags, message", [
+    (("prefs", "long"), [], "--val_data {long}: no record keeps 2 responses that fit in 64 tokens"),
+    (("long", "prefs"), [], "--data {long}: no record keeps 2 responses that fit in 64 tokens"),
+    (("ties", None), ["--allow_ties"],
+     "--data {ties}: no training record is left once ties are dropped (--allow_ties)"),
+    (("prefs", "ties"), ["--allow_ties"], "--val_data {ties}: no record is left once ties are dropped (--allow_ties)"),
+])
+def test_a_split_with_nothing_left_names_its_file_and_the_reason(sft, tmp_path, monkeypatch, capsys, one_thread,
+                                                                  files, flags, message):
+    """
+    Every record of one split too long, or (--allow_ties) every one a tie: one line naming the flag and the file, and
+    for ties that they were dropped as ties (it said "no record keeps 2 responses that fit", of neither file).
+    """
+    paths = {"prefs": write_prefs(tmp_path / "prefs.jsonl"), "long": str(tmp_path / "long.jsonl"),
+             "ties": str(tmp_path / "ties.jsonl")}
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 1", "chosen": "x" * 100,
+                                                             "rejected": "y" * 100}) + "\n" for i in range(8)))
+    (tmp_path / "ties.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 1", "chosen": "1 2",
+                                                             "rejected": "1 2"}) + "\n" for i in range(8)))
+    data, val = files
+    out = tmp_path / "rm"
+    code, err = run_rm(monkeypatch, capsys, ["--data", paths[data], *(["--val_data", paths[val]] if val else []),
+                                             "--init_from", str(sft / "sft"), "--out_dir", str(out), "--sft_data", "",
+                                             "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1",
+                                             "--device", "cpu", *flags])
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: " + message.format(**paths)), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sft_data", "", "--norm_samples", "3"],
+     "--norm_samples does nothing with --sft_data '' (the held-out responses set the reward's mean and std)"),
+    (["--lora_rank", "2", "--lora_targets", "head"],
+     "--lora_targets 'head' matches head: the reward model's head trains in full, leave it out of the targets"),
+    (["--lora_rank", "2", "--lora_targets", ""],
+     "--lora_targets '' matches head: the reward model's head trains in full, leave it out of the targets"),
+])
+def test_flags_that_would_do_nothing_or_train_the_head_twice_are_refused(sft, tmp_path, monkeypatch, capsys, flags,
+                                                                         message):
+    """
+    --norm_samples only slices --sft_data; an adapter on the head that trains in full added a redundant copy of it
+    (lora.trainable held head.weight, head.bias, head.lora_A, head.lora_B), as train_ppo.py refuses for its critic.
+    One line, exit 2, nothing written.
+    """
+    out = tmp_path / "rm"
+    code, err = run_rm(monkeypatch, capsys, short_rm_args(sft, write_prefs(tmp_path / "prefs.jsonl"), out, *flags))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: " + message), err
+    assert not out.exists()
+
+
+def test_norm_samples_with_sft_data_and_lora_with_other_targets_pass():
+    parse = lambda *argv: train_common.parse_stage_flags(train_rm.Config, list(argv))  # noqa: E731
+    train_rm.check_flags(parse("--sft_data", "", "--lora_rank", "2"))  # the default targets leave the head out
+    train_rm.check_flags(parse("--norm_samples", "3", "--lora_rank", "2", "--lora_targets", r"c_attn|c_fc"))
+    train_rm.check_flags(train_rm.Config(sft_data="", norm_samples=3))  # built in code (a resumed run's): no _given

@@ -304,6 +304,33 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("data, val, message", [
+    ("sft", "long", "--val_data {d}/long.jsonl: no example fits in 32 tokens with its whole response"),
+    ("long", "sft", "--data {d}/long.jsonl: no example fits in 32 tokens with its whole response"),
+    ("long", None, "--data {d}/long.jsonl: no training example fits in 32 tokens with its whole response"),
+])
+def test_a_split_with_no_example_that_fits_names_its_file(tmp_path, monkeypatch, capsys, data, val, message):
+    # it said "no example fits", of neither file: one line naming the flag and the file, nothing written
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "sort 2 1", "response": "1 2"}\n' * 20)
+    (tmp_path / "long.jsonl").write_text((json.dumps({"prompt": "sort 2 1", "response": "x" * 100}) + "\n") * 20)
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / f"{data}.jsonl"), *(["--val_data", str(tmp_path / f"{val}.jsonl")] if val else []),
+            "--out_dir", str(out), "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32",
+            "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        utils.run(sft_stage.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: " + message.format(d=tmp_path)), err
+    assert not out.exists()
+
+
+def test_nothing_left_names_the_held_out_part_of_data():
+    split = sft_stage.Config(data="a.jsonl", val_frac=0.2)
+    assert sft_stage.nothing_left("val", split) == "--data a.jsonl: no held-out example (--val_frac 0.2)"
+
+
 def test_val_frac_at_its_default_and_lora_flags_with_a_rank_pass():
     parse = lambda *argv: train_common.parse_stage_flags(sft_stage.Config, list(argv))  # noqa: E731
     sft_stage.check_flags(parse("--val_data", "v.jsonl", "--val_frac", "0.05"))  # the default: nothing is ignored
