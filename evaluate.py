@@ -63,8 +63,8 @@ from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.report import (CURVE_KEYS, curves, fmt, metrics_path, pyplot, read_metrics, save_figure, smooth,
                              sweep_section)
 from nanorlhf.rollout import decode_response, truncate_after_eos
-from nanorlhf.utils import (check, flag, load_model, load_model_checkpoint, parse_flags, run, setup_runtime,
-                            write_text)
+from nanorlhf.utils import (check, check_out_dir_flag, flag, load_model, load_model_checkpoint, parse_flags, run,
+                            setup_runtime, write_text)
 
 
 @dataclass
@@ -525,20 +525,6 @@ def parse_extra(extra):
     return out
 
 
-def check_out_dir(out_dir):
-    """
-    --out_dir must be a directory we can write, or one that makedirs can create: said now, in one line, not after
-    minutes of sampling. Nothing is created here, so an error later on (a missing checkpoint) leaves nothing behind.
-    """
-    check(out_dir.strip(), "--out_dir: empty (give a directory)")
-    existing = out_dir.rstrip(os.sep) or os.sep
-    while not os.path.lexists(existing):  # the nearest ancestor that exists: makedirs creates the rest below it
-        existing = os.path.dirname(existing) or "."
-    what = "it" if existing == out_dir.rstrip(os.sep) else existing
-    check(os.path.isdir(existing), f"--out_dir {out_dir}: {what} is not a directory")
-    check(os.access(existing, os.W_OK | os.X_OK), f"--out_dir {out_dir}: {what} is not writable")
-
-
 def main(argv=None):
     t_start = time.time()
     cfg = parse_flags(Config, argv, description=__doc__)
@@ -549,7 +535,7 @@ def main(argv=None):
     check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
     check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
-    check_out_dir(cfg.out_dir)
+    check_out_dir_flag(cfg.out_dir)  # now, in one line, not after minutes of sampling
     sft_ckpt = load_model_checkpoint(cfg.sft)[1]
     if cfg.seed is None:
         cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))

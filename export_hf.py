@@ -32,6 +32,7 @@ Things that differ from the checkpoint, on purpose (the conversion is nanorlhf/h
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -265,6 +266,27 @@ def check_out_is_an_export(out, path):
           f"--out, or remove that directory yourself)")
 
 
+def remove_stale(path):
+    """
+    Remove what an export to path killed midway left (its process is gone; utils.remove_stale_tmps): path.tmp<pid>,
+    the new directory, written in part or whole but never renamed, and path.old<pid>, the earlier export that it was
+    replacing. A kill between its two renames left no path at all: the earlier export is then put back, with a note,
+    since nothing took its place.
+    """
+    folder, base = os.path.split(path)
+    if not os.path.isdir(folder):
+        return
+    if not os.path.lexists(path):
+        olds = [n for n in os.listdir(folder) if re.fullmatch(re.escape(base) + r"\.old\d+", n)
+                and not utils.pid_alive(int(n.rsplit(".old", 1)[1]))]
+        if olds:
+            old = max((os.path.join(folder, n) for n in olds), key=os.path.getmtime)
+            os.replace(old, path)
+            print(f"note: put back {path} from {old}, where an export killed while replacing it had left it")
+    utils.remove_stale_tmps(path)
+    utils.remove_stale_tmps(path, "old")
+
+
 def export(ckpt_path, out, dtype="float32", overwrite=False):
     """
     Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed).
@@ -279,6 +301,7 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     # itself would replace it, not the directory the user meant
     path = os.path.realpath(out)
     check(not os.path.islink(path), f"--out {out} is a symlink that resolves to no path (a loop at {path})")
+    remove_stale(path)
     check_out_is_not_a_run(out, ckpt_path)
     if os.path.isdir(path):  # before the hint to pass --overwrite, which would not replace this one either
         check_out_is_an_export(out, path)
@@ -299,17 +322,19 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     except OSError as e:  # a parent that is a file, or a place no directory can go (/proc): name --out, not tmp
         raise utils.UserError(f"--out {out}: cannot create a directory there ({e.strerror or e})") from None
     try:
-        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(config, kind, tok.eos_id, tok.pad_id, torch_dtype), f, indent=2)
-        files = ["config.json", "model.safetensors"]
-        if kind == "gpt":
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, f, indent=2)
-            files.append("generation_config.json")
-        tok_files = write_tokenizer(tok, tmp, config.block_size)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(readme(ckpt, kind, tok, "vocab.json" in tok_files))
+        with utils.writing(out):  # a full disk is one line naming --out, not only the OS's reason
+            save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config(config, kind, tok.eos_id, tok.pad_id, torch_dtype), f, indent=2)
+            files = ["config.json", "model.safetensors"]
+            if kind == "gpt":
+                with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                    json.dump({"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, f,
+                              indent=2)
+                files.append("generation_config.json")
+            tok_files = write_tokenizer(tok, tmp, config.block_size)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(readme(ckpt, kind, tok, "vocab.json" in tok_files))
         # the new directory is complete: only now does it take the place of an old one
         if os.path.exists(path):
             old = f"{path}.old{os.getpid()}"

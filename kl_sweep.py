@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from nanorlhf.data import read_prompts
 from nanorlhf.report import SWEEP_HEADING, pyplot, sweep_section
 from nanorlhf.tasks import parse_prompt
-from nanorlhf.utils import UserError, check, flag, parse_flags, run, write_text
+from nanorlhf.utils import UserError, check, check_out_dir_flag, flag, parse_flags, run, write_text
 
 
 # the sweep's two runs, out_dir/beta0 and out_dir/default
@@ -67,7 +67,9 @@ def check_out_dir(out_dir):
     Refuse an out_dir that is not the sweep's: the report tabulates every run there (a directory with a
     metrics.jsonl) and replaces out_dir/report.md, so the pipeline's out/ would have its ppo run shown as a sweep
     run and evaluate.py's report.md overwritten. The sweep's runs are out_dir/beta0 and out_dir/default only.
+    One that cannot be a directory (empty, a file, under a file) is refused too, before the first run starts.
     """
+    check_out_dir_flag(out_dir)
     if not os.path.isdir(out_dir):
         return
     others = sorted(d for d in os.listdir(out_dir) if d not in RUNS and os.path.isfile(
@@ -105,6 +107,7 @@ def main(argv=None):
     # beta0 is PPO at a fixed beta of 0, which the adaptive controller could never move (train_ppo.py refuses it)
     check("--adaptive_kl" not in named, "--ppo_flags: --adaptive_kl cannot apply to the beta0 run, whose beta of 0 "
                                         "the controller could never move; the sweep compares fixed betas")
+    check_out_dir(cfg.out_dir)
     if cfg.train:
         # gold, what the sweep is about, comes from the built-in task's judge (train_ppo.py --gold on)
         prompts = read_prompts(cfg.data)
@@ -113,7 +116,6 @@ def main(argv=None):
             raise UserError(f"--data {cfg.data}: kl_sweep.py needs the built-in task's prompts (python -m "
                             f"nanorlhf.tasks makes them), whose gold score it plots against KL; {foreign[:60]!r} is "
                             f"not one")
-    check_out_dir(cfg.out_dir)
     here = os.path.dirname(os.path.abspath(__file__))
     if cfg.train:
         # the 'default' run gets no --kl_coef unless one was given: train_ppo.py's own default then applies

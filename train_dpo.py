@@ -50,8 +50,8 @@ from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, gold_scores, truncate_after_eos
 from nanorlhf import dist
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, gold_on,
-                                   input_digests, load_run, optimizer_step, parse_stage_flags, read_split, restore_run,
-                                   resumed_flags, save_run, wants_resume)
+                                   input_digests, load_run, nothing_left, optimizer_step, parse_stage_flags, read_split,
+                                   restore_run, resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -175,19 +175,6 @@ def check_flags(args):
           f"samples are drawn)")
 
 
-def nothing_left(split, args):
-    """
-    The start of an error saying that no record of a split is left, naming the flag and the file it came from.
-    "train" -> "--data a.jsonl: no record" (with --val_data) or "--data a.jsonl: no training record" (without);
-    "val" -> "--val_data b.jsonl: no record" or "--data a.jsonl: no held-out record (--val_frac 0.1)".
-    """
-    if split == "train":
-        return f"--data {args.data}: no record" if args.val_data else f"--data {args.data}: no training record"
-    if args.val_data:
-        return f"--val_data {args.val_data}: no record"
-    return f"--data {args.data}: no held-out record (--val_frac {args.val_frac})"
-
-
 @torch.no_grad()
 def reference_logprobs(ref, examples, batches, pad_id, max_len, rt, share_prompts=False):
     """
@@ -294,7 +281,8 @@ def main():
         print(f"nothing to do: the run in {args.out_dir} is at step {state['step']}")
         return
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
-    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft": args.sft}, state)
+    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft": args.sft}, state,
+                          getattr(args, "_given", None))
 
     # data: read and validated before anything is written (ties and single responses are errors in read_prefs)
     train_records, val_records = read_split(read_prefs, args.data, args.val_data, args.val_frac, args.seed)
@@ -307,7 +295,7 @@ def main():
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
     val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
     for split, kept in (("train", train), ("val", val)):
-        check(kept, f"{nothing_left(split, args)} keeps 2 responses that fit in {max_len} tokens")
+        check(kept, f"{nothing_left(split, args, 'record')} keeps 2 responses that fit in {max_len} tokens")
     n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
     print(f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
           f"{len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the left, "

@@ -354,7 +354,7 @@ def main(argv=None):
     n_prompts_per_batch = args.batch_size // G
 
     # data (validated before anything is written), and the files the run reads: the same ones when it resumes
-    inputs = input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm}, state)
+    inputs = input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm}, state, given)
     prompts = D.read_prompts(args.data)
     use_gold = gold_on(args.gold, prompts, args.data)
 

@@ -55,7 +55,6 @@ Deviations from InstructGPT, on purpose:
 import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -416,12 +415,7 @@ def check_flags(args, given):
         # the critic's head (separate) or the value head (shared) trains in full (build_models), and footprint.py
         # predicts it so
         head, what = ("value_head", "the value head") if args.critic == "shared" else ("head", "the critic's head")
-        try:
-            matched = re.search(args.lora_targets, head)
-        except re.error as e:
-            raise utils.UserError(f"--lora_targets {args.lora_targets!r}: not a regular expression ({e})") from None
-        check(not matched, f"--lora_targets {args.lora_targets!r} matches {head}: {what} trains in full, leave it out "
-                           f"of the targets")
+        C.check_head_not_adapted(args.lora_targets, head, what)
     unknown = [n for n in args.offload.split(",") if n and n not in OFFLOADABLE]
     check(not unknown, f"--offload {args.offload!r}: unknown model {unknown[:1]}, expected ref, rm or ref,rm")
 
@@ -831,7 +825,7 @@ def main(argv=None):
         state = utils.load_checkpoint(files[utils.TRAIN_STATE])
     # the files the run reads: a resumed run must read the same ones
     inputs = C.input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm, "--ptx_data": args.ptx_data},
-                             state)
+                             state, getattr(args, "_given", None))
     models = build_models(args, rt.device, files)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]

@@ -32,7 +32,6 @@ Deviations from InstructGPT (Ouyang et al. 2022, section 3.5 and appendix C):
 
 import functools
 import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -44,8 +43,9 @@ from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_s
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
 from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, fmt_count,
-                                   input_digests, load_run, optimizer_step, parse_stage_flags, peak_flops, read_split,
-                                   restore_run, resumed_flags, save_run, wants_resume)
+                                   check_head_not_adapted, input_digests, load_run, nothing_left, optimizer_step,
+                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
+                                   wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -110,28 +110,8 @@ def check_flags(args):
           "leave it out")
     check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
     check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
-    if args.lora_rank:
-        # the scalar head trains in full (main): an adapter on it would only add a redundant copy of its update
-        try:
-            matched = re.search(args.lora_targets, "head")
-        except re.error as e:
-            raise UserError(f"--lora_targets: LoRA targets {args.lora_targets!r}: not a regular expression "
-                            f"({e})") from None
-        check(not matched, f"--lora_targets {args.lora_targets!r} matches head: the reward model's head trains in "
-                           f"full, leave it out of the targets")
-
-
-def nothing_left(split, args):
-    """
-    The start of an error saying that no record of a split is left, naming the flag and the file it came from.
-    "train" -> "--data a.jsonl: no record" (with --val_data) or "--data a.jsonl: no training record" (without);
-    "val" -> "--val_data b.jsonl: no record" or "--data a.jsonl: no held-out record (--val_frac 0.1)".
-    """
-    if split == "train":
-        return f"--data {args.data}: no record" if args.val_data else f"--data {args.data}: no training record"
-    if args.val_data:
-        return f"--val_data {args.val_data}: no record"
-    return f"--data {args.data}: no held-out record (--val_frac {args.val_frac})"
+    if args.lora_rank:  # the scalar head trains in full (main)
+        check_head_not_adapted(args.lora_targets, "head", "the reward model's head")
 
 
 def rm_payload(model, tok, args, step, **extra):
@@ -301,7 +281,8 @@ def main():
     # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
     # continues from its own checkpoint and does not read it again)
     inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft_data": args.sft_data,
-                            "--init_from": args.init_from if state is None or args.lora_rank else None}, state)
+                            "--init_from": args.init_from if state is None or args.lora_rank else None}, state,
+                           getattr(args, "_given", None))
 
     # data and model: everything is read and validated before anything is written to out_dir
     reader = functools.partial(read_prefs, allow_ties=args.allow_ties)
@@ -311,8 +292,8 @@ def main():
         (train_records, n1), (val_records, n2) = drop_ties(train_records), drop_ties(val_records)
         n_ties = n1 + n2
         for split, records in (("train", train_records), ("val", val_records)):
-            check(records, f"{nothing_left(split, args)} is left once ties are dropped (--allow_ties): each one's "
-                           f"responses are all identical")
+            check(records, f"{nothing_left(split, args, 'record')} is left once ties are dropped (--allow_ties): "
+                           f"each one's responses are all identical")
     sft_records = read_sft(args.sft_data)[:args.norm_samples] if args.sft_data else None
     # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling.
     # Decided now, so that a meta.json of the task's that is broken stops the run here, not after training
@@ -334,7 +315,7 @@ def main():
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
     val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
     for split, kept in (("train", train), ("val", val)):
-        check(kept, f"{nothing_left(split, args)} keeps 2 responses that fit in {max_len} tokens")
+        check(kept, f"{nothing_left(split, args, 'record')} keeps 2 responses that fit in {max_len} tokens")
     # the demonstrations that set the reward's mean and std after training (the held-out responses without them:
     # at least 2, as a val record keeps 2); found now, so that too few stop the run before anything is written
     if sft_records is not None:

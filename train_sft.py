@@ -45,8 +45,8 @@ from nanorlhf.losses import sft_loss
 from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, check_out_dir, endless, fmt_count, input_digests,
-                                   load_run, optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run,
-                                   resumed_flags, save_run, wants_resume)
+                                   load_run, nothing_left, optimizer_step, parse_stage_flags, peak_flops, read_split,
+                                   restore_run, resumed_flags, save_run, wants_resume)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -121,19 +121,6 @@ def check_flags(args):
         changed = [f"--{name}" for name in SCRATCH_ONLY if getattr(args, name) != defaults[name]]
         check(not changed, f"{', '.join(changed)}: only for a model from scratch; --init_from {args.init_from} "
                            f"keeps the checkpoint's")
-
-
-def nothing_left(split, args):
-    """
-    The start of an error saying that no example of a split is left, naming the flag and the file it came from.
-    "train" -> "--data a.jsonl: no example" (with --val_data) or "--data a.jsonl: no training example" (without);
-    "val" -> "--val_data b.jsonl: no example" or "--data a.jsonl: no held-out example (--val_frac 0.1)".
-    """
-    if split == "train":
-        return f"--data {args.data}: no example" if args.val_data else f"--data {args.data}: no training example"
-    if args.val_data:
-        return f"--val_data {args.val_data}: no example"
-    return f"--data {args.data}: no held-out example (--val_frac {args.val_frac})"
 
 
 def make_tokenizer(spec):
@@ -254,7 +241,8 @@ def main():
     # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
     # continues from its own checkpoint and does not read it again)
     base = args.init_from if args.init_from != "scratch" and (state is None or args.lora_rank) else None
-    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--init_from": base}, state)
+    inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--init_from": base}, state,
+                          getattr(args, "_given", None))
 
     # data and model: everything is read and validated before anything is written to out_dir
     train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
@@ -275,7 +263,7 @@ def main():
     val, n_cut_val = encode_sft(val_records, tok, max_len)
     n_dropped = len(train_records) + len(val_records) - len(train) - len(val)
     for split, kept in (("train", train), ("val", val)):
-        check(kept, f"{nothing_left(split, args)} fits in {max_len} tokens with its whole response")
+        check(kept, f"{nothing_left(split, args, 'example')} fits in {max_len} tokens with its whole response")
     print(f"data: {len(train)} train, {len(val)} val examples; longer than {max_len} tokens: "
           f"{n_cut + n_cut_val} cut from the left of the prompt, {n_dropped} dropped (response does not fit)")
 

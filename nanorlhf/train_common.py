@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -59,6 +60,35 @@ def endless(sampler):
     assert len(sampler) > 0
     while True:
         yield from sampler
+
+
+def nothing_left(split, args, noun):
+    """
+    The start of the error that stops a stage when no example of a split is left (none fits the context, or all
+    were ties), naming the flag and the file the split came from. noun: what the stage calls an example.
+    ("train", args, "record") -> "--data a.jsonl: no record" (with --val_data), else "--data a.jsonl: no training
+    record"; ("val", args, "record") -> "--val_data b.jsonl: no record", else "--data a.jsonl: no held-out record
+    (--val_frac 0.1)".
+    """
+    if split == "train":
+        return f"--data {args.data}: no {noun}" if args.val_data else f"--data {args.data}: no training {noun}"
+    if args.val_data:
+        return f"--val_data {args.val_data}: no {noun}"
+    return f"--data {args.data}: no held-out {noun} (--val_frac {args.val_frac})"
+
+
+def check_head_not_adapted(targets, head, what):
+    """
+    A scalar head (the reward model's, PPO's critic's or shared value head) trains in full: --lora_targets that
+    match its name would only add an adapter with a redundant copy of its update, so they are refused.
+    Example: ("head", "head", "the reward model's head") -> UserError("--lora_targets 'head' matches head: ...").
+    """
+    try:
+        matched = re.search(targets, head)
+    except re.error as e:
+        raise utils.UserError(f"--lora_targets {targets!r}: not a regular expression ({e})") from None
+    utils.check(not matched, f"--lora_targets {targets!r} matches {head}: {what} trains in full, leave it out of the "
+                             f"targets")
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +198,8 @@ def clip_grad_norm(parameters, max_norm):
 def check_finite(where, **values):
     """
     Stop the stage (NonFiniteError: one line, exit status 2) when a loss or gradient norm is NaN or inf, before the
-    optimizer step that would write it into the weights: the checkpoints already on disk stay the last good ones.
+    optimizer step that would write it into the weights: the checkpoints already on disk stay the last good ones,
+    this run's, or, before its first save, the earlier run's with its own metrics.jsonl (utils.MetricsLogger).
     `where` names the step ("" when the caller has no name for it: the message then starts with "non-finite");
     values are tensors or floats (the first tensor's float() waits for the device once).
     Example: check_finite("step 12", loss=torch.tensor(float("nan"))) -> NonFiniteError("step 12: non-finite loss nan; ...")
@@ -176,8 +207,9 @@ def check_finite(where, **values):
     floats = {k: float(v) for k, v in values.items()}
     if not all(math.isfinite(v) for v in floats.values()):
         bad = ", ".join(f"{k} {v:g}" for k, v in floats.items())
-        raise NonFiniteError(f"{where + ': ' if where else ''}non-finite {bad}; stopped before the optimizer step, so the last checkpoint "
-                             f"in out_dir is the last good one (lower the learning rate, or resume from it)")
+        raise NonFiniteError(f"{where + ': ' if where else ''}non-finite {bad}; stopped before the optimizer step, so "
+                             f"out_dir holds this run's last good checkpoint if it saved one (lower the learning rate, "
+                             f"or resume from it), else what was there before the run started")
 
 
 class NonFiniteError(utils.UserError):
@@ -242,7 +274,9 @@ def save_files(out_dir, payloads):
     first. A save that finds .prev.pt files (an earlier save was interrupted) keeps the ones of ckpt.pt's save. A
     ckpt.pt that has no other file of the set beside it (a fresh run's first save: utils.MetricsLogger removed the
     earlier run's train_state.pt) is removed before the renames, so that a kill between them leaves no checkpoint,
-    which --resume auto starts afresh from, rather than the earlier run's model beside this run's train_state.pt.
+    which --resume auto starts afresh from, rather than the earlier run's model beside this run's train_state.pt;
+    then the fresh run's metrics.jsonl, kept under a temporary name while the earlier model was there, is renamed
+    into place (utils.publish_metrics), so that metrics.jsonl always describes the ckpt.pt beside it.
     Example: {"train_state.pt": state, "ckpt.pt": payload}, as save_run writes them.
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -256,8 +290,9 @@ def save_files(out_dir, payloads):
         for n in names:
             utils.remove_stale_tmps(paths[n])
             tmps[n] = utils.tmp_name(paths[n])
-            torch.save(payloads[n], tmps[n])
-            utils.fsync(tmps[n])
+            with utils.writing(paths[n]):  # a full disk: one line naming the file, the previous files untouched
+                torch.save(payloads[n], tmps[n])
+                utils.fsync(tmps[n])
         for n, prev in prevs.items():
             if os.path.exists(prev):
                 if not _same_save(paths[n], paths[utils.CKPT]):
@@ -271,6 +306,7 @@ def save_files(out_dir, payloads):
         alone = not all(os.path.exists(paths[n]) or os.path.exists(prev) for n, prev in prevs.items())
         if alone and os.path.exists(paths[utils.CKPT]):
             os.remove(paths[utils.CKPT])  # an earlier run's model, which no file of this save may be paired with
+        utils.publish_metrics(out_dir)  # a fresh run's first save: its rows take the place of the earlier run's
         for n in names:
             os.replace(tmps[n], paths[n])
         utils.fsync_dir(out_dir)  # the renames themselves on the disk, in their order
@@ -395,11 +431,13 @@ def wants_resume(mode, out_dir, files=(utils.CKPT, utils.TRAIN_STATE)):
 
 def check_out_dir(out_dir, stage, inputs):
     """
-    Refuse, before anything is written, an --out_dir whose checkpoint the run would overwrite by mistake: the
-    directory of one of the run's own inputs (inputs: {flag: directory}, e.g. {"--sft": args.sft}), or one that
-    holds another stage's model (a PPO run pointed at out/sft). A stage rerun in its own directory overwrites it,
-    as `make` expects when a stage's inputs change.
+    Refuse, before anything is loaded or written, an --out_dir that cannot be one (utils.check_out_dir_flag: empty,
+    a file, under a file), or whose checkpoint the run would overwrite by mistake: the directory of one of the run's
+    own inputs (inputs: {flag: directory}, e.g. {"--sft": args.sft}), or one that holds another stage's model (a PPO
+    run pointed at out/sft). A stage rerun in its own directory overwrites it, as `make` expects when a stage's
+    inputs change.
     """
+    utils.check_out_dir_flag(out_dir)
     for flag_name, path in inputs.items():
         utils.check(os.path.realpath(path) != os.path.realpath(out_dir),
                     f"--out_dir {out_dir} is also {flag_name}: the run would overwrite the checkpoint it starts "
@@ -411,7 +449,7 @@ def check_out_dir(out_dir, stage, inputs):
                     f"this {stage!r} run would overwrite it: pick another --out_dir, or remove that one first")
 
 
-def input_digests(inputs, state=None):
+def input_digests(inputs, state=None, given=None):
     """
     {flag: sha256 hex digest} of the files a run reads, saved in its train_state.pt. inputs: {flag: path}, a path
     that is None or empty left out; a directory stands for what the loaders read there: its ckpt.pt, or every file
@@ -419,6 +457,9 @@ def input_digests(inputs, state=None):
     run computes what the uninterrupted run would have only from the same data and the same models (a retrained
     out/sft, an edited prompts file or a LoRA run's replaced base would otherwise go on silently). A train_state.pt
     written before the digests were saved has none, and is not checked.
+    It is the first to open the input files: one that cannot be read is one line naming its flag and where the path
+    came from, which the user may never have typed (input_origin; given: the flags named on the command line,
+    args._given, None when not known).
     Example: {"--data": "out/data/prompts.jsonl", "--sft": "out/sft", "--val_data": None} -> {"--data": "3f2a...",
     "--sft": "9b1c..."}, the second of them out/sft/ckpt.pt's.
     """
@@ -426,16 +467,21 @@ def input_digests(inputs, state=None):
     for flag_name, path in inputs.items():
         if not path:
             continue
-        files = [path]
-        if os.path.isdir(path):
-            ckpt = os.path.join(path, utils.CKPT)
-            files = [ckpt] if os.path.isfile(ckpt) else sorted(
-                os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
         h = hashlib.sha256()
-        for name in files:
-            with open(name, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+        try:
+            files = [path]
+            if os.path.isdir(path):
+                ckpt = os.path.join(path, utils.CKPT)
+                files = [ckpt] if os.path.isfile(ckpt) else sorted(
+                    os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+            for name in files:
+                with open(name, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+        except OSError as e:
+            inner = f"{e.filename}: " if e.filename not in (None, path) else ""
+            raise utils.UserError(f"{flag_name} {path}{input_origin(flag_name, path, state, given)}: {inner}"
+                                  f"{e.strerror or e}") from None
         digests[flag_name] = h.hexdigest()
     saved = (state or {}).get("inputs") or {}
     for flag_name, digest in digests.items():
@@ -443,6 +489,21 @@ def input_digests(inputs, state=None):
                     f"--resume: {flag_name} {inputs[flag_name]} is not what the run started from (its contents "
                     f"changed since); resume with the run's own inputs, or start afresh without --resume")
     return digests
+
+
+def input_origin(flag_name, path, state, given):
+    """
+    Where an input path came from, when the user did not type it, for a message about it: " (the resumed run's saved
+    flag)" (state: a train_state.pt; a relative path is read from the current directory, maybe not the run's), " (its
+    default)" (a flag not in given, the flags named on the command line), else "".
+    Example: ("--sft_data", "out/data/sft.jsonl", None, {"data", "init_from"}) -> " (its default)"
+    """
+    if state is not None:
+        where = "" if os.path.isabs(path) else ", read from the current directory"
+        return f" (the resumed run's saved flag{where})"
+    if given is not None and flag_name.lstrip("-") not in given:
+        return " (its default)"
+    return ""
 
 
 def check_resumable(out_dir):

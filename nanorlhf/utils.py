@@ -7,16 +7,19 @@ Nothing here knows about RLHF; it is the part of nanoGPT's train.py that three s
 import argparse
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +33,18 @@ from nanorlhf.data import DataError
 
 class UserError(Exception):
     """A problem with what the user asked for (a flag, a path): reported in one line, no traceback."""
+
+
+class Terminated(BaseException):
+    """
+    SIGTERM (a scheduler's or `kill`'s stop), raised in the main thread by run()'s handler. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` takes it for an error of its own.
+    """
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, as it would have
+    raise Terminated()
 
 
 def run(main):
@@ -47,12 +62,20 @@ def run(main):
     shell reports a process stopped by SIGINT. Every file is saved atomically, so what is on disk is whole: the last
     checkpoint, from which a training run goes on with --resume.
 
+    SIGTERM is handled as Ctrl-C is: one line, "terminated", and exit status 143 (a shell's for SIGTERM). The exception
+    it raises runs the cleanup that a plain SIGTERM would skip: a save's temporaries go, and subprocess.run kills the
+    child it waits on (kl_sweep.py's and compare.py's train_*.py), which would otherwise go on as an orphan, writing
+    into out_dir.
+
     A reader that stops reading (`python sample.py ... | head`) is not an error either: nothing is printed and the exit
     status is 141, as a shell reports a process stopped by SIGPIPE. stdout is flushed inside the try, so that a pipe
     that breaks only at the last flush is caught too, and is then pointed at /dev/null: the interpreter's own flush
     at exit would meet the broken pipe again.
     """
     code, message = 0, None
+    # signal handlers can only be set in the main thread (a test may call run() from another one)
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handled else None
     try:
         main()
         sys.stdout.flush()
@@ -67,6 +90,11 @@ def run(main):
         code, message = 2, f"error: {os_error_line(e)}"
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
+    except Terminated:
+        code, message = 143, "terminated"
+    finally:
+        if handled and previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
     if message is not None and int(os.environ.get("RANK", 0)) == 0:
         print(message, file=sys.stderr)  # under torchrun every rank meets the same error: rank 0 says it
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -233,6 +261,21 @@ def check(condition, message):
         raise UserError(message)
 
 
+def check_out_dir_flag(out_dir, name="--out_dir"):
+    """
+    An output directory flag must name a directory we can write, or one that makedirs can create: said at start-up, in
+    one line naming the flag, not as an OS error about a path after the data and models are loaded. Nothing is
+    created here. Example: "out/afile" (a file) -> "--out_dir out/afile: it is not a directory".
+    """
+    check(out_dir.strip(), f"{name}: empty (give a directory)")
+    existing = out_dir.rstrip(os.sep) or os.sep
+    while not os.path.lexists(existing):  # the nearest ancestor that exists: makedirs creates the rest below it
+        existing = os.path.dirname(existing) or "."
+    what = "it" if existing == out_dir.rstrip(os.sep) else existing
+    check(os.path.isdir(existing), f"{name} {out_dir}: {what} is not a directory")
+    check(os.access(existing, os.W_OK | os.X_OK), f"{name} {out_dir}: {what} is not writable")
+
+
 # -----------------------------------------------------------------------------
 # device, dtype, autocast: decided once, here
 
@@ -397,8 +440,9 @@ def write_atomic(path, write):
     tmp = tmp_name(path)
     try:
         remove_stale_tmps(path)
-        write(tmp)
-        fsync(tmp)
+        with writing(path):
+            write(tmp)
+            fsync(tmp)
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path))
     finally:
@@ -406,20 +450,54 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+@contextmanager
+def writing(path):
+    """
+    Name path in the one-line error (run()) of a write inside that fails: an OSError that names no file (a full disk
+    met when a buffered write is flushed: "No space left on device" and nothing more) gets path as its file, and
+    torch.save's RuntimeError on a full disk ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs
+    534", no errno) becomes the OSError it stands for when the disk is indeed full. Any other RuntimeError is a bug
+    and keeps its traceback.
+    Example: with writing("out/sft/ckpt.pt"): torch.save(...) -> "error: out/sft/ckpt.pt: No space left on device"
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            if e.strerror is None:  # OSError("disk full"), a message only: it stays the reason, beside the path
+                raise OSError(e.errno, str(e), path) from e
+            e.filename = path
+        raise
+    except RuntimeError as e:
+        if not disk_full(os.path.dirname(path)):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+
+
+def disk_full(folder, margin=1 << 20):
+    """Whether the file system of folder has less than margin bytes left for us (False where it cannot tell)."""
+    try:
+        st = os.statvfs(folder or ".")
+    except (AttributeError, OSError):  # no statvfs on Windows
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
 def tmp_name(path):
     """The temporary name a file is written to before it is renamed into place: beside it, this process's own."""
     return path + f".tmp{os.getpid()}"
 
 
-def remove_stale_tmps(path):
+def remove_stale_tmps(path, kind="tmp"):
     """
     Remove the temporaries of path (tmp_name), files or directories, whose process is gone: a process killed by
     SIGKILL mid-write runs no cleanup, and nothing ever loads them. A running process's temporary (this one's,
-    another rank's) is left alone.
+    another rank's) is left alone. kind: the word before the pid, "tmp" (path.tmp<pid>), or "old" for the
+    path.old<pid> that export_hf.py moves an earlier export to while it puts the new one in place.
     """
     folder, base = os.path.split(path)
     for name in os.listdir(folder or "."):
-        m = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
+        m = re.fullmatch(re.escape(base) + r"\." + kind + r"(\d+)", name)
         if m and not pid_alive(int(m.group(1))):
             stale = os.path.join(folder, name)
             if os.path.isdir(stale):  # train_common.keep_samples_until writes a directory of files
@@ -432,8 +510,9 @@ def remove_resume_state(out_dir):
     """
     Remove what would let --resume continue the earlier run in out_dir, before a fresh run writes its first file
     there: its train_state.pt first, then the *.prev.pt files of an interrupted save. The earlier run's models
-    (ckpt.pt, PPO's critic.pt) stay until the new run's first save replaces them, but without a train_state.pt no
-    --resume pairs them with this run's metrics.jsonl (--resume auto starts afresh; --resume on finds nothing).
+    (ckpt.pt, PPO's critic.pt) and the metrics.jsonl that describes them stay until the new run's first save
+    replaces them (MetricsLogger), but without a train_state.pt no --resume continues the earlier run under the new
+    one's flags (--resume auto starts afresh; --resume on finds nothing).
     """
     stale = [TRAIN_STATE] + sorted(n for n in os.listdir(out_dir) if n.endswith(".prev.pt"))
     for name in stale:
@@ -673,6 +752,9 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr):
 # logging
 
 
+METRICS = "metrics.jsonl"  # one JSON row per logged step: the curve of the ckpt.pt beside it
+
+
 class MetricsLogger:
     """
     Appends one JSON object per logged step to out_dir/metrics.jsonl. A resumed run (resume=True) keeps the rows up
@@ -680,20 +762,37 @@ class MetricsLogger:
     after its last checkpoint logged rows past it, which the resumed run logs again. A fresh run starts the file
     over, and first makes the earlier run in out_dir impossible to resume (remove_resume_state): every stage
     creates its logger before anything else of the run is written.
+    A fresh run into a directory that holds an earlier run's ckpt.pt writes its rows to metrics.jsonl.tmp<pid>
+    (tmp_name) until its first save, which renames it into place with the new ckpt.pt (train_common.save_files):
+    until then the earlier model and the metrics.jsonl that describes it stay as they were, also when the run fails
+    (a NaN, a kill) before it has a checkpoint of its own to put in their place.
     """
 
     def __init__(self, out_dir, resume=False, step=None):
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.path = os.path.join(out_dir, METRICS)
+        remove_stale_tmps(self.path)  # the rows of a fresh run killed before its first save
         if resume and step is not None:
             keep_rows_until(self.path, step)
         if not resume:
             remove_resume_state(out_dir)
-        self.f = open(self.path, "a" if resume else "w")
+        pending = not resume and os.path.isfile(os.path.join(out_dir, CKPT))
+        self.f = open(tmp_name(self.path) if pending else self.path, "a" if resume else "w")
 
     def log(self, row):
-        self.f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        self.f.flush()
+        with writing(self.path):
+            self.f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            self.f.flush()
+
+
+def publish_metrics(out_dir):
+    """
+    Rename a fresh run's metrics.jsonl.tmp<pid> (MetricsLogger) into place, at its first save: its open file goes on
+    in the new name. Nothing to do when there is none (the run writes metrics.jsonl itself, or did so already).
+    """
+    pending = tmp_name(os.path.join(out_dir, METRICS))
+    if os.path.exists(pending):
+        os.replace(pending, os.path.join(out_dir, METRICS))
 
 
 def keep_rows_until(path, last):

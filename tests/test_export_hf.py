@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -530,3 +531,54 @@ def test_transformers_runs_the_gpt2_tokenizer_files(tmp_path):
         assert hf_tok.encode(text) == tok.render_messages(messages, add_generation_prompt=True)[0], prompt
         text = hf_tok.apply_chat_template(messages[1:2], add_generation_prompt=True, tokenize=False)
         assert hf_tok.encode(text) == tok.render_prompt(prompt), prompt
+
+
+def test_an_export_removes_what_a_killed_export_left(tmp_path, monkeypatch, capsys):
+    """
+    An export killed midway left hf.tmp<pid>/ (config, safetensors, tokenizer files: it looks loadable) and
+    hf.old<pid>/ (the earlier export it was replacing), which no later export removed. Now the next export removes
+    those of dead processes; one killed between its two renames left no hf at all, and the earlier export is put back.
+    """
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    dead = int(script_pid())
+    for kind in ("tmp", "old"):
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / f"hf.{kind}{dead}"))
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf.tmp1"))  # a running process's (pid 1): kept
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"), overwrite=True)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "hf.tmp1", "ppo"]
+    shutil.rmtree(tmp_path / "hf.tmp1")
+    # killed between its renames: hf moved to hf.old<pid>, the new one still hf.tmp<pid>
+    (tmp_path / "hf").rename(tmp_path / f"hf.old{dead}")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / f"hf.tmp{dead}"))
+    capsys.readouterr()
+    with pytest.raises(utils.UserError, match="pass --overwrite"):  # the earlier export is back, not replaced unasked
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    assert capsys.readouterr().out == (f"note: put back {tmp_path / 'hf'} from {tmp_path / f'hf.old{dead}'}, where "
+                                       f"an export killed while replacing it had left it\n")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]
+    assert (tmp_path / "hf/README.md").read_text().startswith(export_hf.README_TITLE)
+
+
+def test_a_full_disk_in_an_export_names_out(tmp_path, monkeypatch, capsys):
+    # a write that met a full disk was "error: No space left on device", naming nothing
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_hf, "save_safetensors", full)
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "hf"))
+    assert (code, err) == (2, f"error: {tmp_path / 'hf'}: No space left on device\n")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ppo"]  # nothing half-written
+
+
+def script_pid():
+    """The process id of a process that has exited (and been reaped)."""
+    import subprocess
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout

@@ -154,3 +154,52 @@ def test_the_sweep_s_own_out_dir_is_rewritten(tmp_path, monkeypatch, capsys):
     code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path))
     assert (code, err, cmds) == (0, "", [])
     assert (tmp_path / "report.md").read_text() == "the section\n"
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "empty"])
+def test_an_out_dir_that_cannot_be_one_is_refused_before_any_run(tmp_path, monkeypatch, capsys, case):
+    # the first train_ppo.py run started (and loaded everything) before the sweep printed two error lines
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    out = {"a file": str(afile), "under a file": str(afile / "sub"), "empty": ""}[case]
+    code, err, cmds = sweep(monkeypatch, capsys, "--data", task_prompts(tmp_path), "--out_dir", out)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --out_dir"), err
+    assert "not a directory" in err or "empty" in err, err
+    assert not cmds and afile.read_text() == "mine\n"
+
+
+def test_sigterm_ends_the_sweep_and_its_running_child(tmp_path):
+    """
+    kl_sweep.py killed with SIGTERM (a scheduler's stop) died alone: its train_ppo.py went on as an orphan, writing
+    into the sweep's directory. Now the sweep says "terminated", exit status 143, and its child is gone too. The
+    sweep runs from a copy beside a stand-in train_ppo.py that says its process id and sleeps.
+    """
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    shutil.copy(os.path.join(ROOT, "kl_sweep.py"), tmp_path / "kl_sweep.py")
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "train_ppo.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, str(tmp_path / "kl_sweep.py"), "--data", task_prompts(tmp_path),
+                          "--out_dir", str(tmp_path / "sweep")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+        assert p.stderr.read() == "terminated\n"
+        assert not utils.pid_alive(child)  # killed, and reaped by the sweep before it exited
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if child is not None and utils.pid_alive(child):
+            os.kill(child, signal.SIGKILL)

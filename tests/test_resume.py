@@ -91,20 +91,28 @@ def test_a_saves_id_leaves_the_random_state_of_the_run_alone(tmp_path):
 
 def test_a_fresh_run_makes_the_earlier_run_impossible_to_resume_before_it_writes(tmp_path):
     """
-    A fresh run's logger is the first thing it writes (it truncates metrics.jsonl): before that, the earlier run's
-    train_state.pt and the .prev.pt files of an interrupted save go, so that no --resume continues the earlier run
-    under the new run's metrics. The earlier model stays until the new run's first save replaces it.
+    A fresh run's logger is the first thing it writes: before that, the earlier run's train_state.pt and the .prev.pt
+    files of an interrupted save go, so that no --resume continues the earlier run under the new run's metrics. The
+    earlier model and the metrics.jsonl that describes it stay until the new run's first save replaces them both:
+    the new rows go to metrics.jsonl.tmp<pid> until then.
     """
     out = tmp_path / "out"
     save(out, 10)
     for name in ("train_state.prev.pt", "critic.prev.pt"):
         (out / name).write_bytes((out / "train_state.pt").read_bytes())
     (out / "metrics.jsonl").write_text('{"step": 10}\n')
-    utils.MetricsLogger(str(out), resume=False).f.close()
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
+    logger = utils.MetricsLogger(str(out), resume=False)
+    logger.log({"step": 0})
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", f"metrics.jsonl.tmp{os.getpid()}"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 10}\n'
     assert not train_common.wants_resume("auto", str(out))  # --resume auto starts afresh
     with pytest.raises(utils.UserError, match="train_state.pt not found \\(nothing to resume\\)"):
         train_common.load_run(str(out))
+    save(out, 2)  # the first save: the new model and its rows, together
+    logger.log({"step": 3})  # the open file goes on under its new name
+    logger.f.close()
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "train_state.pt"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n{"step": 3}\n'
 
 
 def test_a_fresh_runs_first_save_removes_the_earlier_model_before_its_renames(tmp_path, monkeypatch):
@@ -282,6 +290,53 @@ def test_a_fresh_run_killed_in_its_first_save_never_resumes_the_earlier_run(inpu
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
+def test_a_fresh_rerun_that_fails_before_its_first_save_leaves_the_earlier_run_whole(inputs, tmp_path, monkeypatch,
+                                                                                    stage, one_thread):
+    """
+    Run A saved at step 2 in out; run B, started afresh in out, hit a NaN at step 2, before its first save. out held
+    A's ckpt.pt beside a metrics.jsonl of B's rows only (evaluate.py read the wrong curve for A's model), and the
+    message sent the user to resume a checkpoint that --resume did not find. Now A's model and its metrics.jsonl stay
+    as they were, B's rows wait in metrics.jsonl.tmp<pid>, and the message says what out_dir holds.
+    """
+    module, flags = STAGES[stage][0], STAGES[stage][1](inputs)
+    out = tmp_path / "out"
+    run_stage(monkeypatch, stage, flags + ["--out_dir", str(out), "--stop_at", "2"])
+    a = {n: (out / n).read_bytes() for n in ("ckpt.pt", "metrics.jsonl")}
+    real = train_common.check_finite
+
+    def nan_at_2(where, **values):  # the step (PPO, GRPO: the iteration) before the first save, at 2
+        if where.startswith(("step 2", "iteration 2")):
+            values = {**values, "loss": float("nan")}
+        return real(where, **values)
+
+    monkeypatch.setattr(train_common, "check_finite", nan_at_2)
+    if hasattr(module, "C"):
+        monkeypatch.setattr(module.C, "check_finite", nan_at_2)
+    with pytest.raises(train_common.NonFiniteError) as e:
+        run_stage(monkeypatch, stage, flags + ["--lr", "0.01", "--out_dir", str(out)])
+    assert "out_dir holds this run's last good checkpoint if it saved one" in str(e.value)
+    assert "else what was there before the run started" in str(e.value)
+    assert {n: (out / n).read_bytes() for n in ("ckpt.pt", "metrics.jsonl")} == a
+    assert (out / f"metrics.jsonl.tmp{os.getpid()}").exists()  # B's rows, until the next run in out removes them
+    with pytest.raises(utils.UserError, match="not found \\(nothing to resume\\)"):
+        run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("case", ["a file", "under a file", "empty"])
+def test_an_out_dir_that_cannot_be_one_is_refused_before_anything_is_read(tmp_path, monkeypatch, stage, case):
+    # it failed after the data and models were loaded (DPO: after its reference pass), "error: D/afile: File exists";
+    # the inputs here do not exist, so a stage that reads anything before the check fails on them instead
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    out = {"a file": str(afile), "under a file": str(afile / "sub"), "empty": ""}[case]
+    flags = STAGES[stage][1](tmp_path / "missing")
+    with pytest.raises(utils.UserError, match="^--out_dir.*(not a directory|empty)"):
+        run_stage(monkeypatch, stage, flags + ["--out_dir", out])
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and afile.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_resume_from_a_checkpoint_without_saved_flags_is_one_line_naming_it(tmp_path, monkeypatch, stage):
     """A ckpt.pt and train_state.pt of one save, but no flags in ckpt.pt: it was KeyError: 'args'."""
     out = tmp_path / "out"
@@ -318,6 +373,37 @@ def test_input_digests_are_the_sha256_of_what_the_loaders_read(tmp_path):
     with pytest.raises(utils.UserError, match=f"^--resume: --sft {run_dir} is not what the run started from"):
         train_common.input_digests(inputs, state)
     train_common.input_digests(inputs, {"step": 2})
+
+
+def test_an_input_that_cannot_be_read_names_its_flag_and_where_its_path_came_from(tmp_path, monkeypatch):
+    """
+    A missing input the user never typed was reported by its path alone: train_rm.py's --sft_data default from a
+    directory without out/, or a resumed run's saved relative --data from another working directory.
+    """
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(utils.UserError) as e:  # a fresh run: given, the flags on its command line
+        train_common.input_digests({"--data": None, "--sft_data": "out/data/sft.jsonl"}, None, {"data", "init_from"})
+    assert str(e.value) == "--sft_data out/data/sft.jsonl (its default): No such file or directory"
+    with pytest.raises(utils.UserError) as e:  # typed, or who typed it not known
+        train_common.input_digests({"--data": "my.jsonl"}, None, {"data"})
+    assert str(e.value) == "--data my.jsonl: No such file or directory"
+    with pytest.raises(utils.UserError) as e:
+        train_common.input_digests({"--data": "my.jsonl"})
+    assert str(e.value) == "--data my.jsonl: No such file or directory"
+    with pytest.raises(utils.UserError) as e:  # resumed: the run's saved flag
+        train_common.input_digests({"--data": "d/sft.jsonl"}, {"step": 2, "inputs": {"--data": "3f2a"}})
+    assert str(e.value) == ("--data d/sft.jsonl (the resumed run's saved flag, read from the current directory): "
+                            "No such file or directory")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "ckpt.pt").write_bytes(b"weights")
+
+    def deny(path, *args, **kwargs):  # as a mode-000 file is to a user other than root
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(train_common, "open", deny, raising=False)
+    with pytest.raises(utils.UserError) as e:  # a file read inside the directory the flag names: named too
+        train_common.input_digests({"--sft": "sft"}, None, set())
+    assert str(e.value) == "--sft sft (its default): sft/ckpt.pt: Permission denied"
 
 
 CHANGED = {  # per stage: the input changed between a run's stop and its resume, and how

@@ -274,11 +274,11 @@ def test_gold_agreement_counts_only_the_pairs_gold_orders():
 
 def test_nothing_left_names_the_flag_and_file_of_the_split():
     with_val = train_rm.Config(data="a.jsonl", val_data="b.jsonl")
-    assert train_rm.nothing_left("train", with_val) == "--data a.jsonl: no record"
-    assert train_rm.nothing_left("val", with_val) == "--val_data b.jsonl: no record"
+    assert train_common.nothing_left("train", with_val, "record") == "--data a.jsonl: no record"
+    assert train_common.nothing_left("val", with_val, "record") == "--val_data b.jsonl: no record"
     split = train_rm.Config(data="a.jsonl", val_frac=0.2)
-    assert train_rm.nothing_left("train", split) == "--data a.jsonl: no training record"
-    assert train_rm.nothing_left("val", split) == "--data a.jsonl: no held-out record (--val_frac 0.2)"
+    assert train_common.nothing_left("train", split, "record") == "--data a.jsonl: no training record"
+    assert train_common.nothing_left("val", split, "record") == "--data a.jsonl: no held-out record (--val_frac 0.2)"
 
 
 def test_drop_ties_keeps_the_better_ranked_copy():

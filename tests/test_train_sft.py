@@ -328,7 +328,7 @@ def test_a_split_with_no_example_that_fits_names_its_file(tmp_path, monkeypatch,
 
 def test_nothing_left_names_the_held_out_part_of_data():
     split = sft_stage.Config(data="a.jsonl", val_frac=0.2)
-    assert sft_stage.nothing_left("val", split) == "--data a.jsonl: no held-out example (--val_frac 0.2)"
+    assert train_common.nothing_left("val", split, "example") == "--data a.jsonl: no held-out example (--val_frac 0.2)"
 
 
 def test_val_frac_at_its_default_and_lora_flags_with_a_rank_pass():

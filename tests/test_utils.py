@@ -535,3 +535,94 @@ def test_load_model_with_a_stage_refuses_another_stages_scalar_model(tmp_path):
     for ok in ("rm", "old"):
         utils.load_model(str(tmp_path / ok), kind="scalar", stage="rm")
     utils.load_model(str(tmp_path / "ppo/critic.pt"), kind="scalar")  # no stage asked: any scalar model
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "empty"])
+def test_an_out_dir_that_cannot_be_one_is_one_line_naming_the_flag(case, tmp_path):
+    # every stage calls train_common.check_out_dir first: it failed late (after the data and models were loaded, in
+    # train_dpo.py after the reference pass) with "error: D/afile: File exists", which named no flag
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    out, want = {"a file": (str(afile), f"--out_dir {afile}: it is not a directory"),
+                 "under a file": (str(afile / "sub"), f"--out_dir {afile}/sub: {afile} is not a directory"),
+                 "empty": ("", "--out_dir: empty (give a directory)")}[case]
+    with pytest.raises(utils.UserError) as e:
+        train_common.check_out_dir(out, "sft", {})
+    assert str(e.value) == want
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and afile.read_text() == "mine\n"
+    train_common.check_out_dir(str(tmp_path / "new" / "dir"), "sft", {})  # makedirs can make it: fine
+    assert not (tmp_path / "new").exists()
+
+
+FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def test_a_full_disk_in_a_checkpoint_save_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    # torch.save reports a full disk as a RuntimeError without an errno: it was a traceback and exit status 1
+    out = tmp_path / "out"
+    train_common.save_files(str(out), {"train_state.pt": {"step": 2}, "ckpt.pt": {"step": 2}})
+    utils.save_checkpoint(str(tmp_path / "rm"), {"step": 2})
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def full(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise FULL_DISK
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(utils, "disk_full", lambda folder: True)
+    code, err = run_main(lambda: train_common.save_files(str(out), {"train_state.pt": {"step": 4},
+                                                                     "ckpt.pt": {"step": 4}}), capsys)
+    assert (code, err) == (2, f"error: {out}/train_state.pt: No space left on device\n")
+    code, err = run_main(lambda: utils.save_checkpoint(str(tmp_path / "rm"), {"step": 4}), capsys)
+    assert (code, err) == (2, f"error: {tmp_path}/rm/ckpt.pt: No space left on device\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing half-written
+    # the same RuntimeError with room on the disk is not a full disk: a bug, its traceback kept
+    monkeypatch.setattr(utils, "disk_full", lambda folder: False)
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        utils.run(lambda: utils.save_checkpoint(str(tmp_path / "rm"), {"step": 4}))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_disk_full_reads_the_space_left(tmp_path, monkeypatch):
+    assert not utils.disk_full(str(tmp_path), margin=0)
+    monkeypatch.setattr(os, "statvfs", lambda path: type("St", (), {"f_bavail": 3, "f_frsize": 4096})())
+    assert utils.disk_full(str(tmp_path)) and not utils.disk_full(str(tmp_path), margin=4096)
+
+
+def test_a_full_disk_in_metrics_or_a_text_file_names_the_file(tmp_path, capsys):
+    # a buffered write that meets a full disk raises OSError(28) without a file name: it was only
+    # "error: No space left on device"
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    logger = utils.MetricsLogger(str(tmp_path))
+    logger.f = type("Full", (), {"write": no_space, "flush": no_space})()
+    code, err = run_main(lambda: logger.log({"step": 1}), capsys)
+    assert (code, err) == (2, f"error: {tmp_path}/metrics.jsonl: No space left on device\n")
+    code, err = run_main(lambda: utils.write_atomic(str(tmp_path / "report.md"), no_space), capsys)
+    assert (code, err) == (2, f"error: {tmp_path}/report.md: No space left on device\n")
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_sigterm_is_one_line_and_exit_status_143(capsys):
+    # SIGTERM killed the process outright: no cleanup, and kl_sweep.py's or compare.py's child went on as an orphan
+    import signal
+    import time
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)  # the handler's exception ends it long before
+
+    def outside(signum, frame):  # what was there before run(): it must not see the signal (nor pytest die of it)
+        seen.append(signum)
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        t0 = time.time()
+        assert run_main(main, capsys) == (143, "terminated\n")
+        assert time.time() - t0 < 2 and not seen
+        assert signal.getsignal(signal.SIGTERM) is outside  # run() put back what was there
+    finally:
+        signal.signal(signal.SIGTERM, previous)
