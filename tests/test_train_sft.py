@@ -292,15 +292,20 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch, capsys, 
     # as train_ppo.py refuses them: one line, exit 2, before anything is read or written (in-process: main reads argv)
     (tmp_path / "sft.jsonl").write_text('{"prompt": "sort 2 1", "response": "1 2"}\n' * 20)
     out = tmp_path / "out"
-    argv = ["--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(out), "--n_layer", "1", "--n_head", "2",
-            "--n_embd", "16", "--block_size", "32", "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1",
-            "--device", "cpu", *[f.format(d=tmp_path) for f in flags]]
+    argv = ["--data", str(tmp_path / "sft.jsonl"), *[f.format(d=tmp_path) for f in flags]]
+    refused_in_one_line(argv, message.format(d=tmp_path), out, monkeypatch, capsys)
+
+
+def refused_in_one_line(argv, message, out, monkeypatch, capsys):
+    """train_sft.py on argv and a tiny model, in-process (main reads sys.argv): exit 2, message, out not created."""
+    argv = [*argv, "--out_dir", str(out), "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32",
+            "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1", "--device", "cpu"]
     monkeypatch.setattr(sys, "argv", ["train_sft.py", *argv])
     with pytest.raises(SystemExit) as e:
         utils.run(sft_stage.main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: " + message.format(d=tmp_path)), err
+    assert err.startswith("error: " + message), err
     assert not out.exists()
 
 
@@ -314,16 +319,8 @@ def test_a_split_with_no_example_that_fits_names_its_file(tmp_path, monkeypatch,
     (tmp_path / "sft.jsonl").write_text('{"prompt": "sort 2 1", "response": "1 2"}\n' * 20)
     (tmp_path / "long.jsonl").write_text((json.dumps({"prompt": "sort 2 1", "response": "x" * 100}) + "\n") * 20)
     out = tmp_path / "out"
-    argv = ["--data", str(tmp_path / f"{data}.jsonl"), *(["--val_data", str(tmp_path / f"{val}.jsonl")] if val else []),
-            "--out_dir", str(out), "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "32",
-            "--batch_size", "4", "--max_steps", "1", "--eval_batches", "1", "--device", "cpu"]
-    monkeypatch.setattr(sys, "argv", ["train_sft.py", *argv])
-    with pytest.raises(SystemExit) as e:
-        utils.run(sft_stage.main)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: " + message.format(d=tmp_path)), err
-    assert not out.exists()
+    argv = ["--data", str(tmp_path / f"{data}.jsonl"), *(["--val_data", str(tmp_path / f"{val}.jsonl")] if val else [])]
+    refused_in_one_line(argv, message.format(d=tmp_path), out, monkeypatch, capsys)
 
 
 def test_nothing_left_names_the_held_out_part_of_data():
