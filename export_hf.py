@@ -48,11 +48,12 @@ from nanorlhf.utils import check, flag
 @dataclass
 class Args:
     ckpt: str = flag("out/ppo", "checkpoint to export: a directory (its ckpt.pt) or a .pt file (e.g. out/ppo/critic.pt)")
-    out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite); a symlink "
-                              "exports into the directory it points to")
+    out: str = flag("out/hf", "directory to write (must not exist or be empty, unless --overwrite); an existing "
+                              "empty one is written into; a symlink exports into the directory it points to")
     dtype: str = flag("float32", "dtype of the exported weights: float32 | bfloat16 | float16")
     overwrite: bool = flag(False, "replace --out if it holds an earlier export (the old directory goes only once "
-                                  "the new one is complete); never a directory holding any other file")
+                                  "the new one is complete; the current directory or a mount point has its files "
+                                  "replaced in place); never a directory holding any other file")
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +176,9 @@ README_TITLE = "# nanorlhf export"
 # every file export() may write; --overwrite replaces a directory that holds no other
 EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.tiktoken", "vocab.json",
                 "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md")
+# the temporary directory of an export into an existing directory (writes_in_place): inside it, so on its file
+# system, as INNER_TMP.tmp<pid>
+INNER_TMP = ".export_hf"
 
 
 def readme(ckpt, kind, tok, hf_tokenizer):
@@ -262,8 +266,8 @@ def check_out_is_an_export(out, path):
             first = f.readline()
     check(first.startswith(README_TITLE),
           f"--out {out}: {os.path.join(out, 'README.md')} is missing or does not start with {README_TITLE!r}, so "
-          f"export_hf.py did not write this directory: refusing to replace it, even with --overwrite (choose another "
-          f"--out, or remove that directory yourself)")
+          f"this is no complete export of export_hf.py (one killed midway writes no README.md): refusing to replace "
+          f"it, even with --overwrite (choose another --out, or remove that directory yourself)")
 
 
 def remove_stale(path):
@@ -271,11 +275,14 @@ def remove_stale(path):
     Remove what an export to path killed midway left (its process is gone; utils.remove_stale_tmps): path.tmp<pid>,
     the new directory, written in part or whole but never renamed, and path.old<pid>, the earlier export that it was
     replacing. A kill between its two renames left no path at all: the earlier export is then put back, with a note,
-    since nothing took its place.
+    since nothing took its place. An export into an existing directory (move_into) has its temporary directory
+    inside it: path/.export_hf.tmp<pid>.
     """
     folder, base = os.path.split(path)
     if not os.path.isdir(folder):
         return
+    if os.path.isdir(path):
+        utils.remove_stale_tmps(os.path.join(path, INNER_TMP))
     if not os.path.lexists(path):
         olds = [n for n in os.listdir(folder) if re.fullmatch(re.escape(base) + r"\.old\d+", n)
                 and not utils.pid_alive(int(n.rsplit(".old", 1)[1]))]
@@ -287,9 +294,36 @@ def remove_stale(path):
     utils.remove_stale_tmps(path, "old")
 
 
+def writes_in_place(path):
+    """
+    Whether the export goes into the existing directory path itself, file by file (move_into), rather than taking
+    its place by a rename: an empty directory (its inode, mode and owner stay), the current directory (renaming it
+    would leave the shell that runs us in a deleted directory) and a mount point (it cannot be renamed).
+    """
+    return os.path.isdir(path) and (not os.listdir(path) or os.path.samefile(path, os.curdir) or os.path.ismount(path))
+
+
+def move_into(tmp, path, files):
+    """
+    Move the finished export's files from tmp into the existing directory path, then remove the files of an earlier
+    export there that this one does not write (a policy's generation_config.json under a critic's export). README.md
+    is the earlier one's to go first and the new one's to come last: killed midway, path holds no README.md, which
+    the next export refuses to take for a complete export (check_out_is_an_export).
+    """
+    if os.path.exists(os.path.join(path, "README.md")):
+        os.remove(os.path.join(path, "README.md"))
+    for name in files:
+        if name != "README.md":
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    for name in set(os.listdir(path)) & set(EXPORT_FILES) - set(files):
+        os.remove(os.path.join(path, name))
+    os.replace(os.path.join(tmp, "README.md"), os.path.join(path, "README.md"))
+
+
 def export(ckpt_path, out, dtype="float32", overwrite=False):
     """
-    Write the HF directory for the checkpoint at ckpt_path into out (atomically: a temporary directory, renamed).
+    Write the HF directory for the checkpoint at ckpt_path into out: a temporary directory, then renamed to out, or
+    its files moved into out where out stays the directory it is (writes_in_place).
     A symlink --out is followed: the export goes into the directory it points to (created if it does not exist
     yet), which every check below is about, and the link stays as it was.
     """
@@ -316,7 +350,8 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     torch_dtype = getattr(torch, dtype)
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 
-    tmp = f"{path}.tmp{os.getpid()}"
+    in_place = writes_in_place(path)
+    tmp = os.path.join(path, f"{INNER_TMP}.tmp{os.getpid()}") if in_place else f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(tmp)
     except OSError as e:  # a parent that is a file, or a place no directory can go (/proc): name --out, not tmp
@@ -335,18 +370,25 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
             tok_files = write_tokenizer(tok, tmp, config.block_size)
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(readme(ckpt, kind, tok, "vocab.json" in tok_files))
+        files += tok_files + ["README.md"]
         # the new directory is complete: only now does it take the place of an old one
-        if os.path.exists(path):
-            old = f"{path}.old{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        try:
+            if in_place:
+                move_into(tmp, path, files)
+            elif os.path.exists(path):
+                shutil.copymode(path, tmp)
+                old = f"{path}.old{os.getpid()}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except OSError as e:  # name --out, not the temporary or old directory the OS names
+            raise utils.UserError(f"--out {out}: cannot put the export in place ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-    return kind, files + tok_files + ["README.md"]
+    return kind, files
 
 
 def main(argv=None):

@@ -408,7 +408,7 @@ def main(argv=None):
 
     # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
     logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
-    if dist.is_main():  # only rank 0 writes; a fresh run (iteration 0) keeps no earlier run's samples
+    if dist.is_main():  # only rank 0 writes; a fresh run keeps no earlier run's samples past its first save
         keep_samples_until(args.out_dir, start_iter)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "

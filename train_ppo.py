@@ -736,7 +736,8 @@ def build_models(args, device, files=None):
 
 def write_memory_report(args, config, probe, rt):
     """
-    out_dir/memory.json after the first iteration: the measured live bytes per role (footprint.StaticProbe) beside
+    out_dir/memory.json after the first iteration (under its pending name in a fresh rerun, until the first save puts
+    it in place: utils.pending_name): the measured live bytes per role (footprint.StaticProbe) beside
     the prediction from the model's shape, the bytes autograd saved for one update micro-batch beside the
     formula, and on CUDA torch.cuda.max_memory_allocated of the iteration. Prints one line. Where the formula does
     not apply, activations_predicted is null and activations_not_modelled names why.
@@ -765,7 +766,7 @@ def write_memory_report(args, config, probe, rt):
     }
     if not_modelled:
         report["activations_not_modelled"] = ", ".join(not_modelled)
-    utils.write_text(os.path.join(args.out_dir, "memory.json"), json.dumps(report, indent=1))
+    utils.write_text(utils.pending_name(os.path.join(args.out_dir, "memory.json")), json.dumps(report, indent=1))
     same = "equal" if report["static_predicted"] == report["static_measured"] else "DIFFERENT"
     fb = footprint.fmt_bytes
     cuda = f"; cuda max allocated {fb(report['cuda_max_allocated'])}" if report["cuda_max_allocated"] else ""
@@ -812,20 +813,22 @@ def main(argv=None):
 
     rt = utils.setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
 
+    state = files = None
+    if resuming:  # the files of one iteration (an interrupted save left the previous iteration's beside them)
+        names = [utils.CKPT, CRITIC, utils.TRAIN_STATE] + ([ADAPTERS] if args.lora_rank else [])
+        files = C.complete_files(args.out_dir, names)
+        state = utils.load_checkpoint(files[utils.TRAIN_STATE])
+    # the files the run reads, opened first here: one that cannot be read is named by its flag; a resumed run must
+    # read the same ones
+    inputs = C.input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm, "--ptx_data": args.ptx_data},
+                             state, getattr(args, "_given", None))
+
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
     use_gold = C.gold_on(args.gold, prompts, args.data)
     ptx_records = D.read_sft(args.ptx_data) if args.ptx_coef > 0 else None
 
     # models
-    state = files = None
-    if resuming:  # the files of one iteration (an interrupted save left the previous iteration's beside them)
-        names = [utils.CKPT, CRITIC, utils.TRAIN_STATE] + ([ADAPTERS] if args.lora_rank else [])
-        files = C.complete_files(args.out_dir, names)
-        state = utils.load_checkpoint(files[utils.TRAIN_STATE])
-    # the files the run reads: a resumed run must read the same ones
-    inputs = C.input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm, "--ptx_data": args.ptx_data},
-                             state, getattr(args, "_given", None))
     models = build_models(args, rt.device, files)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]
@@ -905,7 +908,7 @@ def main(argv=None):
 
     # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
     logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
-    if dist.is_main():  # only rank 0 writes; a fresh run (iteration 0) keeps no earlier run's samples
+    if dist.is_main():  # only rank 0 writes; a fresh run keeps no earlier run's samples past its first save
         C.keep_samples_until(args.out_dir, start_iter)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "

@@ -35,7 +35,7 @@ Deviations from InstructGPT (Ouyang et al. 2022, appendix C):
 import json
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -116,11 +116,13 @@ def check_flags(args):
           f"--activation must be one of {', '.join(GELU_APPROXIMATE)}, got {args.activation!r}")
     check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
     check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
-    if args.init_from != "scratch":  # the checkpoint's shape and GELU win: a changed scratch flag would do nothing
-        defaults = {f.name: f.default for f in fields(Config)}
-        changed = [f"--{name}" for name in SCRATCH_ONLY if getattr(args, name) != defaults[name]]
-        check(not changed, f"{', '.join(changed)}: only for a model from scratch; --init_from {args.init_from} "
-                           f"keeps the checkpoint's")
+    # the checkpoint's shape and GELU win: a scratch flag named on the command line would do nothing, whatever its
+    # value (at the default too, as --tokenizer is refused); a resumed run's saved flags have no _given
+    given = getattr(args, "_given", ())
+    named = [f"--{name}" for name in SCRATCH_ONLY if name in given]
+    check(args.init_from == "scratch" or not named,
+          f"{', '.join(named)}: only for a model from scratch; --init_from {args.init_from} keeps the checkpoint's; "
+          f"leave {'it' if len(named) == 1 else 'them'} out")
 
 
 def make_tokenizer(spec):

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn as nn
 
-from nanorlhf import dist, tasks
+from nanorlhf import dist, tasks, utils
 from nanorlhf.losses import entropy_from_logits, logprobs_from_logits
 from nanorlhf.offload import on_device
 
@@ -149,10 +149,17 @@ def judged_samples(tok, prompts, response, mask, scores, gold):
 
 
 def write_samples(out_dir, iteration, rows):
-    with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
+    """
+    Append the rows of one iteration to out_dir/samples.jsonl and, for reading, samples.txt; under their pending
+    names in a fresh rerun before its first save (utils.pending_name), so that the earlier run's stay beside its model
+    until then. A full disk is one line naming the file (utils.writing), not a bare "No space left on device".
+    """
+    path = utils.pending_name(os.path.join(out_dir, "samples.jsonl"))
+    with utils.writing(path), open(path, "a") as f:
         for r in rows:
             f.write(json.dumps({"iter": iteration, **r}) + "\n")
-    with open(os.path.join(out_dir, "samples.txt"), "a") as f:
+    path = utils.pending_name(os.path.join(out_dir, "samples.txt"))
+    with utils.writing(path), open(path, "a") as f:
         for r in rows:
             gold = f"  gold {r['gold']:.3f}" if r.get("gold") is not None else ""
             f.write(f"=== iter {iteration}  score {r['score']:.3f}{gold}\n"

@@ -346,6 +346,13 @@ def main(argv=None):
         parser.error(f"--out {args.out} is a directory: name the .tiktoken file to write")
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         parser.error(f"--out {args.out}: the folder {out_dir} does not exist or is not writable")
+    # the merges would replace the text they were trained on (samefile: also through a link or another spelling)
+    if os.path.exists(args.out) and os.path.exists(args.train):
+        same = os.path.samefile(args.out, args.train)
+    else:
+        same = os.path.realpath(args.out) == os.path.realpath(args.train)
+    if same:
+        parser.error(f"--out {args.out} is the --train file {args.train}: name another file to write the merges to")
     try:
         with open(args.train, encoding="utf-8") as f:
             text = f.read()

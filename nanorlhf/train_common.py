@@ -117,9 +117,8 @@ def check_loop_flags(args):
     named = [f"--{n}" for n in ("lora_alpha", "lora_targets") if n in given]
     utils.check(getattr(args, "lora_rank", 0) > 0 or not named,
                 f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without --lora_rank > 0")
-    # read_split holds out --val_frac of --data only without --val_data (named at its default, it changes nothing)
-    default_frac = next(f.default for f in dataclasses.fields(args) if f.name == "val_frac")
-    utils.check(not (args.val_data and "val_frac" in given and args.val_frac != default_frac),
+    # read_split holds out --val_frac of --data only without --val_data: named, at any value, it would do nothing
+    utils.check(not (args.val_data and "val_frac" in given),
                 f"--val_frac {args.val_frac} does nothing with --val_data (the held-out set is {args.val_data}); "
                 f"leave --val_frac out")
 
@@ -374,12 +373,16 @@ def keep_samples_until(out_dir, iteration):
     """
     samples.jsonl and samples.txt of a resumed PPO or GRPO run with only the samples of iterations 1..iteration,
     the one its checkpoint holds: a run killed after that checkpoint may have written later iterations, which the
-    resumed run writes again. A fresh run (iteration 0) keeps none of an earlier run's. Both files are rebuilt from
-    samples.jsonl's rows (rollout.write_samples), so that no response text can be mistaken for a header of
-    samples.txt; a last line that a kill cut short goes too.
+    resumed run writes again. A fresh run (iteration 0) keeps none of an earlier run's; where it writes its own under
+    pending names (utils.pending_name: out_dir holds the earlier run's model), the earlier run's stay until its first
+    save replaces them (utils.publish_metrics). Both files are rebuilt from samples.jsonl's rows
+    (rollout.write_samples), so that no response text can be mistaken for a header of samples.txt; a last line that a
+    kill cut short goes too.
     """
     utils.remove_stale_tmps(os.path.join(out_dir, "samples"))  # the directories of a kill inside this function
     path, rows = os.path.join(out_dir, "samples.jsonl"), []
+    if iteration == 0 and utils.pending_name(path) != path:  # a fresh rerun: the earlier run's stay for now
+        return
     if os.path.isfile(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.endswith("\n")]

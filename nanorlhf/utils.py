@@ -42,9 +42,23 @@ class Terminated(BaseException):
     """
 
 
+_terminated_at = None  # time.monotonic() of the SIGTERM that raised Terminated in this run(), None before one
+
+
 def _terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once, as it would have
-    raise Terminated()
+    """
+    The first SIGTERM raises Terminated. A repeat within a second is the same stop, sent again: coreutils'
+    `timeout -s TERM` signals the command, then its process group, which holds the command itself, so a driver
+    (compare.py, kl_sweep.py) gets it twice within microseconds; it is ignored. A later one (a user who does not want
+    to wait for the cleanup) ends the process at once, as a SIGTERM would without this handler.
+    """
+    global _terminated_at
+    if _terminated_at is None:
+        _terminated_at = time.monotonic()
+        raise Terminated()
+    if time.monotonic() - _terminated_at > 1.0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
 
 def run(main):
@@ -65,14 +79,15 @@ def run(main):
     SIGTERM is handled as Ctrl-C is: one line, "terminated", and exit status 143 (a shell's for SIGTERM). The exception
     it raises runs the cleanup that a plain SIGTERM would skip: a save's temporaries go, and subprocess.run kills the
     child it waits on (kl_sweep.py's and compare.py's train_*.py), which would otherwise go on as an orphan, writing
-    into out_dir.
+    into out_dir. A second SIGTERM more than a second after the first ends the process at once (_terminate).
 
     A reader that stops reading (`python sample.py ... | head`) is not an error either: nothing is printed and the exit
     status is 141, as a shell reports a process stopped by SIGPIPE. stdout is flushed inside the try, so that a pipe
     that breaks only at the last flush is caught too, and is then pointed at /dev/null: the interpreter's own flush
     at exit would meet the broken pipe again.
     """
-    code, message = 0, None
+    global _terminated_at
+    code, message, _terminated_at = 0, None, None
     # signal handlers can only be set in the main thread (a test may call run() from another one)
     handled = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handled else None
@@ -753,6 +768,10 @@ def cosine_lr(step, lr, warmup, max_steps, min_lr):
 
 
 METRICS = "metrics.jsonl"  # one JSON row per logged step: the curve of the ckpt.pt beside it
+# the files that describe the ckpt.pt beside them: a fresh run into a directory that holds one writes its own under
+# pending names (pending_name) until its first save puts them in place (publish_metrics); PPO's and GRPO's samples and
+# PPO's memory.json besides the metrics
+DESCRIBE_CKPT = (METRICS, "samples.jsonl", "samples.txt", "memory.json")
 
 
 class MetricsLogger:
@@ -765,13 +784,18 @@ class MetricsLogger:
     A fresh run into a directory that holds an earlier run's ckpt.pt writes its rows to metrics.jsonl.tmp<pid>
     (tmp_name) until its first save, which renames it into place with the new ckpt.pt (train_common.save_files):
     until then the earlier model and the metrics.jsonl that describes it stay as they were, also when the run fails
-    (a NaN, a kill) before it has a checkpoint of its own to put in their place.
+    (a NaN, a kill) before it has a checkpoint of its own to put in their place. The run's other files of
+    DESCRIBE_CKPT wait the same way (pending_name).
     """
 
     def __init__(self, out_dir, resume=False, step=None):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, METRICS)
-        remove_stale_tmps(self.path)  # the rows of a fresh run killed before its first save
+        for name in DESCRIBE_CKPT:  # the pending files of a fresh run killed before its first save
+            path = os.path.join(out_dir, name)
+            remove_stale_tmps(path)
+            if os.path.exists(tmp_name(path)):  # this process's, of an earlier run in it (a test's): ended too
+                os.remove(tmp_name(path))
         if resume and step is not None:
             keep_rows_until(self.path, step)
         if not resume:
@@ -785,14 +809,31 @@ class MetricsLogger:
             self.f.flush()
 
 
+def pending_name(path):
+    """
+    The name this run writes path (a file of DESCRIBE_CKPT in its out_dir) under: path.tmp<pid> while its metrics
+    wait for its first save (MetricsLogger), else path itself.
+    Example: "out/ppo/samples.jsonl" -> "out/ppo/samples.jsonl.tmp4242" in a fresh rerun before its first save.
+    """
+    waiting = os.path.exists(tmp_name(os.path.join(os.path.dirname(path), METRICS)))
+    return tmp_name(path) if waiting else path
+
+
 def publish_metrics(out_dir):
     """
-    Rename a fresh run's metrics.jsonl.tmp<pid> (MetricsLogger) into place, at its first save: its open file goes on
-    in the new name. Nothing to do when there is none (the run writes metrics.jsonl itself, or did so already).
+    At a fresh run's first save, rename its pending files (pending_name: metrics.jsonl.tmp<pid> of MetricsLogger, its
+    samples, its memory.json) into place: an open file goes on in the new name. An earlier run's file that this run
+    has not written yet goes: it describes the model this save replaces. Nothing to do when no metrics are pending
+    (the run writes in place, or did so already).
     """
-    pending = tmp_name(os.path.join(out_dir, METRICS))
-    if os.path.exists(pending):
-        os.replace(pending, os.path.join(out_dir, METRICS))
+    if not os.path.exists(tmp_name(os.path.join(out_dir, METRICS))):
+        return
+    for name in DESCRIBE_CKPT:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(tmp_name(path)):
+            os.replace(tmp_name(path), path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def keep_rows_until(path, last):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +29,35 @@ def closed_early(args, lines):
     stdout is block-buffered, as a pipe's is unless PYTHONUNBUFFERED is set.
     """
     env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    for _ in range(lines):
-        assert p.stdout.readline()
-    p.stdout.close()
-    err = p.stderr.read()
-    return p.wait(timeout=300), err
+    # stdin from /dev/null: a script that wrongly waits for input (sample.py's chat) ends instead of waiting on
+    # the terminal of whoever runs the tests
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, env=env)
+    # readline and read have no timeout of their own: a child that hangs is killed, which ends them
+    timed_out = threading.Event()
+
+    def stop():
+        timed_out.set()
+        p.kill()
+
+    timer = threading.Timer(300, stop)
+    timer.start()
+    try:
+        for i in range(lines):
+            if not p.stdout.readline():
+                err = p.stderr.read()
+                ended = "was killed after 300 s" if timed_out.is_set() else f"exited {p.wait()}"
+                raise AssertionError(f"{args} printed {i} of {lines} lines and {ended}; stderr:\n{err[-3000:]}")
+        p.stdout.close()
+        err = p.stderr.read()
+        return p.wait(), err
+    finally:
+        timer.cancel()
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
 
 
 def read_metrics(out_dir):

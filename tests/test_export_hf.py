@@ -7,8 +7,10 @@ the tokenizer files), and by transformers itself when it is installed (skipped o
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -329,15 +331,19 @@ def test_overwrite_never_replaces_a_checkpoint_directory(tmp_path, monkeypatch, 
 
 
 def test_overwrite_of_the_current_directory(tmp_path, monkeypatch):
-    """--out . names a directory that can be replaced like any other (a rename of "." itself fails)."""
+    """
+    --out . with --overwrite replaces the earlier export's files in place: the directory stays the one the shell
+    stands in (before, it was swapped for a new one and the shell's current directory was deleted).
+    """
     tok = Tokenizer.byte_level()
     save(random_model(), tok, tmp_path / "ppo")
     save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
     export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))  # a policy: it has a generation_config.json
+    inode = (tmp_path / "hf").stat().st_ino
     monkeypatch.chdir(tmp_path / "hf")
-    export_hf.export(str(tmp_path / "ppo/critic.pt"), ".", overwrite=True)
-    assert "config.json" in {q.name for q in (tmp_path / "hf").iterdir()}
-    assert not (tmp_path / "hf/generation_config.json").exists()  # replaced as a whole, not written over
+    _, files = export_hf.export(str(tmp_path / "ppo/critic.pt"), ".", overwrite=True)
+    assert os.stat(".").st_ino == inode and os.path.samefile(os.getcwd(), tmp_path / "hf")
+    assert sorted(q.name for q in (tmp_path / "hf").iterdir()) == sorted(files)  # generation_config.json is gone
     assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]
 
 
@@ -542,7 +548,7 @@ def test_an_export_removes_what_a_killed_export_left(tmp_path, monkeypatch, caps
     tok = Tokenizer.byte_level()
     save(random_model(), tok, tmp_path / "ppo")
     export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
-    dead = int(script_pid())
+    dead = dead_pid()
     for kind in ("tmp", "old"):
         export_hf.export(str(tmp_path / "ppo"), str(tmp_path / f"hf.{kind}{dead}"))
     export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf.tmp1"))  # a running process's (pid 1): kept
@@ -561,6 +567,127 @@ def test_an_export_removes_what_a_killed_export_left(tmp_path, monkeypatch, caps
     assert (tmp_path / "hf/README.md").read_text().startswith(export_hf.README_TITLE)
 
 
+def test_an_export_puts_back_only_a_dead_exports_newest_old(tmp_path, capsys):
+    """
+    No hf but hf.old<pid>: a running process's (pid 1) is in the middle of its own swap and stays where it is; of two
+    that dead processes left, the newest (by time, not by name) is put back and the other removed.
+    """
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf.old1"))
+    capsys.readouterr()
+    export_hf.export(str(tmp_path / "ppo/critic.pt"), str(tmp_path / "hf"))  # a new export, nothing put back
+    assert capsys.readouterr().out == ""
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "hf.old1", "ppo"]
+    assert (tmp_path / "hf.old1/generation_config.json").exists()  # still the policy's, where it was
+    shutil.rmtree(tmp_path / "hf")
+    shutil.rmtree(tmp_path / "hf.old1")
+    newer, older = dead_pid(1), dead_pid(2)  # the newer one sorts first by name
+    export_hf.export(str(tmp_path / "ppo/critic.pt"), str(tmp_path / f"hf.old{newer}"))
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / f"hf.old{older}"))
+    os.utime(tmp_path / f"hf.old{older}", (1_000_000, 1_000_000))
+    capsys.readouterr()
+    with pytest.raises(utils.UserError, match="pass --overwrite"):
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    assert f"put back {tmp_path / 'hf'} from {tmp_path / f'hf.old{newer}'}" in capsys.readouterr().out
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["hf", "ppo"]
+    assert json.loads((tmp_path / "hf/config.json").read_text())["architectures"] == ["GPT2ForSequenceClassification"]
+
+
+def test_an_empty_out_is_written_into_in_place(tmp_path, monkeypatch):
+    """
+    An existing empty --out is written into, not swapped for a new directory: before, `cd wd && export_hf.py --out .`
+    left the shell in a deleted directory (the export under a new inode), and the directory's mode (1777) was lost.
+    """
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd").chmod(0o1777)
+    inode = (tmp_path / "wd").stat().st_ino
+    monkeypatch.chdir(tmp_path / "wd")
+    _, files = export_hf.export(str(tmp_path / "ppo"), ".")
+    assert os.stat(".").st_ino == inode and os.path.samefile(os.getcwd(), tmp_path / "wd")
+    assert stat.S_IMODE((tmp_path / "wd").stat().st_mode) == 0o1777
+    assert sorted(os.listdir(".")) == sorted(files)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty").chmod(0o1777)
+    inode = (tmp_path / "empty").stat().st_ino
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "empty"))
+    assert (tmp_path / "empty").stat().st_ino == inode and (tmp_path / "empty/README.md").is_file()
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "empty"), overwrite=True)  # swapped whole, the mode kept
+    assert stat.S_IMODE((tmp_path / "empty").stat().st_mode) == 0o1777
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["empty", "ppo", "wd"]
+
+
+def test_a_mount_point_out_is_written_in_place(tmp_path, monkeypatch):
+    """
+    --out a mount point: empty, or an earlier export with --overwrite, it is written into, the temporary directory
+    inside it (a rename across file systems fails). Before: "error: .../mnt -> .../mnt.old4232: Device or resource
+    busy", naming a path that is not --out.
+    """
+    tok = Tokenizer.byte_level()
+    save(random_model(), tok, tmp_path / "ppo")
+    save(random_model("scalar"), tok, tmp_path / "ppo", name="critic.pt")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    is_mount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(mnt) or is_mount(p))
+    written = []
+    save_safetensors = export_hf.save_safetensors
+
+    def recorded(tensors, path, metadata=None):
+        written.append(path)
+        save_safetensors(tensors, path, metadata)
+
+    monkeypatch.setattr(export_hf, "save_safetensors", recorded)
+    inode = mnt.stat().st_ino
+    for ckpt in ["ppo", "ppo/critic.pt"]:
+        _, files = export_hf.export(str(tmp_path / ckpt), str(mnt), overwrite=True)
+        assert mnt.stat().st_ino == inode and sorted(q.name for q in mnt.iterdir()) == sorted(files)
+        assert os.path.dirname(os.path.dirname(written[-1])) == str(mnt)  # on the mounted file system
+    assert not (mnt / "generation_config.json").exists()  # the policy's file the critic's export lacks: removed
+    assert json.loads((mnt / "config.json").read_text())["architectures"] == ["GPT2ForSequenceClassification"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["mnt", "ppo"]
+
+
+def test_an_export_killed_while_moving_into_out_is_refused_next(tmp_path, monkeypatch, capsys):
+    """
+    An export into an existing directory moves its files in one by one, README.md last: killed midway, --out holds
+    a partial export with no README.md, which the next export refuses to replace (one line naming --out) rather than
+    take for a complete export. What a killed export left inside --out (.export_hf.tmp<pid>) goes with the next one.
+    """
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    (tmp_path / "hf").mkdir()
+    replace = os.replace
+
+    def killed_at_readme(src, dst):
+        if os.path.basename(dst) == "README.md":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_readme)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    monkeypatch.setattr(os, "replace", replace)
+    partial = sorted(q.name for q in (tmp_path / "hf").iterdir())
+    assert "README.md" not in partial and "model.safetensors" in partial
+    for overwrite in [False, True]:
+        code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "ppo"), "--out", str(tmp_path / "hf"),
+                            *["--overwrite"] * overwrite)
+        assert code == 2 and err.count("\n") == 1 and f"--out {tmp_path / 'hf'}" in err, err
+        assert "README.md is missing" in err and "killed midway" in err, err
+    assert sorted(q.name for q in (tmp_path / "hf").iterdir()) == partial
+    shutil.rmtree(tmp_path / "hf")
+    (tmp_path / f"hf/.export_hf.tmp{dead_pid()}").mkdir(parents=True)
+    (tmp_path / f"hf/.export_hf.tmp{dead_pid()}/config.json").write_text("{}")
+    (tmp_path / "hf/.export_hf.tmp1").mkdir()  # a running process's: kept, and --out is not empty
+    with pytest.raises(utils.UserError, match="tmp1, which export_hf.py does not write"):
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    (tmp_path / "hf/.export_hf.tmp1").rmdir()
+    _, files = export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    assert sorted(q.name for q in (tmp_path / "hf").iterdir()) == sorted(files)
+
+
 def test_a_full_disk_in_an_export_names_out(tmp_path, monkeypatch, capsys):
     # a write that met a full disk was "error: No space left on device", naming nothing
     tok = Tokenizer.byte_level()
@@ -577,8 +704,7 @@ def test_a_full_disk_in_an_export_names_out(tmp_path, monkeypatch, capsys):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["ppo"]  # nothing half-written
 
 
-def script_pid():
-    """The process id of a process that has exited (and been reaped)."""
-    import subprocess
-    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout
+def dead_pid(k=1):
+    """A process id no process can have: above the kernel's largest (an exited process's id may be given again)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read()) + k

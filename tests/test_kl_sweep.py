@@ -191,8 +191,11 @@ def test_sigterm_ends_the_sweep_and_its_running_child(tmp_path):
     child = None
     try:
         deadline = time.time() + 60
-        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        while not (pid_file.exists() and pid_file.read_text()) and p.poll() is None and time.time() < deadline:
             time.sleep(0.05)
+        # a sweep that ended before starting its child (refused its input, say) shows why
+        assert p.poll() is None, f"the sweep exited {p.returncode} before its child started:\n{p.communicate()[1]}"
+        assert pid_file.exists() and pid_file.read_text(), "no child started within 60 s"
         child = int(pid_file.read_text())
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 143

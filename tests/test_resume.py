@@ -115,6 +115,33 @@ def test_a_fresh_run_makes_the_earlier_run_impossible_to_resume_before_it_writes
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n{"step": 3}\n'
 
 
+def test_a_fresh_runs_samples_and_memory_report_wait_for_its_first_save(tmp_path):
+    """
+    A fresh PPO or GRPO rerun removed the earlier run's samples at its start and wrote its own in place: stopped before
+    its first save, it left them beside the earlier run's model. They wait under pending names now, as its metrics do,
+    and the first save puts them in place; an earlier run's file that the new run has not written by then goes.
+    """
+    from nanorlhf.rollout import write_samples
+
+    out = tmp_path / "out"
+    save(out, 10)
+    row = {"prompt": "sort 2 1", "response": "1 2", "score": 0.5, "gold": 1.0}
+    write_samples(str(out), 10, [row])
+    utils.write_text(str(out / "memory.json"), '{"run": "A"}')
+    a = {n: (out / n).read_bytes() for n in ("samples.jsonl", "samples.txt", "memory.json")}
+    logger = utils.MetricsLogger(str(out), resume=False)
+    train_common.keep_samples_until(str(out), 0)
+    write_samples(str(out), 1, [{**row, "score": 0.25}])
+    assert {n: (out / n).read_bytes() for n in a} == a
+    assert (out / f"samples.txt.tmp{os.getpid()}").exists()
+    save(out, 2)  # the new run's first save: its samples replace A's; A's memory.json, which it has no own of, goes
+    logger.f.close()
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "samples.jsonl", "samples.txt", "train_state.pt"]
+    assert [json.loads(line)["iter"] for line in open(out / "samples.jsonl")] == [1]
+    write_samples(str(out), 2, [row])  # after the first save: in place
+    assert [json.loads(line)["iter"] for line in open(out / "samples.jsonl")] == [1, 2]
+
+
 def test_a_fresh_runs_first_save_removes_the_earlier_model_before_its_renames(tmp_path, monkeypatch):
     """
     Killed between its renames, a fresh run's first save leaves its train_state.pt and no ckpt.pt, which --resume
@@ -301,7 +328,8 @@ def test_a_fresh_rerun_that_fails_before_its_first_save_leaves_the_earlier_run_w
     module, flags = STAGES[stage][0], STAGES[stage][1](inputs)
     out = tmp_path / "out"
     run_stage(monkeypatch, stage, flags + ["--out_dir", str(out), "--stop_at", "2"])
-    a = {n: (out / n).read_bytes() for n in ("ckpt.pt", "metrics.jsonl")}
+    a = {n: (out / n).read_bytes() for n in os.listdir(out) if n != "train_state.pt"}
+    assert stage not in ("ppo", "grpo") or {"samples.jsonl", "samples.txt"} <= set(a)
     real = train_common.check_finite
 
     def nan_at_2(where, **values):  # the step (PPO, GRPO: the iteration) before the first save, at 2
@@ -316,8 +344,11 @@ def test_a_fresh_rerun_that_fails_before_its_first_save_leaves_the_earlier_run_w
         run_stage(monkeypatch, stage, flags + ["--lr", "0.01", "--out_dir", str(out)])
     assert "out_dir holds this run's last good checkpoint if it saved one" in str(e.value)
     assert "else what was there before the run started" in str(e.value)
-    assert {n: (out / n).read_bytes() for n in ("ckpt.pt", "metrics.jsonl")} == a
+    # A's files as they were (PPO's and GRPO's samples, PPO's critic.pt and memory.json too), B's waiting beside them
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if ".tmp" not in n} == a
     assert (out / f"metrics.jsonl.tmp{os.getpid()}").exists()  # B's rows, until the next run in out removes them
+    if stage in ("ppo", "grpo"):  # B's samples of iteration 1
+        assert (out / f"samples.jsonl.tmp{os.getpid()}").exists()
     with pytest.raises(utils.UserError, match="not found \\(nothing to resume\\)"):
         run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
 
@@ -404,6 +435,25 @@ def test_an_input_that_cannot_be_read_names_its_flag_and_where_its_path_came_fro
     with pytest.raises(utils.UserError) as e:  # a file read inside the directory the flag names: named too
         train_common.input_digests({"--sft": "sft"}, None, set())
     assert str(e.value) == "--sft sft (its default): sft/ckpt.pt: Permission denied"
+
+
+DEFAULT_DATA = {"sft": "sft.jsonl", "rm": "prefs.jsonl", "dpo": "prefs.jsonl", "ppo": "prompts.jsonl",
+                "grpo": "prompts.jsonl"}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_missing_default_data_file_names_its_flag(tmp_path, monkeypatch, capsys, stage):
+    """
+    From a directory without out/, a stage run without --data: PPO read its prompts before the digests and said
+    "error: out/data/prompts.jsonl: no such file"; every stage now names the flag and that the path is its default.
+    """
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: run_stage(monkeypatch, stage, ["--out_dir", "o", "--device", "cpu"]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --data out/data/{DEFAULT_DATA[stage]} (its default): No such file or "
+                                       f"directory\n")
+    assert os.listdir(tmp_path) == []
 
 
 CHANGED = {  # per stage: the input changed between a run's stop and its resume, and how

@@ -1,6 +1,7 @@
 """
 Tests of nanorlhf/rollout.py's scoring pass, score_and_logprobs (sampling, EOS truncation and the prompt order are
 tested with train_ppo.py's rollout in test_train_ppo.py). Its 2-rank split is tested end to end in test_dist.py.
+And write_samples on a full disk.
 """
 
 import copy
@@ -99,3 +100,31 @@ def test_score_and_logprobs_match_a_row_by_row_reference(critic_kind):
         assert (got[name][~mask] == 0).all(), name
     if critic_kind == "none":
         assert got["values"] is None
+
+
+@pytest.mark.parametrize("name", ["samples.jsonl", "samples.txt"])
+def test_a_full_disk_while_writing_samples_names_the_file(tmp_path, monkeypatch, capsys, name):
+    """A full disk met while appending the samples was "error: No space left on device", without the file."""
+    from nanorlhf import rollout
+    real_open = open
+
+    class Full:  # the file whose writes the full disk refuses; ENOSPC with no file name, as a flush raises it
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rollout, "open", lambda path, mode: (Full if path.endswith(name) else real_open)(path, mode),
+                        raising=False)
+    rows = [{"prompt": "sort 2 1", "response": "1 2", "score": 0.5, "gold": 1.0}]
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: rollout.write_samples(str(tmp_path), 1, rows))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / name}: No space left on device\n"

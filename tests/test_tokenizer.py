@@ -393,6 +393,26 @@ def test_train_cli_refuses_an_empty_out_or_corpus_before_training(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "empty.txt"]
 
 
+def test_train_cli_refuses_to_write_over_its_training_text(tmp_path, monkeypatch, capsys):
+    # before: --out c.txt --train c.txt replaced the training text by the trained merges, exit status 0
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat " * 20)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.txt").symlink_to("c.txt")
+    (tmp_path / "hard.txt").hardlink_to(corpus)
+    monkeypatch.chdir(tmp_path / "sub")
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: pytest.fail("trained before refusing the flags"))
+    for out in [str(corpus), "../c.txt", str(tmp_path / "link.txt"), str(tmp_path / "hard.txt")]:
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(["--train", str(corpus), "--vocab_size", "300", "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and f"--out {out} is the --train file" in err, err
+    assert corpus.read_text() == "the cat sat on the mat " * 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hard.txt", "link.txt", "sub"]
+
+
 def test_train_cli_says_when_the_corpus_gives_fewer_merges_than_asked(tmp_path, capsys):
     import nanorlhf.tokenizer as tokenizer
 

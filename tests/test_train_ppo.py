@@ -381,15 +381,21 @@ def test_next_prompt_indices_covers_each_prompt_once_per_pass():
 # end to end
 
 
-def test_bad_prompts_file_exits_2_and_writes_nothing(tmp_path):
-    bad = tmp_path / "prompts.jsonl"
+def test_bad_prompts_file_exits_2_and_writes_nothing(random_ckpts, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "sort 1 2"}\n{"prompt": 3}\n')
     out = tmp_path / "ppo"
-    # the checkpoints are never reached: the prompts are read and validated first
-    p = script("train_ppo.py", "--data", str(bad), "--sft", str(tmp_path / "nope"), "--rm", str(tmp_path / "nope"),
-               "--out_dir", str(out), check=False)
-    assert p.returncode == 2, p.stderr
-    assert "prompts.jsonl:2" in p.stderr and "Traceback" not in p.stderr
+
+    def build_models(*args):  # the models are never loaded: the prompts are read and validated first
+        raise AssertionError("models loaded before the prompts were checked")
+
+    monkeypatch.setattr(train_ppo, "build_models", build_models)
+    argv = tiny_ppo_args(random_ckpts, out)
+    argv[1] = str(bad)
+    with pytest.raises(SystemExit) as e:
+        utils.run(lambda: train_ppo.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {bad}:2") and err.count("\n") == 1, err
     assert not out.exists()
 
 

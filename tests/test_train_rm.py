@@ -325,11 +325,12 @@ def run_rm(monkeypatch, capsys, argv):
     return code, capsys.readouterr().err
 
 
-def short_rm_args(sft, data, out, *extra):
+def short_rm_args(sft, data, out, *extra, val_data=None):
     """Two steps on a small preference file (its own directory, so that its meta.json is the test's)."""
     return ["--data", str(data), "--init_from", str(sft / "sft"), "--out_dir", str(out), "--sft_data",
             str(sft / "data/sft.jsonl"), "--norm_samples", "20", "--batch_size", "4", "--max_steps", "2",
-            "--eval_batches", "1", "--val_frac", "0.25", "--device", "cpu", *extra]
+            "--eval_batches", "1", *(["--val_data", str(val_data)] if val_data else ["--val_frac", "0.25"]),
+            "--device", "cpu", *extra]
 
 
 def test_a_meta_json_that_is_not_the_task_s_is_not_built_in_data(sft, tmp_path, monkeypatch, capsys, one_thread):
@@ -379,20 +380,31 @@ def test_too_few_demonstrations_for_the_normalisation_are_refused(sft, tmp_path,
     assert not out.exists()
 
 
-def test_gold_numbers_only_when_every_held_out_prompt_is_the_task_s(sft, tmp_path, monkeypatch, capsys, one_thread):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gold_numbers_only_when_every_held_out_prompt_is_the_task_s(sft, tmp_path, monkeypatch, capsys, one_thread,
+                                                                    mixed):
     """
     A comparison file of the user's own beside the task's meta.json (out/data/ after make): the gold judge gives 0 to
     any prompt that is not the task's, so the run logged made-up numbers (the annotator's agreement 0.5, the RM
-    agreeing with gold on 0.000 of the pairs); now it logs no gold line and no gold fields.
+    agreeing with gold on 0.000 of the pairs); now it logs no gold line and no gold fields. mixed: a held-out file of
+    half the task's records and half the user's, whose numbers would be made up as much (some prompts the task's is
+    not enough: every one must be).
     """
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(sft / "data/meta.json", data / "meta.json")
+    mine = [json.dumps({"prompt": f"What is the capital of country {i}?", "chosen": f"City {i}.",
+                        "rejected": f"I do not know {i}"}) + "\n" for i in range(40)]
     prefs = data / "my_prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": f"What is the capital of country {i}?", "chosen": f"City {i}.",
-                                         "rejected": f"I do not know {i}"}) + "\n" for i in range(40)))
+    prefs.write_text("".join(mine))
+    val = None
+    if mixed:
+        task = (sft / "data/prefs_eval.jsonl").read_text().splitlines(keepends=True)[:4]
+        assert len(task) == 4 and all(tasks.parse_prompt(json.loads(r)["prompt"]) is not None for r in task)
+        val = data / "mixed_eval.jsonl"
+        val.write_text("".join(r for pair in zip(task, mine[:4]) for r in pair))
     out = tmp_path / "rm"
-    monkeypatch.setattr(sys, "argv", ["train_rm.py", *short_rm_args(sft, prefs, out)])
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *short_rm_args(sft, prefs, out, val_data=val)])
     train_rm.main()
     stdout = capsys.readouterr().out
     final = read_metrics(out)[-1]

@@ -150,16 +150,31 @@ def test_bad_flag_writes_nothing(data, tmp_path):
 
 
 def test_scratch_only_flags_are_refused_with_init_from(data, full_run, tmp_path):
-    # with --init_from a checkpoint, the shape flags and the GELU are the checkpoint's: a value other than the
-    # default would do nothing, so it is refused (one line, exit 2, nothing written); the defaults pass
+    # with --init_from a checkpoint, the shape flags and the GELU are the checkpoint's: one named would do nothing,
+    # so it is refused (one line, exit 2, nothing written); left out, the checkpoint's are used
     out = tmp_path / "out"
     common = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), "--init_from", str(full_run)]
     p = train_sft(*common, "--activation", "gelu_new", "--n_layer", "3", check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "--n_layer, --activation: only for a model from scratch" in p.stderr and not out.exists()
-    p = train_sft(*common, "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--activation", "gelu")
+    p = train_sft(*common, "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4")
     model, _, _ = utils.load_model(str(out), kind="gpt")
-    assert model.config.n_layer == 2  # the checkpoint's (TINY's), not --n_layer's default 4
+    assert model.config.n_layer == 2 and model.config.dropout == 0.1  # the checkpoint's (TINY's), not the defaults
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--dropout", "0.0"], "--dropout"),  # the defaults were taken for "not given" and silently ignored
+    (["--activation", "gelu"], "--activation"),
+    (["--n_layer", "4", "--n_head", "4", "--n_embd", "128"], "--n_layer, --n_head, --n_embd"),
+    (["--dropout", "0.1", "--activation", "gelu_new"], "--dropout, --activation"),  # the checkpoint's own values
+])
+def test_scratch_only_flags_named_with_init_from_are_refused_at_any_value(argv, named):
+    args = train_common.parse_stage_flags(sft_stage.Config, ["--init_from", "out/sft", *argv])
+    with pytest.raises(utils.UserError, match=f"^{named}: only for a model from scratch; --init_from out/sft keeps "
+                                              f"the checkpoint's; leave (it|them) out$"):
+        sft_stage.check_flags(args)
+    # a resumed run's saved flags (built in code, no _given) were checked when it started
+    sft_stage.check_flags(sft_stage.Config(init_from="out/sft", n_layer=1, activation="gelu_new"))
 
 
 def init_model(*argv):
@@ -287,6 +302,8 @@ def test_resume_in_another_stage_s_directory_says_so(tmp_path, monkeypatch, caps
     (["--lora_rank", "0", "--lora_targets", "zzz"], "--lora_targets does nothing without --lora_rank > 0"),
     (["--val_frac", "0.5", "--val_data", "{d}/sft.jsonl"],
      "--val_frac 0.5 does nothing with --val_data (the held-out set is {d}/sft.jsonl)"),
+    (["--val_frac", "0.05", "--val_data", "{d}/sft.jsonl"],  # at its default too: it was accepted and ignored
+     "--val_frac 0.05 does nothing with --val_data (the held-out set is {d}/sft.jsonl)"),
 ])
 def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch, capsys, flags, message):
     # as train_ppo.py refuses them: one line, exit 2, before anything is read or written (in-process: main reads argv)
@@ -328,11 +345,12 @@ def test_nothing_left_names_the_held_out_part_of_data():
     assert train_common.nothing_left("val", split, "example") == "--data a.jsonl: no held-out example (--val_frac 0.2)"
 
 
-def test_val_frac_at_its_default_and_lora_flags_with_a_rank_pass():
+def test_val_frac_without_val_data_and_lora_flags_with_a_rank_pass():
     parse = lambda *argv: train_common.parse_stage_flags(sft_stage.Config, list(argv))  # noqa: E731
-    sft_stage.check_flags(parse("--val_data", "v.jsonl", "--val_frac", "0.05"))  # the default: nothing is ignored
+    sft_stage.check_flags(parse("--val_frac", "0.05"))
     sft_stage.check_flags(parse("--lora_rank", "2", "--lora_alpha", "4", "--lora_targets", "attn"))
     sft_stage.check_flags(sft_stage.Config(lora_alpha=64.0))  # built in code (a resumed run's saved flags): no _given
+    sft_stage.check_flags(sft_stage.Config(val_data="v.jsonl", val_frac=0.2))  # a resumed run's: checked at its start
 
 
 def test_check_out_dir(tmp_path):

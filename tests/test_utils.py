@@ -12,7 +12,7 @@ import pytest
 import torch
 
 
-from scripts import closed_early
+from scripts import ROOT, closed_early
 from nanorlhf import train_common, utils
 from nanorlhf.utils import flag
 
@@ -361,6 +361,24 @@ def dead_pid():
                               text=True, check=True).stdout)
 
 
+def test_a_fresh_logger_removes_the_pending_metrics_of_a_dead_run(tmp_path):
+    """
+    A fresh run into a directory with a ckpt.pt logs to metrics.jsonl.tmp<pid> until its first save; one killed
+    before that leaves the file. The next logger there removes it, and leaves the earlier run's metrics.jsonl.
+    """
+    (tmp_path / "ckpt.pt").write_bytes(b"the earlier run's model")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n')
+    logger = utils.MetricsLogger(str(tmp_path))
+    logger.log({"step": 0})
+    logger.f.close()
+    dead = dead_pid()
+    os.rename(tmp_path / f"metrics.jsonl.tmp{os.getpid()}", tmp_path / f"metrics.jsonl.tmp{dead}")
+    (tmp_path / f"samples.jsonl.tmp{dead}").write_text("{}\n")  # its samples (PPO, GRPO) waited the same way
+    utils.MetricsLogger(str(tmp_path)).f.close()
+    assert not {f"metrics.jsonl.tmp{dead}", f"samples.jsonl.tmp{dead}"} & set(os.listdir(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 10}\n'
+
+
 def test_a_save_removes_the_temporaries_of_killed_writers_only(tmp_path):
     """
     A process killed by SIGKILL while it wrote a checkpoint leaves its ckpt.pt.tmp<pid> behind (no finally runs);
@@ -585,9 +603,10 @@ def test_a_full_disk_in_a_checkpoint_save_is_one_line_naming_the_file(tmp_path, 
 
 
 def test_disk_full_reads_the_space_left(tmp_path, monkeypatch):
-    assert not utils.disk_full(str(tmp_path), margin=0)
+    # 3 blocks of 4096 bytes left: full below a margin above 12288 bytes, not at or under it
     monkeypatch.setattr(os, "statvfs", lambda path: type("St", (), {"f_bavail": 3, "f_frsize": 4096})())
-    assert utils.disk_full(str(tmp_path)) and not utils.disk_full(str(tmp_path), margin=4096)
+    assert utils.disk_full(str(tmp_path)) and utils.disk_full(str(tmp_path), margin=3 * 4096 + 1)
+    assert not utils.disk_full(str(tmp_path), margin=3 * 4096) and not utils.disk_full(str(tmp_path), margin=4096)
 
 
 def test_a_full_disk_in_metrics_or_a_text_file_names_the_file(tmp_path, capsys):
@@ -602,6 +621,12 @@ def test_a_full_disk_in_metrics_or_a_text_file_names_the_file(tmp_path, capsys):
     assert (code, err) == (2, f"error: {tmp_path}/metrics.jsonl: No space left on device\n")
     code, err = run_main(lambda: utils.write_atomic(str(tmp_path / "report.md"), no_space), capsys)
     assert (code, err) == (2, f"error: {tmp_path}/report.md: No space left on device\n")
+
+    def message_only(*args):  # an OSError with a message and no errno: the message stays the reason
+        raise OSError("disk full")
+
+    code, err = run_main(lambda: utils.write_atomic(str(tmp_path / "report.md"), message_only), capsys)
+    assert (code, err) == (2, f"error: {tmp_path}/report.md: disk full\n")
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
 
 
@@ -626,3 +651,36 @@ def test_sigterm_is_one_line_and_exit_status_143(capsys):
         assert signal.getsignal(signal.SIGTERM) is outside  # run() put back what was there
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+SIGTERM_TWICE = """
+import os, signal, sys, time
+from nanorlhf.utils import run
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    finally:  # the cleanup that the first SIGTERM runs, when the second one comes
+        time.sleep(float(sys.argv[1]))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(float(sys.argv[2]))
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize("gap, returncode, stderr", [(0, 143, "terminated\n"), (1.2, -15, "")])
+def test_a_second_sigterm_ends_the_process_only_a_second_after_the_first(gap, returncode, stderr):
+    """
+    `timeout -s TERM` sends SIGTERM to the command, then to its process group: a driver (compare.py) got it twice
+    within microseconds, and the second killed it in the middle of its cleanup, without a word (about half the runs).
+    The repeat is ignored now; a SIGTERM more than a second later still ends a slow cleanup at once, as a plain
+    SIGTERM would (the process killed by the signal, nothing printed).
+    """
+    # after the second SIGTERM: no wait when it is ignored (the run then ends "terminated"), else a long one that
+    # the signal cuts short (143 would mean it was waited out)
+    after = "0" if gap == 0 else "30"
+    p = subprocess.run([sys.executable, "-c", SIGTERM_TWICE, str(gap), after], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (returncode, stderr)
