@@ -32,8 +32,13 @@ TINY = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "32
     (["--ppo_batch_size", "6"], "--ppo_batch_size 6 must be divisible by train_ppo's num_minibatches (4)"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, message):
+    refused_before_anything_runs(TINY + flags, message, capsys)
+
+
+def refused_before_anything_runs(argv, message, capsys):
+    """bench.main(argv) exits 2 with one line that starts with message, and prints nothing else."""
     with pytest.raises(SystemExit) as e:
-        utils.run(lambda: bench.main(TINY + flags))
+        utils.run(lambda: bench.main(argv))
     out, err = capsys.readouterr()
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: " + message), err
@@ -41,7 +46,7 @@ def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, m
 
 
 @pytest.mark.parametrize("flags, message", [
-    # the brief's case: --rounds, --rm_batch_size and --gen_batch_size were accepted and ignored (exit 0)
+    # --rounds, --rm_batch_size and --gen_batch_size were accepted here and ignored (exit 0)
     (["--parts", "train", "--rounds", "7", "--rm_batch_size", "3", "--gen_batch_size", "5"],
      "--gen_batch_size (parts generate, nocache, hf), --rm_batch_size (part rm), --rounds (parts rm, hf, trl) do "
      "nothing with --parts train"),
@@ -53,12 +58,7 @@ def test_bad_flags_are_one_line_and_exit_2_before_anything_runs(capsys, flags, m
 def test_a_flag_that_no_chosen_part_reads_is_refused(capsys, flags, message):
     """As bench_memory.py refuses --lora_rank without a lora option: one line naming the flag, before anything runs."""
     base = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--block_size", "128", "--device", "cpu"]
-    with pytest.raises(SystemExit) as e:
-        utils.run(lambda: bench.main(base + flags))
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: " + message), err
-    assert out == ""  # no part ran
+    refused_before_anything_runs(base + flags, message, capsys)
 
 
 def test_every_flag_a_part_reads_is_accepted_with_it_and_only_with_it():
