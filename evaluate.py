@@ -536,7 +536,7 @@ def main(argv=None):
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
     check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
     check_out_dir_flag(cfg.out_dir)  # now, in one line, not after minutes of sampling
-    sft_ckpt = load_model_checkpoint(cfg.sft)[1]
+    sft_ckpt = load_model_checkpoint(cfg.sft, flag="--sft")[1]
     if cfg.seed is None:
         cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
@@ -548,7 +548,8 @@ def main(argv=None):
     paths.update(parse_extra(cfg.extra))
     models, ckpts = {}, {}
     for name, path in paths.items():
-        models[name], tok_i, ckpts[name] = load_model(path, rt.device, kind="gpt")
+        flag_name = f"--{name}" if name in ("sft", "ppo") else "--extra"
+        models[name], tok_i, ckpts[name] = load_model(path, rt.device, kind="gpt", flag=flag_name)
         if name == "sft":
             tok = tok_i
         check(tok_i.same_encoding(tok), f"{path}: its tokenizer differs from the SFT checkpoint's")
@@ -557,7 +558,7 @@ def main(argv=None):
         models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
     rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm")
+        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
         check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
         rm.eval()
         reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)

@@ -343,7 +343,7 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
           f"--out {out} is a file, not a directory: choose another --out (--overwrite replaces only an earlier export)")
     check(not os.path.exists(path) or overwrite or not os.listdir(path),
           f"--out {out} exists and is not an empty directory (pass --overwrite to replace it)")
-    ckpt_file, ckpt = utils.load_model_checkpoint(ckpt_path)  # a train_state.pt, say, is one line
+    ckpt_file, ckpt = utils.load_model_checkpoint(ckpt_path, flag="--ckpt")  # a train_state.pt, say, is one line
     kind = ckpt["model_kind"]
     check(kind in ("gpt", "scalar"), f"{ckpt_file}: unknown model_kind {kind!r}")
     config, tok = utils.model_spec(ckpt_file, ckpt)

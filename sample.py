@@ -39,7 +39,7 @@ import torch
 
 from nanorlhf import tasks
 from nanorlhf.data import collate, read_prompts
-from nanorlhf.utils import CKPT, UserError, check, flag, load_model, parse_flags, run, setup_runtime
+from nanorlhf.utils import check, flag, load_model, parse_flags, run, setup_runtime
 
 
 @dataclass
@@ -79,12 +79,7 @@ def check_flags(cfg):
 def load(flag_name, path, device, kind, stage=None):
     """load_model, with the flag named in its one-line error (a reward model given as --ckpt, a missing ckpt.pt)."""
     check(os.path.exists(path), f"--{flag_name} {path}: no such checkpoint directory")
-    check(not os.path.isdir(path) or os.path.isfile(os.path.join(path, CKPT)),
-          f"--{flag_name} {path}: not a checkpoint directory (no {CKPT} in it)")
-    try:
-        return load_model(path, device, kind=kind, stage=stage)
-    except UserError as e:
-        raise UserError(f"--{flag_name} {e}") from None
+    return load_model(path, device, kind=kind, stage=stage, flag=f"--{flag_name}")
 
 
 # -----------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def main():
 
     # the reference: the SFT model, used once for the log-probs of every response, then dropped (load_model's
     # third value, the checkpoint dict, is a CPU copy of the weights: not kept)
-    ref, tok = load_model(args.sft, rt.device, kind="gpt")[:2]
+    ref, tok = load_model(args.sft, rt.device, kind="gpt", flag="--sft")[:2]
     disable_dropout(ref)
     max_len = ref.config.block_size
     train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)

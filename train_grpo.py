@@ -359,9 +359,10 @@ def main(argv=None):
     use_gold = gold_on(args.gold, prompts, args.data)
 
     # models: the policy, the frozen reference (the SFT model) and the frozen reward model; no critic
-    actor, tok, _ = utils.load_model(args.out_dir if state is not None else args.sft, rt.device, kind="gpt")
-    ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt")
-    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar", stage="rm")
+    actor, tok, _ = utils.load_model(args.out_dir if state is not None else args.sft, rt.device, kind="gpt",
+                                   flag=None if state is not None else "--sft")
+    ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt", flag="--sft")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
     if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
         mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
         args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0

@@ -660,10 +660,11 @@ def build_models(args, device, files=None):
     actor_home = "cpu" if args.critic == "shared" else device
     if args.lora_rank:
         # LoRA: the frozen base is the SFT model itself (it is the reference), adapters come from --out_dir on resume
-        actor, tok, _ = utils.load_model(args.sft, actor_home, kind="gpt")
+        actor, tok, _ = utils.load_model(args.sft, actor_home, kind="gpt", flag="--sft")
     else:
-        actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, actor_home, kind="gpt")
-    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar", stage="rm")
+        actor, tok, _ = utils.load_model(files[utils.CKPT] if files else args.sft, actor_home, kind="gpt",
+                                         flag=None if files else "--sft")
+    reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, home["rm"], kind="scalar", stage="rm", flag="--rm")
     check(rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
     C.check_rm_context(actor, reward_model, args.sft, args.rm)

@@ -302,7 +302,8 @@ def main():
     # (load_model's third value, the checkpoint dict, is a CPU copy of the weights: not kept)
     resume_full = state is not None and not args.lora_rank
     src = args.out_dir if resume_full else args.init_from
-    model, tok = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full)[:2]
+    model, tok = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full,
+                            flag=None if resume_full else "--init_from")[:2]
     if args.lora_rank:
         try:
             lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)

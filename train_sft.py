@@ -187,7 +187,7 @@ def init_model(args):
         # the checkpoint holds its tokenizer, as it holds its shape: a --tokenizer would be ignored
         check("tokenizer" not in getattr(args, "_given", ()),
               f"--tokenizer: only for a model from scratch (or a Hugging Face GPT-2); --init_from {src} keeps its own")
-        model, tok, _ = load_model(src, kind="gpt")
+        model, tok, _ = load_model(src, kind="gpt", flag="--init_from")
         return model, tok
     if os.path.isfile(os.path.join(src, "config.json")):
         tok = hf_tokenizer(src, args.tokenizer, "tokenizer" in getattr(args, "_given", ()))

@@ -600,6 +600,7 @@ def load_checkpoint(path, name=CKPT, map_location="cpu", mmap=False):
     Every file nanorlhf writes holds a dict: any other torch file is one line naming it.
     """
     if os.path.isdir(path):
+        check(os.path.isfile(os.path.join(path, name)), f"{path}: not a checkpoint directory (no {name} in it)")
         path = os.path.join(path, name)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
@@ -662,13 +663,19 @@ def model_payload(model, tok, stage, args, step, **extra):
 MODEL_KEYS = ("model_kind", "model_config", "model", "tokenizer")  # what model_payload writes and load_model reads
 
 
-def load_model_checkpoint(path, name=CKPT):
+def load_model_checkpoint(path, name=CKPT, flag=None):
     """
     (file, ckpt): load_checkpoint of out_dir/name (or of a file path), checked to hold a model, so that a valid
     torch file of another kind (a train_state.pt) is one line naming the file actually read, not a KeyError.
+    flag: as load_model's.
     """
+    with naming(flag):
+        return _load_model_checkpoint(path, name)
+
+
+def _load_model_checkpoint(path, name):
+    ckpt = load_checkpoint(path, name)
     file = os.path.join(path, name) if os.path.isdir(path) else path
-    ckpt = load_checkpoint(file)
     missing = [k for k in MODEL_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{file}: not a nanorlhf model checkpoint (no {', '.join(missing)}; a stage writes its "
@@ -676,16 +683,34 @@ def load_model_checkpoint(path, name=CKPT):
     return file, ckpt
 
 
-def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False, stage=None):
+def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False, stage=None, flag=None):
     """
     Rebuild (model, tokenizer, ckpt) from a checkpoint directory (or file). kind="gpt" or "scalar" asserts what the
     checkpoint must hold; from_gpt=True lets kind="scalar" also take a "gpt" checkpoint and build a ScalarGPT
     from its trunk (this is how the reward model starts from the SFT model, and only there). stage="rm" asserts
     the stage that wrote it: a PPO critic (critic.pt) is a scalar model too, but scores nothing a reward model does.
+    flag: the flag that gave path ("--sft"), put first in a one-line error, so that the user knows which of
+    several models is wrong: "--rm out/x: not a checkpoint directory (no ckpt.pt in it)".
     """
+    with naming(flag):
+        return _load_model(path, device, kind, name, from_gpt, stage)
+
+
+@contextmanager
+def naming(flag):
+    """A UserError raised inside starts with flag ("--sft"), where one is given."""
+    try:
+        yield
+    except UserError as e:
+        if not flag:
+            raise
+        raise UserError(f"{flag} {e}") from None
+
+
+def _load_model(path, device, kind, name, from_gpt, stage):
     from nanorlhf.model import GPT, ScalarGPT
 
-    file, ckpt = load_model_checkpoint(path, name)
+    file, ckpt = _load_model_checkpoint(path, name)
     config, tok = model_spec(file, ckpt)
     stored = ckpt["model_kind"]
     if stored == "gpt":

@@ -226,7 +226,7 @@ def test_evaluate_end_to_end(tmp_path):
     (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
     (["--max_new_tokens", "-40"], "--max_new_tokens -40: must be at least 1"),
-    (["--sft", "{d}/run/train_state.pt"], "{d}/run/train_state.pt: not a nanorlhf model checkpoint"),
+    (["--sft", "{d}/run/train_state.pt"], "--sft {d}/run/train_state.pt: not a nanorlhf model checkpoint"),
 ])
 def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, argv, message):
     # a negative temperature sampled the least likely tokens; --max_new_tokens 0 wrote a report of empty responses.
@@ -275,7 +275,7 @@ def test_an_out_dir_is_not_created_before_the_inputs_are_read(tmp_path, capsys):
     """--out_dir is checked, not made, up front: a missing checkpoint then leaves no empty directory behind."""
     code, err = exit_status_and_error(capsys, evaluate.main, ["--sft", str(tmp_path / "missing"),
                                                               "--out_dir", str(tmp_path / "new" / "eval")])
-    assert code == 2 and err.startswith(f"error: {tmp_path}/missing") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith(f"error: --sft {tmp_path}/missing") and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == []
 
 

@@ -245,3 +245,61 @@ def test_flags_that_would_do_nothing_are_refused_in_every_loop(name, flags, mess
         module["check_flags"](args)
     alone = flags[:2] if "--val_frac" in flags else []  # --val_data alone, or no flag: fine
     module["check_flags"](utils.parse_flags(module["Config"], alone))
+
+
+# every flag that names a model directory, and the model the script needs there ("rm": a reward model)
+MODEL_FLAGS = [
+    ("train_sft.py", "--init_from", {"--data": "sft.jsonl"}),
+    ("train_rm.py", "--init_from", {"--data": "prefs.jsonl", "--sft_data": "sft.jsonl"}),
+    ("train_ppo.py", "--sft", {"--data": "prompts.jsonl", "--rm": "rm"}),
+    ("train_ppo.py", "--rm", {"--data": "prompts.jsonl", "--sft": "sft"}),
+    ("train_grpo.py", "--sft", {"--data": "prompts.jsonl", "--rm": "rm"}),
+    ("train_grpo.py", "--rm", {"--data": "prompts.jsonl", "--sft": "sft"}),
+    ("train_dpo.py", "--sft", {"--data": "prefs.jsonl"}),
+    ("evaluate.py", "--sft", {"--data": "eval.jsonl"}),
+    ("evaluate.py", "--ppo", {"--data": "eval.jsonl", "--sft": "sft"}),
+    ("evaluate.py", "--rm", {"--data": "eval.jsonl", "--sft": "sft"}),
+    ("evaluate.py", "--extra", {"--data": "eval.jsonl", "--sft": "sft"}),
+    ("sample.py", "--ckpt", {"--prompt": "sort 3 1"}),
+    ("export_hf.py", "--ckpt", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def models_and_data(tmp_path_factory):
+    """A tiny SFT model, a reward model made from it, the task's data files, and a directory without ckpt.pt."""
+    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("models")
+    tok = Tokenizer.byte_level()
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(gpt, tok, "sft", {"seed": 0}, 1))
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(ScalarGPT.from_gpt(gpt), tok, "rm", {"seed": 0}, 1))
+    tasks.main(["--out_dir", str(d), "--n_sft", "8", "--n_prefs", "4", "--n_prefs_eval", "2", "--n_prompts", "4",
+                "--n_eval", "4"])
+    (d / "export").mkdir()
+    (d / "export" / "config.json").write_text("{}")  # a directory of other files, a Hugging Face export, say
+    return d
+
+
+@pytest.mark.parametrize("name, flag_name, others", MODEL_FLAGS, ids=lambda v: v if isinstance(v, str) else "")
+def test_a_model_directory_without_its_checkpoint_is_one_line_naming_the_flag(name, flag_name, others,
+                                                                                models_and_data, monkeypatch, capsys):
+    """Before: 'out/x/ckpt.pt: no such checkpoint file', which of the two or three models was wrong left unsaid."""
+    d = models_and_data
+    bad = str(d / "export")
+    given = {k: (v if k == "--prompt" else str(d / v)) for k, v in others.items()}
+    out = d / f"out_{name}_{flag_name}"
+    given["--out" if name == "export_hf.py" else "--out_dir"] = str(out)
+    if name == "sample.py":
+        del given["--out_dir"]
+    argv = [w for k, v in given.items() for w in (k, v)] + [flag_name, f"a={bad}" if flag_name == "--extra" else bad]
+    code, err = run_cli(name, argv + ["--device", "cpu"] * (name != "export_hf.py"), monkeypatch, capsys)
+    if name == "train_sft.py":  # a Hugging Face export is what --init_from takes besides a checkpoint: its config.json
+        message = f"--init_from {bad}: "
+    else:
+        message = f"{flag_name} {bad}: not a checkpoint directory (no ckpt.pt in it)"
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {message}"), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
