@@ -536,7 +536,8 @@ def main(argv=None):
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
     check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
     check_out_dir_flag(cfg.out_dir)  # now, in one line, not after minutes of sampling
-    sft_ckpt = load_model_checkpoint(cfg.sft, flag="--sft")[1]
+    # what the SFT run saved besides its weights (its seed, its shape); the weights are loaded below, with the model
+    sft_ckpt = {k: v for k, v in load_model_checkpoint(cfg.sft, flag="--sft")[1].items() if k != "model"}
     if cfg.seed is None:
         cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
@@ -546,29 +547,33 @@ def main(argv=None):
     if cfg.ppo:
         paths["ppo"] = cfg.ppo
     paths.update(parse_extra(cfg.extra))
-    models, ckpts = {}, {}
+    models, run_flags = {}, {}
     for name, path in paths.items():
         flag_name = f"--{name}" if name in ("sft", "ppo") else "--extra"
-        models[name], tok_i, ckpts[name] = load_model(path, rt.device, kind="gpt", flag=flag_name)
+        # of the checkpoint dict, a CPU copy of the weights, only the run's flags are kept
+        models[name], tok_i, ckpt = load_model(path, rt.device, kind="gpt", flag=flag_name)
+        run_flags[name] = ckpt.get("args", {})
+        del ckpt
         if name == "sft":
             tok = tok_i
         check(tok_i.same_encoding(tok), f"{path}: its tokenizer differs from the SFT checkpoint's")
     if cfg.init_row:
         torch.manual_seed(cfg.seed)
         models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
-    rm, rm_ckpt, reward_norm = None, {}, (0.0, 1.0)
+    rm, reward_norm = None, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_rm, rm_ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
+        rm, tok_rm, ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
         check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
         rm.eval()
-        reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)
+        reward_norm = (float(ckpt.get("reward_mean", 0.0)), float(ckpt.get("reward_std", 1.0)) or 1.0)
+        del ckpt
     for m in models.values():
         m.eval()
     ref = models["sft"]
 
     # derived sizes
     if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = int(ckpts.get("ppo", {}).get("args", {}).get("response_length", 64))
+        cfg.max_new_tokens = int(run_flags.get("ppo", {}).get("response_length", 64))
     block_size = min([m.config.block_size for m in models.values()] + ([rm.config.block_size] if rm else []))
     prompt_budget = block_size - cfg.max_new_tokens
     check(prompt_budget > 0, f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "

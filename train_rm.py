@@ -380,7 +380,7 @@ def main():
     window = (state or {}).get("window") or {"loss": 0.0, "acc": 0.0, "pad_frac": 0.0, "steps": 0}
     loss_sum, n_steps = window["loss"], window["steps"]
     acc_sum, pad_frac = (window["acc"], window["pad_frac"]) if dist.is_main() else (0.0, 0.0)
-    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this session's steps
+    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this process's steps (since it started or resumed)
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)

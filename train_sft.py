@@ -234,10 +234,12 @@ def main():
     # --init_from is its saved one, checked when it started
     check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from}
                   if not resuming and args.init_from != "scratch" else {})
-    state = None
+    state = saved_lora = None
     if resuming:
         ckpt, state = load_run(args.out_dir)
         args = resumed_flags(args, ckpt)
+        saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
+        del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
     # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
@@ -251,14 +253,14 @@ def main():
     if state is None or args.lora_rank:  # a LoRA run resumes from its base (--init_from) and its saved adapters
         model, tok = init_model(args)
     else:
-        model, tok, _ = load_model(args.out_dir, kind="gpt")
+        model, tok = load_model(args.out_dir, kind="gpt")[:2]  # not its third value, a CPU copy of the weights
     if args.lora_rank:
         try:
             lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
         except ValueError as e:
             raise UserError(f"--lora_targets: {e}") from None
         if state is not None:
-            model.load_state_dict(ckpt["lora"]["trainable"], strict=False)
+            model.load_state_dict(saved_lora["trainable"], strict=False)
     model.to(rt.device)
     max_len = min(args.block_size, model.config.block_size)
     train, n_cut = encode_sft(train_records, tok, max_len)
@@ -306,7 +308,7 @@ def main():
     window = (state or {}).get("window") or {"loss": 0.0, "pad_frac": 0.0, "steps": 0}
     loss_sum, n_steps = torch.tensor(window["loss"], device=rt.device), window["steps"]
     pad_frac = window["pad_frac"] if dist.is_main() else 0.0
-    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this session's steps
+    n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this process's steps (since it started or resumed)
     while step < stop:
         t0 = time.perf_counter()
         lr = cosine_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)

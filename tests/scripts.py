@@ -71,35 +71,32 @@ def without_timings(rows):
 
 def track_checkpoint_dicts(monkeypatch, module, probe):
     """
-    Wrap module.load_model and module.load_run so that every checkpoint dict they return is watched (a weakref),
-    and module.<probe> so that each call appends how many of those dicts are still alive to the list returned.
-    Returns (alive, refs): after a run, not any(alive) means no checkpoint dict (a CPU copy of the weights) was
-    held while training.
+    Wrap the checkpoint loaders module holds (load_model, load_run, load_model_checkpoint) so that every checkpoint
+    dict they return is watched (a weakref), and module.<probe> so that each call appends how many of those dicts
+    are still alive to the list returned. Returns (alive, refs): after a run, not any(alive) means no checkpoint
+    dict (a CPU copy of the weights) was held while training (or sampling).
     """
     class Ckpt(dict):  # a dict that a weakref can point at
         pass
 
     refs, alive = [], []
-    real_load_model, real_load_run, real_probe = module.load_model, module.load_run, getattr(module, probe)
 
-    def tracked(ckpt):
-        ckpt = Ckpt(ckpt)
-        refs.append(weakref.ref(ckpt))
-        return ckpt
+    def tracking(real, where):  # where: the checkpoint dict's place in what real returns
+        def load(*a, **kw):
+            values = list(real(*a, **kw))
+            values[where] = Ckpt(values[where])
+            refs.append(weakref.ref(values[where]))
+            return tuple(values)
+        return load
 
-    def load_model(*a, **kw):
-        model, tok, ckpt = real_load_model(*a, **kw)
-        return model, tok, tracked(ckpt)
-
-    def load_run(out_dir):
-        ckpt, state = real_load_run(out_dir)
-        return tracked(ckpt), state
+    for name, where in (("load_model", 2), ("load_run", 0), ("load_model_checkpoint", 1)):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, tracking(getattr(module, name), where))
+    real_probe = getattr(module, probe)
 
     def probed(*a, **kw):
         alive.append(sum(r() is not None for r in refs))
         return real_probe(*a, **kw)
 
-    monkeypatch.setattr(module, "load_model", load_model)
-    monkeypatch.setattr(module, "load_run", load_run)
     monkeypatch.setattr(module, probe, probed)
     return alive, refs

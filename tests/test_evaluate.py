@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from scripts import script
+from scripts import script, track_checkpoint_dicts
 
 import evaluate
 from nanorlhf import tasks
@@ -438,6 +438,27 @@ def test_curves_table_keeps_the_first_and_last_iteration_evenly_spaced(n_rows):
             assert min(gaps) >= 1 and max(gaps) - min(gaps) <= 1, (n, shown)
         for r, i in zip(rows, shown):  # each row's numbers are its own iteration's
             assert r[1:] == [evaluate.fmt(0.5 * i), evaluate.fmt(0.25 * i) + " |"], (n, r)
+
+
+def test_no_checkpoint_dict_is_held_while_sampling(tmp_path, monkeypatch, one_thread):
+    """
+    Of the checkpoint dicts (CPU copies of the weights) of the SFT, PPO and reward models, only the flags and the
+    reward's mean and std are kept: before, all of them, and the SFT weights twice, were held to the end.
+    """
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hello there"}) + "\n")
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(2), tok, "ppo", {"response_length": 5}, 5))
+    rm = ScalarGPT(GPTConfig(**TINY))
+    save_checkpoint(str(tmp_path / "rm"), model_payload(rm, tok, "rm", {}, 5, reward_mean=0.2, reward_std=2.0))
+    alive, refs = track_checkpoint_dicts(monkeypatch, evaluate, "evaluate_policy")
+    evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--ppo", str(tmp_path / "ppo"), "--rm",
+                   str(tmp_path / "rm"), "--n_show", "0", "--out_dir", str(tmp_path / "out"), "--device", "cpu",
+                   "--dtype", "float32"])
+    assert len(refs) == 4 and alive == [0, 0, 0], alive  # SFT twice (its flags first), PPO, RM; 3 policies
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["seed"] == 3 and set(report) >= {"sft", "ppo", "rm"}
 
 
 def test_report_without_an_rm_says_nothing_of_one(tmp_path):

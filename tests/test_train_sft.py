@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import ENV, ROOT, read_metrics, script, without_timings
+from scripts import ENV, ROOT, read_metrics, script, track_checkpoint_dicts, without_timings
 
 sys.path.insert(0, ROOT)  # train_sft.py is a top-level script
 
@@ -118,6 +118,22 @@ def test_resume_gives_the_same_run(data, full_run, tmp_path):
     a = torch.load(full_run / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]])
+def test_a_resumed_run_holds_no_checkpoint_dict_while_training(data, tmp_path, monkeypatch, one_thread, lora):
+    """
+    The checkpoint dicts load_run and load_model return, CPU copies of every weight, are gone by the first step
+    of a resumed run, full or LoRA (before: the one load_run returned was held for the whole run).
+    """
+    alive, refs = track_checkpoint_dicts(monkeypatch, sft_stage, "sft_loss")
+    cmd = ["train_sft.py", "--data", str(data / "sft.jsonl"), "--out_dir", str(tmp_path / "sft"), *TINY, *lora,
+           "--max_steps", "4", "--eval_interval", "2", "--eval_batches", "1", "--ckpt_interval", "2"]
+    for extra in (["--stop_at", "2"], ["--resume", "on"]):
+        monkeypatch.setattr(sys, "argv", cmd + extra)
+        sft_stage.main()
+    assert torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert refs and alive and not any(alive[-2:]), alive  # the resumed run's last two steps
 
 
 def test_resume_refuses_a_changed_flag(full_run):
