@@ -289,7 +289,7 @@ def main():
                  "sft/ckpt.pt", "rm/ckpt.pt", "ppo/ckpt.pt"):
         check(os.path.isfile(os.path.join(d, path)), f"{os.path.join(d, path)}: not found (run `make` first)")
     ppo_ckpt = os.path.join(d, "ppo/ckpt.pt")
-    ppo_payload = load_checkpoint(ppo_ckpt)
+    ppo_payload = load_checkpoint(ppo_ckpt, mmap=True)  # its stage and flags: the tensors are mapped, not read
     stage = ppo_payload.get("stage")
     check(stage in (None, "ppo"), f"{ppo_ckpt}: holds a checkpoint of the {stage!r} stage, not of a PPO run "
                                   "(the methods get the budget of the run that train_ppo.py writes there)")
@@ -297,7 +297,7 @@ def main():
     missing = [k for k in BUDGET_FLAGS if k not in ppo_flags]
     check(not missing, f"{ppo_ckpt}: its saved flags lack {', '.join(missing)}: not a train_ppo.py run's checkpoint")
     if cfg.seed is None:
-        cfg.seed = int(load_checkpoint(os.path.join(d, "sft")).get("args", {}).get("seed", 0))
+        cfg.seed = int(load_checkpoint(os.path.join(d, "sft"), mmap=True).get("args", {}).get("seed", 0))
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))
     # the other data files that the runs below read, each with the reader its script uses, so that a bad record
     # stops compare.py here rather than after the methods before that script have trained
@@ -356,7 +356,8 @@ def main():
     with open(os.path.join(eval_dir, "policies.json")) as f:
         rows = json.load(f)
     for name in rows:
-        rows[name]["models"] = RESIDENT.get(name) or load_checkpoint(os.path.join(root, name)).get("models_resident")
+        held = RESIDENT.get(name) or load_checkpoint(os.path.join(root, name), mmap=True).get("models_resident")
+        rows[name]["models"] = held
     write_text(os.path.join(root, "rows.json"), json.dumps(rows, indent=2) + "\n")
 
     order = ["sft", "ppo", *methods]

@@ -192,19 +192,20 @@ def main(argv=None):
 
     # the models, all on one tokenizer
     policies = {}
-    model, tok, _ = load("ckpt", cfg.ckpt, rt.device, "gpt")
+    model, tok = load("ckpt", cfg.ckpt, rt.device, "gpt")[:2]  # not its third value, a CPU copy of the weights
     policies[cfg.ckpt] = model.eval()
     if cfg.compare:
         check(cfg.compare != cfg.ckpt, f"--compare {cfg.compare}: the same checkpoint as --ckpt")
-        model, tok_c, _ = load("compare", cfg.compare, rt.device, "gpt")
+        model, tok_c = load("compare", cfg.compare, rt.device, "gpt")[:2]
         check(tok_c.same_encoding(tok), f"--compare {cfg.compare}: its tokenizer differs from --ckpt's")
         policies[cfg.compare] = model.eval()
     rm, reward_norm = None, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_r, rm_ckpt = load("rm", cfg.rm, rt.device, "scalar", stage="rm")
+        rm, tok_r, ckpt = load("rm", cfg.rm, rt.device, "scalar", stage="rm")
         check(tok_r.same_encoding(tok), f"--rm {cfg.rm}: its tokenizer differs from --ckpt's")
         rm.eval()
-        reward_norm = (float(rm_ckpt.get("reward_mean", 0.0)), float(rm_ckpt.get("reward_std", 1.0)) or 1.0)
+        reward_norm = (float(ckpt.get("reward_mean", 0.0)), float(ckpt.get("reward_std", 1.0)) or 1.0)
+        del ckpt  # a CPU copy of the weights, of which only the mean and std are needed
     # prompt + response must fit the context: prompt + max_new_tokens - 1 tokens go through the model
     budget = min(m.config.block_size for m in policies.values()) - cfg.max_new_tokens + 1
     check(budget >= 1, f"--max_new_tokens {cfg.max_new_tokens}: leaves no room for a prompt in the context of "

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from scripts import closed_early, script
+from scripts import closed_early, script, track_checkpoint_dicts
 
 import sample
 from nanorlhf import tasks
@@ -137,6 +137,14 @@ def test_responses_and_scores_match_a_plain_loop(ckpts, capsys):
             assert r["gold"] == (tasks.gold(p, r["response"]) if p.startswith("sort") else None)
             assert r["tokens"] <= 12 and (r["eos"] or r["tokens"] == 12)  # without EOS only at the limit
     assert any(r["eos"] for r in rows) and not all(r["eos"] for r in rows)  # both kinds of ending are exercised
+
+
+def test_no_checkpoint_dict_is_held_while_sampling(ckpts, capsys, monkeypatch):
+    """The checkpoint dicts of --ckpt, --compare and --rm (CPU copies of the weights) were held to the end."""
+    alive, refs = track_checkpoint_dicts(monkeypatch, sample, "chat_ids")
+    run_main(["--ckpt", str(ckpts / "a"), "--compare", str(ckpts / "b"), "--rm", str(ckpts / "rm"), "--prompt", "hi",
+              "--max_new_tokens", "4"], capsys)
+    assert len(refs) == 3 and alive and not any(alive), alive
 
 
 def test_seeded_output_is_reproducible_and_compare_prints_both(ckpts, capsys):
