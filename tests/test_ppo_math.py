@@ -174,6 +174,22 @@ def test_masked_whiten_ignores_padding_and_matches_numpy():
     assert np.allclose(got, ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_masked_whiten_of_a_few_real_values_uses_the_unbiased_variance(n):
+    """
+    A rollout with only a few real tokens: n - 1 in the variance from n = 2 on (numpy's ddof=1), 0 at n = 1 (the
+    docstring's examples are n = 2). A Bessel correction that started at n = 3 passed the test above.
+    """
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    mask = torch.zeros(2, 4)
+    mask.view(-1)[torch.randperm(8, generator=g)[:n]] = 1
+    real = x[mask.bool()].numpy()
+    ref = (real - real.mean()) / np.sqrt((real.var(ddof=1) if n > 1 else 0.0) + 1e-8)
+    out = masked_whiten(x, mask)
+    assert np.allclose(out[mask.bool()].numpy(), ref, atol=1e-12) and (out[mask == 0] == 0).all()
+
+
 # -----------------------------------------------------------------------------
 # losses
 
