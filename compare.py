@@ -296,6 +296,10 @@ def main():
     ppo_flags = saved_flags(ppo_payload, ppo_ckpt)
     missing = [k for k in BUDGET_FLAGS if k not in ppo_flags]
     check(not missing, f"{ppo_ckpt}: its saved flags lack {', '.join(missing)}: not a train_ppo.py run's checkpoint")
+    # a run stopped early (--stop_at, Ctrl-C) is whole on disk, but the methods would get its full budget
+    done, planned = ppo_payload.get("step"), ppo_flags["num_iterations"]
+    check(done == planned, f"{ppo_ckpt}: the PPO run stopped at iteration {done} of {planned}: finish it first "
+                           f"(python train_ppo.py --out_dir {os.path.join(d, 'ppo')} --resume on)")
     if cfg.seed is None:
         cfg.seed = int(load_checkpoint(os.path.join(d, "sft"), mmap=True).get("args", {}).get("seed", 0))
     prefs = read_prefs(os.path.join(d, "data/prefs.jsonl"))

@@ -111,6 +111,10 @@ def test_dpo_batch_size_below_1_is_one_line(tmp_path, monkeypatch, capsys):
      "ppo/ckpt.pt: holds a checkpoint of the 'sft' stage, not of a PPO run"),
     ({"stage": "ppo", "args": {"num_iterations": 2, "batch_size": 8}},
      "ppo/ckpt.pt: its saved flags lack ppo_epochs, num_minibatches: not a train_ppo.py run's checkpoint"),
+    # a run stopped by --stop_at or Ctrl-C: the methods got its 4 iterations' budget against a policy of 1
+    ({"stage": "ppo", "step": 1, "args": {"num_iterations": 4, "batch_size": 8, "ppo_epochs": 1, "num_minibatches": 1}},
+     "ppo/ckpt.pt: the PPO run stopped at iteration 1 of 4: finish it first (python train_ppo.py --out_dir {d}/ppo "
+     "--resume on)"),
 ])
 def test_a_ppo_checkpoint_that_is_not_a_ppo_run_s_is_one_line_naming_it(tmp_path, monkeypatch, capsys, payload,
                                                                         message):
@@ -124,6 +128,7 @@ def test_a_ppo_checkpoint_that_is_not_a_ppo_run_s_is_one_line_naming_it(tmp_path
         torch.save({"step": 1, "stage": stage, "args": {"seed": 0}}, tmp_path / stage / "ckpt.pt")
     torch.save(payload, tmp_path / "ppo" / "ckpt.pt")
     code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", "dpo"])
+    message = message.format(d=tmp_path)
     assert code == 2 and err.startswith(f"error: {tmp_path}/{message}") and err.count("\n") == 1, err
     assert not (tmp_path / "compare").exists()
 
@@ -192,7 +197,7 @@ def fake_pipeline(tmp_path, monkeypatch, check_flags=False):
     ppo = {"num_iterations": 2, "batch_size": 8, "ppo_epochs": 2, "num_minibatches": 2, "lr": 1e-4, "temperature": 0.7}
     for stage, args in (("sft", {"seed": 0}), ("rm", {"seed": 0}), ("ppo", ppo)):
         (tmp_path / stage).mkdir()
-        torch.save({"step": 1, "stage": stage, "args": args}, tmp_path / stage / "ckpt.pt")
+        torch.save({"step": 2 if stage == "ppo" else 1, "stage": stage, "args": args}, tmp_path / stage / "ckpt.pt")
     cmds = {}
 
     def train(name, cmd, log_path):
