@@ -46,8 +46,6 @@ from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE = ("grpo", "dr_grpo", "rloo")
-# models held in memory while training, for the rows this script does not train
-RESIDENT = {"sft": 1, "ppo": 4}
 # train_ppo.py flags that train_grpo.py has with the same meaning, for the online methods' matched runs
 SHARED_FLAGS = ("response_length", "temperature", "missing_eos_penalty", "lr", "anneal_lr", "weight_decay", "beta1",
                 "beta2", "clip_coef", "max_grad_norm")
@@ -194,7 +192,7 @@ def table(rows, order):
         r = rows[name]
         gold = fmt(r["gold"]) + (f" ± {r['gold_sem']:.3f}" if r.get("gold_sem") is not None else "")
         lines.append(f"| {name} | {gold} | {fmt(r['win_rate_vs_sft'])} | {fmt(r['kl'], 2)} | {fmt(r['rm'], 2)} "
-                     f"| {fmt(r['length'], 1)} | {fmt(r['wall_s'], 0)} | {r['models']} |")
+                     f"| {fmt(r['length'], 1)} | {fmt(r['wall_s'], 0)} | {fmt(r['models'])} |")
     return "\n".join(lines)
 
 
@@ -359,9 +357,12 @@ def main():
           os.path.join(root, "evaluate.log"))
     with open(os.path.join(eval_dir, "policies.json")) as f:
         rows = json.load(f)
+    # the full models each run held while training: SFT's one, and what the others' ckpt.pt recorded (PPO's depend on
+    # its options; a PPO run saved before they were recorded has none: "-")
+    held = {"sft": 1, "ppo": ppo_payload.get("models_resident")}
     for name in rows:
-        held = RESIDENT.get(name) or load_checkpoint(os.path.join(root, name), mmap=True).get("models_resident")
-        rows[name]["models"] = held
+        rows[name]["models"] = held[name] if name in held else load_checkpoint(os.path.join(root, name),
+                                                                               mmap=True).get("models_resident")
     write_text(os.path.join(root, "rows.json"), json.dumps(rows, indent=2) + "\n")
 
     order = ["sft", "ppo", *methods]
@@ -384,7 +385,8 @@ def main():
           "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
           "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "
           "length: tokens, EOS included; wall time: the training loop's seconds (SFT: its own stage; others start "
-          "from it); models in memory: while training (PPO: actor, critic, reference, RM; GRPO/RLOO: policy, "
+          "from it); models in memory: while training (PPO: actor, critic, reference, RM, 3 with a shared trunk, 2 with "
+          "LoRA; GRPO/RLOO: policy, "
           "reference, RM; DPO: the policy, after one pass of the reference over the data).", ""]
     if png:
         md += ["![held-out gold against KL to SFT](gold_vs_kl.png)", ""]

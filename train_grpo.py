@@ -60,12 +60,12 @@ import torch
 from nanorlhf import data as D
 from nanorlhf import dist
 from nanorlhf import utils
-from nanorlhf.losses import clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
-from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
-                              score_and_logprobs, truncate_after_eos, write_samples)
+from nanorlhf.losses import clip_fraction, clipped_surrogate, kl_penalty, logprobs_from_logits, masked_mean, masked_sum
+from nanorlhf.rollout import (disable_dropout, encode_rollout_prompts, freeze, judged_samples, missing_eos_default,
+                              next_prompt_indices, sample, truncate_and_score, write_samples)
 from nanorlhf.train_common import (RESUME_HELP, ROLLOUT_RESUME_FREE, check_out_dir, check_rm_context,
-                                   check_rollout_flags, gold_on, input_digests, keep_samples_until, load_run,
-                                   optimizer_step, parse_stage_flags, resumed_flags, save_files, wants_resume)
+                                   check_rollout_flags, gold_on, input_digests, load_run, optimizer_step,
+                                   parse_stage_flags, resumed_flags, save_files, start_logging, wants_resume)
 from nanorlhf.utils import check, flag
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -74,7 +74,7 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 # The group math: top-level functions that tests/test_grpo.py checks against float64 loops.
 #
 # A rollout holds B = n_prompts * G episodes, group-major: rows g*G .. g*G + G - 1 are the G responses to
-# prompt g. Per-token tensors are response-only (B, R) with the mask convention of train_ppo.py (1 on the real
+# prompt g. Per-token tensors are response-only (B, N) with the mask convention of train_ppo.py (1 on the real
 # response tokens, the EOS included, 0 on the pads after it).
 
 
@@ -109,7 +109,7 @@ def group_advantages(scores, group_size, kind, eps=1e-4):
 
 def aggregate_loss(per_token, mask, kind, max_len):
     """
-    The batch's loss from per-token losses. per_token, mask (B, R); max_len = the generation budget L_max.
+    The batch's loss from per-token losses. per_token, mask (B, N); max_len = the generation budget L_max.
     -> scalar, a mean over the B responses of a per-response quantity (so micro-batches weighted by their
     share of the responses add up to the minibatch's loss exactly):
 
@@ -228,34 +228,24 @@ def check_args(args, given=()):
 @torch.no_grad()
 def make_experience(actor, ref, reward_model, context, context_mask, response, tok, args, rt):
     """
-    Steps 2-5 of the rollout for already sampled responses (group-major rows). Returns a dict of tensors.
+    Steps 2-6 of the rollout for already sampled responses (group-major rows). Returns a dict of tensors.
     context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
     """
-    T = context.size(1)
-    # 2. truncate after the first EOS (train_ppo.make_experience draws the masking convention)
-    response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
-    has_eos = (response == tok.eos_id).any(-1)  # (B,)
-    seq = torch.cat([context, response], dim=1)  # (B, T + N)
-    seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
-    # 3. the reward model's score at the last real token; 4. logprobs under the policy (they become pi_old) and the
-    # reference, at the sampling temperature. In micro-batches of the update's size; under torchrun each rank runs
-    # its share of them and the ranks gather the rows, so that every group is whole for 5. on every rank
-    micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
-    out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt)
-    rm_scores, entropy = out["rm_scores"], out["entropy"]  # (B,), (B, N) float32 (float64 for float64 models)
-    logprobs, ref_logprobs = out["logprobs"], out["ref_logprobs"]  # (B, N) each, 0 on the pads
-    # a response that never ended gets the penalty score instead of the RM's
-    scores = rm_scores
-    if args.missing_eos_penalty is not None:
-        scores = torch.where(has_eos, rm_scores, torch.full_like(rm_scores, args.missing_eos_penalty))  # (B,)
-    kl = masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), response_mask, dim=1)  # (B,) k1 summed per response
+    # 2. truncate after the first EOS; 3. score: the RM's score at the last real token (--missing_eos_penalty for a
+    # response without EOS), logprobs under the policy (they become pi_old) and the reference, at the sampling
+    # temperature (train_ppo.make_experience draws the masking convention); the ranks gather the rows, so that every
+    # group is whole on every rank. No critic: exp["values"] is None
+    exp = truncate_and_score(actor, ref, reward_model, context, context_mask, response, tok, args, rt)
+    scores = exp["scores"]  # (B,)
+    # KL_i = sum_t k1_t,  k1 = log pi - log pi_ref: the response's KL to the reference
+    kl = masked_sum(kl_penalty(exp["logprobs"], exp["ref_logprobs"], "k1"), exp["response_mask"], dim=1)  # (B,)
 
-    # 5. the reward each response is judged by, and its advantage within its group
-    rewards = scores - args.kl_coef * kl if args.kl_in == "reward" else scores  # r_i = R(x, y_i) [- beta * KL_i]
+    # 4. the reward each response is judged by: r_i = R(x, y_i) [- beta * KL_i with --kl_in reward]
+    rewards = scores - args.kl_coef * kl if args.kl_in == "reward" else scores
+    # 5.-6. (no whitening, no GAE) the advantage of each response within its group
     advantages = group_advantages(rewards, args.group_size, args.advantage, args.adv_eps)  # (B,)
-    return dict(seq=seq, seq_mask=seq_mask, context_len=T, response=response, response_mask=response_mask,
-                has_eos=has_eos, scores=scores, rm_scores=rm_scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                entropy=entropy, kl=kl, rewards=rewards, advantages=advantages)
+    del exp["values"]  # no critic
+    return {**exp, "kl": kl, "rewards": rewards, "advantages": advantages}
 
 
 def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
@@ -285,9 +275,9 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
             mb_mask = exp["response_mask"][mb_inds]
             n_tokens = mb_mask.sum().clamp(min=1)
             mine = dist.mine(range(0, mb_size, micro_size))  # this rank's micro-batches of the minibatch
-            for n, mstart in enumerate(mine):
+            for k, mstart in enumerate(mine):
                 i = mb_inds[mstart:mstart + micro_size]
-                dist.sync_grads(actor, n == len(mine) - 1)  # the ranks sum their gradients on the last one
+                dist.sync_grads(actor, k == len(mine) - 1)  # the ranks sum their gradients on the last one
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = len(i) / mb_size  # aggregate_loss is a mean over responses: weigh by the count
                 with rt.autocast():
@@ -307,11 +297,9 @@ def grpo_update(actor, opt, exp, args, rt, lr, iteration=None):
                     mb_stats["kl_loss"] += kl_loss.detach() * share
                 (loss * share).backward()
                 with torch.no_grad():
-                    # the clipped term is the one used where it gives the larger loss (as train_ppo.policy_loss)
-                    A = exp["advantages"][i][:, None]  # (b, 1)
-                    clipped = -A * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef) > -A * ratio  # (b, N)
                     tok_share = mask.sum() / n_tokens
-                    mb_stats["clipfrac"] += masked_mean(clipped.float(), mask) * tok_share
+                    clipfrac = clip_fraction(ratio, exp["advantages"][i][:, None], mask, args.clip_coef)
+                    mb_stats["clipfrac"] += clipfrac * tok_share
                     mb_stats["ratio"] += masked_mean(ratio, mask) * tok_share
                 if epoch == 0 and start == 0:
                     first_ratio_max_dev = torch.maximum(first_ratio_max_dev, ((ratio.detach() - 1).abs() * mask).max())
@@ -346,6 +334,7 @@ def main(argv=None):
         # --num_iterations may extend the run, not shorten it: a smaller one would change the learning rate of the
         # iterations left (the schedule decays to 0 at --num_iterations) and end the run early, silently
         saved = ckpt["args"].get("num_iterations", args.num_iterations)
+        del ckpt  # only its flags were needed: no CPU copy of the weights held for the run (they load from out_dir)
         check(args.num_iterations >= saved, f"--resume: --num_iterations {args.num_iterations} is below the run's "
                                             f"{saved} (a larger value extends the run; a smaller one cannot)")
     check_args(args, given)
@@ -363,9 +352,8 @@ def main(argv=None):
                                    flag=None if state is not None else "--sft")
     ref, ref_tok, _ = utils.load_model(args.sft, rt.device, kind="gpt", flag="--sft")
     reward_model, rm_tok, rm_ckpt = utils.load_model(args.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
-    if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
-        mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
-        args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
+    if args.missing_eos_penalty is None:
+        args.missing_eos_penalty = missing_eos_default(rm_ckpt)
     check(ref_tok.same_encoding(tok) and rm_tok.same_encoding(tok),
           f"{args.sft} and {args.rm} use different tokenizers; the RM must score the policy's tokens")
     check_rm_context(actor, reward_model, args.sft, args.rm)
@@ -374,13 +362,8 @@ def main(argv=None):
     freeze(ref)
     freeze(reward_model)
     actor.grad_checkpointing = args.grad_checkpointing
-    block_size = actor.config.block_size
-    check(args.response_length < block_size, f"--response_length {args.response_length} must be < block_size {block_size}")
-
-    max_prompt = block_size - args.response_length
-    prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
-    if n_cut:
-        print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
+    # prompts, cut from the left so that prompt + response fits the context
+    prompt_ids = encode_rollout_prompts(prompts, tok, actor.config.block_size, args.response_length)
 
     fwd_actor = utils.maybe_compile(actor, args.compile)
     train_actor = dist.wrap(fwd_actor)  # DDP under torchrun: the update's gradients are summed over the ranks
@@ -407,10 +390,7 @@ def main(argv=None):
                                 "step": iteration, "inputs": inputs},
             utils.CKPT: utils.model_payload(actor, tok, "grpo", args, iteration, models_resident=models_resident)})
 
-    # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
-    logger = dist.metrics_logger(args.out_dir, resume=state is not None, step=start_iter)
-    if dist.is_main():  # only rank 0 writes; a fresh run keeps no earlier run's samples past its first save
-        keep_samples_until(args.out_dir, start_iter)
+    logger = start_logging(args.out_dir, state is not None, start_iter)
     print(f"{args.advantage}: {len(prompts)} prompts, policy {actor.num_params() / 1e6:.2f}M params, "
           f"{args.num_iterations} iterations x {n_prompts_per_batch} prompts x G = {G}, KL in the {args.kl_in} "
           f"(beta {args.kl_coef}), score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
@@ -418,17 +398,12 @@ def main(argv=None):
     timer = utils.Timer(stop, start_iter)
     for it in range(start_iter, stop):
         lr = (1.0 - it / args.num_iterations) * args.lr if args.anneal_lr else args.lr
-        # rollout: 1. sample G responses per prompt (the prompt's row repeated G times, group-major)
+        # rollout: 1. generate G responses per prompt (the prompt's row repeated G times, group-major), 2.-6.
+        # make_experience
         t0 = time.time()
         pidx, sampler_state = next_prompt_indices(len(prompts), n_prompts_per_batch, args.seed, sampler_state)
         idx = [i for i in pidx for _ in range(G)]
-        batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
-        actor.eval()
-        with rt.autocast():
-            response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
-        # under torchrun every rank sampled the whole batch from the same random stream; rank 0's copy makes sure
-        # they agree exactly (as in train_ppo.py)
-        response = dist.from_main(response)
+        batch, response = sample(actor, prompt_ids, idx, tok, args, rt)
         exp = make_experience(fwd_actor, ref, reward_model, batch["idx"], batch["attention_mask"], response, tok, args, rt)
         t_rollout = time.time() - t0
         # update
@@ -453,8 +428,8 @@ def main(argv=None):
             "t_rollout": t_rollout,
             "t_update": t_update,
         }
-        write = it == 0 or (it + 1) % args.sample_interval == 0
-        if use_gold or write:
+        sample_now = it == 0 or (it + 1) % args.sample_interval == 0
+        if use_gold or sample_now:
             samples = judged_samples(tok, [prompts[i] for i in idx], exp["response"], mask, exp["scores"], use_gold)
         if use_gold:
             row["gold"] = sum(s["gold"] for s in samples) / len(samples)
@@ -464,7 +439,7 @@ def main(argv=None):
               f"equal groups {row['equal_groups']:.2f} | ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} | "
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
-        if write and dist.is_main():
+        if sample_now and dist.is_main():
             write_samples(args.out_dir, it + 1, samples[:args.num_samples])
         if (it + 1) % args.save_interval == 0 or it + 1 == stop:
             save(it + 1)

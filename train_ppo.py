@@ -52,7 +52,6 @@ Deviations from InstructGPT, on purpose:
   by more ranks, the scoring passes and the update are (each rank runs --grad_accum / WORLD_SIZE micro-batches).
 """
 
-import contextlib
 import json
 import os
 import time
@@ -64,11 +63,12 @@ from nanorlhf import data as D
 from nanorlhf import dist, footprint, lora
 from nanorlhf import train_common as C
 from nanorlhf import utils
-from nanorlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, masked_var, sft_loss
+from nanorlhf.losses import (clip_fraction, clipped_surrogate, entropy_from_logits, kl_penalty, logprobs_from_logits,
+                             masked_mean, masked_var, sft_loss)
 from nanorlhf.model import ScalarGPT, ValueHeadGPT, last_index
 from nanorlhf.offload import offload
-from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
-                              score_and_logprobs, truncate_after_eos, write_samples)
+from nanorlhf.rollout import (disable_dropout, encode_rollout_prompts, freeze, judged_samples, missing_eos_default,
+                              next_prompt_indices, sample, truncate_and_score, write_samples)
 from nanorlhf.utils import check, flag
 
 
@@ -76,8 +76,8 @@ from nanorlhf.utils import check, flag
 # The PPO math: top-level functions that tests/test_ppo_math.py checks against float64 loops.
 # (seed section 3, Ziegler et al. 2019)
 #
-# Every tensor here is response-only: (B, R), position 0 is the first sampled token, with a response mask
-# (B, R) that is 1 on the real response tokens (the EOS included) and 0 on the padding after the EOS:
+# Every tensor here is response-only: (B, N), position 0 is the first sampled token, with a response mask
+# (B, N) that is 1 on the real response tokens (the EOS included) and 0 on the padding after the EOS:
 #
 #     r                0     1     2     3     4
 #     response         y0    y1    EOS   pad   pad
@@ -94,19 +94,20 @@ def compute_rewards(logprobs, ref_logprobs, scores, mask, beta, estimator="k1"):
     """
     The KL-shaped per-token reward of InstructGPT / Ziegler et al.
 
-    logprobs, ref_logprobs (B, R) under the rollout policy and the reference; scores (B,) the RM scores;
-    mask (B, R); beta the KL coefficient. -> rewards (B, R), kl (B, R), both 0 on the pads.
+    logprobs, ref_logprobs (B, N) under the rollout policy and the reference; scores (B,) the RM scores;
+    mask (B, N); beta the KL coefficient. -> rewards (B, N), kl (B, N), both 0 on the pads.
 
         r_t = -beta * KL_t                       for every real token
-        r_T = -beta * KL_T + R_RM(x, y)          at T, the last real token (the EOS), whatever the row's length
+        r_T = -beta * KL_T + R_RM(x, y)          at T, the last real token (the EOS, or the last sampled token when
+                                                 there is none), whatever the row's length
 
     Summed over the response this is the seed's R_total = R_RM(x, y) - beta * log(pi(y|x) / pi_ref(y|x)).
     Example: KL = [[.1, .2, 0]], mask = [[1, 1, 0]], score 1, beta 0.5 -> rewards [[-.05, .9, 0]].
     """
-    m = mask.to(logprobs.dtype)  # (B, R)
-    kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, estimator), torch.zeros_like(m))  # (B, R)
+    m = mask.to(logprobs.dtype)  # (B, N)
+    kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, estimator), torch.zeros_like(m))  # (B, N)
     # r_t = -beta * KL_t
-    rewards = -beta * kl  # (B, R)
+    rewards = -beta * kl  # (B, N)
     # r_T += R_RM(x, y) at the last real token T of each row (a row with no real token gets nothing)
     last = last_index(mask)  # (B,)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
@@ -136,7 +137,7 @@ def gae(rewards, values, mask, gamma, lam):
     """
     Generalized Advantage Estimation (Schulman et al. 2016), backwards over the response.
 
-    rewards, values, mask (B, R) -> advantages (B, R), returns (B, R), both 0 on the pads.
+    rewards, values, mask (B, N) -> advantages (B, N), returns (B, N), both 0 on the pads.
     The episode ends at the last real token T: V(s_{T+1}) = 0. The mask must be 1 on one contiguous block
     per row: a prefix for response-only tensors (pads only after the EOS), or the response part of
     prompt | response | pad tensors, which gives the same numbers there.
@@ -145,16 +146,16 @@ def gae(rewards, values, mask, gamma, lam):
         A_t     = delta_t + gamma * lam * A_{t+1}        ( = sum_k (gamma lam)^k delta_{t+k} )
         returns = A_t + V(s_t)                           (the critic's regression target)
 
-    A loop over the R positions, each step vectorised over the batch (as in cleanrl's ppo.py).
+    A loop over the N positions, each step vectorised over the batch (as in cleanrl's ppo.py).
     Example: gamma = lam = 1, one row, rewards [0, 1], values [.5, .5] -> advantages [.5, .5], returns [1, 1].
     """
-    m = mask.to(values.dtype)  # (B, R)
+    m = mask.to(values.dtype)  # (B, N)
     # the pads are past the end of the episode: no reward and V = 0 there, whatever the critic said
-    rewards, values = rewards * m, values * m  # (B, R)
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # (B, R) V(s_{t+1})
+    rewards, values = rewards * m, values * m  # (B, N)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # (B, N) V(s_{t+1})
     # delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
-    deltas = rewards + gamma * next_values - values  # (B, R) 0 on the pads
-    advantages = torch.zeros_like(rewards)  # (B, R)
+    deltas = rewards + gamma * next_values - values  # (B, N) 0 on the pads
+    advantages = torch.zeros_like(rewards)  # (B, N)
     last_gae = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}
     for t in reversed(range(rewards.shape[1])):
         # A_t = delta_t + gamma * lambda * A_{t+1}   (stays 0 through the trailing pads)
@@ -170,7 +171,7 @@ def masked_whiten(x, mask):
     """
     Normalise x to mean 0 and variance 1 over the real tokens only; pads are ignored and come back as 0.
 
-    x, mask (B, R) -> (B, R). The variance is the unbiased one (divides by n - 1, as TRL and
+    x, mask (B, N) -> (B, N). The variance is the unbiased one (divides by n - 1, as TRL and
     summarize_from_feedback_details; numpy's var(ddof=1)).
     Example: x = [[1, 3, 99]], mask = [[1, 1, 0]] -> mean 2, var 2 -> [[-0.7071, 0.7071, 0]].
     """
@@ -186,10 +187,11 @@ def masked_whiten(x, mask):
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
     """
-    PPO's clipped surrogate, as a loss to minimise (the seed's L^CLIP with the sign flipped).
+    PPO's clipped surrogate, as a loss to minimise (the seed's L^CLIP with the sign flipped): the masked mean of
+    losses.clipped_surrogate's per-token losses, with statistics.
 
-    logprobs (B, R) under the current policy (with grad); old_logprobs (B, R) from the rollout; advantages
-    (B, R) whitened; clip_coef = epsilon. -> loss (scalar), stats dict of detached scalars:
+    logprobs (B, N) under the current policy (with grad); old_logprobs (B, N) from the rollout; advantages
+    (B, N) whitened; clip_coef = epsilon. -> loss (scalar), stats dict of detached scalars:
     clipfrac (fraction of real tokens where the clipped term is the one used), approx_kl (k3 estimate of
     KL(pi_old || pi), Schulman's low-variance estimator), ratio (mean ratio; 1 on the first minibatch).
 
@@ -197,19 +199,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
     the loss is a constant and the gradient is exactly 0: the update cannot push further in that direction.
     Example: A = 1, ratio = 1.5, eps = 0.2 -> loss = max(-1.5, -1.2) = -1.2, gradient 0.
     """
-    m = mask.bool()
-    # ratio = pi_theta(y_t) / pi_old(y_t) = exp(log pi_theta - log pi_old)   (pads set to ratio 1, never exp'd)
-    logratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, R)
-    ratio = torch.exp(logratio)  # (B, R)
-    # L^CLIP = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) = max(-A * ratio, -A * clip(...))
-    pg_losses = -advantages * ratio  # (B, R)
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)  # (B, R)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    # L^CLIP = mean_t min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t),  ratio_t = pi_theta(y_t) / pi_old(y_t)
+    # pg_loss = -L^CLIP = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))   (pads: ratio 1, loss 0)
+    per_token, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_coef)  # (B, N), (B, N)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
-        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
         # approx KL(pi_old || pi) = E[(ratio - 1) - log ratio]
-        approx_kl = masked_mean((ratio - 1) - logratio, mask)
-        stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio": masked_mean(ratio, mask)}
+        approx_kl = masked_mean((ratio - 1) - (logprobs - old_logprobs), mask)
+        stats = {"clipfrac": clip_fraction(ratio, advantages, mask, clip_coef), "approx_kl": approx_kl,
+                 "ratio": masked_mean(ratio, mask)}
     return loss, stats
 
 
@@ -217,21 +215,21 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
     """
     Clipped value loss (as in OpenAI's baselines PPO2 and lm-human-preferences).
 
-    values (B, R) of the critic now (with grad); old_values (B, R) from the rollout; returns (B, R) from gae;
+    values (B, N) of the critic now (with grad); old_values (B, N) from the rollout; returns G (B, N) from gae;
     clip_range_value = c. -> loss (scalar), stats {"vf_clipfrac": fraction of real tokens where the clipped
     error is the larger one}.
 
         V_clip = clip(V, V_old - c, V_old + c)
-        L_V    = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+        L_V    = 0.5 * mean_t max((V - G)^2, (V_clip - G)^2)
 
     Like the policy clip, it keeps the critic from moving far from its rollout values in one iteration.
-    Example: V = 2, V_old = 0, R = 3, c = 0.2 -> max(1, 7.84) / 2 = 3.92.
+    Example: V = 2, V_old = 0, G = 3, c = 0.2 -> max(1, 7.84) / 2 = 3.92.
     """
     # V_clip = V_old + clip(V - V_old, -c, c)
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
-    # L_V = 0.5 * max((V - R)^2, (V_clip - R)^2)
-    vf_losses = (values - returns) ** 2  # (B, R)
-    vf_losses_clipped = (values_clipped - returns) ** 2  # (B, R)
+    # L_V = 0.5 * max((V - G)^2, (V_clip - G)^2)
+    vf_losses = (values - returns) ** 2  # (B, N)
+    vf_losses_clipped = (values_clipped - returns) ** 2  # (B, N)
     loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
     with torch.no_grad():
         vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).to(vf_losses.dtype), mask)
@@ -240,13 +238,13 @@ def value_loss(values, old_values, returns, mask, clip_range_value):
 
 def explained_variance(values, returns, mask):
     """
-    1 - Var[returns - values] / Var[returns] over the real tokens -> float (as in cleanrl's ppo.py).
+    1 - Var[G - V] / Var[G] over the real tokens, G the returns and V the values -> float (as in cleanrl's ppo.py).
     1 is a perfect critic, 0 is no better than a constant, < 0 is worse; NaN when the returns are constant.
     """
     var_returns = masked_var(returns, mask, unbiased=False)
     if var_returns.item() == 0:
         return float("nan")
-    # EV = 1 - Var[R - V] / Var[R]
+    # EV = 1 - Var[G - V] / Var[G]
     return (1 - masked_var(returns - values, mask, unbiased=False) / var_returns).item()
 
 
@@ -353,7 +351,8 @@ class Args:
     offload: str = flag("", "frozen models kept in CPU memory, on the accelerator only for their rollout "
                             "forwards: ref, rm or ref,rm")
     # PPO-ptx
-    ptx_coef: float = flag(0.0, "gamma of PPO-ptx: weight of the SFT log-likelihood in the actor loss (0 = plain PPO)")
+    ptx_coef: float = flag(0.0, "weight of PPO-ptx (InstructGPT's gamma): ptx_coef * the SFT loss joins the actor loss "
+                                "(0 = plain PPO)")
     ptx_data: str = flag("", "SFT JSONL ({prompt, response} or {messages}) for PPO-ptx")
     # logging and checkpoints
     sample_interval: int = flag(10, "write prompt/response samples every N iterations")
@@ -364,6 +363,8 @@ class Args:
 
 
 CRITIC = "critic.pt"  # the critic's checkpoint beside ckpt.pt (the actor) in out_dir
+ADAPTERS = "adapters.pt"  # the LoRA adapters alone (ckpt.pt and critic.pt hold merged weights): what --resume needs
+OFFLOADABLE = ("ref", "rm")  # the frozen models --offload can keep in CPU memory
 # flags a resumed run may take from the command line (where it runs, what it logs, how often it saves, as in
 # train_grpo.py, and which frozen models wait in CPU memory); the rest come from the run
 RESUME_FREE = C.ROLLOUT_RESUME_FREE + ("offload",)
@@ -421,23 +422,16 @@ def check_flags(args, given):
 
 
 # -----------------------------------------------------------------------------
-# rollout (step 1, sampling, and the helpers every online script shares are in nanorlhf/rollout.py)
+# rollout (steps 1-3, which train_grpo.py shares, are in nanorlhf/rollout.py)
 
 
 @torch.no_grad()
-def make_experience(actor, ref, reward_model, critic, context, context_mask, response, tok, args, kl_coef, rt):
+def make_experience(actor, ref, reward_model, critic, context, context_mask, response, tok, args, beta, rt):
     """
     Steps 2-6 of the rollout for already sampled responses. Returns a dict of tensors, one row per episode.
-    context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled.
-    critic None: the shared trunk, actor(..., values=True) gives the values with the logits.
+    context (B, T) left-padded prompts, context_mask (B, T), response (B, N) as sampled; beta the KL coefficient
+    of this rollout. critic None: the shared trunk, actor(..., values=True) gives the values with the logits.
     """
-    B, T = context.shape
-    # 2. truncate after the first EOS; the response mask marks the real response tokens (the EOS included)
-    response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
-    has_eos = (response == tok.eos_id).any(-1)  # (B,)
-    seq = torch.cat([context, response], dim=1)  # (B, T + N)
-    seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
-
     # The one masking convention, drawn once. Prompts are left-padded, responses right-padded after EOS:
     #
     #   position          0     1     2     3     4  |   5     6     7     8        T = 5, N = 4
@@ -447,36 +441,27 @@ def make_experience(actor, ref, reward_model, critic, context, context_mask, res
     #   response_mask                                |   1     1     1     0
     #   logits[:, T-1+t]                  predicts ----> y_t = seq[:, T+t]      (the shift: slice T-1 .. T+N-2)
     #   values[:, T-1+t]  = V(s_t), the state that has seen p and y_<t, just before choosing y_t
-    #   RM score          read at the last real token (eos, position 7); added to the reward of y_2 (t = L-1)
+    #   RM score          read at the last real token (eos, position 7); added to the reward of y_2, the last real one
     #
     # so logprobs, values, rewards and advantages are all (B, N), aligned with the response tokens.
-    # 3. score with the reward model at the last real token of prompt + response; 4. logprobs under the actor (they
-    # become pi_old) and the reference, logits divided by the sampling temperature exactly as in generate, and the
-    # critic's values V(s_t). In micro-batches of the update's size; under torchrun each rank runs its share of them
-    # and the ranks gather the rows, so that 5.-6. see the whole batch on every rank.
-    micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
-    out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt,
-                             critic=critic, shared=critic is None)
-    scores, entropy = out["rm_scores"], out["entropy"]  # (B,), (B, N)
-    logprobs, ref_logprobs, values = out["logprobs"], out["ref_logprobs"], out["values"]  # (B, N) each
-    rm_scores = scores.clone()
-    # a response that never ended gets the penalty score instead of the RM's
-    if args.missing_eos_penalty is not None:
-        scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+    # 2. truncate after the first EOS; 3. score: the RM's score at the last real token (--missing_eos_penalty for a
+    # response without EOS), logprobs under the actor (they become pi_old) and the reference, with the logits divided
+    # by the sampling temperature exactly as in generate, and V(s_t) (the critic's, or the shared trunk's from the same
+    # forward), in one loop over micro-batches
+    exp = truncate_and_score(actor, ref, reward_model, context, context_mask, response, tok, args, rt, critic=critic,
+                             shared=critic is None)
+    mask = exp["response_mask"]  # (B, N)
 
-    # 5. KL-shaped reward: r_t = -beta * kl_t for every real response token, plus the score at the last one
-    #    r_t = -beta * (log pi(y_t|s_t) - log pi_ref(y_t|s_t)) + [t = L-1] * R(x, y)
-    rewards, kl = compute_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef, args.kl_estimator)
+    # 4. KL-shaped reward: r_t = -beta * kl_t (k1 or k3, --kl_estimator) + [t = last real token] * score
+    rewards, kl = compute_rewards(exp["logprobs"], exp["ref_logprobs"], exp["scores"], mask, beta, args.kl_estimator)
 
+    # 5. (no reward whitening: train_rm.py shifted the RM so that the demonstrations score 0 on average)
     # 6. GAE backwards over the response (gamma, lambda), then whiten the advantages over real tokens only
     #    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
     #    A_t = sum_k (gamma * lambda)^k * delta_{t+k},   returns_t = A_t + V(s_t)
-    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.gae_lambda)
-    advantages = masked_whiten(advantages, response_mask)
-
-    return dict(seq=seq, seq_mask=seq_mask, context_len=T, response=response, response_mask=response_mask,
-                has_eos=has_eos, scores=scores, rm_scores=rm_scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                entropy=entropy, values=values, rewards=rewards, kl=kl, advantages=advantages, returns=returns)
+    advantages, returns = gae(rewards, exp["values"], mask, args.gamma, args.gae_lambda)
+    advantages = masked_whiten(advantages, mask)
+    return {**exp, "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
 
 
 # -----------------------------------------------------------------------------
@@ -504,7 +489,8 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
     before that minibatch's optimizer steps.
     critic None (and critic_opt None): the shared trunk; one forward gives logits and values, one optimizer
     steps on pg_loss - ent_coef * entropy + vf_coef * vf_loss.
-    probe: a dict that gets "activations", the bytes autograd saved for the first micro-batch (memory.json).
+    probe: a dict that gets "activations", the bytes autograd saved for the first micro-batch (memory.json;
+    footprint.saved_once).
     """
     shared = critic is None
     B, T = exp["seq"].size(0), exp["context_len"]
@@ -534,18 +520,16 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                 ptx_micro = pb["idx"].size(0) // args.grad_accum
             # under torchrun each rank runs its share of the minibatch's micro-batches (j counts them all)
             mine = dist.mine(list(enumerate(range(0, mb_size, micro_size))))
-            for n, (j, mstart) in enumerate(mine):
+            for k, (j, mstart) in enumerate(mine):
                 i = mb_inds[mstart:mstart + micro_size]  # the micro-batch's rows
                 seq, seq_mask, mask = exp["seq"][i], exp["seq_mask"][i], exp["response_mask"][i]  # (b, T + N), (b, N)
                 share = mask.sum() / n_tokens  # this micro-batch's part of the minibatch mean
                 for model in models:  # the ranks sum their gradients on their last micro-batch
-                    dist.sync_grads(model, n == len(mine) - 1)
-                measure = probe is not None and "activations" not in probe
-                saved = footprint.SavedTensors([p for m in models for p in m.parameters()]) if measure else None
-                with saved if measure else contextlib.nullcontext():
+                    dist.sync_grads(model, k == len(mine) - 1)
+                # the logits at T-1+t predict y_t: only the last N + 1 positions get logits (the last dropped)
+                keep = seq.size(1) - T + 1
+                with footprint.saved_once(probe, models, seq.shape, keep):  # memory.json's activations, once
                     with rt.autocast():
-                        # the logits at T-1+t predict y_t: only the last N + 1 positions get logits (the last dropped)
-                        keep = seq.size(1) - T + 1
                         if shared:  # one trunk: one forward for the policy and the value (through forward(): DDP)
                             logits, new_values = actor(seq, seq_mask, values=True, logits_to_keep=keep)  # (b, N + 1, .)
                         else:
@@ -553,20 +537,22 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                             new_values = critic(seq, seq_mask)[:, -keep:]  # (b, N + 1)
                         logits, new_values = logits[:, :-1], new_values[:, :-1]  # (b, N, V), (b, N)
                     new_logprobs = logprobs_from_logits(logits, exp["response"][i], args.temperature)  # (b, N)
-                if measure:
-                    probe["activations"], probe["micro_batch"], probe["keep"] = saved.bytes, tuple(seq.shape), keep
-                # L_CLIP = min(ratio * A_t, clip(ratio, 1 - eps, 1 + eps) * A_t),  ratio = pi_theta / pi_old
+                # pg_loss = -L^CLIP = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)),
+                # ratio_t = pi_theta(y_t) / pi_old(y_t)
                 pg_loss, pg_stats = policy_loss(new_logprobs, exp["logprobs"][i], exp["advantages"][i], mask, args.clip_coef)
-                # L_V = max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / 2
+                # L_V = max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / 2,  G the returns
                 vf_loss, vf_stats = value_loss(new_values, exp["values"][i], exp["returns"][i], mask, args.vf_clip_coef)
+                # actor: pg_loss - ent_coef * H + ptx_coef * L_SFT; critic: vf_coef * L_V (shared trunk: one loss, their
+                # sum); pg_loss, H and L_V are this micro-batch's share of the minibatch mean, L_SFT its part already
                 actor_loss = pg_loss * share
                 if args.ent_coef > 0:
                     # entropy bonus: - c_ent * H(pi(.|s_t)), averaged over real tokens
                     ent = masked_mean(entropy_from_logits(logits, args.temperature), mask)
                     actor_loss = actor_loss - args.ent_coef * ent * share
                 if ptx is not None:
-                    # PPO-ptx: + gamma * log-likelihood of the SFT data (InstructGPT eq. 2); this micro-batch's rows of
-                    # the minibatch's SFT batch, -sum log p over their targets / the whole batch's target count
+                    # PPO-ptx: L += ptx_coef * L_SFT, L_SFT = -sum log pi(y_sft) / n_targets (InstructGPT's objective:
+                    # + gamma_ptx * E[log pi]); this micro-batch's rows of the minibatch's SFT batch, their targets'
+                    # -log pi summed and divided by the whole batch's target count
                     rows = slice(j * ptx_micro, (j + 1) * ptx_micro)
                     p_idx, p_mask = pb["idx"][rows], pb["response_mask"][rows]  # (b', T')
                     with rt.autocast():
@@ -611,10 +597,6 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
 
 # -----------------------------------------------------------------------------
 # the four models
-
-
-OFFLOADABLE = ("ref", "rm")
-ADAPTERS = "adapters.pt"  # the LoRA adapters alone (ckpt.pt and critic.pt hold merged weights): what --resume needs
 
 
 def build_models(args, device, files=None):
@@ -743,7 +725,7 @@ def write_memory_report(args, config, probe, rt):
     formula, and on CUDA torch.cuda.max_memory_allocated of the iteration. Prints one line. Where the formula does
     not apply, activations_predicted is null and activations_not_modelled names why.
     """
-    shape = footprint.Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
+    shape = footprint.shape_of(config)
     offload_names = {n for n in args.offload.split(",") if n}
     predicted = footprint.static_memory(shape, args.lora_rank, args.critic == "shared", offload_names,
                                         lora_targets=args.lora_targets)
@@ -794,6 +776,43 @@ def critic_state_dict(actor, critic):
     return out
 
 
+def checkpoint_files(args, iteration, tok, actor, critic, actor_opt, critic_opt, kl_coef, sampler_state, ptx_gen,
+                     inputs):
+    """
+    {file name: payload} of one save after `iteration`: ckpt.pt (the actor) and critic.pt, plain merged models that
+    every stage and evaluate.py load as usual, train_state.pt (optimizers, beta, random states, the prompt order's
+    sampler_state, the digests of the inputs) and with LoRA adapters.pt. ptx_gen: PPO-ptx's generator, None without.
+    ckpt.pt also records models_resident, the full models the run holds (4; 3 with --critic shared, 2 with LoRA;
+    --offload moves frozen ones to CPU memory, it does not drop them), for compare.py's table.
+    """
+    held = footprint.static_memory(footprint.shape_of(actor.config), args.lora_rank, args.critic == "shared",
+                                   lora_targets=args.lora_targets)["resident"]
+    policy = utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_coef, models_resident=held)
+    policy["model"] = policy_state_dict(actor)
+    value = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
+    value["model"], value["model_kind"] = critic_state_dict(actor, critic), "scalar"
+    payloads = {utils.TRAIN_STATE: {
+        "actor_optimizer": actor_opt.state_dict(),
+        "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
+        "kl_coef": kl_coef, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
+        "ptx_rng": ptx_gen.get_state() if ptx_gen is not None else None, "inputs": inputs,
+    }, CRITIC: value, utils.CKPT: policy}
+    if args.lora_rank:
+        payloads[ADAPTERS] = {"actor": lora.adapter_state_dict(actor), "step": iteration,
+                              "critic": lora.adapter_state_dict(critic) if critic is not None else {}}
+    return payloads
+
+
+def restore(state, actor_opt, critic_opt, kl_ctl):
+    """Put a train_state.pt's optimizers, beta and random states back. -> (its iteration, its prompt sampler state)."""
+    actor_opt.load_state_dict(state["actor_optimizer"])
+    if critic_opt is not None:
+        critic_opt.load_state_dict(state["critic_optimizer"])
+    kl_ctl.value = state["kl_coef"]
+    utils.set_rng_state(state["rng"])
+    return state["step"], state["data"]
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -822,7 +841,7 @@ def main(argv=None):
     # the files the run reads, opened first here: one that cannot be read is named by its flag; a resumed run must
     # read the same ones
     inputs = C.input_digests({"--data": args.data, "--sft": args.sft, "--rm": args.rm, "--ptx_data": args.ptx_data},
-                             state, getattr(args, "_given", None))
+                             state, given)
 
     # data (validated before anything is written)
     prompts = D.read_prompts(args.data)
@@ -833,17 +852,11 @@ def main(argv=None):
     models = build_models(args, rt.device, files)
     actor, critic, ref, reward_model = (models[k] for k in ("actor", "critic", "ref", "reward_model"))
     tok, rm_ckpt = models["tok"], models["rm_ckpt"]
-    if args.missing_eos_penalty is None:  # a low score on the RM's own scale, whatever that scale is
-        mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
-        args.missing_eos_penalty = round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
+    if args.missing_eos_penalty is None:
+        args.missing_eos_penalty = missing_eos_default(rm_ckpt)
     block_size = actor.config.block_size
-    check(args.response_length < block_size, f"--response_length {args.response_length} must be < block_size {block_size}")
-
     # prompts, cut from the left so that prompt + response fits the context
-    max_prompt = block_size - args.response_length
-    prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
-    if n_cut:
-        print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
+    prompt_ids = encode_rollout_prompts(prompts, tok, block_size, args.response_length)
     if ptx_records is not None:
         ptx_examples, _ = D.encode_sft(ptx_records, tok, block_size)
         check(len(ptx_examples) > 0, f"{args.ptx_data}: no example fits block_size {block_size}")
@@ -869,13 +882,7 @@ def main(argv=None):
         kl_ctl = FixedKLController(args.kl_coef)
     start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
     if state is not None:
-        actor_opt.load_state_dict(state["actor_optimizer"])
-        if critic_opt is not None:
-            critic_opt.load_state_dict(state["critic_optimizer"])
-        kl_ctl.value = state["kl_coef"]
-        sampler_state = state["data"]
-        start_iter = state["step"]
-        utils.set_rng_state(state["rng"])
+        start_iter, sampler_state = restore(state, actor_opt, critic_opt, kl_ctl)
     ptx, ptx_gen = None, torch.Generator().manual_seed(args.seed)
     if ptx_records is not None:
         if state is not None and state.get("ptx_rng") is not None:
@@ -888,34 +895,11 @@ def main(argv=None):
         dist.cleanup()
         return
 
-    def save(iteration):
-        if not dist.is_main():  # the ranks hold the same weights and random state: rank 0 writes them
-            return
-        # ckpt.pt and critic.pt are plain merged models that every stage and evaluate.py load as usual
-        policy = utils.model_payload(actor, tok, "ppo", args, iteration, kl_coef=kl_ctl.value)
-        policy["model"] = policy_state_dict(actor)
-        value = utils.model_payload(critic if critic is not None else actor, tok, "ppo", args, iteration)
-        value["model"], value["model_kind"] = critic_state_dict(actor, critic), "scalar"
-        files = {utils.TRAIN_STATE: {
-            "actor_optimizer": actor_opt.state_dict(),
-            "critic_optimizer": critic_opt.state_dict() if critic_opt is not None else None,
-            "kl_coef": kl_ctl.value, "rng": utils.rng_state(), "data": sampler_state, "step": iteration,
-            "ptx_rng": ptx_gen.get_state() if ptx is not None else None, "inputs": inputs,
-        }, CRITIC: value, utils.CKPT: policy}
-        if args.lora_rank:
-            files[ADAPTERS] = {"actor": lora.adapter_state_dict(actor), "step": iteration,
-                               "critic": lora.adapter_state_dict(critic) if critic is not None else {}}
-        C.save_files(args.out_dir, files)  # all or nothing: a kill leaves the files of one iteration
-
-    # the logger first: a fresh run's makes the earlier run impossible to resume before anything is removed
-    logger = dist.metrics_logger(args.out_dir, resume=resuming, step=start_iter)
-    if dist.is_main():  # only rank 0 writes; a fresh run keeps no earlier run's samples past its first save
-        C.keep_samples_until(args.out_dir, start_iter)
+    logger = C.start_logging(args.out_dir, resuming, start_iter)
     print(f"PPO: {len(prompts)} prompts, actor {actor.num_params() / 1e6:.2f}M params, {args.num_iterations} iterations "
           f"x {args.batch_size} episodes, score without EOS {args.missing_eos_penalty}, device {rt.device} {rt.dtype}, "
           f"gold {'on' if use_gold else 'off'}")
-    if rt.device_type == "cuda":  # memory.json's cuda_max_allocated is the iterations', not build_models' peak
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    footprint.reset_cuda_peak(rt)  # memory.json's cuda_max_allocated is the iterations', not build_models' peak
     timer = utils.Timer(stop, start_iter)
     for it in range(start_iter, stop):
         if args.anneal_lr:
@@ -923,16 +907,10 @@ def main(argv=None):
             for opt, lr in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = frac * lr
-        # rollout
+        # rollout: 1. generate a response to each prompt of the batch (rollout.sample), 2.-6. make_experience
         t0 = time.time()
         idx, sampler_state = next_prompt_indices(len(prompts), args.batch_size, args.seed, sampler_state)
-        batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
-        actor.eval()
-        with rt.autocast():  # sampling only: the logprobs PPO trains on are recomputed in make_experience
-            response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
-        # the ranks sample the same tokens from the same random stream; rank 0's copy makes sure they agree exactly
-        # (a GPU kernel that is not bitwise reproducible could otherwise make them drift apart)
-        response = dist.from_main(response)
+        batch, response = sample(actor, prompt_ids, idx, tok, args, rt)
         exp = make_experience(fwd_actor, ref, reward_model, fwd_critic, batch["idx"], batch["attention_mask"],
                               response, tok, args, kl_ctl.value, rt)
         t_rollout = time.time() - t0
@@ -947,8 +925,7 @@ def main(argv=None):
         # statistics of this rollout (before the update)
         mask = exp["response_mask"]
         kls = sequence_kls(exp["logprobs"], exp["ref_logprobs"], mask)  # k1 and k3, each summed over a response
-        beta = kl_ctl.value
-        kl_ctl.update(kls["kl"], args.batch_size)  # k1, whatever the reward uses (module docstring)
+        beta = kl_ctl.value  # this rollout's
         row = {
             "iter": it + 1,
             "score": exp["scores"].mean().item(),
@@ -965,8 +942,11 @@ def main(argv=None):
             "t_rollout": t_rollout,
             "t_update": t_update,
         }
-        write = it == 0 or (it + 1) % args.sample_interval == 0
-        if use_gold or write:
+        # adaptive beta for the next rollout (Ziegler et al.; AdaptiveKLController; KL: k1, whatever the reward uses)
+        #   beta <- beta * (1 + clip(KL / KL_target - 1, -0.2, 0.2) * B / horizon)
+        kl_ctl.update(kls["kl"], args.batch_size)
+        sample_now = it == 0 or (it + 1) % args.sample_interval == 0
+        if use_gold or sample_now:
             samples = judged_samples(tok, [prompts[i] for i in idx], exp["response"], mask, exp["scores"], use_gold)
         if use_gold:
             row["gold"] = sum(s["gold"] for s in samples) / len(samples)
@@ -976,10 +956,14 @@ def main(argv=None):
               f"ent {row['entropy']:.2f} clip {row['clipfrac']:.3f} vf {row['vf_loss']:.4f} ev {row['explained_variance']:.2f} | "
               f"len {row['response_length']:.1f} eos {row['eos_frac']:.2f} | "
               f"{t_rollout:.1f}s + {t_update:.1f}s | left {utils.fmt_time(timer.eta(it))}", flush=True)
-        if write and dist.is_main():
+        if sample_now and dist.is_main():
             write_samples(args.out_dir, it + 1, samples[:args.num_samples])
-        if (it + 1) % args.save_interval == 0 or it + 1 == stop:
-            save(it + 1)
+        # the ranks hold the same weights and random state: rank 0 writes them, all or nothing (C.save_files: a kill
+        # leaves the files of one iteration)
+        if ((it + 1) % args.save_interval == 0 or it + 1 == stop) and dist.is_main():
+            payloads = checkpoint_files(args, it + 1, tok, actor, critic, actor_opt, critic_opt, kl_ctl.value,
+                                        sampler_state, ptx_gen if ptx is not None else None, inputs)
+            C.save_files(args.out_dir, payloads)
     if stop < args.num_iterations:
         print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
     dist.cleanup()

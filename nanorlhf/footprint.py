@@ -40,6 +40,7 @@ the shared trunk's two heads: PPO asks the actor for those logits only (GPT.forw
 KV cache of one rollout: 2 (keys and values) * L * B * (T_prompt + N) * C elements in the activation dtype.
 """
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,11 @@ class Shape:
     n_embd: int
     vocab_size: int
     block_size: int
+
+
+def shape_of(config):
+    """The Shape of a model's GPTConfig."""
+    return Shape(config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size)
 
 
 @dataclass
@@ -270,6 +276,28 @@ class SavedTensors:
     @property
     def bytes(self):
         return sum(self.seen.values())
+
+
+@contextlib.contextmanager
+def saved_once(probe, models, micro_batch, keep):
+    """
+    Context manager around one update micro-batch's forward: the first time, the bytes autograd saves inside it
+    (SavedTensors, leaving out the models' parameters) go into the dict probe as "activations", with "micro_batch"
+    (its shape) and "keep" (the positions that got logits), for memory.json. A no-op with probe None or once probe
+    holds "activations"; nothing is recorded if the block raises.
+    """
+    if probe is None or "activations" in probe:
+        yield
+        return
+    with SavedTensors([p for m in models for p in m.parameters()]) as saved:
+        yield
+    probe["activations"], probe["micro_batch"], probe["keep"] = saved.bytes, tuple(micro_batch), keep
+
+
+def reset_cuda_peak(rt):
+    """Restart torch.cuda.max_memory_allocated's count on a CUDA run (nothing elsewhere), e.g. at the training loop."""
+    if rt.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
 
 
 def fmt_bytes(n):

@@ -9,7 +9,8 @@ The losses and masked statistics that more than one stage uses.
     reward_centering_loss  TRL's auxiliary term that keeps rewards centred at 0   (RM, optional)
     entropy_from_logits    H(pi(. | y_<t)) per position                (PPO logging and entropy bonus)
     kl_penalty             per-token KL(pi || pi_ref) estimates k1, k3 (PPO, GRPO, RLOO)
-    clipped_surrogate      PPO's clipped objective per token           (GRPO, Dr. GRPO, RLOO)
+    clipped_surrogate      PPO's clipped objective per token           (PPO, GRPO, Dr. GRPO, RLOO)
+    clip_fraction          the share of real tokens where the clip is used   (PPO, GRPO, Dr. GRPO, RLOO)
 
 All the math runs in float32 (or float64 if given), whatever the dtype of the logits: a bf16 log-softmax
 loses about 3 significant digits, which is as large as the logprob differences that PPO's ratio measures.
@@ -131,6 +132,18 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_coef):
     # l = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
     losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef))
     return torch.where(m, losses, torch.zeros_like(losses)), ratio
+
+
+def clip_fraction(ratio, advantages, mask, clip_coef):
+    """
+    The fraction of real tokens where clipped_surrogate uses the clipped term, i.e. where it is the larger loss:
+    -A * clip(ratio, 1 - eps, 1 + eps) > -A * ratio. ratio (B, R) from clipped_surrogate, advantages (B, R) or
+    (B, 1), mask (B, R) -> scalar tensor, the dtype of ratio. There the gradient is 0.
+    Example: ratio [[1.5, 0.9, 1.5]], A [[1, 1, -1]], eps 0.2, mask all 1 -> 1/3 (only the first, where -1.2 > -1.5).
+    """
+    # clipped_t = [-A_t * clip(ratio_t, 1 - eps, 1 + eps) > -A_t * ratio_t]
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) > -advantages * ratio  # (B, R)
+    return masked_mean(clipped.to(ratio.dtype), mask)
 
 
 # -----------------------------------------------------------------------------

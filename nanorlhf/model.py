@@ -73,6 +73,17 @@ def autocast_off(device_type):
     return torch.autocast(device_type, enabled=False) if on else nullcontext()
 
 
+def last_positions(h, k):
+    """
+    h (B, T, C) -> its last k positions (B, k, C), a tensor of their own (a copy, the one the head's matmul would
+    make of a strided slice); h itself for k = 0 (all of T). Never a view: autograd keeps the head's input for the
+    backward, and a view of a one-row batch's last positions would keep the whole (1, T, C) alive with it.
+    """
+    if k == 0 or k >= h.size(1):
+        return h
+    return h[:, -k:].clone(memory_format=torch.contiguous_format)
+
+
 def float32_head(head, h):
     """
     head(h) for an output head (the lm_head, the scalar head) with its matmul in float32 also under autocast:
@@ -324,8 +335,7 @@ class GPT(Trunk):
         logits_to_keep K > 0: the logits of the last K positions only, (B, K, V). PPO reads the response's logits
         only; at GPT-2's vocabulary the head is the largest matmul, and its float32 output the largest activation.
         """
-        # [:, -0:] keeps all of T; a kept slice is made contiguous once, the copy the head's matmul would make
-        h = self.trunk(idx, attention_mask, position_ids)[:, -logits_to_keep:].contiguous()  # (B, T or K, C)
+        h = last_positions(self.trunk(idx, attention_mask, position_ids), logits_to_keep)  # (B, T or K, C)
         return float32_head(self.lm_head, h)  # (B, T or K, V)
 
     def resize_vocab(self, new_vocab_size):
@@ -790,7 +800,7 @@ class ValueHeadGPT(GPT):
         the trunk (float32 out). Both go through forward() because DistributedDataParallel syncs gradients only for
         what its wrapper's forward() ran. logits_to_keep K > 0: both for the last K positions only, as GPT.forward.
         """
-        h = self.trunk(idx, attention_mask, position_ids)[:, -logits_to_keep:].contiguous()  # (B, T or K, C)
+        h = last_positions(self.trunk(idx, attention_mask, position_ids), logits_to_keep)  # (B, T or K, C)
         logits = float32_head(self.lm_head, h)  # (B, T or K, V), as GPT.forward computes them
         if not values:
             return logits

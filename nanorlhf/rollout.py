@@ -1,7 +1,8 @@
 """
-What every online script (train_ppo.py, train_grpo.py) shares: sampling responses, cutting them after the EOS,
-scoring them and taking their log-probs (in micro-batches, split over the ranks under torchrun), decoding them for
-the judge, the prompt order, and the models' set-up (dropout off, frozen copies).
+What every online script (train_ppo.py, train_grpo.py) shares: the prompts' encoding and order, steps 1-3 of the
+rollout (sampling responses, cutting them after the EOS, scoring them and taking their log-probs, in micro-batches
+split over the ranks under torchrun), decoding them for the judge, and the models' set-up (dropout off, frozen
+copies).
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
+from nanorlhf import data as D
 from nanorlhf import dist, tasks, utils
 from nanorlhf.losses import entropy_from_logits, logprobs_from_logits
 from nanorlhf.offload import on_device
@@ -46,6 +48,30 @@ def truncate_after_eos(response, eos_id, pad_id):
     return response.masked_fill(after_eos, pad_id), mask
 
 
+def missing_eos_default(rm_ckpt):
+    """
+    The score of a response without EOS when --missing_eos_penalty is not given: a low score on the RM's own scale,
+    whatever that scale is, 2 std below the demonstrations' mean RM score (train_rm.py stores both), else -1.
+    Example: {"reward_mean": 0.0, "reward_std": 1.5} -> -3.0.
+    """
+    mean, std = rm_ckpt.get("reward_mean"), rm_ckpt.get("reward_std")
+    return round(mean - 2 * std, 4) if mean is not None and std is not None else -1.0
+
+
+def encode_rollout_prompts(prompts, tok, block_size, response_length):
+    """
+    The prompts' token ids, each cut from the left so that prompt + a response of --response_length tokens fits
+    block_size (a note says how many lost their start). --response_length must leave room for a prompt.
+    """
+    utils.check(response_length < block_size,
+                f"--response_length {response_length} must be < block_size {block_size}")
+    max_prompt = block_size - response_length
+    prompt_ids, n_cut = D.encode_prompts(prompts, tok, max_prompt)
+    if n_cut:
+        print(f"note: {n_cut} of {len(prompts)} prompts were longer than {max_prompt} tokens and lost their start")
+    return prompt_ids
+
+
 def next_prompt_indices(n_prompts, batch_size, seed, state):
     """
     The next batch of prompt indices from a shuffled pass over the prompts; state = {"epoch", "pos"}.
@@ -71,11 +97,59 @@ def generate_responses(actor, context, context_mask, tok, args):
     return out[:, context.size(1):]  # (B, N), N <= response_length
 
 
+def sample(actor, prompt_ids, idx, tok, args, rt):
+    """
+    Step 1 of the rollout, generate: the prompts prompt_ids[i] for i in idx, left-padded into one batch on the
+    device, and a sampled response to each. -> (batch {"idx", "attention_mask"} (B, T), response (B, N)).
+    """
+    batch = D.to_device(D.collate([prompt_ids[i] for i in idx], tok.pad_id, left_pad=True), rt.device)
+    actor.eval()
+    with rt.autocast():  # sampling only: the logprobs the update trains on are recomputed in steps 2-3
+        response = generate_responses(actor, batch["idx"], batch["attention_mask"], tok, args)
+    # under torchrun the ranks sample the same tokens from the same random stream; rank 0's copy makes sure they agree
+    # exactly (a GPU kernel that is not bitwise reproducible could otherwise make them drift apart)
+    return batch, dist.from_main(response)
+
+
+@torch.no_grad()
+def truncate_and_score(actor, ref, reward_model, context, context_mask, response, tok, args, rt, critic=None,
+                       shared=False):
+    """
+    Steps 2-3 of the rollout for sampled responses: 2. truncate after the first EOS, 3. score. context (B, T)
+    left-padded prompts, context_mask (B, T), response (B, N) as sampled; critic and shared as in
+    score_and_logprobs. Returns a dict of tensors, one row per episode: seq, seq_mask (B, T + N), context_len T,
+    response, response_mask (B, N), has_eos (B,), scores (B,) (the RM's, or --missing_eos_penalty for a response
+    without EOS), rm_scores (B,) (the RM's, always), logprobs, ref_logprobs, entropy, values (B, N) (values None
+    without a critic).
+    """
+    T = context.size(1)
+    # 2. truncate after the first EOS; the response mask marks the real response tokens (the EOS included)
+    response, response_mask = truncate_after_eos(response, tok.eos_id, tok.pad_id)  # (B, N), (B, N)
+    has_eos = (response == tok.eos_id).any(-1)  # (B,)
+    seq = torch.cat([context, response], dim=1)  # (B, T + N)
+    seq_mask = torch.cat([context_mask, response_mask], dim=1)  # (B, T + N)
+    # 3. score: the RM's score at the last real token of prompt + response, log-probs under the actor (they become
+    # pi_old) and the reference at the sampling temperature, and V(s_t). In micro-batches of the update's size; under
+    # torchrun each rank runs its share of them and the ranks gather the rows, so that the steps after this one see
+    # the whole batch on every rank
+    micro = max(1, args.batch_size // (args.num_minibatches * args.grad_accum))
+    out = score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, T, micro, args.temperature, rt,
+                             critic=critic, shared=shared)
+    scores = out["rm_scores"]  # (B,) float32 (float64 for float64 models)
+    rm_scores = scores.clone()
+    # a response that never ended gets the penalty score instead of the RM's
+    if args.missing_eos_penalty is not None:
+        scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+    return dict(seq=seq, seq_mask=seq_mask, context_len=T, response=response, response_mask=response_mask,
+                has_eos=has_eos, scores=scores, rm_scores=rm_scores, logprobs=out["logprobs"],
+                ref_logprobs=out["ref_logprobs"], entropy=out["entropy"], values=out["values"])
+
+
 @torch.no_grad()
 def score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, context_len, micro, temperature, rt,
                        critic=None, shared=False):
     """
-    Steps 3-4 of the rollout (the masking convention is drawn in train_ppo.make_experience): for the B sequences
+    Step 3 of the rollout (the masking convention is drawn in train_ppo.make_experience): for the B sequences
     prompt | response, seq and seq_mask (B, T + N) with the prompt part context_len = T long, and response (B, N):
 
         rm_scores     (B,)    the reward model's value at the last real token
@@ -99,9 +173,9 @@ def score_and_logprobs(actor, ref, reward_model, seq, seq_mask, response, contex
         for i in dist.mine(range(0, seq.size(0), micro)):
             s, s_mask, y = seq[i:i + micro], seq_mask[i:i + micro], response[i:i + micro]
             with rt.autocast():
-                # 3. score with the reward model at the last real token of prompt + response
+                # 3. score: the reward model's value at the last real token of prompt + response,
                 rm_scores.append(reward_model.score(s, s_mask))  # (b,)
-                # 4. log-probs under the actor and the reference; the critic's values V(s_t)
+                # log-probs under the actor and the reference, and the critic's values V(s_t)
                 # the logits at T-1+t predict y_t: only the last N + 1 positions get logits, and the last is dropped
                 keep = s.size(1) - T + 1
                 if shared:  # one trunk: one forward gives both

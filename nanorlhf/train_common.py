@@ -171,8 +171,8 @@ def gold_on(mode, prompts, data):
 def check_rm_context(policy, reward_model, sft, rm):
     """
     The reward model of a PPO or GRPO run scores prompt + response, up to the policy's block_size tokens: its own
-    context must be as long (a shorter one failed in the first rollout with an IndexError, after metrics.jsonl was
-    started). sft and rm are the checkpoint directories, for the message.
+    context must be as long: a shorter one would index past the RM's position table in the first rollout, after
+    metrics.jsonl was started. sft and rm are the checkpoint directories, for the message.
     """
     utils.check(reward_model.config.block_size >= policy.config.block_size,
                 f"{rm} has block_size {reward_model.config.block_size} < {policy.config.block_size} of {sft}: "
@@ -400,6 +400,18 @@ def keep_samples_until(out_dir, iteration):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_logging(out_dir, resuming, start_iter):
+    """
+    The metrics logger of a PPO or GRPO run (dist.metrics_logger), started before anything else is written: a fresh
+    run's makes the earlier run impossible to resume before anything is removed. Rank 0 then drops the samples an
+    earlier run wrote past start_iter (keep_samples_until; a fresh run keeps none past its first save).
+    """
+    logger = dist.metrics_logger(out_dir, resume=resuming, step=start_iter)
+    if dist.is_main():  # only rank 0 writes
+        keep_samples_until(out_dir, start_iter)
+    return logger
+
+
 RESUME_HELP = ("continue the run in --out_dir from its last checkpoint, with its saved flags: on (a bare --resume), "
                "off, or auto (continue when out_dir holds a checkpoint, else start fresh: a restarted job's command)")
 SHARE_PROMPTS_HELP = ("run each prompt once, its K responses after it in the same row, masked so that each response sees "
@@ -410,7 +422,7 @@ SHARE_PROMPTS_HELP = ("run each prompt once, its K responses after it in the sam
 def parse_stage_flags(cls, argv=None, description=None):
     """
     utils.parse_flags for a stage whose `resume` flag is "off" | "on" | "auto": a bare `--resume` (the last
-    argument, or followed by another --flag) means `--resume on`, as it did when the flag was a bool.
+    argument, or followed by another --flag) means `--resume on`, so that a bare --resume reads as a switch.
     Example: ["--resume", "--device", "cpu"] -> ["--resume", "on", "--device", "cpu"]
     """
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -259,6 +259,23 @@ def test_the_report_states_the_temperature_evaluate_sampled_at(tmp_path, monkeyp
     assert said in report and report.count(" at temperature") + report.count("greedily") == 1, report
 
 
+@pytest.mark.parametrize("held, cell", [(2, "2"), (None, "-")])
+def test_the_models_in_memory_of_ppo_are_what_its_run_held(tmp_path, monkeypatch, capsys, held, cell):
+    """PPO's row said 4 models whatever the run held (3 with --critic shared, 2 with LoRA): now its ckpt.pt's count."""
+    fake_pipeline(tmp_path, monkeypatch)
+    ppo = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)
+    if held is not None:
+        torch.save({**ppo, "models_resident": held}, tmp_path / "ppo" / "ckpt.pt")
+    (tmp_path / "compare" / "dpo").mkdir(parents=True)
+    torch.save({"models_resident": 1, "args": {"seed": 0, "batch_size": 16, "max_steps": 1}},
+               tmp_path / "compare" / "dpo" / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false"])
+    compare.run(compare.main)
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[-1]
+            for line in (tmp_path / "compare" / "report.md").read_text().splitlines() if line.startswith("| ")}
+    assert (rows["sft"], rows["ppo"], rows["dpo"]) == ("1", cell, "1"), rows
+
+
 def test_the_report_names_the_flags_a_run_it_evaluates_was_trained_with_when_they_differ(tmp_path, monkeypatch,
                                                                                          capsys):
     """

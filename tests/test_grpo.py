@@ -316,7 +316,8 @@ def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_s
 
     The sum runs over all rows: a minibatch's loss is the mean over its mb_size responses, so the minibatches'
     losses add up to this whatever rows the shuffle gave each. A response's real tokens run up to its first EOS,
-    the EOS included. -> (loss, the number of tokens where the clip bound, the number where it did not).
+    the EOS included. -> (loss, the number of tokens where the clip bound (its clipped term the larger loss,
+    strictly), the number where it did not, the ratios of all real tokens as floats).
     """
     beta, eps, T = args.kl_coef, args.clip_coef, args.temperature
     lp, lp_old, lp_ref, rewards = [], [], [], []
@@ -331,7 +332,7 @@ def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_s
             r -= beta * sum(a - b for a, b in zip(lp_old[-1], lp_ref[-1]))
         rewards.append(r)
     adv = ref_advantages(rewards, args.group_size, args.advantage, args.adv_eps)
-    loss, n_bound, n_free = 0.0, 0, 0
+    loss, n_bound, n_free, ratios = 0.0, 0, 0, []
     for i in range(len(prompts)):
         total = 0.0
         for t in range(len(lp[i])):
@@ -339,23 +340,24 @@ def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_s
             total = total - torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
             bound = (adv[i] > 0 and ratio.item() > 1 + eps) or (adv[i] < 0 and ratio.item() < 1 - eps)
             n_bound, n_free = n_bound + bound, n_free + (not bound)
+            ratios.append(ratio.item())
             if args.kl_in == "loss":
                 log_r = lp_ref[i][t] - lp[i][t]  # log(pi_ref / pi)
                 total = total + beta * (torch.exp(log_r) - log_r - 1)
         n = {"grpo": len(lp[i]), "dr_grpo": args.response_length, "rloo": 1}[args.advantage]
         loss = loss + total / n
-    return loss / mb_size, n_bound, n_free
+    return loss / mb_size, n_bound, n_free, ratios
 
 
-@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
-@pytest.mark.parametrize("kl_in", ["loss", "reward"])
-def test_update_gradient_is_the_papers_objective(kind, kl_in, monkeypatch):
+def update_against_the_papers_objective(kind, kl_in, num_minibatches, monkeypatch):
     """
-    make_experience + grpo_update on float64 tiny models: the gradient the update steps on equals the gradient of
-    ref_objective. At temperature 0.7; responses of 1 to L_max tokens, some without EOS, after prompts of three
-    lengths (pads on both sides); a policy moved away from pi_old (the clip binds on some tokens, as in a later
-    epoch) and pi_old away from pi_ref (the KL and its gradient are not 0); 2 minibatches of 3 micro-batches. The
+    make_experience + grpo_update on float64 tiny models, and ref_objective on the same rollout: asserts that the
+    gradient the update steps on (summed over its minibatches) equals the gradient of ref_objective. At temperature
+    0.7; responses of 1 to L_max tokens, some without EOS, after prompts of three lengths (pads on both sides); a
+    policy moved away from pi_old (the clip binds on some tokens, as in a later epoch) and pi_old away from pi_ref
+    (the KL and its gradient are not 0); 12 responses in num_minibatches minibatches of 3 micro-batches each. The
     optimizer step is replaced by one that keeps the minibatch's gradient and leaves the weights where they are.
+    -> (grpo_update's stats, the number of tokens where the clip bound, where it did not, the ratios of all tokens).
     """
     tok = Tokenizer.byte_level()
     ref, _, reward_model = tiny_setup(4)
@@ -367,7 +369,8 @@ def test_update_gradient_is_the_papers_objective(kind, kl_in, monkeypatch):
             p_old.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
             p.copy_(p_old + 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     args = train_grpo.Args(advantage=kind, kl_in=kl_in, batch_size=12, group_size=4, response_length=6,
-                           temperature=0.7, num_epochs=1, num_minibatches=2, grad_accum=3, missing_eos_penalty=-1.0)
+                           temperature=0.7, num_epochs=1, num_minibatches=num_minibatches, grad_accum=3,
+                           missing_eos_penalty=-1.0)
     train_grpo.check_args(args)
     rt = utils.setup_runtime("cpu", "float32", seed=0)
 
@@ -388,15 +391,37 @@ def test_update_gradient_is_the_papers_objective(kind, kl_in, monkeypatch):
         model.zero_grad(set_to_none=True)
 
     monkeypatch.setattr(train_grpo, "optimizer_step", keep_gradient)
-    train_grpo.grpo_update(policy, None, exp, args, rt, 0.0)
-    assert len(grads) == 2
+    out = train_grpo.grpo_update(policy, None, exp, args, rt, 0.0)
+    assert len(grads) == num_minibatches
 
-    want, n_bound, n_free = ref_objective(policy, old, ref, reward_model, prompts, responses, args, 6, tok.eos_id)
+    want, n_bound, n_free, ratios = ref_objective(policy, old, ref, reward_model, prompts, responses, args,
+                                                  12 // num_minibatches, tok.eos_id)
     want.backward()
     assert n_bound >= 5 and n_free >= 5, (n_bound, n_free)  # the clip binds on some tokens, not on all
     for name, p in policy.named_parameters():
-        got = grads[0][name] + grads[1][name]
+        got = sum(step[name] for step in grads)
         assert torch.allclose(got, p.grad, rtol=1e-9, atol=1e-12 * p.grad.abs().max()), name
+    return out, n_bound, n_free, ratios
+
+
+@pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
+@pytest.mark.parametrize("kl_in", ["loss", "reward"])
+def test_update_gradient_is_the_papers_objective(kind, kl_in, monkeypatch):
+    """The gradient of 2 minibatches of 3 micro-batches (update_against_the_papers_objective)."""
+    update_against_the_papers_objective(kind, kl_in, 2, monkeypatch)
+
+
+def test_update_stats_are_the_token_fractions_of_the_papers_objective(monkeypatch):
+    """
+    One minibatch of 3 micro-batches with different token counts, so that a micro-batch's share of the responses
+    and its share of the tokens differ: "clipfrac" is the fraction of the real tokens where the clip bound
+    (strictly: the clipped term the larger loss), "ratio" the mean of pi / pi_old over the real tokens, both as
+    ref_objective counts them on the rows alone. (Their float32 token shares: to 1e-6.)
+    """
+    out, n_bound, n_free, ratios = update_against_the_papers_objective("grpo", "loss", 1, monkeypatch)
+    assert out["clipfrac"] == pytest.approx(n_bound / (n_bound + n_free), abs=1e-6)
+    assert out["ratio"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-6)
+    assert abs(out["ratio"] - 1) > 1e-3  # the policy has moved: a ratio stat stuck at 1 would not pass
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 
 from nanorlhf import losses
 from nanorlhf.losses import (
+    clip_fraction,
+    clipped_surrogate,
     entropy_from_logits,
     kwise_ranking_loss,
     logprobs_from_logits,
@@ -350,3 +352,29 @@ def test_reward_centering_loss():
     # valid responses need not come first
     s = torch.tensor([[1.0, 99.0, 2.0]])
     assert torch.allclose(reward_centering_loss(s, torch.tensor([[True, False, True]])), torch.tensor(9.0))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_clip_fraction_counts_the_tokens_where_the_clipped_term_is_used(per_sequence):
+    """Against a loop over the real tokens: clipped where -A * clip(ratio) > -A * ratio (the larger loss)."""
+    g = torch.Generator().manual_seed(0)
+    B, R, eps = 6, 9, 0.2
+    logprobs, old = torch.randn(B, R, generator=g) * 0.3, torch.randn(B, R, generator=g) * 0.3
+    advantages = torch.randn(B, 1 if per_sequence else R, generator=g)
+    mask = (torch.arange(R)[None, :] < torch.randint(0, R + 1, (B, 1), generator=g)).long()  # row 0.. may be empty
+    _, ratio = clipped_surrogate(logprobs, old, advantages, mask, eps)
+    got = clip_fraction(ratio, advantages, mask, eps)
+    n = clipped = 0
+    for b in range(B):
+        for t in range(R):
+            if mask[b, t]:
+                r = math.exp(float(logprobs[b, t]) - float(old[b, t]))
+                a = float(advantages[b, 0 if per_sequence else t])
+                n += 1
+                clipped += -a * min(max(r, 1 - eps), 1 + eps) > -a * r
+    assert 0 < clipped < n  # both cases occur
+    assert got.item() == pytest.approx(clipped / n, abs=1e-6)
+    # the docstring's example, and no real tokens -> 0
+    ratio = torch.tensor([[1.5, 0.9, 1.5]])
+    assert clip_fraction(ratio, torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), eps).item() == pytest.approx(1 / 3)
+    assert clip_fraction(ratio, torch.ones(1, 3), torch.zeros(1, 3), eps).item() == 0

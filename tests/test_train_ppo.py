@@ -27,7 +27,7 @@ from nanorlhf import data as D
 from nanorlhf import tasks
 from nanorlhf import utils
 from nanorlhf.losses import sft_loss
-from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, ValueHeadGPT
 from nanorlhf.rollout import (disable_dropout, freeze, generate_responses, judged_samples, next_prompt_indices,
                               truncate_after_eos)
 from nanorlhf.tokenizer import Tokenizer
@@ -361,6 +361,127 @@ def test_vf_coef_barely_changes_a_separate_critic_update(one_thread):
     norm = lambda d: torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())).item()  # noqa: E731
     assert norm({k: moved[0][k] - moved[1][k] for k in moved[0]}) < 0.1 * norm(moved[0])
     assert norm(moved[0]) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# the update's gradient against PPO's objective, written the plain way
+
+
+def ref_ppo_objective(actor, critic, prompts, responses, exp, args, eos_id):
+    """
+    PPO's loss for a minibatch that is the whole rollout, float64, Python loops over responses and tokens; every
+    row runs alone and unpadded through the models (critic None: the actor's own value head, --critic shared):
+
+        z_t     = the logits at the position before y_t (that position has seen x and y_<t), divided by T
+        ratio_t = pi(y_t) / pi_old(y_t),  log pi(y_t) = z_t[y_t] - logsumexp(z_t)
+        H_t     = -sum_v p_v log p_v,  p = softmax(z_t)
+        V_t     = V(x, y_<t), the value at that same position
+        loss    = 1 / n * sum_i sum_t [ -min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t) - ent_coef * H_t
+                    + vf_coef * 0.5 * max((V_t - G_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - G_t)^2) ]
+
+    n is the number of real response tokens in the rollout: each loss is a mean over the minibatch's real tokens.
+    log pi_old, A (whitened), G (the returns) and V_old are the rollout's, exp[...][i, t] for response token t of
+    row i. A response's real tokens run up to its first EOS, the EOS included.
+    -> (loss, {"clipfrac": (tokens where the policy clip bound, real tokens), "vf_clipfrac": (the same for the value
+    clip)}); a clip binds where its clipped term is the larger loss (strictly).
+    """
+    eps, eps_v, T = args.clip_coef, args.vf_clip_coef, args.temperature
+    n = sum(len(y[:y.index(eos_id) + 1] if eos_id in y else y) for y in responses)
+    loss, bound, vf_bound = 0.0, 0, 0
+    for i, (p, y) in enumerate(zip(prompts, responses)):
+        y = y[:y.index(eos_id) + 1] if eos_id in y else y
+        seq = torch.tensor([p + y])
+        if critic is None:
+            logits, values = actor(seq, values=True)
+        else:
+            logits, values = actor(seq), critic(seq)
+        logits, values = logits[0], values[0]  # (len, V), (len,)
+        for t, tok_t in enumerate(y):
+            pos = len(p) - 1 + t  # the position before y_t
+            z = logits[pos] / T
+            logp = z - torch.logsumexp(z, dim=0)  # (V,)
+            ratio = torch.exp(logp[tok_t] - exp["logprobs"][i, t])
+            adv = exp["advantages"][i, t].item()
+            pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+            bound += (adv > 0 and ratio.item() > 1 + eps) or (adv < 0 and ratio.item() < 1 - eps)
+            entropy = -(logp.exp() * logp).sum()
+            v, v_old, ret = values[pos], exp["values"][i, t].item(), exp["returns"][i, t].item()
+            v_clip = torch.clamp(v, v_old - eps_v, v_old + eps_v)
+            vf = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+            vf_bound += ((v_clip - ret) ** 2).item() > ((v - ret) ** 2).item()
+            loss = loss + (pg - args.ent_coef * entropy + args.vf_coef * vf) / n
+    return loss, {"clipfrac": (bound, n), "vf_clipfrac": (vf_bound, n)}
+
+
+class KeepGradient:
+    """An optimizer whose step keeps the model's gradient and leaves the weights where they are."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, []
+
+    def step(self):
+        self.grads.append({k: p.grad.clone() for k, p in self.model.named_parameters() if p.grad is not None})
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("critic_kind", ["separate", "shared"])
+def test_update_gradient_is_ppos_objective(critic_kind, one_thread):
+    """
+    make_experience + ppo_update on float64 tiny models: the gradient of the first optimizer step, the actor's and
+    the critic's (the shared trunk's and its value head's), equals the gradient of ref_ppo_objective. At temperature
+    0.7 with an entropy bonus, vf_coef 0.3 and a value clip (0.05) unlike the policy clip (0.2); prompts of three
+    lengths (left pads) and responses of 1 to N tokens, one without EOS (right pads); the rollout's log-probs and
+    values moved so that each clip binds on some tokens, not on all; one minibatch of 3 micro-batches.
+    """
+    tok = Tokenizer.byte_level()
+    gpt, ref, reward_model, critic = (m.double() for m in tiny_models(5))
+    if critic_kind == "shared":
+        actor, critic = ValueHeadGPT.from_gpt(gpt), None
+        with torch.no_grad():  # a value head that is not zero: the value loss reaches the trunk
+            actor.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            actor.value_head.bias.fill_(0.3)
+    else:
+        actor = gpt
+    args = Args(batch_size=6, num_minibatches=1, grad_accum=3, ppo_epochs=1, response_length=6, temperature=0.7,
+                clip_coef=0.2, vf_clip_coef=0.05, vf_coef=0.3, ent_coef=0.05, max_grad_norm=0.0, kl_coef=0.1,
+                missing_eos_penalty=-1.0, critic=critic_kind)
+    train_ppo.check_flags(args, set())
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok.render_prompt(p) for p in ("sort 5 3 8 1", "sort 2 9", "sort 7 7 1 0 3 6") for _ in range(2)]
+    responses = torch.randint(32, 127, (6, 6), generator=g).tolist()
+    for row, eos_at in zip(responses, (5, 0, None, 2, 3, 1)):
+        if eos_at is not None:
+            row[eos_at] = tok.eos_id
+    batch = D.collate(prompts, tok.pad_id, left_pad=True)
+    exp = make_experience(actor, ref, reward_model, critic, batch["idx"], batch["attention_mask"],
+                          torch.tensor(responses), tok, args, args.kl_coef, rt())
+    # as in a later minibatch: the policy and the critic have moved away from the rollout's log-probs and values
+    mask = exp["response_mask"]
+    exp["logprobs"] = exp["logprobs"] + 0.3 * torch.randn(mask.shape, generator=g, dtype=torch.float64) * mask
+    exp["values"] = exp["values"] + 0.1 * torch.randn(mask.shape, generator=g, dtype=torch.float64) * mask
+
+    models = {"actor": actor} if critic is None else {"actor": actor, "critic": critic}
+    opts = {k: KeepGradient(m) for k, m in models.items()}
+    out = ppo_update(actor, critic, opts["actor"], opts.get("critic"), exp, args, rt())
+    assert all(len(o.grads) == 1 for o in opts.values())
+
+    want, counts = ref_ppo_objective(actor, critic, prompts, responses, exp, args, tok.eos_id)
+    for name, (k, n) in counts.items():
+        assert 3 <= k <= n - 3, (name, k, n)  # the clip binds on some tokens, not on all
+        assert out[name] == pytest.approx(k / n, abs=1e-6), name
+    for key, model in models.items():
+        names, params = zip(*model.named_parameters())
+        want_grads = torch.autograd.grad(want, params, retain_graph=True, allow_unused=True)
+        for name, w in zip(names, want_grads):
+            got = opts[key].grads[0].get(name)
+            if w is None or got is None:  # no gradient either way
+                assert w is None and (got is None or not got.any()), (key, name)
+                continue
+            # to 1e-6, not float64's 1e-12: ppo_update weighs each micro-batch by its share of the tokens, a float32
+            # number (integer counts divided) even for float64 models (3e-8 apart here; 1e-10 with --grad_accum 1)
+            assert torch.allclose(got, w, rtol=1e-6, atol=1e-6 * w.abs().max()), (key, name)
 
 
 def test_next_prompt_indices_covers_each_prompt_once_per_pass():
