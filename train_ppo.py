@@ -47,6 +47,9 @@ Deviations from InstructGPT, on purpose:
   demonstrations) and because a small RM is easy to over-optimise: on the built-in task beta 0.05 reached KL 3.5
   and a lower gold score than beta 0.25-0.4 (KL 1.3-1.8), which all did about equally well.
 - The learning rates decay linearly to 0 over the run (as cleanrl and summarize_from_feedback_details do).
+- Every loss is a mean over the minibatch's real response tokens (the pads after EOS and the prompt count for
+  nothing), where the seed's compute_ppo_loss averages over the whole [batch, seq_len]; the advantages are whitened
+  over the real tokens only.
 - Under torchrun every rank samples the whole rollout batch (one shared random stream, so the responses are those
   of one process), then scores its 1/WORLD_SIZE of it and the ranks gather the rows: generation is not sped up
   by more ranks, the scoring passes and the update are (each rank runs --grad_accum / WORLD_SIZE micro-batches).
