@@ -59,12 +59,12 @@ import torch
 from nanorlhf import tasks
 from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
-from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.model import GPT
 from nanorlhf.report import (CURVE_KEYS, curves, fmt, metrics_path, pyplot, read_metrics, save_figure, smooth,
                              sweep_section)
 from nanorlhf.rollout import decode_response, truncate_after_eos
-from nanorlhf.utils import (check, check_out_dir_flag, flag, load_model, load_model_checkpoint, parse_flags, run,
-                            setup_runtime, write_text)
+from nanorlhf.utils import (check, check_out_dir_flag, flag, load_model, load_model_checkpoint, load_reward_model,
+                            normalized_reward, parse_flags, run, setup_runtime, write_text)
 
 
 @dataclass
@@ -107,9 +107,7 @@ def win_rate(scores, baseline_scores):
 def response_logprobs(model, idx, attention_mask, prompt_len, temperature=1.0):
     """
     log pi(y_t | x, y_<t) of every generated token, under the logits divided by the temperature.
-
-        idx:     | pad pad x x x x | y y y EOS pad |     prompt_len = 6 columns of left-padded prompt
-        logits:    ...         ^ predicts the first y: logits[:, t] predicts idx[:, t + 1]
+    logits[:, prompt_len - 1 + t] predicts idx[:, prompt_len + t] (the convention drawn in losses.sft_loss).
 
     idx (B, T), attention_mask (B, T) -> (B, T - prompt_len) float; positions after EOS hold garbage that
     the response mask removes.
@@ -168,11 +166,11 @@ def evaluate_policy(policy, ref, rm, tok, prompts, prompt_ids, cfg, rt, reward_n
         kl = sequence_kl(logp, ref_logp, r_mask)  # (B,)
         # to Python once per batch (one device sync each), then row by row
         lengths, responses, kls = r_mask.sum(-1).tolist(), response.tolist(), kl.tolist()
-        rm_scores = ((scores - reward_norm[0]) / reward_norm[1]).tolist() if rm is not None else [None] * len(chunk)
+        rm_scores = normalized_reward(scores, reward_norm).tolist() if rm is not None else [None] * len(chunk)
         for i, (p, _) in enumerate(chunk):
             n = lengths[i]
             ids = responses[i][:n]
-            text = decode_response(tok, ids, [1] * n)
+            text = decode_response(tok, ids)
             rows["prompt"].append(p)
             rows["response"].append(text)
             rows["response_ids"].append(ids)
@@ -231,10 +229,11 @@ def rm_accuracy(rm_dir):
 def stage_seconds(stage_dir):
     """
     Seconds a stage spent in its loop, from its metrics.jsonl: train_sft.py and train_rm.py log "time", the
-    seconds since their loop started, which a --resume starts again from 0; so where "time" drops a new session
-    began, and the stage's seconds are the sum of each session's last "time" (times 4.5, 6.4, 0.5, 0.8 -> 6.4 +
-    0.8 = 7.2). train_ppo.py: the sum of "t_rollout" + "t_update" over the rows. Set-up and the final checkpoint
-    write are not counted. None when neither is there.
+    seconds since their loop started (train_dpo.py's: since it started, its reference pass included), which a
+    --resume starts again from 0; so where "time" drops a new session began, and the stage's seconds are the sum
+    of each session's last "time" (times 4.5, 6.4, 0.5, 0.8 -> 6.4 + 0.8 = 7.2). train_ppo.py: the sum of
+    "t_rollout" + "t_update" over the rows. Set-up (but DPO's) and the final checkpoint write are not counted.
+    None when neither is there.
     """
     rows = read_metrics(stage_dir)
     timed = [float(r["time"]) for r in rows if r.get("time") is not None]
@@ -525,10 +524,8 @@ def parse_extra(extra):
     return out
 
 
-def main(argv=None):
-    t_start = time.time()
-    cfg = parse_flags(Config, argv, description=__doc__)
-    # the flags alone, before anything is loaded (as sample.py does)
+def check_flags(cfg):
+    """The flags alone, before anything is loaded (as sample.py does)."""
     check(cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be 0 (greedy) or more")
     check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
           f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
@@ -536,13 +533,15 @@ def main(argv=None):
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
     check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
     check_out_dir_flag(cfg.out_dir)  # now, in one line, not after minutes of sampling
-    # what the SFT run saved besides its weights (its seed, its shape); the weights are loaded below, with the model
-    sft_ckpt = {k: v for k, v in load_model_checkpoint(cfg.sft, flag="--sft")[1].items() if k != "model"}
-    if cfg.seed is None:
-        cfg.seed = int(sft_ckpt.get("args", {}).get("seed", 0))
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
 
-    # the policies, in table order; the SFT model is also the reference
+
+def load_policies(cfg, rt):
+    """
+    The policies in table order, in eval mode on rt.device: sft (also the reference), ppo, each --extra, and "init"
+    (--init_row), a model of the SFT config initialised with --seed -> (models, paths, tok, run_flags): paths[name]
+    the checkpoint of each but init, tok the SFT model's tokenizer (every policy's must equal it), run_flags[name]
+    the flags its run saved.
+    """
     paths = {"sft": cfg.sft}
     if cfg.ppo:
         paths["ppo"] = cfg.ppo
@@ -559,17 +558,30 @@ def main(argv=None):
         check(tok_i.same_encoding(tok), f"{path}: its tokenizer differs from the SFT checkpoint's")
     if cfg.init_row:
         torch.manual_seed(cfg.seed)
-        models["init"] = GPT(GPTConfig(**sft_ckpt["model_config"])).to(rt.device)
-    rm, reward_norm = None, (0.0, 1.0)
-    if cfg.rm:
-        rm, tok_rm, ckpt = load_model(cfg.rm, rt.device, kind="scalar", stage="rm", flag="--rm")
-        check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
-        rm.eval()
-        reward_norm = (float(ckpt.get("reward_mean", 0.0)), float(ckpt.get("reward_std", 1.0)) or 1.0)
-        del ckpt
+        models["init"] = GPT(models["sft"].config).to(rt.device)
     for m in models.values():
         m.eval()
+    return models, paths, tok, run_flags
+
+
+def main(argv=None):
+    t_start = time.time()
+    cfg = parse_flags(Config, argv, description=__doc__)
+    check_flags(cfg)
+    # the seed the SFT run was trained with (the default sampling seed), read before anything is put on the device;
+    # of the checkpoint dict, a CPU copy of the weights, only the flags are kept
+    sft_flags = load_model_checkpoint(cfg.sft, flag="--sft")[1].get("args", {})
+    if cfg.seed is None:
+        cfg.seed = int(sft_flags.get("seed", 0))
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+
+    # the policies and the reward model, all on the SFT model's tokenizer; the SFT model is also the reference
+    models, paths, tok, run_flags = load_policies(cfg, rt)
     ref = models["sft"]
+    rm, reward_norm = None, (0.0, 1.0)
+    if cfg.rm:
+        rm, tok_rm, reward_norm = load_reward_model(cfg.rm, rt.device)
+        check(tok_rm.same_encoding(tok), f"{cfg.rm}: its tokenizer differs from the SFT checkpoint's")
 
     # derived sizes
     if cfg.max_new_tokens is None:
@@ -610,7 +622,7 @@ def main(argv=None):
 
     # report.json
     os.makedirs(cfg.out_dir, exist_ok=True)
-    pipeline_seed = int(sft_ckpt.get("args", {}).get("seed", cfg.seed))
+    pipeline_seed = int(sft_flags.get("seed", cfg.seed))
     report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1), cfg.temperature)
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
 

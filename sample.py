@@ -39,7 +39,9 @@ import torch
 
 from nanorlhf import tasks
 from nanorlhf.data import collate, read_prompts
-from nanorlhf.utils import check, flag, load_model, parse_flags, run, setup_runtime
+from nanorlhf.rollout import decode_response
+from nanorlhf.utils import (check, flag, load_model, load_reward_model, normalized_reward, parse_flags, run,
+                            setup_runtime)
 
 
 @dataclass
@@ -76,10 +78,16 @@ def check_flags(cfg):
     check(cfg.max_new_tokens >= 1, f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
 
 
-def load(flag_name, path, device, kind, stage=None):
-    """load_model, with the flag named in its one-line error (a reward model given as --ckpt, a missing ckpt.pt)."""
+def load(flag_name, path, device, kind="gpt"):
+    """
+    A policy (kind "gpt": load_model's (model, tok, ckpt)) or a reward model (kind "rm": load_reward_model's
+    (rm, tok, (mean, std))), with the flag named in its one-line error (a reward model given as --ckpt, a missing
+    ckpt.pt).
+    """
     check(os.path.exists(path), f"--{flag_name} {path}: no such checkpoint directory")
-    return load_model(path, device, kind=kind, stage=stage, flag=f"--{flag_name}")
+    if kind == "rm":
+        return load_reward_model(path, device, flag=f"--{flag_name}")
+    return load_model(path, device, kind=kind, flag=f"--{flag_name}")
 
 
 # -----------------------------------------------------------------------------
@@ -101,8 +109,7 @@ def cut_response(tok, row):
     """
     ended = tok.eos_id in row
     ids = row[:row.index(tok.eos_id) + 1] if ended else row
-    text = tok.decode(ids)
-    return ids, text[1:] if text.startswith(" ") else text, ended
+    return ids, decode_response(tok, ids), ended
 
 
 @torch.no_grad()
@@ -127,7 +134,7 @@ def rm_scores(rm, tok, prompt_ids, responses, reward_norm, rt):
     batch = collate(seqs, tok.pad_id, multiple=1)
     with rt.autocast():
         r = rm.score(batch["idx"].to(rt.device), batch["attention_mask"].to(rt.device)).float()  # (n,)
-    return ((r - reward_norm[0]) / reward_norm[1]).tolist()
+    return normalized_reward(r, reward_norm).tolist()
 
 
 class Streamer:
@@ -145,8 +152,7 @@ class Streamer:
             self.done = True
             return
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
-        text = text[1:] if text.startswith(" ") else text
+        text = decode_response(self.tok, self.ids)
         if text.endswith("\ufffd"):  # an incomplete character: wait for its next bytes
             return
         self.out.write(text[len(self.shown):])
@@ -155,8 +161,7 @@ class Streamer:
 
     def finish(self):
         """Print what is still held back (a response that ends inside a character: U+FFFD, as in its text)."""
-        text = self.tok.decode(self.ids)
-        self.out.write((text[1:] if text.startswith(" ") else text)[len(self.shown):])
+        self.out.write(decode_response(self.tok, self.ids)[len(self.shown):])
 
 
 # -----------------------------------------------------------------------------
@@ -183,6 +188,71 @@ def print_table(prompt, i, names, results, out):
 
 
 # -----------------------------------------------------------------------------
+# the chat
+
+
+def chat(cfg, names, respond, tok):
+    """
+    The chat on standard input: a conversation per policy (names), each line a user turn that every policy answers
+    with respond(name, messages, 1, seed, on_token); an empty line starts new conversations. With --json, stdout
+    holds the JSON lines only (for jq and the like), and what is there for a person to read goes to stderr.
+    """
+    interactive = sys.stdin.isatty()
+    talk = sys.stderr if cfg.json else sys.stdout
+    if interactive:
+        print(f"chat with {' and '.join(names)}: a line is a turn, an empty line starts a new conversation, "
+              "Ctrl-D ends", file=talk)
+    conversations = {name: [] for name in names}
+    width = max(len(n) for n in names)
+    turn = 0
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=talk)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
+        if not line:  # end of input
+            if interactive:
+                print(file=talk)
+            return
+        line = line.rstrip("\r\n")  # a file with Windows line endings: the \r is not part of the turn
+        if not line.strip():
+            conversations = {name: [] for name in names}
+            print("(new conversation)", file=talk)
+            continue
+        if not interactive:
+            print(f"you> {line}", file=talk)  # piped input is not echoed by a terminal: the transcript shows it
+        before = {name: len(messages) for name, messages in conversations.items()}
+        try:
+            for name, messages in conversations.items():
+                messages.append({"role": "user", "content": line})
+                if cfg.json:
+                    r = respond(name, messages, 1, cfg.seed + turn)[0]
+                    print(json.dumps({"policy": name, "turn": turn, "prompt": line, **r}))
+                else:
+                    print(f"{name:>{width}s}> ", end="", flush=True)
+                    streamer = Streamer(tok, sys.stdout)
+                    r = respond(name, messages, 1, cfg.seed + turn, on_token=streamer)[0]
+                    streamer.finish()
+                    print(score_note(r["rm"], r["gold"], r["eos"]))
+                messages.append({"role": "assistant", "content": r["response"]})
+        except KeyboardInterrupt:
+            # Ctrl-C during a reply stops it, as in other chats: the turn is dropped from every conversation (also
+            # where a policy had answered it already) and the prompt comes back. Piped input has no one at a prompt
+            # to come back to: the session ends there, with the status of a process stopped by Ctrl-C.
+            for name, n in before.items():
+                del conversations[name][n:]
+            if not cfg.json:
+                print(flush=True)  # end the line the reply was streaming on
+            print("(interrupted: this turn is dropped)", file=talk, flush=True)
+            if not interactive:
+                sys.exit(130)
+            continue
+        turn += 1
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -192,20 +262,17 @@ def main(argv=None):
 
     # the models, all on one tokenizer
     policies = {}
-    model, tok = load("ckpt", cfg.ckpt, rt.device, "gpt")[:2]  # not its third value, a CPU copy of the weights
+    model, tok = load("ckpt", cfg.ckpt, rt.device)[:2]  # not its third value, a CPU copy of the weights
     policies[cfg.ckpt] = model.eval()
     if cfg.compare:
         check(cfg.compare != cfg.ckpt, f"--compare {cfg.compare}: the same checkpoint as --ckpt")
-        model, tok_c = load("compare", cfg.compare, rt.device, "gpt")[:2]
+        model, tok_c = load("compare", cfg.compare, rt.device)[:2]
         check(tok_c.same_encoding(tok), f"--compare {cfg.compare}: its tokenizer differs from --ckpt's")
         policies[cfg.compare] = model.eval()
     rm, reward_norm = None, (0.0, 1.0)
     if cfg.rm:
-        rm, tok_r, ckpt = load("rm", cfg.rm, rt.device, "scalar", stage="rm")
+        rm, tok_r, reward_norm = load("rm", cfg.rm, rt.device, "rm")
         check(tok_r.same_encoding(tok), f"--rm {cfg.rm}: its tokenizer differs from --ckpt's")
-        rm.eval()
-        reward_norm = (float(ckpt.get("reward_mean", 0.0)), float(ckpt.get("reward_std", 1.0)) or 1.0)
-        del ckpt  # a CPU copy of the weights, of which only the mean and std are needed
     # prompt + response must fit the context: prompt + max_new_tokens - 1 tokens go through the model
     budget = min(m.config.block_size for m in policies.values()) - cfg.max_new_tokens + 1
     check(budget >= 1, f"--max_new_tokens {cfg.max_new_tokens}: leaves no room for a prompt in the context of "
@@ -238,61 +305,7 @@ def main(argv=None):
                 print_table(prompt, i, list(policies), results, sys.stdout)
         return
 
-    # the chat: a conversation per policy; an empty line starts new ones. With --json, stdout holds the JSON lines
-    # only (for jq and the like), and what is there for a person to read goes to stderr.
-    interactive = sys.stdin.isatty()
-    talk = sys.stderr if cfg.json else sys.stdout
-    if interactive:
-        print(f"chat with {' and '.join(policies)}: a line is a turn, an empty line starts a new conversation, "
-              "Ctrl-D ends", file=talk)
-    conversations = {name: [] for name in policies}
-    width = max(len(n) for n in policies)
-    turn = 0
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True, file=talk)
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            line = ""
-        if not line:  # end of input
-            if interactive:
-                print(file=talk)
-            return
-        line = line.rstrip("\r\n")  # a file with Windows line endings: the \r is not part of the turn
-        if not line.strip():
-            conversations = {name: [] for name in policies}
-            print("(new conversation)", file=talk)
-            continue
-        if not interactive:
-            print(f"you> {line}", file=talk)  # piped input is not echoed by a terminal: the transcript shows it
-        before = {name: len(messages) for name, messages in conversations.items()}
-        try:
-            for name, messages in conversations.items():
-                messages.append({"role": "user", "content": line})
-                if cfg.json:
-                    r = respond(name, messages, 1, cfg.seed + turn)[0]
-                    print(json.dumps({"policy": name, "turn": turn, "prompt": line, **r}))
-                else:
-                    print(f"{name:>{width}s}> ", end="", flush=True)
-                    streamer = Streamer(tok, sys.stdout)
-                    r = respond(name, messages, 1, cfg.seed + turn, on_token=streamer)[0]
-                    streamer.finish()
-                    print(score_note(r["rm"], r["gold"], r["eos"]))
-                messages.append({"role": "assistant", "content": r["response"]})
-        except KeyboardInterrupt:
-            # Ctrl-C during a reply stops it, as in other chats: the turn is dropped from every conversation (also
-            # where a policy had answered it already) and the prompt comes back. Piped input has no one at a prompt
-            # to come back to: the session ends there, with the status of a process stopped by Ctrl-C.
-            for name, n in before.items():
-                del conversations[name][n:]
-            if not cfg.json:
-                print(flush=True)  # end the line the reply was streaming on
-            print("(interrupted: this turn is dropped)", file=talk, flush=True)
-            if not interactive:
-                sys.exit(130)
-            continue
-        turn += 1
+    chat(cfg, list(policies), respond, tok)  # neither --prompt nor --prompts
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ implicit reward into the Bradley-Terry loss of the reward-model stage gives, for
 
 with log pi(y|x) summed over the response tokens (the EOS included). A prompt with K ranked responses gives its
 C(K, 2) pairs, as in train_rm.py; each response goes through the model once per step, and the prompt once for all K
-(--share_prompts, as in train_rm.py). The reference is the
-SFT model: its log-probabilities of every training and held-out response are computed once, before training,
-and the model is then dropped, so only the policy is in memory while it trains.
+(--share_prompts, as in train_rm.py). The reference is the SFT model: its log-probabilities of every training and
+held-out response are computed once, before training, and the model is then dropped, so only the policy is in
+memory while it trains.
 
 Run (after train_sft.py; `make compare` runs it with the other algorithms):
     python train_dpo.py --data out/data/prefs.jsonl --val_data out/data/prefs_eval.jsonl --sft out/sft --out_dir out/dpo
@@ -25,10 +25,10 @@ Writes to --out_dir: ckpt.pt (the policy, stage "dpo", loadable by evaluate.py l
 train_state.pt, metrics.jsonl (train and held-out loss, implicit-reward accuracy and margin, the tokens the model
 runs per step and their padding fraction, and the gold score of sampled responses on the built-in task).
 
-Deviations from the paper, on purpose:
-- The pairs of a batch count equally (the paper's loss is a mean over pairs); train_rm.py instead weighs each
-  prompt's C(K, 2) pairs by 1/C(K, 2), InstructGPT's guard against a reward model overfitting to prompts with
-  many pairs. With the built-in task's K = 4 for every prompt the two are the same.
+Deviations, on purpose (the first from train_rm.py, the others from the paper):
+- The pairs of a batch count equally, as in the paper's mean over pairs; train_rm.py instead weighs each prompt's
+  C(K, 2) pairs by 1/C(K, 2), InstructGPT's guard against a reward model overfitting to prompts with many pairs.
+  With the built-in task's K = 4 for every prompt the two are the same.
 - The default budget (200 steps of 16 prompts x K = 4 responses) puts as many sequences through the policy's
   backward pass (12800) as the online scripts' defaults (3200 episodes x 4 epochs); see README "Beyond PPO".
 - Dropout is off (as in the online scripts), so that at step 0 the policy equals the reference: the loss is log 2
@@ -37,21 +37,20 @@ Deviations from the paper, on purpose:
   rounding breaks some of its ties and the first train accuracy logged is near 1/2 (0.49), not exactly 1/2.
 """
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_prompts, pack_shared_prefix,
-                           padding_fraction, read_prefs, slots_run, to_device)
+from nanorlhf.data import (LengthGroupedSampler, collate, encode_prompts, pack_shared_prefix,
+                           padding_fraction, ranked_pairs, read_prefs, slots_run, to_device)
 from nanorlhf.losses import logprobs_from_logits, masked_sum, row_chunks
 from nanorlhf.rollout import decode_response, disable_dropout, gold_scores, truncate_after_eos
 from nanorlhf import dist
-from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, gold_on,
-                                   input_digests, load_run, nothing_left, optimizer_step, parse_stage_flags, read_split,
-                                   restore_run, resumed_flags, save_run, wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, encode_pref_splits, endless,
+                                   gold_on, input_digests, optimizer_step, parse_stage_flags, read_split, restore_run,
+                                   save_run, start_run)
 from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag, fmt_time,
                             load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -82,14 +81,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         stats = {"accuracy": accuracy, "margin": margins.mean(), "chosen_reward": chosen_rewards.mean(),
                  "rejected_reward": rejected_rewards.mean()}
     return loss, stats
-
-
-def ranked_pairs(ranking):
-    """
-    Every (winner, loser) pair of one ranking (indices of responses, best first): C(K, 2) of them.
-    [0, 2, 1] -> [(0, 2), (0, 1), (2, 1)]
-    """
-    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
 
 
 def sequence_logprobs(model, batch):
@@ -264,17 +255,11 @@ def sampled_gold(model, prompts, prompt_ids, tok, args, rt):
 
 
 def main():
+    # the run's "time" counts from here, not from the loop as SFT's and RM's do: the reference pass is part of what
+    # DPO costs (compare.py's wall time counts it)
     t_start = time.time()
     args = parse_stage_flags(Config, description=__doc__)
-    resuming = wants_resume(args.resume, args.out_dir)
-    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
-    # --sft is its saved one, checked when it started
-    check_out_dir(args.out_dir, "dpo", {} if resuming else {"--sft": args.sft})
-    state = None
-    if resuming:
-        ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt)
-        del ckpt  # a CPU copy of the weights, which the policy is loaded from below: not held for the whole run
+    args, state, _ = start_run(args, "dpo", {"--sft": args.sft})  # with --resume: the run's saved flags, train_state.pt
     check_flags(args)
     stop = args.stop_at or args.max_steps
     if state is not None and state["step"] >= stop:  # before the reference pass, which takes minutes on a real model
@@ -292,15 +277,8 @@ def main():
     ref, tok = load_model(args.sft, rt.device, kind="gpt", flag="--sft")[:2]
     disable_dropout(ref)
     max_len = ref.config.block_size
-    train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
-    val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
-    for split, kept in (("train", train), ("val", val)):
-        check(kept, f"{nothing_left(split, args, 'record')} keeps 2 responses that fit in {max_len} tokens")
-    n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
-    print(f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
-          f"{len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the left, "
-          f"{len(train_records) + len(val_records) - len(train) - len(val)} records dropped (fewer than 2 responses "
-          f"fit), {n_dropped + n_dropped_val} responses dropped from the records kept")
+    train, val, data_line = encode_pref_splits(train_records, val_records, tok, max_len, args)
+    print(data_line)
 
     # the gold score of sampled responses to held-out prompts (the built-in task only; never trained on), its
     # flags checked before the reference pass, which takes minutes on a real model

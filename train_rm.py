@@ -38,15 +38,14 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf import dist, lora, tasks
-from nanorlhf.data import (LengthGroupedSampler, collate, encode_prefs, encode_sft, pack_shared_prefix,
-                           padding_fraction, read_prefs, read_sft, run_sequences, slots_run, to_device)
+from nanorlhf.data import (LengthGroupedSampler, collate, encode_sft, pack_shared_prefix,
+                           padding_fraction, ranked_pairs, read_prefs, read_sft, run_sequences, slots_run, to_device)
 from nanorlhf.losses import kwise_ranking_loss, reward_centering_loss
 from nanorlhf.model import last_index
-from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_loop_flags, check_out_dir, endless, fmt_count,
-                                   check_head_not_adapted, input_digests, load_run, nothing_left, optimizer_step,
-                                   parse_stage_flags, peak_flops, read_split, restore_run, resumed_flags, save_run,
-                                   wants_resume)
-from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
+from nanorlhf.train_common import (RESUME_HELP, SHARE_PROMPTS_HELP, check_head_not_adapted, check_loop_flags,
+                                   encode_pref_splits, endless, fmt_count, input_digests, nothing_left, optimizer_step,
+                                   parse_stage_flags, peak_flops, read_split, restore_run, save_run, start_run)
+from nanorlhf.utils import (CKPT, Timer, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
 
@@ -108,8 +107,6 @@ def check_flags(args):
     check(args.sft_data or "norm_samples" not in getattr(args, "_given", ()),
           "--norm_samples does nothing with --sft_data '' (the held-out responses set the reward's mean and std); "
           "leave it out")
-    check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
-    check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
     if args.lora_rank:  # the scalar head trains in full (main)
         check_head_not_adapted(args.lora_targets, "head", "the reward model's head")
 
@@ -179,7 +176,16 @@ def pair_diffs(scores, ranking):
     r_w - r_l for every labelled pair (w ranked above l) of one prompt.
     scores [3., 1., 2.], ranking [0, 2, 1] -> [3 - 2, 3 - 1, 2 - 1] = [1., 2., 1.]
     """
-    return [scores[ranking[a]] - scores[ranking[b]] for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
+    return [scores[w] - scores[l] for w, l in ranked_pairs(ranking)]
+
+
+def pair_accuracy(diffs):
+    """
+    The fraction of pairs the RM orders as labelled, a tie counting 1/2:
+        acc = mean over pairs of [r_w > r_l] + 1/2 [r_w = r_l]
+    diffs (r_w - r_l) [1., 0., -2., 3.] -> (1 + 0.5 + 0 + 1) / 4 = 0.625
+    """
+    return sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs)
 
 
 def batch_diffs(scores, batch):
@@ -230,7 +236,7 @@ def evaluate(model, batches, rt):
         diffs += batch_diffs(scores, batch)
     model.train()
     ece, table = calibration(diffs)
-    metrics = {"val_loss": loss_sum / n_prompts, "val_acc": sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs),
+    metrics = {"val_loss": loss_sum / n_prompts, "val_acc": pair_accuracy(diffs),
                "val_margin": sum(diffs) / len(diffs), "val_ece": ece, "val_calibration": table}
     return metrics, record_scores
 
@@ -266,22 +272,16 @@ def score_sequences(model, seqs, pad_id, batch_size, max_len, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
-    resuming = wants_resume(args.resume, args.out_dir)
-    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
-    # --init_from is its saved one, checked when it started
-    check_out_dir(args.out_dir, "rm", {} if resuming else {"--init_from": args.init_from})
-    state = saved_lora = None
-    if resuming:
-        ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt)
-        saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
-        del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
+    # with --resume: the run's saved flags, its train_state.pt and a LoRA run's trained tensors (put back below)
+    args, state, saved_lora = start_run(args, "rm", {"--init_from": args.init_from})
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
-    # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
-    # continues from its own checkpoint and does not read it again)
+    # a fresh run starts from the SFT model's trunk (--init_from), and so does a LoRA run that resumes (with its saved
+    # adapters); a full run resumes from its own checkpoint and does not read --init_from again
+    from_base = state is None or args.lora_rank > 0
+    # the files the run reads, the same ones when it resumes
     inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--sft_data": args.sft_data,
-                            "--init_from": args.init_from if state is None or args.lora_rank else None}, state,
+                            "--init_from": args.init_from if from_base else None}, state,
                            getattr(args, "_given", None))
 
     # data and model: everything is read and validated before anything is written to out_dir
@@ -298,25 +298,14 @@ def main():
     # the built-in task knows its annotator: its agreement with gold on the same held-out pairs is the ceiling.
     # Decided now, so that a meta.json of the task's that is broken stops the run here, not after training
     meta = tasks.task_meta(args.val_data or args.data)
-    # a fresh run starts from the SFT model's trunk; a LoRA run resumes from that base and its saved adapters
     # (load_model's third value, the checkpoint dict, is a CPU copy of the weights: not kept)
-    resume_full = state is not None and not args.lora_rank
-    src = args.out_dir if resume_full else args.init_from
-    model, tok = load_model(src, rt.device, kind="scalar", from_gpt=not resume_full,
-                            flag=None if resume_full else "--init_from")[:2]
+    model, tok = load_model(args.init_from if from_base else args.out_dir, rt.device, kind="scalar",
+                            from_gpt=from_base, flag="--init_from" if from_base else None)[:2]
     if args.lora_rank:
-        try:
-            lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-        except ValueError as e:
-            raise UserError(f"--lora_targets: {e}") from None
+        lora.apply_lora_flags(model, args, saved_lora["trainable"] if state is not None else None)
         model.head.requires_grad_(True)  # the new scalar head trains in full
-        if state is not None:
-            model.load_state_dict(saved_lora["trainable"], strict=False)
     max_len = model.config.block_size
-    train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
-    val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
-    for split, kept in (("train", train), ("val", val)):
-        check(kept, f"{nothing_left(split, args, 'record')} keeps 2 responses that fit in {max_len} tokens")
+    train, val, data_line = encode_pref_splits(train_records, val_records, tok, max_len, args)
     # the demonstrations that set the reward's mean and std after training (the held-out responses without them:
     # at least 2, as a val record keeps 2); found now, so that too few stop the run before anything is written
     if sft_records is not None:
@@ -328,12 +317,7 @@ def main():
     else:
         norm_seqs = [s for ex in val for s in ex["ids"]]
         norm_on = f"{len(norm_seqs)} held-out responses"
-    n_seqs = sum(len(ex["ids"]) for ex in train)
-    print(f"data: {len(train)} train prompts ({n_seqs} responses, {sum(math.comb(len(ex['ids']), 2) for ex in train)} "
-          f"pairs), {len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the "
-          f"left, {len(train_records) + len(val_records) - len(train) - len(val)} records dropped (fewer than 2 "
-          f"responses fit), {n_dropped + n_dropped_val} responses dropped from the records kept"
-          + (f"; {n_ties} tied responses dropped" if args.allow_ties else ""))
+    print(data_line + (f"; {n_ties} tied responses dropped" if args.allow_ties else ""))
 
     sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in train], args.batch_size, seed=args.seed)
     val_sampler = LengthGroupedSampler([max(map(len, ex["ids"])) for ex in val], args.batch_size, seed=args.seed)
@@ -379,7 +363,7 @@ def main():
     # next row averages the same steps as the uninterrupted run's (rank 0 holds the ranks' acc and pad_frac there)
     window = (state or {}).get("window") or {"loss": 0.0, "acc": 0.0, "pad_frac": 0.0, "steps": 0}
     loss_sum, n_steps = window["loss"], window["steps"]
-    acc_sum, pad_frac = (window["acc"], window["pad_frac"]) if dist.is_main() else (0.0, 0.0)
+    acc_sum, pad_sum = (window["acc"], window["pad_frac"]) if dist.is_main() else (0.0, 0.0)  # pad_sum: of fractions
     n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this process's steps (since it started or resumed)
     while step < stop:
         t0 = time.perf_counter()
@@ -388,14 +372,14 @@ def main():
         step_batches = [next(stream) for _ in range(args.grad_accum)]
         micro = [make_batch([train[i] for i in b], tok.pad_id, max_len, args.share_prompts)
                  for b in dist.mine(step_batches)]
-        n_prompts = dist.all_reduce_sum(sum(len(b["ranking"]) for b in micro))  # over all ranks' micro-batches
+        step_prompts = dist.all_reduce_sum(sum(len(b["ranking"]) for b in micro))  # over all ranks' micro-batches
         step_loss = 0.0
         for i, batch in enumerate(micro):
             real = slots_run(batch)  # (rows, T): the packed rows when prompts are shared
             tokens = int(real.sum())
             n_tok += tokens
             flops += model.flops_per_token(real.size(1)) * tokens
-            pad_frac += padding_fraction(batch) / args.grad_accum
+            pad_sum += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
             dist.sync_grads(train_model, i == len(micro) - 1)  # the ranks sum their gradients once per step
             scores = score_batch(train_model, batch, rt)  # (B, K)
@@ -405,10 +389,10 @@ def main():
             if args.center_coef > 0:
                 # L_center = mean over pairs of (r_i + r_j)^2, keeps the scores near 0
                 loss = loss + args.center_coef * reward_centering_loss(scores, batch["k_mask"])
-            (loss * len(scores) / n_prompts).backward()
-            step_loss += loss.item() * len(scores) / n_prompts
+            (loss * len(scores) / step_prompts).backward()
+            step_loss += loss.item() * len(scores) / step_prompts
             diffs = batch_diffs(scores.detach(), batch)
-            acc_sum += sum((d > 0) + 0.5 * (d == 0) for d in diffs) / len(diffs) / args.grad_accum
+            acc_sum += pair_accuracy(diffs) / args.grad_accum
         step_loss = dist.all_reduce_sum(step_loss)
         # a NaN or inf loss or gradient norm stops here, before the step, with the last checkpoint intact
         grad_norm = optimizer_step(model, optimizer, lr, args.grad_clip, f"step {step + 1}", step_loss)
@@ -423,7 +407,7 @@ def main():
         if evaluated:
             val_metrics, record_scores = evaluate(eval_model, val_batches, rt)
         if scheduled or evaluated:
-            acc_all, n_tok, flops, pad_all = dist.all_reduce_sum([acc_sum, n_tok, flops, pad_frac])  # all ranks'
+            acc_all, n_tok, flops, pad_all = dist.all_reduce_sum([acc_sum, n_tok, flops, pad_sum])  # all ranks'
             row = {"step": step, "loss": loss_sum / n_steps, "acc": acc_all / n_steps, "lr": lr, "grad_norm": grad_norm,
                    "tok_per_s": n_tok / dt, "mfu": flops / dt / peak, "pad_frac": pad_all / n_steps,
                    "epoch": step * args.grad_accum / len(sampler), "time": time.time() - t_start}
@@ -435,13 +419,13 @@ def main():
                   f"mfu {100 * flops / dt / peak:.1f}% | {fmt_time(timer.eta(step - 1))} left")
             n_tok, flops, dt = 0, 0.0, 0.0
             if scheduled:
-                loss_sum, acc_sum, pad_frac, n_steps = 0.0, 0.0, 0.0, 0
+                loss_sum, acc_sum, pad_sum, n_steps = 0.0, 0.0, 0.0, 0
         if step < args.max_steps and (step % args.ckpt_interval == 0 or step == stop):  # the end saves below
             # train_state.pt keeps the row's sums; the ranks' acc and pad_frac are added up on rank 0 now, here as in a
             # resumed run, so that both add the same numbers in the same order
-            acc_sum, pad_frac = dist.all_reduce_sum([acc_sum, pad_frac])
-            window = {"loss": loss_sum, "acc": acc_sum, "pad_frac": pad_frac, "steps": n_steps}
-            acc_sum, pad_frac = (acc_sum, pad_frac) if dist.is_main() else (0.0, 0.0)
+            acc_sum, pad_sum = dist.all_reduce_sum([acc_sum, pad_sum])
+            window = {"loss": loss_sum, "acc": acc_sum, "pad_frac": pad_sum, "steps": n_steps}
+            acc_sum, pad_sum = (acc_sum, pad_sum) if dist.is_main() else (0.0, 0.0)
             save_run(args.out_dir, rm_payload(model, tok, args, step), optimizer, sampler, step, model, window,
                      inputs)
     if step < args.max_steps:
@@ -449,11 +433,14 @@ def main():
         dist.cleanup()
         return
 
-    # the InstructGPT normalisation: shift the head's bias so that the demonstrations score mean 0. It changes
-    # no difference r_w - r_l, so the held-out metrics above stand.
+    # the InstructGPT normalisation: shift the head's bias so that the demonstrations y_d score mean 0,
+    #     b <- b - mean_d r(x_d, y_d),   so r(x, y) <- r(x, y) - mean_d r(x_d, y_d);   r_w - r_l is unchanged,
+    # so the held-out metrics above stand
     scores = score_sequences(model, norm_seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     with torch.no_grad():
         dist.writable(model, "head.bias").sub_(scores.mean().item())  # under FSDP2 every rank shifts its shard
+    # scored again rather than shifted by hand: the stored mean and std are those of the saved model as it computes
+    # (the mean is 0 up to rounding), which is what evaluate.py and sample.py divide by
     scores = score_sequences(model, norm_seqs, tok.pad_id, 4 * args.batch_size, max_len, rt)
     reward_mean, reward_std = scores.mean().item(), scores.std().item()
     summary = {"step": step, "final": True, **val_metrics, "reward_mean": reward_mean, "reward_std": reward_std,

@@ -44,9 +44,9 @@ from nanorlhf.data import LengthGroupedSampler, collate, encode_sft, padding_fra
 from nanorlhf.losses import sft_loss
 from nanorlhf.model import GELU_APPROXIMATE, GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, check_out_dir, endless, fmt_count, input_digests,
-                                   load_run, nothing_left, optimizer_step, parse_stage_flags, peak_flops, read_split,
-                                   restore_run, resumed_flags, save_run, wants_resume)
+from nanorlhf.train_common import (RESUME_HELP, check_loop_flags, endless, fmt_count, input_digests, nothing_left,
+                                   optimizer_step, parse_stage_flags, peak_flops, read_split, restore_run, save_run,
+                                   start_run)
 from nanorlhf.utils import (CKPT, Timer, UserError, check, configure_optimizer, cosine_lr, flag,
                             fmt_time, load_model, maybe_compile, model_payload, run, setup_runtime)
 
@@ -114,8 +114,6 @@ def check_flags(args):
     check(0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}")
     check(args.activation in GELU_APPROXIMATE,
           f"--activation must be one of {', '.join(GELU_APPROXIMATE)}, got {args.activation!r}")
-    check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
-    check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
     # the checkpoint's shape and GELU win: a scratch flag named on the command line would do nothing, whatever its
     # value (at the default too, as --tokenizer is refused); a resumed run's saved flags have no _given
     given = getattr(args, "_given", ())
@@ -208,7 +206,10 @@ def make_batch(examples, pad_id, max_len):
 
 
 def n_targets(batch):
-    """Number of tokens the SFT loss covers: the response tokens (and EOS) that some position predicts."""
+    """
+    Number of tokens the SFT loss covers: the response tokens (and EOS) that some position predicts, the 1s of
+    losses.sft_loss's target mask response_mask[:, 1:].
+    """
     return int(batch["response_mask"][:, 1:].sum())
 
 
@@ -229,38 +230,27 @@ def evaluate(model, batches, rt):
 
 def main():
     args = parse_stage_flags(Config, description=__doc__)
-    resuming = wants_resume(args.resume, args.out_dir)
-    # first, so that --resume in another stage's directory says so, not that its flags differ; a resumed run's
-    # --init_from is its saved one, checked when it started
-    check_out_dir(args.out_dir, "sft", {"--init_from": args.init_from}
-                  if not resuming and args.init_from != "scratch" else {})
-    state = saved_lora = None
-    if resuming:
-        ckpt, state = load_run(args.out_dir)
-        args = resumed_flags(args, ckpt)
-        saved_lora = ckpt.get("lora")  # a LoRA run's trained tensors, put back below
-        del ckpt  # the rest is a CPU copy of the weights: not held for the whole run
+    # with --resume: the run's saved flags, its train_state.pt and a LoRA run's trained tensors (put back below)
+    args, state, saved_lora = start_run(args, "sft", {"--init_from": args.init_from} if args.init_from != "scratch"
+                                        else {})
     check_flags(args)
     rt = setup_runtime(dist.setup(args.device), args.dtype, args.seed, training=True)
-    # the files the run reads, the same ones when it resumes (--init_from: a resumed run that is not LoRA's
-    # continues from its own checkpoint and does not read it again)
-    base = args.init_from if args.init_from != "scratch" and (state is None or args.lora_rank) else None
+    # a fresh run starts from --init_from, and so does a LoRA run that resumes (with its saved adapters); a full run
+    # resumes from its own checkpoint and does not read --init_from again
+    from_base = state is None or args.lora_rank > 0
+    # the files the run reads, the same ones when it resumes
+    base = args.init_from if args.init_from != "scratch" and from_base else None
     inputs = input_digests({"--data": args.data, "--val_data": args.val_data, "--init_from": base}, state,
                           getattr(args, "_given", None))
 
     # data and model: everything is read and validated before anything is written to out_dir
     train_records, val_records = read_split(read_sft, args.data, args.val_data, args.val_frac, args.seed)
-    if state is None or args.lora_rank:  # a LoRA run resumes from its base (--init_from) and its saved adapters
+    if from_base:
         model, tok = init_model(args)
     else:
         model, tok = load_model(args.out_dir, kind="gpt")[:2]  # not its third value, a CPU copy of the weights
     if args.lora_rank:
-        try:
-            lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-        except ValueError as e:
-            raise UserError(f"--lora_targets: {e}") from None
-        if state is not None:
-            model.load_state_dict(saved_lora["trainable"], strict=False)
+        lora.apply_lora_flags(model, args, saved_lora["trainable"] if state is not None else None)
     model.to(rt.device)
     max_len = min(args.block_size, model.config.block_size)
     train, n_cut = encode_sft(train_records, tok, max_len)
@@ -307,7 +297,7 @@ def main():
     # next row averages the same steps as the uninterrupted run's (rank 0 holds the ranks' pad_frac there)
     window = (state or {}).get("window") or {"loss": 0.0, "pad_frac": 0.0, "steps": 0}
     loss_sum, n_steps = torch.tensor(window["loss"], device=rt.device), window["steps"]
-    pad_frac = window["pad_frac"] if dist.is_main() else 0.0
+    pad_sum = window["pad_frac"] if dist.is_main() else 0.0  # a sum of the steps' padding fractions
     n_tok, flops, dt = 0, 0.0, 0.0  # the throughput of this process's steps (since it started or resumed)
     while step < stop:
         t0 = time.perf_counter()
@@ -317,20 +307,21 @@ def main():
         micro = [make_batch([train[i] for i in b], tok.pad_id, max_len) for b in dist.mine(step_batches)]
         # the loss is a sum over the targets of all micro-batches (of all ranks) divided by their total count, so
         # that accumulation gives exactly the loss (and gradient) of one big batch
-        n_tokens = dist.all_reduce_sum(sum(n_targets(b) for b in micro))
+        step_targets = dist.all_reduce_sum(sum(n_targets(b) for b in micro))
         step_loss = torch.zeros((), device=rt.device)
         for i, batch in enumerate(micro):
             tokens = int(batch["attention_mask"].sum())
             n_tok += tokens
             flops += model.flops_per_token(batch["idx"].size(1)) * tokens
-            pad_frac += padding_fraction(batch) / args.grad_accum
+            pad_sum += padding_fraction(batch) / args.grad_accum
             batch = to_device(batch, rt.device)
             dist.sync_grads(train_model, i == len(micro) - 1)  # the ranks sum their gradients once per step
             with rt.autocast():
                 # right padding: a real token never attends to the pads after it, so the plain causal
                 # attention (fast path, no mask) gives the same logits at every real position
                 logits = train_model(batch["idx"])  # (B, T, V)
-            loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=n_tokens)
+            # L_SFT = -sum over the response targets of log p(idx[t + 1] | idx[<= t]) / step_targets
+            loss = sft_loss(logits, batch["idx"], batch["response_mask"], n_tokens=step_targets)
             loss.backward()
             step_loss += loss.detach()
         step_loss = dist.all_reduce_sum(step_loss)
@@ -347,7 +338,7 @@ def main():
         if evaluated:
             val_loss = evaluate(eval_model, val_batches, rt)
         if scheduled or evaluated:
-            n_tok, flops, pad_all = dist.all_reduce_sum([n_tok, flops, pad_frac])  # all ranks' micro-batches
+            n_tok, flops, pad_all = dist.all_reduce_sum([n_tok, flops, pad_sum])  # all ranks' micro-batches
             loss = loss_sum.item() / n_steps
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tok / dt,
                    "mfu": flops / dt / peak, "pad_frac": pad_all / n_steps,
@@ -361,16 +352,16 @@ def main():
                   f"{fmt_time(timer.eta(step - 1))} left")
             n_tok, flops, dt = 0, 0.0, 0.0
             if scheduled:
-                loss_sum, pad_frac, n_steps = torch.zeros((), device=rt.device), 0.0, 0
+                loss_sum, pad_sum, n_steps = torch.zeros((), device=rt.device), 0.0, 0
         if step % args.ckpt_interval == 0 or step == stop:
             payload = model_payload(model, tok, "sft", args, step)
             if args.lora_rank:  # merged: the next stage loads a plain GPT
                 payload = lora.lora_payload(model, payload, args.lora_rank, args.lora_alpha, args.lora_targets)
             # train_state.pt keeps the row's sums; the ranks' pad_frac is added up on rank 0 now, here as in a resumed
             # run, so that both add the same numbers in the same order
-            pad_frac = dist.all_reduce_sum(pad_frac)
-            window = {"loss": loss_sum.item(), "pad_frac": pad_frac, "steps": n_steps}
-            pad_frac = pad_frac if dist.is_main() else 0.0
+            pad_sum = dist.all_reduce_sum(pad_sum)
+            window = {"loss": loss_sum.item(), "pad_frac": pad_sum, "steps": n_steps}
+            pad_sum = pad_sum if dist.is_main() else 0.0
             save_run(args.out_dir, payload, optimizer, sampler, step, model, window, inputs)
     dist.cleanup()
     if step < args.max_steps:

@@ -318,6 +318,14 @@ def encode_prefs(records, tok, block_size):
     return out, n_truncated, n_dropped
 
 
+def ranked_pairs(ranking):
+    """
+    Every (winner, loser) pair of one ranking (indices of responses, best first): C(K, 2) of them.
+    [0, 2, 1] -> [(0, 2), (0, 1), (2, 1)]
+    """
+    return [(ranking[a], ranking[b]) for a in range(len(ranking)) for b in range(a + 1, len(ranking))]
+
+
 def encode_prompts(prompts, tok, max_prompt_len):
     """prompts -> (list of rendered prompt ids, each cut from the left to max_prompt_len tokens, n_truncated)."""
     out, n_truncated = [], 0

@@ -120,6 +120,21 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS):
     return [name for name, _ in matches]
 
 
+def apply_lora_flags(model, args, trainable=None):
+    """
+    apply_lora with a stage's --lora_rank, --lora_alpha and --lora_targets (a regex that names no layer is one line
+    naming --lora_targets); trainable: a resumed run's saved tensors (lora_payload's "trainable"), put back.
+    """
+    from nanorlhf.utils import UserError
+
+    try:
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    except ValueError as e:
+        raise UserError(f"--lora_targets: {e}") from None
+    if trainable is not None:
+        model.load_state_dict(trainable, strict=False)
+
+
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

@@ -7,8 +7,9 @@ The GPT-2 model, in the style of nanoGPT's model.py, plus what RLHF needs on top
   so a left-padded row gives the same logits at its real positions as the row alone.
 - generate(): batched sampling with a preallocated KV cache, temperature / top-k / top-p, left-padded prompts,
   per-row EOS, and the logprob of every sampled token; on an x86 CPU its Linears run through oneDNN on weights
-  reordered once per call (onednn_linears).
-- GPT.from_pretrained(): load a local Hugging Face GPT-2 checkpoint without importing transformers.
+  reordered once per call (nanorlhf/cpu_linear.py).
+- GPT.from_pretrained(): load a local Hugging Face GPT-2 checkpoint without importing transformers (the reading
+  and checking of the files is nanorlhf/hf.py).
 
 Deliberate deviations from GPT-2 / nanoGPT:
 - Attention always goes through F.scaled_dot_product_attention; with padding it gets a boolean mask in which
@@ -22,16 +23,16 @@ Deliberate deviations from GPT-2 / nanoGPT:
   on a CPU so do the attention and the KV cache (torch's bf16 attention kernels are the slower ones there).
 """
 
-import json
 import math
-import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from nanorlhf.cpu_linear import onednn_linears
 
 
 GELU_APPROXIMATE = {"gelu_new": "tanh", "gelu": "none"}  # GPTConfig.activation -> nn.GELU's `approximate`
@@ -97,7 +98,7 @@ def float32_head(head, h):
     x = at_least_float32(h)  # (..., C)
     with autocast_off(x.device.type):
         if head.weight.dtype == x.dtype:
-            return head(x)  # (..., out); during generate() on a CPU possibly a OneDNNLinear, see onednn_linears
+            return head(x)  # (..., out); during generate() on a CPU possibly a OneDNNLinear (cpu_linear.py)
         bias = None if head.bias is None else head.bias.to(x.dtype)  # a bf16/fp16 model's head
         return F.linear(x, head.weight.to(x.dtype), bias)  # (..., out)
 
@@ -108,7 +109,7 @@ def last_index(mask):
     Example: [[0, 1, 1, 0], [1, 1, 1, 1]] -> [2, 3]
     """
     T = mask.size(-1)
-    positions = torch.arange(T, device=mask.device)
+    positions = torch.arange(T, device=mask.device)  # (T,)
     return (mask.long() * positions).argmax(-1)  # (B,)
 
 
@@ -134,9 +135,9 @@ def attention_mask_4d(attention_mask):
     (B, T) -> (B, 1, T, T)
     """
     T = attention_mask.size(-1)
-    ones = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device)
+    ones = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device)  # (T, T)
     mask = ones.tril() & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # (B, 1, T, T)
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class KVCache:
     """
     The keys and values of one attention layer for every position of a generation, one (2, B, nh, T_max, hs)
     tensor (keys, then values) allocated at the first update (with the dtype of the keys: bf16 under CUDA autocast,
-    float32 on a CPU, see CausalSelfAttention) and filled left to right; one tensor means one copy per decode step instead of two.
+    float32 on a CPU, see CausalSelfAttention) and filled left to right; one tensor means one copy per decode step
+    instead of two.
     """
 
     def __init__(self, T_max):
@@ -168,7 +170,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        # key, query, value projections for all heads, in a batch
+        # query, key, value projections for all heads, in a batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -212,6 +214,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        # GELU(u) = u Phi(u) ("gelu", erf), or GPT-2's 0.5 u (1 + tanh(sqrt(2 / pi) (u + 0.044715 u^3))) ("gelu_new")
         x = self.gelu(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
@@ -225,6 +228,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, attn_mask=None, cache=None, start=0):
+        # pre-LN residual (GPT-2): x + attn(LN(x)), then x + mlp(LN(x)), where over the C features of a position
+        # LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) * weight + bias   (var without Bessel's correction)
         x = x + self.attn(self.ln_1(x), attn_mask, cache, start)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
@@ -265,11 +270,12 @@ class Trunk(nn.Module):
         by default from the mask) -> hidden states (B, T, C) after the final LayerNorm.
         attention_mask may also be a ready boolean (B, 1, T, T) mask, True = may attend, with position_ids given
         (sequences that share a prefix packed in one row, see data.pack_shared_prefix).
+        What the heads call: it builds the attention mask and the position ids, then runs transformer_forward.
         """
         B, T = idx.size()
         if attention_mask is not None and attention_mask.dim() == 4:
             assert position_ids is not None, "a (B, 1, T, T) attention mask needs position_ids"
-            return self.hidden(idx, position_ids, attention_mask)  # (B, T, C)
+            return self.transformer_forward(idx, position_ids, attention_mask)  # (B, T, C)
         if attention_mask is None:
             assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
             attn_mask = None  # plain causal attention: the flash path
@@ -279,13 +285,14 @@ class Trunk(nn.Module):
             attn_mask = attention_mask_4d(attention_mask)  # (B, 1, T, T)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)  # (B, T)
-        return self.hidden(idx, position_ids, attn_mask)  # (B, T, C)
+        return self.transformer_forward(idx, position_ids, attn_mask)  # (B, T, C)
 
-    def hidden(self, idx, position_ids, attn_mask, caches=None, start=0):
+    def transformer_forward(self, idx, position_ids, attn_mask, caches=None, start=0):
         """
-        The transformer itself: embeddings, blocks, final LayerNorm -> (B, T, C). attn_mask: None (causal) or
-        boolean (B, 1, T, start + T). When generating, caches holds one KVCache per block and the tokens sit at
-        cache slots start..start+T-1 (their keys and values are appended).
+        The transformer itself (self.transformer): embeddings, blocks, final LayerNorm -> (B, T, C), with the mask
+        and positions ready: attn_mask None (causal) or boolean (B, 1, T, start + T). Called by trunk(), and by
+        generate() with caches, one KVCache per block, the tokens sitting at cache slots start..start+T-1 (their
+        keys and values are appended).
         """
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -331,7 +338,8 @@ class GPT(Trunk):
     def forward(self, idx, attention_mask=None, position_ids=None, logits_to_keep=0):
         """
         idx (B, T) -> logits (B, T, vocab_size), computed in float32 also under autocast (float64 for a float64
-        model): the lm_head matmul runs in float32, see float32_head.
+        model): the lm_head matmul runs in float32, see float32_head. attention_mask (B, T) 1 = real 0 = pad, or a
+        boolean (B, 1, T, T) with position_ids given: as trunk().
         logits_to_keep K > 0: the logits of the last K positions only, (B, K, V). PPO reads the response's logits
         only; at GPT-2's vocabulary the head is the largest matmul, and its float32 output the largest activation.
         """
@@ -345,11 +353,11 @@ class GPT(Trunk):
         """
         V, C = self.transformer.wte.weight.shape
         assert new_vocab_size >= V, f"resize_vocab only grows the vocabulary ({V} -> {new_vocab_size})"
-        old = self.lm_head.weight.data
+        old = self.lm_head.weight.data  # (V, C)
         self.lm_head = nn.Linear(C, new_vocab_size, bias=False).to(device=old.device, dtype=old.dtype)
         with torch.no_grad():
-            self.lm_head.weight[:V] = old
-            self.lm_head.weight[V:] = old.mean(0)
+            self.lm_head.weight[:V] = old  # (V, C)
+            self.lm_head.weight[V:] = old.mean(0)  # (C,) into each of the new rows
         self.transformer.wte = nn.Embedding(new_vocab_size, C).to(device=old.device, dtype=old.dtype)
         self.transformer.wte.weight = self.lm_head.weight
         self.config = replace(self.config, vocab_size=new_vocab_size)
@@ -359,8 +367,9 @@ class GPT(Trunk):
     # generation
 
     def _forward_cached(self, idx, position_ids, attn_mask, caches, start):
-        """The logits (B, V) after the last of tokens idx (B, T), run through hidden() with the KV caches."""
-        return float32_head(self.lm_head, self.hidden(idx, position_ids, attn_mask, caches, start)[:, -1])
+        """The logits (B, V) after the last of tokens idx (B, T), run through transformer_forward with KV caches."""
+        h = self.transformer_forward(idx, position_ids, attn_mask, caches, start)  # (B, T, C)
+        return float32_head(self.lm_head, h[:, -1])  # (B, V)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  eos_id=None, pad_id=None, return_logprobs=False, generator=None, use_cache=True,
@@ -385,10 +394,10 @@ class GPT(Trunk):
         B, T0 = idx.size()
         device = idx.device
         if max_new_tokens <= 0:
-            out = idx.clone()
+            out = idx.clone()  # (B, T0)
             return (out, torch.zeros(B, 0, device=device)) if return_logprobs else out
         if attention_mask is None:
-            attention_mask = torch.ones_like(idx)
+            attention_mask = torch.ones_like(idx)  # (B, T0)
         mask = attention_mask.bool()  # (B, T0)
         if not bool(mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts: the last column of attention_mask must be 1")
@@ -403,17 +412,17 @@ class GPT(Trunk):
 
         # inference mode: no autograd bookkeeping at all in the sampling loop (it costs per op, and a decode
         # step is many small ops); its tensors may not enter autograd later, so the results are copied out below.
-        # On an x86 CPU the Linears run through oneDNN with weights reordered once (onednn_linears).
+        # On an x86 CPU the Linears run through oneDNN with weights reordered once (cpu_linear.onednn_linears).
         with torch.inference_mode(), onednn_linears(self, B, self.lm_head):
             T_max = T0 + max_new_tokens
             out = torch.full((B, T_max), pad_id, dtype=idx.dtype, device=device)  # (B, T_max)
-            out[:, :T0] = idx
+            out[:, :T0] = idx  # (B, T0)
             logprobs = None  # (B, N), allocated at the first step with the dtype of the logits
             finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
             # keys that may be attended to: the prompt's real tokens and every generated token, built once; each
             # decode step takes a view of it
             key_mask = torch.ones(B, T_max, dtype=torch.bool, device=device)  # (B, T_max)
-            key_mask[:, :T0] = mask
+            key_mask[:, :T0] = mask  # (B, T0)
 
             if use_cache:
                 caches = [KVCache(T_max) for _ in self.transformer.h]
@@ -425,18 +434,19 @@ class GPT(Trunk):
                 if not use_cache:
                     h = self.trunk(out[:, :t], key_mask[:, :t] if padded else None)  # (B, t, C)
                     logits = float32_head(self.lm_head, h[:, -1])  # (B, V)
-                tok, logp = sample(logits, temperature, top_k, top_p, generator, return_logprobs)  # (B,), (B,)
+                tok, logp = sample_next_token(logits, temperature, top_k, top_p, generator,
+                                              return_logprobs)  # (B,), (B,)
                 if eos_id is not None:
-                    tok = tok.masked_fill(finished, pad_id)
-                out[:, t] = tok
+                    tok = tok.masked_fill(finished, pad_id)  # (B,)
+                out[:, t] = tok  # (B,)
                 if on_token is not None:
                     on_token(tok)
                 if return_logprobs:
                     if logprobs is None:
                         logprobs = logp.new_zeros(B, max_new_tokens)  # (B, N)
-                    logprobs[:, i] = logp.masked_fill(finished, 0.0) if eos_id is not None else logp
+                    logprobs[:, i] = logp.masked_fill(finished, 0.0) if eos_id is not None else logp  # (B,)
                 if eos_id is not None:
-                    finished |= tok == eos_id
+                    finished |= tok == eos_id  # (B,)
                     if bool(finished.all()):
                         n = i + 1
                         break
@@ -444,7 +454,7 @@ class GPT(Trunk):
                     pos = (prompt_lens + i)[:, None]  # (B, 1)
                     step_mask = key_mask[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t + 1)
                     logits = self._forward_cached(tok[:, None], pos, step_mask, caches, t)  # (B, V)
-        out = out[:, :T0 + n].clone()
+        out = out[:, :T0 + n].clone()  # (B, T0 + n)
         return (out, logprobs[:, :n].clone()) if return_logprobs else out
 
     # -------------------------------------------------------------------------
@@ -459,111 +469,12 @@ class GPT(Trunk):
         A directory that is no GPT-2 language model, or whose config.json GPT cannot follow exactly, is a one-line
         ValueError naming it and the field (train_sft.py --init_from reports it so).
         """
-        config_path = os.path.join(path, "config.json")
-        with open(config_path) as f:
-            try:
-                hf = json.load(f)
-            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
-        # a config.json without model_type is read as GPT-2's, as transformers' GPT2Config.from_pretrained reads it
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{path}: model_type {hf['model_type']!r} is not supported (only GPT-2's, 'gpt2')")
-        # a hand-edited config.json: each value is checked for its type too, so that a wrong one is one line naming
-        # the field, not a TypeError from the comparison that reads it
-        architectures = hf.get("architectures") or []
-        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-            raise ValueError(f"{path}: architectures {json.dumps(architectures)} in config.json is not a list of "
-                             f"class names")
-        # export_hf.py writes a reward model or critic as GPT2ForSequenceClassification: a score head, no LM head
-        if "GPT2ForSequenceClassification" in architectures:
-            raise ValueError(f"{path}: architectures {hf['architectures']} is a sequence classifier (a reward model "
-                             f"or critic), not a language model (GPT2LMHeadModel)")
-        eps = hf.get("layer_norm_epsilon", 1e-5)
-        if type(eps) not in (int, float) or abs(eps - 1e-5) > 1e-12:  # not isinstance: JSON's true is no number
-            raise ValueError(f"{path}: layer_norm_epsilon {json.dumps(eps)} in config.json is not supported "
-                             f"(GPT-2 uses 1e-5)")
-        act = hf.get("activation_function", "gelu_new")
-        activation = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}.get(
-            act if isinstance(act, str) else None)  # a list, say, is no key (unhashable)
-        if activation is None:
-            raise ValueError(f"{path}: activation_function {act!r} in config.json is not supported "
-                             f"(gelu_new, gelu_pytorch_tanh or gelu)")
-        n_embd, n_head = hf_size(path, hf, "n_embd"), hf_size(path, hf, "n_head")
-        if n_embd % n_head:
-            raise ValueError(f"{path}: n_embd {n_embd} is not divisible by n_head {n_head}")
-        if hf.get("n_inner") not in (None, 4 * n_embd):
-            raise ValueError(f"{path}: n_inner {hf['n_inner']} is not supported (GPT-2 uses 4 * n_embd)")
-        # GPT2Config options that change what the model computes and that GPT has no place for: an lm_head of its
-        # own (GPT ties it to wte, so the file's would be dropped), and attention scores scaled otherwise than by
-        # 1 / sqrt(head size). reorder_and_upcast_attn only changes the precision, so it is accepted.
-        for key, gpt2 in (("tie_word_embeddings", True), ("scale_attn_weights", True),
-                          ("scale_attn_by_inverse_layer_idx", False)):
-            if hf.get(key, gpt2) != gpt2:  # json.dumps: true/false, as config.json writes them
-                raise ValueError(f"{path}: {key} {json.dumps(hf[key])} is not supported "
-                                 f"(GPT-2 uses {json.dumps(gpt2)})")
-        config = GPTConfig(block_size=hf_size(path, hf, "n_positions", "n_ctx"),
-                           vocab_size=hf_size(path, hf, "vocab_size"), n_layer=hf_size(path, hf, "n_layer"),
-                           n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, activation=activation)
-        st_path, bin_path = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-        if os.path.exists(st_path):
-            weights_path = st_path
-            sd_hf = load_safetensors(st_path)
-        elif not os.path.exists(bin_path):  # else the OS's message would name pytorch_model.bin alone
-            raise ValueError(f"{path}: no weights (looked for model.safetensors, then pytorch_model.bin)")
-        else:
-            weights_path = bin_path
-            try:
-                sd_hf = torch.load(bin_path, map_location="cpu", weights_only=True)
-            except OSError:  # no such file, or unreadable: the message names it already
-                raise
-            except Exception as e:  # a file that would run code, or not a checkpoint at all: say so in one line
-                from nanorlhf.utils import load_error_reason  # here, so that model.py imports only torch
-                raise ValueError(f"{bin_path}: cannot load ({load_error_reason(e)})") from None
+        from nanorlhf import hf  # here, not at the top: hf.py imports this module (GPTConfig)
 
+        config, tensors, weights_path = hf.read_gpt2(path)  # config.json checked; the tensors as HF stores them
         model = cls(config)
-        sd = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        loaded = set()
-        for k, v in sd_hf.items():
-            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-                continue  # HF's causal-mask buffers, and the lm_head that is tied to wte
-            if k.startswith("score."):  # a config.json without architectures: the tensors tell
-                raise ValueError(f"{path}: tensor {k!r} is a sequence classifier's head (GPT2ForSequenceClassification:"
-                                 f" a reward model or critic), not a language model (GPT2LMHeadModel)")
-            name = k if k.startswith("transformer.") else "transformer." + k
-            if name not in sd:
-                raise ValueError(f"{path}: unexpected tensor {k!r}")
-            # copy_ would cast integers to floats without a word: weights of a file whose dtype is wrong
-            if not v.is_floating_point():
-                raise ValueError(f"{weights_path}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, "
-                                 f"expected a floating-point weight")
-            if name.endswith(transposed):
-                v = v.t()
-            if v.shape != sd[name].shape:
-                raise ValueError(f"{path}: {k!r} has shape {tuple(v.shape)}, expected {tuple(sd[name].shape)}")
-            with torch.no_grad():
-                sd[name].copy_(v)
-            loaded.add(name)
-        missing = set(sd) - loaded - {"lm_head.weight"}
-        if missing:
-            raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+        hf.copy_gpt2_tensors(model, tensors, path, weights_path)  # Conv1D weights transposed; names, shapes checked
         return model
-
-
-def hf_size(path, hf, *keys):
-    """
-    A size from a Hugging Face config.json (the dict hf): the first of keys it has, a positive integer, or a
-    ValueError naming the directory and the field. Example: hf_size(p, {"n_ctx": 1024}, "n_positions", "n_ctx")
-    -> 1024 (GPT-2's old files name the number of positions n_ctx only); hf_size(p, {}, "n_layer") -> ValueError.
-    """
-    for key in keys:
-        if hf.get(key) is not None:
-            if type(hf[key]) is not int or hf[key] <= 0:  # not isinstance: JSON's true is no size
-                raise ValueError(f"{path}: {key} {json.dumps(hf[key])} in config.json is not a positive integer")
-            return hf[key]
-    raise ValueError(f"{path}: config.json has no {' nor '.join(keys)}")
 
 
 class ScalarGPT(Trunk):
@@ -575,7 +486,10 @@ class ScalarGPT(Trunk):
         self.init_weights()
 
     def forward(self, idx, attention_mask=None, position_ids=None):
-        """idx (B, T) -> values (B, T), the head computed in float32 also under autocast (float64 for a float64 model)."""
+        """
+        idx (B, T) -> values (B, T), the head computed in float32 also under autocast (float64 for a float64 model).
+        attention_mask (B, T) 1 = real 0 = pad, or a boolean (B, 1, T, T) with position_ids given: as trunk().
+        """
         h = self.trunk(idx, attention_mask, position_ids)  # (B, T, C)
         return float32_head(self.head, h).squeeze(-1)  # (B, T)
 
@@ -594,184 +508,6 @@ class ScalarGPT(Trunk):
         nn.init.zeros_(model.head.bias)
         model.grad_checkpointing = gpt.grad_checkpointing
         return model
-
-
-# -----------------------------------------------------------------------------
-# sampling
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None, return_logprobs=True):
-    """
-    Pick one token per row from logits (B, V). Returns (tokens (B,), logprobs (B,) or None), where logprobs are
-    log softmax(logits / temperature) at the chosen token, before top-k/top-p filtering (temperature 1 when
-    greedy). temperature == 0 is argmax; top_k keeps the k largest logits; top_p keeps the smallest set of
-    most likely tokens whose probability reaches top_p (always at least the most likely one).
-    """
-    if temperature == 0:
-        tok = logits.argmax(-1)  # (B,)
-        scaled = logits
-    else:
-        scaled = logits / temperature if temperature != 1 else logits  # (B, V)
-        filtered = scaled
-        if top_k is not None:
-            v, _ = torch.topk(scaled, min(top_k, scaled.size(-1)))  # (B, k)
-            filtered = filtered.masked_fill(filtered < v[:, [-1]], float("-inf"))
-        if top_p is not None:
-            sorted_logits, sorted_idx = torch.sort(filtered, descending=True)  # (B, V)
-            sorted_probs = F.softmax(sorted_logits, dim=-1)  # (B, V)
-            # drop a token when the tokens more likely than it already reach top_p
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # (B, V)
-            drop[:, 0] = False
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            filtered = filtered.scatter(-1, sorted_idx, sorted_logits)
-        probs = F.softmax(filtered, dim=-1)  # (B, V)
-        tok = sample_categorical(probs, generator)  # (B,)
-    if not return_logprobs:
-        return tok, None
-    logp = F.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)  # (B,)
-    return tok, logp
-
-
-def sample_categorical(probs, generator=None):
-    """
-    One draw per row of probs (B, V) by inverting the CDF: token i such that cdf[i-1] < u <= cdf[i], with
-    u uniform in (0, cdf[V-1]]. A token of probability 0 is never drawn (its interval is empty).
-
-    Why not torch.multinomial: on a CPU it draws one exponential per vocabulary entry, 1.6 ms for 16 x 4096 here
-    (more than the lm_head), where this needs one uniform per row. The CDF is summed in float64 (float32 on MPS,
-    which has no float64), so a rare token keeps its own probability instead of float32's rounding of a sum near 1.
-    """
-    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
-    cdf = probs.to(dtype).cumsum(-1)  # (B, V)
-    u = 1 - torch.rand(probs.size(0), 1, dtype=dtype, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:])  # (B, 1): the first i with cdf[i] >= u * total
-    return tok.squeeze(-1).clamp_(max=probs.size(-1) - 1)  # (B,)
-
-
-# -----------------------------------------------------------------------------
-# generation's Linears on an x86 CPU: oneDNN, each weight reordered once
-
-
-def onednn_dtype(weight):
-    """
-    The dtype in which generate() runs a Linear with this weight through oneDNN (OneDNNLinear), or None to keep
-    F.linear: float32 weights on an x86 CPU whose torch has oneDNN; bfloat16 under CPU autocast to bfloat16 (where
-    oneDNN has bf16 kernels), float32 without autocast. Anything else (a GPU, a float64 or bf16 model, fp16
-    autocast, ARM) keeps F.linear.
-    """
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
-            or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-            or not hasattr(torch, "get_autocast_dtype")):  # torch < 2.4 (pyproject allows 2.1): keep F.linear
-        return None
-    if not torch.is_autocast_enabled("cpu"):
-        return torch.float32
-    if torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-class OneDNNLinear:
-    """
-    y = x W^T + b for one nn.Linear, through oneDNN with W reordered once into oneDNN's blocked layout for about
-    `rows` rows of x; computes in `dtype` and returns that dtype (what F.linear gives under autocast).
-    """
-
-    def __init__(self, linear, dtype, rows):
-        self.dtype = dtype
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-
-    def __call__(self, x):
-        x = x if x.dtype == self.dtype else x.to(self.dtype)  # a no-op .to() still costs a few us per call
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-@contextmanager
-def onednn_linears(model, rows, head):
-    """
-    Inside the block, every plain nn.Linear of model runs as a OneDNNLinear (its forward is replaced, and put
-    back on exit), the trunk's in onednn_dtype, `head` (the lm_head) in float32 as float32_head wants. Where
-    onednn_dtype says None, nothing changes. For inference only: a OneDNNLinear has no backward, and it holds a
-    copy of the weight taken on entry.
-
-    Why: a decode step multiplies a few rows (one per sequence) by every weight of the model, and at so few rows
-    the layout of the weight decides the speed. Measured on this project's 2-core AMD EPYC, float32, 16 rows, x
-    W^T for W 768 x 256 / 256 x 1024 / 4096 x 256: F.linear (MKL) 80 / 138 / 385 us, oneDNN on the weight as it
-    is 93 / 108 / 297 us, oneDNN on the reordered weight 75 / 77 / 207 us; a reorder costs about one or two such
-    calls. oneDNN is also the faster float32 kernel at many rows on this CPU (2048 rows against the 4096 x 256
-    weight: 133 against 90 GFLOP/s). Under bf16 autocast F.linear already calls oneDNN, on the weight as it is
-    (16 rows, W 768 x 256: 107 against 41 us reordered). torch.compile's freezing makes the same substitution;
-    this needs no compiler.
-    """
-    dtype = onednn_dtype(head.weight)
-    # a Linear swapped already belongs to an enclosing call (a generate() inside another's on_token): left to it
-    linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__] \
-        if dtype is not None else []
-    swapped = []
-    try:
-        for m in linears:
-            m.forward = OneDNNLinear(m, torch.float32 if m is head else dtype, rows)
-            swapped.append(m)
-        yield
-    finally:
-        for m in swapped:
-            del m.forward
-
-
-# -----------------------------------------------------------------------------
-# safetensors, read by hand
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def load_safetensors(path):
-    """
-    Read a .safetensors file into {name: tensor} (CPU). The format: an 8-byte little-endian header length n,
-    n bytes of JSON {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": ..},
-    then the raw little-endian tensor bytes, offsets counted from the end of the header.
-    Uses the safetensors package when it is installed. A file that is not valid safetensors raises ValueError
-    naming it, whichever reader ran (OSError for one that cannot be read at all).
-    """
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError:
-        load_file = None
-    if load_file is not None:
-        try:
-            return load_file(path)
-        except SafetensorError as e:  # its own class, no ValueError: callers that report bad files would miss it
-            raise ValueError(f"{path}: {e}") from None
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:  # checked before reading: a corrupt length would ask for that many bytes of memory
-            raise ValueError(f"{path}: cannot read it as safetensors (header length {n} > file size {size} - 8)")
-        header_bytes = f.read(n)
-        data = bytearray(size - 8 - n)
-        f.readinto(data)
-    try:
-        header = json.loads(header_bytes)
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
-            begin, end = info["data_offsets"]
-            if end == begin:
-                t = torch.empty(info["shape"], dtype=dtype)
-            else:
-                t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-            tensors[name] = t.reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # truncated, or a bad header
-        raise ValueError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})") from None
-    return tensors
 
 
 # -----------------------------------------------------------------------------
@@ -796,9 +532,10 @@ class ValueHeadGPT(GPT):
 
     def forward(self, idx, attention_mask=None, position_ids=None, values=False, logits_to_keep=0):
         """
-        idx (B, T) -> logits (B, T, V) as GPT.forward; values=True: (logits, values (B, T)) from one pass through
-        the trunk (float32 out). Both go through forward() because DistributedDataParallel syncs gradients only for
-        what its wrapper's forward() ran. logits_to_keep K > 0: both for the last K positions only, as GPT.forward.
+        idx (B, T) -> logits (B, T, V) as GPT.forward (attention_mask and position_ids as trunk()); values=True:
+        (logits, values (B, T)) from one pass through the trunk (float32 out). Both go through forward() because
+        DistributedDataParallel syncs gradients only for what its wrapper's forward() ran. logits_to_keep K > 0:
+        both for the last K positions only, as GPT.forward.
         """
         h = last_positions(self.trunk(idx, attention_mask, position_ids), logits_to_keep)  # (B, T or K, C)
         logits = float32_head(self.lm_head, h)  # (B, T or K, V), as GPT.forward computes them
@@ -819,3 +556,55 @@ class ValueHeadGPT(GPT):
         assert sorted(missing) == ["value_head.bias", "value_head.weight"] and not unexpected, (missing, unexpected)
         model.grad_checkpointing = gpt.grad_checkpointing
         return model
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, return_logprobs=True):
+    """
+    Pick one token per row from logits (B, V). Returns (tokens (B,), logprobs (B,) or None), where logprobs are
+    log softmax(logits / temperature) at the chosen token, before top-k/top-p filtering (temperature 1 when
+    greedy). temperature == 0 is argmax; top_k keeps the k largest logits; top_p keeps the smallest set of
+    most likely tokens whose probability reaches top_p (always at least the most likely one).
+    """
+    if temperature == 0:
+        tok = logits.argmax(-1)  # (B,)
+        scaled = logits
+    else:
+        scaled = logits / temperature if temperature != 1 else logits  # (B, V)
+        filtered = scaled
+        if top_k is not None:
+            v, _ = torch.topk(scaled, min(top_k, scaled.size(-1)))  # (B, k)
+            filtered = filtered.masked_fill(filtered < v[:, [-1]], float("-inf"))  # (B, V)
+        if top_p is not None:
+            sorted_logits, sorted_idx = torch.sort(filtered, descending=True)  # (B, V)
+            sorted_probs = F.softmax(sorted_logits, dim=-1)  # (B, V)
+            # drop a token when the tokens more likely than it already reach top_p
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # (B, V)
+            drop[:, 0] = False  # the most likely token always stays
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))  # (B, V)
+            filtered = filtered.scatter(-1, sorted_idx, sorted_logits)  # (B, V), back in vocabulary order
+        probs = F.softmax(filtered, dim=-1)  # (B, V)
+        tok = sample_categorical(probs, generator)  # (B,)
+    if not return_logprobs:
+        return tok, None
+    logp = F.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)  # (B,)
+    return tok, logp
+
+
+def sample_categorical(probs, generator=None):
+    """
+    One draw per row of probs (B, V) by inverting the CDF: token i such that cdf[i-1] < u <= cdf[i], with
+    u uniform in (0, cdf[V-1]]. A token of probability 0 is never drawn (its interval is empty).
+
+    Why not torch.multinomial: on a CPU it draws one exponential per vocabulary entry, 1.6 ms for 16 x 4096 here
+    (more than the lm_head), where this needs one uniform per row. The CDF is summed in float64 (float32 on MPS,
+    which has no float64), so a rare token keeps its own probability instead of float32's rounding of a sum near 1.
+    """
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(dtype).cumsum(-1)  # (B, V)
+    u = 1 - torch.rand(probs.size(0), 1, dtype=dtype, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:])  # (B, 1): the first i with cdf[i] >= u * total
+    return tok.squeeze(-1).clamp_(max=probs.size(-1) - 1)  # (B,)

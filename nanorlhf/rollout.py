@@ -202,9 +202,12 @@ def gold_scores(prompts, responses):
     return [tasks.gold(p, r) for p, r in zip(prompts, responses)]
 
 
-def decode_response(tok, ids, mask):
-    """The response text as the judge reads it: real tokens only, EOS dropped, the template's leading space removed."""
-    text = tok.decode([t for t, m in zip(ids, mask) if m])
+def decode_response(tok, ids, mask=None):
+    """
+    The response text as the judge reads it: real tokens only (mask's 1s; every id without a mask), EOS dropped,
+    the template's leading space removed. " 1 2<EOS>" -> "1 2"
+    """
+    text = tok.decode(ids if mask is None else [t for t, m in zip(ids, mask) if m])
     return text[1:] if text.startswith(" ") else text
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nanorlhf import dist, tasks, utils
+from nanorlhf.data import encode_prefs
 from nanorlhf.rollout import write_samples
 
 # -----------------------------------------------------------------------------
@@ -77,6 +78,24 @@ def nothing_left(split, args, noun):
     return f"--data {args.data}: no held-out {noun} (--val_frac {args.val_frac})"
 
 
+def encode_pref_splits(train_records, val_records, tok, max_len, args):
+    """
+    The comparisons of train_rm.py and train_dpo.py, encoded (data.encode_prefs), each split checked to keep a
+    record -> (train, val, line): line, the "data: ..." line both print (prompts, responses and pairs, and what was
+    too long for max_len).
+    """
+    train, n_cut, n_dropped = encode_prefs(train_records, tok, max_len)
+    val, n_cut_val, n_dropped_val = encode_prefs(val_records, tok, max_len)
+    for split, kept in (("train", train), ("val", val)):
+        utils.check(kept, f"{nothing_left(split, args, 'record')} keeps 2 responses that fit in {max_len} tokens")
+    n_pairs = sum(math.comb(len(ex["ids"]), 2) for ex in train)
+    line = (f"data: {len(train)} train prompts ({sum(len(ex['ids']) for ex in train)} responses, {n_pairs} pairs), "
+            f"{len(val)} val prompts; too long for {max_len} tokens: {n_cut + n_cut_val} prompts cut from the left, "
+            f"{len(train_records) + len(val_records) - len(train) - len(val)} records dropped (fewer than 2 responses "
+            f"fit), {n_dropped + n_dropped_val} responses dropped from the records kept")
+    return train, val, line
+
+
 def check_head_not_adapted(targets, head, what):
     """
     A scalar head (the reward model's, PPO's critic's or shared value head) trains in full: --lora_targets that
@@ -117,6 +136,9 @@ def check_loop_flags(args):
     named = [f"--{n}" for n in ("lora_alpha", "lora_targets") if n in given]
     utils.check(getattr(args, "lora_rank", 0) > 0 or not named,
                 f"{' and '.join(named)} {'does' if len(named) == 1 else 'do'} nothing without --lora_rank > 0")
+    if hasattr(args, "lora_rank"):  # SFT's and RM's
+        utils.check(args.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {args.lora_rank}")
+        utils.check(args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
     # read_split holds out --val_frac of --data only without --val_data: named, at any value, it would do nothing
     utils.check(not (args.val_data and "val_frac" in given),
                 f"--val_frac {args.val_frac} does nothing with --val_data (the held-out set is {args.val_data}); "
@@ -533,6 +555,23 @@ def load_run(out_dir):
     check_resumable(out_dir)
     files = complete_files(out_dir, (utils.CKPT, utils.TRAIN_STATE))
     return utils.load_checkpoint(files[utils.CKPT]), utils.load_checkpoint(files[utils.TRAIN_STATE])
+
+
+def start_run(args, stage, inputs):
+    """
+    The start of SFT's, RM's and DPO's main: out_dir checked (check_out_dir), and with --resume the run in it read
+    -> (args, state, lora): the run's saved flags (resumed_flags), its train_state.pt and a LoRA run's trained
+    tensors (ckpt.pt's "lora"); a fresh run's args as given, None, None. inputs: a fresh run's {flag: path} that
+    out_dir's earlier run must have had; a resumed run's were checked when it started. ckpt.pt's weights, a CPU
+    copy, are not kept: the model is loaded again, to the device.
+    """
+    resuming = wants_resume(args.resume, args.out_dir)
+    # first, so that --resume in another stage's directory says so, not that its flags differ
+    check_out_dir(args.out_dir, stage, {} if resuming else inputs)
+    if not resuming:
+        return args, None, None
+    ckpt, state = load_run(args.out_dir)
+    return resumed_flags(args, ckpt), state, ckpt.get("lora")
 
 
 def restore_run(state, optimizer, sampler, model=None):

@@ -736,6 +736,26 @@ def _load_model(path, device, kind, name, from_gpt, stage):
     return model.to(device), tok, ckpt
 
 
+def load_reward_model(path, device, flag="--rm"):
+    """
+    A train_rm.py checkpoint, to score responses with -> (rm in eval mode, tokenizer, (mean, std)): the mean and
+    std of the demonstrations' rewards that train_rm.py stored, for normalized_reward ((0, 1) where none were
+    stored, a std of 0 read as 1). Of the checkpoint dict, a CPU copy of the weights, only those two numbers are kept.
+    """
+    rm, tok, ckpt = load_model(path, device, kind="scalar", stage="rm", flag=flag)
+    return rm.eval(), tok, (float(ckpt.get("reward_mean", 0.0)), float(ckpt.get("reward_std", 1.0)) or 1.0)
+
+
+def normalized_reward(r, reward_norm):
+    """
+    The reward as evaluate.py and sample.py show it, in demonstration-stds above a demonstration:
+        r_norm = (r - mean) / std,   (mean, std) = reward_norm, of the SFT demonstrations' rewards (load_reward_model)
+    r: a tensor of raw scores. r = [1.2, 0.2], reward_norm = (0.2, 2.0) -> [0.5, 0.0]
+    """
+    mean, std = reward_norm
+    return (r - mean) / std
+
+
 def model_spec(file, ckpt):
     """
     (GPTConfig, Tokenizer) of a model checkpoint (load_model_checkpoint's), each failure one line naming the file:

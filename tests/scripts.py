@@ -71,9 +71,10 @@ def without_timings(rows):
 
 def track_checkpoint_dicts(monkeypatch, module, probe):
     """
-    Wrap the checkpoint loaders module holds (load_model, load_run, load_model_checkpoint) so that every checkpoint
-    dict they return is watched (a weakref), and module.<probe> so that each call appends how many of those dicts
-    are still alive to the list returned. Returns (alive, refs): after a run, not any(alive) means no checkpoint
+    Wrap the checkpoint loaders module holds (load_model, load_run, load_model_checkpoint), and those of the package
+    modules that call them for it (utils.load_reward_model calls utils.load_model, train_common.start_run
+    train_common.load_run), so that every checkpoint dict they return is watched (a weakref), and module.<probe> so
+    that each call appends how many of those dicts are still alive to the list returned. Returns (alive, refs): after a run, not any(alive) means no checkpoint
     dict (a CPU copy of the weights) was held while training (or sampling).
     """
     class Ckpt(dict):  # a dict that a weakref can point at
@@ -89,9 +90,12 @@ def track_checkpoint_dicts(monkeypatch, module, probe):
             return tuple(values)
         return load
 
-    for name, where in (("load_model", 2), ("load_run", 0), ("load_model_checkpoint", 1)):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, tracking(getattr(module, name), where))
+    from nanorlhf import train_common, utils
+
+    for holder in (module, utils, train_common):
+        for name, where in (("load_model", 2), ("load_run", 0), ("load_model_checkpoint", 1)):
+            if hasattr(holder, name):
+                monkeypatch.setattr(holder, name, tracking(getattr(holder, name), where))
     real_probe = getattr(module, probe)
 
     def probed(*a, **kw):

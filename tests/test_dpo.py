@@ -18,12 +18,12 @@ from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_
 sys.path.insert(0, ROOT)  # train_dpo.py is a top-level script
 
 from nanorlhf import tasks, train_common, utils
-from nanorlhf.data import encode_prefs
+from nanorlhf.data import encode_prefs, ranked_pairs
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
 import train_dpo
-from train_dpo import dpo_loss, make_batch, ranked_pairs, sequence_logprobs
+from train_dpo import dpo_loss, make_batch, sequence_logprobs
 
 TINY = dict(block_size=64, vocab_size=258, n_layer=2, n_head=2, n_embd=32)
 

@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)  # export_hf.py is a top-level script
 
 import export_hf
 from nanorlhf import hf, utils
-from nanorlhf.model import GPT, GPTConfig, ScalarGPT, load_safetensors
+from nanorlhf.hf import load_safetensors
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.tokenizer import Tokenizer, train_bpe
 
 GPT2_FILE = Path(__file__).resolve().parents[2] / "shared/data/gpt2.tiktoken"

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.model import (GPT, GPTConfig, ScalarGPT, ValueHeadGPT, attention_mask_4d, last_index, load_safetensors,
-                            sample, sample_categorical)
+from nanorlhf.hf import load_safetensors
+from nanorlhf.model import (GPT, GPTConfig, ScalarGPT, ValueHeadGPT, attention_mask_4d, last_index, sample_categorical,
+                            sample_next_token)
 
 CONFIG = GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -377,13 +378,13 @@ def test_sample_filters_by_hand():
     g = torch.Generator().manual_seed(0)
     for kw, allowed in ((dict(), {0, 1, 2, 3}), (dict(top_k=2), {1, 3}), (dict(top_p=0.6), {1, 3}),
                         (dict(top_p=0.75), {1, 3, 2}), (dict(top_p=0.3), {1}), (dict(top_k=3, top_p=0.6), {1, 3})):
-        tok, logp = sample(logits, 1.0, generator=g, **kw)
+        tok, logp = sample_next_token(logits, 1.0, generator=g, **kw)
         assert set(tok.tolist()) == allowed, kw
         # the logprob is of the unfiltered distribution
         assert torch.allclose(logp, torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64))[tok])
-    tok, logp = sample(logits, 0.5, generator=g)
+    tok, logp = sample_next_token(logits, 0.5, generator=g)
     assert torch.allclose(logp, F.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None]).squeeze(-1))
-    tok, logp = sample(logits[:2], 0.0)
+    tok, logp = sample_next_token(logits[:2], 0.0)
     assert tok.tolist() == [1, 1] and torch.allclose(logp, torch.log(torch.tensor([0.4, 0.4], dtype=torch.float64)))
 
 
@@ -548,8 +549,8 @@ def test_heads_run_in_float32_under_bf16_autocast():
 
 
 def test_generate_logits_run_in_float32_under_bf16_autocast(monkeypatch):
-    # The sampling loop takes its logits from the same float32 head: every logits tensor sample() sees must be
-    # the float64 product of the hidden state the head was given (cached and recomputed paths alike).
+    # The sampling loop takes its logits from the same float32 head: every logits tensor sample_next_token() sees
+    # must be the float64 product of the hidden state the head was given (cached and recomputed paths alike).
     import nanorlhf.model as M
 
     model = make_gpt(dtype=torch.float32, noise=0.1)
@@ -596,7 +597,7 @@ def test_cuda_bf16_matches_cpu():
 
 def onednn_or_skip(dtype=torch.float32):
     """Skip where generate() keeps F.linear (not an x86 CPU with oneDNN, or no bf16 kernels for dtype bf16)."""
-    from nanorlhf.model import onednn_dtype
+    from nanorlhf.cpu_linear import onednn_dtype
 
     w = torch.zeros(2, 2)
     if dtype == torch.bfloat16:
@@ -613,7 +614,7 @@ def onednn_or_skip(dtype=torch.float32):
 def test_onednn_linear_matches_float64(dtype, rows, bias):
     # x W^T + b through oneDNN with the weight reordered once, against the float64 product of the same
     # numbers (in bf16: of the bf16-rounded inputs, the one rounding left being the output's)
-    from nanorlhf.model import OneDNNLinear
+    from nanorlhf.cpu_linear import OneDNNLinear
 
     onednn_or_skip(dtype)
     torch.manual_seed(rows)
@@ -628,7 +629,7 @@ def test_onednn_linear_matches_float64(dtype, rows, bias):
 
 
 def test_onednn_dtype_choices():
-    from nanorlhf.model import onednn_dtype
+    from nanorlhf.cpu_linear import onednn_dtype
 
     onednn_or_skip()
     assert onednn_dtype(torch.zeros(2, 2)) == torch.float32
@@ -645,12 +646,13 @@ def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
     # float32 rounding (bf16 autocast: up to bf16 rounding of the trunk; the head is float32 in both), and
     # during the call every Linear is a OneDNNLinear of the right dtype: the trunk's in bf16 under autocast, the
     # lm_head's in float32. Afterwards, and after an error inside the call, the modules are plain again.
+    import nanorlhf.cpu_linear
     import nanorlhf.model as M
 
     onednn_or_skip(torch.bfloat16 if autocast else torch.float32)
     model = make_gpt(dtype=torch.float32, noise=0.1)
     idx, mask = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13]])
-    seen, real_sample = [], M.sample
+    seen, real_sample = [], M.sample_next_token
 
     def spy_sample(*args, **kwargs):
         seen.append({name: (type(m.forward).__name__, getattr(m.forward, "dtype", None))
@@ -662,7 +664,7 @@ def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
             return model.generate(idx, 10, attention_mask=mask, return_logprobs=True,
                                   generator=torch.Generator().manual_seed(3))
 
-    monkeypatch.setattr(M, "sample", spy_sample)
+    monkeypatch.setattr(M, "sample_next_token", spy_sample)
     out, lp = run()
     trunk_dtype = torch.bfloat16 if autocast else torch.float32
     assert len(seen) == 10
@@ -670,7 +672,7 @@ def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
         assert linears["lm_head"] == ("OneDNNLinear", torch.float32)
         assert {v for k, v in linears.items() if k != "lm_head"} == {("OneDNNLinear", trunk_dtype)}
     assert all("forward" not in vars(m) for m in model.modules())
-    monkeypatch.setattr(M, "onednn_dtype", lambda weight: None)  # F.linear everywhere
+    monkeypatch.setattr(nanorlhf.cpu_linear, "onednn_dtype", lambda weight: None)  # F.linear everywhere
     seen.clear()
     out_ref, lp_ref = run()
     assert {v for linears in seen for v in linears.values()} == {("method", None)}
@@ -681,7 +683,7 @@ def test_generate_with_onednn_equals_f_linear(monkeypatch, autocast):
         raise RuntimeError("boom")
 
     monkeypatch.undo()
-    monkeypatch.setattr(M, "sample", boom)
+    monkeypatch.setattr(M, "sample_next_token", boom)
     with pytest.raises(RuntimeError, match="boom"):
         run()
     assert all("forward" not in vars(m) for m in model.modules())

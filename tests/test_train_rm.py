@@ -470,3 +470,17 @@ def test_norm_samples_with_sft_data_and_lora_with_other_targets_pass():
     train_rm.check_flags(parse("--sft_data", "", "--lora_rank", "2"))  # the default targets leave the head out
     train_rm.check_flags(parse("--norm_samples", "3", "--lora_rank", "2", "--lora_targets", r"c_attn|c_fc"))
     train_rm.check_flags(train_rm.Config(sft_data="", norm_samples=3))  # built in code (a resumed run's): no _given
+
+
+def test_pair_accuracy_matches_a_plain_count():
+    random.seed(0)
+    for _ in range(20):
+        diffs = [random.choice([-1.5, 0.0, 0.25, 2.0]) for _ in range(random.randint(1, 9))]
+        right = 0.0
+        for d in diffs:  # the labelled winner above: 1, a tie: 1/2, below: 0
+            if d > 0:
+                right += 1.0
+            elif d == 0:
+                right += 0.5
+        assert train_rm.pair_accuracy(diffs) == pytest.approx(right / len(diffs))
+    assert train_rm.pair_accuracy([1.0, 0.0, -2.0, 3.0]) == 0.625

@@ -684,3 +684,11 @@ def test_a_second_sigterm_ends_the_process_only_a_second_after_the_first(gap, re
     p = subprocess.run([sys.executable, "-c", SIGTERM_TWICE, str(gap), after], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert (p.returncode, p.stderr) == (returncode, stderr)
+
+
+def test_normalized_reward_is_r_minus_the_mean_over_the_std():
+    r = torch.randn(7, dtype=torch.float64)
+    mean, std = 0.3, 1.7
+    assert torch.allclose(utils.normalized_reward(r, (mean, std)), torch.tensor([(x - mean) / std for x in r.tolist()],
+                                                                                  dtype=torch.float64))
+    assert utils.normalized_reward(torch.tensor([1.2, 0.2]), (0.2, 2.0)).tolist() == pytest.approx([0.5, 0.0])
