@@ -291,6 +291,46 @@ def test_encode_prefs_and_prompts():
     assert ids == [TOK.render_prompt("sort 1 2"), TOK.render_prompt("x" * 50)[-40:]] and n == 1
 
 
+def test_encode_prefs_matches_plain_loop():
+    # random records whose responses fit whole, fit with the prompt cut, or do not fit, in any order: a record
+    # counts as truncated when ANY response it keeps was cut (not only its last one)
+    rng = random.Random(0)
+    block = 40
+    records = [{"prompt": "x" * rng.randint(1, 25),
+                "responses": ["y" * rng.randint(1, 45) for _ in range(rng.randint(2, 5))]} for _ in range(300)]
+    for r in records:
+        r["ranking"] = rng.sample(range(len(r["responses"])), len(r["responses"]))
+    # a record whose cut response comes before a short one that fits whole
+    records.append({"prompt": "x" * 10, "responses": ["y" * 30, "y"], "ranking": [1, 0]})
+    out, n_truncated, n_dropped = encode_prefs(records, TOK, block)
+    expected, n_trunc_ref, n_drop_ref = [], 0, 0
+    for r in records:
+        p = TOK.render_prompt(r["prompt"])
+        kept, ids, masks, cut = [], [], [], False
+        for i, y in enumerate(r["responses"]):
+            resp = TOK.encode(" " + y) + [TOK.eos_id]
+            if len(resp) + 1 > block:  # response + eos + one context token does not fit: dropped
+                continue
+            keep = min(len(p), block - len(resp))
+            if keep < len(p):
+                cut = True
+            kept.append(i)
+            ids.append(p[len(p) - keep:] + resp)
+            masks.append([0] * keep + [1] * len(resp))
+        if len(kept) < 2:
+            continue
+        ranking = [kept.index(i) for i in r["ranking"] if i in kept]
+        expected.append({"ids": ids, "masks": masks, "ranking": ranking})
+        n_trunc_ref += cut
+        n_drop_ref += len(r["responses"]) - len(kept)
+    assert out == expected
+    assert (n_truncated, n_dropped) == (n_trunc_ref, n_drop_ref)
+    # the last record: its first response cut, its last not, and it counts once
+    assert len(TOK.render(records[-1]["prompt"], "y" * 30)[0]) > block >= len(TOK.render(records[-1]["prompt"], "y")[0])
+    assert encode_prefs(records[-1:], TOK, block)[1] == 1
+    assert 0 < n_truncated < len(out) and n_dropped > 0 and len(out) < len(records)  # every case occurs
+
+
 # -----------------------------------------------------------------------------
 # the length-grouped sampler
 

@@ -5,8 +5,10 @@ references, the report's shape, and the scripts end to end on tiny random models
 
 import copy
 import json
+import math
 import os
 import random
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +54,34 @@ def test_win_rate_ties_count_half():
         assert evaluate.win_rate(a, b) + evaluate.win_rate(b, a) == pytest.approx(1.0)
     assert evaluate.win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 0.5]) == 0.5
     assert evaluate.win_rate([0.3, 0.3], [0.3, 0.3]) == 0.5
+
+
+def test_summarize_matches_plain_formulas():
+    rng = random.Random(0)
+    for n in (1, 2, 3, 17):
+        rows = {"gold": [rng.choice([0.0, 0.25, 0.5, 0.8, 1.0]) for _ in range(n)],
+                "rm": [rng.gauss(0, 1) for _ in range(n)], "kl": [rng.gauss(2, 1) for _ in range(n)],
+                "length": [rng.randint(1, 30) for _ in range(n)], "eos": [rng.random() < 0.7 for _ in range(n)]}
+        sft = {"gold": [rng.choice([0.0, 0.5, 1.0]) for _ in range(n)]}
+        out = evaluate.summarize(rows, sft)
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rows["gold"], sft["gold"]))
+        expected = {"gold": statistics.fmean(rows["gold"]), "rm": statistics.fmean(rows["rm"]),
+                    "kl": statistics.fmean(rows["kl"]), "length": statistics.fmean(rows["length"]),
+                    "eos": sum(1 for e in rows["eos"] if e) / n, "win_rate_vs_sft": wins / n}
+        for key, value in expected.items():
+            assert out[key] == pytest.approx(value, abs=1e-12), (n, key)
+        assert out["n"] == n
+        # the standard error of the mean: the sample standard deviation (n - 1) / sqrt(n); none for one response
+        if n == 1:
+            assert out["gold_sem"] is None
+        else:
+            assert out["gold_sem"] == pytest.approx(statistics.stdev(rows["gold"]) / math.sqrt(n), abs=1e-12), n
+    # without gold (a task of one's own) the gold numbers are None, the rest still means
+    rows = {"gold": [None] * 3, "rm": [None] * 3, "kl": [1.0, 2.0, 4.0], "length": [3, 4, 5],
+            "eos": [True, False, True]}
+    out = evaluate.summarize(rows, {"gold": [None] * 3})
+    assert out["gold"] is out["gold_sem"] is out["rm"] is out["win_rate_vs_sft"] is None
+    assert out["kl"] == pytest.approx(7 / 3) and out["length"] == 4 and out["eos"] == pytest.approx(2 / 3)
 
 
 def reference_kl(policy, ref, prompt_ids, response_ids, temperature):

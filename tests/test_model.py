@@ -108,6 +108,32 @@ def ref_logits(sd, n_head, ids, activation="gelu_new"):
 # attention and forward
 
 
+def test_init_is_gpt2_s():
+    # N(0, 0.02) for the embeddings and Linears (lm_head tied to wte), N(0, 0.02 / sqrt(2 L)) for the residual
+    # projections c_proj, zero biases, LayerNorms (1, 0); empirical stds within 3% (each has >= 65k entries: the
+    # standard error of a std is 1 / sqrt(2 n) < 0.3% of it)
+    L = 8
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=258, n_layer=L, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    n_proj = 0
+    for name, p in model.named_parameters():
+        w = p.detach().double()
+        if name.endswith("c_proj.weight"):
+            n_proj += 1
+            assert w.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.03), name
+        elif name.endswith(("wte.weight", "wpe.weight", "c_attn.weight", "c_fc.weight")):
+            assert w.std().item() == pytest.approx(0.02, rel=0.03), name
+            assert abs(w.mean().item()) < 4 * 0.02 / math.sqrt(w.numel()), name
+        elif re.search(r"(ln_\d|ln_f)\.weight$", name):
+            assert torch.equal(w, torch.ones_like(w)), name
+        elif name.endswith(".bias"):
+            assert torch.equal(w, torch.zeros_like(w)), name
+        else:
+            raise AssertionError(f"unexpected parameter {name}")
+    assert n_proj == 2 * L
+
+
 def test_attention_mask_4d_example():
     m = attention_mask_4d(torch.tensor([[0, 1, 1]]))[0, 0].long()
     assert m.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
@@ -386,6 +412,30 @@ def test_sample_filters_by_hand():
     assert torch.allclose(logp, F.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None]).squeeze(-1))
     tok, logp = sample_next_token(logits[:2], 0.0)
     assert tok.tolist() == [1, 1] and torch.allclose(logp, torch.log(torch.tensor([0.4, 0.4], dtype=torch.float64)))
+
+
+def test_top_p_applies_to_the_tempered_distribution():
+    # probabilities 0.1, 0.4, 0.2, 0.3 at temperature 0.5 become softmax(logits / 0.5), proportional to p^2:
+    # 0.033, 0.533, 0.133, 0.3, whose 0.75-nucleus is {1, 3} (untempered it would be {1, 3, 2})
+    p0 = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    T, top_p, n = 0.5, 0.75, 4000
+    logits = torch.log(p0).expand(n, 4)
+    tempered = F.softmax(torch.log(p0) / T, -1).tolist()
+    order, before, nucleus = sorted(range(4), key=lambda i: -tempered[i]), 0.0, []
+    for i in order:  # keep a token unless the more likely ones already reach top_p
+        if before >= top_p and nucleus:
+            break
+        nucleus.append(i)
+        before += tempered[i]
+    assert set(nucleus) == {1, 3}
+    tok, logp = sample_next_token(logits, T, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == set(nucleus)
+    # frequencies: the tempered probabilities renormalised over the nucleus, within 4 binomial standard errors
+    mass = sum(tempered[i] for i in nucleus)
+    for i in nucleus:
+        q = tempered[i] / mass
+        assert abs((tok == i).sum().item() / n - q) < 4 * math.sqrt(q * (1 - q) / n), i
+    assert torch.allclose(logp, torch.log(torch.tensor(tempered, dtype=torch.float64))[tok])
 
 
 def test_sample_categorical_matches_probabilities():

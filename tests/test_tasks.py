@@ -11,7 +11,8 @@ import pytest
 
 from nanorlhf.data import DataError, read_prefs, read_prompts, read_sft
 from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, META_KEYS, annotate, annotator_agreement, candidate,
-                            demonstrate, generate_task, gold, main, ranking_agreement, rendered_len, solve, task_meta)
+                            demonstrate, generate_task, gold, gold_tie_fraction, main, ranking_agreement, rendered_len,
+                            solve, task_meta)
 from nanorlhf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +145,36 @@ def test_annotator_agreement_matches_plain_loop():
     assert annotator_agreement(records, 0.0) == pytest.approx(0.5)
 
 
+def test_ranking_agreement_and_gold_tie_fraction_match_plain_loops():
+    # random records with gold ties (repeated and equally wrong responses) and random rankings
+    rng = random.Random(3)
+    records = []
+    for _ in range(60):
+        p = "sort " + " ".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
+        resp = [candidate(p, rng, error_prob=0.5) for _ in range(rng.randint(2, 5))]
+        if rng.random() < 0.3:
+            resp.append(rng.choice(resp))
+        records.append({"prompt": p, "responses": resp, "ranking": rng.sample(range(len(resp)), len(resp))})
+    half, skip, ties, pairs = [], [], 0, 0
+    for r in records:
+        g = [plain_gold(r["prompt"], x) for x in r["responses"]]
+        rank = r["ranking"]
+        for a in range(len(rank)):
+            for b in range(a + 1, len(rank)):
+                hi, lo = g[rank[a]], g[rank[b]]  # rank[a] is ranked above rank[b]
+                pairs += 1
+                if hi == lo:
+                    ties += 1
+                    half.append(0.5)
+                else:
+                    half.append(1.0 if hi > lo else 0.0)
+                    skip.append(half[-1])
+    assert 0 < ties < pairs and 0 < sum(skip) < len(skip)  # ties, agreements and disagreements all occur
+    assert ranking_agreement(records) == pytest.approx(sum(half) / len(half), abs=1e-12)
+    assert ranking_agreement(records, ties="skip") == pytest.approx(sum(skip) / len(skip), abs=1e-12)
+    assert gold_tie_fraction(records) == pytest.approx(ties / pairs, abs=1e-12)
+
+
 SMALL = dict(n_sft=300, n_prefs=200, n_prefs_eval=300, n_prompts=100, n_eval=100)
 
 
@@ -178,6 +209,26 @@ def test_generate_task_files(tmp_path):
     assert 0.8 < meta["annotator_agreement"] < 0.97
     assert abs(meta["ranking_agreement"] - meta["annotator_agreement"]) < 0.04
     assert meta["annotator_agreement"] == pytest.approx(annotator_agreement(prefs_eval, meta["annotator_beta"]))
+
+
+def test_meta_gold_references_match_monte_carlo(tmp_path):
+    # meta's gold_demonstrator(_without_habit): 8 draws per eval prompt; here an independent loop with its own
+    # draws on the same prompts, within 4 standard errors of the difference of the two means. error_prob 0.5 makes
+    # the demonstrator without its habit clearly worse than perfect.
+    error_prob, n_eval, draws = 0.5, 200, 40
+    meta = generate_task(str(tmp_path / "a"), seed=0, error_prob=error_prob, **dict(SMALL, n_eval=n_eval))
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "a" / "eval.jsonl").read_text().splitlines()]
+    assert len(prompts) == n_eval
+    for key, habit_prob in (("gold_demonstrator_without_habit", 0.0), ("gold_demonstrator", HABIT_PROB)):
+        xs = []
+        for k, p in enumerate(prompts):
+            rng = random.Random(1000 + k)
+            xs += [plain_gold(p, demonstrate(p, rng, error_prob, habit_prob)) for _ in range(draws)]
+        m = sum(xs) / len(xs)
+        var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)  # per draw (over prompts too: an upper bound)
+        se = math.sqrt(var / len(xs) + var / (8 * n_eval))
+        assert abs(meta[key] - m) < 4 * se, (key, meta[key], m, se)
+    assert meta["gold_demonstrator_without_habit"] < 0.95  # the random mistakes cost something
 
 
 def test_generate_task_deterministic_by_seed(tmp_path):
