@@ -422,3 +422,34 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_run, tmp_p
         assert torch.load(out / name, weights_only=True)["step"] == 3, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_evaluate_is_the_mean_over_all_pairs():
+    """
+    Held-out loss, accuracy and margin over batches of 6 pairs (K = 4) and of 2 (K = 2, twice): the float64 means
+    over all 8 pairs of the per-pair terms, from log-probs of unpadded rows (a mean over batches weighs them 1:1).
+    """
+    tok = Tokenizer.byte_level()
+    records = [{"prompt": "sort 3 1 2", "responses": ["1 2 3", "3 2 1 !", "1 3", "2"], "ranking": [0, 2, 3, 1]},
+               {"prompt": "sort 9 8 7", "responses": ["7 8 9", "x"], "ranking": [1, 0]},
+               {"prompt": "sort 5 4", "responses": ["4 5", "5 4 4"], "ranking": [0, 1]}]
+    examples = encode_prefs(records, tok, 64)[0]
+    policy, ref, beta = tiny_gpt(0).double(), tiny_gpt(1).double(), 0.5
+
+    def logp(model, ids, mask):  # log pi(y|x) of one unpadded row, in float64
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)  # (T, V)
+        return sum(lp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+
+    rewards = []  # per example, r_hat of each response
+    for ex in examples:
+        rewards.append([beta * (logp(policy, ids, m) - logp(ref, ids, m)) for ids, m in zip(ex["ids"], ex["masks"])])
+    ref_logps = [torch.tensor([logp(ref, ids, m) for ids, m in zip(ex["ids"], ex["masks"])], dtype=torch.float64)
+                 for ex in examples]
+    batches = [make_batch([examples[i] for i in b], [ref_logps[i] for i in b], tok.pad_id, 64) for b in ([0], [1, 2])]
+    got = train_dpo.evaluate(policy, batches, beta, utils.Runtime(torch.device("cpu"), "cpu", "float32"))
+    margins = [r[w] - r[l] for r, ex in zip(rewards, examples) for w, l in ranked_pairs(ex["ranking"])]
+    assert len(margins) == 8 and all(m != 0 for m in margins)
+    assert got["val_loss"] == pytest.approx(sum(-log_sigmoid(m) for m in margins) / 8, rel=1e-9)
+    assert got["val_acc"] == pytest.approx(sum(m > 0 for m in margins) / 8, rel=1e-6)  # float32 per batch
+    assert got["val_margin"] == pytest.approx(sum(margins) / 8, rel=1e-9)

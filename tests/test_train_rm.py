@@ -484,3 +484,79 @@ def test_pair_accuracy_matches_a_plain_count():
                 right += 0.5
         assert train_rm.pair_accuracy(diffs) == pytest.approx(right / len(diffs))
     assert train_rm.pair_accuracy([1.0, 0.0, -2.0, 3.0]) == 0.625
+
+
+def test_drop_ties_matches_a_plain_walk_down_the_ranking():
+    """
+    Random records (K 2..5, some texts repeated, random rankings, some without ties) against a plain loop: walk the
+    ranking best first and keep a response unless its text is already kept; the kept ones come out best first.
+    """
+    rng = random.Random(0)
+    records = []
+    for n in range(200):
+        k = rng.randint(2, 5)
+        texts = "abcde"[:rng.randint(1, k)] if n % 3 else "abcde"[:k]  # every third record has no tie
+        responses = [rng.choice(texts) for _ in range(k)] if n % 3 else rng.sample(texts, k)
+        records.append({"prompt": f"p{n}", "responses": responses, "ranking": rng.sample(range(k), k)})
+    want, want_removed = [], 0
+    for r in records:
+        kept, seen = [], set()
+        for i in r["ranking"]:
+            if r["responses"][i] not in seen:
+                seen.add(r["responses"][i])
+                kept.append(i)
+        want_removed += len(r["responses"]) - len(kept)
+        if len(kept) >= 2:
+            want.append({"prompt": r["prompt"], "responses": [r["responses"][i] for i in kept],
+                         "ranking": list(range(len(kept)))})
+    out, n_removed = train_rm.drop_ties(records)
+    assert out == want and n_removed == want_removed
+    assert 0 < want_removed and len(want) < len(records)  # ties were there, and some records lost all but one
+    assert any(len(set(r["responses"])) == len(r["responses"]) for r in records)  # and records without one
+
+
+def test_training_accuracy_is_the_mean_over_the_step_s_micro_batches(sft, tmp_path, monkeypatch, one_thread):
+    """
+    --grad_accum 2: the logged training acc averages the micro-batches (their sum would be 1.0 at the first step).
+    The scalar head starts at zero, so every pair of the first step ties: acc 1/2 exactly.
+    """
+    out = tmp_path / "rm"
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *short_rm_args(sft, write_prefs(tmp_path / "prefs.jsonl"), out,
+                                                                     "--grad_accum", "2", "--log_interval", "1",
+                                                                     "--max_steps", "1")])
+    train_rm.main()
+    rows = [r for r in read_metrics(out) if "acc" in r]
+    assert [r["step"] for r in rows] == [1] and rows[0]["acc"] == 0.5, rows
+
+
+def test_evaluate_matches_a_plain_loop_over_the_records():
+    """
+    Held-out loss, accuracy and margin over batches of unequal sizes and K, against a float64 loop over each record
+    alone: r from each unpadded response's last token; a record's loss is the mean over its pairs of
+    -log sigma(r_w - r_l), the loss the mean over records (not over batches); the margin the mean signed r_w - r_l.
+    """
+    torch.manual_seed(0)
+    model = ScalarGPT(GPTConfig(block_size=32, vocab_size=258, n_layer=1, n_head=2, n_embd=16)).double()
+    torch.nn.init.normal_(model.head.weight)
+    rng = random.Random(2)
+    examples = []
+    for k in (2, 5, 3, 2, 2, 4, 2):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 8))]
+        examples.append({"ids": [prompt + [rng.randrange(256) for _ in range(rng.randint(1, 9))] for _ in range(k)],
+                         "ranking": rng.sample(range(k), k)})
+    rt = Runtime(torch.device("cpu"), "cpu", "float32")
+    batches = [train_rm.make_batch(examples[a:b], 257, 32) for a, b in ((0, 1), (1, 3), (3, 7))]
+    got, record_scores = train_rm.evaluate(model, batches, rt)
+    losses, diffs = [], []
+    with torch.no_grad():
+        for ex in examples:
+            r = [model(torch.tensor([ids]))[0, -1].item() for ids in ex["ids"]]
+            rank = ex["ranking"]
+            d = [r[rank[a]] - r[rank[b]] for a in range(len(rank)) for b in range(a + 1, len(rank))]
+            losses.append(sum(math.log1p(math.exp(-x)) for x in d) / len(d))
+            diffs += d
+    assert got["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-9)
+    assert got["val_margin"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-9, abs=1e-12)
+    assert got["val_acc"] == pytest.approx(sum(x > 0 for x in diffs) / len(diffs), abs=1e-12)
+    assert len(record_scores) == len(examples) and [len(s) for s in record_scores] == [len(e["ids"]) for e in examples]
+    assert sum(diffs) / len(diffs) < sum(map(abs, diffs)) / len(diffs) - 0.1  # signed and absolute margins differ

@@ -567,3 +567,75 @@ def test_cpu_peak_flops_follows_the_run_s_dtype(monkeypatch):
     monkeypatch.setattr(train_common, "PEAK_MATMUL", 128)  # a CPU without bf16 instructions emulates it: 20 s at 1024
     peak, source = train_common.peak_flops(dataclasses.replace(cpu, dtype="bfloat16"))
     assert source == "measured 128x128 bfloat16 matmul" and 0 < peak < float("inf")
+
+
+def plain_sft_loss(model, examples):
+    """(sum of -log p over the response targets, their number) of unpadded (ids, response_mask) rows, one by one."""
+    total, count = 0.0, 0
+    for ids, mask in examples:
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)  # (T, V): position t predicts token t + 1
+        for t in range(1, len(ids)):
+            if mask[t]:
+                total = total - logp[t - 1, ids[t]]
+                count += 1
+    return total, count
+
+
+def random_tiny_gpt(seed):
+    """A 1-layer GPT on the byte tokenizer whose weights are far from uniform, so that tokens' losses differ."""
+    torch.manual_seed(seed)
+    tok = sft_stage.Tokenizer.byte_level()
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model, tok
+
+
+def test_grad_accum_weighs_each_target_token_once(tmp_path, monkeypatch, one_thread):
+    """
+    --grad_accum 2 over a micro-batch of 1-character responses and one of 30-character responses: the first step's
+    loss and gradient norm are those of one big batch, the float64 mean over all the step's target tokens (a mean of
+    the two micro-batches' means, sft_loss / grad_accum, over-weights the short responses' tokens).
+    """
+    model, tok = random_tiny_gpt(0)
+    init = tmp_path / "init"
+    utils.save_checkpoint(str(init), utils.model_payload(model, tok, "sft", sft_stage.Config(), 0))
+    records = [{"prompt": f"sort {i} 1", "response": "abcdefghij"[i]} for i in range(4)]
+    records += [{"prompt": f"sort {i} 2", "response": "the quick brown fox jumps over"[i:] + "x" * i} for i in range(4)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--data", str(tmp_path / "sft.jsonl"), "--val_data",
+                                      str(tmp_path / "val.jsonl"), "--init_from", str(init), "--out_dir", str(out),
+                                      "--batch_size", "4", "--grad_accum", "2", "--max_steps", "1", "--log_interval",
+                                      "1", "--eval_batches", "1", "--device", "cpu", "--dtype", "float32"])
+    sft_stage.main()
+    row = read_metrics(out)[1]
+    assert row["step"] == 1
+    # the step's two micro-batches, drawn as main draws them
+    train = sft_stage.encode_sft(sft_stage.read_sft(str(tmp_path / "sft.jsonl")), tok, 64)[0]
+    sampler = sft_stage.LengthGroupedSampler([len(ids) for ids, _ in train], 4, seed=0)
+    micro = [[train[i] for i in b] for b in sampler.batches(0)[:2]]
+    model = model.double()
+    sums = [plain_sft_loss(model, m) for m in micro]
+    assert sorted(n for _, n in sums)[0] * 5 < sorted(n for _, n in sums)[1]  # target counts far apart
+    want = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    gap = abs(want.item() - sum(s / n for s, n in sums).item() / 2)
+    assert gap > 1e-2 * want.item()  # so that the per-micro-batch mean would show
+    assert row["loss"] == pytest.approx(want.item(), rel=1e-5)
+    want.backward()
+    grad_norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters()))
+    assert row["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+
+
+def test_evaluate_is_the_mean_over_all_target_tokens():
+    """Held-out loss over batches of very different target counts == float64 sum of -log p / all targets."""
+    model, tok = random_tiny_gpt(1)
+    model = model.double()
+    texts = ["a", "b", "cd", "e", "the quick brown fox jumps", "over the lazy dog, twice", "pack my box with"]
+    examples = [tok.render(f"q{i}", y) for i, y in enumerate(texts)]  # 2-3 targets each, then 17-26
+    batches = [sft_stage.make_batch(examples[:4], tok.pad_id, 64), sft_stage.make_batch(examples[4:], tok.pad_id, 64)]
+    got = sft_stage.evaluate(model, batches, utils.Runtime(torch.device("cpu"), "cpu", "float32"))
+    with torch.no_grad():
+        total, count = plain_sft_loss(model, examples)
+    assert got == pytest.approx(total.item() / count, rel=1e-9)
