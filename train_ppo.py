@@ -678,19 +678,13 @@ def build_models(args, device, files=None):
         disable_dropout(critic)
 
     if args.lora_rank:
-        try:
-            for m in (actor, critic):
-                if m is not None:
-                    lora.apply_lora(m, args.lora_rank, args.lora_alpha, args.lora_targets)
-        except ValueError as e:
-            raise utils.UserError(f"--lora_targets: {e}") from None
+        # adapters on actor and critic, a resumed run's trained ones put back (adapters.pt)
+        adapters = utils.load_checkpoint(files[ADAPTERS]) if files else {}
+        for m, key in ((actor, "actor"), (critic, "critic")):
+            if m is not None:
+                lora.apply_lora_flags(m, args, adapters.get(key))
         # the heads on top of the adapters train in full
         (actor.value_head if critic is None else critic.head).requires_grad_(True)
-        if files:
-            adapters = utils.load_checkpoint(files[ADAPTERS])
-            for m, key in ((actor, "actor"), (critic, "critic")):
-                if m is not None:
-                    m.load_state_dict(adapters[key], strict=False)
         ref = lora.AdaptersOff(actor)
     else:
         ref, _, _ = utils.load_model(args.sft, home["ref"], kind="gpt")
