@@ -569,8 +569,8 @@ def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
     check_flags(cfg)
     # the seed the SFT run was trained with (the default sampling seed), read before anything is put on the device;
-    # of the checkpoint dict, a CPU copy of the weights, only the flags are kept
-    sft_flags = load_model_checkpoint(cfg.sft, flag="--sft")[1].get("args", {})
+    # of the checkpoint, mapped (its weights are not read here, but with the model below), only the flags are kept
+    sft_flags = load_model_checkpoint(cfg.sft, flag="--sft", mmap=True)[1].get("args", {})
     if cfg.seed is None:
         cfg.seed = int(sft_flags.get("seed", 0))
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)

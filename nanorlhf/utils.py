@@ -663,18 +663,18 @@ def model_payload(model, tok, stage, args, step, **extra):
 MODEL_KEYS = ("model_kind", "model_config", "model", "tokenizer")  # what model_payload writes and load_model reads
 
 
-def load_model_checkpoint(path, name=CKPT, flag=None):
+def load_model_checkpoint(path, name=CKPT, flag=None, mmap=False):
     """
     (file, ckpt): load_checkpoint of out_dir/name (or of a file path), checked to hold a model, so that a valid
     torch file of another kind (a train_state.pt) is one line naming the file actually read, not a KeyError.
-    flag: as load_model's.
+    flag: as load_model's; mmap: as load_checkpoint's (the tensors mapped, not read).
     """
     with naming(flag):
-        return _load_model_checkpoint(path, name)
+        return _load_model_checkpoint(path, name, mmap)
 
 
-def _load_model_checkpoint(path, name):
-    ckpt = load_checkpoint(path, name)
+def _load_model_checkpoint(path, name, mmap=False):
+    ckpt = load_checkpoint(path, name, mmap=mmap)
     file = os.path.join(path, name) if os.path.isdir(path) else path
     missing = [k for k in MODEL_KEYS if k not in ckpt]
     if missing:
