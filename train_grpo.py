@@ -334,7 +334,7 @@ def main(argv=None):
         # --num_iterations may extend the run, not shorten it: a smaller one would change the learning rate of the
         # iterations left (the schedule decays to 0 at --num_iterations) and end the run early, silently
         saved = ckpt["args"].get("num_iterations", args.num_iterations)
-        del ckpt  # only its flags were needed: no CPU copy of the weights held for the run (they load from out_dir)
+        del ckpt  # only its flags were needed (load_run maps its weights, read from out_dir with the model below)
         check(args.num_iterations >= saved, f"--resume: --num_iterations {args.num_iterations} is below the run's "
                                             f"{saved} (a larger value extends the run; a smaller one cannot)")
     check_args(args, given)

@@ -551,10 +551,13 @@ def check_resumable(out_dir):
 
 
 def load_run(out_dir):
-    """(ckpt, train_state) of the run in out_dir, of the same save (complete_files)."""
+    """
+    (ckpt, train_state) of the run in out_dir, of the same save (complete_files). ckpt.pt is mapped, not read: a
+    resumed run takes its flags (and a LoRA run's small trained tensors) from it, and loads its model to the device.
+    """
     check_resumable(out_dir)
     files = complete_files(out_dir, (utils.CKPT, utils.TRAIN_STATE))
-    return utils.load_checkpoint(files[utils.CKPT]), utils.load_checkpoint(files[utils.TRAIN_STATE])
+    return utils.load_checkpoint(files[utils.CKPT], mmap=True), utils.load_checkpoint(files[utils.TRAIN_STATE])
 
 
 def start_run(args, stage, inputs):
@@ -562,8 +565,8 @@ def start_run(args, stage, inputs):
     The start of SFT's, RM's and DPO's main: out_dir checked (check_out_dir), and with --resume the run in it read
     -> (args, state, lora): the run's saved flags (resumed_flags), its train_state.pt and a LoRA run's trained
     tensors (ckpt.pt's "lora"); a fresh run's args as given, None, None. inputs: a fresh run's {flag: path} that
-    out_dir's earlier run must have had; a resumed run's were checked when it started. ckpt.pt's weights, a CPU
-    copy, are not kept: the model is loaded again, to the device.
+    out_dir's earlier run must have had; a resumed run's were checked when it started. ckpt.pt's weights are not read
+    here (load_run maps them) nor kept: the model is loaded again, to the device.
     """
     resuming = wants_resume(args.resume, args.out_dir)
     # first, so that --resume in another stage's directory says so, not that its flags differ

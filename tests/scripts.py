@@ -74,8 +74,9 @@ def track_checkpoint_dicts(monkeypatch, module, probe):
     Wrap the checkpoint loaders module holds (load_model, load_run, load_model_checkpoint), and those of the package
     modules that call them for it (utils.load_reward_model calls utils.load_model, train_common.start_run
     train_common.load_run), so that every checkpoint dict they return is watched (a weakref), and module.<probe> so
-    that each call appends how many of those dicts are still alive to the list returned. Returns (alive, refs): after a run, not any(alive) means no checkpoint
-    dict (a CPU copy of the weights) was held while training (or sampling).
+    that each call appends how many of those dicts are still alive to the list returned. Returns (alive, refs):
+    after a run, not any(alive) means no checkpoint dict (a CPU copy of the weights) was held while training (or
+    sampling).
     """
     class Ckpt(dict):  # a dict that a weakref can point at
         pass
