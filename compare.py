@@ -9,7 +9,8 @@ Matched budget:
   of the flags that mean the same in train_grpo.py (SHARED_FLAGS: response length, temperature, missing-EOS
   score, learning rate and its schedule, AdamW, clip epsilon, gradient clip). --grpo_flags come after them on
   the command line and win: a deliberate difference (another --lr, say) is one the command shows. The flags
-  compare.py sets itself (paths, seed, budget) are refused in --grpo_flags, --dpo_flags and --eval_flags, and each
+  compare.py sets itself (paths, seed, budget) are refused in --grpo_flags, --dpo_flags and --eval_flags, as are
+  --stop_at and --resume (a run short of its budget is refused, before the evaluation, in any case), and each
   string is checked by its script's parser before anything trains (an unknown flag, a value of the wrong type). Not
   copied: the KL coefficient (beta means something else with the KL in the loss; each method keeps its own, see
   train_grpo.py) and where or how it runs (--device, --dtype, --grad_accum: the same gradient).
@@ -58,6 +59,8 @@ OWN_FLAGS = {"grpo_flags": ("train_grpo.py", ("advantage", "data", "sft", "rm", 
                                               "batch_size", "num_epochs", "num_minibatches")),
              "dpo_flags": ("train_dpo.py", ("data", "val_data", "sft", "out_dir", "seed", "batch_size", "max_steps")),
              "eval_flags": ("evaluate.py", ("data", "sft", "rm", "ppo", "extra", "init_row", "out_dir"))}
+# the flags that would leave a method's run short of its budget, which the report states as given in full
+PARTIAL_FLAGS = ("stop_at", "resume")
 # the flags that only shape the training runs: with --train false the runs in --out/compare are already made
 TRAIN_ONLY = ("seed", "dpo_batch_size", "grpo_flags", "dpo_flags")
 # the flags that only shape the runs of some methods: refused when --methods has none of them
@@ -137,6 +140,9 @@ def split_flags(name, text):
     hint = "".join(f"; for {c}: compare.py's own {ours[c]}" for c in dict.fromkeys(clash) if c in ours)
     check(not clash, f"--{name}: compare.py passes {', '.join(dict.fromkeys(clash))} to {script} itself, and "
                      f"evaluates and reports what it passed: drop it{hint}")
+    partial = [n for n in names if n.startswith("--") and n[2:] in PARTIAL_FLAGS and name != "eval_flags"]
+    check(not partial, f"--{name}: {', '.join(dict.fromkeys(partial))}: compare.py trains each method to PPO's "
+                       f"budget and reports it as such: drop it")
     # a word that no flag takes as its value: the script would refuse it, and check_flags' run with --help does not
     # (nor a --help, with which the script would print its help and train nothing)
     after_flag = False
@@ -159,7 +165,7 @@ def check_flags(extra_flags):
     Example: {"eval_flags": ["--n_prompt", "3"]} -> UserError("--eval_flags: evaluate.py: error: unknown flag
     --n_prompt (did you mean --n_prompts?)").
     """
-    procs = {name: subprocess.Popen([sys.executable, OWN_FLAGS[name][0], *words, "--help"], cwd=HERE,
+    procs = {name: subprocess.Popen(command(OWN_FLAGS[name][0], *words, "--help"),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, words in extra_flags.items() if words}
     errors = {name: p.communicate()[1].strip().splitlines() for name, p in procs.items()}  # each one's last line
@@ -168,12 +174,21 @@ def check_flags(extra_flags):
         check(p.returncode == 0, f"--{name}: {errors[name][-1] if errors[name] else f'{script} exited {p.returncode}'}")
 
 
+def command(script, *args):
+    """
+    The command that runs one of the project's scripts, beside this one, with args. It runs in the caller's
+    directory, as compare.py does, so that the relative paths in args (--out's) and in the --*_flags mean the same
+    files to both. Example: command("evaluate.py", "--help") -> [python, "/path/to/evaluate.py", "--help"].
+    """
+    return [sys.executable, os.path.join(HERE, script), *args]
+
+
 def train(name, cmd, log_path):
-    """Run one training script, its output to log_path; a failure stops the comparison with the log's tail."""
+    """Run one command (see command), its output to log_path; a failure stops the comparison with the log's tail."""
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
-        p = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         tail = open(log_path).read().strip().splitlines()[-1:]
         raise UserError(f"{name} failed (exit {p.returncode}), see {log_path}: {' '.join(tail)}")
@@ -324,14 +339,14 @@ def main():
     for m in methods if cfg.train else []:
         out_dir = os.path.join(root, m)
         if m in ONLINE:
-            cmd = [sys.executable, "train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
-                   "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--out_dir", out_dir,
-                   "--seed", str(cfg.seed), *as_flags(online), *as_flags(shared), *extra_flags["grpo_flags"]]
+            cmd = command("train_grpo.py", "--advantage", m, "--data", os.path.join(d, "data/prompts.jsonl"),
+                          "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--out_dir", out_dir,
+                          "--seed", str(cfg.seed), *as_flags(online), *as_flags(shared), *extra_flags["grpo_flags"])
         else:
-            cmd = [sys.executable, "train_dpo.py", "--data", os.path.join(d, "data/prefs.jsonl"),
-                   "--val_data", os.path.join(d, "data/prefs_eval.jsonl"), "--sft", os.path.join(d, "sft"),
-                   "--out_dir", out_dir, "--seed", str(cfg.seed), "--batch_size", str(cfg.dpo_batch_size),
-                   "--max_steps", str(dpo_steps), *extra_flags["dpo_flags"]]
+            cmd = command("train_dpo.py", "--data", os.path.join(d, "data/prefs.jsonl"),
+                          "--val_data", os.path.join(d, "data/prefs_eval.jsonl"), "--sft", os.path.join(d, "sft"),
+                          "--out_dir", out_dir, "--seed", str(cfg.seed), "--batch_size", str(cfg.dpo_batch_size),
+                          "--max_steps", str(dpo_steps), *extra_flags["dpo_flags"])
         train(m, cmd, os.path.join(root, f"{m}.log"))
 
     # what each run was trained with against what the report states, before the evaluation: a run without saved
@@ -344,17 +359,25 @@ def main():
         else:
             stated = {"seed": cfg.seed, "batch_size": cfg.dpo_batch_size, "max_steps": dpo_steps}
         path = os.path.join(root, m, "ckpt.pt")
-        note = other_flags(m, saved_flags(load_checkpoint(path, mmap=True), path), stated)
+        payload = load_checkpoint(path, mmap=True)
+        run_flags = saved_flags(payload, path)
+        # a run cut short (killed, or stopped before compare.py refused --stop_at) would be reported with the budget
+        planned = run_flags.get("num_iterations" if m in ONLINE else "max_steps")
+        check(payload.get("step") == planned,
+              f"{path}: the {m} run stopped at step {payload.get('step')} of {planned}: finish it first "
+              f"(python {'train_grpo.py' if m in ONLINE else 'train_dpo.py'} --out_dir {os.path.join(root, m)} "
+              f"--resume on), then compare.py --out {d} --methods {','.join(methods)} --train false")
+        note = other_flags(m, run_flags, stated)
         if note:
             notes.append(note)
 
     # every policy on the same held-out prompts, the same sampling seed
     eval_dir = os.path.join(root, "eval")
     extra = ",".join(f"{m}={os.path.join(root, m)}" for m in methods)
-    train("evaluate", [sys.executable, "evaluate.py", "--data", os.path.join(d, "data/eval.jsonl"),
-                       "--sft", os.path.join(d, "sft"), "--rm", os.path.join(d, "rm"), "--ppo", os.path.join(d, "ppo"),
-                       "--extra", extra, "--init_row", "false", "--out_dir", eval_dir, *extra_flags["eval_flags"]],
-          os.path.join(root, "evaluate.log"))
+    cmd = command("evaluate.py", "--data", os.path.join(d, "data/eval.jsonl"), "--sft", os.path.join(d, "sft"),
+                  "--rm", os.path.join(d, "rm"), "--ppo", os.path.join(d, "ppo"), "--extra", extra,
+                  "--init_row", "false", "--out_dir", eval_dir, *extra_flags["eval_flags"])
+    train("evaluate", cmd, os.path.join(root, "evaluate.log"))
     with open(os.path.join(eval_dir, "policies.json")) as f:
         rows = json.load(f)
     # the full models each run held while training: SFT's one, and what the others' ckpt.pt recorded (PPO's depend on

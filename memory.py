@@ -179,8 +179,12 @@ def main(argv=None):
         except ValueError as e:
             raise utils.UserError(f"--options: {e}") from None
     if args.stage != "ppo":
+        # the default names every option, of which these two apply; named on the command line, each must apply
+        other = [o for o in options if o not in ("full", "lora")]
+        check(not other or "options" not in args._given,
+              f"--options {','.join(other)}: --stage {args.stage} has only the options full and lora (the others are "
+              f"PPO's)")
         options = [o for o in options if o in ("full", "lora")]
-        check(options, "--stage sft/rm: only the options full and lora apply")
     # the preset's sizes with the flags' overrides: checked as the training scripts check theirs, since a zero or
     # negative size gives negative bytes rather than an error
     shape, prec, sizes = shape_and_sizes(args)

@@ -169,6 +169,75 @@ def test_a_flag_compare_sets_itself_is_refused_in_the_flags_strings(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--grpo_flags", "--lr 1e-4 --stop_at 1"], "--grpo_flags: --stop_at: compare.py trains each method to PPO's "
+                                               "budget and reports it as such: drop it"),
+    (["--dpo_flags=--resume on"], "--dpo_flags: --resume: compare.py trains each method to PPO's budget"),
+])
+def test_flags_that_cut_a_run_short_are_refused_in_the_flags_strings(tmp_path, monkeypatch, capsys, argv, message):
+    # the run stopped at step 1 and the report stated the budget of the whole run for it, exit 0
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path / "pipe"), *argv])
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, flags", [("rloo", {"num_iterations": 2}), ("dpo", {"max_steps": 40})])
+def test_a_method_s_run_short_of_its_budget_is_refused_before_the_evaluation(tmp_path, monkeypatch, capsys, method,
+                                                                              flags):
+    """
+    A run killed or stopped part-way (here found by --train false, as after a compare.py that was interrupted) was
+    evaluated and reported under the budget of the whole run, exit 0; now one line with the commands that finish it.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    run_dir = tmp_path / "compare" / method
+    run_dir.mkdir(parents=True)
+    torch.save({"step": 1, "stage": "grpo", "args": {"seed": 0, **flags}}, run_dir / "ckpt.pt")
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", method, "--train",
+                                                            "false"])
+    planned = next(iter(flags.values()))
+    script_name = "train_dpo.py" if method == "dpo" else "train_grpo.py"
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: {run_dir}/ckpt.pt: the {method} run stopped at step 1 of {planned}: finish it first "
+                   f"(python {script_name} --out_dir {run_dir} --resume on), then compare.py --out {tmp_path} "
+                   f"--methods {method} --train false\n"), err
+    assert cmds == {} and sorted(os.listdir(tmp_path / "compare")) == [method]
+
+
+def test_the_scripts_run_in_the_directory_compare_py_was_started_in(tmp_path, monkeypatch, capsys):
+    """
+    With a relative --out, compare.py read the pipeline where it was started while its scripts ran in the
+    repository, so they read (or wrote) another directory of that name, or failed after the first ones had trained.
+    Here each script is recorded where a real one would run: the directory subprocess.run would start it in.
+    """
+    (tmp_path / "pipe").mkdir()
+    fake_pipeline(tmp_path / "pipe", monkeypatch)
+    record = compare.train
+    monkeypatch.setattr(compare, "train", train_real)
+    started = []
+
+    def fake_run(cmd, cwd=None, **kwargs):
+        started.append((cmd[1], cwd))
+        script_name = os.path.basename(cmd[1])
+        name = {"train_dpo.py": "dpo", "evaluate.py": "evaluate"}.get(script_name) or cmd[cmd.index("--advantage") + 1]
+        here = os.getcwd()
+        os.chdir(cwd or here)
+        try:
+            record(name, cmd, None)
+        finally:
+            os.chdir(here)
+        return mock.Mock(returncode=0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", "pipe", "--methods", "grpo,dpo"])
+    compare.run(compare.main)
+    assert [(os.path.basename(s), cwd) for s, cwd in started] == [("train_grpo.py", None), ("train_dpo.py", None),
+                                                                  ("evaluate.py", None)]
+    assert all(s == os.path.join(ROOT, os.path.basename(s)) for s, _ in started)  # the scripts beside compare.py
+    assert (tmp_path / "pipe" / "compare" / "report.md").exists()
+    assert not os.path.exists(os.path.join(ROOT, "pipe"))
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--seed", "7", "--grpo_flags", "--lr 5"], "--seed, --grpo_flags"),
     (["--dpo_batch_size", "4"], "--dpo_batch_size"),
@@ -180,6 +249,9 @@ def test_train_false_refuses_the_training_flags(tmp_path, monkeypatch, capsys, a
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {named}: only shape the training runs, and --train false trains none"), err
     assert list(tmp_path.iterdir()) == []
+
+
+train_real = compare.train
 
 
 def fake_pipeline(tmp_path, monkeypatch, check_flags=False):
@@ -207,7 +279,8 @@ def fake_pipeline(tmp_path, monkeypatch, check_flags=False):
         if name != "evaluate":  # the flags the script would record, parsed by its own parser
             stage_args = train_dpo.Config if name == "dpo" else train_grpo.Args
             args = dataclasses.asdict(parse_stage_flags(stage_args, cmd[2:]))
-            torch.save({"models_resident": 3, "args": args}, os.path.join(out_dir, "ckpt.pt"))
+            step = args["max_steps" if name == "dpo" else "num_iterations"]  # a finished run's
+            torch.save({"step": step, "models_resident": 3, "args": args}, os.path.join(out_dir, "ckpt.pt"))
             return
         row = {"n": 4, "gold": 0.5, "win_rate_vs_sft": 0.5, "kl": 1.0, "rm": 0.0, "length": 5.0, "wall_s": 1.0}
         names = ["sft", "ppo"] + [x.split("=")[0] for x in cmd[cmd.index("--extra") + 1].split(",")]
@@ -250,7 +323,7 @@ def test_the_report_states_the_temperature_evaluate_sampled_at(tmp_path, monkeyp
     cmds = fake_pipeline(tmp_path, monkeypatch)
     (tmp_path / "compare" / "dpo").mkdir(parents=True)
     dpo_args = {"seed": 0, "batch_size": 16, "max_steps": 1}
-    torch.save({"models_resident": 1, "args": dpo_args}, tmp_path / "compare" / "dpo" / "ckpt.pt")
+    torch.save({"step": 1, "models_resident": 1, "args": dpo_args}, tmp_path / "compare" / "dpo" / "ckpt.pt")
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false",
                                       "--eval_flags", eval_flags])
     compare.run(compare.main)
@@ -267,7 +340,7 @@ def test_the_models_in_memory_of_ppo_are_what_its_run_held(tmp_path, monkeypatch
     if held is not None:
         torch.save({**ppo, "models_resident": held}, tmp_path / "ppo" / "ckpt.pt")
     (tmp_path / "compare" / "dpo").mkdir(parents=True)
-    torch.save({"models_resident": 1, "args": {"seed": 0, "batch_size": 16, "max_steps": 1}},
+    torch.save({"step": 1, "models_resident": 1, "args": {"seed": 0, "batch_size": 16, "max_steps": 1}},
                tmp_path / "compare" / "dpo" / "ckpt.pt")
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--train", "false"])
     compare.run(compare.main)
@@ -288,7 +361,8 @@ def test_the_report_names_the_flags_a_run_it_evaluates_was_trained_with_when_the
     dpo = {"seed": 0, "batch_size": 16, "max_steps": 1}  # 2 x 8 x 2 sequences / (16 prompts x 2 responses)
     for name, args in (("grpo", grpo), ("dpo", dpo)):
         (tmp_path / "compare" / name).mkdir(parents=True)
-        torch.save({"models_resident": 3, "args": args}, tmp_path / "compare" / name / "ckpt.pt")
+        step = args["num_iterations" if name == "grpo" else "max_steps"]  # finished runs
+        torch.save({"step": step, "models_resident": 3, "args": args}, tmp_path / "compare" / name / "ckpt.pt")
     monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo", "--train", "false"])
     compare.run(compare.main)
     line = "grpo was trained with other flags than those above: --seed 3 (above: 0), --num_iterations 10 (above: 2)"
@@ -457,3 +531,177 @@ def test_a_full_disk_leaves_no_temporary_figure(tmp_path, monkeypatch):
     # the figure's own name, as run() prints it in its one-line error
     assert os_error_line(info.value) == f"{path}: No space left on device"
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# the numbers of the report: each in its own column, against plain references
+
+
+def plain_cell(x, digits):
+    """The reference formatting of one number: '-' for none, a float to `digits` places, an int as it is."""
+    if x is None:
+        return "-"
+    return ("%." + str(digits) + "f") % x if isinstance(x, float) else str(x)
+
+
+def random_row(rng, with_none=False):
+    row = {"gold": rng.random(), "gold_sem": rng.random() / 10, "win_rate_vs_sft": rng.random(),
+           "kl": rng.uniform(0, 30), "rm": rng.gauss(0, 1), "length": rng.uniform(1, 64), "wall_s": rng.uniform(1, 900),
+           "models": rng.randint(1, 4)}
+    if with_none:
+        for key in rng.sample(sorted(row), 2):
+            row[key] = None
+    return row
+
+
+def table_cells(text):
+    """A markdown table -> {first cell: [the other cells]}, the header and the rule left out."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ")]
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
+def test_the_table_puts_each_number_in_its_column():
+    import random
+    rng = random.Random(0)
+    names = ["sft", "ppo", "grpo", "dr_grpo", "rloo", "dpo"]
+    rows = {n: random_row(rng, with_none=i % 2 == 1) for i, n in enumerate(names)}
+    order = ["sft", "dpo", "ppo", "rloo", "grpo", "dr_grpo"]
+    cells = table_cells(compare.table(rows, order))
+    assert list(cells) == order
+    for n in order:
+        r = rows[n]
+        gold = plain_cell(r["gold"], 3) + (" ± %.3f" % r["gold_sem"] if r["gold_sem"] is not None else "")
+        assert cells[n] == [gold, plain_cell(r["win_rate_vs_sft"], 3), plain_cell(r["kl"], 2), plain_cell(r["rm"], 2),
+                            plain_cell(r["length"], 1), plain_cell(r["wall_s"], 0), plain_cell(r["models"], 0)], n
+
+
+def test_summarize_gives_each_column_its_own_mean_and_sd_over_the_pipelines(tmp_path, capsys):
+    """Per column, over the pipelines that have a number there; a method missing from one pipeline is left out."""
+    import random
+    rng = random.Random(1)
+    runs = []
+    for i in range(4):
+        rows = {n: random_row(rng) for n in ("grpo", "rloo", "dpo")}
+        rows["grpo"]["kl"] = None if i == 1 else rows["grpo"]["kl"]  # one pipeline without it: mean of three
+        rows["dpo"]["wall_s"] = None if i > 0 else rows["dpo"]["wall_s"]  # one number only: no sd
+        if i == 2:
+            del rows["rloo"]
+        d = tmp_path / f"out{i}" / "compare"
+        d.mkdir(parents=True)
+        (d / "rows.json").write_text(json.dumps(rows))
+        runs.append(rows)
+    compare.summarize([str(tmp_path / f"out{i}") for i in range(4)])
+    cells = table_cells(capsys.readouterr().out)
+    assert list(cells) == ["grpo", "dpo"]
+
+    def mean_sd(xs, digits):
+        if not xs:
+            return "-"
+        m = 0.0
+        for x in xs:
+            m += x / len(xs)
+        if len(xs) == 1:
+            return plain_cell(m, digits)
+        var = 0.0
+        for x in xs:
+            var += (x - m) ** 2 / (len(xs) - 1)
+        return plain_cell(m, digits) + " ± " + plain_cell(var ** 0.5, digits)
+
+    for n in cells:
+        want = [mean_sd([r[n][key] for r in runs if r[n][key] is not None], digits)
+                for key, digits in (("gold", 3), ("win_rate_vs_sft", 3), ("kl", 2), ("rm", 2), ("length", 1),
+                                    ("wall_s", 0))]
+        assert cells[n] == want + [str(runs[0][n]["models"])], n
+
+
+def test_other_flags_compares_only_the_flags_the_run_recorded():
+    # an older run's checkpoint without a flag compare.py passes now: that flag is not compared (no KeyError)
+    stated = {"seed": 0, "num_iterations": 50, "anneal_lr": True, "lr": 1e-4}
+    assert compare.other_flags("grpo", {"seed": 0, "lr": 1e-4}, stated) is None
+    line = compare.other_flags("grpo", {"seed": 3, "anneal_lr": False, "lr": 1e-4}, stated)
+    # the values as a command line gives them: the bools as the flag parser reads them
+    assert line == "grpo was trained with other flags than those above: --seed 3 (above: 0), --anneal_lr false " \
+                   "(above: true)"
+    args = parse_stage_flags(train_grpo.Args, compare.as_flags({"anneal_lr": False, "seed": 3}))
+    assert (args.anneal_lr, args.seed) == (False, 3)
+    args = parse_stage_flags(train_grpo.Args, compare.as_flags({"anneal_lr": True}))
+    assert args.anneal_lr is True
+
+
+def test_matched_budget_keeps_epochs_and_minibatches_apart():
+    """PPO's epochs become the online methods' epochs and its minibatches theirs (the older test had 4 of each)."""
+    import random
+    rng = random.Random(2)
+    for _ in range(20):
+        ppo = {"num_iterations": rng.randint(1, 100), "batch_size": rng.choice([8, 16, 64]),
+               "ppo_epochs": rng.randint(1, 6), "num_minibatches": rng.randint(1, 8)}
+        k, dpo_bs = rng.randint(2, 6), rng.randint(1, 32)
+        online, steps = compare.matched_budget(ppo, k, dpo_bs)
+        assert online == {"num_iterations": ppo["num_iterations"], "batch_size": ppo["batch_size"],
+                          "num_epochs": ppo["ppo_epochs"], "num_minibatches": ppo["num_minibatches"]}
+        sequences = ppo["num_iterations"] * ppo["batch_size"] * ppo["ppo_epochs"]
+        assert steps == max(1, round(sequences / (dpo_bs * k)))
+
+
+def test_the_commands_and_the_report_state_the_ppo_run_s_budget(tmp_path, monkeypatch, capsys):
+    """
+    The online runs get PPO's iterations, batch, epochs and minibatches (3 epochs, 4 minibatches here: not equal)
+    and the SFT run's seed (7, where the RM's is 0); the report's budget sentence states the same numbers.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    ppo = {"num_iterations": 5, "batch_size": 12, "ppo_epochs": 3, "num_minibatches": 4, "lr": 2e-4,
+           "temperature": 0.6, "anneal_lr": False}
+    torch.save({"step": 5, "stage": "ppo", "args": ppo}, tmp_path / "ppo" / "ckpt.pt")
+    torch.save({"step": 1, "stage": "sft", "args": {"seed": 7}}, tmp_path / "sft" / "ckpt.pt")
+    # K = 3 ranked responses per prompt on average: a record of 4 and a pair
+    prefs = [{"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [2, 0, 3, 1]},
+             {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "data" / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo",
+                                      "--dpo_batch_size", "3"])
+    compare.run(compare.main)
+    args = parse_stage_flags(train_grpo.Args, cmds["grpo"][2:])
+    assert (args.num_iterations, args.batch_size, args.num_epochs, args.num_minibatches, args.seed) == (5, 12, 3, 4, 7)
+    assert (args.lr, args.temperature, args.anneal_lr) == (2e-4, 0.6, False)
+    dpo = parse_stage_flags(train_dpo.Config, cmds["dpo"][2:])
+    k = (4 + 2) / 2
+    assert (dpo.seed, dpo.batch_size, dpo.max_steps) == (7, 3, max(1, round(5 * 12 * 3 / (3 * k))))
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert (f"Budget: {5 * 12} sampled episodes per online method (the PPO run's 5 x 12), 3 epochs x 4 minibatches "
+            f"per rollout; DPO {dpo.max_steps} steps x 3 prompts x {k:g} ranked responses, as many sequences through "
+            f"the policy's backward pass as PPO's actor ({5 * 12 * 3})") in report, report
+    assert "(seed 7)" in report and "trained with other flags" not in report
+
+
+def test_train_false_names_the_flags_runs_were_trained_with_otherwise(tmp_path, monkeypatch, capsys):
+    """A grpo run trained with another --lr than PPO's (no --grpo_flags now), a dpo run with more steps: both said."""
+    fake_pipeline(tmp_path, monkeypatch)  # PPO: lr 1e-4, temperature 0.7
+    grpo = {"seed": 0, "num_iterations": 2, "batch_size": 8, "num_epochs": 2, "num_minibatches": 2, "lr": 3e-4,
+            "temperature": 0.7}
+    dpo = {"seed": 0, "batch_size": 16, "max_steps": 5}  # the budget: 2 x 8 x 2 sequences / (16 x 2) = 1 step
+    for name, args, step in (("grpo", grpo, 2), ("dpo", dpo, 5)):  # each run finished
+        (tmp_path / "compare" / name).mkdir(parents=True)
+        torch.save({"models_resident": 3, "args": args, "step": step}, tmp_path / "compare" / name / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo", "--train", "false"])
+    compare.run(compare.main)
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "grpo was trained with other flags than those above: --lr 0.0003 (above: 0.0001)" in report, report
+    assert "dpo was trained with other flags than those above: --max_steps 5 (above: 1)" in report, report
+
+
+def test_plot_puts_kl_on_x_and_gold_with_its_error_on_y(tmp_path, monkeypatch):
+    """The errorbar calls of the picture (matplotlib stood in for: it may be absent)."""
+    import random
+    rng = random.Random(3)
+    plt = mock.MagicMock()
+    ax = mock.MagicMock()
+    plt.subplots.return_value = (mock.MagicMock(), ax)
+    monkeypatch.setattr(compare, "pyplot", lambda: plt)
+    monkeypatch.setattr(compare, "save_figure", lambda fig, path: None)
+    rows = {n: random_row(rng) for n in ("sft", "ppo", "dpo")}
+    rows["dpo"]["gold_sem"] = None
+    assert compare.plot(rows, ["sft", "ppo", "dpo"], str(tmp_path / "p.png")) == str(tmp_path / "p.png")
+    calls = [(c.args, c.kwargs) for c in ax.errorbar.call_args_list]
+    assert [(a, kw["yerr"], kw["label"]) for a, kw in calls] == [
+        (([rows[n]["kl"]], [rows[n]["gold"]]), [rows[n]["gold_sem"] or 0.0], n) for n in ("sft", "ppo", "dpo")]

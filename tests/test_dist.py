@@ -269,3 +269,77 @@ def test_torchrun_on_gpus_the_machine_lacks_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(utils.UserError, match="^torchrun started rank 1 of this machine, but it has 1 GPUs"):
         dist.setup("auto")
+
+
+# one torchrun of this script: every collective of dist.py on 2 gloo ranks, each rank's inputs and outputs saved for
+# the test to check against sums, maxima and concatenations written out by hand
+COLLECTIVES = r'''
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from nanorlhf import dist
+
+device = dist.setup("cpu")
+r, out = dist.rank(), sys.argv[1]
+print(f"rank {r} speaks")  # only rank 0's line may reach stdout
+g = torch.Generator().manual_seed(100 + r)  # each rank its own inputs
+x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+n = int(torch.randint(1, 10**6, (), generator=g))
+count = 2**40 + 1 + r  # a float32 would round it
+values = torch.randn(2, generator=g, dtype=torch.float64).tolist()
+rows = torch.randn(2, 3, generator=g, dtype=torch.float64)
+own = torch.randn(2 + r, 3, generator=g)  # rank 0's has 2 rows, rank 1's 3: from_main takes rank 0's shape
+# DDP over a float64 linear model with the same init on every rank: 2 micro-batches, synced on the last only
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1).double()
+init = {k: v.clone() for k, v in model.state_dict().items()}
+train_model = dist.wrap(model)
+micro = [(torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 1, generator=g, dtype=torch.float64))
+         for _ in range(2)]
+for m, (xb, yb) in enumerate(micro):
+    dist.sync_grads(train_model, m == len(micro) - 1)
+    (train_model(xb) - yb).square().sum().backward()
+torch.save({"x": x, "n": n, "count": count, "values": values, "rows": rows, "own": own, "init": init, "micro": micro,
+            "sum_x": dist.all_reduce_sum(x), "sum_n": dist.all_reduce_sum(n), "sum_values": dist.all_reduce_sum(values),
+            "max_x": dist.all_reduce_max(x), "dict": dist.all_reduce_dict({"count": count, "x00": x[0, 0]}),
+            "gathered": dist.gather_rows(rows), "from_main": dist.from_main(own), "mine": dist.mine(list(range(6))),
+            "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{out}/rank{r}.pt")
+dist.cleanup()
+'''
+
+
+def test_collectives_on_two_ranks_equal_plain_sums_and_concatenations(tmp_path):
+    """
+    all_reduce_sum (a tensor, an int that stays an int, a list), all_reduce_max, all_reduce_dict (in float64: a count
+    past 2**24 stays exact), gather_rows (in rank order), from_main (rank 0's tensor, of rank 0's shape), mine, the
+    gradients of DDP with the sum hook and sync_grads (the sum over ranks and micro-batches, as one process would
+    accumulate them), and print silenced on rank 1: every one against the reference written out from both ranks'
+    inputs.
+    """
+    worker = tmp_path / "collectives.py"
+    worker.write_text(COLLECTIVES)
+    p = torchrun(str(worker), str(tmp_path), ROOT)
+    assert p.stdout.count("rank 0 speaks") == 1 and "rank 1 speaks" not in p.stdout
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    a, b = ranks
+    for r, got in enumerate(ranks):
+        assert torch.equal(got["sum_x"], a["x"] + b["x"])
+        assert type(got["sum_n"]) is int and got["sum_n"] == a["n"] + b["n"]
+        assert got["sum_values"] == pytest.approx([u + v for u, v in zip(a["values"], b["values"])], rel=1e-15)
+        assert torch.equal(got["max_x"], torch.where(a["x"] > b["x"], a["x"], b["x"]))
+        assert sorted(got["dict"]) == ["count", "x00"] and got["dict"]["count"].item() == a["count"] + b["count"]
+        assert got["dict"]["x00"].item() == pytest.approx(a["x"][0, 0].item() + b["x"][0, 0].item(), rel=1e-15)
+        assert torch.equal(got["gathered"], torch.cat([a["rows"], b["rows"]]))
+        assert torch.equal(got["from_main"], a["own"])
+        assert got["mine"] == [[0, 1, 2], [3, 4, 5]][r]
+        # d/dW sum_i (W x_i + c - y_i)^2 = sum_i 2 (W x_i + c - y_i) x_i, by a loop over every example of both ranks
+        w, c = a["init"]["weight"][0].tolist(), a["init"]["bias"][0].item()
+        grad_w, grad_c = [0.0] * 3, 0.0
+        for rank in ranks:
+            for xb, yb in rank["micro"]:
+                for xi, yi in zip(xb.tolist(), yb[:, 0].tolist()):
+                    e = sum(wj * xj for wj, xj in zip(w, xi)) + c - yi
+                    grad_w = [gj + 2 * e * xj for gj, xj in zip(grad_w, xi)]
+                    grad_c += 2 * e
+        assert got["grads"]["weight"][0].tolist() == pytest.approx(grad_w, rel=1e-12, abs=1e-12)
+        assert got["grads"]["bias"].item() == pytest.approx(grad_c, rel=1e-12, abs=1e-12)

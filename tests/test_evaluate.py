@@ -518,3 +518,189 @@ def test_a_negative_n_show_is_one_line_before_anything_loads(tmp_path, capsys):
                                                               "--out_dir", str(out)])
     assert (code, err) == (2, "error: --n_show -5: must be 0 or more\n")
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# each policy's numbers, from its own responses, against plain references
+
+
+def test_rm_gold_and_eos_of_each_response_match_the_unpadded_sequence(monkeypatch, one_thread):
+    """
+    The RM score of a response is the reward model's at its last real token (EOS or the length limit), on the
+    unpadded prompt + response, normalised as (r - mean) / std; gold is the judge's on its own prompt; eos says
+    whether it ended with EOS, at the last allowed position too.
+    """
+    tok = Tokenizer.byte_level()
+    policy = tiny_gpt(5, eos_boost=20.0)
+    torch.manual_seed(4)
+    rm = ScalarGPT(GPTConfig(**TINY)).eval()
+    prompts = ["sort 3 1 2", "sort 9 8 7 6 5 4", "sort 5 5", "sort 1 1", "sort 4 2", "sort 8 1 6"] * 3
+    prompt_ids = [tok.render_prompt(p) for p in prompts]
+    cfg = SimpleNamespace(samples_per_prompt=2, temperature=1.0, batch_size=7, seed=3, max_new_tokens=4)
+    rt = setup_runtime("cpu", "float32", 0)
+    reward_norm = (0.3, 2.5)
+
+    def judge(prompt, text):  # tiny random models never sort: a stand-in judge that tells the prompts apart
+        return float(7 * len(prompt) + len(text))
+
+    monkeypatch.setattr(evaluate.tasks, "gold", judge)
+    rows = evaluate.evaluate_policy(policy, policy, rm, tok, prompts, prompt_ids, cfg, rt, reward_norm)
+    lengths = [len(ids) for ids in rows["response_ids"]]
+    ends = [ids[-1] == tok.eos_id for ids in rows["response_ids"]]
+    # masking and both ways of ending are exercised, EOS at the length limit among them
+    assert min(lengths) < 4 and any(n == 4 and e for n, e in zip(lengths, ends))
+    assert any(n == 4 and not e for n, e in zip(lengths, ends))
+    rm64 = copy.deepcopy(rm).double()
+    for i, ids in enumerate(rows["response_ids"]):
+        p = prompts[i // 2]
+        assert rows["prompt"][i] == p and rows["length"][i] == len(ids)
+        assert rows["eos"][i] == (ids[-1] == tok.eos_id) and tok.eos_id not in ids[:-1]
+        seq = torch.tensor([prompt_ids[i // 2] + ids])
+        with torch.no_grad():
+            r = rm64(seq, torch.ones_like(seq))[0, -1].item()
+        assert rows["rm"][i] == pytest.approx((r - 0.3) / 2.5, abs=1e-5), i
+        assert rows["gold"][i] == judge(p, rows["response"][i]), i
+
+
+def test_stage_seconds_matches_a_plain_loop_over_the_sessions(tmp_path):
+    """A session ends where "time" does not grow (a tie is the same session's clock); PPO rows need both parts."""
+    rng = random.Random(0)
+    for trial in range(30):
+        times = [round(rng.uniform(0, 5), 0) for _ in range(rng.randint(1, 12))]  # few values: ties
+        total = 0.0
+        for t, later in zip(times, times[1:]):
+            if later < t:
+                total += t
+        total += times[-1]
+        rows = [{"step": 10 * i, "loss": 1.0, "time": t} for i, t in enumerate(times)]
+        rows.insert(rng.randint(0, len(rows)), {"step": 0, "val_loss": 2.0})  # a row without "time"
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert evaluate.stage_seconds(str(tmp_path)) == pytest.approx(total), (trial, times)
+    ppo = [{"iter": 1, "t_rollout": 1.0, "t_update": 2.0}, {"iter": 2, "t_rollout": 1.5}]  # a row cut short
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ppo))
+    assert evaluate.stage_seconds(str(tmp_path)) is None
+
+
+def test_side_by_side_shows_the_first_sample_of_each_prompt_per_policy():
+    rng = random.Random(1)
+    k, n_prompts = 3, 5
+    all_rows = {}
+    for name in ("sft", "ppo", "init", "dpo"):
+        all_rows[name] = {"prompt": [f"sort {i}" for i in range(n_prompts) for _ in range(k)],
+                          "response": [f"{name} {i}.{j}" for i in range(n_prompts) for j in range(k)],
+                          "gold": [rng.random() for _ in range(n_prompts * k)]}
+    for n_show in (1, 3, 9):
+        lines = evaluate.side_by_side(all_rows, n_show, k).splitlines()
+        assert lines[0] == "| prompt | sft | ppo | dpo |"
+        want = []
+        for i in range(min(n_show, n_prompts)):
+            cells = [f"`{name} {i}.0` ({all_rows[name]['gold'][i * k]:.2f})" for name in ("sft", "ppo", "dpo")]
+            want.append(f"| sort {i} | " + " | ".join(cells) + " |")
+        assert lines[2:] == want, n_show
+
+
+def fake_clock(monkeypatch):
+    """evaluate.py's clock, 100 s on at each reading: this evaluation's own seconds are then at least 100."""
+    ticks = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+
+
+def test_the_summaries_are_the_plain_means_of_each_policy_s_responses(tmp_path, monkeypatch, one_thread):
+    """
+    policies.json, report.json and report.md's table against plain means of the per-response rows that each
+    policy's evaluate_policy returned; the win rate is against the SFT model's responses, response by response.
+    """
+    data = tmp_path / "data"
+    meta = tasks.generate_task(str(data), seed=0, n_sft=2, n_prefs=2, n_prefs_eval=2, n_prompts=2, n_eval=5)
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(5, eos_boost=20.0), tok, "sft", {"seed": 3}, 10))
+    save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(3, eos_boost=40.0), tok, "ppo",
+                                                         {"response_length": 6}, 5))
+    save_checkpoint(str(tmp_path / "dpo"), model_payload(tiny_gpt(4, eos_boost=40.0), tok, "dpo", {}, 5))
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 5,
+                                                        reward_mean=0.1, reward_std=0.5))
+    metrics = {"sft": [{"step": 10, "loss": 1.0, "time": 10.0}], "rm": [{"step": 5, "val_acc": 0.7, "time": 4.0}],
+               "ppo": [{"iter": 1, "t_rollout": 1.0, "t_update": 2.0}], "dpo": [{"step": 3, "time": 7.5}]}
+    for stage, rows in metrics.items():
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, real = {}, evaluate.evaluate_policy
+
+    def spy(policy, *args, **kwargs):
+        rows = real(policy, *args, **kwargs)
+        seen[len(seen)] = rows
+        return rows
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", spy)
+    # tiny random models never sort: a stand-in judge by the response's length gives wins, ties and losses
+    monkeypatch.setattr(evaluate.tasks, "gold", lambda prompt, text: len(text) % 3 / 2)
+    fake_clock(monkeypatch)
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"), "--ppo", str(tmp_path / "ppo"),
+                   "--rm", str(tmp_path / "rm"), "--extra", f"dpo={tmp_path / 'dpo'}", "--samples_per_prompt", "3",
+                   "--batch_size", "4", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    names = ["sft", "ppo", "dpo", "init"]
+    rows = dict(zip(names, seen.values()))
+    policies = json.loads((out / "policies.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert list(policies) == ["sft", "ppo", "dpo"]
+    sft_gold = rows["sft"]["gold"]
+    cells = {line.split(" | ")[0].lstrip("| "): line for line in (out / "report.md").read_text().splitlines()
+             if line.startswith("| ") and " | n |" not in line}
+    for name in names:
+        r = rows[name]
+        n = len(r["kl"])
+        assert n == 5 * 3 and max(r["length"]) == 6  # the PPO run's response_length is the limit
+        wins = 0.0
+        for g, b in zip(r["gold"], sft_gold):
+            wins += 1.0 if g > b else 0.5 if g == b else 0.0
+        want = {"gold": sum(r["gold"]) / n, "rm": sum(r["rm"]) / n, "kl": sum(r["kl"]) / n,
+                "win_rate_vs_sft": wins / n, "length": sum(r["length"]) / n, "eos": sum(map(float, r["eos"])) / n}
+        if name != "init":
+            assert {k: policies[name][k] for k in want} == pytest.approx(want, abs=1e-12), name
+            assert policies[name]["wall_s"] == {"sft": 10.0, "ppo": 3.0, "dpo": 7.5}[name]
+        if name in ("sft", "ppo"):  # report.json: to 5 places
+            assert {k: report[name][k] for k in ("gold", "rm", "kl", "win_rate_vs_sft", "length")} == pytest.approx(
+                {k: want[k] for k in ("gold", "rm", "kl", "win_rate_vs_sft", "length")}, abs=6e-6), name
+        gold_sem = statistics.stdev(r["gold"]) / math.sqrt(n)
+        assert cells[name] == (f"| {name} | {want['gold']:.3f} ± {gold_sem:.3f} | {want['win_rate_vs_sft']:.3f} | "
+                               f"{want['rm']:.3f} | {want['kl']:.3f} | {want['length']:.1f} | {want['eos']:.2f} | "
+                               f"{n} |"), name
+    assert len({policies[n]["win_rate_vs_sft"] for n in ("ppo", "dpo")} | {0.5}) == 3  # not all ties by construction
+    assert 0 < min(policies[n]["eos"] for n in ("ppo", "dpo")) and max(policies[n]["eos"] for n in policies) < 1
+    # the RM's metrics lack the annotators' agreement: the task's meta.json gives it
+    assert report["rm"] == {"accuracy": 0.7, "annotator_agreement": pytest.approx(meta["annotator_agreement"],
+                                                                                  abs=6e-6)}
+    # the pipeline's wall time: the three stages' loops plus this evaluation's own (at least one tick of the clock)
+    assert report["wall_s"] >= 10.0 + 4.0 + 3.0 + 100
+
+
+def test_prompts_that_are_not_all_the_task_s_get_no_gold(tmp_path, one_thread):
+    """One prompt of one's own among the task's: no gold for anyone (the judge applies to all or none)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("sort 3 1 2", "write a poem", "sort 2 1")))
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--n_show", "0",
+                   "--max_new_tokens", "3", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    policies = json.loads((out / "policies.json").read_text())
+    assert policies["sft"]["gold"] is None and policies["sft"]["win_rate_vs_sft"] is None
+    assert policies["sft"]["n"] == 3
+
+
+def test_each_batch_draws_its_own_random_numbers():
+    """
+    Batch b samples from a generator of its own seed: with one prompt per batch, a prompt's samples are independent
+    draws, not one response repeated (the same seed for every batch gave each prompt k copies of one response).
+    """
+    tok = Tokenizer.byte_level()
+    policy = tiny_gpt(4)
+    prompts = ["sort 2 7 1", "hi"]
+    cfg = SimpleNamespace(samples_per_prompt=4, temperature=1.0, batch_size=1, seed=5, max_new_tokens=8)
+    rt = setup_runtime("cpu", "float32", 0)
+    rows = evaluate.evaluate_policy(policy, policy, None, tok, prompts, [tok.render_prompt(p) for p in prompts], cfg,
+                                    rt, use_gold=False)
+    for i in range(len(prompts)):
+        samples = [tuple(ids) for ids in rows["response_ids"][4 * i:4 * i + 4]]
+        assert len(set(samples)) == 4, (i, samples)  # 8 tokens of a 260-token vocabulary: a repeat is no chance

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import stat
 import sys
@@ -34,11 +35,12 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HF_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def random_model(kind="gpt", bias=True, block_size=60, vocab_size=258, seed=0, activation="gelu_new"):
+def random_model(kind="gpt", bias=True, block_size=60, vocab_size=258, seed=0, activation="gelu_new", n_layer=2,
+                 n_head=2, dropout=0.0):
     """A tiny model with every parameter random (biases and LayerNorms too, so a dropped or swapped tensor shows)."""
     torch.manual_seed(seed)
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias,
-                       activation=activation)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=32,
+                       bias=bias, activation=activation, dropout=dropout)
     model = GPT(config) if kind == "gpt" else ScalarGPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -157,6 +159,194 @@ def test_fold_head_bias_matches_the_worked_example():
         hf.fold_head_bias(beta0, torch.zeros(1, 16), torch.ones(1))
 
 
+def gpt2_hidden(sd, n_head, idx, activation):
+    """
+    GPT-2's forward written from its files alone, float64: Conv1D layers (x @ W + b, W stored (in, out)), causal
+    softmax attention, LayerNorm eps 1e-5. sd: the exported tensors; idx (B, T) -> the final LayerNorm's output
+    (B, T, C).
+    """
+    p = {k.removeprefix("transformer."): v.double() for k, v in sd.items()}
+
+    def ln(x, w, b):  # (x - mean) / sqrt(biased var + eps) * w + b
+        mean = x.mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + 1e-5) * w + b
+
+    B, T = idx.shape
+    x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
+    C = x.size(-1)
+    hs = C // n_head
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    n_layer = len({k.split(".")[1] for k in p if k.startswith("h.")})
+    for l in range(n_layer):
+        w = lambda name: p[f"h.{l}.{name}"]  # noqa: E731
+        qkv = ln(x, w("ln_1.weight"), w("ln_1.bias")) @ w("attn.c_attn.weight") + w("attn.c_attn.bias")  # (B, T, 3C)
+        heads = []
+        for h in range(n_head):
+            q, k, v = (qkv[..., i * C + h * hs:i * C + (h + 1) * hs] for i in range(3))  # (B, T, hs) each
+            scores = (q @ k.transpose(1, 2) / math.sqrt(hs)).masked_fill(~causal, -math.inf)  # (B, T, T)
+            heads.append(torch.softmax(scores, -1) @ v)
+        x = x + torch.cat(heads, -1) @ w("attn.c_proj.weight") + w("attn.c_proj.bias")
+        m = ln(x, w("ln_2.weight"), w("ln_2.bias")) @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")  # (B, T, 4C)
+        if activation == "gelu_new":  # GPT-2's tanh approximation
+            m = 0.5 * m * (1 + torch.tanh(math.sqrt(2 / math.pi) * (m + 0.044715 * m ** 3)))
+        else:  # the exact GELU
+            m = 0.5 * m * (1 + torch.erf(m / math.sqrt(2)))
+        x = x + m @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+    return ln(x, p["ln_f.weight"], p["ln_f.bias"])
+
+
+def gpt2_tensor_names(n_layer, kind):
+    """The tensor names of GPT2LMHeadModel's files (lm_head tied, so absent) or GPT2ForSequenceClassification's."""
+    per_layer = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    names = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    names |= {f"transformer.h.{l}.{n}" for l in range(n_layer) for n in per_layer}
+    return names | ({"score.weight"} if kind == "scalar" else set())
+
+
+@pytest.mark.parametrize("kind,bias,activation", [("gpt", True, "gelu_new"), ("scalar", False, "gelu"),
+                                                  ("scalar", True, "gelu_new")])
+def test_exported_tensors_are_gpt2s_and_compute_the_model(tmp_path, kind, bias, activation):
+    """
+    The file holds exactly GPT-2's tensor names, in GPT-2's layout: a plain GPT-2 forward over them (gpt2_hidden, not
+    GPT.from_pretrained, which shares the export's list of Conv1D names) gives the model's logits, or its scores.
+    """
+    model = random_model(kind, bias=bias, activation=activation, n_layer=3, n_head=4)
+    if kind == "scalar":
+        with torch.no_grad():
+            model.head.bias.fill_(-1.3)
+    save(model, Tokenizer.byte_level(), tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    sd = load_safetensors(str(tmp_path / "hf/model.safetensors"))
+    assert set(sd) == gpt2_tensor_names(3, kind)
+    idx = random_ids(258 if kind == "gpt" else 256)
+    h = gpt2_hidden(sd, 4, idx, activation)  # (B, T, C)
+    with torch.no_grad():
+        ours = model(idx).double()
+    head = sd["transformer.wte.weight"] if kind == "gpt" else sd["score.weight"]  # tied LM head, or (1, C) score
+    ref = h @ head.double().t()  # (B, T, V) or (B, T, 1)
+    ref = ref if kind == "gpt" else ref[..., 0]
+    assert torch.allclose(ref, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "scalar"])
+def test_config_files_describe_the_model_and_tokenizer(tmp_path, kind):
+    """
+    config.json as transformers' GPT2Config reads it, every field from the model's own config (sizes that all differ,
+    so a swapped field shows), and the tokenizer's files naming EOS and PAD by the ids the checkpoint uses.
+    """
+    model = random_model(kind, block_size=48, n_layer=3, n_head=4, dropout=0.125, activation="gelu")
+    tok = Tokenizer.byte_level()
+    save(model, tok, tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), dtype="float16")
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    expected = {
+        "architectures": ["GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"],
+        "model_type": "gpt2", "vocab_size": 258, "n_positions": 48, "n_ctx": 48, "n_embd": 32, "n_layer": 3,
+        "n_head": 4, "n_inner": None, "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02, "resid_pdrop": 0.125, "embd_pdrop": 0.125, "attn_pdrop": 0.125,
+        "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True, "bos_token_id": tok.eos_id,
+        "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "torch_dtype": "float16",
+    }
+    if kind == "scalar":
+        expected.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})  # num_labels 1
+    assert cfg == expected
+    files = set(os.listdir(tmp_path / "hf"))
+    if kind == "gpt":
+        generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
+        assert generation == {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    else:
+        assert "generation_config.json" not in files
+    vocab, _ = read_hf_tokenizer(tmp_path / "hf")
+    tok_cfg = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())
+    special = json.loads((tmp_path / "hf/special_tokens_map.json").read_text())
+    for names in (tok_cfg, special):
+        ids = {k: vocab[names[k]] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        assert ids == {"bos_token": tok.eos_id, "eos_token": tok.eos_id, "unk_token": tok.eos_id,
+                       "pad_token": tok.pad_id}
+    added = tok_cfg["added_tokens_decoder"]
+    assert sorted(added) == sorted([str(tok.eos_id), str(tok.pad_id)])
+    assert all(vocab[v["content"]] == int(k) and v["special"] for k, v in added.items())
+    # GPT2Tokenizer's options that would change what tok.encode and tok.decode give: no leading space, no BOS, no
+    # cleanup of spaces when decoding, bytes that are no UTF-8 decoded to U+FFFD as tiktoken does (errors="replace")
+    assert (tok_cfg["add_prefix_space"], tok_cfg["add_bos_token"], tok_cfg["clean_up_tokenization_spaces"]) == \
+        (False, False, False)
+    assert tok_cfg["errors"] == "replace" and tok_cfg["model_max_length"] == 48
+
+
+def test_from_pretrained_reads_gpt2_config_as_transformers_does(tmp_path):
+    """
+    An export edited as other GPT-2 files are written: n_positions wins over an n_ctx that differs (GPT2Config reads
+    n_positions), n_positions null falls back to n_ctx, n_inner 4 * n_embd is GPT-2's own; n_inner otherwise, or a
+    size 0, is refused. With both weight files the safetensors one is read, as transformers does.
+    """
+    model = random_model()
+    save(model, Tokenizer.byte_level(), tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    original = json.loads((tmp_path / "hf/config.json").read_text())
+    idx = random_ids(258)
+
+    def load(**edit):
+        (tmp_path / "hf/config.json").write_text(json.dumps({**original, **edit}))
+        return GPT.from_pretrained(str(tmp_path / "hf")).eval()
+
+    assert load(n_ctx=1024).config.block_size == 60
+    assert load(n_positions=None, n_ctx=60).config.block_size == 60
+    back = load(n_inner=4 * 32)
+    with torch.no_grad():
+        assert torch.allclose(back(idx), model(idx), atol=1e-5, rtol=0)
+    for edit, message in [({"n_inner": 2 * 32}, "n_inner 64 is not supported"),
+                          ({"n_layer": 0}, "n_layer 0 in config.json is not a positive integer"),
+                          ({"n_positions": 0}, "n_positions 0 in config.json is not a positive integer")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'hf'))}: {message}"):
+            load(**edit)
+    other = random_model(seed=5)
+    torch.save(hf.hf_state_dict(other.state_dict(), other.config, "gpt"), tmp_path / "hf/pytorch_model.bin")
+    with torch.no_grad():
+        assert torch.allclose(load()(idx), model(idx), atol=1e-5, rtol=0)  # model.safetensors, not the .bin
+        os.remove(tmp_path / "hf/model.safetensors")
+        assert torch.allclose(load()(idx), other(idx), atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_names_a_tensor_of_the_wrong_shape_or_a_missing_one(tmp_path):
+    """Each tensor is checked: one of the wrong shape (even one that would broadcast) or missing is one line."""
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    path = tmp_path / "hf/model.safetensors"
+    sd = load_safetensors(str(path))
+    for i, name in enumerate(sorted(sd)):
+        shape = sd[name].shape
+        bad = torch.zeros(1) if i % 2 else torch.zeros(*shape[:-1], shape[-1] + 1)  # (1,) would broadcast in copy_
+        export_hf.save_safetensors({**sd, name: bad}, str(path))
+        with pytest.raises(ValueError, match=f"{re.escape(repr(name))} has shape"):
+            GPT.from_pretrained(str(tmp_path / "hf"))
+        export_hf.save_safetensors({k: v for k, v in sd.items() if k != name}, str(path))
+        with pytest.raises(ValueError, match=rf"missing tensors \[{re.escape(repr(name))}\]"):
+            GPT.from_pretrained(str(tmp_path / "hf"))
+
+
+def test_load_safetensors_reads_empty_tensors_and_checks_the_header_length(tmp_path, monkeypatch):
+    """
+    Our own reader (the package made unimportable): empty tensors (no bytes) among others come back as written;
+    a header length one byte past the file is refused as not safetensors, naming the file.
+    """
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, generator=g), "empty": torch.zeros(0, 5), "b": torch.randn(7, generator=g).half(),
+               "none": torch.zeros(2, 0).bfloat16()}
+    path = tmp_path / "x.safetensors"
+    export_hf.save_safetensors(tensors, str(path))
+    back = load_safetensors(str(path))
+    assert set(back) == set(tensors)
+    assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)
+               for k, v in tensors.items())
+    raw = path.read_bytes()
+    path.write_bytes((len(raw) - 8 + 1).to_bytes(8, "little") + raw[8:])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: cannot read it as safetensors"):
+        load_safetensors(str(path))
+
+
 # -----------------------------------------------------------------------------
 # tokenizer files
 
@@ -169,11 +359,16 @@ def read_hf_tokenizer(out_dir):
     return vocab, {tuple(line.split(" ")): i for i, line in enumerate(lines[1:]) if line}
 
 
-def hf_bpe_encode(text, vocab, rank):
-    """GPT2Tokenizer's algorithm, written plainly: split, map bytes to characters, merge by merges.txt rank."""
+def gpt2_byte_chars():
+    """GPT-2's byte -> character map: printable Latin-1 bytes stand for themselves, the others in order from chr(256)."""
     printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
     others = [b for b in range(256) if b not in printable]
-    char = {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
+
+
+def hf_bpe_encode(text, vocab, rank):
+    """GPT2Tokenizer's algorithm, written plainly: split, map bytes to characters, merge by merges.txt rank."""
+    char = gpt2_byte_chars()
     ids = []
     for chunk in regex.findall(HF_GPT2_SPLIT, text):
         word = [char[b] for b in chunk.encode("utf-8")]
@@ -211,6 +406,8 @@ def check_tokenizer_files(tok, tmp_path):
     for text in random_texts(200):
         assert hf_bpe_encode(text, vocab, rank) == tok.encode(text), text
     assert vocab["<|endoftext|>"] == tok.eos_id and vocab["<|pad|>"] == tok.pad_id and len(vocab) == tok.vocab_size
+    char = gpt2_byte_chars()  # every byte's token, also those no text above has (0xAE, 0x7F, ...)
+    assert all(vocab[char[b]] == tok.mergeable_ranks[bytes([b])] for b in range(256))
     assert Tokenizer.from_tiktoken_file(str(tmp_path / "hf/tokenizer.tiktoken")).mergeable_ranks == tok.mergeable_ranks
 
 

@@ -303,3 +303,64 @@ def test_a_model_directory_without_its_checkpoint_is_one_line_naming_the_flag(na
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {message}"), err
     assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_the_reward_models_context_must_hold_the_policys_longest_sequence():
+    """check_rm_context: an RM context at least the policy's block_size passes (equal too), a shorter one is refused."""
+    from types import SimpleNamespace
+
+    from nanorlhf import train_common
+
+    def model(block_size):
+        return SimpleNamespace(config=SimpleNamespace(block_size=block_size))
+
+    for policy, rm in ((64, 64), (64, 65), (32, 128), (1, 1)):
+        train_common.check_rm_context(model(policy), model(rm), "out/sft", "out/rm")
+    for policy, rm in ((64, 63), (128, 32), (2, 1)):
+        with pytest.raises(utils.UserError, match=f"^out/rm has block_size {rm} < {policy} of out/sft"):
+            train_common.check_rm_context(model(policy), model(rm), "out/sft", "out/rm")
+
+
+@pytest.mark.parametrize("name", ["train_sft.py", "train_rm.py", "train_dpo.py"])
+def test_stop_at_may_be_any_step_up_to_max_steps(name, monkeypatch):
+    """check_loop_flags: --stop_at in 1..--max_steps, the last step included (a run stopped where it would end)."""
+    from nanorlhf import train_common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = runpy.run_path(os.path.join(ROOT, name), run_name="not_main")["Config"]
+    for max_steps in (1, 5, 37):
+        for stop_at in range(-1, max_steps + 3):
+            args = utils.parse_flags(config, ["--max_steps", str(max_steps), "--stop_at", str(stop_at)])
+            if 1 <= stop_at <= max_steps:
+                train_common.check_loop_flags(args)
+            else:
+                with pytest.raises(utils.UserError, match=rf"^--stop_at must be in 1\.\.{max_steps} \(--max_steps\)"):
+                    train_common.check_loop_flags(args)
+
+
+def test_a_rollouts_minibatch_must_split_into_grad_accum_micro_batches(monkeypatch):
+    """
+    check_rollout_flags: --batch_size B in --num_minibatches M of B / M episodes, each in --grad_accum G micro-batches:
+    refused unless M divides B and G divides B / M (G dividing B alone is not enough: 12 = 2 x 6, G 4); --stop_at in
+    1..--num_iterations.
+    """
+    from nanorlhf import train_common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for batch in range(1, 25):
+        for minibatches in (1, 2, 3, 4, 6):
+            for accum in (1, 2, 3, 4):
+                args = utils.parse_flags(train_ppo.Args, ["--batch_size", str(batch), "--num_minibatches",
+                                                          str(minibatches), "--grad_accum", str(accum)])
+                if batch % minibatches == 0 and (batch // minibatches) % accum == 0:
+                    train_common.check_rollout_flags(args)
+                else:
+                    with pytest.raises(utils.UserError, match="must be divisible by"):
+                        train_common.check_rollout_flags(args)
+    for stop_at, ok in ((0, False), (1, True), (7, True), (8, False)):
+        args = utils.parse_flags(train_ppo.Args, ["--num_iterations", "7", "--stop_at", str(stop_at)])
+        if ok:
+            train_common.check_rollout_flags(args)
+        else:
+            with pytest.raises(utils.UserError, match=r"^--stop_at must be in 1\.\.7 \(--num_iterations\)"):
+                train_common.check_rollout_flags(args)

@@ -206,3 +206,132 @@ def test_sigterm_ends_the_sweep_and_its_running_child(tmp_path):
             p.kill()
         if child is not None and utils.pid_alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# the report's section (nanorlhf.report) against a plain reference
+
+
+def plain_verdict(gold, rm, kl, iters, tol=0.03):
+    """The over-optimisation numbers the plain way: trailing means over a tenth of the run, the first gold peak."""
+    w = max(1, len(gold) // 10)
+
+    def smoothed(xs):
+        out = []
+        for i in range(len(xs)):
+            total, count = 0.0, 0
+            for j in range(i, -1, -1):
+                if i - j >= w:
+                    break
+                total += xs[j]
+                count += 1
+            out.append(total / count)
+        return out
+
+    g, r, k = smoothed(gold), smoothed(rm), smoothed(kl)
+    peak = 0
+    for i in range(len(g)):
+        if g[i] > g[peak]:
+            peak = i
+    return {"gold_start": g[0], "gold_peak": g[peak], "gold_end": g[-1], "rm_start": r[0], "rm_at_peak": r[peak],
+            "rm_end": r[-1], "kl_at_peak": k[peak], "kl_end": k[-1], "iter_at_peak": iters[peak],
+            "iter_end": iters[-1], "shows": g[-1] < g[peak] - tol and r[-1] >= r[peak]}
+
+
+def random_curves(rng, n):
+    """Random walks: gold rises for a while then drifts either way, the RM score drifts either way, KL grows."""
+    gold, rm, kl = [], [], []
+    g, r, k, turn = 0.5, 0.0, 0.0, rng.randint(1, n)
+    slope_g, slope_r = rng.uniform(-0.01, 0.01), rng.uniform(-0.02, 0.02)
+    for i in range(n):
+        g += (0.01 if i < turn else slope_g) + rng.gauss(0, 0.005)
+        r += slope_r + rng.gauss(0, 0.01)
+        k += rng.uniform(0, 0.5)
+        gold.append(g)
+        rm.append(r)
+        kl.append(k)
+    return gold, rm, kl
+
+
+def test_overoptimisation_matches_the_plain_reference():
+    import random
+    from nanorlhf.report import overoptimisation
+    rng = random.Random(0)
+    seen = set()
+    for trial in range(400):
+        n = rng.randint(1, 60)
+        gold, rm, kl = random_curves(rng, n)
+        iters = list(range(1 + trial % 3, 1 + trial % 3 + n))
+        got = overoptimisation({"iter": iters, "gold score": gold, "rm score": rm, "KL": kl})
+        want = plain_verdict(gold, rm, kl, iters)
+        assert got == pytest.approx(want, abs=1e-12), (trial, got, want)
+        drop = want["gold_peak"] - want["gold_end"]
+        seen.add((want["shows"], 0.03 < drop < 0.06, want["rm_end"] >= want["rm_at_peak"]))
+    # the cases that tell the verdict apart all came up: shown, a drop of just over tol, a drop with the RM falling
+    assert {(True, True, True), (False, False, False), (False, True, False), (True, False, True)} <= seen, seen
+
+
+def test_sweep_section_table_gives_each_run_its_own_numbers(tmp_path):
+    """
+    The table and the closing sentence, cell by cell, against the plain reference; a run that did not log gold
+    (no judge) is left out, and one whose rows lack "iter" counts them from 1.
+    """
+    import random
+    from nanorlhf.report import sweep_section
+    rng = random.Random(1)
+
+    def f(x):
+        return "%.3f" % x
+
+    runs = {}
+    for name, n in (("beta0", 37), ("default", 23), ("lr_high", 12)):
+        gold, rm, kl = random_curves(rng, n)
+        if name == "beta0":  # a clear hump with the RM score rising: shows
+            gold = [0.5 + 0.4 * (i / 18 if i < 18 else (n - i) / 18) for i in range(n)]
+            rm = [0.1 * i for i in range(n)]
+        rows = [{"iter": i + 1, "rm_score": rm[i], "gold": gold[i], "kl": kl[i]} for i in range(n)]
+        if name == "default":
+            rows = [{k: v for k, v in r.items() if k != "iter"} for r in rows]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = plain_verdict(gold, rm, kl, list(range(1, n + 1)))
+    (tmp_path / "no_gold").mkdir()  # a run without the judge's score: nothing to tabulate
+    (tmp_path / "no_gold" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"iter": i, "rm_score": 0.1, "kl": 0.2}) + "\n" for i in range(1, 5)))
+    md = sweep_section(str(tmp_path), None, str(tmp_path))
+    cells = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert sorted(cells) == ["beta0", "default", "lr_high", "run"], md
+    for name, o in runs.items():
+        assert cells[name] == (f"| {name} | {o['iter_end']} | {f(o['kl_end'])} | {f(o['rm_start'])} -> "
+                               f"{f(o['rm_end'])} | {f(o['gold_start'])} -> {f(o['gold_peak'])} "
+                               f"({f(o['kl_at_peak'])}) -> {f(o['gold_end'])} | {'yes' if o['shows'] else 'no'} |"), name
+    shown = ", ".join(name for name in sorted(runs) if runs[name]["shows"])
+    assert runs["beta0"]["shows"] and f"**Over-optimisation shows at this size** ({shown})" in md
+    b0, bd = runs["beta0"], runs["default"]
+    assert (f"With beta = 0 the policy drifted to KL {f(b0['kl_end'])} and ended at gold {f(b0['gold_end'])} "
+            f"(RM {f(b0['rm_end'])}); with the default beta it stayed at KL {f(bd['kl_end'])} and ended at gold "
+            f"{f(bd['gold_end'])} (RM {f(bd['rm_end'])}).") in md
+
+
+@pytest.mark.parametrize("argv, ok", [
+    (["--kl_coef", "0"], False),  # the default run at beta 0 would be a second beta0 run
+    (["--kl_coef", "-0.1"], False),
+    (["--kl_coef", "1e-3"], True),
+    (["--num_iterations", "1"], True),  # the least there is
+])
+def test_the_sweep_s_bounds_on_its_flags(tmp_path, monkeypatch, capsys, argv, ok):
+    code, err, cmds = sweep(monkeypatch, capsys, *argv, "--data", task_prompts(tmp_path), "--out_dir", str(tmp_path))
+    if ok:
+        assert (code, err, len(cmds)) == (0, "", 2)
+    else:
+        assert code == 2 and err.startswith(f"error: --kl_coef {float(argv[1])}: the default run needs a positive"), err
+        assert not cmds
+
+
+def test_seed_and_num_iterations_reach_both_runs(tmp_path, monkeypatch, capsys):
+    code, _, cmds = sweep(monkeypatch, capsys, "--seed", "3", "--num_iterations", "7", "--data",
+                          task_prompts(tmp_path), "--out_dir", str(tmp_path), "--sft", "s", "--rm", "r")
+    assert code == 0
+    runs = [utils.parse_flags(train_ppo.Args, cmd[2:]) for cmd in cmds]
+    assert [(a.seed, a.num_iterations, a.sft, a.rm, a.data) for a in runs] == [
+        (3, 7, "s", "r", str(tmp_path / "prompts.jsonl"))] * 2

@@ -2,6 +2,8 @@
 Predicted memory (nanorlhf/footprint.py, memory.py) against the live tensors of real models and optimizers.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -68,6 +70,19 @@ def test_shared_storage_counted_once():
     assert got["roles"]["actor"]["weights"] == 4 * n
     assert got["roles"]["critic"]["weights"] == 4 * (SHAPE.n_embd + 1)
     assert got["roles"]["reference"]["weights"] == 0
+    # the trained numbers too are counted once, under the role that names them first
+    assert got["roles"]["actor"]["trainable"] == n and got["roles"]["reference"]["trainable"] == 0
+
+
+def test_measured_weights_split_by_device():
+    """On a run with an accelerator (a meta tensor stands in for it here), CPU weights are "weights_host"; on a
+    CPU-only run every weight is "weights"."""
+    host, accel = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7, device="meta"))
+    got = F.measure_static({"actor": [accel], "reference": [host]}, [])["roles"]
+    assert (got["actor"]["weights"], got["actor"]["weights_host"]) == (4 * 7, 0)
+    assert (got["reference"]["weights"], got["reference"]["weights_host"]) == (0, 4 * 15)
+    got = F.measure_static({"reference": [host]}, [])["roles"]
+    assert (got["reference"]["weights"], got["reference"]["weights_host"]) == (4 * 15, 0)
 
 
 def test_option_table():
@@ -87,6 +102,69 @@ def test_option_table():
     assert hydra["resident"] == 1 and hydra["total"]["trainable"] == F.lora_params(SHAPE, 4)[0] + head
     with pytest.raises(ValueError):
         F.options_of("lora+fast")
+
+
+def plain_static(rank, shared, offload, prec, vocab_size=SHAPE.vocab_size):
+    """
+    The option table of footprint's docstring written out role by role, with the counts taken from real models:
+    {role: (weights, weights in CPU memory, grads, AdamW state, trainable)} and the full models on the accelerator.
+    """
+    config = GPTConfig(**{**CONFIG.__dict__, "vocab_size": vocab_size})
+    gpt = list(GPT(config).parameters())
+    head = list(ScalarGPT(config).head.parameters())
+    adapted = GPT(config)
+    if rank:
+        lora.apply_lora(adapted, rank, rank)
+    adapters = [p for p in adapted.parameters() if p.requires_grad] if rank else []
+    numel = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+
+    def trained(ps, frozen=()):
+        n = numel(ps)
+        return [(n + numel(frozen)) * prec.weights, 0, n * prec.grads, n * prec.optim + 4 * len(ps), n]
+
+    roles = {"actor": trained(adapters, gpt) if rank else trained(gpt)}
+    if shared:
+        roles["critic"] = trained(head)  # the value head on the actor's trunk
+    elif rank:
+        roles["critic"] = trained(adapters + head)  # the reward model's weights are its base
+    else:
+        roles["critic"] = trained(gpt + head)
+    roles["reference"] = [0] * 5  # the actor with adapters off
+    if not rank:
+        roles["reference"] = [0, numel(gpt) * prec.weights, 0, 0, 0] if "ref" in offload else \
+            [numel(gpt) * prec.weights, 0, 0, 0, 0]
+    rm_host = "rm" in offload and (shared or not rank)  # a LoRA critic's base stays with the critic
+    roles["reward"] = [0, numel(gpt + head) * prec.weights, 0, 0, 0] if rm_host else \
+        [numel(gpt + head) * prec.weights, 0, 0, 0, 0]
+    resident = 1 + (not shared and not rank) + (not rank and "ref" not in offload) + (not rm_host)
+    return roles, resident
+
+
+@pytest.mark.parametrize("precision", list(F.PRECISIONS))
+def test_static_memory_against_plain_table(precision):
+    """Every option and every subset of --offload, in every precision, against the table written out by hand."""
+    prec = F.PRECISIONS[precision]
+    keys = ("weights", "weights_host", "grads", "optim", "trainable")
+    for rank in (0, 3):
+        for shared in (False, True):
+            for offload in (set(), {"ref"}, {"rm"}, {"ref", "rm"}):
+                got = F.static_memory(SHAPE, rank, shared, offload, prec)
+                roles, resident = plain_static(rank, shared, offload, prec)
+                for role in F.ROLES:
+                    assert [got["roles"][role][k] for k in keys] == roles[role], (rank, shared, offload, role)
+                for i, k in enumerate(keys):
+                    assert got["total"][k] == sum(r[i] for r in roles.values()), (rank, shared, offload, k)
+                assert got["resident"] == resident, (rank, shared, offload)
+                assert F.static_total(got) == sum(sum(r[:4]) for r in roles.values())
+
+
+def test_options_of_every_combination():
+    for parts in ([], ["lora"], ["shared"], ["offload"], ["lora", "shared"], ["lora", "offload"],
+                  ["shared", "offload"], ["lora", "shared", "offload"]):
+        for name in ("+".join(parts) or "full", "+".join(["full"] + parts)):
+            want = dict(lora="lora" in parts, shared="shared" in parts,
+                        offload={"ref", "rm"} if "offload" in parts else set())
+            assert F.options_of(name) == want, name
 
 
 def saved_bytes(model, fn):
@@ -133,6 +211,15 @@ def test_activation_prediction(rank, shared, keep, b):
     want = F.activation_memory(SHAPE, b, T + N, lora_rank=rank, shared=shared, keep=keep)
     # the formula leaves out the index tensors (token ids, gather indices) and logsumexp's outputs
     assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
+    # to the byte: what it leaves out is the logprobs' logsumexp (b N float32) and, under LoRA, the token ids,
+    # whose storage the gather's index (a view of idx) keeps although the frozen embedding does not
+    assert saved.bytes == want + 4 * b * N + (8 * b * (T + N) if rank else 0), (saved.bytes, want)
+    if keep == N + 1:  # memory.py's PPO micro-batch: t = prompt + response, logits at the response's N + 1
+        import memory
+
+        sizes = dict(micro=b, rollout=1, prompt=T, response=N)
+        option = "+".join(["lora"] * bool(rank) + ["shared"] * shared) or "full"
+        assert memory.predict(SHAPE, F.PRECISIONS["fp32"], sizes, "ppo", option, rank)["activations"] == want
 
 
 @pytest.mark.parametrize("rank", [0, 3])
@@ -157,6 +244,113 @@ def test_sft_activation_prediction(rank):
     want = memory.predict(SHAPE, F.PRECISIONS["fp32"], sizes, "sft", "lora" if rank else "full", rank)["activations"]
     # as for PPO, the formula leaves out the loss's index tensors and logsumexp's outputs
     assert want <= saved.bytes <= want * 1.01, (saved.bytes, want)
+    # to the byte: the loss's own tensors are logsumexp's outputs (b (t - 1) float32), the target mask as a bool
+    # (b (t - 1)) and n_tokens (one float32); under LoRA the gather's index keeps the token ids' storage (a view of idx)
+    t = T + N
+    assert saved.bytes == want + 5 * b * (t - 1) + 4 + (8 * b * t if rank else 0), (saved.bytes, want)
+
+
+def saved_in_micro_batch(shape, rank, stage, b=3, T=20, N=9, autocast=False):
+    """Bytes autograd saves in one micro-batch of a model of this shape: stage 'ppo' (separate actor and critic,
+    padding mask, logits at the response's N + 1), 'shared' (one trunk, two heads), 'sft' (no mask, sft_loss)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=shape.block_size, vocab_size=shape.vocab_size, n_layer=shape.n_layer,
+                       n_head=shape.n_head, n_embd=shape.n_embd)
+    idx = torch.randint(0, shape.vocab_size, (b, T + N))
+    mask = torch.ones_like(idx)
+    mask[0, :4] = 0
+    models = [ValueHeadGPT(config)] if stage == "shared" else [GPT(config), ScalarGPT(config)][:1 + (stage == "ppo")]
+    for m in models:
+        if rank:
+            lora.apply_lora(m, rank, rank)
+    if rank and stage != "sft":
+        (models[0].value_head if stage == "shared" else models[1].head).requires_grad_(True)
+    with F.SavedTensors([p for m in models for p in m.parameters()]) as saved, \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        if stage == "sft":
+            sft_loss(models[0](idx), idx, (torch.arange(T + N) >= T).long().expand(b, -1))
+        else:
+            if stage == "shared":
+                logits, values = models[0](idx, mask, values=True, logits_to_keep=N + 1)
+            else:
+                logits, values = models[0](idx, mask, logits_to_keep=N + 1), models[1](idx, mask)[:, -N - 1:]
+            logprobs_from_logits(logits[:, :-1], idx[:, T:]).sum() + values[:, :-1].sum()
+    return saved.bytes
+
+
+@pytest.mark.parametrize("stage", ["ppo", "shared", "sft"])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_activation_prediction_follows_each_dimension(stage, rank):
+    """
+    What the formula leaves out (index tensors, logsumexp outputs) does not depend on the model's shape: so when
+    one dimension changes (a layer more, more heads, a narrower width, another vocabulary, another LoRA rank), the
+    bytes autograd saves change by exactly what memory.py predicts, term by term.
+    """
+    import memory
+
+    sizes = dict(micro=3, rollout=1, prompt=20, response=9)
+    option = "+".join(["lora"] * bool(rank) + ["shared"] * (stage == "shared")) or "full"
+
+    def predicted(shape, r):
+        return memory.predict(shape, F.PRECISIONS["fp32"], sizes, "sft" if stage == "sft" else "ppo",
+                              option, r)["activations"]
+
+    base = saved_in_micro_batch(SHAPE, rank, stage), predicted(SHAPE, rank)
+    for field, value in (("n_layer", 3), ("n_head", 4), ("n_embd", 16), ("vocab_size", 37)):
+        other = F.Shape(**{**SHAPE.__dict__, field: value})
+        got, want = saved_in_micro_batch(other, rank, stage), predicted(other, rank)
+        assert got - base[0] == want - base[1], (field, got - base[0], want - base[1])
+    if rank:
+        got, want = saved_in_micro_batch(SHAPE, rank + 2, stage), predicted(SHAPE, rank + 2)
+        assert got - base[0] == want - base[1], ("lora_rank", got - base[0], want - base[1])
+
+
+def test_bf16_activations_keep_float32_logits():
+    """
+    --precision fp32+bf16 (bf16 autocast): the LM head still multiplies in float32, so the logits cost 4 bytes per
+    number. Under CPU autocast the bytes saved grow with the vocabulary by exactly what memory.py predicts.
+    """
+    import memory
+
+    sizes = dict(micro=3, rollout=1, prompt=20, response=9)
+    other = F.Shape(**{**SHAPE.__dict__, "vocab_size": 101})
+    got = saved_in_micro_batch(other, 0, "ppo", autocast=True) - saved_in_micro_batch(SHAPE, 0, "ppo", autocast=True)
+    prec = F.PRECISIONS["fp32+bf16"]
+    want = [memory.predict(s, prec, sizes, "ppo", "full", 0)["activations"] for s in (SHAPE, other)]
+    assert got == want[1] - want[0] == 3 * 10 * (101 - SHAPE.vocab_size) * 4
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_rm_stage_prediction(rank):
+    """
+    memory.py --stage rm against a ScalarGPT as train_rm.py trains it: one AdamW step (weights, grads and state to
+    the byte; under LoRA the frozen trunk is the RM's own) and the bytes autograd saves in a micro-batch scored at
+    each row's last real token (a trunk under the padding mask, the scalar head over every position, no logits).
+    """
+    import memory
+
+    torch.manual_seed(0)
+    b, T, N = 3, 20, 9
+    model = ScalarGPT(CONFIG)
+    if rank:
+        lora.apply_lora(model, rank, rank)
+        model.head.requires_grad_(True)
+    idx = torch.randint(0, SHAPE.vocab_size, (b, T + N))
+    mask = torch.ones_like(idx)
+    mask[0, -5:] = 0  # right padding
+    with F.SavedTensors(model.parameters()) as saved:
+        scores = model(idx, mask).gather(1, mask.sum(1, keepdim=True) - 1)  # (b, 1)
+    opt = utils.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    scores.pow(2).sum().backward()
+    opt.step()
+    sizes = dict(micro=b, rollout=1, prompt=T, response=N)
+    pred = memory.predict(SHAPE, F.PRECISIONS["fp32"], sizes, "rm", "lora" if rank else "full", rank)
+    assert pred["activations"] <= saved.bytes <= pred["activations"] * 1.01, (saved.bytes, pred["activations"])
+    got = F.measure_static({"critic": model.parameters()}, [opt])
+    row = dict(pred["static"]["roles"]["critic"])
+    assert row.pop("note") is not None and row == got["roles"]["critic"]
+    assert F.static_total(pred["static"]) == F.static_total(got) and pred["static"]["resident"] == 1
+    assert pred["kv_cache"] == 0
 
 
 def test_kv_cache_bytes():
@@ -173,10 +367,24 @@ def test_kv_cache_bytes():
     model.generate(torch.randint(0, SHAPE.vocab_size, (B, T0)), N)
     got = sum(c.kv.untyped_storage().nbytes() for c in caches[0])
     assert got == F.kv_cache_bytes(SHAPE, B, T0, N)
+    import memory
+
+    sizes = dict(micro=B + 1, rollout=B, prompt=T0, response=N)  # the rollout's rows, not the update's
+    assert got == memory.predict(SHAPE, F.PRECISIONS["fp32"], sizes, "ppo", "full", 0)["kv_cache"]
 
 
 def test_fmt_bytes():
     assert F.fmt_bytes(512) == "512 B" and F.fmt_bytes(1536) == "1.5 KiB" and F.fmt_bytes(14 * 2**30) == "14 GiB"
+    # any size: a plain number below 1024 in the largest unit that keeps it >= 1, within three significant digits
+    g = torch.Generator().manual_seed(0)
+    sizes = [1023, 1024, 1000 * 1024, 1023 * 1024, 2**40, 5 * 2**50]
+    sizes += [int(10 ** (x * 16)) for x in torch.rand(200, generator=g).tolist()]
+    for n in sizes:
+        number, unit = F.fmt_bytes(n).split(" ")
+        k = ["B", "KiB", "MiB", "GiB", "TiB"].index(unit)
+        x = float(number)
+        assert "e" not in number and (x < 1024 or k == 4) and (x >= 1 or k == 0), (n, number, unit)
+        assert abs(x * 1024**k - n) <= 0.005 * n + 0.5 * 1024**k * (k == 0 or x >= 100), (n, number, unit)
 
 
 # -----------------------------------------------------------------------------
@@ -184,6 +392,7 @@ def test_fmt_bytes():
 
 import json  # noqa: E402
 import os  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from scripts import ROOT, read_metrics, script, without_timings  # noqa: E402
@@ -327,6 +536,55 @@ def test_offload_moves_weights_and_keeps_numbers(ckpts):
         assert torch.equal(exp[k], exp_off[k]), k
 
 
+class CopyingHost(torch.Tensor):
+    """A host tensor whose .to(device) makes a new copy, as a copy to an accelerator does (on a CPU .to returns
+    the tensor itself, so the swap could not be told from no swap)."""
+
+    def to(self, *args, **kwargs):
+        return torch.Tensor.to(self, *args, **kwargs).as_subclass(torch.Tensor).clone()
+
+
+def test_on_device_swaps_copies_in_and_host_back():
+    """Inside on_device every parameter and buffer of an offloaded model is a fresh copy of its host tensor; after
+    the block (also when it raises) each is the host tensor again; a model not offloaded is left alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # BatchNorm: buffers too
+    plain = torch.nn.Linear(2, 2)
+    offload(net, "cpu")
+    device, tensors, host = net._offload
+    net._offload = (device, tensors, [h.as_subclass(CopyingHost) for h in host])
+    everything = list(net.parameters()) + list(net.buffers())
+    home = [t.data_ptr() for t in everything]
+    plain_home = [t.data_ptr() for t in plain.parameters()]
+    for raises in (False, True):
+        with contextlib.suppress(RuntimeError), on_device(None, plain, net):
+            inside = [t.data_ptr() for t in everything]
+            assert all(a != h for a, h in zip(inside, home)), "not copied in"
+            assert all(torch.equal(t, h) for t, h in zip(net.parameters(), net._offload[2]))
+            assert [t.data_ptr() for t in plain.parameters()] == plain_home
+            if raises:
+                raise RuntimeError
+        assert [t.data_ptr() for t in everything] == home, "not back on the host"
+
+
+def test_memory_script_sizes_from_preset_and_flags():
+    """shape_and_sizes: each field from its place in the preset's tuple, each flag overriding its own field."""
+    import memory
+
+    names = ["n_layer", "n_head", "n_embd", "vocab_size", "block_size"]
+    flags = ["micro_batch", "rollout_batch", "prompt_length", "response_length"]
+    for preset, p in memory.PRESETS.items():
+        shape, prec, sizes = memory.shape_and_sizes(memory.Args(preset=preset))
+        assert [getattr(shape, n) for n in names] == list(p[:5]) and prec == F.PRECISIONS[p[5]]
+        assert [sizes[k] for k in ("micro", "rollout", "prompt", "response")] == list(p[6:])
+        for i, name in enumerate(names + flags):
+            shape, _, sizes = memory.shape_and_sizes(memory.Args(preset=preset, **{name: 1000 + i}))
+            got = [getattr(shape, n) for n in names] + [sizes[k] for k in ("micro", "rollout", "prompt", "response")]
+            assert got == [1000 + i if j == i else v for j, v in enumerate(p[:5] + p[6:])], (preset, name)
+        for precision in F.PRECISIONS:
+            assert memory.shape_and_sizes(memory.Args(preset=preset, precision=precision))[1] == F.PRECISIONS[precision]
+
+
 @pytest.mark.parametrize("flags,name", [
     (["--lora_rank", "-1"], "--lora_rank"),
     (["--offload", "ref,gpu"], "--offload"),
@@ -400,6 +658,64 @@ def test_memory_script_presets(capsys):
     assert "| full | 4 |" in out and "| lora+shared | 2 |" in out
 
 
+def test_memory_script_table_and_measure(capsys, monkeypatch):
+    """
+    memory.py --measure with train_ppo.py replaced by a stand-in that reads the flags memory.py passes and writes
+    the static bytes of the plain table for the measured shape (vocabulary 258, float32): each option's flags, the
+    summary row (static on the accelerator, CPU memory, activations, KV cache, static + max of both) and
+    "equal" / "DIFFERENT" beside each option.
+    """
+    import memory
+
+    micro, rollout, T0, N, rank = 3, 48, 20, 9, 3  # a KV cache larger than the activations of some options only
+    runs = {}
+
+    def fake_run(cmd, **kw):
+        a = utils.parse_flags(train_ppo.Args, cmd[2:])
+        option = "+".join(["lora"] * bool(a.lora_rank) + ["shared"] * (a.critic == "shared") +
+                          ["offload"] * bool(a.offload)) or "full"
+        assert (a.batch_size, a.batch_size // a.num_minibatches, a.response_length) == (rollout, micro, N)
+        assert a.lora_rank in (0, rank) and a.offload in ("", "ref,rm") and a.dtype == "float32"
+        config = torch.load(os.path.join(a.sft, "ckpt.pt"), weights_only=False)["model_config"]
+        assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (SHAPE.n_layer, SHAPE.n_embd, 258)
+        measured = sum(sum(r[:4]) for r in plain_static(a.lora_rank, a.critic == "shared",
+                                                        {n for n in a.offload.split(",") if n}, F.PRECISIONS["fp32"],
+                                                        vocab_size=258)[0].values())
+        runs[option] = measured
+        os.makedirs(a.out_dir)
+        with open(os.path.join(a.out_dir, "memory.json"), "w") as f:
+            json.dump(dict(static_measured=measured + (option == "shared"), micro_batch=[micro, T0 + N],
+                           activations=1, activations_predicted=1, device="cpu"), f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    options = ["full", "offload", "lora", "shared", "lora+shared", "lora+shared+offload"]
+    memory.main(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--vocab_size", "61", "--block_size", "48",
+                 "--micro_batch", str(micro), "--rollout_batch", str(rollout), "--prompt_length", str(T0),
+                 "--response_length", str(N), "--lora_rank", str(rank), "--precision", "bf16", "--measure",
+                 "--options", ",".join(options)])
+    out = capsys.readouterr().out
+    assert set(runs) == set(options)
+    prec = F.PRECISIONS["bf16"]
+    larger = set()
+    for option in options:
+        o = F.options_of(option)
+        roles, resident = plain_static(rank if o["lora"] else 0, o["shared"], o["offload"], prec)
+        static = sum(r[0] + r[2] + r[3] for r in roles.values())
+        host = sum(r[1] for r in roles.values())
+        kv = 2 * SHAPE.n_layer * rollout * (T0 + N) * SHAPE.n_embd * prec.acts
+        acts = F.activation_memory(SHAPE, micro, T0 + N, rank if o["lora"] else 0, o["shared"], acts_bytes=prec.acts,
+                                   keep=N + 1)
+        trainable = sum(r[4] for r in roles.values())
+        fb = F.fmt_bytes
+        row = [option, str(resident), f"{trainable:,}", fb(static), fb(host), fb(acts), fb(kv),
+               fb(static + max(acts, kv)), f"{runs[option] + (option == 'shared'):,} / {runs[option]:,}"]
+        assert "| " + " | ".join(row) + " |" in out, (option, row)
+        larger.add(kv > acts)
+        assert f"predicted {runs[option]:,} B ({'DIFFERENT' if option == 'shared' else 'equal'})" in out, option
+    assert larger == {True, False}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--n_embd", "-128"], "--n_embd must be at least 1, got -128"),
     (["--micro_batch", "-4"], "--micro_batch must be at least 1, got -4"),
@@ -408,10 +724,13 @@ def test_memory_script_presets(capsys):
     (["--prompt_length", "300"], "--prompt_length + --response_length (300 + 24) must fit --block_size 256"),
     (["--lora_targets", "("], "--lora_targets: LoRA targets '(': not a regular expression"),
     (["--lora_targets", "zzz"], "--lora_targets: LoRA targets 'zzz' match no Linear layer"),
+    (["--stage", "sft", "--options", "full,shared"], "--options shared: --stage sft has only the options full and lora"),
+    (["--stage", "rm", "--options", "offload,lora"], "--options offload: --stage rm has only the options full and lora"),
 ])
 def test_memory_script_refuses_bad_flags_in_one_line(capsys, flags, message):
-    # sizes that would print negative bytes, a head count that does not divide the width, an empty table, or a
-    # traceback: one line on stderr, exit 2, before any table
+    # sizes that would print negative bytes, a head count that does not divide the width, an empty table, a PPO
+    # option named for SFT or RM (its row was left out without a word), or a traceback: one line on stderr, exit 2,
+    # before any table
     import memory
 
     with pytest.raises(SystemExit) as e:

@@ -6,6 +6,7 @@ nanorlhf/model.py against plain references: a float64 GPT-2 forward written with
 import dataclasses
 import json
 import math
+import platform
 import re
 import sys
 import types
@@ -755,6 +756,82 @@ def test_generate_inside_generate_keeps_the_outer_calls_linears():
     assert kinds and all(k == {"OneDNNLinear"} for k in kinds), kinds
     assert torch.equal(out, model.generate(idx, 4, attention_mask=mask, generator=torch.Generator().manual_seed(0)))
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_onednn_linears_swaps_each_plain_linear_in_its_dtype(monkeypatch):
+    # which module gets which OneDNNLinear, on any CPU: oneDNN faked by a recorder, the trunk's dtype bf16 as under
+    # bf16 autocast. The lm_head runs in float32; a LoRALinear (an nn.Linear whose forward adds its adapters, which a
+    # OneDNNLinear of its weight would drop) keeps its own forward; a call inside another leaves the outer call's
+    # Linears as they are, also after it returns; on exit every module is plain again.
+    import nanorlhf.cpu_linear as cpu_linear
+    from nanorlhf.lora import LoRALinear, apply_lora
+
+    class Recorder:
+        def __init__(self, linear, dtype, rows):
+            self.linear, self.dtype, self.rows = linear, dtype, rows
+
+        def __call__(self, x):
+            return F.linear(x, self.linear.weight, self.linear.bias)
+
+    monkeypatch.setattr(cpu_linear, "onednn_dtype", lambda weight: torch.bfloat16)
+    monkeypatch.setattr(cpu_linear, "OneDNNLinear", Recorder)
+    model = make_gpt(dtype=torch.float32)
+    apply_lora(model, 2, 4, targets=r"attn\.c_attn")
+    lora = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    plain = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert len(lora) == CONFIG.n_layer and len(plain) == 3 * CONFIG.n_layer + 1
+
+    def forwards():
+        return {n: (m.forward.linear is m, m.forward.dtype, m.forward.rows) if "forward" in vars(m) else None
+                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    expected = {n: None for n in lora} | {n: (True, torch.float32 if n == "lm_head" else torch.bfloat16, 7)
+                                          for n in plain}
+    with cpu_linear.onednn_linears(model, 7, model.lm_head):
+        assert forwards() == expected
+        with cpu_linear.onednn_linears(model, 3, model.lm_head):
+            assert forwards() == expected
+        assert forwards() == expected
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_generate_with_onednn_keeps_lora_adapters(monkeypatch):
+    # a LoRA actor (PPO's with --lora) samples through generate(): with the oneDNN Linears, the same tokens and
+    # logprobs as with F.linear everywhere, its adapters (B != 0) included
+    import nanorlhf.cpu_linear
+    from nanorlhf.lora import apply_lora
+
+    onednn_or_skip(torch.float32)
+    model = make_gpt(dtype=torch.float32, noise=0.1)
+    apply_lora(model, 4, 8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(0.3 * torch.randn_like(p))
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+
+    def run():
+        return model.generate(idx, 8, attention_mask=mask, return_logprobs=True,
+                              generator=torch.Generator().manual_seed(2))
+
+    out, lp = run()
+    monkeypatch.setattr(nanorlhf.cpu_linear, "onednn_dtype", lambda weight: None)  # F.linear everywhere
+    out_ref, lp_ref = run()
+    assert torch.equal(out, out_ref) and (lp - lp_ref).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available()
+                    or torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not hasattr(torch, "get_autocast_dtype"),
+                    reason="oneDNN is used on x86 CPUs with AVX2 or better and torch >= 2.4 only")
+def test_onednn_is_used_on_every_x86_cpu_with_avx2():
+    # the other oneDNN tests skip where onednn_dtype says None: this one says where it must not. bf16 autocast
+    # uses oneDNN's bf16 kernels only where the CPU has them (on AVX2 alone, F.linear)
+    from nanorlhf.cpu_linear import onednn_dtype
+
+    assert onednn_dtype(torch.zeros(2, 2)) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = onednn_dtype(torch.zeros(2, 2))
+    assert got == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ The checkpoint files that every stage shares (train_common.save_files, complete_
 does to an earlier run's files in its --out_dir: each stage run in this process, killed where a SIGKILL could land.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -497,3 +498,30 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(inputs, tmp_pa
     shutil.copytree(kept, d)
     run_stage(monkeypatch, stage, ["--out_dir", str(out), "--resume"])
     assert load(out / "ckpt.pt")["step"] == 4
+
+
+def test_a_resumed_run_checks_its_saved_inputs_not_the_command_lines_defaults(tmp_path):
+    """
+    start_run: a fresh run whose --sft is its --out_dir is refused; a resumed run is not checked against the inputs of
+    its command line, whose defaults (--sft out/sft) may name its out_dir: its saved flags are the ones it runs with.
+    """
+
+    @dataclasses.dataclass
+    class Flags:
+        out_dir: str = "out"
+        resume: str = "off"
+        stop_at: int | None = None
+        sft: str = "out/sft"
+        lr: float = 0.1
+
+    out = tmp_path / "sft"
+    saved = dataclasses.asdict(Flags(out_dir=str(out), sft=str(tmp_path / "base"), lr=0.5))
+    train_common.save_files(str(out), {"train_state.pt": {"step": 2}, "ckpt.pt": {"step": 2, "stage": "dpo",
+                                                                                  "args": saved}})
+    fresh = Flags(out_dir=str(out), sft=str(out))
+    with pytest.raises(utils.UserError, match=f"^--out_dir {out} is also --sft"):
+        train_common.start_run(fresh, "dpo", {"--sft": fresh.sft})
+    resumed = dataclasses.replace(fresh, resume="on", stop_at=3)
+    resumed._given = {"out_dir", "resume", "stop_at"}
+    args, state, lora = train_common.start_run(resumed, "dpo", {"--sft": resumed.sft})
+    assert (args.sft, args.lr, args.stop_at, state["step"], lora) == (str(tmp_path / "base"), 0.5, 3, 2, None)

@@ -692,3 +692,185 @@ def test_normalized_reward_is_r_minus_the_mean_over_the_std():
     assert torch.allclose(utils.normalized_reward(r, (mean, std)), torch.tensor([(x - mean) / std for x in r.tolist()],
                                                                                   dtype=torch.float64))
     assert utils.normalized_reward(torch.tensor([1.2, 0.2]), (0.2, 2.0)).tolist() == pytest.approx([0.5, 0.0])
+
+
+@pytest.mark.parametrize("rank", ["0", "3"])
+def test_setup_runtime_seeds_every_generator_with_the_seed_on_every_rank(monkeypatch, rank):
+    """
+    python's, numpy's and torch's generators start from --seed itself, on every rank alike (the ranks draw the same
+    batches and keep their own share, dist.mine): the same draws as fresh generators seeded by hand.
+    """
+    monkeypatch.setenv("RANK", rank)
+    for seed in (0, 7, random.Random(int(rank)).randrange(utils.MAX_SEED + 1), utils.MAX_SEED):
+        utils.setup_runtime("cpu", "float32", seed=seed)
+        got = (random.random(), np.random.rand(2).tolist(), torch.rand(3))
+        want = (random.Random(seed).random(), np.random.RandomState(seed).rand(2).tolist(),
+                torch.rand(3, generator=torch.Generator().manual_seed(seed)))
+        assert got[:2] == want[:2] and torch.equal(got[2], want[2]), seed
+
+
+def test_auto_dtype_on_a_gpu_is_bf16_where_it_is_supported(monkeypatch):
+    for supported, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert utils.auto_dtype("cuda") == want
+    assert utils.auto_dtype("mps") == "float32"
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                                        ("Tesla T4", 65e12)])
+def test_gpu_peak_flops_is_the_data_sheets_bf16_peak_and_half_of_it_in_float32(monkeypatch, name, peak):
+    """MFU of a float32 run on a GPU divides by the TF32 peak, half the dense bf16 one of the data sheet."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    for dtype, want, kind in (("bfloat16", peak, "bf16"), ("float16", peak, "bf16"), ("float32", peak / 2, "TF32")):
+        got, source = train_common.peak_flops(utils.Runtime(torch.device("cuda"), "cuda", dtype))
+        assert got == want and source == f"data-sheet dense {kind} peak", (dtype, got, source)
+
+
+def test_cpu_peak_flops_takes_the_fastest_core_and_8_flops_without_fma(monkeypatch):
+    """threads x the highest clock /proc/cpuinfo reports x FLOPs per cycle (64 AVX-512, 32 FMA, 8 otherwise)."""
+    cpu = utils.Runtime(torch.device("cpu"), "cpu", "float32")
+    threads = torch.get_num_threads()
+    for flags, per_cycle in (("sse4_2 avx512f fma", 64), ("sse4_2 fma", 32), ("sse4_2 avx", 8)):
+        info = "".join(f"processor\t: {i}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n"
+                       for i, mhz in enumerate(["1200.000", "3100.500", "2000.000"]))
+        monkeypatch.setattr(train_common, "cpuinfo", lambda: info)
+        peak, source = train_common.peak_flops(cpu)
+        assert peak == threads * 3100.5e6 * per_cycle, (flags, peak)
+        assert source == f"{threads} threads x 3100 MHz x {per_cycle} float32 FLOPs/cycle", source
+
+
+def test_measured_peak_flops_is_2_n_cubed_over_the_fastest_matmul(monkeypatch):
+    """Where no figure is known (no /proc/cpuinfo here), 2 n^3 FLOPs of the fastest of 8 timed n x n matmuls."""
+    durations = [0.5, 0.25, 0.4, 0.125, 0.3, 0.2, 0.6, 0.35]
+    clock = iter([t for d in durations for t in (10.0, 10.0 + d)])  # perf_counter before and after each matmul
+    monkeypatch.setattr(train_common, "cpuinfo", lambda: None)
+    monkeypatch.setattr(train_common, "PEAK_MATMUL", 16)
+    monkeypatch.setattr(train_common.time, "perf_counter", lambda: next(clock))
+    peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", "float32"))
+    assert peak == 2 * 16**3 / min(durations) and source == "measured 16x16 float32 matmul"
+
+
+def test_encode_pref_splits_counts_what_both_splits_kept_cut_and_dropped():
+    """
+    The "data: ..." line of RM and DPO against counts taken record by record: pairs C(K, 2) of each kept train record
+    by a loop over (a, b), a < b; the prompts cut, the records dropped and the responses dropped of both splits.
+    """
+    from types import SimpleNamespace
+
+    from nanorlhf.data import encode_prefs
+    from nanorlhf.tokenizer import Tokenizer
+
+    tok, max_len, rng = Tokenizer.byte_level(), 48, random.Random(3)
+
+    def record():
+        k = rng.randint(2, 4)
+        return {"prompt": "x" * rng.randint(1, 40), "responses": ["y" * rng.randint(1, 50) for _ in range(k)],
+                "ranking": rng.sample(range(k), k)}
+
+    # each split also gets a record cut from the left and one dropped whole (no response fits with its EOS)
+    extra = [{"prompt": "x" * 60, "responses": ["y", "yy", "y" * 60], "ranking": [2, 0, 1]},
+             {"prompt": "x", "responses": ["y" * 60, "y" * 70], "ranking": [1, 0]}]
+    train_records, val_records = [record() for _ in range(30)] + extra, [record() for _ in range(12)] + extra
+    args = SimpleNamespace(data="p.jsonl", val_data=None, val_frac=0.3)
+    train, val, line = train_common.encode_pref_splits(train_records, val_records, tok, max_len, args)
+    assert (train, val) == (encode_prefs(train_records, tok, max_len)[0], encode_prefs(val_records, tok, max_len)[0])
+    responses = pairs = 0
+    prompts, cut, dropped_records, dropped_responses = {}, {}, {}, {}
+    for split, records in (("train", train_records), ("val", val_records)):
+        prompts[split] = cut[split] = dropped_records[split] = dropped_responses[split] = 0
+        for r in records:
+            kept, n_cut, n_dropped = encode_prefs([r], tok, max_len)
+            if not kept:
+                dropped_records[split] += 1
+                continue
+            cut[split], dropped_responses[split] = cut[split] + n_cut, dropped_responses[split] + n_dropped
+            prompts[split] += 1
+            if split == "train":
+                k = len(kept[0]["ids"])
+                responses += k
+                pairs += sum(1 for a in range(k) for b in range(k) if a < b)
+    for counts in (prompts, cut, dropped_records, dropped_responses):  # every count of both splits is exercised
+        assert counts["train"] > 0 and counts["val"] > 0, (prompts, cut, dropped_records, dropped_responses)
+    n_train, n_val = prompts["train"], prompts["val"]
+    cut, dropped_records, dropped_responses = (sum(c.values()) for c in (cut, dropped_records, dropped_responses))
+    assert line == (f"data: {n_train} train prompts ({responses} responses, {pairs} pairs), {n_val} val prompts; too "
+                    f"long for {max_len} tokens: {cut} prompts cut from the left, {dropped_records} records dropped "
+                    f"(fewer than 2 responses fit), {dropped_responses} responses dropped from the records kept")
+
+
+def test_metrics_rows_keep_6_significant_digits(tmp_path):
+    """A logged float is rounded to 6 significant digits (3e-7 stays 3e-7), a tensor logged as its number."""
+    rng = random.Random(0)
+    values = [rng.uniform(-1, 1) * 10.0 ** rng.randint(-9, 9) for _ in range(50)] + [3e-7, 1 / 3, 0.0, 7]
+    logger = utils.MetricsLogger(str(tmp_path))
+    for v in values:
+        logger.log({"step": 0, "v": v, "t": torch.tensor(v, dtype=torch.float64)})
+    logger.f.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for v, row in zip(values, rows, strict=True):
+        # round half-even at the 6th significant digit, by the decimal exponent of v
+        want = v if v == 0 or isinstance(v, int) else round(v, 5 - math.floor(math.log10(abs(v))))
+        assert row["v"] == pytest.approx(want, rel=1e-12, abs=0) and row["t"] == row["v"], (v, row)
+    assert rows[-1]["v"] == 7 and type(rows[-1]["v"]) is int
+
+
+def test_weight_decay_goes_to_the_matrices_only():
+    """AdamW's groups: the Linear and Embedding weights decay; biases and LayerNorm gains, and frozen weights, do not."""
+    from nanorlhf.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=8, bias=True))
+    model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
+    decay, no_decay = set(), set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            matrix = isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name == "weight"
+            (decay if matrix else no_decay).add(id(p))
+    opt = utils.configure_optimizer(model, 0.01, 0.1, (0.9, 0.95), "cpu")
+    groups = [({id(p) for p in g["params"]}, g["weight_decay"], g["lr"], g["betas"]) for g in opt.param_groups]
+    assert groups == [(decay, 0.1, 0.01, (0.9, 0.95)), (no_decay, 0.0, 0.01, (0.9, 0.95))]
+    assert len(decay) > 0 and len(no_decay) > 0
+
+
+def test_load_reward_model_reads_the_stored_reward_mean_and_std(tmp_path):
+    """(mean, std) as train_rm.py stored them; none stored -> (0, 1); a std of 0 (all rewards equal) -> 1."""
+    from nanorlhf.model import GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    model = ScalarGPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    cases = {"stored": ({"reward_mean": -0.75, "reward_std": 2.5}, (-0.75, 2.5)), "none": ({}, (0.0, 1.0)),
+             "zero": ({"reward_mean": 0.5, "reward_std": 0.0}, (0.5, 1.0))}
+    for name, (extra, want) in cases.items():
+        utils.save_checkpoint(str(tmp_path / name), utils.model_payload(model, tok, "rm", {}, 1, **extra))
+        rm, _, norm = utils.load_reward_model(str(tmp_path / name), "cpu")
+        assert norm == want and not rm.training, name
+        r = torch.randn(5, dtype=torch.float64)
+        assert torch.equal(utils.normalized_reward(r, norm), (r - want[0]) / want[1])
+
+
+def test_holdout_split_takes_the_seeded_permutations_first_round_val_frac_n():
+    """val: the records at the first max(1, nearest integer to val_frac * n) places of the seed's permutation."""
+    rng = random.Random(1)
+    for n, val_frac in [(10, 0.15), (10, 0.14), (7, 0.01), (40, 0.33), (9, 0.6)] + [
+            (rng.randint(3, 60), rng.uniform(0.01, 0.6)) for _ in range(20)]:
+        seed = rng.randrange(1000)
+        records = [{"i": i} for i in range(n)]
+        train, val = train_common.holdout_split(records, val_frac, seed)
+        n_val = max(1, math.floor(val_frac * n + 0.5))  # no case falls on a half
+        held = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+        assert val == [r for r in records if r["i"] in held], (n, val_frac, seed)
+        assert train == [r for r in records if r["i"] not in held]
+
+
+def test_fmt_count_uses_the_largest_unit_it_reaches():
+    """One decimal of k, M or G from 1000, 1e6, 1e9 on (the boundary itself included); below 1000 a whole number."""
+    cases = {999: "999", 1000: "1.0k", 12345: "12.3k", 999_949: "999.9k", 1e6: "1.0M", 2.5e6: "2.5M", 1e9: "1.0G",
+             -1500: "-1.5k", 0.4: "0"}
+    for x, want in cases.items():
+        assert train_common.fmt_count(x) == want, x
+    rng = random.Random(2)
+    for _ in range(200):
+        x = rng.uniform(1, 10) * 10 ** rng.randint(0, 11)
+        scale, unit = next(((s, u) for s, u in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= s), (1, ""))
+        assert train_common.fmt_count(x) == (f"{x / scale:.1f}{unit}" if unit else f"{x:.0f}"), x
