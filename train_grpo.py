@@ -370,7 +370,7 @@ def main(argv=None):
     opt = utils.configure_optimizer(actor, args.lr, args.weight_decay, (args.beta1, args.beta2), rt.device_type)
     start_iter, sampler_state = 0, {"epoch": 0, "pos": 0}
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state.pop("optimizer"))  # not kept in state: on a GPU a CPU copy
         sampler_state = state["data"]
         start_iter = state["step"]
         utils.set_rng_state(state["rng"])

@@ -801,10 +801,14 @@ def checkpoint_files(args, iteration, tok, actor, critic, actor_opt, critic_opt,
 
 
 def restore(state, actor_opt, critic_opt, kl_ctl):
-    """Put a train_state.pt's optimizers, beta and random states back. -> (its iteration, its prompt sampler state)."""
-    actor_opt.load_state_dict(state["actor_optimizer"])
+    """
+    Put a train_state.pt's optimizers, beta and random states back. -> (its iteration, its prompt sampler state).
+    The optimizers' states leave `state` (on a GPU they are CPU copies, twice the weights in size each).
+    """
+    actor_opt.load_state_dict(state.pop("actor_optimizer"))
+    critic = state.pop("critic_optimizer", None)
     if critic_opt is not None:
-        critic_opt.load_state_dict(state["critic_optimizer"])
+        critic_opt.load_state_dict(critic)
     kl_ctl.value = state["kl_coef"]
     utils.set_rng_state(state["rng"])
     return state["step"], state["data"]

@@ -580,12 +580,13 @@ def start_run(args, stage, inputs):
 def restore_run(state, optimizer, sampler, model=None):
     """
     Put a train_state.pt's optimizer, sampler position and RNG states back; return its step. Under torchrun every
-    rank restores the same state (an FSDP-sharded `model`'s optimizer keeps its own shard of it).
+    rank restores the same state (an FSDP-sharded `model`'s optimizer keeps its own shard of it). The optimizer's
+    state leaves `state`, which the caller keeps for the run: on a GPU it is a CPU copy, twice the weights in size.
     """
     if model is not None:
-        dist.load_optimizer_state(model, optimizer, state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, state.pop("optimizer"))
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state.pop("optimizer"))
     sampler.load_state_dict(state["data"])
     utils.set_rng_state(state["rng"])
     return state["step"]

@@ -525,3 +525,45 @@ def test_a_resumed_run_checks_its_saved_inputs_not_the_command_lines_defaults(tm
     resumed._given = {"out_dir", "resume", "stop_at"}
     args, state, lora = train_common.start_run(resumed, "dpo", {"--sft": resumed.sft})
     assert (args.sft, args.lr, args.stop_at, state["step"], lora) == (str(tmp_path / "base"), 0.5, 3, 2, None)
+
+
+def test_restoring_a_run_keeps_no_second_copy_of_its_optimizer_state():
+    """
+    restore_run (SFT, RM, DPO) and train_ppo.restore put the optimizers' states back and take them out of the
+    train_state.pt dict that the run keeps: on a GPU that dict's tensors are a CPU copy, twice the weights' size.
+    """
+    def trained_optimizer(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        return opt
+
+    def same_state(a, b):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+
+    class Sampler:
+        def load_state_dict(self, d):
+            self.d = d
+
+    saved = trained_optimizer(0)
+    opt, sampler = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1), Sampler()
+    state = {"optimizer": saved.state_dict(), "data": {"epoch": 1, "pos": 2}, "rng": utils.rng_state(), "step": 4}
+    assert train_common.restore_run(state, opt, sampler) == 4 and sampler.d == {"epoch": 1, "pos": 2}
+    assert same_state(opt, saved) and "optimizer" not in state
+
+    actor, critic = trained_optimizer(1), trained_optimizer(2)
+    kl_ctl = train_ppo.FixedKLController(0.1)
+    for critic_saved in (critic, None):  # --critic shared: no critic optimizer
+        state = {"actor_optimizer": actor.state_dict(), "kl_coef": 0.3, "rng": utils.rng_state(), "step": 7,
+                 "data": {"epoch": 0, "pos": 5}}
+        if critic_saved is not None:
+            state["critic_optimizer"] = critic_saved.state_dict()
+        new_actor = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+        new_critic = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1) if critic_saved else None
+        assert train_ppo.restore(state, new_actor, new_critic, kl_ctl) == (7, {"epoch": 0, "pos": 5})
+        assert same_state(new_actor, actor) and kl_ctl.value == 0.3
+        assert critic_saved is None or same_state(new_critic, critic)
+        assert not {"actor_optimizer", "critic_optimizer"} & set(state)
