@@ -38,6 +38,13 @@ endif
 SFT_FLAGS ?=
 RM_FLAGS  ?=
 PPO_FLAGS ?=
+# A stage is done when its script exits 0 (below), and the next stage builds on it: a run that --stop_at cut short
+# exits 0 too, and --resume would go on from a run the stage's command did not make. Refused, with the way to do it.
+PARTIAL := $(filter --stop_at --stop_at=% --resume --resume=%,$(SFT_FLAGS) $(RM_FLAGS) $(PPO_FLAGS))
+ifneq ($(PARTIAL),)
+$(error $(firstword $(PARTIAL)) in a stage's flags: make runs each stage to the end and builds the next on it; to \
+  stop one early or resume it, run its script (make -n shows the command))
+endif
 CODE    := $(wildcard nanorlhf/*.py)
 # With an NVIDIA GPU (make GPU=1 forces it; make GPU=0, GPU=false, GPU=no, GPU=off or GPU= turns it off) the SFT
 # model, which the RM and PPO stages inherit, is larger: 6 layers x 256 (4.8M parameters) instead of the CPU's

@@ -185,6 +185,20 @@ def error_line(output):
     return lines[0]
 
 
+@pytest.mark.parametrize("variable, flag", [("SFT_FLAGS=--max_steps 4 --stop_at 2", "--stop_at"),
+                                            ("RM_FLAGS=--stop_at=1", "--stop_at=1"),
+                                            ("PPO_FLAGS=--resume on", "--resume"), ("PPO_FLAGS=--resume", "--resume")])
+def test_a_flag_that_leaves_a_stage_unfinished_is_refused_before_any_rule_runs(make, tmp_path, variable, flag):
+    # a stage stopped by --stop_at exits 0, so it was marked done, the next stage trained on it, and report.md
+    # described the part-trained policies as the pipeline's; --resume continued a run the stage's command did not make
+    out = tmp_path / "out"
+    make()
+    finished = ["data/meta.json", "sft/done", "rm/done", "ppo/done"]
+    assert make(variable, goal="all", ok=False) == []
+    assert f"{flag} in a stage's flags: make runs each stage to the end" in error_line(make.output)
+    assert [f for f in finished if (out / f).exists()] == finished
+
+
 def test_an_empty_or_spaced_or_root_out_is_refused_before_any_rule_runs(make, tmp_path):
     out = tmp_path / "out"
     make()
