@@ -61,7 +61,7 @@ from nanorlhf.data import collate, encode_prompts, read_prompts
 from nanorlhf.losses import logprobs_from_logits, masked_sum
 from nanorlhf.model import GPT
 from nanorlhf.report import (CURVE_KEYS, curves, fmt, metrics_path, pyplot, read_metrics, save_figure, smooth,
-                             sweep_section)
+                             sweep_problem, sweep_section)
 from nanorlhf.rollout import decode_response, truncate_after_eos
 from nanorlhf.utils import (check, check_out_dir_flag, flag, load_model, load_model_checkpoint, load_reward_model,
                             normalized_reward, parse_flags, run, setup_runtime, write_text)
@@ -495,9 +495,16 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
         md += picture("curves.png", "PPO learning curves", plot_curves, c)
         md += [f"From `{metrics_path(cfg.ppo)}` (rollout means on the training prompts):", "",
                curves_table(c)]
-    sweep = sweep_section(os.path.join(cfg.out_dir, "sweep"), plt, cfg.out_dir)
-    md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO longer "
-           "with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
+    sweep_dir = os.path.join(cfg.out_dir, "sweep")
+    # the runs there must be one finished sweep from this report's SFT and RM (a `make SEED=1` in the same out/
+    # retrains those, and a killed rerun of the sweep leaves an unfinished run beside a finished one)
+    problem = sweep_problem(sweep_dir, cfg.sft, cfg.rm)
+    sweep = None if problem else sweep_section(sweep_dir, plt, cfg.out_dir)
+    if problem:
+        md += ["", f"## Over-optimisation\n\nNot shown: {problem}."]
+    else:
+        md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO "
+               "longer with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
     if cfg.n_show > 0:  # --n_show 0: none shown, and no empty table
         md += ["", "## Responses side by side", "", "Gold score in parentheses.", "",
                side_by_side(all_rows, cfg.n_show, cfg.samples_per_prompt), ""]
@@ -531,6 +538,10 @@ def check_flags(cfg):
           f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
     check(cfg.samples_per_prompt >= 1 and cfg.batch_size >= 1 and cfg.n_prompts >= 1,
           "--samples_per_prompt, --batch_size and --n_prompts must be at least 1")
+    # greedy decoding gives a prompt one response: k copies of it would count as k draws in the standard error
+    check(cfg.temperature > 0 or cfg.samples_per_prompt == 1,
+          f"--samples_per_prompt {cfg.samples_per_prompt} with --temperature 0: greedy decoding gives each prompt one "
+          f"response, the same every time")
     check(cfg.n_show >= 0, f"--n_show {cfg.n_show}: must be 0 or more")
     check_out_dir_flag(cfg.out_dir)  # now, in one line, not after minutes of sampling
 

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from nanorlhf.data import read_prompts
-from nanorlhf.report import SWEEP_HEADING, pyplot, sweep_section
+from nanorlhf.report import SWEEP_HEADING, pyplot, sweep_problem, sweep_section
 from nanorlhf.tasks import parse_prompt
 from nanorlhf.utils import UserError, check, check_out_dir_flag, flag, parse_flags, run, write_text
 
@@ -104,6 +104,10 @@ def main(argv=None):
     clash = [a for a in named if a in own]
     check(not clash, f"--ppo_flags: kl_sweep.py sets {', '.join(clash)} itself for each run: pass its own flag of "
                      f"that name instead (--kl_coef: the default run's beta, beta0's is always 0; --gold is always on)")
+    # a run cut short would be reported with the others as the sweep's (sweep_problem refuses it after the runs too)
+    partial = [a for a in named if a in ("--stop_at", "--resume")]
+    check(not partial, f"--ppo_flags: {', '.join(partial)}: the sweep runs both runs to --num_iterations and reports "
+                       f"them as such: drop it")
     # beta0 is PPO at a fixed beta of 0, which the adaptive controller could never move (train_ppo.py refuses it)
     check("--adaptive_kl" not in named, "--ppo_flags: --adaptive_kl cannot apply to the beta0 run, whose beta of 0 "
                                         "the controller could never move; the sweep compares fixed betas")
@@ -125,6 +129,10 @@ def main(argv=None):
             code = subprocess.run(cmd).returncode
             check(code == 0, f"the {name} run ({os.path.join(cfg.out_dir, name)}) failed: train_ppo.py exited with "
                              f"{code}, its error is above")
+    # the runs as one sweep: each finished, of one length (with --train false, or after a rerun killed part-way, one
+    # may be short of its iterations or left from an earlier sweep)
+    problem = sweep_problem(cfg.out_dir)
+    check(problem is None, f"{cfg.out_dir}: {problem}")
     section = sweep_section(cfg.out_dir, pyplot(), cfg.out_dir)
     check(section is not None, f"{cfg.out_dir}: no PPO runs with rm_score, gold and kl in their metrics.jsonl")
     write_text(os.path.join(cfg.out_dir, "report.md"), section + "\n")

@@ -171,6 +171,8 @@ def main(argv=None):
     check(not args.precision or args.precision in F.PRECISIONS,
           f"--precision {args.precision!r}: expected one of {', '.join(F.PRECISIONS)}")
     check(args.lora_rank >= 1, "--lora_rank must be >= 1")
+    check(args.measure or "device" not in args._given, "--device: is where --measure runs train_ppo.py; without "
+                                                       "--measure nothing runs (the table is arithmetic)")
     options = [o.strip() for o in args.options.split(",") if o.strip()]
     check(options, f"--options {args.options!r}: no option named (expected some of {', '.join(OPTIONS)})")
     for o in options:

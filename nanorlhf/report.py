@@ -8,6 +8,7 @@ out/sweep/report.md.
 import json
 import os
 
+from nanorlhf import train_common, utils
 from nanorlhf.utils import write_atomic
 
 
@@ -131,6 +132,41 @@ def fmt(x, digits=3):
 
 
 SWEEP_HEADING = "## Over-optimisation"  # how the section starts: kl_sweep.py knows its own report.md by it
+
+
+def sweep_problem(sweep_dir, sft=None, rm=None):
+    """
+    Why the PPO runs in sweep_dir (its subdirectories with a metrics.jsonl) are not one finished sweep, or None: a run
+    without its ckpt.pt, a run short of its --num_iterations (killed, or stopped by --stop_at), runs of different
+    lengths (one of them left from an earlier sweep), or, given sft and rm (a report's checkpoints), a run trained from
+    other models than those: the digests of its inputs in its train_state.pt (train_common.input_digests) differ.
+    Example: beta0 at iteration 3 of 3 and default at 1 of 3 -> "the default run stopped at iteration 1 of 3 ...".
+    """
+    if not os.path.isdir(sweep_dir):
+        return None
+    names = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
+    lengths = {}
+    for name in names:
+        run = os.path.join(sweep_dir, name)
+        if not os.path.isfile(os.path.join(run, utils.CKPT)):
+            return f"the {name} run ({run}) has no {utils.CKPT}"
+        ckpt = utils.load_checkpoint(run, mmap=True)
+        done, planned = ckpt.get("step"), ckpt.get("args", {}).get("num_iterations")
+        if done != planned:
+            return (f"the {name} run ({run}) stopped at iteration {done} of {planned}: finish it (python train_ppo.py "
+                    f"--out_dir {run} --resume on) or run the sweep again")
+        lengths[name] = planned
+        if sft is not None and os.path.isfile(os.path.join(run, utils.TRAIN_STATE)):
+            saved = utils.load_checkpoint(run, name=utils.TRAIN_STATE, mmap=True).get("inputs") or {}
+            now = train_common.input_digests({"--sft": sft, "--rm": rm})  # rm None: not compared
+            other = [f for f in now if saved.get(f, now[f]) != now[f]]
+            if other:
+                return (f"the {name} run ({run}) was trained from another {' and '.join(other)} than "
+                        f"{' and '.join({'--sft': sft, '--rm': rm}[f] for f in other)}: run the sweep again")
+    if len(set(lengths.values())) > 1:
+        return (f"the runs in {sweep_dir} have different lengths ({', '.join(f'{n} {k}' for n, k in lengths.items())} "
+                f"iterations): run the sweep again")
+    return None
 
 
 def sweep_section(sweep_dir, plt, report_dir):

@@ -256,11 +256,14 @@ def test_evaluate_end_to_end(tmp_path):
     (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
     (["--max_new_tokens", "-40"], "--max_new_tokens -40: must be at least 1"),
+    (["--temperature", "0", "--samples_per_prompt", "4"], "--samples_per_prompt 4 with --temperature 0: greedy "
+                                                          "decoding gives each prompt one response"),
     (["--sft", "{d}/run/train_state.pt"], "--sft {d}/run/train_state.pt: not a nanorlhf model checkpoint"),
 ])
 def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, argv, message):
-    # a negative temperature sampled the least likely tokens; --max_new_tokens 0 wrote a report of empty responses.
-    # Both are refused before any checkpoint is read: --sft here names a directory that does not exist
+    # a negative temperature sampled the least likely tokens; --max_new_tokens 0 wrote a report of empty responses;
+    # greedy decoding k times per prompt counted k copies of one response as k draws (a standard error /sqrt(k)).
+    # All are refused before any checkpoint is read: --sft here names a directory that does not exist
     save_checkpoint(str(tmp_path / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")
     argv = [a.format(d=tmp_path) for a in argv]
     with pytest.raises(UserError) as info:
@@ -704,3 +707,42 @@ def test_each_batch_draws_its_own_random_numbers():
     for i in range(len(prompts)):
         samples = [tuple(ids) for ids in rows["response_ids"][4 * i:4 * i + 4]]
         assert len(set(samples)) == 4, (i, samples)  # 8 tokens of a 260-token vocabulary: a repeat is no chance
+
+
+@pytest.mark.parametrize("case", ["finished", "unfinished", "other rm"])
+def test_the_report_shows_the_sweep_only_when_it_is_finished_and_from_its_models(tmp_path, monkeypatch, one_thread,
+                                                                                  case):
+    # out/sweep went into whatever report was written in out/: a sweep killed part-way, or one trained from the SFT
+    # and RM that a later `make SEED=1` in the same out/ replaced, was reported as this pipeline's
+    from nanorlhf.train_common import input_digests
+
+    data = tmp_path / "data"
+    tasks.generate_task(str(data), seed=0, n_sft=2, n_prefs=2, n_prefs_eval=2, n_prompts=2, n_eval=2)
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(5, eos_boost=20.0), tok, "sft", {}, 10))
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 5))
+    out = tmp_path / "out"
+    digests = input_digests({"--sft": str(tmp_path / "sft"), "--rm": str(tmp_path / "rm")})
+    rows = [{"iter": i, "rm_score": 0.1 * i, "gold": 0.5, "kl": 0.2 * i} for i in range(1, 4)]
+    for name in ("beta0", "default"):
+        run = out / "sweep" / name
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        step = 1 if case == "unfinished" and name == "default" else 3
+        torch.save({"step": step, "args": {"num_iterations": 3}}, run / "ckpt.pt")
+        torch.save({"step": step, "inputs": digests}, run / "train_state.pt")
+    if case == "other rm":
+        save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 6))
+    evaluate.main(["--data", str(data / "eval.jsonl"), "--sft", str(tmp_path / "sft"), "--rm", str(tmp_path / "rm"),
+                   "--init_row", "false", "--n_prompts", "2", "--max_new_tokens", "8", "--out_dir", str(out),
+                   "--device", "cpu", "--dtype", "float32"])
+    md = (out / "report.md").read_text()
+    section = md[md.index("## Over-optimisation"):].split("\n## ")[0]
+    if case == "finished":
+        assert "| beta0 | 3 |" in section and "| default | 3 |" in section, section
+    else:
+        problem = {"unfinished": f"the default run ({out}/sweep/default) stopped at iteration 1 of 3",
+                   "other rm": f"the beta0 run ({out}/sweep/beta0) was trained from another --rm than {tmp_path}/rm"}
+        assert section.startswith(f"## Over-optimisation\n\nNot shown: {problem[case]}"), section
+        assert "| beta0 |" not in md

@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from scripts import ROOT
 
@@ -149,6 +150,7 @@ def test_the_sweep_s_own_out_dir_is_rewritten(tmp_path, monkeypatch, capsys):
     for name in kl_sweep.RUNS:
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+        torch.save({"step": 3, "args": {"num_iterations": 3}}, tmp_path / name / "ckpt.pt")  # finished runs
     (tmp_path / "eval").mkdir()  # evaluate.py's output for the two policies: no run
     (tmp_path / "report.md").write_text("## Over-optimisation: PPO with beta = 0 against the default beta\n")
     code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path))
@@ -335,3 +337,72 @@ def test_seed_and_num_iterations_reach_both_runs(tmp_path, monkeypatch, capsys):
     runs = [utils.parse_flags(train_ppo.Args, cmd[2:]) for cmd in cmds]
     assert [(a.seed, a.num_iterations, a.sft, a.rm, a.data) for a in runs] == [
         (3, 7, "s", "r", str(tmp_path / "prompts.jsonl"))] * 2
+
+
+@pytest.mark.parametrize("ppo_flags, named", [("--lr 2e-4 --stop_at 1", "--stop_at"), ("--resume=on", "--resume")])
+def test_ppo_flags_that_cut_a_run_short_are_refused(tmp_path, monkeypatch, capsys, ppo_flags, named):
+    # both runs stopped at iteration 1 and the report gave its verdict on them as on a sweep of --num_iterations
+    code, err, cmds = sweep(monkeypatch, capsys, f"--ppo_flags={ppo_flags}", "--out_dir", str(tmp_path / "sweep"),
+                            "--data", task_prompts(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --ppo_flags: {named}: the sweep runs both runs to --num_iterations"), err
+    assert not cmds and not (tmp_path / "sweep").exists()
+
+
+def finished_sweep(root, inputs=None, **steps):
+    """
+    root/beta0 and root/default as train_ppo.py leaves them, for sweep_problem: metrics.jsonl, ckpt.pt at its step of
+    num_iterations (steps: {run: (step, num_iterations)}, default (3, 3)) and train_state.pt with the input digests.
+    """
+    for name in kl_sweep.RUNS:
+        step, planned = steps.get(name, (3, 3))
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text("{}\n")
+        torch.save({"step": step, "args": {"num_iterations": planned}}, root / name / "ckpt.pt")
+        torch.save({"step": step, "inputs": inputs or {}}, root / name / "train_state.pt")
+
+
+@pytest.mark.parametrize("steps, message", [
+    ({"default": (1, 3)}, "the default run ({d}/default) stopped at iteration 1 of 3: finish it (python train_ppo.py "
+                          "--out_dir {d}/default --resume on) or run the sweep again"),
+    ({"beta0": (4, 4)}, "the runs in {d} have different lengths (beta0 4, default 3 iterations): run the sweep again"),
+])
+def test_train_false_over_runs_that_are_not_one_finished_sweep_is_refused(tmp_path, monkeypatch, capsys, steps,
+                                                                          message):
+    # a rerun killed part-way left its unfinished run beside the other sweep's finished one: --train false reported
+    # the two together, exit 0, over the report of the sweep before
+    d = tmp_path / "sweep"
+    finished_sweep(d, **steps)
+    (d / "report.md").write_text(kl_sweep.SWEEP_HEADING + ": the earlier sweep\n")
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(d))
+    assert (code, err) == (2, f"error: {d}: {message.format(d=d)}\n")
+    assert (d / "report.md").read_text() == kl_sweep.SWEEP_HEADING + ": the earlier sweep\n"
+
+
+def test_sweep_problem_names_a_run_trained_from_other_models(tmp_path):
+    """
+    evaluate.py put out/sweep into the report of whatever pipeline was in out/ (a `make SEED=1` there retrains SFT
+    and RM): the runs' saved digests of --sft and --rm against those of the report's own checkpoints.
+    """
+    from nanorlhf.report import sweep_problem
+    from nanorlhf.train_common import input_digests
+
+    for name in ("sft", "rm"):
+        (tmp_path / name).mkdir()
+        torch.save({"stage": name, "w": torch.randn(4)}, tmp_path / name / "ckpt.pt")
+    sft, rm = str(tmp_path / "sft"), str(tmp_path / "rm")
+    finished_sweep(tmp_path / "sweep", inputs=input_digests({"--sft": sft, "--rm": rm, "--data": sft}))
+    d = str(tmp_path / "sweep")
+    assert sweep_problem(d, sft, rm) is None and sweep_problem(d) is None
+    assert sweep_problem(d, sft, None) is None  # evaluate.py without --rm: the SFT model alone is compared
+    torch.save({"stage": "rm", "w": torch.randn(4)}, tmp_path / "rm" / "ckpt.pt")  # retrained
+    assert sweep_problem(d, sft, rm) == f"the beta0 run ({d}/beta0) was trained from another --rm than {rm}: run " \
+                                        f"the sweep again"
+    assert sweep_problem(d, sft, None) is None and sweep_problem(d) is None
+    torch.save({"stage": "sft", "w": torch.randn(4)}, tmp_path / "sft" / "ckpt.pt")
+    assert "trained from another --sft and --rm than " in sweep_problem(d, sft, rm)
+    # runs saved before the digests were kept: not compared
+    for name in kl_sweep.RUNS:
+        torch.save({"step": 3}, tmp_path / "sweep" / name / "train_state.pt")
+    assert sweep_problem(d, sft, rm) is None
+    assert sweep_problem(str(tmp_path / "nothing"), sft, rm) is None

@@ -147,14 +147,14 @@ def test_static_memory_against_plain_table(precision):
     keys = ("weights", "weights_host", "grads", "optim", "trainable")
     for rank in (0, 3):
         for shared in (False, True):
-            for offload in (set(), {"ref"}, {"rm"}, {"ref", "rm"}):
-                got = F.static_memory(SHAPE, rank, shared, offload, prec)
-                roles, resident = plain_static(rank, shared, offload, prec)
+            for offloaded in (set(), {"ref"}, {"rm"}, {"ref", "rm"}):
+                got = F.static_memory(SHAPE, rank, shared, offloaded, prec)
+                roles, resident = plain_static(rank, shared, offloaded, prec)
                 for role in F.ROLES:
-                    assert [got["roles"][role][k] for k in keys] == roles[role], (rank, shared, offload, role)
+                    assert [got["roles"][role][k] for k in keys] == roles[role], (rank, shared, offloaded, role)
                 for i, k in enumerate(keys):
-                    assert got["total"][k] == sum(r[i] for r in roles.values()), (rank, shared, offload, k)
-                assert got["resident"] == resident, (rank, shared, offload)
+                    assert got["total"][k] == sum(r[i] for r in roles.values()), (rank, shared, offloaded, k)
+                assert got["resident"] == resident, (rank, shared, offloaded)
                 assert F.static_total(got) == sum(sum(r[:4]) for r in roles.values())
 
 
@@ -726,6 +726,7 @@ def test_memory_script_table_and_measure(capsys, monkeypatch):
     (["--lora_targets", "zzz"], "--lora_targets: LoRA targets 'zzz' match no Linear layer"),
     (["--stage", "sft", "--options", "full,shared"], "--options shared: --stage sft has only the options full and lora"),
     (["--stage", "rm", "--options", "offload,lora"], "--options offload: --stage rm has only the options full and lora"),
+    (["--device", "cuda:7"], "--device: is where --measure runs train_ppo.py; without --measure nothing runs"),
 ])
 def test_memory_script_refuses_bad_flags_in_one_line(capsys, flags, message):
     # sizes that would print negative bytes, a head count that does not divide the width, an empty table, a PPO
