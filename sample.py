@@ -76,6 +76,12 @@ def check_flags(cfg):
     check(cfg.top_k is None or cfg.top_k >= 1, f"--top_k {cfg.top_k}: must be at least 1")
     check(cfg.top_p is None or 0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]")
     check(cfg.max_new_tokens >= 1, f"--max_new_tokens {cfg.max_new_tokens}: must be at least 1")
+    # greedy decoding takes the most likely token: no draw for top-k or top-p to narrow, the same response every time
+    if cfg.temperature == 0:
+        given = [f"--{f}" for f in ("top_k", "top_p") if getattr(cfg, f) is not None]
+        check(not given, f"{', '.join(given)} with --temperature 0: greedy decoding samples nothing to narrow")
+        check(cfg.num_samples in (None, 1), f"--num_samples {cfg.num_samples} with --temperature 0: greedy decoding "
+                                           f"gives each prompt one response, the same every time")
 
 
 def load(flag_name, path, device, kind="gpt"):

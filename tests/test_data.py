@@ -6,7 +6,7 @@ import torch
 
 from nanorlhf.data import (DataError, LengthGroupedSampler, collate, encode_prefs, encode_prompts, encode_sft,
                            pack_shared_prefix, padding_fraction, read_prefs, read_prompts, read_sft, shared_prefix_len,
-                           split_hh, to_device)
+                           slots_run, split_hh, to_device)
 from nanorlhf import utils
 from nanorlhf.tokenizer import Tokenizer
 
@@ -71,6 +71,8 @@ BAD = [
     (read_prefs, lines({"chosen": HH["chosen"], "rejected": "\n\nHuman: hi\n\nAssistant: "}),
      ":1: field 'rejected': empty response"),
     (read_prefs, lines({"chosen": HH["chosen"], "rejected": HH["chosen"]}), ":1: field 'rejected': identical to chosen"),
+    (read_prefs, lines({"chosen": "\n\nHuman: \n\nAssistant: a", "rejected": "\n\nHuman: \n\nAssistant: b"}),
+     ":1: field 'chosen': empty prompt before the last '\\n\\nAssistant:'"),
     (read_prompts, lines({"prompt": "a"}, {"text": "b"}), ":2: field 'prompt': missing"),
     (read_prompts, b'{"prompt": "a"}\n\x80\n', ":2: not valid UTF-8 (byte 0x80 at column 1)"),
 ]
@@ -270,6 +272,19 @@ def test_encode_sft_messages():
     out, n = encode_sft([{"messages": msgs}], TOK, 20)
     assert out == [(ids[end - 20:end], mask[end - 20:end])] and n == 1
     assert encode_sft([{"messages": msgs}], TOK, 4) == ([], 0)  # ' bb' + eos + 1 context token = 5 > 4
+    # a conversation that ends with an assistant turn is trained on whole, its last turn included
+    rng = random.Random(3)
+    for _ in range(20):
+        n_turns = rng.randint(1, 4)
+        msgs = [{"role": role, "content": rng.choice("abc") * rng.randint(1, 5)}
+                for _ in range(n_turns) for role in ("user", "assistant")]
+        want = [], []
+        for m in msgs:  # the template written out: "\n\nHuman: u" mask 0, "\n\nAssistant:" 0, " a" + eos 1
+            head = TOK.encode(f"\n\nHuman: {m['content']}" if m["role"] == "user" else "\n\nAssistant:")
+            tail = TOK.encode(" " + m["content"]) + [TOK.eos_id] if m["role"] == "assistant" else []
+            want[0].extend(head + tail)
+            want[1].extend([0] * len(head) + [1] * len(tail))
+        assert encode_sft([{"messages": msgs}], TOK, 1000) == ([want], 0)
 
 
 def test_encode_prefs_and_prompts():
@@ -331,6 +346,24 @@ def test_encode_prefs_matches_plain_loop():
     assert 0 < n_truncated < len(out) and n_dropped > 0 and len(out) < len(records)  # every case occurs
 
 
+def test_encode_prompts_matches_plain_loop():
+    # prompts whose rendered length is below, exactly at and above the limit: only those above are cut and counted
+    rng = random.Random(1)
+    limit = 40
+    base = len(TOK.render_prompt(""))  # the template's own tokens (byte level: one per byte)
+    prompts = ["x" * (limit - base + rng.randint(-3, 3)) for _ in range(60)]
+    assert {len(TOK.render_prompt(p)) - limit for p in prompts} == set(range(-3, 4))  # every case occurs
+    ids, n = encode_prompts(prompts, TOK, limit)
+    want, n_ref = [], 0
+    for p in prompts:
+        full = TOK.render_prompt(p)
+        if len(full) > limit:
+            n_ref += 1
+            full = full[len(full) - limit:]  # cut from the left
+        want.append(full)
+    assert ids == want and n == n_ref
+
+
 # -----------------------------------------------------------------------------
 # the length-grouped sampler
 
@@ -375,6 +408,18 @@ def test_sampler_drop_last_and_no_shuffle():
     assert len(set(i for b in batches for i in b)) == 6
     s = LengthGroupedSampler(lengths, batch_size=3, shuffle=False)
     assert list(s) == [[1, 2, 0], [4, 3, 6], [5]]
+    # drop_last leaves out the one short batch, wherever the shuffle put it (not the last batch served)
+    rng = random.Random(4)
+    lengths = [rng.randint(1, 30) for _ in range(23)]
+    places = set()
+    for seed in range(20):
+        full = LengthGroupedSampler(lengths, batch_size=4, seed=seed, chunk_batches=2).batches(0)
+        short = [k for k, b in enumerate(full) if len(b) < 4]
+        assert len(short) == 1
+        places.add(short[0])
+        kept = LengthGroupedSampler(lengths, batch_size=4, seed=seed, chunk_batches=2, drop_last=True).batches(0)
+        assert kept == full[:short[0]] + full[short[0] + 1:]
+    assert len(places) > 1
 
 
 def test_sampler_resume_continues_identically():
@@ -405,6 +450,14 @@ def test_sampler_resume_continues_identically():
     assert got == stream
     with pytest.raises(DataError, match="sampler state is for 300 examples"):
         LengthGroupedSampler(lengths[:10], batch_size=8).load_state_dict(state)
+    # the state carries the seed: a sampler built with another seed (a changed --seed flag) resumes the stream
+    other = LengthGroupedSampler(lengths, batch_size=8, seed=4)
+    other.load_state_dict(state)
+    rest = []
+    for epoch in range(state["epoch"], 3):
+        other.set_epoch(epoch)
+        rest += list(other)
+    assert got[:50] + rest == stream
 
 
 # -----------------------------------------------------------------------------
@@ -436,6 +489,24 @@ def test_collate_right_and_left_pad():
     assert b["idx"][0, -3:].tolist() == [1, 2, 3]
     assert collate([[1] * 9], pad, multiple=8, max_len=12)["idx"].shape == (1, 12)
     assert collate([[1] * 9], pad, multiple=8)["idx"].shape == (1, 16)
+
+
+def test_collate_width_is_the_longest_rounded_up():
+    # T is the smallest multiple of `multiple` that holds the longest sequence (a longest that is already a
+    # multiple gets no extra column), capped at max_len
+    rng = random.Random(2)
+    for _ in range(200):
+        multiple = rng.choice([1, 2, 8, 16])
+        seqs = [[1] * rng.randint(1, 40) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.5:  # a longest of exactly a multiple
+            seqs[0] = [1] * (multiple * rng.randint(1, 3))
+        longest = max(map(len, seqs))
+        T = longest
+        while T % multiple:
+            T += 1
+        assert collate(seqs, 0, multiple=multiple)["idx"].shape == (len(seqs), T)
+        max_len = rng.randint(longest, longest + 20)
+        assert collate(seqs, 0, multiple=multiple, max_len=max_len)["idx"].shape == (len(seqs), min(T, max_len))
 
 
 def test_shared_prefix_len_leaves_each_sequence_its_last_token():
@@ -473,6 +544,14 @@ def test_pack_shared_prefix_layout():
     assert flat.shape == plain["idx"].shape
     assert torch.equal(flat * plain["attention_mask"], plain["idx"])
     assert padding_fraction(p) == pytest.approx(5 / 16)
+    # the trainers put the packed rows into the collated batch (batch.update): the slots run are still the packed ones
+    n_packed = 0
+    for grp in groups:
+        L = shared_prefix_len(grp)
+        n_packed += L + sum(len(s) - L for s in grp)  # the prefix once, then each sequence's own tokens
+    both = {**plain, **p}
+    assert torch.equal(slots_run(both), p["packed_real"])
+    assert padding_fraction(both) == pytest.approx(1 - n_packed / p["packed_idx"].numel())
 
 
 def test_pack_shared_prefix_unpacks_to_collates_width_under_max_len():

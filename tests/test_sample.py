@@ -6,6 +6,7 @@ the chat on standard input (multi-turn, streamed, ends at EOF) and the bad input
 
 import io
 import json
+import random
 import shutil
 import sys
 
@@ -15,9 +16,9 @@ import torch
 from scripts import closed_early, script, track_checkpoint_dicts
 
 import sample
-from nanorlhf import tasks
+from nanorlhf import tasks, utils
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.tokenizer import Tokenizer, train_bpe
 from nanorlhf.utils import model_payload, run, save_checkpoint
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -36,10 +37,10 @@ def tiny_rm():
     return rm.eval()
 
 
-def tiny_gpt(seed):
+def tiny_gpt(seed, **config):
     """A random tiny byte-level GPT whose (tied) EOS embedding is scaled up, so that responses end early."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(GPTConfig(**{**TINY, **config}))
     with torch.no_grad():
         model.transformer.wte.weight[TOK.eos_id] *= 16.0
     return model.eval()
@@ -58,6 +59,13 @@ def ckpts(tmp_path_factory):
     save_checkpoint(str(d / "ppo"), model_payload(tiny_rm(), TOK, "ppo", {}, 1), "critic.pt")  # a scalar model too
     (d / "not_a_ckpt").mkdir()
     save_checkpoint(str(d / "run"), {"optimizer": {}, "step": 3}, "train_state.pt")  # a valid torch file, no model
+    bpe = Tokenizer("bpe", train_bpe("sort 3 1 2 " * 20, 260))  # another tokenizer of another vocabulary size
+    torch.manual_seed(4)
+    save_checkpoint(str(d / "bpe"), model_payload(GPT(GPTConfig(**{**TINY, "vocab_size": bpe.vocab_size})), bpe, "sft", {}, 1))
+    torch.manual_seed(5)
+    bpe_rm = ScalarGPT(GPTConfig(**{**TINY, "vocab_size": bpe.vocab_size}))
+    save_checkpoint(str(d / "bpe_rm"), model_payload(bpe_rm, bpe, "rm", {}, 1, reward_mean=RM_MEAN, reward_std=RM_STD))
+    save_checkpoint(str(d / "short"), model_payload(tiny_gpt(6, block_size=32), TOK, "sft", {}, 1))
     newer = model_payload(tiny_gpt(1), TOK, "ppo", {}, 1)
     newer["model_config"]["rope"] = True  # a config field of another version
     save_checkpoint(str(d), newer, "newer.pt")
@@ -277,6 +285,24 @@ def interrupt_reply(monkeypatch, at):
     return calls
 
 
+def test_chat_history_holds_each_reply_as_it_was_shown(ckpts, capsys, monkeypatch):
+    # a reply with whitespace around it (here " yo \n", shown as "yo \n") joins the conversation unchanged: the
+    # next turn's prompt is the template around exactly that text
+    calls = []
+
+    def fake(model, tok, ids, n, seed, cfg, rt, on_token=None):
+        calls.append(list(ids))
+        reply = TOK.encode("  yo \n") + [TOK.eos_id]
+        return [(reply, sample.decode_response(tok, reply), True)]
+
+    monkeypatch.setattr(sample, "sample_responses", fake)
+    rows = [json.loads(line) for line in run_main(["--ckpt", str(ckpts / "a"), "--max_new_tokens", "6", "--json"],
+                                                  capsys, "hi\nagain\n", monkeypatch).splitlines()]
+    shown = rows[0]["response"]
+    assert shown.strip() == "yo" and shown != "yo"
+    assert calls == [template("hi"), template("hi", shown, "again")]
+
+
 def test_chat_ctrl_c_during_a_reply_drops_the_turn_and_comes_back_to_the_prompt(ckpts, capsys, monkeypatch):
     # at a terminal, with --compare: Ctrl-C while the second policy streams its reply to turn 0 ends that line and
     # drops the turn from both conversations (the first policy had answered it); the next line is turn 0 again
@@ -346,6 +372,18 @@ def test_streamer_prints_whole_characters_only():
     (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"], "--max_new_tokens 65: leaves no room"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
     (["--ckpt", "{d}/a", "--num_samples", "4"], "--num_samples 4: the chat samples one reply per turn"),
+    (["--ckpt", "{d}/a", "--compare", "{d}/a", "--prompt", "x"], "--compare {d}/a: the same checkpoint as --ckpt"),
+    (["--ckpt", "{d}/a", "--compare", "{d}/bpe", "--prompt", "x"], "--compare {d}/bpe: its tokenizer differs from --ckpt's"),
+    (["--ckpt", "{d}/a", "--rm", "{d}/bpe_rm", "--prompt", "x"], "--rm {d}/bpe_rm: its tokenizer differs from --ckpt's"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--temperature", "-0.1"], "--temperature -0.1: must be 0 (greedy) or more"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "1.01"], "--top_p 1.01: must be in (0, 1]"),
+    # greedy decoding: the flags that shape a draw narrowed nothing, and k samples were k copies of one response
+    (["--ckpt", "{d}/a", "--prompt", "x", "--temperature", "0", "--top_k", "3"],
+     "--top_k with --temperature 0: greedy decoding samples nothing to narrow"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--temperature", "0", "--top_p", "0.9", "--top_k", "2"],
+     "--top_k, --top_p with --temperature 0"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--temperature", "0", "--num_samples", "3"],
+     "--num_samples 3 with --temperature 0: greedy decoding gives each prompt one response"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpts, argv, message, capsys):
     argv = [a.format(d=ckpts) for a in argv]
@@ -370,3 +408,86 @@ def test_chat_ids_encode_the_text_before_the_answer_in_one_piece():
              {"role": "user", "content": "sort 2 1\n"}]
     assert sample.chat_ids(tok, turns) == tok.render("sort 3 1 2", "1 2 3")[0] + tok.encode(
         "\n\nHuman: sort 2 1\n\n\nAssistant:")
+
+
+def test_rm_scores_cut_a_long_sequence_from_the_left(ckpts):
+    # prompt + response longer than the RM's context keeps its last block_size tokens (the response whole); shorter
+    # ones of different lengths are padded in one batch and read at their own last token
+    rm, rt = tiny_rm(), utils.setup_runtime("cpu", "float32")
+    prompt = TOK.encode("x" * 50)
+    responses = [(TOK.encode(" " + "y" * n) + [TOK.eos_id], "", True) for n in (2, 9, 20)] + [(TOK.encode(" z"), "", False)]
+    got = sample.rm_scores(rm, TOK, prompt, responses, (RM_MEAN, RM_STD), rt)
+    ref_rm = tiny_rm()
+    want = [reference_rm_score(ref_rm, (prompt + ids)[-64:]) for ids, _, _ in responses]
+    assert len(prompt + responses[2][0]) > 64  # the case of the cut
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_score_note_and_table_layout():
+    # the note against the format written out: a signed RM score with 2 decimals, gold with 3, "no EOS" last
+    rng = random.Random(0)
+    for _ in range(50):
+        rm = rng.choice([None, rng.uniform(-5, 5)])
+        gold = rng.choice([None, rng.uniform(0, 1)])
+        ended = rng.random() < 0.5
+        parts = []
+        if rm is not None:
+            parts.append("rm " + ("+" if rm >= 0 else "-") + f"{abs(rm):.2f}")
+        if gold is not None:
+            parts.append(f"gold {gold:.3f}")
+        if not ended:
+            parts.append("no EOS")
+        assert sample.score_note(rm, gold, ended) == ("  (" + ", ".join(parts) + ")" if parts else "")
+    # the table: sample k of every policy, one under the other, then sample k + 1; a response's newlines indented
+    names = ["out/ppo", "sft"]
+    results = {name: [{"response": f"{name} says {k}\nline two", "rm": None, "gold": None, "eos": True}
+                      for k in range(3)] for name in names}
+    out = io.StringIO()
+    sample.print_table("sort 3 1", 4, names, results, out)
+    want = ["prompt 5: sort 3 1"]
+    for k in range(3):
+        for name in names:
+            want.append(f"  {k + 1:2d}  {name:7s}  {name} says {k}")
+            want.append(" " * 15 + "line two")
+    assert out.getvalue() == "\n".join(want) + "\n\n"
+
+
+def test_chat_gold_judges_the_last_user_turn(ckpts, capsys, monkeypatch):
+    # the built-in task's judge scores the reply to the turn it answers, not to the conversation's first turn
+    args = ["--ckpt", str(ckpts / "a"), "--max_new_tokens", "6", "--json"]
+    rows = [json.loads(line) for line in run_main(args, capsys, "hello\nsort 3 1 2\n", monkeypatch).splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello", "sort 3 1 2"]
+    assert rows[0]["gold"] is None and rows[1]["gold"] == tasks.gold("sort 3 1 2", rows[1]["response"])
+
+
+def test_greedy_and_full_nucleus_are_accepted(ckpts, capsys):
+    # --top_p 1 is in range: the whole distribution, so the responses of plain sampling
+    args = ["--ckpt", str(ckpts / "a"), "--prompt", "sort 5 3 8 1", "--max_new_tokens", "8", "--json"]
+    rows = [json.loads(line) for line in run_main(args + ["--top_p", "1", "--num_samples", "2"], capsys).splitlines()]
+    assert [r["response"] for r in rows] == reference_sample(tiny_gpt(1), template("sort 5 3 8 1"), 2, 0, 8)
+    # --temperature 0 (greedy) is in range: the response is the argmax continuation
+    out = run_main(args + ["--temperature", "0", "--num_samples", "1"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    model, seq, ids = tiny_gpt(1), template("sort 5 3 8 1"), []
+    with torch.no_grad():
+        for _ in range(8):
+            t = int(model(torch.tensor([seq]))[0, -1].argmax())
+            ids.append(t)
+            if t == TOK.eos_id:
+                break
+            seq.append(t)
+    text = TOK.decode([t for t in ids if t != TOK.eos_id])
+    assert [r["response"] for r in rows] == [text[1:] if text.startswith(" ") else text]
+
+
+def test_the_prompt_is_cut_to_the_shorter_context_of_the_two_policies(ckpts, capsys):
+    # --compare with a policy of block_size 32: both policies see the prompt cut to 32 - max_new_tokens + 1 tokens
+    p = "sort " + " ".join(["7"] * 20)
+    out = run_main(["--ckpt", str(ckpts / "a"), "--compare", str(ckpts / "short"), "--prompt", p, "--num_samples", "2",
+                    "--max_new_tokens", "8", "--seed", "4", "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    budget = 32 - 8 + 1
+    assert len(template(p)) > budget
+    for name, model in ((str(ckpts / "a"), tiny_gpt(1)), (str(ckpts / "short"), tiny_gpt(6, block_size=32))):
+        want = reference_sample(model, template(p)[-budget:], 2, 4, 8)
+        assert [r["response"] for r in rows if r["policy"] == name] == want

@@ -4,6 +4,7 @@ the incremental trainer against a plain recount-every-merge reference, GPT-2's k
 vocabulary file, no special-token injection, the template's masks, and exact checkpoint save/restore.
 """
 
+import base64
 import functools
 import io
 import random
@@ -182,6 +183,52 @@ def test_bad_tiktoken_file(tmp_path):
     with pytest.raises(ValueError, match="bad.tiktoken.*0..256"):
         Tokenizer.from_tiktoken_file(str(path))
 
+def test_save_tiktoken_writes_one_line_per_token_in_rank_order(tmp_path):
+    ranks = trained_ranks()
+    shuffled = list(ranks.items())
+    random.Random(8).shuffle(shuffled)  # the dict's own order must not matter
+    save_tiktoken(dict(shuffled), tmp_path / "x.tiktoken")
+    by_rank = sorted(ranks, key=ranks.get)
+    want = "".join(f"{base64.b64encode(t).decode('ascii')} {r}\n" for r, t in enumerate(by_rank))
+    assert (tmp_path / "x.tiktoken").read_text() == want
+
+
+def test_tiktoken_file_with_blank_lines_loads(tmp_path):
+    path = tmp_path / "x.tiktoken"
+    save_tiktoken(trained_ranks(), path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:10] + ["", "  "] + lines[10:]) + "\n\n")
+    assert load_tiktoken(str(path)) == trained_ranks()
+
+
+def test_tiktoken_file_missing_a_byte_or_with_a_token_twice(tmp_path):
+    path = tmp_path / "bad.tiktoken"
+    # every single byte is needed, the last one (255) too
+    ranks = {bytes([i]): i for i in range(255)}
+    ranks[b"ab"] = 255
+    save_tiktoken(ranks, path)
+    with pytest.raises(ValueError, match=r"bad.tiktoken: 1 single-byte tokens are missing \(e.g. byte 255\)"):
+        load_tiktoken(str(path))
+    # a token listed twice is named with its line, not reported as a gap in the ranks
+    save_tiktoken({bytes([i]): i for i in range(256)}, path)
+    with open(path, "a") as f:
+        f.write(base64.b64encode(b"a").decode("ascii") + " 256\n")
+    with pytest.raises(ValueError, match=r"bad.tiktoken:257: token b'a' appears twice"):
+        load_tiktoken(str(path))
+
+
+def test_a_file_of_gpt2s_size_is_named_gpt2(tmp_path):
+    """from_tiktoken_file names a file of exactly GPT-2's 50256 ranks "gpt2", any other by its file name."""
+    for n, name in [(50256, "gpt2"), (50257, "big"), (50255, "big")]:
+        ranks = {bytes([i]): i for i in range(256)}
+        for j in range(n - 256):  # distinct 3-byte tokens
+            ranks[bytes([97 + j // 256 % 26, j % 256, 65 + j // (256 * 26)])] = len(ranks)
+        assert len(ranks) == n
+        save_tiktoken(ranks, tmp_path / "big.tiktoken")
+        tok = Tokenizer.from_tiktoken_file(str(tmp_path / "big.tiktoken"))
+        assert (tok.name, tok.eos_id, tok.pad_id) == (name, n, n + 1)
+
+
 # -----------------------------------------------------------------------------
 # GPT-2
 
@@ -326,6 +373,19 @@ def test_checkpoint_roundtrip(source):
         assert tok2.render(s, s) == tok.render(s, s)
 
 
+def test_checkpoint_keeps_the_split_pattern():
+    # a tokenizer with its own split pattern (here: words and whitespace runs apart, so " the" never forms) comes
+    # back from its checkpoint dict with that pattern, not GPT-2's
+    tok = Tokenizer("ws", trained_ranks(), pattern=r"\S+|\s+")
+    back = Tokenizer.from_dict(tok.to_dict())
+    assert back.pattern == tok.pattern
+    text = "The quick brown fox jumps over the lazy dog."
+    assert tok.encode(text) != Tokenizer("gpt2-split", trained_ranks()).encode(text)  # the pattern matters here
+    rng = random.Random(9)
+    for s in [text] + [random_text(rng, 40) for _ in range(50)]:
+        assert back.encode(s) == tok.encode(s)
+
+
 def test_same_encoding_ignores_the_name_only(tmp_path):
     """A tokenizer read back from a .tiktoken file (named after the file) encodes like the one saved: same_encoding;
     other merges, or the same merges in another order, do not."""
@@ -411,6 +471,36 @@ def test_train_cli_refuses_to_write_over_its_training_text(tmp_path, monkeypatch
         assert e.value.code == 2 and err.count("\n") == 1 and f"--out {out} is the --train file" in err, err
     assert corpus.read_text() == "the cat sat on the mat " * 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hard.txt", "link.txt", "sub"]
+
+
+def test_train_cli_reports_its_numbers_and_no_note_when_the_vocabulary_is_full(tmp_path, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "x.tiktoken"
+    corpus.write_text("the cat sat on the mat " * 20)
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "260", "--out", str(out)])
+    assert len(load_tiktoken(str(out))) == 260  # all the merges asked for
+    stdout, err = capsys.readouterr()
+    assert err == ""
+    # the report's numbers, recomputed: 4 merges, the corpus's bytes per token of the written file
+    text = corpus.read_text()
+    n_bytes, n_tokens = len(text.encode()), len(Tokenizer.from_tiktoken_file(str(out)).encode(text))
+    assert n_tokens < n_bytes
+    assert f"trained 4 merges on {n_bytes / 1e6:.2f} MB" in stdout, stdout
+    assert f"compression on the training text: {n_bytes / n_tokens:.2f} bytes/token ({n_tokens} tokens)" in stdout
+
+
+def test_train_cli_refuses_a_vocab_size_below_the_bytes(tmp_path, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat " * 20)
+    for vocab_size in (255, 0):
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(["--train", str(corpus), "--vocab_size", str(vocab_size), "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--vocab_size must be at least 256, got {vocab_size}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
 
 
 def test_train_cli_says_when_the_corpus_gives_fewer_merges_than_asked(tmp_path, capsys):
