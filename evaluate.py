@@ -499,10 +499,10 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     # the runs there must be one finished sweep from this report's SFT and RM (a `make SEED=1` in the same out/
     # retrains those, and a killed rerun of the sweep leaves an unfinished run beside a finished one)
     problem = sweep_problem(sweep_dir, cfg.sft, cfg.rm)
-    sweep = None if problem else sweep_section(sweep_dir, plt, cfg.out_dir)
     if problem:
         md += ["", f"## Over-optimisation\n\nNot shown: {problem}."]
     else:
+        sweep = sweep_section(sweep_dir, plt, cfg.out_dir)
         md += ["", sweep if sweep else "## Over-optimisation\n\nNot measured yet: `python kl_sweep.py` runs PPO "
                "longer with beta = 0 and with the default beta into out/sweep; rerun evaluate.py afterwards."]
     if cfg.n_show > 0:  # --n_show 0: none shown, and no empty table

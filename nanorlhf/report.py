@@ -145,6 +145,7 @@ def sweep_problem(sweep_dir, sft=None, rm=None):
     if not os.path.isdir(sweep_dir):
         return None
     names = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
+    now = train_common.input_digests({"--sft": sft, "--rm": rm}) if names and sft else {}  # rm None: not compared
     lengths = {}
     for name in names:
         run = os.path.join(sweep_dir, name)
@@ -156,9 +157,8 @@ def sweep_problem(sweep_dir, sft=None, rm=None):
             return (f"the {name} run ({run}) stopped at iteration {done} of {planned}: finish it (python train_ppo.py "
                     f"--out_dir {run} --resume on) or run the sweep again")
         lengths[name] = planned
-        if sft is not None and os.path.isfile(os.path.join(run, utils.TRAIN_STATE)):
+        if now and os.path.isfile(os.path.join(run, utils.TRAIN_STATE)):
             saved = utils.load_checkpoint(run, name=utils.TRAIN_STATE, mmap=True).get("inputs") or {}
-            now = train_common.input_digests({"--sft": sft, "--rm": rm})  # rm None: not compared
             other = [f for f in now if saved.get(f, now[f]) != now[f]]
             if other:
                 return (f"the {name} run ({run}) was trained from another {' and '.join(other)} than "
