@@ -453,3 +453,77 @@ def test_evaluate_is_the_mean_over_all_pairs():
     assert got["val_loss"] == pytest.approx(sum(-log_sigmoid(m) for m in margins) / 8, rel=1e-9)
     assert got["val_acc"] == pytest.approx(sum(m > 0 for m in margins) / 8, rel=1e-6)  # float32 per batch
     assert got["val_margin"] == pytest.approx(sum(margins) / 8, rel=1e-9)
+
+
+def test_rows_average_the_steps_since_the_last_row_over_the_pairs_of_each_step(tiny_run, tmp_path, monkeypatch,
+                                                                               one_thread):
+    """
+    6 steps of 2 micro-batches of prompts with K = 2, 3 or 4 responses (1, 3 or 6 pairs: the micro-batches of a step
+    hold different numbers of pairs), stopped after step 4 (--stop_at) and resumed, rows at steps 2, 3 (an
+    evaluation), 4 (the stop's evaluation) and 6 (an evaluation). Each row recomputed from the
+    training batches and batch_loss's numbers captured in the run: loss, acc, margin, chosen_reward and
+    rejected_reward are the means over the steps since the last row of each step's mean over its pairs; tokens
+    the mean over those steps of the real tokens of the step's rows (no shared prompts), pad_frac the mean of the
+    step's mean padding fraction; lr the textbook schedule at the row's step (linear warmup to --lr over --warmup
+    steps, then cosine to --min_lr at --max_steps, not at --stop_at). Every evaluation runs the first --eval_batches
+    held-out batches.
+    """
+    records = [{"prompt": f"sort {i} {i + 1}", "responses": ["1 2", "2 1", "1 1 2", "2"][:2 + i % 3],
+                "ranking": list(range(2 + i % 3))[::-1]} for i in range(24)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    real_loss, real_eval, calls, evals = train_dpo.batch_loss, train_dpo.evaluate, [], []
+
+    def keep_loss(model, batch, beta, rt):
+        loss, stats = real_loss(model, batch, beta, rt)
+        if torch.is_grad_enabled():  # a training micro-batch, not the evaluation
+            calls.append((batch, loss.item(), {k: v.item() for k, v in stats.items()}))
+        return loss, stats
+
+    def keep_eval(model, batches, beta, rt):
+        evals.append([b["winner"].tolist() for b in batches])
+        return real_eval(model, batches, beta, rt)
+
+    monkeypatch.setattr(train_dpo, "batch_loss", keep_loss)
+    monkeypatch.setattr(train_dpo, "evaluate", keep_eval)
+    out = tmp_path / "out"
+    argv = dpo_cmd(tiny_run, out, "--data", str(data), "--grad_accum", "2", "--log_interval", "2", "--share_prompts",
+                   "false", "--dtype", "float32", "--min_lr", "2e-4", gold=False)
+    monkeypatch.setattr(sys, "argv", argv + ["--stop_at", "4"])
+    train_dpo.main()
+    monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--out_dir", str(out), "--resume"])
+    train_dpo.main()
+    rows = read_metrics(str(out))
+    assert [r["step"] for r in rows] == [0, 2, 3, 4, 6] and len(calls) == 12
+    assert [("val_loss" in r) for r in rows] == [True, False, True, True, True]
+    assert len(evals) == 4 and all(e == evals[0] for e in evals) and len(evals[0]) == 2  # --eval_batches 2
+
+    steps = []  # per step: the means over its pairs, its real tokens, its mean padding fraction
+    for s in range(6):
+        micro = calls[2 * s:2 * s + 2]
+        pairs = [len(b["winner"]) for b, _, _ in micro]
+        assert all(p >= 1 for p in pairs)
+        mean = lambda values: sum(v * p for v, p in zip(values, pairs)) / sum(pairs)  # noqa: E731
+        step = {"loss": mean([loss for _, loss, _ in micro])}
+        for key, stat in (("acc", "accuracy"), ("margin", "margin"), ("chosen_reward", "chosen_reward"),
+                          ("rejected_reward", "rejected_reward")):
+            step[key] = mean([stats[stat] for _, _, stats in micro])
+        real = [sum(sum(row) for row in b["attention_mask"].tolist()) for b, _, _ in micro]
+        step["tokens"] = sum(real)
+        step["pad_frac"] = sum(1 - r / b["attention_mask"].numel() for r, (b, _, _) in zip(real, micro)) / 2
+        steps.append(step)
+    assert len({sum(len(b["winner"]) for b, _, _ in calls[2 * s:2 * s + 2]) for s in range(6)} |
+               {len(b["winner"]) for b, _, _ in calls}) > 2  # the pairs differ between micro-batches and steps
+
+    def lr_at(s):  # s: the 0-based index of the step
+        if s < 2:
+            return 1e-3 * (s + 1) / 2
+        return 2e-4 + 0.5 * (1 + math.cos(math.pi * (s - 2) / (6 - 2))) * (1e-3 - 2e-4)
+
+    for row, (first, last) in zip(rows[1:], [(1, 2), (3, 3), (4, 4), (5, 6)]):
+        window = steps[first - 1:last]
+        for key in ("loss", "acc", "margin", "chosen_reward", "rejected_reward", "tokens", "pad_frac"):
+            want = sum(s[key] for s in window) / len(window)
+            assert row[key] == pytest.approx(want, rel=1e-5, abs=1e-6), (row["step"], key)
+        assert row["lr"] == pytest.approx(lr_at(row["step"] - 1), rel=1e-5), row["step"]  # logged to 6 digits
+    assert len({r["lr"] for r in rows[1:]}) == 3  # the peak at steps 2 and 3

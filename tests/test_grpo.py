@@ -236,6 +236,7 @@ def test_update_with_equal_rewards_leaves_the_policy_unchanged(kind):
     out = train_grpo.grpo_update(actor, opt, exp, args, rt, args.lr)
     assert all(math.isfinite(v) for v in out.values())
     assert all(torch.equal(v, before[k]) for k, v in actor.state_dict().items())
+    assert "kl_loss" not in out  # beta 0: no k3 term in the loss, none logged
 
 
 @pytest.mark.parametrize("kind, max_grad_norm", [("grpo", 1.0), ("dr_grpo", 1.0), ("rloo", 1.0), ("grpo", 0.0)])
@@ -317,7 +318,8 @@ def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_s
     The sum runs over all rows: a minibatch's loss is the mean over its mb_size responses, so the minibatches'
     losses add up to this whatever rows the shuffle gave each. A response's real tokens run up to its first EOS,
     the EOS included. -> (loss, the number of tokens where the clip bound (its clipped term the larger loss,
-    strictly), the number where it did not, the ratios of all real tokens as floats).
+    strictly), the number where it did not, the ratios of all real tokens as floats, {"pg_loss", "kl_loss"}: the
+    surrogate and the k3 terms of loss as floats, each 1 / mb_size * sum_i (1 / |y_i| | 1 / L_max | 1) * sum_t).
     """
     beta, eps, T = args.kl_coef, args.clip_coef, args.temperature
     lp, lp_old, lp_ref, rewards = [], [], [], []
@@ -332,21 +334,25 @@ def ref_objective(policy, old, ref, reward_model, prompts, responses, args, mb_s
             r -= beta * sum(a - b for a, b in zip(lp_old[-1], lp_ref[-1]))
         rewards.append(r)
     adv = ref_advantages(rewards, args.group_size, args.advantage, args.adv_eps)
-    loss, n_bound, n_free, ratios = 0.0, 0, 0, []
+    loss, n_bound, n_free, ratios, parts = 0.0, 0, 0, [], {"pg_loss": 0.0, "kl_loss": 0.0}
     for i in range(len(prompts)):
-        total = 0.0
+        total, pg, kl = 0.0, 0.0, 0.0
         for t in range(len(lp[i])):
             ratio = torch.exp(lp[i][t] - lp_old[i][t])
-            total = total - torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+            l_t = -torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+            total, pg = total + l_t, pg + l_t.item()
             bound = (adv[i] > 0 and ratio.item() > 1 + eps) or (adv[i] < 0 and ratio.item() < 1 - eps)
             n_bound, n_free = n_bound + bound, n_free + (not bound)
             ratios.append(ratio.item())
             if args.kl_in == "loss":
                 log_r = lp_ref[i][t] - lp[i][t]  # log(pi_ref / pi)
-                total = total + beta * (torch.exp(log_r) - log_r - 1)
+                k3 = torch.exp(log_r) - log_r - 1
+                total, kl = total + beta * k3, kl + k3.item()
         n = {"grpo": len(lp[i]), "dr_grpo": args.response_length, "rloo": 1}[args.advantage]
         loss = loss + total / n
-    return loss / mb_size, n_bound, n_free, ratios
+        parts["pg_loss"] += pg / n / mb_size
+        parts["kl_loss"] += kl / n / mb_size
+    return loss / mb_size, n_bound, n_free, ratios, parts
 
 
 def update_against_the_papers_objective(kind, kl_in, num_minibatches, monkeypatch):
@@ -357,7 +363,8 @@ def update_against_the_papers_objective(kind, kl_in, num_minibatches, monkeypatc
     policy moved away from pi_old (the clip binds on some tokens, as in a later epoch) and pi_old away from pi_ref
     (the KL and its gradient are not 0); 12 responses in num_minibatches minibatches of 3 micro-batches each. The
     optimizer step is replaced by one that keeps the minibatch's gradient and leaves the weights where they are.
-    -> (grpo_update's stats, the number of tokens where the clip bound, where it did not, the ratios of all tokens).
+    -> (grpo_update's stats, the number of tokens where the clip bound, where it did not, the ratios of all tokens,
+    ref_objective's loss and its parts: sums over all the minibatches).
     """
     tok = Tokenizer.byte_level()
     ref, _, reward_model = tiny_setup(4)
@@ -394,14 +401,14 @@ def update_against_the_papers_objective(kind, kl_in, num_minibatches, monkeypatc
     out = train_grpo.grpo_update(policy, None, exp, args, rt, 0.0)
     assert len(grads) == num_minibatches
 
-    want, n_bound, n_free, ratios = ref_objective(policy, old, ref, reward_model, prompts, responses, args,
-                                                  12 // num_minibatches, tok.eos_id)
+    want, n_bound, n_free, ratios, parts = ref_objective(policy, old, ref, reward_model, prompts, responses, args,
+                                                         12 // num_minibatches, tok.eos_id)
     want.backward()
     assert n_bound >= 5 and n_free >= 5, (n_bound, n_free)  # the clip binds on some tokens, not on all
     for name, p in policy.named_parameters():
         got = sum(step[name] for step in grads)
         assert torch.allclose(got, p.grad, rtol=1e-9, atol=1e-12 * p.grad.abs().max()), name
-    return out, n_bound, n_free, ratios
+    return out, n_bound, n_free, ratios, {"loss": want.item(), **parts}
 
 
 @pytest.mark.parametrize("kind", train_grpo.ADVANTAGES)
@@ -418,10 +425,26 @@ def test_update_stats_are_the_token_fractions_of_the_papers_objective(monkeypatc
     (strictly: the clipped term the larger loss), "ratio" the mean of pi / pi_old over the real tokens, both as
     ref_objective counts them on the rows alone. (Their float32 token shares: to 1e-6.)
     """
-    out, n_bound, n_free, ratios = update_against_the_papers_objective("grpo", "loss", 1, monkeypatch)
+    out, n_bound, n_free, ratios, _ = update_against_the_papers_objective("grpo", "loss", 1, monkeypatch)
     assert out["clipfrac"] == pytest.approx(n_bound / (n_bound + n_free), abs=1e-6)
     assert out["ratio"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-6)
     assert abs(out["ratio"] - 1) > 1e-3  # the policy has moved: a ratio stat stuck at 1 would not pass
+
+
+@pytest.mark.parametrize("kind, kl_in", [("grpo", "loss"), ("rloo", "reward")])
+def test_update_losses_are_the_mean_over_minibatches_of_the_papers_objective(kind, kl_in, monkeypatch):
+    """
+    "loss", "pg_loss" and "kl_loss" are means over the 2 minibatches of each minibatch's loss (a mean over its
+    responses, its micro-batches weighed by their share of them): ref_objective's sums over all the rows / 2. With
+    the KL in the reward there is no k3 term and no "kl_loss".
+    """
+    out, _, _, _, want = update_against_the_papers_objective(kind, kl_in, 2, monkeypatch)
+    assert out["loss"] == pytest.approx(want["loss"] / 2, rel=1e-9)
+    assert out["pg_loss"] == pytest.approx(want["pg_loss"] / 2, rel=1e-9)
+    if kl_in == "loss":
+        assert out["kl_loss"] == pytest.approx(want["kl_loss"] / 2, rel=1e-9) and want["kl_loss"] > 1e-4
+    else:
+        assert "kl_loss" not in out
 
 
 # -----------------------------------------------------------------------------
@@ -735,3 +758,63 @@ def test_a_resume_cannot_shorten_the_run(tiny_ckpts, tmp_path, capsys, one_threa
     assert e.value.code == 2 and err == "error: --resume: --num_iterations 3 is below the run's 4 (a larger value " \
                                         "extends the run; a smaller one cannot)\n", err
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_one(tiny_ckpts, tmp_path, monkeypatch,
+                                                                                  one_thread):
+    """
+    rloo (KL in the reward, so scores and rewards differ), 3 iterations, run whole and stopped after iteration 2
+    then resumed: the same metrics rows (times aside), weights and optimizer state, and each row recomputed with
+    Python loops from the rollout it logs (captured from make_experience) and the update's returned numbers: the
+    means over the B episodes, equal_groups over the scores' groups, lr = lr * (1 - (iter - 1) / num_iterations)
+    of the whole schedule (not of --stop_at).
+    """
+    real_exp, real_update, seen = train_grpo.make_experience, train_grpo.grpo_update, []
+
+    def keep_experience(*a, **kw):
+        seen.append({"exp": real_exp(*a, **kw)})
+        return seen[-1]["exp"]
+
+    def keep_update(actor, opt, exp, args, rt, lr, iteration=None):
+        seen[-1]["upd"] = real_update(actor, opt, exp, args, rt, lr, iteration)
+        return seen[-1]["upd"]
+
+    monkeypatch.setattr(train_grpo, "make_experience", keep_experience)
+    monkeypatch.setattr(train_grpo, "grpo_update", keep_update)
+    argv = grpo_cmd(tiny_ckpts, tmp_path / "whole", "--advantage", "rloo", "--num_iterations", "3", "--num_epochs",
+                    "2", "--lr", "1e-3", "--gold", "off", "--dtype", "float32")[1:]
+    train_grpo.main(argv)
+    whole_seen, seen[:] = list(seen), []
+    out = tmp_path / "resumed"
+    train_grpo.main(argv[:argv.index("--out_dir") + 1] + [str(out)] + argv[argv.index("--out_dir") + 2:] +
+                    ["--stop_at", "2"])
+    train_grpo.main(["--out_dir", str(out), "--resume"])
+    whole, resumed = read_metrics(str(tmp_path / "whole")), read_metrics(str(out))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = (torch.load(d / "train_state.pt", weights_only=True) for d in (tmp_path / "whole", out))
+    assert a["step"] == b["step"] == 3 and a["data"] == b["data"]
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], b["optimizer"]["state"][k][n]) for n in v)
+
+    assert [r["iter"] for r in whole] == [1, 2, 3] and len(whole_seen) == 3 and len(seen) == 3
+    for rows, runs in ((whole, whole_seen), (resumed, seen)):
+        for row, run in zip(rows, runs):
+            exp, upd, B = run["exp"], run["upd"], 8
+            mask = exp["response_mask"].tolist()
+            n = [sum(m) for m in mask]
+            kl = [sum(exp["logprobs"][b, t].item() - exp["ref_logprobs"][b, t].item() for t in range(len(mask[b]))
+                      if mask[b][t]) for b in range(B)]
+            scores = exp["scores"].tolist()
+            groups = [scores[g * 4:g * 4 + 4] for g in range(B // 4)]
+            want = {"score": sum(scores) / B, "rm_score": sum(exp["rm_scores"].tolist()) / B, "kl": sum(kl) / B,
+                    "reward": sum(s - 0.3 * k for s, k in zip(scores, kl)) / B,
+                    "equal_groups": sum(len(set(g)) == 1 for g in groups) / len(groups),
+                    "adv_abs": sum(abs(x) for x in exp["advantages"].tolist()) / B, "response_length": sum(n) / B,
+                    "eos_frac": sum(exp["has_eos"].tolist()) / B, "lr": 1e-3 * (1 - (row["iter"] - 1) / 3)}
+            for k, v in want.items():
+                assert row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (row["iter"], k)
+            assert {k: row[k] for k in upd} == pytest.approx(upd, rel=1e-5) and "kl_loss" not in row  # 6 digits
+    assert any(r["kl"] != 0 for r in whole) and any(r["score"] != r["reward"] for r in whole)

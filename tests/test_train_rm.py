@@ -9,6 +9,7 @@ import math
 import random
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -560,3 +561,263 @@ def test_evaluate_matches_a_plain_loop_over_the_records():
     assert got["val_acc"] == pytest.approx(sum(x > 0 for x in diffs) / len(diffs), abs=1e-12)
     assert len(record_scores) == len(examples) and [len(s) for s in record_scores] == [len(e["ids"]) for e in examples]
     assert sum(diffs) / len(diffs) < sum(map(abs, diffs)) / len(diffs) - 0.1  # signed and absolute margins differ
+
+
+def random_tiny_rm(tmp_path, seed):
+    """A 1-layer reward model on the byte tokenizer with every weight (the head too) random, saved as a checkpoint."""
+    torch.manual_seed(seed)
+    tok = Tokenizer.byte_level()
+    model = ScalarGPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # scores a few units apart: confidences across the bins
+    utils.save_checkpoint(str(tmp_path / "init"), utils.model_payload(model, tok, "rm", train_rm.Config(), 0))
+    return model, tok
+
+
+def random_prefs(rng, n, start):
+    """n records of K = 2..4 short responses under a ranking (response indices, best first)."""
+    words = ["sort", "the", "a", "1 2", "fox", "dog", "3"]
+    out = []
+    for i in range(n):
+        k = rng.randint(2, 4)
+        responses = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) + f" {start + i}.{j}"
+                     for j in range(k)]
+        out.append({"prompt": f"p{start + i} " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 3))),
+                    "responses": responses, "ranking": rng.sample(range(k), k)})
+    return out
+
+
+def plain_record(model, tok, record):
+    """float64 r of each response of a record alone (unpadded, the value at its last token) -> (r, r_w - r_l list)."""
+    r = [model(torch.tensor([tok.render(record["prompt"], y)[0]]))[0, -1] for y in record["responses"]]
+    rank = record["ranking"]
+    return r, [r[rank[a]] - r[rank[b]] for a in range(len(rank)) for b in range(a + 1, len(rank))]
+
+
+def plain_calibration(diffs, n_bins=5):
+    """Expected calibration error over equal-width bins of sigma(|d|) on [0.5, 1] -> (ece, table), plainly."""
+    bins = {}
+    for d in diffs:
+        conf = 1 / (1 + math.exp(-abs(d)))
+        b = n_bins - 1 if conf >= 1 else math.floor((conf - 0.5) / (0.5 / n_bins))
+        bins.setdefault(b, []).append((conf, 1.0 if d > 0 else 0.5 if d == 0 else 0.0))
+    table = [[sum(c for c, _ in v) / len(v), sum(a for _, a in v) / len(v), len(v)] for _, v in sorted(bins.items())]
+    return sum(n / len(diffs) * abs(c - a) for c, a, n in table), table
+
+
+def test_calibration_table_matches_a_plain_binning_also_at_certainty():
+    """
+    The table's rows are [mean confidence, accuracy, count] per non-empty bin, low bins first; a difference so large
+    that sigma(|d|) rounds to 1.0 goes to the last bin (not a sixth one).
+    """
+    rng = np.random.default_rng(1)
+    diffs = np.round(rng.normal(0.3, 2.5, size=300), 2).tolist() + [0.0, 40.0, -55.0, 80.0]
+    ece, table = train_rm.calibration(diffs)
+    want_ece, want_table = plain_calibration(diffs)
+    assert ece == pytest.approx(want_ece, abs=1e-12)
+    assert len(table) == len(want_table) == 5
+    for got, want in zip(table, want_table):
+        assert got[:2] == pytest.approx(want[:2], abs=1e-4) and got[2] == want[2], (got, want)
+    assert all(abs(c - a) > 1e-3 for c, a, _ in want_table)  # confidence and accuracy differ in every bin
+
+
+def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monkeypatch, one_thread):
+    """
+    Every number of the metrics rows and of the final normalisation against a plain float64 recount, on a run whose
+    weights do not move (the optimizer is handed lr 0) and whose clock ticks 0.5 s a step: --grad_accum 2 over
+    micro-batches of 2 and 1 prompts (7 prompts, batches of 2), a row per response (--share_prompts false), rows at the
+    log steps 3 and 6, the evaluation step 5 (which starts a new window) and the last step 7. A row averages its
+    window's steps (loss: the mean over the step's prompts; acc: the mean over its micro-batches), gives tokens and
+    FLOPs over the window's time, the lr of its step (warmup + cosine) and the epoch; the held-out metrics are over
+    every held-out record. With --sft_data '' the held-out responses set the reward's mean (0 after the shift) and
+    std (of the same scores: the shift moves none of them apart).
+    """
+    model, tok = random_tiny_rm(tmp_path, 0)
+    rng = random.Random(0)
+    records, val_records = random_prefs(rng, 7, 0), random_prefs(rng, 5, 100)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_records))
+    real_step, lrs = train_rm.optimizer_step, []
+
+    def frozen_step(model, optimizer, lr, *a, **kw):  # the step's gradient norm, but weights that stay put
+        lrs.append(lr)
+        return real_step(model, optimizer, 0.0, *a, **kw)
+
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.5  # read at a step's start and end: 0.5 s a step
+        return clock[0]
+
+    monkeypatch.setattr(train_rm, "optimizer_step", frozen_step)
+    monkeypatch.setattr(train_rm, "time", types.SimpleNamespace(perf_counter=tick, time=train_rm.time.time))
+    monkeypatch.setattr(train_rm, "peak_flops", lambda rt: (1e9, "test"))
+    out = tmp_path / "rm"
+    lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 2, 7
+    monkeypatch.setattr(sys, "argv", [
+        "train_rm.py", "--data", str(tmp_path / "prefs.jsonl"), "--val_data", str(tmp_path / "val.jsonl"),
+        "--init_from", str(tmp_path / "init"), "--out_dir", str(out), "--sft_data", "", "--share_prompts", "false",
+        "--batch_size", "2", "--grad_accum", "2", "--lr", str(lr), "--min_lr", str(min_lr), "--warmup", str(warmup),
+        "--max_steps", str(max_steps), "--log_interval", "3", "--eval_interval", "5", "--ckpt_interval", "4",
+        "--eval_batches", "3", "--device", "cpu", "--dtype", "float32"])
+    train_rm.main()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 3, 5, 6, 7, 7] and rows[-1]["final"]
+
+    def want_lr(step):  # linear warmup to lr over `warmup` steps, then cosine from lr down to min_lr at max_steps
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2
+
+    assert lrs == pytest.approx([want_lr(s) for s in range(max_steps)], rel=1e-12)
+    model = model.double()
+    sampler = train_rm.LengthGroupedSampler([max(len(tok.render(r["prompt"], y)[0]) for y in r["responses"])
+                                             for r in records], 2, seed=0)
+    drawn = [b for epoch in range(4) for b in sampler.batches(epoch)]
+    steps = []  # per step: loss, grad norm, acc, real tokens, FLOPs, padding fraction
+    for s in range(max_steps):
+        micro = [[records[i] for i in b] for b in drawn[2 * s:2 * s + 2]]
+        model.zero_grad()
+        losses, accs, tokens, flops, pads = [], [], 0, 0.0, 0.0
+        for m in micro:
+            diffs = []
+            for r in m:
+                _, d = plain_record(model, tok, r)
+                losses.append(sum(torch.nn.functional.softplus(-x) for x in d) / len(d))  # -log sigma(d), mean
+                diffs += [x.item() for x in d]
+            accs.append(sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in diffs) / len(diffs))
+            lengths = [len(tok.render(r["prompt"], y)[0]) for r in m for y in r["responses"]]
+            width = 8 * math.ceil(max(lengths) / 8)  # padded to a multiple of 8
+            tokens += sum(lengths)
+            flops += model.flops_per_token(width) * sum(lengths)
+            pads += (1 - sum(lengths) / (len(lengths) * width)) / 2
+        loss = sum(losses) / len(losses)  # over the step's prompts, whichever micro-batch holds them
+        loss.backward()
+        norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters()))
+        steps.append((loss.item(), norm, sum(accs) / 2, tokens, flops, pads))
+    assert {len(b) for b in drawn[:2 * max_steps]} == {1, 2}  # some steps have micro-batches of unequal size
+    val_diffs, val_losses, val_scores = [], [], []
+    with torch.no_grad():
+        for r in val_records:
+            scores, d = plain_record(model, tok, r)
+            val_scores += [x.item() for x in scores]
+            val_diffs += [x.item() for x in d]
+            val_losses.append(sum(math.log1p(math.exp(-x.item())) for x in d) / len(d))
+    want_ece, want_table = plain_calibration(val_diffs)
+    first = 0
+    for row in rows[1:-1]:
+        window = steps[first:row["step"]]
+        n = len(window)
+        assert row["loss"] == pytest.approx(sum(w[0] for w in window) / n, rel=1e-5), row
+        assert row["grad_norm"] == pytest.approx(window[-1][1], rel=1e-4), row
+        assert row["acc"] == pytest.approx(sum(w[2] for w in window) / n, rel=1e-5), row
+        assert row["tok_per_s"] == pytest.approx(sum(w[3] for w in window) / (0.5 * n), rel=1e-5), row
+        assert row["mfu"] == pytest.approx(sum(w[4] for w in window) / (0.5 * n) / 1e9, rel=1e-5), row
+        assert row["pad_frac"] == pytest.approx(sum(w[5] for w in window) / n, rel=1e-5), row
+        assert row["lr"] == pytest.approx(want_lr(row["step"] - 1), rel=1e-5), row
+        assert row["epoch"] == pytest.approx(row["step"] * 2 / 4, rel=1e-5), row
+        assert ("val_loss" in row) == (row["step"] in (5, 7)), row
+        first = row["step"]
+    for row in (rows[0], rows[2], rows[4], rows[5]):
+        assert row["val_loss"] == pytest.approx(sum(val_losses) / len(val_losses), rel=1e-5), row
+        assert row["val_acc"] == pytest.approx(sum(x > 0 for x in val_diffs) / len(val_diffs), rel=1e-5), row
+        assert row["val_margin"] == pytest.approx(sum(val_diffs) / len(val_diffs), rel=1e-5), row
+        assert row["val_ece"] == pytest.approx(want_ece, rel=1e-4), row
+        assert [c for _, _, c in row["val_calibration"]] == [c for _, _, c in want_table], row
+        for got, want in zip(row["val_calibration"], want_table):
+            assert got[:2] == pytest.approx(want[:2], abs=2e-4), row
+    assert len({round(s[0], 6) for s in steps}) == max_steps and len({round(s[5], 6) for s in steps}) > 2
+    assert len({round(s[2], 6) for s in steps}) > 2 and len(want_table) > 1
+    # the normalisation: the held-out responses, scored by the saved model, have mean 0 and the std of the scores
+    final, ckpt = rows[-1], torch.load(out / "ckpt.pt", weights_only=True)
+    want_std = float(np.std(val_scores, ddof=1))
+    assert abs(final["reward_mean"]) < 1e-5 and abs(ckpt["reward_mean"]) < 1e-5
+    for std in (final["reward_std"], ckpt["reward_std"]):
+        assert std == pytest.approx(want_std, rel=1e-5)
+    assert ckpt["model"]["head.bias"].item() == pytest.approx(model.head.bias.item() - np.mean(val_scores), abs=1e-5)
+
+
+def frozen_rm_run(monkeypatch, argv):
+    """train_rm.main on argv with the optimizer handed lr 0: the weights stay those of --init_from (but the bias)."""
+    real_step = train_rm.optimizer_step
+    monkeypatch.setattr(train_rm, "optimizer_step", lambda model, opt, lr, *a, **kw: real_step(model, opt, 0.0, *a,
+                                                                                               **kw))
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", *argv])
+    train_rm.main()
+
+
+def test_gold_numbers_match_a_plain_count_over_the_held_out_records(tmp_path, monkeypatch, one_thread):
+    """
+    The built-in task: the final row's val_gold_acc is the fraction of the held-out pairs gold orders strictly on
+    which the (fixed, random) RM agrees with gold, each record's responses scored alone, a score tie 1/2; and
+    annotator_agreement the mean over all held-out pairs of sigma(beta |g_a - g_b|), a gold tie 1/2. Over 12 held-out
+    records in 3 batches that the sampler does not keep in file order.
+    """
+    tasks.generate_task(str(tmp_path / "data"), n_sft=10, n_prefs=16, n_prefs_eval=12, n_prompts=16, n_eval=10)
+    model, tok = random_tiny_rm(tmp_path, 1)
+    val_path = tmp_path / "data/prefs_eval.jsonl"
+    frozen_rm_run(monkeypatch, ["--data", str(tmp_path / "data/prefs.jsonl"), "--val_data", str(val_path),
+                                "--init_from", str(tmp_path / "init"), "--out_dir", str(tmp_path / "rm"),
+                                "--sft_data", "", "--batch_size", "4", "--max_steps", "1", "--eval_batches", "100",
+                                "--device", "cpu", "--dtype", "float32"])
+    final = read_metrics(tmp_path / "rm")[-1]
+    records = train_rm.read_prefs(str(val_path))
+    beta = json.loads((tmp_path / "data/meta.json").read_text())["annotator_beta"]
+    agree, n, annot = 0.0, 0, []
+    with torch.no_grad():
+        for r in records:
+            scores = [model(torch.tensor([tok.render(r["prompt"], y)[0]]))[0, -1].item() for y in r["responses"]]
+            gold = [tasks.gold(r["prompt"], y) for y in r["responses"]]
+            for a in range(len(gold)):
+                for b in range(a + 1, len(gold)):
+                    annot.append(0.5 if gold[a] == gold[b] else 1 / (1 + math.exp(-beta * abs(gold[a] - gold[b]))))
+                    if gold[a] != gold[b]:
+                        n += 1
+                        same = (scores[a] > scores[b]) == (gold[a] > gold[b])
+                        agree += 0.5 if scores[a] == scores[b] else float(same)
+    assert len(records) == 12 and n > 10 and 0 < agree < n
+    assert final["val_gold_acc"] == pytest.approx(agree / n, rel=1e-5)
+    assert final["annotator_agreement"] == pytest.approx(sum(annot) / len(annot), rel=1e-5)
+
+
+def test_a_lora_run_trains_the_head_in_full_and_the_adapters_only(tmp_path, monkeypatch, one_thread):
+    """
+    --lora_rank 2: after two steps the merged checkpoint's head (trained in full) and the adapted layers (the merged
+    update) have moved, the embeddings (frozen, not a target) have not.
+    """
+    model, _ = random_tiny_rm(tmp_path, 2)
+    rng = random.Random(2)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in random_prefs(rng, 12, 0)))
+    monkeypatch.setattr(sys, "argv", ["train_rm.py", "--data", str(tmp_path / "prefs.jsonl"), "--val_frac", "0.25",
+                                      "--init_from", str(tmp_path / "init"), "--out_dir", str(tmp_path / "rm"),
+                                      "--sft_data", "", "--lora_rank", "2", "--lr", "1e-2", "--warmup", "1",
+                                      "--batch_size", "4", "--max_steps", "2", "--device", "cpu", "--dtype", "float32"])
+    train_rm.main()
+    got, init = torch.load(tmp_path / "rm/ckpt.pt", weights_only=True)["model"], model.state_dict()
+    assert (got["head.weight"] - init["head.weight"]).abs().max() > 1e-3
+    assert (got["transformer.h.0.attn.c_attn.weight"] - init["transformer.h.0.attn.c_attn.weight"]).abs().max() > 1e-4
+    assert torch.equal(got["transformer.wte.weight"], init["transformer.wte.weight"])
+
+
+def test_a_lora_run_resumed_after_its_adapters_moved_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch,
+                                                                                            one_thread):
+    """
+    --lora_rank 2 from a reward model whose head is not zero (so the adapters train from the first step), stopped at
+    step 2 and resumed: the resumed run starts again from --init_from's weights with the saved adapters, so its
+    merged checkpoint equals the uninterrupted run's (the old LoRA resume test stops at step 1, where a zero head
+    leaves the adapters at 0 and a resume from the merged ckpt.pt looks the same).
+    """
+    model, _ = random_tiny_rm(tmp_path, 3)
+    rng = random.Random(3)
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in random_prefs(rng, 12, 0)))
+    common = ["train_rm.py", "--data", str(tmp_path / "prefs.jsonl"), "--val_frac", "0.25", "--init_from",
+              str(tmp_path / "init"), "--sft_data", "", "--lora_rank", "2", "--lr", "1e-2", "--warmup", "1",
+              "--batch_size", "4", "--max_steps", "4", "--ckpt_interval", "2", "--device", "cpu", "--dtype", "float32"]
+    for out, extra in (("full", []), ("part", ["--stop_at", "2"]), ("part", ["--resume", "on"])):
+        monkeypatch.setattr(sys, "argv", [*common, "--out_dir", str(tmp_path / out), *extra])
+        train_rm.main()
+    a, b = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("full", "part"))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert (a["model"][key] - model.state_dict()[key]).abs().max() > 1e-4  # the adapters moved it
+    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7) for k in a["model"])

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -639,3 +640,136 @@ def test_evaluate_is_the_mean_over_all_target_tokens():
     with torch.no_grad():
         total, count = plain_sft_loss(model, examples)
     assert got == pytest.approx(total.item() / count, rel=1e-9)
+
+
+def test_metrics_rows_match_a_plain_recount_of_the_steps(tmp_path, monkeypatch, capsys, one_thread):
+    """
+    Every number of the metrics rows against a plain recount, on a run whose weights do not move (the optimizer is
+    handed lr 0, so each step's loss is a plain float64 sum over a fixed model) and whose clock ticks 0.5 s a step:
+    --grad_accum 2, --block_size 48 under a 64-token checkpoint (some prompts cut to fit 48), rows at the log steps 3
+    and 6, the evaluation step 5 (which also starts a new window) and the last step 7. Each row averages the steps
+    since the previous row (loss, pad_frac), gives tokens and FLOPs over the window's time, the lr of its step by the
+    textbook warmup + cosine formula, the epoch as micro-batches drawn / batches per epoch, and the held-out loss over
+    the first --eval_batches held-out batches (all of them here).
+    """
+    model, tok = random_tiny_gpt(2)
+    init = tmp_path / "init"
+    utils.save_checkpoint(str(init), utils.model_payload(model, tok, "sft", sft_stage.Config(), 0))
+    rng = random.Random(0)
+    words = ["sort", "the", "a", "quick", "brown", "fox", "1 2 3", "lazy dog"]
+
+    def record(i):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(5, 8) if i % 4 == 0 else rng.randint(1, 2)))
+        return {"prompt": f"p{i} {prompt}", "response": " ".join(rng.choice(words) for _ in range(rng.randint(1, 2)))}
+
+    records, val_records = [record(i) for i in range(11)], [record(100 + i) for i in range(5)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_records))
+    real_step, lrs = sft_stage.optimizer_step, []
+
+    def frozen_step(model, optimizer, lr, *a, **kw):  # the step's gradient norm, but weights that stay put
+        lrs.append(lr)
+        return real_step(model, optimizer, 0.0, *a, **kw)
+
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.5  # read at a step's start and end: 0.5 s a step
+        return clock[0]
+
+    monkeypatch.setattr(sft_stage, "optimizer_step", frozen_step)
+    monkeypatch.setattr(sft_stage, "time", types.SimpleNamespace(perf_counter=tick, time=sft_stage.time.time))
+    monkeypatch.setattr(sft_stage, "peak_flops", lambda rt: (1e9, "test"))
+    out = tmp_path / "out"
+    lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 2, 7
+    monkeypatch.setattr(sys, "argv", [
+        "train_sft.py", "--data", str(tmp_path / "sft.jsonl"), "--val_data", str(tmp_path / "val.jsonl"),
+        "--init_from", str(init), "--out_dir", str(out), "--block_size", "48", "--batch_size", "2", "--grad_accum",
+        "2", "--lr", str(lr), "--min_lr", str(min_lr), "--warmup", str(warmup), "--max_steps", str(max_steps),
+        "--log_interval", "3", "--eval_interval", "5", "--ckpt_interval", "4", "--eval_batches", "3",
+        "--device", "cpu", "--dtype", "float32"])
+    sft_stage.main()
+    stdout = capsys.readouterr().out
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 3, 5, 6, 7]
+    assert stdout.splitlines()[-1].startswith("done: step 7, val loss ")
+
+    def want_lr(step):  # linear warmup to lr over `warmup` steps, then cosine from lr down to min_lr at max_steps
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2
+
+    assert lrs == pytest.approx([want_lr(s) for s in range(max_steps)], rel=1e-12)
+    # the examples as a 48-token context holds them (some prompts are cut), drawn as the sampler orders them
+    train = sft_stage.encode_sft(records, tok, 48)[0]
+    val = sft_stage.encode_sft(val_records, tok, 48)[0]
+    assert len(train) == 11 and len(val) == 5
+    assert any(len(tok.render(r["prompt"], r["response"])[0]) > 48 for r in records + val_records)
+    sampler = sft_stage.LengthGroupedSampler([len(ids) for ids, _ in train], 2, seed=0)
+    drawn = [b for epoch in range(3) for b in sampler.batches(epoch)]
+    model = model.double()
+    steps = []  # per step: loss, grad norm, real tokens, padded slots, FLOPs, padding fraction
+    for s in range(max_steps):
+        micro = [[train[i] for i in b] for b in drawn[2 * s:2 * s + 2]]
+        sums = [plain_sft_loss(model, m) for m in micro]
+        loss = sum(x for x, _ in sums) / sum(n for _, n in sums)
+        model.zero_grad()
+        loss.backward()
+        norm = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in model.parameters()))
+        tokens = [sum(len(ids) for ids, _ in m) for m in micro]
+        widths = [8 * math.ceil(max(len(ids) for ids, _ in m) / 8) for m in micro]  # padded to a multiple of 8
+        pad = sum(1 - n / (len(m) * w) for n, m, w in zip(tokens, micro, widths)) / 2
+        flops = sum(model.flops_per_token(w) * n for n, w in zip(tokens, widths))
+        steps.append((loss.item(), norm, sum(tokens), flops, pad))
+    with torch.no_grad():
+        total, count = plain_sft_loss(model, val)
+    n_batches = math.ceil(len(train) / 2)
+    first = 0
+    for row in rows[1:]:
+        window = steps[first:row["step"]]
+        n = len(window)
+        assert row["loss"] == pytest.approx(sum(w[0] for w in window) / n, rel=1e-5), row
+        assert row["grad_norm"] == pytest.approx(window[-1][1], rel=1e-4), row
+        assert row["tok_per_s"] == pytest.approx(sum(w[2] for w in window) / (0.5 * n), rel=1e-5), row
+        assert row["mfu"] == pytest.approx(sum(w[3] for w in window) / (0.5 * n) / 1e9, rel=1e-5), row
+        assert row["pad_frac"] == pytest.approx(sum(w[4] for w in window) / n, rel=1e-5), row
+        assert row["lr"] == pytest.approx(want_lr(row["step"] - 1), rel=1e-5), row
+        assert row["epoch"] == pytest.approx(row["step"] * 2 / n_batches, rel=1e-5), row
+        assert ("val_loss" in row) == (row["step"] in (5, 7)), row
+        if "val_loss" in row:
+            assert row["val_loss"] == pytest.approx(total.item() / count, rel=1e-5), row
+        first = row["step"]
+    assert rows[0]["val_loss"] == pytest.approx(total.item() / count, rel=1e-5)
+    assert len({round(s[0], 6) for s in steps}) == max_steps and len({round(s[4], 6) for s in steps}) > 2
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 7 and state["window"]["steps"] == 0
+
+
+def test_a_lora_run_resumed_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch, one_thread):
+    """
+    --lora_rank 4 stopped at step 2 and resumed: the resumed run starts again from --init_from's weights with the
+    adapters (and optimizer) of step 2, so its merged checkpoint of step 4 and its rows equal the uninterrupted run's
+    (a resume from the merged ckpt.pt would add the adapters' update twice; fresh adapters would lose steps 1-2).
+    """
+    init = tmp_path / "init"
+    model, tok = random_tiny_gpt(3)
+    utils.save_checkpoint(str(init), utils.model_payload(model, tok, "sft", sft_stage.Config(), 0))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} {i % 7}", "response": f"{i % 7} {i}"})
+                                                + "\n" for i in range(40)))
+    common = ["train_sft.py", "--data", str(tmp_path / "sft.jsonl"), "--val_frac", "0.1", "--init_from", str(init),
+              "--lora_rank", "4", "--lr", "3e-2", "--batch_size", "8", "--max_steps", "4", "--warmup", "1",
+              "--eval_interval", "2", "--eval_batches", "1", "--log_interval", "1", "--ckpt_interval", "2",
+              "--device", "cpu", "--dtype", "float32"]
+    for out, extra in (("full", []), ("part", ["--stop_at", "2"]), ("part", ["--resume", "on"])):
+        monkeypatch.setattr(sys, "argv", [*common, "--out_dir", str(tmp_path / out), *extra])
+        sft_stage.main()
+    a, b = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("full", "part"))
+    assert a["step"] == b["step"] == 4
+    assert all(torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7) for k in a["model"])
+    key = "transformer.h.0.attn.c_attn.weight"  # the merged update: the adapters trained
+    assert not torch.allclose(a["model"][key], model.state_dict()[key])
+    want, got = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 4]
+    for x, y in zip(want[1:], got[1:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), y
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3), y
