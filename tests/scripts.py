@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,3 +106,28 @@ def track_checkpoint_dicts(monkeypatch, module, probe):
 
     monkeypatch.setattr(module, probe, probed)
     return alive, refs
+
+
+def frozen_stage(monkeypatch, stage):
+    """
+    Patch a training stage's module (train_rm, or train_sft's stage code) for a run whose metrics rows a test can
+    recount: its optimizer_step is handed lr 0 (the gradient norm is the real one, the weights stay put), its clock
+    ticks 0.5 s at each read (a step's start and end: 0.5 s a step) and its peak is 1 GFLOP/s. -> the list that
+    collects the lr each step was given.
+    """
+    real_step, lrs = stage.optimizer_step, []
+
+    def frozen_step(model, optimizer, lr, *a, **kw):
+        lrs.append(lr)
+        return real_step(model, optimizer, 0.0, *a, **kw)
+
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.5
+        return clock[0]
+
+    monkeypatch.setattr(stage, "optimizer_step", frozen_step)
+    monkeypatch.setattr(stage, "time", types.SimpleNamespace(perf_counter=tick, time=stage.time.time))
+    monkeypatch.setattr(stage, "peak_flops", lambda rt: (1e9, "test"))
+    return lrs

@@ -9,13 +9,12 @@ import math
 import random
 import shutil
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from scripts import ROOT, read_metrics, script, track_checkpoint_dicts, without_timings
+from scripts import ROOT, frozen_stage, read_metrics, script, track_checkpoint_dicts, without_timings
 
 sys.path.insert(0, ROOT)  # train_rm.py is a top-level script
 
@@ -638,21 +637,7 @@ def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monk
     records, val_records = random_prefs(rng, 7, 0), random_prefs(rng, 5, 100)
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_records))
-    real_step, lrs = train_rm.optimizer_step, []
-
-    def frozen_step(model, optimizer, lr, *a, **kw):  # the step's gradient norm, but weights that stay put
-        lrs.append(lr)
-        return real_step(model, optimizer, 0.0, *a, **kw)
-
-    clock = [0.0]
-
-    def tick():
-        clock[0] += 0.5  # read at a step's start and end: 0.5 s a step
-        return clock[0]
-
-    monkeypatch.setattr(train_rm, "optimizer_step", frozen_step)
-    monkeypatch.setattr(train_rm, "time", types.SimpleNamespace(perf_counter=tick, time=train_rm.time.time))
-    monkeypatch.setattr(train_rm, "peak_flops", lambda rt: (1e9, "test"))
+    lrs = frozen_stage(monkeypatch, train_rm)
     out = tmp_path / "rm"
     lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 2, 7
     monkeypatch.setattr(sys, "argv", [

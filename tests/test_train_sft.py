@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import ENV, ROOT, read_metrics, script, track_checkpoint_dicts, without_timings
+from scripts import ENV, ROOT, frozen_stage, read_metrics, script, track_checkpoint_dicts, without_timings
 
 sys.path.insert(0, ROOT)  # train_sft.py is a top-level script
 
@@ -665,21 +665,7 @@ def test_metrics_rows_match_a_plain_recount_of_the_steps(tmp_path, monkeypatch, 
     records, val_records = [record(i) for i in range(11)], [record(100 + i) for i in range(5)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_records))
-    real_step, lrs = sft_stage.optimizer_step, []
-
-    def frozen_step(model, optimizer, lr, *a, **kw):  # the step's gradient norm, but weights that stay put
-        lrs.append(lr)
-        return real_step(model, optimizer, 0.0, *a, **kw)
-
-    clock = [0.0]
-
-    def tick():
-        clock[0] += 0.5  # read at a step's start and end: 0.5 s a step
-        return clock[0]
-
-    monkeypatch.setattr(sft_stage, "optimizer_step", frozen_step)
-    monkeypatch.setattr(sft_stage, "time", types.SimpleNamespace(perf_counter=tick, time=sft_stage.time.time))
-    monkeypatch.setattr(sft_stage, "peak_flops", lambda rt: (1e9, "test"))
+    lrs = frozen_stage(monkeypatch, sft_stage)
     out = tmp_path / "out"
     lr, min_lr, warmup, max_steps = 1e-3, 1e-4, 2, 7
     monkeypatch.setattr(sys, "argv", [
