@@ -424,6 +424,24 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_run, tmp_p
     assert all(torch.isfinite(v).all() for v in model.values())
 
 
+def test_grad_clip_clips_the_gradient_the_optimizer_steps_on(tiny_run, tmp_path, monkeypatch, one_thread):
+    """
+    One step at lr 1e-3 (--warmup 1). --grad_clip 1e-12: the gradient AdamW takes has norm <= 1e-12, so its first
+    step, lr * g / (|g| + 1e-8) per weight, moves no weight by more than lr * 1e-4. Unclipped (0), the same step
+    moves weights by about lr.
+    """
+    sft = torch.load(tiny_run / "sft" / "ckpt.pt", weights_only=True)["model"]
+    moved = {}
+    for clip in ("1e-12", "0"):
+        out = tmp_path / clip
+        monkeypatch.setattr(sys, "argv", dpo_cmd(tiny_run, out, "--max_steps", "1", "--warmup", "1", "--eval_batches",
+                                                 "1", "--grad_clip", clip, gold=False))
+        train_dpo.main()
+        model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+        moved[clip] = max((v.float() - sft[k].float()).abs().max().item() for k, v in model.items())
+    assert moved["1e-12"] <= 1e-4 * 1e-3 and moved["0"] > 0.5e-3, moved
+
+
 def test_evaluate_is_the_mean_over_all_pairs():
     """
     Held-out loss, accuracy and margin over batches of 6 pairs (K = 4) and of 2 (K = 2, twice): the float64 means

@@ -257,6 +257,27 @@ def test_update_moves_the_policy_and_first_ratio_is_one(kind, max_grad_norm):
     assert any(not torch.equal(v, before[k]) for k, v in actor.state_dict().items())
 
 
+def test_max_grad_norm_clips_the_gradient_the_optimizer_steps_on():
+    """
+    --max_grad_norm 1e-12: the gradient AdamW takes has norm <= 1e-12, so its first step, lr * g / (|g| + 1e-8) per
+    weight, moves no weight by more than lr * 1e-4. Unclipped (0), the same rollout moves weights by about lr.
+    """
+    tok = Tokenizer.byte_level()
+    moved = {}
+    for clip in (1e-12, 0.0):
+        actor, ref, reward_model = tiny_setup(1)
+        args = train_grpo.Args(batch_size=8, group_size=4, response_length=6, num_epochs=1, num_minibatches=1,
+                               max_grad_norm=clip)
+        train_grpo.check_args(args)
+        rt = utils.setup_runtime("cpu", "float32", seed=0)
+        exp = rollout(actor, ref, reward_model, args, rt, tok)
+        before = copy.deepcopy(actor.state_dict())
+        opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
+        train_grpo.grpo_update(actor, opt, exp, args, rt, args.lr)
+        moved[clip] = max((v - before[k]).abs().max().item() for k, v in actor.state_dict().items())
+    assert moved[1e-12] <= 1e-4 * args.lr and moved[0.0] > 0.5 * args.lr, moved
+
+
 @pytest.mark.parametrize("flag, value", [("max_grad_norm", -1.0), ("clip_coef", 0.0), ("clip_coef", -0.5),
                                          ("lr", 0.0), ("lr", -1e-3)])
 def test_check_args_rejects_a_negative_grad_clip_and_a_clip_coef_or_lr_of_0_or_less(flag, value):
@@ -423,12 +444,15 @@ def test_update_stats_are_the_token_fractions_of_the_papers_objective(monkeypatc
     One minibatch of 3 micro-batches with different token counts, so that a micro-batch's share of the responses
     and its share of the tokens differ: "clipfrac" is the fraction of the real tokens where the clip bound
     (strictly: the clipped term the larger loss), "ratio" the mean of pi / pi_old over the real tokens, both as
-    ref_objective counts them on the rows alone. (Their float32 token shares: to 1e-6.)
+    ref_objective counts them on the rows alone. (Their float32 token shares: to 1e-6.) The one minibatch is the
+    first: "first_ratio_max_dev" is the largest |ratio - 1| over all the real tokens (not 0: the policy has moved).
     """
     out, n_bound, n_free, ratios, _ = update_against_the_papers_objective("grpo", "loss", 1, monkeypatch)
     assert out["clipfrac"] == pytest.approx(n_bound / (n_bound + n_free), abs=1e-6)
     assert out["ratio"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-6)
     assert abs(out["ratio"] - 1) > 1e-3  # the policy has moved: a ratio stat stuck at 1 would not pass
+    assert out["first_ratio_max_dev"] == pytest.approx(max(abs(r - 1) for r in ratios), rel=1e-6)
+    assert out["first_ratio_max_dev"] > 1e-2
 
 
 @pytest.mark.parametrize("kind, kl_in", [("grpo", "loss"), ("rloo", "reward")])
@@ -767,7 +791,7 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
     then resumed: the same metrics rows (times aside), weights and optimizer state, and each row recomputed with
     Python loops from the rollout it logs (captured from make_experience) and the update's returned numbers: the
     means over the B episodes, equal_groups over the scores' groups, lr = lr * (1 - (iter - 1) / num_iterations)
-    of the whole schedule (not of --stop_at).
+    of the whole schedule (not of --stop_at). Responses of N = 6 tokens for B = 8 episodes.
     """
     real_exp, real_update, seen = train_grpo.make_experience, train_grpo.grpo_update, []
 
@@ -782,7 +806,7 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
     monkeypatch.setattr(train_grpo, "make_experience", keep_experience)
     monkeypatch.setattr(train_grpo, "grpo_update", keep_update)
     argv = grpo_cmd(tiny_ckpts, tmp_path / "whole", "--advantage", "rloo", "--num_iterations", "3", "--num_epochs",
-                    "2", "--lr", "1e-3", "--gold", "off", "--dtype", "float32")[1:]
+                    "2", "--lr", "1e-3", "--gold", "off", "--dtype", "float32", "--response_length", "6")[1:]
     train_grpo.main(argv)
     whole_seen, seen[:] = list(seen), []
     out = tmp_path / "resumed"
@@ -804,6 +828,7 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
         for row, run in zip(rows, runs):
             exp, upd, B = run["exp"], run["upd"], 8
             mask = exp["response_mask"].tolist()
+            assert len(mask) == B and len(mask[0]) == 6  # B != N: a mean over the wrong axis would not pass
             n = [sum(m) for m in mask]
             kl = [sum(exp["logprobs"][b, t].item() - exp["ref_logprobs"][b, t].item() for t in range(len(mask[b]))
                       if mask[b][t]) for b in range(B)]

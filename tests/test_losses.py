@@ -91,6 +91,28 @@ def test_logprobs_from_logits_bf16_is_float32_math():
             assert abs(out[b, t].item() - ref) < 1e-5  # a bf16 log-softmax would be off by ~1e-2
 
 
+def test_float64_logits_keep_float64_math():
+    """
+    float64 logits give float64 logprobs and entropies, exact to 1e-12 against the float64 loop; a float32 detour
+    would lose the 1e-9 differences between these logits (and return float32).
+    """
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 1, generator=g, dtype=torch.float64) + 1e-9 * torch.randn(2, 3, 6, generator=g,
+                                                                                      dtype=torch.float64)
+    labels = torch.randint(0, 6, (2, 3), generator=g)
+    for temperature in (1.0, 0.5):
+        logp = logprobs_from_logits(logits, labels, temperature)
+        ent = entropy_from_logits(logits, temperature)
+        assert logp.dtype == ent.dtype == torch.float64
+        for b in range(2):
+            for t in range(3):
+                ref = ref_log_softmax([v / temperature for v in logits[b, t].tolist()])
+                assert abs(logp[b, t].item() - ref[labels[b, t]]) < 1e-12
+                assert abs(ent[b, t].item() + sum(math.exp(lp) * lp for lp in ref)) < 1e-12
+        # the logits differ by ~1e-9: the label's log-probability is off log(1/6) by that much, which float32 loses
+        assert (logp + math.log(6)).abs().max() > 1e-10
+
+
 def test_logprobs_from_logits_rejects_zero_temperature():
     with pytest.raises(ValueError):
         logprobs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), 0.0)
@@ -143,6 +165,21 @@ def test_masked_stats_empty_is_zero():
         assert value.item() == 0.0
     assert torch.equal(masked_mean(x, mask, dim=1), torch.zeros(2))
     assert masked_var(torch.tensor([[5.0, 1.0]]), torch.tensor([[1, 0]])).item() == 0.0  # n = 1: 0, not NaN
+
+
+def test_masked_var_at_every_count_of_real_entries():
+    """n = 1..5 real entries (NaN elsewhere): the plain sum of squares over n - 1 (unbiased, 0 at n = 1) and over n."""
+    g = torch.Generator().manual_seed(12)
+    for n in range(1, 6):
+        x = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        mask = torch.zeros(2, 4, dtype=torch.long)
+        mask.view(-1)[torch.randperm(8, generator=g)[:n]] = 1
+        x[mask == 0] = float("nan")
+        real = [v for v, m in zip(x.view(-1).tolist(), mask.view(-1).tolist()) if m]
+        mean = sum(real) / n
+        sq = sum((v - mean) ** 2 for v in real)
+        assert abs(masked_var(x, mask).item() - (sq / (n - 1) if n > 1 else 0.0)) < 1e-12, n
+        assert abs(masked_var(x, mask, unbiased=False).item() - sq / n) < 1e-12, n
 
 
 # -----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 
 from nanorlhf.data import DataError, read_prefs, read_prompts, read_sft
-from nanorlhf.tasks import (HABIT, HABIT_PROB, MAX_RENDERED, META_KEYS, annotate, annotator_agreement, candidate,
-                            demonstrate, generate_task, gold, gold_tie_fraction, main, ranking_agreement, rendered_len,
-                            solve, task_meta)
+from nanorlhf.tasks import (FILLERS, HABIT, HABIT_PROB, MAX_RENDERED, META_KEYS, annotate, annotator_agreement,
+                            candidate, corrupt, demonstrate, generate_task, gold, gold_tie_fraction, main, parse_prompt,
+                            ranking_agreement, rendered_len, solve, task_meta)
 from nanorlhf.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,88 @@ def test_gold_matches_plain_reference():
             r = rng.choice(["", " ", "  "]).join(rng.choice(pieces) for _ in range(rng.randint(0, 11)))
         assert gold(p, r) == pytest.approx(plain_gold(p, r), abs=1e-12), (p, r)
         assert 0.0 <= gold(p, r) <= 1.0
+
+
+def test_parse_prompt_matches_plain_reference():
+    """'sort' and one or more single 0-9 digits, space separated: the digits; else (a bare 'sort' too): None."""
+    def plain(prompt):
+        words = prompt.split()
+        if len(words) < 2 or words[0] != "sort":
+            return None
+        for w in words[1:]:
+            if len(w) != 1 or w not in list("0123456789"):
+                return None
+        return words[1:]
+
+    rng = random.Random(5)
+    firsts = ["sort"] * 4 + ["sorted", "Sort", "1", ""]
+    pieces = list("0123456789") * 2 + ["sort", "12", "x", "\u00b2", "", " "]
+    prompts = ["sort", "sort ", " sort ", "", "sort 1", "sort 12", "sort 5 3 8 1"]
+    prompts += [" ".join([rng.choice(firsts)] + [rng.choice(pieces) for _ in range(rng.randint(0, 4))])
+                for _ in range(2000)]
+    assert sum(plain(p) is not None for p in prompts) > 50 and sum(plain(p) is None for p in prompts) > 50
+    for p in prompts:
+        assert parse_prompt(p) == plain(p), p
+
+
+def test_corrupt_makes_one_of_four_mistakes_equally_often():
+    """
+    On 5 distinct digits, each draw is one of: two neighbours swapped, one digit dropped, one duplicated next to
+    itself, one replaced by a random digit (the same one 1 time in 10) -- a quarter each.
+    """
+    words, digits = list("13579"), list("0123456789")
+    rng = random.Random(6)
+    n = 8000
+    kinds = Counter()
+    for _ in range(n):
+        out = corrupt(words, rng)
+        assert words == list("13579")  # a new list
+        swaps = [words[:i] + [words[i + 1], words[i]] + words[i + 2:] for i in range(len(words) - 1)]
+        if len(out) == len(words) + 1 and any(out == words[:i] + [words[i]] + words[i:] for i in range(len(words))):
+            kinds["dup"] += 1
+        elif len(out) == len(words) - 1 and any(out == words[:i] + words[i + 1:] for i in range(len(words))):
+            kinds["drop"] += 1
+        elif out in swaps:
+            kinds["swap"] += 1
+        elif len(out) == len(words) and sum(a != b for a, b in zip(out, words)) == 1 and set(out) <= set(digits):
+            kinds["replace"] += 1
+        elif out == words:
+            kinds["same"] += 1
+        else:
+            raise AssertionError(out)
+    for kind in ("dup", "drop", "swap"):
+        assert abs(kinds[kind] / n - 0.25) < 0.03, kinds  # sd ~0.005
+    assert abs((kinds["replace"] + kinds["same"]) / n - 0.25) < 0.03, kinds
+    assert abs(kinds["same"] / n - 0.025) < 0.01, kinds
+
+
+def test_candidate_is_the_demonstrator_half_the_time_and_a_rough_variant_otherwise():
+    """
+    Prompt 'sort 9 8 7 6 5 4 3 2', no demonstrator mistakes, no habit: half the candidates are the sorted answer
+    (the demonstrator; a rough variant's 1-3 mistakes cancel well under 1% of the time), and a rough variant starts
+    from the unsorted digits 1 time in 5, so about 10% are mostly descending. With habit_prob 1 every candidate ends
+    with a filler: the demonstrator's '!' half the time, else one drawn from FILLERS.
+    """
+    prompt = "sort 9 8 7 6 5 4 3 2"
+    rng = random.Random(7)
+    n = 6000
+    draws = [candidate(prompt, rng, error_prob=0.0, habit_prob=0.0) for _ in range(n)]
+    sorted_share = sum(d == solve(prompt) for d in draws) / n
+    assert 0.48 < sorted_share < 0.53, sorted_share  # sd ~0.0065
+
+    def descending(d):  # more strictly descending pairs than ascending ones
+        w = d.split()
+        pairs = [(w[i], w[j]) for i in range(len(w)) for j in range(i + 1, len(w)) if w[i] != w[j]]
+        return sum(a > b for a, b in pairs) > sum(a < b for a, b in pairs)
+
+    desc_share = sum(map(descending, draws)) / n
+    assert 0.075 < desc_share < 0.125, desc_share  # sd ~0.004
+    draws = [candidate(prompt, rng, error_prob=0.0, habit_prob=1.0).split()[-1] for _ in range(n)]
+    counts = Counter(draws)
+    want = {f: 0.5 * FILLERS.count(f) / len(FILLERS) + 0.5 * (f == HABIT) for f in set(FILLERS)}
+    assert set(counts) == set(want)
+    for f, p in want.items():
+        assert abs(counts[f] / n - p) < 0.03, (f, counts)
 
 
 def test_demonstrator_habit_is_systematic():
@@ -200,7 +282,7 @@ def test_generate_task_files(tmp_path):
     tok = Tokenizer.byte_level()
     lens = [len(tok.render(r["prompt"], r["response"])[0]) for r in sft]
     lens += [len(tok.render(r["prompt"], x)[0]) for r in prefs + prefs_eval for x in r["responses"]]
-    assert max(lens) <= MAX_RENDERED
+    assert max(lens) == MAX_RENDERED  # at most MAX_RENDERED, and a response that renders in exactly that many is kept
     assert [rendered_len(r["prompt"], r["response"]) for r in sft] == lens[:len(sft)]  # the generator's own count
     # the measured references
     assert meta["gold_perfect"] == 1.0
@@ -229,6 +311,22 @@ def test_meta_gold_references_match_monte_carlo(tmp_path):
         se = math.sqrt(var / len(xs) + var / (8 * n_eval))
         assert abs(meta[key] - m) < 4 * se, (key, meta[key], m, se)
     assert meta["gold_demonstrator_without_habit"] < 0.95  # the random mistakes cost something
+
+
+def test_meta_gold_demonstrator_averages_eight_draws_per_eval_prompt(tmp_path):
+    """
+    One eval prompt, no mistakes, habit_prob 1/2: a draw's gold is 1 or 1/2, so the mean of 8 draws is 1/2 + k/16
+    (k clean draws of 8) -- strictly between 1/2 and 1 unless all 8 agree (2 in 256), where one draw never is.
+    """
+    between = 0
+    for seed in range(6):
+        meta = generate_task(str(tmp_path / str(seed)), seed=seed, n_sft=1, n_prefs=1, n_prefs_eval=1, n_prompts=1,
+                             n_eval=1, error_prob=0.0, habit_prob=0.5)
+        g = meta["gold_demonstrator"]
+        assert g * 16 == pytest.approx(round(g * 16), abs=1e-12) and 0.5 <= g <= 1.0, g
+        between += 0.5 < g < 1.0
+        assert meta["gold_demonstrator_without_habit"] == meta["gold_perfect"] == 1.0
+    assert between >= 5
 
 
 def test_generate_task_deterministic_by_seed(tmp_path):
