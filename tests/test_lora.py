@@ -4,6 +4,7 @@ a plain GPT, float64 formulas, a separately loaded base model.
 """
 
 import copy
+import types
 
 import pytest
 import torch
@@ -215,6 +216,103 @@ def test_value_head_gpt_equals_separate_actor_and_critic():
     randomise_adapters(actor)
     logits, _ = shared(idx, mask, values=True)
     torch.testing.assert_close(logits, actor(idx, mask))
+
+
+def test_from_linear_freezes_the_base_and_trains_only_the_adapters():
+    """A LoRALinear built alone (not through apply_lora): its weight and bias get no gradient, A and B do."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    layer = lora.LoRALinear.from_linear(lin, rank=2, alpha=4)
+    assert layer.weight is lin.weight and layer.bias is lin.bias  # the same Parameters, no copy
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer(torch.randn(5, 6)).pow(2).sum().backward()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert lin.weight.grad is None and lin.bias.grad is None
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_apply_lora_again_wraps_only_the_plain_layers():
+    """
+    A second apply_lora leaves the layers already wrapped as they are (their trained adapters kept) and wraps only
+    the plain Linears its targets match; a second call that matches only wrapped layers matches nothing.
+    """
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    first = lora.apply_lora(model, rank=2, alpha=4, targets=r"attn\.c_attn")
+    randomise_adapters(model)
+    adapters = {n: (m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    idx, mask = batch()
+    with torch.no_grad():
+        before = model(idx, mask)
+    second = lora.apply_lora(model, rank=3, alpha=3)
+    assert second == [n for n in (f"transformer.h.{i}.{k}" for i in range(CONFIG.n_layer)
+                                  for k in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"))]
+    for n in first:
+        m = model.get_submodule(n)
+        assert (m.rank, m.lora_A, m.lora_B) == (2, *adapters[n]), n
+    with torch.no_grad():
+        assert torch.equal(model(idx, mask), before)  # the new adapters start at B = 0
+    with pytest.raises(ValueError, match="match no Linear"):
+        lora.apply_lora(model, rank=2, alpha=4, targets=r"attn\.c_attn")
+
+
+def test_adapters_off_nests_and_restores_each_layers_own_state():
+    """
+    adapters_off inside adapters_off stays off until the outer block ends; a layer that was switched off before
+    the block is off after it; AdaptersOff(model) is the base model as a module that holds no parameters.
+    """
+    torch.manual_seed(0)
+    base = GPT(CONFIG)
+    model = copy.deepcopy(base)
+    lora.apply_lora(model, rank=2, alpha=4)
+    randomise_adapters(model)
+    idx, mask = batch()
+    with torch.no_grad():
+        want_base, want_on = base(idx, mask), model(idx, mask)
+        with lora.adapters_off(model):
+            with lora.adapters_off(model):
+                pass
+            torch.testing.assert_close(model(idx, mask), want_base, rtol=1e-6, atol=1e-6)
+        assert torch.equal(model(idx, mask), want_on)
+        ref = lora.AdaptersOff(model)
+        assert list(ref.parameters()) == []
+        torch.testing.assert_close(ref(idx, mask), want_base, rtol=1e-6, atol=1e-6)
+        assert torch.equal(model(idx, mask), want_on)
+        # one layer switched off by hand stays off after a block
+        layer = lora.lora_layers(model)[0]
+        layer.enabled = False
+        with lora.adapters_off(model):
+            pass
+        assert [m.enabled for m in lora.lora_layers(model)] == [False] + [True] * (4 * CONFIG.n_layer - 1)
+
+
+def test_adapter_state_dict_count_trainable_and_flags_put_back_the_adapters():
+    """
+    adapter_state_dict holds exactly each wrapped layer's A and B; count_trainable is r * (in + out) per layer
+    (plus what the caller unfroze); apply_lora_flags with those tensors gives a fresh wrapped model the same function.
+    """
+    torch.manual_seed(0)
+    base = ScalarGPT(CONFIG)
+    model = copy.deepcopy(base)
+    names = lora.apply_lora(model, rank=3, alpha=6)
+    randomise_adapters(model, seed=4)
+    sd = lora.adapter_state_dict(model)
+    assert set(sd) == {f"{n}.{k}" for n in names for k in ("lora_A", "lora_B")}
+    for n in names:
+        m = model.get_submodule(n)
+        assert torch.equal(sd[f"{n}.lora_A"], m.lora_A) and torch.equal(sd[f"{n}.lora_B"], m.lora_B)
+    C = CONFIG.n_embd
+    per_block = 3 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
+    assert lora.count_trainable(model) == CONFIG.n_layer * per_block
+    model.head.requires_grad_(True)
+    assert lora.count_trainable(model) == CONFIG.n_layer * per_block + C + 1
+    fresh = copy.deepcopy(base)
+    args = types.SimpleNamespace(lora_rank=3, lora_alpha=6, lora_targets=lora.DEFAULT_TARGETS)
+    lora.apply_lora_flags(fresh, args, sd)
+    idx, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx, mask), model(idx, mask))
 
 
 # -----------------------------------------------------------------------------

@@ -6,13 +6,15 @@ And write_samples on a full disk.
 
 import copy
 import math
+import types
 
 import pytest
 import torch
 
 from nanorlhf import utils
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, ValueHeadGPT
-from nanorlhf.rollout import disable_dropout, freeze, score_and_logprobs, truncate_after_eos
+from nanorlhf.rollout import (decode_response, disable_dropout, encode_rollout_prompts, freeze, generate_responses,
+                              missing_eos_default, next_prompt_indices, score_and_logprobs, truncate_after_eos)
 
 EOS, PAD = 256, 257
 
@@ -128,3 +130,112 @@ def test_a_full_disk_while_writing_samples_names_the_file(tmp_path, monkeypatch,
         utils.run(lambda: rollout.write_samples(str(tmp_path), 1, rows))
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / name}: No space left on device\n"
+
+
+def test_disable_dropout_makes_a_training_forward_the_eval_forward():
+    """
+    A model built with dropout (residual, embedding and attention dropout alike) gives, after disable_dropout and in
+    train mode, exactly the logits of eval mode: no random mask anywhere, so PPO's first ratio is 1.
+    """
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, dropout=0.5)).double()
+    idx = torch.randint(0, 40, (3, 9))
+    with torch.no_grad():
+        want = model.eval()(idx)
+        assert not torch.equal(model.train()(idx), want)  # the dropout is real before
+        disable_dropout(model)
+        assert torch.equal(model.train()(idx), want)
+    assert model.config.dropout == 0.0
+
+
+@pytest.mark.parametrize("mean,std", [(0.3, 1.7), (-2.25, 0.4)])
+def test_missing_eos_default_is_two_std_below_the_mean(mean, std):
+    g = torch.Generator().manual_seed(int(10 * std))
+    mean, std = mean + float(torch.rand(1, generator=g)), std * float(1 + torch.rand(1, generator=g))
+    assert missing_eos_default({"reward_mean": mean, "reward_std": std}) == pytest.approx(mean - 2 * std, abs=1e-4)
+    # without the RM's statistics: -1, whatever is missing
+    assert missing_eos_default({"reward_mean": mean}) == -1.0 and missing_eos_default({}) == -1.0
+
+
+def test_encode_rollout_prompts_leave_room_for_the_response():
+    """Each prompt keeps its last block_size - response_length rendered tokens (all of them when it is shorter)."""
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    prompts = ["sort 3 1 2", "sort " + " ".join(str(i % 10) for i in range(40)), "x"]
+    block_size, response_length = 48, 13
+    got = encode_rollout_prompts(prompts, tok, block_size, response_length)
+    for p, ids in zip(prompts, got):
+        full = tok.render_prompt(p)
+        keep = min(len(full), block_size - response_length)
+        assert ids == full[len(full) - keep:]
+    assert len(got[1]) == block_size - response_length  # the long one was cut to fit exactly
+
+
+def test_next_prompt_indices_are_the_seeded_permutation_of_each_pass():
+    """
+    Batches that straddle passes are the concatenation of one permutation per pass, each drawn from a generator
+    seeded by seed * 100003 + pass (so a resumed run repeats it), and a new pass is a new order.
+    """
+    n, batch_size, seed = 7, 3, 5
+    stream = []
+    for epoch in range(4):
+        stream += torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    state, got = {"epoch": 0, "pos": 0}, []
+    for _ in range(8):
+        idx, state = next_prompt_indices(n, batch_size, seed, state)
+        got += idx
+    assert got == stream[:24] and state == {"epoch": 24 // n, "pos": 24 % n}
+    assert stream[:n] != stream[n:2 * n]
+
+
+def test_generate_responses_are_the_greedy_continuations_of_each_prompt_alone():
+    """
+    Step 1 at temperature 0 on left-padded prompts: row b is the plain greedy continuation of prompt b run alone
+    (argmax of the full forward, one token at a time), cut after its EOS and padded, and nothing of the prompt.
+    """
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=258, n_layer=2, n_head=2, n_embd=32)
+    actor = GPT(config).double().eval()
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    N = 8
+
+    def greedy(row, eos):
+        out = []
+        for _ in range(N):
+            with torch.no_grad():
+                out.append(int(actor(torch.tensor([row + out]))[0, -1].argmax()))
+            if out[-1] == eos:
+                break
+        return out
+
+    eos = greedy(prompts[0], None)[2]  # a token the first row emits: it ends there
+    want = [greedy(r, eos) for r in prompts]
+    T = max(map(len, prompts))
+    context = torch.tensor([[PAD] * (T - len(r)) + r for r in prompts])
+    context_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in prompts])
+    tok = types.SimpleNamespace(eos_id=eos, pad_id=PAD)
+    args = types.SimpleNamespace(response_length=N, temperature=0.0)
+    got = generate_responses(actor, context, context_mask, tok, args)
+    assert got.shape == (3, max(map(len, want)))
+    for b, w in enumerate(want):
+        assert got[b].tolist() == w + [PAD] * (got.size(1) - len(w)), b
+
+
+def test_decode_response_drops_only_the_template_space_and_what_the_mask_leaves_out():
+    """The judge reads the real tokens' text with one leading space removed: other spaces (inner, a second leading
+    one, trailing) are the model's and stay."""
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    g = torch.Generator().manual_seed(0)
+    alphabet = " 0123456789 ab"
+    for _ in range(30):
+        n = int(torch.randint(0, 9, (1,), generator=g))
+        text = "".join(alphabet[int(i)] for i in torch.randint(0, len(alphabet), (n,), generator=g))
+        ids = tok.encode(text) + [tok.eos_id]
+        want = text[1:] if text[:1] == " " else text
+        assert decode_response(tok, ids) == want, repr(text)
+        junk = ids + [ord("x"), ord(" ")]  # past the EOS, masked out
+        assert decode_response(tok, junk, [1] * len(ids) + [0, 0]) == want, repr(text)
