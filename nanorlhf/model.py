@@ -186,7 +186,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         # query, key, value for all heads in one matmul, viewed as (3, B, nh, T, hs) without a copy
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        cpu = qkv.device.type == "cpu"
+        cpu, dtype = qkv.device.type == "cpu", qkv.dtype
         if cpu:
             # Under CPU autocast the attention itself (and the KV cache) stays float32: torch's bf16 attention
             # kernels are slower than its float32 ones here (measured on AVX512-BF16: 1.2x for a training step at
@@ -202,6 +202,8 @@ class CausalSelfAttention(nn.Module):
                 is_causal=attn_mask is None and start == 0,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        if y.dtype != dtype:  # back to c_attn's dtype: a bf16 model's c_proj takes bf16 (autocast would cast it too)
+            y = y.to(dtype)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 

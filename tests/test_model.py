@@ -180,6 +180,20 @@ def test_forward_matches_float64_reference(activation):
         assert not torch.allclose(logits[b], ref_logits(sd, CONFIG.n_head, idx[b].tolist(), other), atol=1e-6)
 
 
+def test_eval_forward_of_a_dropout_model_is_the_reference():
+    """A model built with dropout gives in eval mode the float64 reference's logits: no dropout anywhere, the
+    attention's included (padded or not)."""
+    model = make_gpt(dataclasses.replace(CONFIG, dropout=0.5), noise=0.05)
+    sd = to_hf(model.state_dict())
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    idx, mask = left_pad(rows, pad_id=3)
+    with torch.no_grad():
+        plain, padded = model(idx[:1]), model(idx, mask)
+    assert torch.allclose(plain[0], ref_logits(sd, CONFIG.n_head, rows[0]), atol=1e-10)
+    for b, r in enumerate(rows):
+        assert torch.allclose(padded[b, -len(r):], ref_logits(sd, CONFIG.n_head, r), atol=1e-10)
+
+
 def test_left_padded_rows_match_rows_alone():
     model = make_gpt(noise=0.05)
     sd = to_hf(model.state_dict())
@@ -227,6 +241,21 @@ def test_logits_to_keep_are_the_last_positions(shared):
         assert model(idx, mask, values=True, logits_to_keep=4)[1].shape == (3, 4)
         assert torch.allclose(full[1], kept[1], atol=1e-12)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(full[2], kept[2]))
+
+
+@pytest.mark.parametrize("cls", [GPT, ValueHeadGPT])
+def test_logits_to_keep_every_k_is_the_last_k_of_the_full_forward(cls):
+    """Every K from 1 to T + 1 (0: all): exactly min(K, T) positions, those at the end of the full forward's."""
+    model = cls(CONFIG).double().eval()
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12]], pad_id=3)
+    T = idx.size(1)
+    with torch.no_grad():
+        full = model(idx, mask)
+        for K in range(0, T + 2):
+            got = model(idx, mask, logits_to_keep=K)
+            n = T if K == 0 else min(K, T)
+            assert got.shape == (2, n, CONFIG.vocab_size), K
+            assert torch.allclose(got, full[:, T - n:], rtol=0, atol=1e-12), K
 
 
 def test_right_padding_and_explicit_position_ids():
@@ -322,6 +351,8 @@ def test_num_params_and_flops():
     assert model.num_params(non_embedding=True) == n - c.block_size * C
     assert model.flops_per_token(16) == 6 * (n - c.block_size * C) + 12 * L * c.n_head * (C // c.n_head) * 16
     assert ScalarGPT(c).num_params() == n + C + 1
+    # a ScalarGPT's token embeddings are lookups only (no lm_head): left out of its non-embedding count
+    assert ScalarGPT(c).num_params(non_embedding=True) == n + C + 1 - c.block_size * C - V * C
 
 
 def test_resize_vocab():
@@ -415,6 +446,23 @@ def test_sample_filters_by_hand():
     assert tok.tolist() == [1, 1] and torch.allclose(logp, torch.log(torch.tensor([0.4, 0.4], dtype=torch.float64)))
 
 
+def test_top_p_that_a_prefix_reaches_exactly_stops_there():
+    # 8 equally likely tokens (probabilities 1/8, their sums exact in float64): a top_p equal to the mass of k of
+    # them keeps k tokens ("reaches top_p"), as a plain loop over the tokens keeps them
+    V, n = 8, 4000
+    logits = torch.zeros(n, V, dtype=torch.float64)
+    for top_p in (0.25, 0.5, 0.625, 0.7, 1.0):
+        k, before = 0, 0.0
+        while k < V and not (k > 0 and before >= top_p):
+            k, before = k + 1, before + 1 / V
+        tok, _ = sample_next_token(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert len(set(tok.tolist())) == k, top_p
+    # top_p = 0: the most likely token always stays, so it is the argmax
+    logits = torch.randn(50, V, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tok, _ = sample_next_token(logits, 1.0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tok, logits.argmax(-1))
+
+
 def test_top_p_applies_to_the_tempered_distribution():
     # probabilities 0.1, 0.4, 0.2, 0.3 at temperature 0.5 become softmax(logits / 0.5), proportional to p^2:
     # 0.033, 0.533, 0.133, 0.3, whose 0.75-nucleus is {1, 3} (untempered it would be {1, 3, 2})
@@ -471,6 +519,23 @@ def test_sample_categorical_is_the_inverse_cdf():
         assert tok[b].item() == i
 
 
+def test_sample_categorical_of_unnormalised_weights_is_the_inverse_cdf():
+    # weights that do not sum to 1 (from 0.05 to 20 per row): u is uniform on (0, row total], as a plain loop draws it
+    g = torch.Generator().manual_seed(2)
+    weights = torch.rand(64, 30, generator=g, dtype=torch.float64) * torch.logspace(-1.3, 1.3, 64)[:, None]
+    weights[:, 5] = 0.0
+    tok = sample_categorical(weights, torch.Generator().manual_seed(7))
+    u = 1 - torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for b in range(64):
+        row = weights[b].tolist()
+        target, cum = u[b, 0].item() * sum(row), 0.0
+        for i, p in enumerate(row):
+            cum += p
+            if cum >= target:
+                break
+        assert tok[b].item() == i and i != 5
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy():
     model = make_gpt(noise=0.3)
     idx, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]])
@@ -511,6 +576,29 @@ def test_generate_eos_rows_emit_pad_after():
         assert torch.allclose(lp[b, :stops[b]], raw_lp[b, :stops[b]], atol=1e-10)
         assert (lp[b, stops[b]:] == 0).all()
     assert stops[0] <= 3
+
+
+def test_generate_pads_with_eos_when_no_pad_id_is_given():
+    """pad_id None: after its EOS a row repeats the EOS; the tokens before it are the plain greedy ones."""
+    model = make_gpt(noise=0.1)
+    rows = [[5, 6, 7, 8], [20, 21], [30, 31, 32]]
+    idx, mask = left_pad(rows, pad_id=1)
+    N = 10
+
+    def greedy(row, eos):  # one row alone, the whole prefix recomputed at each step
+        out = []
+        while len(out) < N and (not out or out[-1] != eos):
+            with torch.no_grad():
+                out.append(int(model(torch.tensor([row + out]))[0, -1].argmax()))
+        return out
+
+    eos = greedy(rows[0], None)[1]
+    want = [greedy(r, eos) for r in rows]
+    out = model.generate(idx, N, temperature=0.0, attention_mask=mask, eos_id=eos)
+    n = max(map(len, want))
+    assert out.shape == (3, idx.size(1) + n)
+    for b, w in enumerate(want):
+        assert out[b, idx.size(1):].tolist() == w + [eos] * (n - len(w)), b
 
 
 def test_generate_stops_early_when_all_rows_finish():
@@ -597,6 +685,54 @@ def test_heads_run_in_float32_under_bf16_autocast():
 
     want = torch.log_softmax(ref, -1).gather(-1, labels[..., None]).squeeze(-1)  # (B, T)
     assert (logprobs_from_logits(logits, labels).double() - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("out", [1, 7])
+def test_float32_head_of_a_bf16_head_keeps_its_bias(out):
+    # a head held in bf16 (a bf16 model's scalar head, or an lm_head): weight and bias are upcast, the output is
+    # h W^T + b at float32 accuracy, the bias included
+    from nanorlhf.model import float32_head
+    g = torch.Generator().manual_seed(out)
+    head = torch.nn.Linear(16, out).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(out, 16, generator=g))
+        head.bias.copy_(2 * torch.randn(out, generator=g))
+    h = torch.randn(3, 5, 16, generator=g)  # float32 hidden states
+    got = float32_head(head, h)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, out)
+    ref = torch.zeros(3, 5, out, dtype=torch.float64)
+    W, bias = head.weight.double(), head.bias.double()
+    for o in range(out):
+        ref[..., o] = (h.double() * W[o]).sum(-1) + bias[o]
+    assert (got.double() - ref).abs().max() < 1e-4
+
+
+def test_a_bf16_model_runs_on_the_cpu():
+    # Weights held in bf16 (no autocast): the CPU attention runs in float32 and hands c_proj bf16 again, so the
+    # forward, the heads and generate() work and agree with the same weights in float64 to bf16 accuracy.
+    model = make_gpt(dtype=torch.float32, noise=0.1).to(torch.bfloat16)
+    critic = ScalarGPT.from_gpt(model)
+    torch.nn.init.normal_(critic.head.weight, std=2.0)
+    torch.nn.init.normal_(critic.head.bias, std=2.0)
+    ref_model = make_gpt(dtype=torch.float64)
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref_critic = ScalarGPT.from_gpt(ref_model)
+    ref_critic.load_state_dict({k: v.double() for k, v in critic.state_dict().items()})
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [9, 10, 3]])
+    logits, values = model(idx, mask), critic(idx, mask)
+    assert logits.dtype == torch.float32 and values.dtype == torch.float32
+    real = mask.bool()
+    ref = ref_model(idx, mask)[real]  # (n_real, V)
+    assert (logits.double()[real] - ref).abs().max() < 0.05 * ref.abs().max()
+    ref_values = ref_critic(idx, mask)[real]
+    assert (values.double()[real] - ref_values).abs().max() < 0.05 * ref_values.abs().max()
+    g = torch.Generator().manual_seed(0)
+    out, lp = model.generate(idx, 5, attention_mask=mask, return_logprobs=True, generator=g)  # (B, T + 5), (B, 5)
+    # each sampled token's logprob, against log-softmax of the float64 model's logits over the whole sequence
+    full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1)
+    want = torch.log_softmax(ref_model(out, full_mask)[:, idx.size(1) - 1:-1], -1)
+    want = want.gather(-1, out[:, idx.size(1):, None]).squeeze(-1)  # (B, 5)
+    assert lp.dtype == torch.float32 and (lp.double() - want).abs().max() < 0.1
 
 
 def test_generate_logits_run_in_float32_under_bf16_autocast(monkeypatch):
@@ -880,6 +1016,25 @@ def test_scalar_from_gpt_copies_trunk():
     result = fresh.load_state_dict(gpt.state_dict(), strict=False)
     assert result.unexpected_keys == ["lm_head.weight"] and set(result.missing_keys) == {"head.weight", "head.bias"}
     assert torch.allclose(fresh.trunk(idx, mask), gpt.trunk(idx, mask), atol=0)
+
+
+@pytest.mark.parametrize("cls", [ScalarGPT, ValueHeadGPT])
+def test_from_gpt_keeps_gradient_checkpointing(cls):
+    """A reward model, critic or shared actor-critic built from a checkpointed SFT model is checkpointed too: its
+    training forward keeps fewer activations than a model without."""
+    gpt = make_gpt(noise=0.05)
+    idx, mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    for flag in (False, True):
+        gpt.grad_checkpointing = flag
+        model = cls.from_gpt(gpt).train()
+        assert model.grad_checkpointing is flag
+    counts = []
+    for m in (cls.from_gpt(gpt).train(), cls(CONFIG).double().train()):  # checkpointed, and a fresh one not
+        n = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.__setitem__(0, n[0] + 1) or t, lambda t: t):
+            m(idx, mask)
+        counts.append(n[0])
+    assert counts[0] < counts[1]
 
 
 # -----------------------------------------------------------------------------
