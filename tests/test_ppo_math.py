@@ -87,6 +87,26 @@ def test_score_lands_at_last_real_token():
     assert len(set(lengths)) > 2
 
 
+def test_a_row_without_real_tokens_gets_no_score():
+    """
+    compute_rewards on rows of which some have no real token at all: such a row gets neither the score nor any KL
+    term (all 0), the other rows are the plain loop's. No rollout has such a row (EOS counts as real), but without
+    the mask factor the score would land at index 0 of it.
+    """
+    g, lengths, mask, rand = random_batch(13)
+    lengths[2] = lengths[4] = 0
+    mask[2], mask[4] = 0, 0
+    logprobs, ref_logprobs = -rand().abs(), -rand().abs()
+    scores = torch.randn(len(lengths), generator=g, dtype=torch.float64) + 3  # far from 0
+    rewards, kl = compute_rewards(logprobs, ref_logprobs, scores, mask, 0.1)
+    for b, L in enumerate(lengths):
+        for t in range(logprobs.shape[1]):
+            k = logprobs[b, t].item() - ref_logprobs[b, t].item() if t < L else 0.0
+            want = -0.1 * k + (scores[b].item() if t == L - 1 else 0.0)
+            assert abs(rewards[b, t].item() - want) < 1e-12 and abs(kl[b, t].item() - k) < 1e-12, (b, t)
+    assert (rewards[2] == 0).all() and (rewards[4] == 0).all()
+
+
 # -----------------------------------------------------------------------------
 # GAE and whitening
 

@@ -24,6 +24,7 @@ from scripts import ROOT, read_metrics, script
 sys.path.insert(0, ROOT)  # train_ppo.py is a top-level script
 
 from nanorlhf import data as D
+from nanorlhf import rollout
 from nanorlhf import tasks
 from nanorlhf import utils
 from nanorlhf.losses import sft_loss
@@ -363,6 +364,60 @@ def test_vf_coef_barely_changes_a_separate_critic_update(one_thread):
     assert norm(moved[0]) > 1e-3
 
 
+def test_minibatches_partition_each_epoch_in_a_shuffled_order(one_thread, monkeypatch):
+    """
+    Each epoch's minibatches cover every row of the rollout once, in an order drawn anew (not the rows' own order),
+    and the update's statistics are the mean over all minibatches of each minibatch's token-weighted mean (its
+    micro-batches' losses weighed by their real tokens), recounted from what policy_loss and value_loss returned.
+    """
+    args = Args(batch_size=8, num_minibatches=4, grad_accum=2, ppo_epochs=3, response_length=8, lr=1e-2,
+                critic_lr=1e-2)
+    actor, ref, reward_model, critic = tiny_models()
+    exp = hand_made_experience(actor, ref, reward_model, critic, args)
+    calls = []
+    real_pl, real_vl = train_ppo.policy_loss, train_ppo.value_loss
+
+    def policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
+        loss, stats = real_pl(logprobs, old_logprobs, advantages, mask, clip_coef)
+        rows = [next(r for r in range(8) if torch.equal(exp["logprobs"][r], o)) for o in old_logprobs]
+        dev = max(abs(math.exp(logprobs[0, t].item() - old_logprobs[0, t].item()) - 1) for t in range(int(mask.sum())))
+        calls.append({"rows": rows, "n": mask.sum().item(), "pg_loss": loss.item(), "dev": dev,
+                      **{k: v.item() for k, v in stats.items()}})
+        return loss, stats
+
+    def value_loss(*a):
+        loss, stats = real_vl(*a)
+        calls[-1].update(vf_loss=loss.item(), vf_clipfrac=stats["vf_clipfrac"].item())
+        return loss, stats
+
+    monkeypatch.setattr(train_ppo, "policy_loss", policy_loss)
+    monkeypatch.setattr(train_ppo, "value_loss", value_loss)
+    # the rollout's log-probs off by -0.05 to 0.15: the first minibatch sees ratios on both sides of 1, those
+    # furthest from 1 below it (ratio = exp(-shift) there)
+    g = torch.Generator().manual_seed(2)
+    shift = 0.2 * torch.rand(exp["logprobs"].shape, generator=g) - 0.05  # (B, N)
+    exp["logprobs"] = exp["logprobs"] + shift * exp["response_mask"]
+    opt_a = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
+    opt_c = utils.configure_optimizer(critic, args.critic_lr, 0.0, (0.9, 0.95), "cpu")
+    torch.manual_seed(0)
+    out = ppo_update(actor, critic, opt_a, opt_c, exp, args, rt())
+    assert len(calls) == 3 * 4 * 2 and all(len(c["rows"]) == 1 for c in calls)
+    minibatches = [calls[j:j + 2] for j in range(0, len(calls), 2)]  # (12 minibatches of 2 micro-batches)
+    orders = []
+    for e in range(3):
+        order = [c["rows"][0] for mb in minibatches[4 * e:4 * e + 4] for c in mb]
+        assert sorted(order) == list(range(8)), order
+        orders.append(order)
+    assert any(o != list(range(8)) for o in orders) and len({tuple(o) for o in orders}) > 1
+    for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio"):
+        per_mb = [sum(c[k] * c["n"] for c in mb) / sum(c["n"] for c in mb) for mb in minibatches]
+        assert out[k] == pytest.approx(sum(per_mb) / len(per_mb), rel=1e-5, abs=1e-7), k
+    assert len({round(sum(c["pg_loss"] for c in mb), 6) for mb in minibatches}) > 1
+    # max |ratio - 1| over the real tokens of the first minibatch of the first epoch only
+    assert out["first_ratio_max_dev"] == pytest.approx(max(c["dev"] for c in minibatches[0]), rel=1e-5)
+    assert max(c["dev"] for c in calls) > 1.5 * out["first_ratio_max_dev"]
+
+
 # -----------------------------------------------------------------------------
 # the update's gradient against PPO's objective, written the plain way
 
@@ -484,6 +539,32 @@ def test_update_gradient_is_ppos_objective(critic_kind, one_thread):
             assert torch.allclose(got, w, rtol=1e-6, atol=1e-6 * w.abs().max()), (key, name)
 
 
+@pytest.mark.parametrize("critic_kind", ["separate", "shared"])
+def test_saved_policy_and_critic_compute_what_the_trained_models_do(critic_kind):
+    """
+    ckpt.pt's and critic.pt's state dicts (policy_state_dict, critic_state_dict) loaded into a plain GPT and a plain
+    ScalarGPT give the trained actor's logits and the critic's values (the shared trunk's value head, random here,
+    not the zero it starts at) on a padded batch.
+    """
+    actor, _, _, critic = tiny_models(3)
+    if critic_kind == "shared":
+        actor, critic = ValueHeadGPT.from_gpt(actor), None
+        with torch.no_grad():
+            actor.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            actor.value_head.bias.fill_(0.7)
+    batch = prompt_batch(Tokenizer.byte_level(), 4)
+    x, m = batch["idx"], batch["attention_mask"]
+    policy, value = GPT(actor.config), ScalarGPT(actor.config)
+    policy.load_state_dict(train_ppo.policy_state_dict(actor))
+    value.load_state_dict(train_ppo.critic_state_dict(actor, critic))
+    for model in (policy, value):
+        disable_dropout(model)
+    with torch.no_grad():
+        logits, values = actor(x, m, values=True) if critic is None else (actor(x, m), critic(x, m))
+        assert torch.allclose(policy(x, m), logits, atol=1e-6) and torch.allclose(value(x, m), values, atol=1e-6)
+        assert values.std() > 0.01
+
+
 def test_next_prompt_indices_covers_each_prompt_once_per_pass():
     state = {"epoch": 0, "pos": 0}
     seen = []
@@ -539,12 +620,20 @@ def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag,
     assert not (tmp_path / "ppo").exists()
 
 
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_gamma_and_lambda_take_both_ends_of_their_range(value):
+    """[0, 1] includes its ends: gamma = 0 (only the next reward) and lambda = 0 (one-step TD) are valid choices."""
+    train_ppo.check_flags(Args(gamma=value, gae_lambda=value), set())
+
+
 @pytest.mark.parametrize("argv, message", [
     # the adaptive controller divides by both, after metrics.jsonl was started
     (["--adaptive_kl", "--target_kl", "0"], "--target_kl must be > 0 with --adaptive_kl, got 0.0"),
     (["--adaptive_kl", "--kl_horizon", "0"], "--kl_horizon 0 must be > 0.2 * --batch_size = 12.8"),
     # 1 - 0.2 * 64 / 12 < 0: beta would change sign
     (["--adaptive_kl", "--kl_horizon", "12"], "--kl_horizon 12 must be > 0.2 * --batch_size = 12.8"),
+    # at 0.2 * batch_size exactly, a KL below target multiplies beta by 1 - 0.2 * 20 / 4 = 0: beta stays 0 from there
+    (["--adaptive_kl", "--batch_size", "20", "--kl_horizon", "4"], "--kl_horizon 4 must be > 0.2 * --batch_size = 4 "),
     (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),  # crashed in gold_scores mid-run
     (["--num_samples", "-1"], "--num_samples must be >= 1, got -1"),  # wrote batch_size - 1 samples
     (["--kl_coef", "-0.1"], "--kl_coef must be >= 0, got -0.1"),
@@ -579,6 +668,7 @@ def test_flags_that_would_train_nothing_or_backwards_are_refused(tmp_path, flag,
      "--lora_targets 'value_head' matches value_head: the value head trains in full, leave it out of the targets"),
     (["--lora_rank", "4", "--critic", "shared", "--lora_targets", "head"], "'head' matches value_head: the value head"),
     (["--lora_rank", "4", "--lora_targets", "c_fc("], "--lora_targets 'c_fc(': not a regular expression"),
+    (["--kl_estimator", "k2"], "--kl_estimator 'k2': expected k1 or k3"),  # kl_penalty would raise it mid-run
 ])
 def test_flags_out_of_range_are_refused(tmp_path, argv, message):
     with pytest.raises(utils.UserError, match=re.escape(message)):  # checked before anything is read or written
@@ -799,6 +889,145 @@ def test_gold_on_with_prompts_the_judge_cannot_parse_is_refused(random_ckpts):
                                                         "'Tell me a joke.', which its gold judge cannot score")):
         train_ppo.main(tiny_ppo_args(random_ckpts, out, "--data", str(random_ckpts / "mine.jsonl"), "--gold", "on"))
     assert not out.exists()
+
+
+def test_each_metrics_row_is_its_rollout_recounted_the_plain_way(random_ckpts, monkeypatch, one_thread):
+    """
+    Three iterations of main (adaptive KL, k3 in the reward, PPO-ptx, annealed learning rates, an EOS put at random
+    places in the sampled responses): each metrics.jsonl row against its rollout recounted with Python loops: the
+    scores, both KLs summed over each response's real tokens, the non-score reward (-beta * sum k3), the entropy over
+    real tokens, the lengths up to the first EOS, the EOS fraction, the explained variance (numpy), the gold (a
+    stand-in judge) over the whole batch, the lr of both optimizers (linear to 0: frac = 1 - (iter - 1) /
+    num_iterations), the update's averages; beta iterated by hand from the k1 KL (Ziegler et al.), the beta each
+    rollout's rewards were made with, and the one train_state.pt keeps.
+    """
+    d = random_ckpts
+    (d / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "response": tasks.solve(p)}) + "\n" for p in PROMPTS))
+    iters, B, H, target, lr, critic_lr, kl_coef = 3, 8, 20, 0.01, 1e-3, 3e-4, 0.3
+    argv = tiny_ppo_args(d, d / "ppo", "--num_iterations", str(iters), "--batch_size", str(B), "--num_minibatches", "2",
+                         "--response_length", "6", "--adaptive_kl", "--target_kl", str(target), "--kl_horizon", str(H),
+                         "--kl_estimator", "k3", "--kl_coef", str(kl_coef), "--lr", str(lr), "--critic_lr",
+                         str(critic_lr), "--ptx_coef", "0.5", "--ptx_data", str(d / "sft.jsonl"), "--sample_interval",
+                         "2", "--num_samples", "3", "--save_interval", "100")
+    seen = []  # per iteration: {"idx", "beta", "exp", "lrs", "upd", "kl_in"}
+    real_indices, real_sample, real_make, real_update, real_ptx = (
+        train_ppo.next_prompt_indices, train_ppo.sample, train_ppo.make_experience, train_ppo.ppo_update,
+        train_ppo.ptx_batches)
+    tok, g = Tokenizer.byte_level(), torch.Generator().manual_seed(0)
+
+    def indices(*a, **kw):
+        idx, state = real_indices(*a, **kw)
+        seen.append({"idx": list(idx)})
+        return idx, state
+
+    def sample(*a):  # an EOS at a random place in most rows (random models hardly ever sample one): many lengths
+        batch, response = real_sample(*a)
+        for b, e in enumerate(torch.randint(0, 9, (B,), generator=g).tolist()):
+            if e < response.size(1):
+                response[b, e] = tok.eos_id
+        return batch, response
+
+    def make(*a):
+        exp = real_make(*a)
+        seen[-1].update(beta=a[9], exp={k: v.clone() if torch.is_tensor(v) else v for k, v in exp.items()})
+        return exp
+
+    def update(actor, critic, actor_opt, critic_opt, *a, **kw):
+        seen[-1]["lrs"] = ([pg["lr"] for pg in actor_opt.param_groups], [pg["lr"] for pg in critic_opt.param_groups])
+        seen[-1]["upd"] = real_update(actor, critic, actor_opt, critic_opt, *a, **kw)
+        return seen[-1]["upd"]
+
+    def ptx_batches(examples, batch_size, *a):
+        ptx_sizes.append(batch_size)
+        return real_ptx(examples, batch_size, *a)
+
+    class Controller(train_ppo.AdaptiveKLController):
+        def update(self, current_kl, n_steps):
+            seen[-1]["kl_in"] = (current_kl, n_steps)
+            super().update(current_kl, n_steps)
+
+    # a judge whose score depends on the prompt and the response (the task's is 0 for every random response)
+    monkeypatch.setattr(rollout, "gold_scores", lambda ps, ts: [len(p) + 0.1 * len(t) for p, t in zip(ps, ts)])
+    ptx_sizes = []
+    for name, f in (("next_prompt_indices", indices), ("sample", sample), ("make_experience", make),
+                    ("ppo_update", update), ("ptx_batches", ptx_batches), ("AdaptiveKLController", Controller)):
+        monkeypatch.setattr(train_ppo, name, f)
+    train_ppo.main(argv)
+    rows = read_metrics(d / "ppo")
+    assert [r["iter"] for r in rows] == [1, 2, 3] and len(seen) == iters
+    assert ptx_sizes == [B // 2]  # one SFT batch of the minibatch's size per minibatch
+
+    beta = kl_coef
+    for it, (row, s) in enumerate(zip(rows, seen)):
+        exp = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in s["exp"].items()}
+        response = exp["response"].tolist()
+        lengths = [r.index(tok.eos_id) + 1 if tok.eos_id in r else len(r) for r in response]
+        k1s, k3s, ent, nsr, texts = [], [], [], [], []
+        for b, L in enumerate(lengths):
+            k1 = k3 = 0.0
+            for t in range(L):
+                lp, lr_ = exp["logprobs"][b, t].item(), exp["ref_logprobs"][b, t].item()
+                k1 += lp - lr_
+                k3 += (math.exp(lr_ - lp) - 1) - (lr_ - lp)
+                ent.append(exp["entropy"][b, t].item())
+                # the reward the rollout was made with: -beta * k3, the score at the last real token
+                want = -beta * ((math.exp(lr_ - lp) - 1) - (lr_ - lp)) + (exp["scores"][b].item() if t == L - 1 else 0)
+                assert exp["rewards"][b, t].item() == pytest.approx(want, abs=1e-6), (it, b, t)
+            k1s.append(k1)
+            k3s.append(k3)
+            nsr.append(-beta * k3)
+            texts.append(tok.decode(response[b][:L]).removeprefix(" "))
+        assert len(set(lengths)) > 2 and 0 < sum(tok.eos_id in r for r in response) < B
+        real = [(exp["values"][b, t].item(), exp["returns"][b, t].item())
+                for b, L in enumerate(lengths) for t in range(L)]
+        vals, rets = np.array(real).T
+        prompts = [PROMPTS[i] for i in s["idx"]]
+        frac = 1 - it / iters
+        want = {"score": exp["scores"].mean().item(), "rm_score": exp["rm_scores"].mean().item(),
+                "kl": sum(k1s) / B, "kl_k3": sum(k3s) / B, "non_score_reward": sum(nsr) / B,
+                "entropy": sum(ent) / len(ent), "response_length": sum(lengths) / B,
+                "eos_frac": sum(tok.eos_id in r for r in response) / B,
+                "explained_variance": 1 - np.var(rets - vals) / np.var(rets),
+                "beta": beta, "lr": lr * frac,
+                "gold": sum(len(p) + 0.1 * len(t) for p, t in zip(prompts, texts)) / B, **s["upd"]}
+        for k, w in want.items():
+            assert row[k] == pytest.approx(w, rel=1e-5, abs=1e-6), (it + 1, k)
+        assert s["beta"] == pytest.approx(beta, rel=1e-12)
+        assert s["lrs"] == ([lr * frac] * len(s["lrs"][0]), [critic_lr * frac] * len(s["lrs"][1]))
+        assert s["kl_in"][0] == pytest.approx(sum(k1s) / B, abs=1e-6) and s["kl_in"][1] == B
+        # beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * B / horizon), KL the k1 sum
+        beta *= 1 + min(max(sum(k1s) / B / target - 1, -0.2), 0.2) * B / H
+    assert len({r["beta"] for r in rows}) == iters and len({round(r["lr"], 9) for r in rows}) == iters
+    assert torch.load(d / "ppo" / "train_state.pt", weights_only=True)["kl_coef"] == pytest.approx(beta, rel=1e-12)
+    # samples at the first iteration and every --sample_interval: the first --num_samples rows of the batch
+    samples = [json.loads(line) for line in open(d / "ppo" / "samples.jsonl")]
+    assert [x["iter"] for x in samples] == [1, 1, 1, 2, 2, 2]
+    for x, j in zip(samples, [0, 1, 2, 0, 1, 2]):
+        assert x["prompt"] == PROMPTS[seen[x["iter"] - 1]["idx"][j]]
+
+
+def test_a_resumed_run_continues_the_adaptive_beta_and_the_lr_schedule(random_ckpts, capsys, one_thread):
+    """
+    --adaptive_kl stopped after iteration 2 of 3 and resumed: each beta is the one before moved once by the
+    controller's rule from that iteration's KL (k1), computed here by hand (not the start value --kl_coef again),
+    and the lr decays linearly over all --num_iterations (1 - (iter - 1) / 3), not over the --stop_at part.
+    """
+    out, B, H, target, lr = random_ckpts / "ppo", 8, 20, 0.5, 1e-3
+    argv = tiny_ppo_args(random_ckpts, out, "--num_iterations", "3", "--batch_size", str(B), "--adaptive_kl",
+                         "--target_kl", str(target), "--kl_horizon", str(H), "--lr", str(lr))
+    train_ppo.main(argv + ["--stop_at", "2"])
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2] and utils.load_checkpoint(str(out))["step"] == 2
+    train_ppo.main(["--out_dir", str(out), "--resume"])
+    rows = read_metrics(out)
+    assert [r["iter"] for r in rows] == [1, 2, 3] and rows[0]["beta"] == 0.3
+    for before, after in zip(rows, rows[1:]):
+        want = before["beta"] * (1 + min(max(before["kl"] / target - 1, -0.2), 0.2) * B / H)
+        assert after["beta"] == pytest.approx(want, rel=1e-5) and want != before["beta"]  # logged to 6 digits
+    assert [r["lr"] for r in rows] == pytest.approx([lr, lr * 2 / 3, lr / 3], rel=1e-5)
+    capsys.readouterr()
+    train_ppo.main(["--out_dir", str(out), "--resume"])  # a finished run: nothing to do, nothing logged
+    assert capsys.readouterr().out == f"nothing to do: the run in {out} is at iteration 3\n"
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_reward_model_tokenizer_must_encode_alike_whatever_its_name(tmp_path):
