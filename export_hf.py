@@ -347,6 +347,8 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
     kind = ckpt["model_kind"]
     check(kind in ("gpt", "scalar"), f"{ckpt_file}: unknown model_kind {kind!r}")
     config, tok = utils.model_spec(ckpt_file, ckpt)
+    with utils.naming("--ckpt"):
+        utils.check_weights(ckpt_file, ckpt["model"])  # hf_state_dict would cast an int8 tensor without a word
     torch_dtype = getattr(torch, dtype)
     tensors = hf_state_dict(ckpt["model"], config, kind, torch_dtype)
 

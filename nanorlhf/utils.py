@@ -61,6 +61,23 @@ def _terminate(signum, frame):
         signal.raise_signal(signal.SIGTERM)
 
 
+ERROR_WAIT = 3.0  # seconds a rank other than 0 waits before it prints its error (say_error)
+
+
+def say_error(message):
+    """
+    Print a user's mistake, one line, to stderr, once also under torchrun. There every rank usually meets the same
+    mistake, and when one rank exits torchrun ends the others at once, so a rank other than 0 waits ERROR_WAIT
+    seconds first: where rank 0 met the mistake too, it prints it and torchrun ends this rank in the meantime; where
+    only this rank did (a rank past the machine's last GPU), the line comes from it, after its rank.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    if rank > 0:
+        time.sleep(ERROR_WAIT)
+        message = f"[rank {rank}] {message}"
+    print(message, file=sys.stderr, flush=True)
+
+
 def run(main):
     """
     Call main(); turn the user's mistakes into one line on stderr and exit status 2.
@@ -79,7 +96,12 @@ def run(main):
     SIGTERM is handled as Ctrl-C is: one line, "terminated", and exit status 143 (a shell's for SIGTERM). The exception
     it raises runs the cleanup that a plain SIGTERM would skip: a save's temporaries go, and subprocess.run kills the
     child it waits on (kl_sweep.py's and compare.py's train_*.py), which would otherwise go on as an orphan, writing
-    into out_dir. A second SIGTERM more than a second after the first ends the process at once (_terminate).
+    into out_dir. A second SIGTERM more than a second after the first ends the process at once (_terminate). One
+    that comes while another stop is being handled (torchrun follows a Ctrl-C's SIGINT with a SIGTERM within a
+    millisecond) changes nothing: the first stop is the one reported.
+
+    Under torchrun "interrupted" and "terminated" come from rank 0 only (every rank got the signal); a mistake's line
+    comes once, see say_error.
 
     A reader that stops reading (`python sample.py ... | head`) is not an error either: nothing is printed and the exit
     status is 141, as a shell reports a process stopped by SIGPIPE. stdout is flushed inside the try, so that a pipe
@@ -92,26 +114,33 @@ def run(main):
     handled = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handled else None
     try:
-        main()
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141
-    except (UserError, DataError) as e:
-        code, message = 2, f"error: {e}"
-    except OSError as e:
-        # a path the OS refuses (a file where --out_dir's directory goes, a file we may not read) or a full disk: the
-        # user's to fix, so one line too. Only OSError: any other exception is a bug and keeps its traceback
-        code, message = 2, f"error: {os_error_line(e)}"
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
-    except Terminated:
-        code, message = 143, "terminated"
-    finally:
-        if handled and previous is not None:  # None: a handler not set from Python, which cannot be put back
+        try:
+            main()
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
+        except (UserError, DataError) as e:
+            code, message = 2, f"error: {e}"
+        except OSError as e:
+            # a path the OS refuses (a file where --out_dir's directory goes, a file we may not read) or a full disk:
+            # the user's to fix, so one line too. Only OSError: any other exception is a bug and keeps its traceback
+            code, message = 2, f"error: {os_error_line(e)}"
+        except KeyboardInterrupt:
+            code, message = 130, "interrupted"
+        except Terminated:
+            code, message = 143, "terminated"
+        finally:
+            if handled and previous is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signal.SIGTERM, previous)
+    except Terminated:  # a SIGTERM while the lines above handled another stop
+        code, message = code or 143, message or "terminated"
+        if handled and previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if message is not None and int(os.environ.get("RANK", 0)) == 0:
-        print(message, file=sys.stderr)  # under torchrun every rank meets the same error: rank 0 says it
+    if code == 2:
+        say_error(message)
+    elif message is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -221,8 +250,9 @@ class FlagParser(argparse.ArgumentParser):
         return ns
 
     def error(self, message):
-        """One line instead of argparse's usage block; the full usage is a --help away."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """One line instead of argparse's usage block (once under torchrun); the full usage is a --help away."""
+        say_error(f"{self.prog}: error: {message}")
+        self.exit(2)
 
 
 def suggest(name, options, n=3):
@@ -683,6 +713,21 @@ def _load_model_checkpoint(path, name, mmap=False):
     return file, ckpt
 
 
+def check_weights(file, state):
+    """
+    Every tensor of a checkpoint's state dict a finite floating-point one, else one line naming the file and the
+    tensor: load_state_dict would cast int8 or complex tensors to float32 without a word, and a weight that an fp16
+    conversion overflowed to inf makes a model whose every output is nan. A state that is no dict is left to the
+    loader, whose message names what is wrong with it.
+    """
+    for k, v in (state.items() if isinstance(state, dict) else ()):
+        if torch.is_tensor(v) and not v.is_floating_point():
+            raise UserError(f"{file}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, not a "
+                            f"floating-point weight")
+        if torch.is_tensor(v) and not torch.isfinite(v).all():
+            raise UserError(f"{file}: tensor {k!r} holds inf or nan")
+
+
 def load_model(path, device="cpu", kind=None, name=CKPT, from_gpt=False, stage=None, flag=None):
     """
     Rebuild (model, tokenizer, ckpt) from a checkpoint directory (or file). kind="gpt" or "scalar" asserts what the
@@ -727,6 +772,7 @@ def _load_model(path, device, kind, name, from_gpt, stage):
     if stage is not None and held not in (None, stage):
         raise UserError(f"{path}: holds a model of the {held!r} stage, but one of the {stage!r} stage is needed here "
                         f"(train_{stage}.py writes it)")
+    check_weights(file, ckpt["model"])
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:  # torch lists every wrong key on lines of its own

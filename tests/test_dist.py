@@ -9,6 +9,7 @@ every gradient is scaled by the same factor (a sum-vs-average slip would leave t
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -146,6 +147,80 @@ def test_grad_accum_must_divide_over_ranks(data, tmp_path, stage):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "--grad_accum 3" in p.stderr and "world size 2" in p.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--grad_accum", "3"], ["--fsdpp"]])
+def test_a_mistake_under_torchrun_is_said_once(data, tmp_path, flags):
+    """
+    Both ranks meet the mistake (--grad_accum 3 on 2 ranks after parsing, a misspelt flag at parsing): the user sees
+    its line exactly once, from rank 0. The line was lost when rank 1 got there first (only rank 0 printed, and
+    torchrun ended rank 0 on rank 1's exit), or printed once per rank (the flag parser's).
+    """
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train_sft.py"), "--data", str(data / "sft.jsonl"), *SFT, "--out_dir",
+                        str(out), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if "error: " in line and "--" in line]
+    assert p.returncode != 0 and len(lines) == 1 and not lines[0].startswith("[rank"), p.stderr[-3000:]
+    assert flags[0] in lines[0] and not out.exists()
+
+
+def test_a_mistake_on_a_rank_other_than_0_is_said_by_that_rank(monkeypatch, capsys):
+    """
+    Rank 1 alone meets a mistake (a rank past the machine's last GPU): it waits utils.ERROR_WAIT seconds (rank 0,
+    meeting the same mistake, would have printed it and had torchrun end this rank), then prints it after its rank,
+    one line, exit status 2. The flag parser's errors alike. Rank 0 prints at once.
+    """
+    waits = []
+    monkeypatch.setattr(utils.time, "sleep", waits.append)
+
+    def main():
+        raise utils.UserError("torchrun started rank 1 of this machine, but it has 1 GPUs")
+
+    for rank, want_waits, prefix in (("0", [], ""), ("1", [utils.ERROR_WAIT], "[rank 1] ")):
+        monkeypatch.setenv("RANK", rank)
+        waits.clear()
+        with pytest.raises(SystemExit) as e:
+            utils.run(main)
+        assert e.value.code == 2 and waits == want_waits
+        assert capsys.readouterr().err == f"{prefix}error: torchrun started rank 1 of this machine, but it has 1 GPUs\n"
+        waits.clear()
+        parser = utils.FlagParser(prog="x.py")
+        parser.add_argument("--lr", type=float, default=1.0)
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--lr", "fast"])
+        assert e.value.code == 2 and waits == want_waits
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prefix}x.py: error: ") and err.count("\n") == 1 and "--lr" in err, err
+    assert utils.ERROR_WAIT >= 1  # long enough for torchrun to see rank 0's exit (it looks every 0.1 s)
+
+
+def test_a_sigterm_while_ctrl_c_is_handled_is_no_traceback(monkeypatch, capsys):
+    """
+    torchrun passes a Ctrl-C on as SIGINT and sends SIGTERM a millisecond later: the SIGTERM's Terminated, raised
+    while run() put its handler back after the KeyboardInterrupt, was a traceback. Now the first stop is reported.
+    """
+    real = utils.signal.signal
+    calls = []
+
+    def signal_then_sigterm(signum, handler):
+        calls.append(handler)
+        previous = real(signum, handler)
+        if len(calls) == 2:  # run() puts the earlier handler back: the SIGTERM lands here
+            utils._terminate(signum, None)
+        return previous
+
+    monkeypatch.setattr(utils.signal, "signal", signal_then_sigterm)
+    monkeypatch.delenv("RANK", raising=False)
+
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        utils.run(main)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    assert len(calls) == 3 and calls[2] is calls[1]  # the handler is put back after the SIGTERM all the same
+    assert signal.getsignal(signal.SIGTERM) is calls[1]
 
 
 def test_fsdp_needs_torchrun(data, tmp_path):

@@ -672,6 +672,41 @@ def test_bad_out_or_ckpt_is_one_line_naming_the_flag(tmp_path, monkeypatch, caps
     assert not any((tmp_path / "cwd").iterdir())  # --out "": nothing exported into the current directory
 
 
+@pytest.mark.parametrize("bad", ["int8", "complex64", "inf", "nan"])
+def test_weights_that_are_no_trained_weights_are_one_line(tmp_path, monkeypatch, capsys, bad):
+    """
+    A ckpt.pt whose weights were quantised to int8, converted to complex, or overflowed to inf by an fp16 conversion:
+    load_state_dict and hf_state_dict cast them to float32 without a word (a model of garbage that exported, sampled
+    and trained, exit 0; or nan everywhere). export_hf.py and load_model (every --sft, --rm, --init_from, --ckpt)
+    refuse it in one line naming the file and the tensor; the same model in float16 or bf16 loads, upcast.
+    """
+    model = random_model()
+    state = model.state_dict()
+    name = "transformer.h.1.mlp.c_fc.weight"
+    if bad in ("int8", "complex64"):
+        state = {k: (100 * v).to(getattr(torch, bad)) for k, v in state.items()}
+        name, what = "transformer.wte.weight", f"has dtype {bad}, not a floating-point weight"
+    else:
+        state = {k: v.clone() for k, v in state.items()}
+        state[name][3, 5] = float(bad)
+        what = "holds inf or nan"
+    payload = utils.model_payload(model, Tokenizer.byte_level(), "sft", {"seed": 0}, 7)
+    utils.save_checkpoint(str(tmp_path / "run"), {**payload, "model": state})
+    ckpt_file = tmp_path / "run" / "ckpt.pt"
+    code, err = run_cli(monkeypatch, capsys, "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert (code, err) == (2, f"error: --ckpt {ckpt_file}: tensor {name!r} {what}\n")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(utils.UserError) as e:
+        utils.load_model(str(tmp_path / "run"), flag="--init_from")
+    assert str(e.value) == f"--init_from {ckpt_file}: tensor {name!r} {what}"
+    for dtype in (torch.float16, torch.bfloat16):  # a half-precision checkpoint is fine: upcast to float32
+        utils.save_checkpoint(str(tmp_path / "half"), {**payload, "model": {k: v.to(dtype) for k, v in
+                                                                            model.state_dict().items()}})
+        loaded = utils.load_model(str(tmp_path / "half"))[0]
+        for k, v in loaded.state_dict().items():
+            assert v.dtype == torch.float32 and torch.equal(v, model.state_dict()[k].to(dtype).float()), k
+
+
 def test_cli_bad_checkpoint_writes_nothing(tmp_path):
     p = script("export_hf.py", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), check=False)
     assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "hf").exists()

@@ -6,9 +6,11 @@ does to an earlier run's files in its --out_dir: each stage run in this process,
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -567,3 +569,124 @@ def test_restoring_a_run_keeps_no_second_copy_of_its_optimizer_state():
         assert same_state(new_actor, actor) and kl_ctl.value == 0.3
         assert critic_saved is None or same_state(new_critic, critic)
         assert not {"actor_optimizer", "critic_optimizer"} & set(state)
+
+
+def test_restore_run_puts_back_the_saved_random_states():
+    """The draws after restore_run are those that followed the save: torch's, python's and numpy's generators."""
+    class Sampler:
+        def load_state_dict(self, d):
+            self.d = d
+
+    utils.setup_runtime("cpu", "float32", seed=11)
+    torch.rand(2), random.random(), np.random.randn(3)
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    state = {"optimizer": opt.state_dict(), "data": {"epoch": 0, "pos": 1}, "rng": utils.rng_state(), "step": 3}
+    want = (torch.rand(4), random.random(), np.random.randn(3).tolist())
+    torch.rand(5), random.random(), np.random.rand(7)
+    assert train_common.restore_run(state, opt, Sampler()) == 3
+    got = (torch.rand(4), random.random(), np.random.randn(3).tolist())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+@dataclasses.dataclass
+class RunFlags:
+    out_dir: str = "out"
+    resume: str = "off"
+    stop_at: int | None = None
+    sft: str = "out/sft"
+    lr: float = 0.1
+    eval_interval: int = 10
+
+
+def test_start_run_gives_a_resumed_lora_run_its_trained_tensors(tmp_path):
+    """A LoRA run's ckpt.pt holds its adapters under "lora": start_run hands them to the resumed run as saved."""
+    out = tmp_path / "sft"
+    lora = {"h.0.attn.c_attn.lora_A": torch.randn(2, 8), "h.0.attn.c_attn.lora_B": torch.randn(24, 2)}
+    train_common.save_files(str(out), {"train_state.pt": {"step": 2}, "ckpt.pt": {
+        "step": 2, "stage": "sft", "args": dataclasses.asdict(RunFlags(out_dir=str(out))), "lora": lora}})
+    resumed = RunFlags(out_dir=str(out), resume="on")
+    resumed._given = {"out_dir", "resume"}
+    args, state, got = train_common.start_run(resumed, "sft", {})
+    assert state["step"] == 2 and got.keys() == lora.keys() and all(torch.equal(got[k], lora[k]) for k in lora)
+
+
+def test_an_out_dir_that_is_an_input_under_another_spelling_is_refused(tmp_path):
+    """The same directory by a symlink, a "..", or a trailing "/" is the input's: its checkpoint would be lost."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    os.symlink(sft, tmp_path / "link")
+    for out in (tmp_path / "link", tmp_path / "x" / ".." / "sft", f"{sft}/"):
+        with pytest.raises(utils.UserError, match="is also --sft"):
+            train_common.check_out_dir(str(out), "dpo", {"--sft": str(sft)})
+    train_common.check_out_dir(str(tmp_path / "dpo"), "dpo", {"--sft": str(sft)})
+
+
+def test_resumed_flags_of_args_built_in_code_take_the_fields_off_their_default_as_given(tmp_path):
+    """
+    Without _given, a field that differs from its default counts as given: a flag of what the run computes must then
+    equal the saved one, and a free one (eval_interval) is taken from the args; fields at their default are the run's.
+    """
+    out = tmp_path / "sft"
+    ckpt = {"args": dataclasses.asdict(RunFlags(out_dir=str(out), lr=0.5, eval_interval=3, sft="base"))}
+    args = train_common.resumed_flags(RunFlags(out_dir=str(out), resume="on", eval_interval=7), ckpt)
+    assert (args.lr, args.sft, args.eval_interval, args.resume) == (0.5, "base", 7, "on")
+    args = train_common.resumed_flags(RunFlags(out_dir=str(out), resume="on"), ckpt)
+    assert (args.lr, args.eval_interval) == (0.5, 3)
+    with pytest.raises(utils.UserError, match="--lr 0.25 differs from the run's 0.5"):
+        train_common.resumed_flags(RunFlags(out_dir=str(out), lr=0.25), ckpt)
+
+
+def test_resume_refuses_a_kept_version_of_another_save(tmp_path):
+    """
+    train_state.pt of a later save than ckpt.pt is mended only by a train_state.prev.pt of ckpt.pt's own save; one
+    of a third save (another step, another save_id) is no pair for it: one line, not a resume from the wrong state.
+    """
+    out = tmp_path / "run"
+    save(out, 2)
+    torch.save({"step": 3, "save_id": "a third save"}, out / "train_state.prev.pt")
+    torch.save({"step": 4, "save_id": "a later save"}, out / "train_state.pt")
+    with pytest.raises(utils.UserError, match=f"^--resume: {out}/ckpt.pt is at step 2 but train_state.pt at step 4 "):
+        train_common.load_run(str(out))
+
+
+def test_resumed_samples_keep_the_rows_up_to_the_checkpoints_iteration_and_drop_a_cut_line(tmp_path):
+    """
+    samples.jsonl and samples.txt rebuilt from the rows of iterations 1..k, a last line that a kill cut short gone,
+    against the two files written out by hand from those rows.
+    """
+    rng = random.Random(9)
+    rows = [{"iter": it, "prompt": f"p{it}.{j}", "response": f"r{rng.random():.4f}", "score": rng.uniform(-2, 2),
+             "gold": rng.choice([None, rng.random()])} for it in range(1, 6) for j in range(rng.randint(1, 3))]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iter": 6, "pro')
+    train_common.keep_samples_until(str(tmp_path), 3)
+    kept = [r for r in rows if r["iter"] <= 3]
+    assert (tmp_path / "samples.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in kept)
+    txt = ""
+    for r in kept:
+        gold = "" if r["gold"] is None else "  gold %.3f" % r["gold"]
+        txt += "=== iter %d  score %.3f%s\nPROMPT: %s\nRESPONSE: %s\n\n" % (r["iter"], r["score"], gold, r["prompt"],
+                                                                          r["response"])
+    assert (tmp_path / "samples.txt").read_text() == txt
+
+
+def test_a_save_killed_before_its_last_rename_resumes_from_the_previous_pair(tmp_path, monkeypatch):
+    """
+    A kill between train_state.pt's rename and ckpt.pt's leaves the new train_state.pt beside the old ckpt.pt: the
+    save kept the old train_state.pt as train_state.prev.pt, and load_run pairs it with ckpt.pt (both of step 2).
+    """
+    out = tmp_path / "run"
+    save(out, 2, x=torch.tensor([2.0]))
+    real_replace = os.replace
+
+    def killed_at_ckpt(src, dst):
+        if os.path.basename(dst) == "ckpt.pt":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        save(out, 4, x=torch.tensor([4.0]))
+    monkeypatch.undo()
+    assert load(out / "train_state.pt")["step"] == 4
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["step"], state["step"], state["x"].item(), ckpt["save_id"]) == (2, 2, 2.0, state["save_id"])

@@ -460,8 +460,10 @@ def test_an_os_error_is_one_line_naming_the_path(case, tmp_path, monkeypatch, ca
     code, err = run_main(main, capsys)
     assert code == 2 and err == f"error: {want}\n", err
     assert sorted(os.listdir(tmp_path)) == before and afile.read_text() == "mine\n"  # nothing written
-    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
-    assert run_main(main, capsys) == (2, "")
+    # under torchrun a rank other than 0 says it too, after a wait (in which torchrun ends it where rank 0 said it)
+    monkeypatch.setattr(utils.time, "sleep", lambda s: None)
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(main, capsys) == (2, f"[rank 1] error: {want}\n")
 
 
 def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
@@ -874,3 +876,222 @@ def test_fmt_count_uses_the_largest_unit_it_reaches():
         x = rng.uniform(1, 10) * 10 ** rng.randint(0, 11)
         scale, unit = next(((s, u) for s, u in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if x >= s), (1, ""))
         assert train_common.fmt_count(x) == (f"{x / scale:.1f}{unit}" if unit else f"{x:.0f}"), x
+
+
+def test_numpy_rng_state_round_trip_keeps_the_gaussian_it_holds(tmp_path):
+    """
+    numpy's legacy generator draws normals in pairs and holds the second for the next call: a state saved after an
+    odd number of them must give the same next normals back, as python's random.gauss does.
+    """
+    rng = random.Random(5)
+    for _ in range(4):
+        utils.setup_runtime("cpu", "float32", seed=rng.randrange(1000))
+        np.random.randn(2 * rng.randrange(4) + 1)  # odd: one normal held
+        random.gauss(0.0, 1.0)
+        utils.save_checkpoint(tmp_path, {"rng": utils.rng_state()}, name="s.pt")
+        want = (np.random.randn(5).tolist(), [random.gauss(0.0, 1.0) for _ in range(3)])
+        np.random.randn(3)
+        utils.set_rng_state(utils.load_checkpoint(tmp_path, name="s.pt")["rng"])
+        assert (np.random.randn(5).tolist(), [random.gauss(0.0, 1.0) for _ in range(3)]) == want
+
+
+def test_pid_alive_counts_another_users_process_as_running(monkeypatch):
+    """os.kill(pid, 0): no error -> alive; ProcessLookupError -> gone; PermissionError (another user's) -> alive."""
+    assert utils.pid_alive(os.getpid()) and not utils.pid_alive(dead_pid())
+    for error, alive in ((None, True), (ProcessLookupError(3, "No such process"), False),
+                         (PermissionError(1, "Operation not permitted"), True)):
+        def kill(pid, sig, error=error):
+            assert sig == 0
+            if error is not None:
+                raise error
+        monkeypatch.setattr(utils.os, "kill", kill)
+        assert utils.pid_alive(1234) is alive, error
+
+
+def test_a_read_only_out_dir_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    """The nearest existing ancestor must be writable and searchable (os.access W_OK | X_OK), as root always is."""
+    asked = []
+
+    def access(path, mode):
+        asked.append(mode)
+        return not mode & os.W_OK  # a read-only directory
+
+    monkeypatch.setattr(utils.os, "access", access)
+    with pytest.raises(utils.UserError) as e:
+        utils.check_out_dir_flag(str(tmp_path / "new"))
+    assert str(e.value) == f"--out_dir {tmp_path / 'new'}: {tmp_path} is not writable"
+    assert asked == [os.W_OK | os.X_OK]
+
+
+def test_timer_eta_is_seconds_per_step_done_times_the_steps_left(monkeypatch):
+    """eta(step): the steps start_step..step took the time since the Timer started; steps step+1..total-1 remain."""
+    rng, clock = random.Random(4), [0.0]
+    monkeypatch.setattr(utils.time, "time", lambda: clock[0])
+    for _ in range(50):
+        start = rng.randint(0, 20)
+        total = start + rng.randint(1, 500)
+        clock[0] = rng.uniform(0, 1e6)
+        timer = utils.Timer(total, start_step=start)
+        step = rng.randint(start, total - 1)
+        elapsed = rng.uniform(0.1, 1e4)
+        clock[0] += elapsed
+        done = len(range(start, step + 1))
+        left = len(range(step + 1, total))
+        assert timer.eta(step) == pytest.approx(elapsed / done * left, rel=1e-12, abs=1e-9), (total, start, step)
+
+
+def test_fmt_time_is_whole_minutes_and_two_digit_seconds():
+    """The seconds cut to a whole number (not rounded), then minutes and the seconds left of them, two digits."""
+    rng = random.Random(6)
+    for seconds in [0, 0.99, 5, 59.7, 60, 61.5, 3599.9, 3600] + [rng.uniform(0, 10**5) for _ in range(100)]:
+        whole = math.floor(seconds)
+        minutes = whole // 60
+        secs = whole - 60 * minutes
+        assert utils.fmt_time(seconds) == f"{minutes}m" + str(secs).rjust(2, "0") + "s", seconds
+
+
+def test_a_resumed_logger_ends_a_last_row_that_lacks_its_newline(tmp_path):
+    """A whole last row without its "\\n" (a kill between the two) is kept, ended, and the next row starts a line."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}')
+    logger = utils.MetricsLogger(str(tmp_path), resume=True, step=1)
+    logger.log({"step": 2})
+    logger.f.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_load_model_refuses_a_scalar_model_where_a_language_model_is_needed(tmp_path):
+    """kind="gpt" (a policy, --sft) of a reward model's checkpoint is one line; kind=None loads whatever it holds."""
+    from nanorlhf.model import GPTConfig, ScalarGPT
+    from nanorlhf.tokenizer import Tokenizer
+
+    rm = ScalarGPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8))
+    utils.save_checkpoint(tmp_path, utils.model_payload(rm, Tokenizer.byte_level(), "rm", {}, 0))
+    with pytest.raises(utils.UserError, match="holds a scalar \\(reward/value\\) model, but a language model"):
+        utils.load_model(tmp_path, kind="gpt")
+    back, _, _ = utils.load_model(tmp_path)
+    idx = torch.randint(0, 258, (2, 5))
+    assert isinstance(back, ScalarGPT) and torch.equal(back(idx), rm(idx))
+
+
+def test_load_error_reason_of_advice_only_keeps_the_advice():
+    """A message of advice sentences only keeps them (the first), not "no message"; an empty one is "no message"."""
+    assert utils.load_error_reason(RuntimeError("Please check the file. In PyTorch 2.6 it changed")) == \
+        "RuntimeError: Please check the file"
+    assert utils.load_error_reason(RuntimeError("")) == "RuntimeError: no message"
+
+
+def test_holdout_split_refuses_a_val_frac_that_leaves_no_training_record():
+    """round(val_frac * n) == n leaves nothing to train on: one line; one record fewer is fine."""
+    records = [{"i": i} for i in range(10)]
+    with pytest.raises(utils.UserError, match="leaves no training data"):
+        train_common.holdout_split(records, 0.96, seed=0)  # round(9.6) = 10
+    train, val = train_common.holdout_split(records, 0.9, seed=0)
+    assert (len(train), len(val)) == (1, 9)
+
+
+def test_read_split_takes_val_data_whole_and_holds_out_nothing():
+    """With --val_data: (every record of --data, every record of --val_data); without: holdout_split's split."""
+    files = {"a.jsonl": [{"i": i} for i in range(9)], "b.jsonl": [{"j": j} for j in range(4)]}
+    assert train_common.read_split(files.get, "a.jsonl", "b.jsonl", 0.3, seed=1) == (files["a.jsonl"],
+                                                                                     files["b.jsonl"])
+    assert train_common.read_split(files.get, "a.jsonl", None, 0.3, seed=1) == \
+        train_common.holdout_split(files["a.jsonl"], 0.3, 1)
+
+
+def test_clip_grad_norm_scales_to_max_norm_and_0_does_not_clip():
+    """The global L2 norm over every gradient (float64 by hand); > max_norm: each times max_norm / (norm + 1e-6)."""
+    torch.manual_seed(0)
+    for max_norm in (0.0, 0.5, 1.0, 100.0):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in ((3, 4), (5,), (2, 2, 2))]
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        norm = math.sqrt(sum(x * x for g in grads for x in g.double().flatten().tolist()))
+        scale = max_norm / (norm + 1e-6) if 0 < max_norm < norm else 1.0
+        got = train_common.clip_grad_norm(params, max_norm)
+        assert float(got) == pytest.approx(norm, rel=1e-6)
+        for p, g in zip(params, grads):
+            assert torch.allclose(p.grad.double(), g.double() * scale, rtol=1e-6, atol=0), max_norm
+
+
+def test_check_finite_stops_on_any_value_that_is_not_finite():
+    """Every value is checked, in any place, tensor or float; all finite -> nothing."""
+    rng = random.Random(8)
+    for _ in range(20):
+        n = rng.randint(1, 4)
+        values = {f"v{i}": rng.uniform(-10, 10) for i in range(n)}
+        train_common.check_finite("step 1", **{k: torch.tensor(v) for k, v in values.items()})
+        bad = rng.randrange(n)
+        values[f"v{bad}"] = rng.choice([math.nan, math.inf, -math.inf])
+        with pytest.raises(train_common.NonFiniteError, match="^step 1: non-finite "):
+            train_common.check_finite("step 1", **{k: torch.tensor(v) if rng.random() < 0.5 else v
+                                                  for k, v in values.items()})
+
+
+def test_optimizer_step_is_adamw_at_the_given_lr_on_every_group_after_clipping():
+    """
+    Two optimizer_step calls (a clipped step, then an unclipped one, at two learning rates) against AdamW written out
+    in float64: clip, decoupled weight decay on the matrices only, bias-corrected moments. The gradients are gone
+    after each step.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    wd, (b1, b2), eps = 0.1, (0.9, 0.95), 1e-8
+    opt = utils.configure_optimizer(model, 0.01, wd, (b1, b2), "cpu")
+    ref = [p.detach().double().clone() for p in model.parameters()]
+    m, v = [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref]
+    for t, (lr, clip) in enumerate(((3e-3, 0.05), (2e-2, 0.0)), start=1):
+        model(torch.randn(6, 4)).square().mean().backward()
+        grads = [p.grad.double().clone() for p in model.parameters()]
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        if 0 < clip < norm:
+            grads = [g * clip / (norm + 1e-6) for g in grads]
+        got_norm = train_common.optimizer_step(model, opt, lr, clip, where=f"step {t}")
+        assert float(got_norm) == pytest.approx(norm, rel=1e-6)
+        for i, g in enumerate(grads):
+            decay = wd if ref[i].dim() >= 2 else 0.0
+            ref[i] = ref[i] * (1 - lr * decay)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
+            ref[i] = ref[i] - lr * m_hat / (v_hat.sqrt() + eps)
+        for p, want in zip(model.parameters(), ref):
+            assert p.grad is None
+            assert torch.allclose(p.detach().double(), want, rtol=1e-5, atol=1e-7), (t, p, want)
+    assert [g["lr"] for g in opt.param_groups] == [2e-2, 2e-2]
+
+
+def test_cpu_peak_flops_doubles_for_bf16_on_avx512_bf16_and_times_matmuls_on_amx(monkeypatch):
+    """
+    A bf16 run on AVX512-BF16 does two multiply-adds per float32 lane: twice the float32 FLOPs per cycle; a float32
+    run there, or a bf16 run without it, keeps the float32 figure; a bf16 run on AMX tiles is timed instead.
+    """
+    threads = torch.get_num_threads()
+    for flags in ("avx512f fma avx512_bf16", "avx512f fma", "fma avx512_bf16", "sse4_2", "avx512f fma amx_bf16"):
+        info = f"processor\t: 0\ncpu MHz\t\t: 2500.000\nflags\t\t: {flags}\n\n"
+        monkeypatch.setattr(train_common, "cpuinfo", lambda: info)
+        for dtype in ("float32", "bfloat16"):
+            per_cycle = 64 if "avx512f" in flags.split() else 32 if "fma" in flags.split() else 8
+            kind = "float32"
+            if dtype == "bfloat16" and "avx512_bf16" in flags.split():
+                per_cycle, kind = 2 * per_cycle, "bf16"
+            if dtype == "bfloat16" and "amx_bf16" in flags.split():
+                clock = iter([1.0, 1.5] * 8)  # 8 matmuls of half a second each
+                with monkeypatch.context() as m:
+                    m.setattr(train_common, "PEAK_MATMUL", 8)
+                    m.setattr(train_common.time, "perf_counter", lambda: next(clock))
+                    peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", dtype))
+                assert (peak, source) == (2 * 8**3 / 0.5, "measured 8x8 bfloat16 matmul"), flags
+                continue
+            peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", dtype))
+            assert peak == threads * 2500e6 * per_cycle, (flags, dtype, peak)
+            assert source == f"{threads} threads x 2500 MHz x {per_cycle} {kind} FLOPs/cycle", source
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", 165e12)])
+def test_gpu_peak_flops_matches_the_whole_name_not_a_shorter_ones_prefix(monkeypatch, name, peak):
+    """An L40S is not an L4: each GPU gets its own data sheet's dense bf16 peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    got, _ = train_common.peak_flops(utils.Runtime(torch.device("cuda"), "cuda", "bfloat16"))
+    assert got == peak
