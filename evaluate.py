@@ -36,7 +36,7 @@ Writes, atomically:
     out_dir/*.png         with matplotlib (optional), linked from report.md: gold_vs_kl.png (gold against KL of
                           the evaluated policies), sft_loss.png, rm.png (accuracy, calibration), curves.png (PPO)
     out_dir/report.json   {"sft": {"gold", "rm", "kl", "win_rate_vs_sft", "length"}, "ppo": {same keys},
-                           "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "wall_s",
+                           "rm": {"accuracy", "annotator_agreement"}, "seed", "device", "dtype", "wall_s",
                            "temperature" (of the sampling; 0 = greedy)}
                           (null where a number does not apply: no --ppo, no --rm, not the built-in task)
     out_dir/policies.json {name: {"gold", "gold_sem", "rm", "kl", "win_rate_vs_sft", "length", "eos", "n", "wall_s"}}
@@ -413,7 +413,7 @@ def side_by_side(all_rows, n_show, samples_per_prompt):
     return "\n".join(lines)
 
 
-def report_json(summaries, rm_info, seed, device, wall_s, temperature):
+def report_json(summaries, rm_info, seed, device, dtype, wall_s, temperature):
     """The machine-readable report, exactly these keys (null where a number does not apply)."""
     keys = ("gold", "rm", "kl", "win_rate_vs_sft", "length")
 
@@ -425,7 +425,7 @@ def report_json(summaries, rm_info, seed, device, wall_s, temperature):
 
     return {"sft": pick("sft"), "ppo": pick("ppo"),
             "rm": {"accuracy": rounded(rm_info["accuracy"]), "annotator_agreement": rounded(rm_info["annotator_agreement"])},
-            "seed": seed, "device": device, "wall_s": wall_s, "temperature": temperature}
+            "seed": seed, "device": device, "dtype": dtype, "wall_s": wall_s, "temperature": temperature}
 
 
 def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_times, report, plt):
@@ -446,7 +446,8 @@ def report_markdown(cfg, n_prompts, summaries, all_rows, rm_info, meta, stage_ti
     c = curves(read_metrics(cfg.ppo) if cfg.ppo else [])
     md = ["# nanorlhf evaluation report", "",
           f"Held-out prompts: `{cfg.data}` ({n_prompts} prompts x {cfg.samples_per_prompt} sample(s)), temperature "
-          f"{cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, sampling seed {cfg.seed}, device {report['device']}.",
+          f"{cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, sampling seed {cfg.seed}, "
+          f"device {report['device']}, {report['dtype']}.",
           f"Pipeline seed {report['seed']}; wall time {wall_s:.0f} s = "
           + " + ".join(f"{s} {fmt(t, 0) if t is not None else '?'}" for s, t in stage_times.items()) + " s "
           "(each stage's loop, from its metrics.jsonl, plus this evaluation)."]
@@ -613,7 +614,8 @@ def main(argv=None):
 
     # sample and measure, the SFT model first (its responses are the baseline of the win rate)
     print(f"evaluating {', '.join(models)} on {len(prompts)} prompts x {cfg.samples_per_prompt} sample(s) "
-          f"(temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, seed {cfg.seed}, {rt.device})")
+          f"(temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, seed {cfg.seed}, "
+          f"{rt.device} {rt.dtype})")
     all_rows, summaries = {}, {}
     for name, model in models.items():
         t0 = time.time()
@@ -634,7 +636,8 @@ def main(argv=None):
     # report.json
     os.makedirs(cfg.out_dir, exist_ok=True)
     pipeline_seed = int(sft_flags.get("seed", cfg.seed))
-    report = report_json(summaries, rm_info, pipeline_seed, device, round(wall_s, 1), cfg.temperature)
+    report = report_json(summaries, rm_info, pipeline_seed, device, rt.dtype, round(wall_s, 1),
+                         cfg.temperature)
     write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
 
     # policies.json: every evaluated policy's summary and its training wall time (compare.py reads it)

@@ -21,7 +21,7 @@ from nanorlhf import tasks
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.report import overoptimisation, pyplot, sweep_section
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.utils import UserError, model_payload, save_checkpoint, setup_runtime
+from nanorlhf.utils import UserError, auto_dtype, model_payload, save_checkpoint, setup_runtime
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -182,8 +182,9 @@ def test_stage_seconds_sums_the_sessions_of_a_resumed_run(tmp_path):
 def test_report_json_has_exactly_the_keys():
     s = {"gold": 0.5, "gold_sem": 0.1, "rm": 0.1, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0, "n": 8}
     report = evaluate.report_json({"sft": s, "ppo": s, "init": s}, {"accuracy": 0.7, "annotator_agreement": 0.8},
-                                  0, "cpu", 12.0, 0.7)
-    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s", "temperature"}
+                                  0, "cpu", "bfloat16", 12.0, 0.7)
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "dtype", "wall_s", "temperature"}
+    assert (report["device"], report["dtype"]) == ("cpu", "bfloat16")
     assert report["temperature"] == 0.7
     assert set(report["sft"]) == set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
     assert set(report["rm"]) == {"accuracy", "annotator_agreement"}
@@ -223,11 +224,13 @@ def test_evaluate_end_to_end(tmp_path):
                     "--n_prompts", "5", "--batch_size", "2", "--temperature", "0.9").stdout
     assert "init" in stdout and "ppo" in stdout
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "wall_s", "temperature"}
+    assert set(report) == {"sft", "ppo", "rm", "seed", "device", "dtype", "wall_s", "temperature"}
     assert report["temperature"] == 0.9  # compare.py states it in its report
     assert set(report["ppo"]) == {"gold", "rm", "kl", "win_rate_vs_sft", "length"}
     assert report["sft"]["kl"] == 0.0 and report["sft"]["win_rate_vs_sft"] == 0.5
-    assert report["seed"] == 3 and report["device"] == "cpu"
+    assert report["seed"] == 3 and report["device"] == "cpu" and report["dtype"] == auto_dtype("cpu")  # --dtype auto
+    assert f"cpu {report['dtype']})" in stdout.splitlines()[0]  # the run line says the dtype it samples in too
+    assert f"device cpu, {report['dtype']}." in (out / "report.md").read_text()
     assert report["ppo"]["length"] <= 10  # the PPO run's response_length is the default limit
     assert report["ppo"]["rm"] == pytest.approx(0.25) and report["sft"]["rm"] == pytest.approx(0.25)
     assert 29.0 <= report["wall_s"] < 29.0 + 60  # sft 10 + rm 4 + ppo 5 x (1 + 2) + this evaluation
@@ -417,7 +420,7 @@ def test_report_pictures_with_and_without_matplotlib(tmp_path, with_plots):
                           out_dir=str(tmp_path / "out"), n_show=1)
     os.makedirs(cfg.out_dir)
     rm_info = {"accuracy": 0.6, "annotator_agreement": 0.8, "gold_accuracy": 0.7, "reward_mean": 0.0, "reward_std": 1.0}
-    report = {"wall_s": 1.0, "device": "cpu", "seed": 0}
+    report = {"wall_s": 1.0, "device": "cpu", "dtype": "float32", "seed": 0}
     md = evaluate.report_markdown(cfg, 1, summaries, rows, rm_info, None, {"eval": 1.0}, report, plt)
     drawn = sorted(os.listdir(cfg.out_dir))
     assert "\n\n\n" not in md  # one blank line between blocks, whichever sections are there
