@@ -43,7 +43,8 @@ from dataclasses import dataclass, fields
 
 from nanorlhf.data import read_prefs, read_prompts
 from nanorlhf.report import pyplot, save_figure
-from nanorlhf.utils import UserError, check, flag, load_checkpoint, parse_flags, run, saved_flags, write_text
+from nanorlhf.utils import (UserError, check, flag, load_checkpoint, one_process, parse_flags, run, saved_flags,
+                            write_text)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONLINE = ("grpo", "dr_grpo", "rloo")
@@ -273,6 +274,7 @@ def summarize(outs):
 
 def main():
     cfg = parse_flags(Config, description=__doc__)
+    one_process()
     if "summarize" in cfg._given:
         # the table from results already written: no other flag of compare.py has anything to do
         given = [f"--{f.name}" for f in fields(Config) if f.name in cfg._given and f.name != "summarize"]

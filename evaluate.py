@@ -64,7 +64,7 @@ from nanorlhf.report import (CURVE_KEYS, curves, fmt, metrics_path, pyplot, read
                              sweep_problem, sweep_section)
 from nanorlhf.rollout import decode_response, truncate_after_eos
 from nanorlhf.utils import (check, check_out_dir_flag, flag, load_model, load_model_checkpoint, load_reward_model,
-                            normalized_reward, parse_flags, run, setup_runtime, write_text)
+                            normalized_reward, one_process, parse_flags, run, setup_runtime, write_text)
 
 
 @dataclass
@@ -579,6 +579,7 @@ def load_policies(cfg, rt):
 def main(argv=None):
     t_start = time.time()
     cfg = parse_flags(Config, argv, description=__doc__)
+    one_process()
     check_flags(cfg)
     # the seed the SFT run was trained with (the default sampling seed), read before anything is put on the device;
     # of the checkpoint, mapped (its weights are not read here, but with the model below), only the flags are kept

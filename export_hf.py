@@ -395,6 +395,7 @@ def export(ckpt_path, out, dtype="float32", overwrite=False):
 
 def main(argv=None):
     args = utils.parse_flags(Args, argv, description=__doc__)
+    utils.one_process()
     kind, files = export(args.ckpt, args.out, args.dtype, args.overwrite)
     cls = "GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"
     print(f"wrote {args.out}: {cls} ({args.dtype}); {', '.join(files)}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from nanorlhf.data import read_prompts
 from nanorlhf.report import SWEEP_HEADING, pyplot, sweep_problem, sweep_section
 from nanorlhf.tasks import parse_prompt
-from nanorlhf.utils import UserError, check, check_out_dir_flag, flag, parse_flags, run, write_text
+from nanorlhf.utils import UserError, check, check_out_dir_flag, flag, one_process, parse_flags, run, write_text
 
 
 # the sweep's two runs, out_dir/beta0 and out_dir/default
@@ -87,6 +87,7 @@ def check_out_dir(out_dir):
 
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
+    one_process()
     given = [f"--{k}" for k in TRAIN_ONLY if k in cfg._given]
     check(cfg.train or not given, f"{', '.join(given)}: only shape the two PPO runs, and --train false runs none "
                                   f"(it rewrites the report from the runs in --out_dir); drop them")

@@ -40,8 +40,8 @@ import torch
 from nanorlhf import tasks
 from nanorlhf.data import collate, read_prompts
 from nanorlhf.rollout import decode_response
-from nanorlhf.utils import (check, flag, load_model, load_reward_model, normalized_reward, parse_flags, run,
-                            setup_runtime)
+from nanorlhf.utils import (check, flag, load_model, load_reward_model, normalized_reward, one_process, parse_flags,
+                            run, setup_runtime)
 
 
 @dataclass
@@ -263,6 +263,7 @@ def chat(cfg, names, respond, tok):
 
 def main(argv=None):
     cfg = parse_flags(Config, argv, description=__doc__)
+    one_process()
     check_flags(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
 

@@ -265,6 +265,16 @@ def suggest(name, options, n=3):
     return " or ".join(picks) if len(picks) <= 2 else ", ".join(picks[:-1]) + " or " + picks[-1]
 
 
+def one_process():
+    """
+    For the scripts that torchrun gains nothing from (evaluate, sample, export_hf, compare, kl_sweep): under it every
+    rank would do the whole work and write the same files. One line instead, said once (say_error).
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check(world == 1, f"{os.path.basename(sys.argv[0])} runs in one process, but torchrun started {world}: run it "
+                      f"with python (only the train_*.py scripts use several)")
+
+
 def parse_flags(cls, argv=None, description=None):
     """
     Build a FlagParser from a dataclass, parse argv and return an instance of the dataclass.

@@ -223,6 +223,23 @@ def test_a_sigterm_while_ctrl_c_is_handled_is_no_traceback(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is calls[1]
 
 
+@pytest.mark.parametrize("name, argv", [("evaluate", ["--sft", "x"]), ("sample", ["--ckpt", "x", "--prompt", "hi"]),
+                                        ("export_hf", ["--ckpt", "x", "--out", "y"]), ("kl_sweep", []),
+                                        ("compare", [])])
+def test_the_one_process_scripts_refuse_torchrun(name, argv, tmp_path, monkeypatch):
+    """Under torchrun every rank did the whole evaluation (or export, sweep, comparison) and wrote the same files."""
+    import importlib
+    monkeypatch.syspath_prepend(ROOT)
+    module = importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(utils.UserError, match=f"^{name}.py runs in one process, but torchrun started 2: run it with"):
+        module.main(*([] if name == "compare" else [argv]))
+    assert os.listdir(tmp_path) == []
+
+
 def test_fsdp_needs_torchrun(data, tmp_path):
     out = tmp_path / "out"
     p = script("train_rm.py", "--data", str(data / "prefs.jsonl"), "--out_dir", str(out), "--fsdp", check=False)
