@@ -502,25 +502,27 @@ def test_resume_refuses_inputs_that_changed_since_the_run_started(inputs, tmp_pa
     assert load(out / "ckpt.pt")["step"] == 4
 
 
+@dataclasses.dataclass
+class RunFlags:
+    """A stage's flags, as start_run and resumed_flags see them."""
+    out_dir: str = "out"
+    resume: str = "off"
+    stop_at: int | None = None
+    sft: str = "out/sft"
+    lr: float = 0.1
+    eval_interval: int = 10
+
+
 def test_a_resumed_run_checks_its_saved_inputs_not_the_command_lines_defaults(tmp_path):
     """
     start_run: a fresh run whose --sft is its --out_dir is refused; a resumed run is not checked against the inputs of
     its command line, whose defaults (--sft out/sft) may name its out_dir: its saved flags are the ones it runs with.
     """
-
-    @dataclasses.dataclass
-    class Flags:
-        out_dir: str = "out"
-        resume: str = "off"
-        stop_at: int | None = None
-        sft: str = "out/sft"
-        lr: float = 0.1
-
     out = tmp_path / "sft"
-    saved = dataclasses.asdict(Flags(out_dir=str(out), sft=str(tmp_path / "base"), lr=0.5))
+    saved = dataclasses.asdict(RunFlags(out_dir=str(out), sft=str(tmp_path / "base"), lr=0.5))
     train_common.save_files(str(out), {"train_state.pt": {"step": 2}, "ckpt.pt": {"step": 2, "stage": "dpo",
                                                                                   "args": saved}})
-    fresh = Flags(out_dir=str(out), sft=str(out))
+    fresh = RunFlags(out_dir=str(out), sft=str(out))
     with pytest.raises(utils.UserError, match=f"^--out_dir {out} is also --sft"):
         train_common.start_run(fresh, "dpo", {"--sft": fresh.sft})
     resumed = dataclasses.replace(fresh, resume="on", stop_at=3)
@@ -586,16 +588,6 @@ def test_restore_run_puts_back_the_saved_random_states():
     assert train_common.restore_run(state, opt, Sampler()) == 3
     got = (torch.rand(4), random.random(), np.random.randn(3).tolist())
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
-
-
-@dataclasses.dataclass
-class RunFlags:
-    out_dir: str = "out"
-    resume: str = "off"
-    stop_at: int | None = None
-    sft: str = "out/sft"
-    lr: float = 0.1
-    eval_interval: int = 10
 
 
 def test_start_run_gives_a_resumed_lora_run_its_trained_tensors(tmp_path):
