@@ -806,3 +806,70 @@ def test_a_lora_run_resumed_after_its_adapters_moved_ends_where_the_uninterrupte
     key = "transformer.h.0.attn.c_attn.weight"
     assert (a["model"][key] - model.state_dict()[key]).abs().max() > 1e-4  # the adapters moved it
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7) for k in a["model"])
+
+
+def test_score_sequences_puts_each_score_in_its_place():
+    """
+    score_sequences (the normalisation's scorer) batches by length, not in input order: each returned score is still
+    its own sequence's value at its last token, as scored alone and unpadded.
+    """
+    torch.manual_seed(5)
+    model = ScalarGPT(GPTConfig(block_size=32, vocab_size=258, n_layer=1, n_head=2, n_embd=16))
+    torch.nn.init.normal_(model.head.weight)
+    torch.nn.init.normal_(model.head.bias)
+    rng = random.Random(5)
+    seqs = [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for _ in range(11)]
+    got = train_rm.score_sequences(model, seqs, 257, 3, 32, Runtime(torch.device("cpu"), "cpu", "float32"))
+    with torch.no_grad():
+        want = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+    assert got.shape == (11,) and torch.allclose(got, want, atol=1e-5), (got, want)
+    batches = train_rm.LengthGroupedSampler([len(s) for s in seqs], 3, shuffle=False).batches(0)
+    assert any(b != sorted(b) for b in batches)  # a batch's sequences are not in input order
+    assert want.std() > 0.1
+
+
+def test_center_coef_and_the_normalisation_on_demonstrations_match_a_plain_recount(tmp_path, monkeypatch, one_thread):
+    """
+    --center_coef 0.5, one step over every training prompt (one micro-batch): the logged loss and gradient norm are
+    those of a float64 recount of L = mean over prompts of the mean over their pairs of -log sigma(r_w - r_l)
+    + 0.5 * mean over prompts of the mean over their pairs of (r_a + r_b)^2. --sft_data with --norm_samples 4 of its
+    6 demonstrations: the head's bias shifts by the mean of the first 4 demonstrations' scores (prompt + response +
+    EOS, each alone), and the checkpoint stores mean 0 and their std.
+    """
+    model, tok = random_tiny_rm(tmp_path, 4)
+    rng = random.Random(4)
+    records, val_records = random_prefs(rng, 5, 0), random_prefs(rng, 3, 100)
+    demos = [{"prompt": f"d{i} sort 3 1", "response": " ".join(rng.choice(["1", "3", "fox", "the"])
+                                                            for _ in range(rng.randint(1, 5)))} for i in range(6)]
+    for name, rows in (("prefs", records), ("val", val_records), ("sft", demos)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    frozen_rm_run(monkeypatch, ["--data", str(tmp_path / "prefs.jsonl"), "--val_data", str(tmp_path / "val.jsonl"),
+                                "--init_from", str(tmp_path / "init"), "--out_dir", str(out), "--sft_data",
+                                str(tmp_path / "sft.jsonl"), "--norm_samples", "4", "--center_coef", "0.5",
+                                "--batch_size", "8", "--max_steps", "1", "--log_interval", "1", "--device", "cpu",
+                                "--dtype", "float32"])
+    row = [r for r in read_metrics(out) if "loss" in r][0]
+    model = model.double()
+    bt, center = [], []
+    for r in records:
+        scores, d = plain_record(model, tok, r)
+        bt.append(sum(torch.nn.functional.softplus(-x) for x in d) / len(d))
+        k = len(scores)
+        sums = [(scores[a] + scores[b]) ** 2 for a in range(k) for b in range(a + 1, k)]
+        center.append(sum(sums) / len(sums))
+    bt_loss, center_loss = sum(bt) / len(bt), sum(center) / len(center)
+    loss = bt_loss + 0.5 * center_loss
+    loss.backward()
+    norm = math.sqrt(sum((p.grad ** 2).sum().item() for p in model.parameters()))
+    assert center_loss.item() > 0.1 * bt_loss.item()  # the centering term weighs in
+    assert row["step"] == 1 and row["loss"] == pytest.approx(loss.item(), rel=1e-5), row
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4), row
+    with torch.no_grad():
+        demo_scores = [model(torch.tensor([tok.render(d["prompt"], d["response"])[0]]))[0, -1].item() for d in demos]
+    first4 = demo_scores[:4]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert abs(ckpt["reward_mean"]) < 1e-5
+    assert ckpt["reward_std"] == pytest.approx(float(np.std(first4, ddof=1)), rel=1e-5)
+    assert ckpt["model"]["head.bias"].item() == pytest.approx(model.head.bias.item() - np.mean(first4), abs=1e-5)
+    assert abs(np.mean(first4) - np.mean(demo_scores[:3])) > 1e-3 and abs(np.mean(first4) - np.mean(demo_scores)) > 1e-3
