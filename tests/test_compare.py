@@ -705,3 +705,25 @@ def test_plot_puts_kl_on_x_and_gold_with_its_error_on_y(tmp_path, monkeypatch):
     calls = [(c.args, c.kwargs) for c in ax.errorbar.call_args_list]
     assert [(a, kw["yerr"], kw["label"]) for a, kw in calls] == [
         (([rows[n]["kl"]], [rows[n]["gold"]]), [rows[n]["gold_sem"] or 0.0], n) for n in ("sft", "ppo", "dpo")]
+
+
+def test_a_standard_error_of_zero_is_shown_not_dropped():
+    """All responses judged alike: a gold_sem of 0.0 is a number (± 0.000), only None (one response) shows none."""
+    import random
+    rng = random.Random(4)
+    rows = {n: random_row(rng) for n in ("sft", "ppo", "dpo")}
+    rows["sft"]["gold_sem"], rows["ppo"]["gold_sem"] = 0.0, None
+    cells = table_cells(compare.table(rows, ["sft", "ppo", "dpo"]))
+    for n, r in rows.items():
+        want = plain_cell(r["gold"], 3) + ("" if r["gold_sem"] is None else " ± " + plain_cell(r["gold_sem"], 3))
+        assert cells[n][0] == want, n
+    assert cells["sft"][0].endswith(" ± 0.000")
+
+
+def test_the_report_s_table_lists_sft_ppo_then_the_methods_in_their_order(tmp_path, monkeypatch, capsys):
+    fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo,rloo,grpo"])
+    compare.run(compare.main)
+    cells = table_cells((tmp_path / "compare" / "report.md").read_text())
+    assert list(cells) == ["sft", "ppo", "dpo", "rloo", "grpo"]
+    assert list(table_cells(capsys.readouterr().out)) == ["sft", "ppo", "dpo", "rloo", "grpo"]

@@ -749,3 +749,157 @@ def test_the_report_shows_the_sweep_only_when_it_is_finished_and_from_its_models
                    "other rm": f"the beta0 run ({out}/sweep/beta0) was trained from another --rm than {tmp_path}/rm"}
         assert section.startswith(f"## Over-optimisation\n\nNot shown: {problem[case]}"), section
         assert "| beta0 |" not in md
+
+
+# -----------------------------------------------------------------------------
+# more of the measurements and the report's numbers against plain references
+
+
+def test_greedy_kl_uses_the_logits_at_temperature_1():
+    """--temperature 0 decodes greedily; each response's KL is then the float64 loop's at temperature 1 (not 1/0)."""
+    tok = Tokenizer.byte_level()
+    policy, ref = tiny_gpt(1, eos_boost=8.0), tiny_gpt(2, eos_boost=8.0)
+    prompts = ["sort 3 1 2", "sort 9 8 7 6 5 4", "hi"]
+    prompt_ids = [tok.render_prompt(p) for p in prompts]
+    cfg = SimpleNamespace(samples_per_prompt=1, temperature=0.0, batch_size=2, seed=6, max_new_tokens=10)
+    rt = setup_runtime("cpu", "float32", 0)
+    rows = evaluate.evaluate_policy(policy, ref, None, tok, prompts, prompt_ids, cfg, rt, use_gold=False)
+    policy64, ref64 = copy.deepcopy(policy), copy.deepcopy(ref)
+    for i, ids in enumerate(rows["response_ids"]):
+        # greedy: each token is the argmax of the policy's logits at its position (the plain loop, float64)
+        seq = list(prompt_ids[i])
+        for y in ids:
+            with torch.no_grad():
+                logits = policy64.double()(torch.tensor([seq]))[0, -1]
+            assert y == logits.argmax().item(), (i, ids)
+            seq.append(y)
+        want = reference_kl(policy64, ref64, prompt_ids[i], ids, 1.0)
+        assert math.isfinite(rows["kl"][i]) and rows["kl"][i] == pytest.approx(want, abs=1e-4), (i, rows["kl"][i], want)
+    assert any(abs(kl) > 1e-3 for kl in rows["kl"])  # two different models: the check has something to compare
+
+
+def test_rm_accuracy_reads_the_last_row_that_logged_each_number(tmp_path):
+    """Each number from the last metrics.jsonl row that has it (not None), whichever rows the others come from."""
+    rng = random.Random(0)
+    names = {"accuracy": "val_acc", "annotator_agreement": "annotator_agreement", "gold_accuracy": "val_gold_acc"}
+    for trial in range(20):
+        rows = []
+        for step in range(rng.randint(0, 8)):
+            row = {"step": step}
+            for key in names.values():
+                if rng.random() < 0.5:
+                    row[key] = None if rng.random() < 0.2 else round(rng.random(), 4)
+            rows.append(row)
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        want = {}
+        for out_key, key in names.items():
+            want[out_key] = None
+            for row in rows:  # the last one wins
+                if row.get(key) is not None:
+                    want[out_key] = row[key]
+        assert evaluate.rm_accuracy(str(tmp_path)) == want, (trial, rows)
+
+
+def test_text_table_puts_each_number_in_its_column():
+    rng = random.Random(2)
+    summaries = {}
+    for name in ("sft", "ppo", "dpo", "init"):
+        summaries[name] = {"gold": rng.random(), "gold_sem": rng.random() / 10, "rm": rng.gauss(0, 1),
+                           "kl": rng.uniform(0, 30), "win_rate_vs_sft": rng.random(), "length": rng.uniform(1, 64),
+                           "eos": rng.random(), "n": 8}
+    summaries["dpo"]["rm"] = summaries["dpo"]["gold"] = summaries["dpo"]["win_rate_vs_sft"] = None  # no RM, no judge
+
+    def cell(x, digits=3):
+        return "-" if x is None else ("%." + str(digits) + "f") % x
+
+    lines = evaluate.text_table(summaries).splitlines()
+    assert lines[0].split() == ["policy", "gold", "win", "rm", "kl", "length", "eos"]
+    for line, (name, s) in zip(lines[1:], summaries.items()):
+        assert line.split() == [name, cell(s["gold"]), cell(s["win_rate_vs_sft"]), cell(s["rm"]), cell(s["kl"]),
+                                cell(s["length"], 1), cell(s["eos"], 2)], name
+    assert len(lines) == 1 + len(summaries)
+
+
+def test_curves_table_shows_the_rows_nearest_to_even_spacing():
+    """Row j of m shown is the iteration nearest to j (n - 1) / (m - 1) (30 iterations: 1, 4, 6, 9, ..., 27, 30)."""
+    for n_rows in (2, 5, 12):
+        for n in range(n_rows + 1, 60):
+            c = {"iter": list(range(1, n + 1)), "rm score": [0.5] * n, "gold score": [], "KL": []}
+            lines = evaluate.curves_table(c, n_rows).splitlines()[2:]
+            shown = [int(line.split(" | ")[0].strip("| ")) - 1 for line in lines]  # 0-based positions
+            assert len(shown) == n_rows, (n, shown)
+            for j, i in enumerate(shown):
+                ideal = j * (n - 1) / (n_rows - 1)
+                assert abs(i - ideal) <= 0.5, (n, n_rows, j, i, ideal)
+
+
+def test_curves_leave_out_a_key_that_not_every_row_logged():
+    """A curve is the key's value in every row, or [] when any row lacks it (never a curve with holes)."""
+    from nanorlhf.report import CURVE_KEYS, curves
+    rng = random.Random(3)
+    for trial in range(30):
+        rows = []
+        for i in range(rng.randint(0, 6)):
+            row = {"iter": i + 1} if rng.random() < 0.8 else {}
+            for key in CURVE_KEYS.values():
+                if rng.random() < 0.9:
+                    row[key] = rng.random()
+            rows.append(row)
+        c = curves(rows)
+        assert c["iter"] == [r.get("iter", i + 1) for i, r in enumerate(rows)]
+        for label, key in CURVE_KEYS.items():
+            want = []
+            if rows and all(key in r for r in rows):
+                want = [r[key] for r in rows]
+            assert c[label] == want, (trial, label, rows)
+
+
+def test_read_metrics_skips_a_half_written_line_and_keeps_the_rows_after_it(tmp_path):
+    """
+    A line that does not parse is skipped alone, the rows after it still read. (MetricsLogger's resume drops a cut
+    line first, utils.keep_rows_until, but read_metrics reads whatever file a run directory holds.)
+    """
+    from nanorlhf.report import read_metrics
+    first = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(3)]
+    resumed = [{"step": s, "loss": 0.5, "time": 0.1 * s} for s in range(3, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in first) + '{"step": 3, "lo' + "".join(
+        json.dumps(r) + "\n" for r in resumed)
+    (tmp_path / "metrics.jsonl").write_text(text)
+    want = []
+    for line in text.splitlines():
+        try:
+            want.append(json.loads(line))
+        except ValueError:
+            continue
+    assert read_metrics(str(tmp_path)) == want == first + resumed[1:]  # the broken line took resumed[0] with it
+
+
+def test_the_report_states_what_the_run_was_given_and_what_the_stages_recorded(tmp_path, one_thread):
+    """
+    The pipeline seed is the SFT run's (3), the sampling seed --seed's (9); --n_prompts 2 of 3 prompts evaluates 2;
+    the RM section gives each of train_rm.py's numbers from its own key; the RM score's mean and std are the ones
+    the RM checkpoint stored.
+    """
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("sort 3 1 2", "sort 2 1", "sort 5 4")))
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 5,
+                                                        reward_mean=0.125, reward_std=0.75))
+    rm_rows = [{"step": 5, "val_acc": 0.61, "val_gold_acc": 0.83, "annotator_agreement": 0.9, "time": 4.0}]
+    (tmp_path / "rm" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rm_rows))
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--rm", str(tmp_path / "rm"), "--seed", "9",
+                   "--n_prompts", "2", "--init_row", "false", "--n_show", "0", "--max_new_tokens", "3",
+                   "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    report = json.loads((out / "report.json").read_text())
+    policies = json.loads((out / "policies.json").read_text())
+    md = (out / "report.md").read_text()
+    assert report["seed"] == 3 and "sampling seed 9," in md and "Pipeline seed 3;" in md
+    assert policies["sft"]["n"] == 2 and "(2 prompts x 1 sample(s))" in md
+    assert report["rm"] == {"accuracy": 0.61, "annotator_agreement": 0.9}
+    assert "Held-out pairwise accuracy against the annotators' labels 0.610; the annotators' own agreement with " \
+           "the gold judge 0.900" in md, md
+    assert "The reward model agrees with gold on 0.830 of the held-out pairs" in md, md
+    assert "with the mean 0.125 and std 0.750 of the demonstrations' rewards" in md, md

@@ -302,7 +302,7 @@ def test_sweep_section_table_gives_each_run_its_own_numbers(tmp_path):
         "".join(json.dumps({"iter": i, "rm_score": 0.1, "kl": 0.2}) + "\n" for i in range(1, 5)))
     md = sweep_section(str(tmp_path), None, str(tmp_path))
     cells = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
-    assert sorted(cells) == ["beta0", "default", "lr_high", "run"], md
+    assert list(cells) == ["run", "beta0", "default", "lr_high"], md  # the header, then the runs by name
     for name, o in runs.items():
         assert cells[name] == (f"| {name} | {o['iter_end']} | {f(o['kl_end'])} | {f(o['rm_start'])} -> "
                                f"{f(o['rm_end'])} | {f(o['gold_start'])} -> {f(o['gold_peak'])} "
@@ -406,3 +406,18 @@ def test_sweep_problem_names_a_run_trained_from_other_models(tmp_path):
         torch.save({"step": 3}, tmp_path / "sweep" / name / "train_state.pt")
     assert sweep_problem(d, sft, rm) is None
     assert sweep_problem(str(tmp_path / "nothing"), sft, rm) is None
+
+
+def test_sweep_section_of_one_run_has_its_row_and_no_comparison(tmp_path):
+    """Only the beta0 run logged (the default run not begun): its row, and no sentence comparing it with the other."""
+    import random
+    from nanorlhf.report import sweep_section
+    gold, rm, kl = random_curves(random.Random(5), 15)
+    (tmp_path / "beta0").mkdir()
+    (tmp_path / "beta0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"iter": i + 1, "rm_score": rm[i], "gold": gold[i], "kl": kl[i]}) + "\n" for i in range(15)))
+    md = sweep_section(str(tmp_path), None, str(tmp_path))
+    o = plain_verdict(gold, rm, kl, list(range(1, 16)))
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and rows[1].startswith(f"| beta0 | 15 | {o['kl_end']:.3f} | {o['rm_start']:.3f} -> "), md
+    assert "With beta = 0" not in md
