@@ -119,6 +119,27 @@ def test_kl_matches_float64_loop(temperature):
     assert all(kl == 0.0 for kl in rows_sft["kl"])
 
 
+def test_the_sampling_seed_decides_the_draws_and_nothing_else_does():
+    """
+    --seed is the evaluation's only source of randomness: the same seed gives the same responses whatever the global
+    generators hold, and another seed other responses.
+    """
+    tok = Tokenizer.byte_level()
+    policy = tiny_gpt(3, eos_boost=2.0)
+    prompts = ["sort 3 1 2", "sort 9 8 7 6 5 4", "hi"]
+    prompt_ids = [tok.render_prompt(p) for p in prompts]
+    rt = setup_runtime("cpu", "float32", 0)
+    got = {}
+    for seed, global_seed in ((6, 0), (6, 123), (7, 0)):
+        torch.manual_seed(global_seed)
+        random.seed(global_seed)
+        cfg = SimpleNamespace(samples_per_prompt=2, temperature=1.0, batch_size=4, seed=seed, max_new_tokens=10)
+        rows = evaluate.evaluate_policy(policy, policy, None, tok, prompts, prompt_ids, cfg, rt)
+        got[seed, global_seed] = rows["response_ids"]
+    assert got[6, 0] == got[6, 123]
+    assert got[6, 0] != got[7, 0]
+
+
 def test_common_random_numbers_hold_in_every_batch():
     # A prompt's response must draw the same random numbers whatever came before it. Here the same prompts follow
     # two different first batches (one prompt each), whose responses end after different numbers of steps; with
