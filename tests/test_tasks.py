@@ -282,7 +282,7 @@ def test_generate_task_files(tmp_path):
     tok = Tokenizer.byte_level()
     lens = [len(tok.render(r["prompt"], r["response"])[0]) for r in sft]
     lens += [len(tok.render(r["prompt"], x)[0]) for r in prefs + prefs_eval for x in r["responses"]]
-    assert max(lens) == MAX_RENDERED  # at most MAX_RENDERED, and a response that renders in exactly that many is kept
+    assert max(lens) <= MAX_RENDERED
     assert [rendered_len(r["prompt"], r["response"]) for r in sft] == lens[:len(sft)]  # the generator's own count
     # the measured references
     assert meta["gold_perfect"] == 1.0
@@ -291,6 +291,28 @@ def test_generate_task_files(tmp_path):
     assert 0.8 < meta["annotator_agreement"] < 0.97
     assert abs(meta["ranking_agreement"] - meta["annotator_agreement"]) < 0.04
     assert meta["annotator_agreement"] == pytest.approx(annotator_agreement(prefs_eval, meta["annotator_beta"]))
+
+
+def test_a_candidate_that_renders_in_exactly_max_rendered_tokens_is_kept_and_one_more_is_not(tmp_path, monkeypatch):
+    """
+    The comparison candidates of each prompt, drawn from a stand-in: one that renders in MAX_RENDERED + 1 byte-level
+    tokens (dropped), one in exactly MAX_RENDERED (kept), then short distinct ones.
+    """
+    import nanorlhf.tasks as T
+
+    def fake_candidate(prompt, rng, error_prob, habit_prob):
+        room = MAX_RENDERED - rendered_len(prompt, "")
+        queue = calls.setdefault(prompt, ["y" * (room + 1), "x" * room] + [str(i) for i in range(10)])
+        return queue.pop(0)
+
+    calls = {}
+    monkeypatch.setattr(T, "candidate", fake_candidate)
+    generate_task(str(tmp_path), seed=0, n_sft=2, n_prefs=3, n_prefs_eval=2, n_prompts=1, n_eval=1)
+    records = read_prefs(str(tmp_path / "prefs.jsonl")) + read_prefs(str(tmp_path / "prefs_eval.jsonl"))
+    assert len(records) == 5
+    for r in records:
+        lens = sorted(rendered_len(r["prompt"], x) for x in r["responses"])
+        assert lens[-1] == MAX_RENDERED and all(n < MAX_RENDERED for n in lens[:-1]), lens
 
 
 def test_meta_gold_references_match_monte_carlo(tmp_path):

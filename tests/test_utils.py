@@ -1065,27 +1065,28 @@ def test_cpu_peak_flops_doubles_for_bf16_on_avx512_bf16_and_times_matmuls_on_amx
     """
     A bf16 run on AVX512-BF16 does two multiply-adds per float32 lane: twice the float32 FLOPs per cycle; a float32
     run there, or a bf16 run without it, keeps the float32 figure; a bf16 run on AMX tiles is timed instead.
+    FLOPs per cycle per core, written out: AVX-512 FMA 64 (2 units x 16 lanes x 2), AVX2 FMA 32, neither 8.
     """
-    threads = torch.get_num_threads()
-    for flags in ("avx512f fma avx512_bf16", "avx512f fma", "fma avx512_bf16", "sse4_2", "avx512f fma amx_bf16"):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    table = {("avx512f fma avx512_bf16", "float32"): (64, "float32"),
+             ("avx512f fma avx512_bf16", "bfloat16"): (128, "bf16"),
+             ("avx512f fma", "float32"): (64, "float32"), ("avx512f fma", "bfloat16"): (64, "float32"),
+             ("fma avx512_bf16", "float32"): (32, "float32"), ("fma avx512_bf16", "bfloat16"): (64, "bf16"),
+             ("sse4_2", "float32"): (8, "float32"), ("sse4_2", "bfloat16"): (8, "float32"),
+             ("avx512f fma amx_bf16", "float32"): (64, "float32")}
+    for (flags, dtype), (per_cycle, kind) in table.items():
         info = f"processor\t: 0\ncpu MHz\t\t: 2500.000\nflags\t\t: {flags}\n\n"
         monkeypatch.setattr(train_common, "cpuinfo", lambda: info)
-        for dtype in ("float32", "bfloat16"):
-            per_cycle = 64 if "avx512f" in flags.split() else 32 if "fma" in flags.split() else 8
-            kind = "float32"
-            if dtype == "bfloat16" and "avx512_bf16" in flags.split():
-                per_cycle, kind = 2 * per_cycle, "bf16"
-            if dtype == "bfloat16" and "amx_bf16" in flags.split():
-                clock = iter([1.0, 1.5] * 8)  # 8 matmuls of half a second each
-                with monkeypatch.context() as m:
-                    m.setattr(train_common, "PEAK_MATMUL", 8)
-                    m.setattr(train_common.time, "perf_counter", lambda: next(clock))
-                    peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", dtype))
-                assert (peak, source) == (2 * 8**3 / 0.5, "measured 8x8 bfloat16 matmul"), flags
-                continue
-            peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", dtype))
-            assert peak == threads * 2500e6 * per_cycle, (flags, dtype, peak)
-            assert source == f"{threads} threads x 2500 MHz x {per_cycle} {kind} FLOPs/cycle", source
+        peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", dtype))
+        assert peak == 3 * 2500e6 * per_cycle, (flags, dtype, peak)
+        assert source == f"3 threads x 2500 MHz x {per_cycle} {kind} FLOPs/cycle", source
+    info = "processor\t: 0\ncpu MHz\t\t: 2500.000\nflags\t\t: avx512f fma amx_bf16\n\n"
+    monkeypatch.setattr(train_common, "cpuinfo", lambda: info)
+    clock = iter([1.0, 1.5] * 8)  # 8 matmuls of half a second each
+    monkeypatch.setattr(train_common, "PEAK_MATMUL", 8)
+    monkeypatch.setattr(train_common.time, "perf_counter", lambda: next(clock))
+    peak, source = train_common.peak_flops(utils.Runtime(torch.device("cpu"), "cpu", "bfloat16"))
+    assert (peak, source) == (2 * 8**3 / 0.5, "measured 8x8 bfloat16 matmul")
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H200", 989e12),
