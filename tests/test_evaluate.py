@@ -518,15 +518,20 @@ def test_no_checkpoint_dict_is_held_while_sampling(tmp_path, monkeypatch, one_th
     assert report["seed"] == 3 and set(report) >= {"sft", "ppo", "rm"}
 
 
+def prompts_and_sft(tmp_path, prompts):
+    """tmp_path/prompts.jsonl of these prompts, and a tiny SFT checkpoint in tmp_path/sft (its run's --seed: 3)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), Tokenizer.byte_level(), "sft", {"seed": 3}, 10))
+    return data
+
+
 def test_report_without_an_rm_says_nothing_of_one(tmp_path):
     """
     Without --rm, report.md explained the RM score as (r - mean) / std "with the mean 0.000 and std 1.000 ... that
     train_rm.py stored" and printed a "## Reward model" section of "-"; report.json already said null.
     """
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "hello there"}) + "\n" + json.dumps({"prompt": "write a poem"}) + "\n")
-    tok = Tokenizer.byte_level()
-    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    data = prompts_and_sft(tmp_path, ["hello there", "write a poem"])
     out = tmp_path / "out"
     evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--n_show", "2",
                    "--max_new_tokens", "4", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
@@ -704,10 +709,7 @@ def test_the_summaries_are_the_plain_means_of_each_policy_s_responses(tmp_path, 
 
 def test_prompts_that_are_not_all_the_task_s_get_no_gold(tmp_path, one_thread):
     """One prompt of one's own among the task's: no gold for anyone (the judge applies to all or none)."""
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("sort 3 1 2", "write a poem", "sort 2 1")))
-    tok = Tokenizer.byte_level()
-    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
+    data = prompts_and_sft(tmp_path, ["sort 3 1 2", "write a poem", "sort 2 1"])
     out = tmp_path / "out"
     evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--n_show", "0",
                    "--max_new_tokens", "3", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
@@ -901,10 +903,8 @@ def test_the_report_states_what_the_run_was_given_and_what_the_stages_recorded(t
     the RM section gives each of train_rm.py's numbers from its own key; the RM score's mean and std are the ones
     the RM checkpoint stored; the dtype is --dtype's (bfloat16, which no CPU's auto gives here but one with bf16).
     """
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("sort 3 1 2", "sort 2 1", "sort 5 4")))
+    data = prompts_and_sft(tmp_path, ["sort 3 1 2", "sort 2 1", "sort 5 4"])
     tok = Tokenizer.byte_level()
-    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {"seed": 3}, 10))
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path / "rm"), model_payload(ScalarGPT(GPTConfig(**TINY)), tok, "rm", {}, 5,
                                                         reward_mean=0.125, reward_std=0.75))
