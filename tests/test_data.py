@@ -1,3 +1,4 @@
+import itertools
 import json
 import random
 
@@ -5,8 +6,8 @@ import pytest
 import torch
 
 from nanorlhf.data import (DataError, LengthGroupedSampler, collate, encode_prefs, encode_prompts, encode_sft,
-                           pack_shared_prefix, padding_fraction, read_prefs, read_prompts, read_sft, shared_prefix_len,
-                           slots_run, split_hh, to_device)
+                           pack_shared_prefix, padding_fraction, ranked_pairs, read_prefs, read_prompts, read_sft,
+                           run_sequences, shared_prefix_len, slots_run, split_hh, to_device)
 from nanorlhf import utils
 from nanorlhf.tokenizer import Tokenizer
 
@@ -71,6 +72,11 @@ BAD = [
     (read_prefs, lines({"chosen": HH["chosen"], "rejected": "\n\nHuman: hi\n\nAssistant: "}),
      ":1: field 'rejected': empty response"),
     (read_prefs, lines({"chosen": HH["chosen"], "rejected": HH["chosen"]}), ":1: field 'rejected': identical to chosen"),
+    # a response or prompt of whitespace alone (more than the one space the template adds) is empty too
+    (read_prefs, lines({"chosen": HH["chosen"], "rejected": "\n\nHuman: hi\n\nAssistant:  \t"}),
+     ":1: field 'rejected': empty response"),
+    (read_prefs, lines({"chosen": "\n\nHuman:  \t\n\nAssistant: a", "rejected": "\n\nHuman:  \t\n\nAssistant: b"}),
+     ":1: field 'chosen': empty prompt before the last '\\n\\nAssistant:'"),
     (read_prefs, lines({"chosen": "\n\nHuman: \n\nAssistant: a", "rejected": "\n\nHuman: \n\nAssistant: b"}),
      ":1: field 'chosen': empty prompt before the last '\\n\\nAssistant:'"),
     (read_prompts, lines({"prompt": "a"}, {"text": "b"}), ":2: field 'prompt': missing"),
@@ -108,6 +114,16 @@ def test_missing_file_and_exact_message(tmp_path):
         read_sft(path)
     assert str(e.value) == f"{tmp_path}/data/sft.jsonl:17: field 'response': expected a non-empty string"
     assert isinstance(e.value, ValueError)
+
+
+def test_malformed_json_names_its_column(tmp_path):
+    # json's column is 1-based and counts characters: here the "}" where a value was expected
+    rng = random.Random(0)
+    for _ in range(5):
+        line = '{"prompt": "pé",' + " " * rng.randint(0, 30) + '"response": }'
+        column = line.index("}") + 1
+        refused_in_one_line(tmp_path, read_sft, lines(GOOD_SFT, line),
+                            f":2: malformed JSON: Expecting value (column {column})")
 
 
 def test_read_sft_formats(tmp_path):
@@ -346,6 +362,17 @@ def test_encode_prefs_matches_plain_loop():
     assert 0 < n_truncated < len(out) and n_dropped > 0 and len(out) < len(records)  # every case occurs
 
 
+def test_ranked_pairs_are_every_pair_in_rank_order():
+    # the reference: every (better, worse) pair of ranks, i.e. the 2-combinations of the ranking in its order
+    rng = random.Random(0)
+    for k in range(1, 7):
+        ranking = rng.sample(range(k), k)
+        pairs = ranked_pairs(ranking)
+        assert pairs == list(itertools.combinations(ranking, 2))
+        assert len(pairs) == k * (k - 1) // 2
+    assert ranked_pairs([0, 2, 1]) == [(0, 2), (0, 1), (2, 1)]
+
+
 def test_encode_prompts_matches_plain_loop():
     # prompts whose rendered length is below, exactly at and above the limit: only those above are cut and counted
     rng = random.Random(1)
@@ -398,6 +425,20 @@ def test_sampler_each_example_once_and_grouped():
     # batches are shuffled, not served short to long: with one chunk, the batch lengths are not in order
     one_chunk = [max(lengths[i] for i in b) for b in LengthGroupedSampler(lengths, 16, seed=1, chunk_batches=1000)]
     assert one_chunk != sorted(one_chunk) and one_chunk != sorted(one_chunk, reverse=True)
+
+
+def test_sampler_sorts_only_within_a_chunk():
+    # chunk_batches=1: each chunk is one batch of random indices, so the batches pad about as much as random batches
+    # of the same size do; only bigger chunks group lengths (a sort over all the data would pad far less at any size)
+    rng = random.Random(6)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    perm = list(range(1000))
+    rng.shuffle(perm)
+    random_pad = padded_tokens([perm[i:i + 16] for i in range(0, 1000, 16)], lengths)
+    one = LengthGroupedSampler(lengths, batch_size=16, seed=1, chunk_batches=1).batches(0)
+    many = LengthGroupedSampler(lengths, batch_size=16, seed=1, chunk_batches=20).batches(0)
+    assert padded_tokens(one, lengths) > 0.8 * random_pad
+    assert padded_tokens(many, lengths) < 0.2 * random_pad
 
 
 def test_sampler_drop_last_and_no_shuffle():
@@ -489,6 +530,8 @@ def test_collate_right_and_left_pad():
     assert b["idx"][0, -3:].tolist() == [1, 2, 3]
     assert collate([[1] * 9], pad, multiple=8, max_len=12)["idx"].shape == (1, 12)
     assert collate([[1] * 9], pad, multiple=8)["idx"].shape == (1, 16)
+    with pytest.raises(AssertionError, match="a sequence of 9 tokens is longer than max_len=8"):
+        collate([[1] * 3, [1] * 9], pad, max_len=8)
 
 
 def test_collate_width_is_the_longest_rounded_up():
@@ -562,6 +605,39 @@ def test_pack_shared_prefix_unpacks_to_collates_width_under_max_len():
     assert p["unpack"].shape == plain["idx"].shape == (4, 60)
     assert p["packed_idx"].size(1) == 88  # 30 + 28 + 29 = 87 tokens, rounded up to 88 > max_len
     assert torch.equal(p["packed_idx"].flatten()[p["unpack"]] * plain["attention_mask"], plain["idx"])
+
+
+def attend_sum(idx, mask, pos=None):
+    """
+    A stand-in model whose output at a token depends on every key it attends to and on their positions:
+    out[b, i] = sum over keys j that i may attend to of idx[b, j] * (pos[b, j] + 1). Without pos it is called on
+    collate's layout, (idx, attention_mask): causal over the real tokens, positions 0..T-1.
+    """
+    if pos is None:
+        T = idx.size(1)
+        pos = torch.arange(T).expand_as(idx)  # (B, T)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]  # (B, T, T)
+    else:
+        mask = mask[:, 0]  # (G, T, T)
+    v = (idx * (pos + 1)).double()  # (B, T)
+    return mask.double() @ v[..., None]  # (B, T, 1)
+
+
+def test_run_sequences_packed_and_plain_give_each_sequence_its_own_output():
+    # reference, per sequence s alone: the output at token t is sum_{u <= t} s[u] * (u + 1)
+    rng = random.Random(5)
+    groups = []
+    for _ in range(4):
+        prompt = [rng.randint(1, 9) for _ in range(rng.randint(1, 6))]
+        groups.append([prompt + [rng.randint(1, 9) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 3))])
+    seqs = [s for g in groups for s in g]
+    plain = collate(seqs, pad_id=0)
+    for batch in (plain, {**plain, **pack_shared_prefix(groups, pad_id=0)}):
+        out = run_sequences(attend_sum, batch)  # (N, T, 1)
+        assert out.shape[:2] == plain["idx"].shape
+        for n, s in enumerate(seqs):
+            want = [sum(s[u] * (u + 1) for u in range(t + 1)) for t in range(len(s))]
+            assert out[n, :len(s), 0].tolist() == want, (n, "unpack" in batch)
 
 
 def test_to_device():
