@@ -303,8 +303,10 @@ def reset_cuda_peak(rt):
 def fmt_bytes(n):
     """1536 -> '1.5 KiB'; binary units, three significant digits."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 1000 else f"{n:.3g} {unit}"
+        # from 1023.5 on the number would round to 1024 of this unit: the next unit writes it
+        if abs(n) < 1023.5 or unit == "TiB":
+            # from 999.5 on, three significant digits would be written 1e+03: a whole number instead
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 999.5 else f"{n:.3g} {unit}"
         n /= 1024
 
 

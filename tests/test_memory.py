@@ -740,3 +740,164 @@ def test_memory_script_refuses_bad_flags_in_one_line(capsys, flags, message):
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: " + message), err
     assert out == ""
+
+
+# -----------------------------------------------------------------------------
+# mutation-testing gaps: memory.py's RM stage in 16-bit activations, the flags --measure passes, the block_size
+# boundary, --lora_targets in the table; footprint's saved_once, StaticProbe and shared storages
+
+
+@pytest.mark.parametrize("precision", list(F.PRECISIONS))
+def test_rm_stage_activations_by_hand(precision):
+    """
+    memory.py --stage rm in every precision against the docstring's terms written out for one masked trunk whose
+    scalar head reads every position (no logits, so nothing grows with the vocabulary):
+    per layer 16 b t C + 4 b t + a b t + b t t, then b t C + 2 b t (final LayerNorm) + b t C (the head's input),
+    all in the activation dtype, plus two int64 (b, t) tensors (position ids from the mask, token ids).
+    """
+    import memory
+
+    prec = F.PRECISIONS[precision]
+    b, T, N = 3, 20, 9
+    t = T + N
+    sizes = dict(micro=b, rollout=1, prompt=T, response=N)
+    for vocab_size in (61, 1000):
+        shape = F.Shape(**{**SHAPE.__dict__, "vocab_size": vocab_size})
+        C, L, a = shape.n_embd, shape.n_layer, shape.n_head
+        per_layer = 16 * b * t * C + 4 * b * t + a * b * t + b * t * t
+        floats = L * per_layer + b * t * C + 2 * b * t + b * t * C
+        want = floats * prec.acts + 8 * b * t + 8 * b * t
+        assert memory.predict(shape, prec, sizes, "rm", "full", 0)["activations"] == want, (precision, vocab_size)
+
+
+def test_memory_measure_passes_flags_train_ppo_accepts(monkeypatch, tmp_path):
+    """
+    The train_ppo.py command of memory.py --measure, parsed by train_ppo's own flags: each option's critic, LoRA
+    rank and targets (--lora_targets reaches the run), offload; a micro-batch larger than the rollout gives one
+    minibatch of the whole rollout, not --num_minibatches 0.
+    """
+    import memory
+
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        a = utils.parse_flags(train_ppo.Args, cmd[2:])
+        cmds.append(a)
+        os.makedirs(a.out_dir)
+        with open(os.path.join(a.out_dir, "memory.json"), "w") as f:
+            json.dump({"run": len(cmds)}, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    targets = r"mlp\.c_fc"
+    args = memory.Args(lora_rank=5, lora_targets=targets)
+    for option in memory.OPTIONS:
+        o = F.options_of(option)
+        for micro, rollout, minibatches in ((4, 16, 4), (16, 4, 1)):
+            sizes = dict(micro=micro, rollout=rollout, prompt=20, response=9)
+            work = tmp_path / f"{option}-{micro}"
+            work.mkdir()
+            assert memory.measure(SHAPE, sizes, option, args, str(work)) == {"run": len(cmds)}
+            a = cmds[-1]
+            assert (a.batch_size, a.num_minibatches, a.response_length) == (rollout, minibatches, 9), option
+            assert a.critic == ("shared" if o["shared"] else "separate") and a.dtype == "float32", option
+            assert a.lora_rank == (5 if o["lora"] else 0), option
+            assert a.lora_targets == (targets if o["lora"] else lora.DEFAULT_TARGETS), option
+            assert a.offload == ("ref,rm" if o["offload"] else ""), option
+
+
+def test_memory_script_prompt_and_response_may_fill_the_context(capsys):
+    # the cpu preset: block_size 256, response 24; a prompt of 232 fills the context exactly and is accepted
+    import memory
+
+    memory.main(["--prompt_length", "232", "--options", "full"])
+    assert "rollout 64 x (232 + 24)" in capsys.readouterr().out
+
+
+def test_memory_script_table_counts_lora_targets(capsys):
+    """
+    --lora_targets in the table: adapters on mlp.c_fc only, Linear(C, 4C), are r (C + 4C) numbers per layer: with
+    the cpu preset (4 layers x 128) and rank 8, 4 * 8 * 640 = 20,480 in the actor, and the critic's own adapters
+    plus its head (C + 1 = 129).
+    """
+    import memory
+
+    memory.main(["--options", "lora", "--lora_rank", "8", "--lora_targets", r"mlp\.c_fc"])
+    out = capsys.readouterr().out
+    assert "| actor | 20,480 |" in out and "| critic | 20,609 |" in out, out
+
+
+def test_saved_once_records_the_first_micro_batch_only():
+    """
+    saved_once: a block that raises records nothing; then the first block's bytes, shape and keep are recorded and
+    a later (larger) block changes nothing. By hand: Linear(5, 3) saves its input (b, 5), float32, for the weight's
+    gradient; the weight itself is a parameter, left out.
+    """
+    lin = torch.nn.Linear(5, 3)
+    probe = {}
+    with pytest.raises(RuntimeError), F.saved_once(probe, [lin], (4, 5), 5):
+        lin(torch.randn(4, 5))
+        raise RuntimeError
+    assert probe == {}
+    for b in (2, 7):
+        with F.saved_once(probe, [lin], torch.Size([b, 5]), b + 1):
+            lin(torch.randn(b, 5)).sum()
+    assert probe == dict(activations=4 * 2 * 5, micro_batch=(2, 5), keep=3)
+
+
+def test_static_probe_measures_once_every_optimizer_has_state():
+    """
+    StaticProbe waits for the step at which every optimizer holds state, measures then, and keeps that measurement
+    when later steps run without gradients. By hand: Linear(3, 2) has 8 numbers in 2 tensors, Linear(4, 1) 5 in 2;
+    4 bytes each for weights and gradients, AdamW 2 x 4 per number + a 4-byte step per tensor.
+    """
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(3, 2), torch.nn.Linear(4, 1)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (actor, critic)]
+    probe = F.StaticProbe({"actor": actor.parameters(), "critic": critic.parameters()}, opts)
+    actor(torch.randn(2, 3)).sum().backward()
+    opts[0].step()
+    assert probe.result is None  # the critic's optimizer has no state yet
+    critic(torch.randn(2, 4)).sum().backward()
+    opts[1].step()
+    want = dict(actor=dict(weights=32, weights_host=0, grads=32, optim=2 * 32 + 2 * 4, trainable=8),
+                critic=dict(weights=20, weights_host=0, grads=20, optim=2 * 20 + 2 * 4, trainable=5))
+    assert probe.result["roles"] == want
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+        o.step()  # no gradients: nothing moves, the hook runs again
+    assert probe.result["roles"] == want
+
+
+def test_measure_static_counts_a_shared_storage_once():
+    """
+    Gradients that are views of one flat buffer (DDP's gradient_as_bucket_view) and optimizer state in one buffer
+    count the buffer once: by hand, 8 float32 numbers (32 bytes) each, plus one 4-byte step tensor.
+    """
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5))
+    grads, moments = torch.zeros(8), torch.zeros(8)
+    p.grad, q.grad = grads[:3], grads[3:]
+
+    class FlatOptimizer:
+        state = {p: {"exp_avg": moments[:3]}, q: {"exp_avg": moments[3:], "step": torch.tensor(1.0)}}
+
+    got = F.measure_static({"actor": [p, q]}, [FlatOptimizer])["roles"]["actor"]
+    assert got == dict(weights=4 * 8, weights_host=0, grads=4 * 8, optim=4 * 8 + 4, trainable=8)
+
+
+def test_fmt_bytes_near_unit_boundaries():
+    """
+    Numbers that round up to the next power: 2^20 - 1 B is 1023.999 KiB, which printed "1024 KiB" (it is 1 MiB to
+    three digits); 999.6 KiB printed "1e+03 KiB" (three significant digits of 999.6), written 1000 KiB instead.
+    Then every unit's edges against the same rule as test_fmt_bytes: below 1024, no exponent, within rounding.
+    """
+    assert F.fmt_bytes(2**20 - 1) == "1 MiB" and F.fmt_bytes(1023 * 1024 + 600) == "1 MiB"
+    assert F.fmt_bytes(round(999.6 * 1024)) == "1000 KiB" and F.fmt_bytes(999 * 1024) == "999 KiB"
+    for k in range(1, 5):
+        for x in (0.9995, 9.995, 99.95, 999.4, 999.5, 999.6, 1023.4, 1023.5, 1023.6, 1023.99):
+            n = round(x * 1024**k)
+            number, unit = F.fmt_bytes(n).split(" ")
+            j = ["B", "KiB", "MiB", "GiB", "TiB"].index(unit)
+            y = float(number)
+            assert "e" not in number and (y < 1024 or j == 4) and y >= 1, (n, number, unit)
+            assert abs(y * 1024**j - n) <= 0.005 * n + 0.5 * 1024**j, (n, number, unit)
