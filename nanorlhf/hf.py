@@ -16,6 +16,7 @@ The differences, on purpose:
 """
 
 import json
+import math
 import os
 
 import torch
@@ -206,10 +207,12 @@ def copy_gpt2_tensors(model, tensors, path, weights_path):
         if not v.is_floating_point():
             raise ValueError(f"{weights_path}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, "
                              f"expected a floating-point weight")
+        # both shapes as the file stores them (Conv1D's (in, out)); checked before the transpose, which takes 2-d only
+        expected = tuple(sd[name].shape)[::-1] if name.endswith(TRANSPOSED) else tuple(sd[name].shape)
+        if tuple(v.shape) != expected:
+            raise ValueError(f"{path}: {k!r} has shape {tuple(v.shape)}, expected {expected}")
         if name.endswith(TRANSPOSED):
             v = v.t()
-        if v.shape != sd[name].shape:
-            raise ValueError(f"{path}: {k!r} has shape {tuple(v.shape)}, expected {tuple(sd[name].shape)}")
         with torch.no_grad():
             sd[name].copy_(v)
         loaded.add(name)
@@ -278,10 +281,16 @@ def load_safetensors(path):
             if dtype is None:
                 raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
             begin, end = info["data_offsets"]
-            if end == begin:
+            nbytes = math.prod(info["shape"]) * dtype.itemsize
+            # the offsets must span the shape's bytes exactly, inside the data: else frombuffer reads the rest of the
+            # data (end < begin), or torch.empty hands out uninitialised memory (begin == end, a non-empty shape)
+            if not 0 <= begin <= end <= len(data) or end - begin != nbytes:
+                raise ValueError(f"tensor {name!r} of shape {info['shape']} and dtype {info['dtype']} ({nbytes} bytes) "
+                                 f"has data_offsets {[begin, end]} in {len(data)} bytes of data")
+            if nbytes == 0:
                 t = torch.empty(info["shape"], dtype=dtype)
             else:
-                t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+                t = torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=begin)
             tensors[name] = t.reshape(info["shape"])
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # truncated, or a bad header
         raise ValueError(f"{path}: cannot read it as safetensors ({type(e).__name__}: {e})") from None

@@ -159,6 +159,26 @@ def test_fold_head_bias_matches_the_worked_example():
         hf.fold_head_bias(beta0, torch.zeros(1, 16), torch.ones(1))
 
 
+def test_a_zero_head_exports_its_final_layernorm_bias_unchanged(tmp_path):
+    """
+    A reward model as ScalarGPT.from_gpt starts it (head weight and bias 0, train_rm.py before its first step): there
+    is no bias to fold, so ln_f's bias goes out as it is (not 0 * w / (w . w) = nan), and the scores are ours, all 0.
+    """
+    beta = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hf.fold_head_bias(beta, torch.zeros(1, 16), torch.zeros(1)), beta)
+    rm = random_model("scalar")
+    with torch.no_grad():
+        rm.head.weight.zero_()
+        rm.head.bias.zero_()
+    save(rm, Tokenizer.byte_level(), tmp_path / "rm", stage="rm")
+    export_hf.export(str(tmp_path / "rm"), str(tmp_path / "hf"))
+    sd = load_safetensors(str(tmp_path / "hf/model.safetensors"))
+    assert torch.equal(sd["transformer.ln_f.bias"], rm.transformer.ln_f.bias.detach())
+    back, _ = hf_sequence_classification(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(back(random_ids(256)), torch.zeros(3, 40))
+
+
 def gpt2_hidden(sd, n_head, idx, activation):
     """
     GPT-2's forward written from its files alone, float64: Conv1D layers (x @ W + b, W stored (in, out)), causal
@@ -275,6 +295,32 @@ def test_config_files_describe_the_model_and_tokenizer(tmp_path, kind):
     assert tok_cfg["errors"] == "replace" and tok_cfg["model_max_length"] == 48
 
 
+@pytest.mark.parametrize("kind,pattern", [("gpt", None), ("scalar", r"\S+|\s+")])
+def test_readme_says_how_to_load_this_export(tmp_path, kind, pattern):
+    """
+    README.md names the class that loads the weights, offers AutoTokenizer only where GPT-2's tokenizer files were
+    written (GPT-2's split pattern), says how a scalar model's score is read, and its tiktoken snippet, run as it is
+    written, encodes as the checkpoint's tokenizer, with its EOS and PAD ids.
+    """
+    byte = Tokenizer.byte_level()
+    tok = byte if pattern is None else Tokenizer("words", byte.mergeable_ranks, pattern)
+    save(random_model(kind), tok, tmp_path / "ckpt", stage="rm")
+    _, files = export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    text = (tmp_path / "hf/README.md").read_text()
+    cls = "GPT2LMHeadModel" if kind == "gpt" else "GPT2ForSequenceClassification"
+    assert text.startswith("# nanorlhf export: stage rm, step 7\n")
+    transformers_code, tiktoken_code = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert f"from transformers import AutoTokenizer, {cls}\n" in transformers_code
+    assert f"model = {cls}.from_pretrained(DIR)" in transformers_code
+    assert ("AutoTokenizer.from_pretrained(DIR)" in transformers_code) == ("vocab.json" in files) == (pattern is None)
+    assert ("logits[:, 0]" in text) == (kind == "scalar")
+    scope = {}
+    exec(tiktoken_code.replace("DIR", str(tmp_path / "hf")), scope)
+    for t in random_texts(20):
+        assert scope["enc"].encode(t) == tok.encode(t), t
+    assert scope["enc"].encode("<|endoftext|><|pad|>", allowed_special="all") == [tok.eos_id, tok.pad_id]
+
+
 def test_from_pretrained_reads_gpt2_config_as_transformers_does(tmp_path):
     """
     An export edited as other GPT-2 files are written: n_positions wins over an n_ctx that differs (GPT2Config reads
@@ -293,11 +339,15 @@ def test_from_pretrained_reads_gpt2_config_as_transformers_does(tmp_path):
 
     assert load(n_ctx=1024).config.block_size == 60
     assert load(n_positions=None, n_ctx=60).config.block_size == 60
+    assert load(architectures=None).config.n_layer == 2  # null: no class named, as when the field is left out
+    # GPT-2's files train with dropout 0.1; GPT from them is the function of the weights alone (dropout 0)
+    assert load(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).config.dropout == 0.0
     back = load(n_inner=4 * 32)
     with torch.no_grad():
         assert torch.allclose(back(idx), model(idx), atol=1e-5, rtol=0)
     for edit, message in [({"n_inner": 2 * 32}, "n_inner 64 is not supported"),
                           ({"n_layer": 0}, "n_layer 0 in config.json is not a positive integer"),
+                          ({"n_layer": True}, "n_layer true in config.json is not a positive integer"),
                           ({"n_positions": 0}, "n_positions 0 in config.json is not a positive integer")]:
         with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'hf'))}: {message}"):
             load(**edit)
@@ -310,7 +360,10 @@ def test_from_pretrained_reads_gpt2_config_as_transformers_does(tmp_path):
 
 
 def test_from_pretrained_names_a_tensor_of_the_wrong_shape_or_a_missing_one(tmp_path):
-    """Each tensor is checked: one of the wrong shape (even one that would broadcast) or missing is one line."""
+    """
+    Each tensor is checked: one of the wrong shape (even one that would broadcast, or hold as many numbers) or missing
+    is one line naming the shape as the file stores it (Conv1D's (in, out)).
+    """
     save(random_model(), Tokenizer.byte_level(), tmp_path / "ckpt")
     export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     path = tmp_path / "hf/model.safetensors"
@@ -323,6 +376,13 @@ def test_from_pretrained_names_a_tensor_of_the_wrong_shape_or_a_missing_one(tmp_
             GPT.from_pretrained(str(tmp_path / "hf"))
         export_hf.save_safetensors({k: v for k, v in sd.items() if k != name}, str(path))
         with pytest.raises(ValueError, match=rf"missing tensors \[{re.escape(repr(name))}\]"):
+            GPT.from_pretrained(str(tmp_path / "hf"))
+    # c_fc.weight is (32, 128) in the file: stored in nn.Linear's layout (128, 32), or with a leading 1 (1, 32, 128)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    for bad in (sd[name].t(), sd[name][None]):
+        export_hf.save_safetensors({**sd, name: bad}, str(path))
+        with pytest.raises(ValueError, match=rf"'{name}' has shape {re.escape(str(tuple(bad.shape)))}, expected "
+                                             rf"\(32, 128\)$"):
             GPT.from_pretrained(str(tmp_path / "hf"))
 
 
@@ -345,6 +405,49 @@ def test_load_safetensors_reads_empty_tensors_and_checks_the_header_length(tmp_p
     path.write_bytes((len(raw) - 8 + 1).to_bytes(8, "little") + raw[8:])
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: cannot read it as safetensors"):
         load_safetensors(str(path))
+
+
+def test_load_safetensors_refuses_offsets_that_do_not_span_the_shape(tmp_path, monkeypatch):
+    """
+    A header whose data_offsets do not hold exactly the shape's bytes: [0, 0] for a (3, 4) F32 came back as
+    uninitialised memory, [16, 0] as the rest of the data, without a word. Refused as not safetensors, naming the file.
+    """
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # our own reader
+    path = tmp_path / "x.safetensors"
+    export_hf.save_safetensors({"a": torch.arange(4.0), "b": torch.arange(12.0)}, str(path))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    # names sorted, back to back: a (4,) F32 is bytes [0, 16) of the data, b (12,) F32 is [16, 64)
+    assert header["a"]["data_offsets"] == [0, 16] and header["b"]["data_offsets"] == [16, 64]
+    for name, shape, offsets in [("a", [3, 4], [0, 0]), ("b", [12], [16, 0]), ("b", [12], [16, 68])]:
+        blob = json.dumps({**header, name: {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
+        path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: cannot read it as safetensors"):
+            load_safetensors(str(path))
+
+
+class RunsCode:
+    """An object whose unpickling calls open(marker, "w"): any other code could run in its place."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_from_pretrained_runs_no_code_from_a_bin(tmp_path):
+    """A pytorch_model.bin is unpickled weights-only: one that would run code is refused in one line, nothing run."""
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ckpt")
+    export_hf.export(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    tensors = load_safetensors(str(tmp_path / "hf/model.safetensors"))
+    os.remove(tmp_path / "hf/model.safetensors")
+    marker = tmp_path / "ran"
+    torch.save({**tensors, "transformer.wte.weight": RunsCode(str(marker))}, tmp_path / "hf/pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot load \("):
+        GPT.from_pretrained(str(tmp_path / "hf"))
+    assert not marker.exists()
 
 
 # -----------------------------------------------------------------------------
@@ -583,6 +686,46 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path, monkeypatch, capsys
         assert sorted(q.name for q in (tmp_path / out).iterdir()) == sorted(files)
         assert set(files) <= set(export_hf.EXPORT_FILES)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["card", "data", "empty", "notes", "ppo", "saved"]
+
+
+def test_overwrite_refuses_a_directory_under_an_export_files_name(tmp_path):
+    """
+    --overwrite checks that each entry is a file export_hf.py writes, not only its name: an earlier export whose
+    merges.txt is a directory of someone's files is refused, those files untouched.
+    """
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    (tmp_path / "hf/merges.txt").unlink()
+    (tmp_path / "hf/merges.txt").mkdir()
+    (tmp_path / "hf/merges.txt/mine.txt").write_text("keep")
+    with pytest.raises(utils.UserError, match=r"holds \S*hf/merges.txt, which export_hf.py does not write"):
+        export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"), overwrite=True)
+    assert (tmp_path / "hf/merges.txt/mine.txt").read_text() == "keep"
+
+
+def test_an_export_killed_while_replacing_an_export_in_place_leaves_no_readme(tmp_path, monkeypatch):
+    """
+    --overwrite of an earlier export that is the current directory replaces its files in place, the old README.md
+    first: killed before its own README.md is in, the directory holds none (not the old one over a mix of old and
+    new files), so the next export refuses it rather than take it for a complete export.
+    """
+    save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
+    export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path / "hf")
+    replace = os.replace
+
+    def killed_at_readme(src, dst):
+        if os.path.basename(dst) == "README.md":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_readme)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf.export(str(tmp_path / "ppo"), ".", overwrite=True)
+    monkeypatch.setattr(os, "replace", replace)
+    assert not (tmp_path / "hf/README.md").exists() and (tmp_path / "hf/model.safetensors").exists()
+    with pytest.raises(utils.UserError, match="README.md is missing"):
+        export_hf.export(str(tmp_path / "ppo"), ".", overwrite=True)
 
 
 def test_symlink_out_exports_into_its_target(tmp_path, monkeypatch, capsys):
