@@ -43,11 +43,11 @@ PPO_FLAGS ?=
 PARTIAL := $(filter --stop_at --stop_at=% --resume --resume=%,$(SFT_FLAGS) $(RM_FLAGS) $(PPO_FLAGS))
 ifneq ($(PARTIAL),)
 $(error $(firstword $(PARTIAL)) in a stage's flags: make runs each stage to the end and builds the next on it; to \
-  stop one early or resume it, run its script (make -n shows the command))
+  stop one early or resume it, run its script (make -n without that flag shows the command))
 endif
 CODE    := $(wildcard nanorlhf/*.py)
 # With an NVIDIA GPU (make GPU=1 forces it; make GPU=0, GPU=false, GPU=no, GPU=off or GPU= turns it off) the SFT
-# model, which the RM and PPO stages inherit, is larger: 6 layers x 256 (4.8M parameters) instead of the CPU's
+# model, which the RM and PPO stages inherit, is larger: 6 layers x 256 (4.9M parameters) instead of the CPU's
 # 4 x 128 (0.86M). Flags given in SFT_FLAGS come after these, so they win. USE_GPU is 1 or empty, what the rules
 # below test: make's $(if) takes any non-empty value, "0" too, as true.
 GPU     ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)

@@ -186,7 +186,7 @@ def command(script, *args):
 
 def train(name, cmd, log_path):
     """Run one command (see command), its output to log_path; a failure stops the comparison with the log's tail."""
-    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    print(f"[{name}] {shlex.join(cmd)}", flush=True)  # as a shell reads it: the line can be pasted to rerun the step
     t0 = time.time()
     with open(log_path, "w") as log:
         p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -409,8 +409,8 @@ def main():
           table(rows, order), "",
           "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
           "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "
-          "length: tokens, EOS included; wall time: the training loop's seconds (SFT: its own stage; others start "
-          "from it); models in memory: while training (PPO: actor, critic, reference, RM, 3 with a shared trunk, "
+          "length: tokens, EOS included; wall time: the training loop's seconds (SFT: its own stage; DPO: its "
+          "reference pass included; others start from it); models in memory: while training (PPO: actor, critic, reference, RM, 3 with a shared trunk, "
           "2 with LoRA; GRPO/RLOO: policy, reference, RM; DPO: the policy, after one pass of the reference over the "
           "data).", ""]
     if png:

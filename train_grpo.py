@@ -445,6 +445,8 @@ def main(argv=None):
             save(it + 1)
     if stop < args.num_iterations:
         print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
+    else:
+        print(f"done: iteration {stop}; {utils.fmt_time(time.time() - timer.t0)}; saved {args.out_dir}/{utils.CKPT}")
     dist.cleanup()
 
 

@@ -967,6 +967,9 @@ def main(argv=None):
             C.save_files(args.out_dir, payloads)
     if stop < args.num_iterations:
         print(f"stopped at iteration {stop} (--stop_at); continue with --resume")
+    else:
+        print(f"done: iteration {stop}; {utils.fmt_time(time.time() - timer.t0)}; saved {args.out_dir}/{utils.CKPT} "
+              f"and {CRITIC}")
     dist.cleanup()
 
 

@@ -224,6 +224,8 @@ class Tokenizer:
             return cls.byte_level()
         if spec == "gpt2":
             return cls.gpt2()
+        if not os.path.isfile(spec):  # a misspelt name, most likely
+            raise ValueError(f"expected byte, gpt2 or the path of a .tiktoken file, and there is no file {spec}")
         return cls.from_tiktoken_file(spec)
 
     # checkpointing: plain python only, so torch.load(weights_only=True) can read it

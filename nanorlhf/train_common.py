@@ -124,7 +124,13 @@ def check_loop_flags(args):
         utils.check(getattr(args, name) >= 1, f"--{name} must be at least 1, got {getattr(args, name)}")
     utils.check(args.lr > 0 and 0 <= args.min_lr <= args.lr,
                 f"need --lr > 0 and 0 <= --min_lr <= --lr, got --lr {args.lr} --min_lr {args.min_lr}")
-    utils.check(args.warmup >= 0 and args.weight_decay >= 0, "--warmup and --weight_decay must be >= 0")
+    utils.check(args.warmup >= 0, f"--warmup must be >= 0 (0: no warmup), got {args.warmup}")
+    utils.check(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
+    # a trial run shortened below its warmup is allowed, but its learning rate rises to the end and never decays
+    if args.warmup > args.max_steps and os.environ.get("RANK", "0") == "0":
+        last_lr = utils.cosine_lr(args.max_steps - 1, args.lr, args.warmup, args.max_steps, args.min_lr)
+        print(f"note: --warmup {args.warmup} is longer than --max_steps {args.max_steps}: the learning rate rises for "
+              f"the whole run and ends at {last_lr:.3g}, short of --lr {args.lr:g}")
     check_clip_flag("grad_clip", args.grad_clip)
     utils.check(args.stop_at is None or 1 <= args.stop_at <= args.max_steps,
                 f"--stop_at must be in 1..{args.max_steps} (--max_steps), got {args.stop_at}")

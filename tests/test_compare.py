@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -70,6 +71,16 @@ def test_summarize_prints_mean_and_sd_over_pipelines(tmp_path, capsys):
     compare.summarize(outs)
     out = capsys.readouterr().out
     assert "| grpo | 0.600 ± 0.141 | 0.500 ± 0.000 |" in out  # sd of (0.5, 0.7) = 0.1414
+
+
+def test_a_steps_command_line_pasted_into_a_shell_runs_as_it_ran(tmp_path, capsys):
+    """train's "[name] ..." line is the whole command quoted for a shell: pasted into one, it gets the same words."""
+    cmd = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "--grpo_flags=--lr 1e-4", "it's", "$HOME"]
+    compare.train("grpo", cmd, str(tmp_path / "grpo.log"))
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("[grpo] ")
+    pasted = subprocess.run(line.removeprefix("[grpo] "), shell=True, capture_output=True, text=True)
+    assert pasted.stdout == (tmp_path / "grpo.log").read_text() == "['--grpo_flags=--lr 1e-4', \"it's\", '$HOME']\n"
 
 
 def test_missing_pipeline_exits_2(tmp_path):

@@ -338,6 +338,37 @@ def test_stop_at_may_be_any_step_up_to_max_steps(name, monkeypatch):
                     train_common.check_loop_flags(args)
 
 
+@pytest.mark.parametrize("name", ["train_sft.py", "train_rm.py", "train_dpo.py"])
+def test_a_warmup_longer_than_the_run_is_said_with_the_lr_it_ends_at(name, monkeypatch, capsys):
+    """
+    check_loop_flags: --warmup W > --max_steps N runs (a shortened trial run) with a note: its last step, N - 1
+    counted from 0, is still in the linear warmup, at lr * N / W. W <= N reaches --lr by the last step: no note; nor on
+    a rank other than 0. Negative values are refused naming the flag and the value.
+    """
+    from nanorlhf import train_common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    config = runpy.run_path(os.path.join(ROOT, name), run_name="not_main")["Config"]
+
+    def note(warmup, max_steps, lr=0.002):
+        train_common.check_loop_flags(utils.parse_flags(config, ["--warmup", str(warmup), "--max_steps", str(max_steps),
+                                                                 "--lr", str(lr), "--min_lr", "0"]))
+        return capsys.readouterr().out
+
+    for warmup, max_steps in ((50, 20), (10, 2), (8, 7), (1000, 3)):
+        assert note(warmup, max_steps) == (f"note: --warmup {warmup} is longer than --max_steps {max_steps}: the "
+                                           f"learning rate rises for the whole run and ends at "
+                                           f"{0.002 * max_steps / warmup:.3g}, short of --lr 0.002\n")
+    for warmup, max_steps in ((7, 7), (3, 20), (0, 1)):
+        assert note(warmup, max_steps) == ""
+    monkeypatch.setenv("RANK", "1")
+    assert note(50, 20) == ""
+    for flag_name, value in (("--warmup", "-3"), ("--weight_decay", "-0.5")):
+        with pytest.raises(utils.UserError, match=rf"^{flag_name} must be >= 0.*, got {value}$"):
+            train_common.check_loop_flags(utils.parse_flags(config, [flag_name, value]))
+
+
 def test_a_rollouts_minibatch_must_split_into_grad_accum_micro_batches(monkeypatch):
     """
     check_rollout_flags: --batch_size B in --num_minibatches M of B / M episodes, each in --grad_accum G micro-batches:

@@ -498,7 +498,9 @@ def grpo_cmd(d, out, *extra):
 def test_script_runs_logs_and_resumes(tiny_ckpts):
     out = tiny_ckpts / "run"
     # --resume auto, as a job scheduler reruns one command: an empty out_dir starts fresh...
-    script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--advantage", "dr_grpo", "--resume", "auto"))
+    p = script(*grpo_cmd(tiny_ckpts, out, "--num_iterations", "2", "--advantage", "dr_grpo", "--resume", "auto"))
+    last = p.stdout.splitlines()[-1]  # the run is over and where it saved, as SFT's, RM's and DPO's last lines say
+    assert re.fullmatch(rf"done: iteration 2; \d+m\d\ds; saved {re.escape(str(out))}/ckpt\.pt", last), p.stdout
     rows = read_metrics(str(out))
     assert [r["iter"] for r in rows] == [1, 2]
     # the first minibatch's ratio is 1: nothing has moved between the rollout and the first forward of the update

@@ -8,6 +8,7 @@ import base64
 import functools
 import io
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -162,6 +163,15 @@ def test_tiktoken_file_roundtrip(tmp_path):
     for _ in range(50):
         s = random_text(rng, 40)
         assert tok.encode(s) == make_tokenizer("bpe").encode(s)
+
+
+def test_a_tokenizer_spec_that_is_no_name_and_no_file_lists_the_choices(tmp_path, monkeypatch):
+    """A misspelt name (gtp2) is neither byte, gpt2 nor a file: the message says what --tokenizer takes."""
+    monkeypatch.chdir(tmp_path)
+    for spec in ("gtp2", "bytes", "GPT2", "my.tiktoken"):
+        with pytest.raises(ValueError, match=rf"^expected byte, gpt2 or the path of a \.tiktoken file, and there is no "
+                                             rf"file {re.escape(spec)}$"):
+            Tokenizer.from_spec(spec)
 
 
 def test_bad_tiktoken_file(tmp_path):

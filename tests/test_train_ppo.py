@@ -747,10 +747,13 @@ def test_resume_gives_the_same_run(tiny_pipeline):
     d = tiny_pipeline
     flags = ["--num_iterations", "3", "--batch_size", "8", "--grad_accum", "2", "--ptx_coef", "0.5", "--ptx_data",
              str(d / "data/sft.jsonl"), "--kl_estimator", "k3", "--adaptive_kl", "--target_kl", "0.1", "--kl_horizon", "100"]
-    script(*ppo_cmd(d, d / "ppo_full", *flags))
+    p = script(*ppo_cmd(d, d / "ppo_full", *flags))
+    # the last line says the run is over and where it saved, as SFT's, RM's and DPO's do
+    assert re.fullmatch(rf"done: iteration 3; \d+m\d\ds; saved {re.escape(str(d))}/ppo_full/ckpt\.pt and critic\.pt",
+                        p.stdout.splitlines()[-1]), p.stdout
     out = d / "ppo_resume"
     p = script(*ppo_cmd(d, out, *flags, "--stop_at", "2"))
-    assert "stopped at iteration 2" in p.stdout
+    assert p.stdout.splitlines()[-1] == "stopped at iteration 2 (--stop_at); continue with --resume"
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 16} and state["ptx_rng"] is not None
     script("train_ppo.py", "--out_dir", str(out), "--resume")
