@@ -154,7 +154,9 @@ class Streamer:
 
     def __call__(self, tokens):  # tokens: (1,)
         t = int(tokens[0])
-        if self.done or t in (self.tok.eos_id, self.tok.pad_id):
+        # the response ends at its first EOS only; a PAD sampled inside it is a token that decode drops, as in the
+        # response's text (cut_response)
+        if self.done or t == self.tok.eos_id:
             self.done = True
             return
         self.ids.append(t)

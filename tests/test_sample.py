@@ -141,6 +141,7 @@ def test_responses_and_scores_match_a_plain_loop(ckpts, capsys):
         # the RM scores the prompt and the response (its EOS included) at the last token, alone, unpadded
         assert [r["rm"] for r in got] == pytest.approx([reference_rm_score(rm, template(p) + x) for x in ids], abs=1e-4)
         assert len({round(r["rm"], 4) for r in got}) > 1  # the scores differ: a wrong position would show
+        assert [r["tokens"] for r in got] == [len(x) for x in ids]  # the response's tokens, its EOS included
         for r in got:
             assert r["gold"] == (tasks.gold(p, r["response"]) if p.startswith("sort") else None)
             assert r["tokens"] <= 12 and (r["eos"] or r["tokens"] == 12)  # without EOS only at the limit
@@ -369,7 +370,12 @@ def test_streamer_prints_whole_characters_only():
     (["--ckpt", "{d}/a", "--prompts", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file (no records)"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--prompts", "{d}/prompts.jsonl"], "--prompt and --prompts"),
     (["--ckpt", "{d}/a", "--prompt", " "], "--prompt: empty"),
-    (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"], "--max_new_tokens 65: leaves no room"),
+    # the context named is the policy's block_size, 64
+    (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "65"],
+     "--max_new_tokens 65: leaves no room for a prompt in the context of 64 tokens"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--num_samples", "0"], "--num_samples 0: must be at least 1"),
+    (["--ckpt", "{d}/a", "--prompt", "x", "--top_k", "0"], "--top_k 0: must be at least 1"),
     (["--ckpt", "{d}/a", "--prompt", "x", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
     (["--ckpt", "{d}/a", "--num_samples", "4"], "--num_samples 4: the chat samples one reply per turn"),
     (["--ckpt", "{d}/a", "--compare", "{d}/a", "--prompt", "x"], "--compare {d}/a: the same checkpoint as --ckpt"),
@@ -491,3 +497,75 @@ def test_the_prompt_is_cut_to_the_shorter_context_of_the_two_policies(ckpts, cap
     for name, model in ((str(ckpts / "a"), tiny_gpt(1)), (str(ckpts / "short"), tiny_gpt(6, block_size=32))):
         want = reference_sample(model, template(p)[-budget:], 2, 4, 8)
         assert [r["response"] for r in rows if r["policy"] == name] == want
+
+
+def fake_sampler(monkeypatch):
+    """
+    Replace sample_responses by one that records the prompt ids it is given and answers " ok" + EOS each time
+    (token by token to on_token, as generate() does).
+    """
+    calls = []
+
+    def fake(model, tok, ids, n, seed, cfg, rt, on_token=None):
+        calls.append(list(ids))
+        reply = TOK.encode(" ok") + [TOK.eos_id]
+        for t in reply if on_token is not None else []:
+            on_token(torch.tensor([t]))
+        return [(reply, sample.decode_response(tok, reply), True)] * n
+
+    monkeypatch.setattr(sample, "sample_responses", fake)
+    return calls
+
+
+def test_the_prompt_is_cut_only_past_the_budget_and_the_note_counts_the_cut(ckpts, capsys, monkeypatch):
+    # budget = block_size - max_new_tokens + 1 = 64 - m + 1 prompt tokens. L = 33 tokens of template fit exactly
+    # at m = 32 (no note); at m = 33 the first token is cut; m = 64 = block_size still leaves one prompt token
+    calls = fake_sampler(monkeypatch)
+    p = "sort 5 3 8 1"
+    L = len(template(p))
+    assert L == 33  # "\n\nHuman: " 9 bytes + 12 + "\n\nAssistant:" 12
+    for m, cut in ((32, 0), (33, 1), (64, L - 1)):
+        calls.clear()
+        sample.main(["--device", "cpu", "--dtype", "float32", "--ckpt", str(ckpts / "a"), "--prompt", p,
+                     "--num_samples", "1", "--max_new_tokens", str(m), "--json"])
+        err = capsys.readouterr().err
+        assert calls == [template(p)[cut:]]
+        note = f"note: the prompt has {L} tokens; the first {cut} are cut to fit the context\n"
+        assert err == (note if cut else ""), (m, err)
+
+
+def test_chat_a_line_of_blanks_starts_a_new_conversation(ckpts, capsys, monkeypatch):
+    # a line of spaces and tabs is an empty line: the next turn is the first of a new conversation
+    calls = fake_sampler(monkeypatch)
+    args = ["--ckpt", str(ckpts / "a"), "--max_new_tokens", "6", "--json"]
+    rows = [json.loads(line) for line in run_main(args, capsys, "hi\n \t \nagain\n", monkeypatch).splitlines()]
+    assert [(r["turn"], r["prompt"]) for r in rows] == [(0, "hi"), (1, "again")]
+    assert calls == [template("hi"), template("again")]
+
+
+def test_under_torchrun_it_refuses(ckpts, monkeypatch):
+    # every rank would sample the same responses and print them: a UserError (run() prints it in one line; not
+    # called here, as under torchrun it ends the process with os._exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(utils.UserError, match="runs in one process, but torchrun started 2"):
+        sample.main(["--device", "cpu", "--ckpt", str(ckpts / "a"), "--prompt", "x"])
+
+
+def test_streamer_shows_the_text_after_a_sampled_pad_token():
+    # a model may sample the PAD id inside a response (nothing masks it out): the response runs on to its EOS and
+    # its text (decode drops PAD) is what joins the conversation, so the screen must show that text too
+    ids = TOK.encode(" ab") + [TOK.pad_id] + TOK.encode("cd") + [TOK.eos_id]
+    out = io.StringIO()
+    s = sample.Streamer(TOK, out)
+    for t in ids:
+        s(torch.tensor([t]))
+    s.finish()
+    assert out.getvalue() == sample.cut_response(TOK, ids)[1] == "abcd"
+
+
+def test_chat_aligns_the_replies_of_two_policies_on_the_longer_name(ckpts, capsys, monkeypatch):
+    # --compare with names of different lengths: each reply's "name> " is right-aligned to the longer name
+    fake_sampler(monkeypatch)
+    a, c = str(ckpts / "a"), str(ckpts / "a_copy")
+    out = run_main(["--ckpt", a, "--compare", c, "--max_new_tokens", "6"], capsys, "hi\n", monkeypatch)
+    assert out == "you> hi\n" + " " * (len(c) - len(a)) + a + "> ok\n" + c + "> ok\n"
