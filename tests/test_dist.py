@@ -7,11 +7,13 @@ process accumulates its micro-batches. The gradient norm is compared too because
 every gradient is scaled by the same factor (a sum-vs-average slip would leave the weights almost equal).
 """
 
+import builtins
 import json
 import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -264,6 +266,172 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
         dist.check_grad_accum(6)
 
 
+def test_one_process_defaults_and_setup_start_nothing(monkeypatch):
+    """
+    Without torchrun: local rank 0, setup() returns the device it was given and starts no process group, the
+    per-rank micro-batch count is an int (scripts range() over it), and --fsdp is refused; with WORLD_SIZE 2 it is
+    accepted.
+    """
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dist.td, "init_process_group", lambda **kw: pytest.fail("process group started"))
+    assert dist.local_rank() == 0 and dist.setup("cpu") == "cpu" and dist.setup("auto") == "auto"
+    assert type(dist.check_grad_accum(4)) is int
+    with pytest.raises(utils.UserError, match="^--fsdp shards the model"):
+        dist.check_fsdp(True)
+    dist.check_fsdp(False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.check_fsdp(True)
+    assert type(dist.check_grad_accum(4)) is int and dist.check_grad_accum(4) == 2
+
+
+def test_mine_refuses_items_that_do_not_split_over_the_ranks(monkeypatch):
+    """7 micro-batches on 2 ranks: rank 1 would silently lose one (7 // 2 = 3 each), so mine() stops instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dist.mine(list(range(8))) == [4, 5, 6, 7]
+    with pytest.raises(AssertionError, match="7 items do not split over 2 ranks"):
+        dist.mine(list(range(7)))
+
+
+def test_setup_under_torchrun_picks_backend_device_and_silences_other_ranks(monkeypatch):
+    """
+    setup() with torchrun's variables and the collectives replaced by recorders: on a GPU machine rank 3 of a
+    2-node run with LOCAL_RANK 1 runs on cuda:1 (its machine's GPU, not cuda:3) with nccl and prints nothing;
+    --device auto without CUDA stays on the CPU with gloo; rank 0 keeps print; a started group is not started again.
+    """
+    monkeypatch.setattr(builtins, "print", builtins.print)  # setup() replaces it on ranks > 0: put back after
+    real_print = builtins.print
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist.td, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert dist.setup("auto") == "cuda:1" and calls == [("set_device", "cuda:1"), ("init", "nccl")]
+    assert builtins.print is not real_print
+    builtins.print = real_print
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    calls.clear()
+    assert dist.setup("auto") == "auto" and calls == [("init", "gloo")] and builtins.print is real_print
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: True)
+    calls.clear()
+    assert dist.setup("cpu") == "cpu" and calls == []
+
+
+def test_cleanup_waits_for_every_rank_then_ends_the_group(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.td, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist.td, "destroy_process_group", lambda: calls.append("destroy"))
+    dist.cleanup()
+    assert calls == ["barrier", "destroy"]
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
+    calls.clear()
+    dist.cleanup()
+    assert calls == []
+
+
+def test_wrap_fsdp_shards_each_block_then_the_root_each_summing(monkeypatch):
+    """
+    FSDP2 with a recording fully_shard: every transformer block, then the whole model (of the module under
+    torch.compile's wrapper), each set to divide by 1 and to a plain sum; wrap returns the model it was given.
+    """
+    calls = []
+
+    def fully_shard(module):
+        calls.append(("shard", module))
+        module.set_gradient_divide_factor = lambda f: calls.append(("divide", module, f))
+        module.set_force_sum_reduction_for_comms = lambda on: calls.append(("sum", module, on))
+
+    # the module stands in for torch.distributed.fsdp, whose import alone takes seconds
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", types.SimpleNamespace(fully_shard=fully_shard))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    raw = torch.nn.Module()
+    raw.transformer = torch.nn.Module()
+    raw.transformer.h = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    compiled = torch.nn.Module()
+    compiled._orig_mod = raw
+    assert dist.wrap(compiled, fsdp=True) is compiled
+    want = [c for m in [*raw.transformer.h, raw] for c in (("shard", m), ("divide", m, 1.0), ("sum", m, True))]
+    assert calls == want
+
+
+def test_wrap_ddp_takes_the_local_gpu_and_the_sum_hook(monkeypatch):
+    """DDP (a recorder in its place): device_ids [LOCAL_RANK] for a model on a GPU, None on the CPU; the sum hook."""
+
+    class DDP:
+        def __init__(self, model, device_ids):
+            self.module, self.device_ids, self.hooks = model, device_ids, []
+
+        def register_comm_hook(self, state, hook):
+            self.hooks.append((state, hook))
+
+    class OnGPU(torch.nn.Module):
+        def parameters(self, recurse=True):
+            return iter([types.SimpleNamespace(is_cuda=True)])
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DDP)
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    gpu, cpu = OnGPU(), torch.nn.Linear(2, 2)
+    for model, device_ids in ((gpu, [1]), (cpu, None)):
+        ddp = dist.wrap(model)
+        assert ddp.module is model and ddp.device_ids == device_ids and ddp.hooks == [(None, dist._sum_hook)]
+        assert dist.unwrap(ddp) is model
+
+
+def test_sync_grads_and_writable_on_ddp_and_fsdp_stand_ins():
+    """
+    sync_grads sets DDP's flag to `on` and calls FSDP2's setter with `on`; writable gives a plain model's parameter
+    itself, and under FSDP2 reshards first, then this rank's shard (to_local) of the parameter.
+    """
+    calls = []
+    ddp = types.SimpleNamespace(require_backward_grad_sync=True)
+    shard = torch.zeros(2)
+    fsdp = types.SimpleNamespace(set_requires_gradient_sync=lambda on: calls.append(("sync", on)),
+                                 reshard=lambda: calls.append("reshard"),
+                                 get_parameter=lambda name: calls.append(("get", name)) or
+                                 types.SimpleNamespace(to_local=lambda: shard))
+    for on in (False, True, False):
+        dist.sync_grads(ddp, on)
+        dist.sync_grads(fsdp, on)
+        assert ddp.require_backward_grad_sync is on and calls[-1] == ("sync", on)
+    dist.sync_grads(torch.nn.Linear(2, 2), True)  # one process: nothing to set
+    calls.clear()
+    assert dist.writable(fsdp, "head.bias") is shard and calls == ["reshard", ("get", "head.bias")]
+    model = torch.nn.Linear(2, 2)
+    assert dist.writable(model, "bias") is model.bias
+
+
+def test_full_state_dict_in_one_process_is_every_tensor_detached():
+    """Parameters and buffers (BatchNorm's running statistics), equal to the state_dict's, none tracking gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model(torch.randn(5, 3))  # moves the running statistics off their initial values
+    want = model.state_dict()
+    got = dist.full_state_dict(model)
+    assert list(got) == list(want) and "1.running_mean" in got
+    assert all(torch.equal(got[k], want[k]) and not got[k].requires_grad and got[k].device.type == "cpu" for k in want)
+
+
+def test_metrics_logger_writes_on_rank_0_only(monkeypatch, tmp_path):
+    """Rank 0 gets utils.MetricsLogger(out_dir, resume, step); rank 1 a logger that writes nothing, anywhere."""
+    made = []
+    monkeypatch.setattr(utils, "MetricsLogger", lambda *args: made.append(args) or "logger")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    dist.metrics_logger(str(tmp_path / "out"), True, 7).log({"step": 1})
+    assert made == [] and not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    out = str(tmp_path / "out")
+    assert dist.metrics_logger(out, True, 7) == "logger" and made == [(out, True, 7)]
+
 def test_ppo_two_ranks_equal_one_process_and_resume(data, sft_one, rm_one, tmp_path):
     """
     PPO with 2 ranks (each scores 4 of the 8 episodes and runs 1 of the 2 micro-batches of each minibatch, PPO-ptx
@@ -381,6 +549,7 @@ count = 2**40 + 1 + r  # a float32 would round it
 values = torch.randn(2, generator=g, dtype=torch.float64).tolist()
 rows = torch.randn(2, 3, generator=g, dtype=torch.float64)
 own = torch.randn(2 + r, 3, generator=g)  # rank 0's has 2 rows, rank 1's 3: from_main takes rank 0's shape
+ids = torch.randint(2**40, (2 + r, 2), generator=g)  # int64 past float32's exact integers: from_main keeps the dtype
 # DDP over a float64 linear model with the same init on every rank: 2 micro-batches, synced on the last only
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 1).double()
@@ -394,7 +563,8 @@ for m, (xb, yb) in enumerate(micro):
 torch.save({"x": x, "n": n, "count": count, "values": values, "rows": rows, "own": own, "init": init, "micro": micro,
             "sum_x": dist.all_reduce_sum(x), "sum_n": dist.all_reduce_sum(n), "sum_values": dist.all_reduce_sum(values),
             "max_x": dist.all_reduce_max(x), "dict": dist.all_reduce_dict({"count": count, "x00": x[0, 0]}),
-            "gathered": dist.gather_rows(rows), "from_main": dist.from_main(own), "mine": dist.mine(list(range(6))),
+            "gathered": dist.gather_rows(rows), "from_main": dist.from_main(own), "ids": ids,
+            "from_main_ids": dist.from_main(ids), "mine": dist.mine(list(range(6))),
             "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{out}/rank{r}.pt")
 dist.cleanup()
 '''
@@ -403,7 +573,8 @@ dist.cleanup()
 def test_collectives_on_two_ranks_equal_plain_sums_and_concatenations(tmp_path):
     """
     all_reduce_sum (a tensor, an int that stays an int, a list), all_reduce_max, all_reduce_dict (in float64: a count
-    past 2**24 stays exact), gather_rows (in rank order), from_main (rank 0's tensor, of rank 0's shape), mine, the
+    past 2**24 stays exact), gather_rows (in rank order), from_main (rank 0's tensor, of rank 0's shape and
+    dtype), mine, the
     gradients of DDP with the sum hook and sync_grads (the sum over ranks and micro-batches, as one process would
     accumulate them), and print silenced on rank 1: every one against the reference written out from both ranks'
     inputs.
@@ -423,6 +594,7 @@ def test_collectives_on_two_ranks_equal_plain_sums_and_concatenations(tmp_path):
         assert got["dict"]["x00"].item() == pytest.approx(a["x"][0, 0].item() + b["x"][0, 0].item(), rel=1e-15)
         assert torch.equal(got["gathered"], torch.cat([a["rows"], b["rows"]]))
         assert torch.equal(got["from_main"], a["own"])
+        assert got["from_main_ids"].dtype == torch.int64 and torch.equal(got["from_main_ids"], a["ids"])
         assert got["mine"] == [[0, 1, 2], [3, 4, 5]][r]
         # d/dW sum_i (W x_i + c - y_i)^2 = sum_i 2 (W x_i + c - y_i) x_i, by a loop over every example of both ranks
         w, c = a["init"]["weight"][0].tolist(), a["init"]["bias"][0].item()
