@@ -33,19 +33,21 @@ FAKE_NVIDIA_SMI = """#!/bin/sh
 [ "$GPU_FOUND" = 1 ]
 """
 
-# python3 -m venv DIR makes DIR; -c "import torch" fails (no torch yet); -m pip ... records its arguments
+# python3 -m venv DIR makes DIR; -c "import torch" fails (no torch yet) unless $TORCH_PRESENT is 1; -m pip ...
+# records its arguments, and fails if $PIP_FAILS is 1
 FAKE_PYTHON_FOR_PIP = """#!/bin/sh
 case "$1 $2" in
   "-m venv") mkdir -p "$3";;
-  "-c import torch") exit 1;;
-  "-m pip") echo "$*" >> "$CALLS";;
+  "-c import torch") [ "$TORCH_PRESENT" = 1 ] || exit 1;;
+  "-m pip") echo "$*" >> "$CALLS"; [ "$PIP_FAILS" = 1 ] && exit 1;;
 esac
 exit 0
 """
 
 # (make's variables, whether nvidia-smi finds a GPU, whether the GPU configuration is chosen): the values that turn
 # it off win over a GPU found, GPU=1 wins over none found, and without GPU make asks nvidia-smi
-GPU_CASES = ([([f"GPU={v}"], True, False) for v in ("", "0", "false", "no", "off", "OFF", "False")]
+GPU_CASES = ([([f"GPU={v}"], True, False)
+              for v in ("", "0", "false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF")]
              + [(["GPU=1"], False, True), ([], False, False), ([], True, True)])
 
 
@@ -187,7 +189,8 @@ def error_line(output):
 
 @pytest.mark.parametrize("variable, flag", [("SFT_FLAGS=--max_steps 4 --stop_at 2", "--stop_at"),
                                             ("RM_FLAGS=--stop_at=1", "--stop_at=1"),
-                                            ("PPO_FLAGS=--resume on", "--resume"), ("PPO_FLAGS=--resume", "--resume")])
+                                            ("PPO_FLAGS=--resume on", "--resume"), ("PPO_FLAGS=--resume", "--resume"),
+                                            ("SFT_FLAGS=--resume=x", "--resume=x")])
 def test_a_flag_that_leaves_a_stage_unfinished_is_refused_before_any_rule_runs(make, tmp_path, variable, flag):
     # a stage stopped by --stop_at exits 0, so it was marked done, the next stage trained on it, and report.md
     # described the part-trained policies as the pipeline's; --resume continued a run the stage's command did not make
@@ -279,3 +282,157 @@ def test_clean_refuses_a_directory_git_tracks_files_in(fake_bin, tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert "not removing src: git tracks files in it" in error_line(p.stdout + p.stderr)
     assert (work / "src/model.py").exists()
+
+
+def flags(command_line):
+    """The --flag value pairs of a command line, the last of a repeated flag winning as with argparse."""
+    words = command_line.split()
+    return {w: v for w, v in zip(words, words[1:] + [""]) if w.startswith("--")}
+
+
+def test_each_stage_reads_what_the_stages_before_it_wrote(make, tmp_path):
+    # the reference is the dataflow of the module docstrings: nanorlhf/tasks.py writes the five .jsonl files, SFT
+    # trains on sft.jsonl, the RM on prefs.jsonl (prefs_eval.jsonl held out) from the SFT model, PPO on prompts.jsonl
+    # with the SFT policy and the RM, evaluate.py scores eval.jsonl; every stage gets the one SEED
+    d = f"{tmp_path}/out"
+    make("SEED=3", goal="all")
+    calls = {line.split()[0]: flags(line) for line in (tmp_path / "calls").read_text().splitlines()}
+    expected = {
+        "nanorlhf.tasks": {"--out_dir": f"{d}/data", "--seed": "3"},
+        "train_sft.py": {"--data": f"{d}/data/sft.jsonl", "--out_dir": f"{d}/sft", "--seed": "3"},
+        "train_rm.py": {"--data": f"{d}/data/prefs.jsonl", "--val_data": f"{d}/data/prefs_eval.jsonl",
+                        "--sft_data": f"{d}/data/sft.jsonl", "--init_from": f"{d}/sft", "--out_dir": f"{d}/rm",
+                        "--seed": "3"},
+        "train_ppo.py": {"--data": f"{d}/data/prompts.jsonl", "--sft": f"{d}/sft", "--rm": f"{d}/rm",
+                         "--out_dir": f"{d}/ppo", "--seed": "3"},
+        "evaluate.py": {"--data": f"{d}/data/eval.jsonl", "--sft": f"{d}/sft", "--rm": f"{d}/rm", "--ppo": f"{d}/ppo",
+                        "--out_dir": d},
+    }
+    assert calls == expected
+
+
+@pytest.mark.parametrize("changed, rerun", [
+    ("nanorlhf/tasks.py", ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]),
+    ("train_sft.py", ["train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]),
+    ("nanorlhf/model.py", ["train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]),  # the package's code
+    ("train_rm.py", ["train_rm.py", "train_ppo.py", "evaluate.py"]),
+    ("train_ppo.py", ["train_ppo.py", "evaluate.py"]),
+    ("evaluate.py", ["evaluate.py"]),
+    (".venv/plots", ["evaluate.py"]),  # matplotlib installed since: the report is drawn again, with its pictures
+    (".venv/stamp", ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"])])
+def test_a_stage_reruns_when_its_script_changes_and_so_do_the_stages_after_it(make, changed, rerun):
+    # make -W FILE takes FILE as changed now, without touching the repository's file
+    assert make(goal="all") == ["nanorlhf.tasks", "train_sft.py", "train_rm.py", "train_ppo.py", "evaluate.py"]
+    assert make("-W", changed, goal="all") == rerun
+    assert make(goal="all") == []
+
+
+@pytest.mark.parametrize("changed", ["train_grpo.py", "train_dpo.py", "compare.py", "evaluate.py"])
+def test_compare_reruns_when_one_of_its_scripts_changes(make, changed):
+    make(goal="compare")
+    assert make("-W", changed, goal="compare") == ["compare.py"]
+
+
+def test_a_rerun_of_sft_or_ppo_that_fails_leaves_no_done_of_it_or_after_it(make, tmp_path):
+    # $(OUT)/ppo/done is there only while the whole pipeline is finished and consistent: `make compare` would
+    # otherwise compare a PPO policy trained on an SFT model that a failed rerun has overwritten
+    out = tmp_path / "out"
+    make()
+    assert make("SFT_FLAGS=--fail", ok=False) == ["train_sft.py"]
+    assert [f for f in ("sft/done", "rm/done", "ppo/done") if (out / f).exists()] == []
+    make()
+    assert make("PPO_FLAGS=--fail", ok=False) == ["train_ppo.py"]
+    assert (out / "rm/done").exists() and not (out / "ppo/done").exists()
+    assert make(goal="compare") == ["train_ppo.py", "compare.py"]  # the pipeline is made first, as make does
+
+
+def test_the_gpu_model_is_the_larger_one_and_sft_flags_win_over_it(make, tmp_path):
+    # the Makefile's comment: with a GPU, 6 layers x 256 with 4 heads at lr 1e-3; flags in SFT_FLAGS come after
+    make(goal="sft/cmd", gpu_found=True)
+    sft = flags((tmp_path / "out/sft/cmd").read_text())
+    assert (sft["--n_layer"], sft["--n_head"], sft["--n_embd"], sft["--lr"]) == ("6", "4", "256", "1e-3")
+    make("SFT_FLAGS=--n_layer 2 --n_embd 64", goal="sft/cmd", gpu_found=True)
+    sft = flags((tmp_path / "out/sft/cmd").read_text())
+    assert (sft["--n_layer"], sft["--n_head"], sft["--n_embd"]) == ("2", "4", "64")
+
+
+def test_help_shows_the_seed_now(make):
+    make("SEED=17", goal="help")
+    assert "(now: 17)" in make.stdout
+
+
+@pytest.mark.parametrize("written", ["sft/cmd", "rm/ckpt.pt", "data/meta.json", "report.md"])
+def test_clean_removes_a_directory_that_holds_any_one_file_the_pipeline_writes(make, tmp_path, written):
+    # a pipeline stopped early (only its first stamp or ckpt.pt) or a report alone is still the pipeline's output
+    out = tmp_path / "out"
+    (out / written).parent.mkdir(parents=True)
+    (out / written).write_text("")
+    make(goal="clean")
+    assert not out.exists()
+
+
+def venv_rule(fake_bin, tmp_path, target, *variables, built=False, **env):
+    """
+    Make target (.venv/stamp or .venv/plots) in a directory of its own with the fake python3, the virtualenv already
+    built there if `built` -> the directory, pip's arguments.
+    """
+    fake = write_script(fake_bin / "python3", FAKE_PYTHON_FOR_PIP)
+    work = tmp_path / "work"
+    work.mkdir(parents=True)
+    (work / "pyproject.toml").write_text("")
+    if built:
+        (work / ".venv").mkdir()
+        (work / ".venv/stamp").write_text("")
+        os.utime(work / "pyproject.toml", (0, 0))  # older than the stamp
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = {**os.environ, "CALLS": str(calls), "PATH": f"{fake_bin}:{os.environ['PATH']}", "GPU_FOUND": "0", **env}
+    p = subprocess.run(["make", "-C", str(work), "-f", os.path.join(ROOT, "Makefile"), f"PY={fake}", target,
+                        *variables], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return work, calls.read_text().split()
+
+
+def test_the_virtualenv_keeps_a_torch_it_has_and_takes_torch_index(fake_bin, tmp_path):
+    work, pip = venv_rule(fake_bin, tmp_path / "a", ".venv/stamp", TORCH_PRESENT="1")
+    assert pip[:2] == ["-m", "pip"] and not [w for w in pip if w.startswith("torch")], pip
+    assert pip[-2:] == ["-e", ".[test]"]  # the project, with the test extra that `make test` runs on (pytest, xdist)
+    assert (work / ".venv/stamp").exists()  # so that the next make does not install again
+    index = "https://download.pytorch.org/whl/cpu"
+    _, pip = venv_rule(fake_bin, tmp_path / "b", ".venv/stamp", f"TORCH_INDEX={index}")
+    assert "torch==2.13.0" in pip and pip[pip.index("--extra-index-url") + 1] == index, pip
+
+
+def test_matplotlib_that_fails_to_install_does_not_stop_make(fake_bin, tmp_path):
+    # pip fails: make goes on (the pictures are optional), with pip's output in .venv/plots.log
+    work, pip = venv_rule(fake_bin, tmp_path, ".venv/plots", built=True, PIP_FAILS="1")
+    assert "matplotlib" in pip
+    assert (work / ".venv/plots").exists() and (work / ".venv/plots.log").exists()
+
+
+# -c "import xdist" succeeds only if $XDIST is 1; anything else (pytest) records its arguments
+FAKE_PYTHON_FOR_TEST = """#!/bin/sh
+case "$1 $2" in
+  "-c import xdist") [ "$XDIST" = 1 ];;
+  *) echo "$*" >> "$CALLS";;
+esac
+"""
+
+
+@pytest.mark.parametrize("xdist", [True, False])
+def test_make_test_runs_one_test_file_per_worker_on_two_workers_where_xdist_is(fake_bin, tmp_path, xdist):
+    # the Makefile's comment: with pytest-xdist, two workers and --dist loadfile (a file's fixtures train their
+    # checkpoints once, on one worker); without it, plain pytest
+    fake = write_script(fake_bin / "python", FAKE_PYTHON_FOR_TEST)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    env = {**os.environ, "CALLS": str(calls), "XDIST": "1" if xdist else "0"}
+    p = subprocess.run(["make", "-C", ROOT, f"PY={fake}", "test", "-o", ".venv/stamp"], env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    pytest_args = calls.read_text().split()
+    assert pytest_args[:2] == ["-m", "pytest"] and pytest_args[-1] == "tests", pytest_args
+    options = pytest_args[2:-1]
+    assert sorted(options) == sorted(["-q", "-n", "2", "--dist", "loadfile"] if xdist else ["-q"]), options
+    if xdist:
+        assert options[options.index("-n") + 1] == "2" and options[options.index("--dist") + 1] == "loadfile"
