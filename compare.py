@@ -245,7 +245,7 @@ def load_rows(out):
     for name, r in rows.items():
         for key in COLUMNS:
             check(r.get(key) is None or type(r[key]) in (int, float),
-                  f"{path}: {name}.{key}: expected a number or null, got {json.dumps(r[key])[:40]}; {rerun}")
+                  f"{path}: {name}.{key}: expected a number or null, got {json.dumps(r.get(key))[:40]}; {rerun}")
     return rows
 
 

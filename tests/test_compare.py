@@ -150,6 +150,8 @@ def test_a_ppo_checkpoint_that_is_not_a_ppo_run_s_is_one_line_naming_it(tmp_path
     (b"[1, 2]", "expected an object of {method: its row of numbers}"),
     (b'{"grpo": [0.5]}', "expected an object of {method: its row of numbers}"),
     (b'{"grpo": {"gold": "high", "models": 3}}', 'grpo.gold: expected a number or null, got "high"'),
+    # JSON's true is a bool, which Python counts as an int: a mean over it would average 1s
+    (b'{"grpo": {"gold": true, "models": 3}}', "grpo.gold: expected a number or null, got true"),
 ])
 def test_summarize_a_malformed_rows_json_is_one_line_naming_it(tmp_path, monkeypatch, capsys, content, message):
     """A rows.json cut short was a JSONDecodeError, a list there an AttributeError, a string a TypeError."""
@@ -738,3 +740,148 @@ def test_the_report_s_table_lists_sft_ppo_then_the_methods_in_their_order(tmp_pa
     cells = table_cells((tmp_path / "compare" / "report.md").read_text())
     assert list(cells) == ["sft", "ppo", "dpo", "rloo", "grpo"]
     assert list(table_cells(capsys.readouterr().out)) == ["sft", "ppo", "dpo", "rloo", "grpo"]
+
+
+# -----------------------------------------------------------------------------
+# mutation round 6: the budget as printed, flags merged for the online runs, the refusals of --methods and --summarize
+
+
+def test_the_budget_lines_and_the_grpo_command_state_ppo_s_run_and_the_overrides(tmp_path, monkeypatch, capsys):
+    """
+    PPO: 3 iterations x 8 episodes, 2 epochs x 4 minibatches, lr 1e-4, temperature 0.7, anneal_lr off. K is not a whole
+    number: ranked records of 4, 2 and 2 responses, K = 8/3. By hand: 24 episodes; PPO's actor 24 x 2 = 48
+    sequences; DPO at 2 prompts x 8/3 responses = 16/3 sequences a step: 48 / (16/3) = 9 steps, 9 x 16/3 = 48.
+    --grpo_flags --lr=3e-4 comes after PPO's shared flags and wins; the others stay PPO's.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    ppo = {"num_iterations": 3, "batch_size": 8, "ppo_epochs": 2, "num_minibatches": 4, "lr": 1e-4, "temperature": 0.7,
+           "anneal_lr": False}
+    torch.save({"step": 3, "stage": "ppo", "args": ppo}, tmp_path / "ppo" / "ckpt.pt")
+    prefs = [{"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [1, 0, 3, 2]},
+             {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "r", "chosen": "c", "rejected": "d"}]
+    (tmp_path / "data" / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo,dpo",
+                                      "--dpo_batch_size", "2", "--grpo_flags=--lr=3e-4"])
+    compare.run(compare.main)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("budget: 24 episodes per online method (PPO's), 2 epochs x 4 minibatches each; DPO 9 steps x 2 "
+                      "prompts x 2.66667 responses = 48 sequences (PPO's actor: 48)"), out[0]
+    # SHARED_FLAGS' order: temperature before lr before anneal_lr
+    assert out[1] == "online methods with PPO's --temperature 0.7 --lr 0.0001 --anneal_lr false, then --grpo_flags " \
+                     "--lr=3e-4", out[1]
+    grpo = parse_stage_flags(train_grpo.Args, cmds["grpo"][2:])
+    assert (grpo.lr, grpo.temperature, grpo.anneal_lr) == (3e-4, 0.7, False)
+    assert (grpo.num_iterations, grpo.batch_size, grpo.num_epochs, grpo.num_minibatches) == (3, 8, 2, 4)
+    assert parse_stage_flags(train_dpo.Config, cmds["dpo"][2:]).max_steps == 9
+    assert "DPO 9 steps x 2 prompts x 2.66667 ranked responses" in (tmp_path / "compare" / "report.md").read_text()
+
+
+def test_a_failed_step_is_one_line_with_its_exit_status_and_its_log_s_last_line(tmp_path):
+    log = tmp_path / "grpo.log"
+    cmd = [sys.executable, "-c", "print('loading'); print('error: out of memory'); raise SystemExit(1)"]
+    with pytest.raises(UserError) as info:
+        compare.train("grpo", cmd, str(log))
+    assert str(info.value) == f"grpo failed (exit 1), see {log}: error: out of memory"
+
+
+def test_check_flags_says_the_last_line_a_script_s_parser_wrote(monkeypatch):
+    """
+    A stand-in for the scripts (their parsers import torch: seconds each) that writes two lines to stderr and exits 2,
+    as a parser does after its usage line; a flags string of one word is checked too, an empty one is not run.
+    """
+    started = []
+
+    def fake_command(script, *args):
+        started.append(script)
+        return [sys.executable, "-c", "import sys; print('usage: x', file=sys.stderr); "
+                "print('x: error: ' + ' '.join(sys.argv[1:]), file=sys.stderr); sys.exit(2)", *args]
+
+    monkeypatch.setattr(compare, "command", fake_command)
+    with pytest.raises(UserError) as info:
+        compare.check_flags({"grpo_flags": ["--anneal_lr"], "dpo_flags": [], "eval_flags": []})
+    assert str(info.value) == "--grpo_flags: x: error: --anneal_lr --help"
+    assert started == ["train_grpo.py"]
+
+
+def test_summarize_skips_empty_names_and_says_how_many_pipelines(tmp_path, monkeypatch, capsys):
+    """The rows hold gold alone (no other column, as a hand-made or older rows.json): that was KeyError in load_rows."""
+    for name, gold in (("a", 0.25), ("b", 0.75)):
+        (tmp_path / name / "compare").mkdir(parents=True)
+        (tmp_path / name / "compare" / "rows.json").write_text(json.dumps({"dpo": {"gold": gold, "models": 1}}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--summarize", f"{a}, ,{b},"])
+    compare.run(compare.main)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"2 pipelines ({a}, {b}): mean ± sd over them"
+    # mean 0.5, sd = sqrt(2 x 0.25^2 / 1) = 0.354
+    assert table_cells("\n".join(out))["dpo"] == ["0.500 ± 0.354", "-", "-", "-", "-", "-", "1"]
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--summarize", " , "])
+    assert (code, err) == (2, "error: --summarize ' , ': expected pipeline directories, e.g. out,out_s1\n")
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("grpo,rloo,grpo", "--methods: give each method once"),
+    (" , ", "--methods: give each method once"),
+    ("grpo,ppo", "--methods: unknown method 'ppo' (expected grpo, dr_grpo, rloo, dpo)"),
+])
+def test_methods_unknown_repeated_or_none_are_refused(tmp_path, monkeypatch, capsys, methods, message):
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--methods", methods])
+    assert (code, err) == (2, f"error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dpo_batch_size_of_1_is_taken(tmp_path, monkeypatch, capsys):
+    # the least there is: K = 2 responses a step; 2 x 8 x 2 = 32 sequences -> 16 steps
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "dpo", "--dpo_batch_size", "1"])
+    compare.run(compare.main)
+    dpo = parse_stage_flags(train_dpo.Config, cmds["dpo"][2:])
+    assert (dpo.batch_size, dpo.max_steps) == (1, 16)
+
+
+def test_only_flag_names_are_matched_against_compare_s_own():
+    # a value that reads like one of them once its first two characters are cut ("./sft", "--sft") is a value
+    assert compare.split_flags("eval_flags", "--n_prompts 3 --tag ./sft") == ["--n_prompts", "3", "--tag", "./sft"]
+    assert compare.split_flags("dpo_flags", "--note xxdata") == ["--note", "xxdata"]
+
+
+def test_train_false_does_not_read_the_online_methods_prompts(tmp_path, monkeypatch, capsys):
+    # the grpo run is already made: a prompts.jsonl changed since is not compare.py's to refuse
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo"])
+    compare.run(compare.main)
+    (tmp_path / "data" / "prompts.jsonl").write_text("not json\n")
+    cmds.clear()
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "grpo", "--train", "false"])
+    compare.run(compare.main)
+    assert list(cmds) == ["evaluate"]
+
+
+def test_the_dpo_batch_size_hint_names_compare_s_own_flag(tmp_path, monkeypatch, capsys):
+    code, err = exit_status_and_error(monkeypatch, capsys, ["--out", str(tmp_path), "--dpo_flags", "--batch_size 4"])
+    assert (code, err) == (2, "error: --dpo_flags: compare.py passes --batch_size to train_dpo.py itself, and evaluates "
+                              "and reports what it passed: drop it; for --batch_size: compare.py's own "
+                              "--dpo_batch_size\n")
+
+
+def test_each_command_reads_the_pipeline_s_files_its_flag_names(tmp_path, monkeypatch, capsys):
+    """
+    Each command parsed by its own script's parser: train_grpo.py the PPO prompts, train_dpo.py the comparisons and the
+    held-out ones, evaluate.py the held-out prompts, SFT, RM and PPO, and no random-init row (its name has no run dir).
+    A ppo/ckpt.pt from before the stage was recorded (no "stage") is a PPO run's.
+    """
+    cmds = fake_pipeline(tmp_path, monkeypatch)
+    ppo = torch.load(tmp_path / "ppo" / "ckpt.pt", weights_only=True)
+    del ppo["stage"]
+    torch.save(ppo, tmp_path / "ppo" / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--out", str(tmp_path), "--methods", "rloo,dpo"])
+    compare.run(compare.main)
+    d = str(tmp_path)
+    rloo = parse_stage_flags(train_grpo.Args, cmds["rloo"][2:])
+    assert (rloo.data, rloo.sft, rloo.rm, rloo.advantage) == (f"{d}/data/prompts.jsonl", f"{d}/sft", f"{d}/rm", "rloo")
+    dpo = parse_stage_flags(train_dpo.Config, cmds["dpo"][2:])
+    assert (dpo.data, dpo.val_data, dpo.sft) == (f"{d}/data/prefs.jsonl", f"{d}/data/prefs_eval.jsonl", f"{d}/sft")
+    ev = parse_flags(evaluate.Config, cmds["evaluate"][2:])
+    assert (ev.data, ev.sft, ev.rm, ev.ppo, ev.init_row) == (f"{d}/data/eval.jsonl", f"{d}/sft", f"{d}/rm", f"{d}/ppo",
+                                                             False)
+    assert ev.extra == f"rloo={d}/compare/rloo,dpo={d}/compare/dpo"

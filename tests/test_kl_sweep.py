@@ -421,3 +421,86 @@ def test_sweep_section_of_one_run_has_its_row_and_no_comparison(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 and rows[1].startswith(f"| beta0 | 15 | {o['kl_end']:.3f} | {o['rm_start']:.3f} -> "), md
     assert "With beta = 0" not in md
+
+
+# -----------------------------------------------------------------------------
+# mutation round 6: the default run's beta, the printed commands, the refusals' edges, what the report is made from
+
+
+def test_without_kl_coef_the_default_run_gets_train_ppo_s_own_beta(tmp_path, monkeypatch, capsys):
+    code, _, cmds = sweep(monkeypatch, capsys, "--data", task_prompts(tmp_path), "--out_dir", str(tmp_path))
+    assert code == 0 and "--kl_coef" not in cmds[1]
+    assert cmds[0][cmds[0].index("--kl_coef") + 1] == "0.0"
+    assert utils.parse_flags(train_ppo.Args, cmds[1][2:]).kl_coef == train_ppo.Args.kl_coef > 0
+
+
+def test_each_printed_command_pasted_into_a_shell_gives_its_words(tmp_path, monkeypatch, capsys):
+    import shlex
+    d = tmp_path / "it's here"
+    d.mkdir()
+    cmds = []
+    monkeypatch.setattr(kl_sweep.subprocess, "run", lambda cmd, *a, **kw: cmds.append(cmd) or
+                        types.SimpleNamespace(returncode=0))
+    monkeypatch.setattr(kl_sweep, "sweep_section", lambda *a: "the section")
+    monkeypatch.setattr(sys, "argv", ["kl_sweep.py", "--data", task_prompts(d), "--out_dir", str(d)])
+    utils.run(kl_sweep.main)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("$ ")]
+    assert len(cmds) == 2 and [shlex.split(line[2:]) for line in lines] == cmds
+    assert out.splitlines()[-1] == f"wrote {d / 'report.md'}"
+
+
+def test_unbalanced_quotes_in_ppo_flags_are_one_line(tmp_path, monkeypatch, capsys):
+    code, err, cmds = sweep(monkeypatch, capsys, "--ppo_flags=--lr '2e-4", "--out_dir", str(tmp_path / "sweep"))
+    assert (code, err) == (2, "error: --ppo_flags \"--lr '2e-4\": No closing quotation\n")
+    assert not cmds and not (tmp_path / "sweep").exists()
+
+
+def test_adaptive_kl_given_a_value_is_refused_too(tmp_path, monkeypatch, capsys):
+    code, err, cmds = sweep(monkeypatch, capsys, "--ppo_flags=--adaptive_kl=true", "--data", task_prompts(tmp_path),
+                            "--out_dir", str(tmp_path / "sweep"))
+    assert code == 2 and err.startswith("error: --ppo_flags: --adaptive_kl cannot apply to the beta0 run"), err
+    assert not cmds
+
+
+@pytest.mark.parametrize("first", [b"## Evaluation of the pipeline\n", b"\xff\xfe\x00binary\n"])
+def test_a_report_md_of_another_section_or_not_text_is_refused(tmp_path, monkeypatch, capsys, first):
+    # a markdown heading of the same level is not the sweep's; bytes that are not UTF-8 are not its either
+    (tmp_path / "report.md").write_bytes(first)
+    code, err, cmds = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {tmp_path}/report.md: not written by kl_sweep.py"), err
+    assert (tmp_path / "report.md").read_bytes() == first
+
+
+def test_the_foreign_runs_are_named_in_sorted_order(tmp_path, monkeypatch, capsys):
+    for name in ("c", "a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    listdir = kl_sweep.os.listdir
+    monkeypatch.setattr(kl_sweep.os, "listdir", lambda p: sorted(listdir(p), reverse=True))  # whatever order it gives
+    code, err, _ = sweep(monkeypatch, capsys, "--train", "false", "--out_dir", str(tmp_path))
+    assert code == 2 and err.startswith(f"error: --out_dir {tmp_path}: holds runs that are not the sweep's (a, b, c; "
+                                        "the sweep's are beta0 and default)"), err
+
+
+def test_the_report_is_made_with_the_figure_when_matplotlib_is_there(tmp_path, monkeypatch, capsys):
+    finished_sweep(tmp_path)
+    plt = object()
+    seen = []
+    monkeypatch.setattr(kl_sweep, "pyplot", lambda: plt)
+    monkeypatch.setattr(sys, "argv", ["kl_sweep.py", "--train", "false", "--out_dir", str(tmp_path)])
+    monkeypatch.setattr(kl_sweep, "sweep_section", lambda *a: seen.append(a) or "the section")
+    utils.run(kl_sweep.main)
+    assert seen == [(str(tmp_path), plt, str(tmp_path))]
+
+
+def test_runs_without_the_sweep_s_metrics_are_one_line_and_no_report(tmp_path, monkeypatch, capsys):
+    # finished runs whose metrics.jsonl has no rm_score, gold or kl (the real sweep_section, not sweep()'s stand-in)
+    finished_sweep(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["kl_sweep.py", "--train", "false", "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        utils.run(kl_sweep.main)
+    assert (info.value.code, capsys.readouterr().err) == (
+        2, f"error: {tmp_path}: no PPO runs with rm_score, gold and kl in their metrics.jsonl\n")
+    assert not (tmp_path / "report.md").exists()
