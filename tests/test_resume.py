@@ -682,3 +682,86 @@ def test_a_save_killed_before_its_last_rename_resumes_from_the_previous_pair(tmp
     assert load(out / "train_state.pt")["step"] == 4
     ckpt, state = train_common.load_run(str(out))
     assert (ckpt["step"], state["step"], state["x"].item(), ckpt["save_id"]) == (2, 2, 2.0, state["save_id"])
+
+
+# -----------------------------------------------------------------------------
+# from mutation testing of save_files, resumed_flags, wants_resume and input_digests
+
+
+def _killed_at_ckpt_rename(monkeypatch):
+    """os.replace raises KeyboardInterrupt (a kill) when a save renames its ckpt.pt into place; the others go on."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "ckpt.pt":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_second_interrupted_save_keeps_the_first_ones_kept_version(tmp_path, monkeypatch):
+    """
+    Saves at steps 2, 4 (killed before ckpt.pt's rename), then 6 (the resumed run's, killed there too): the step-4
+    train_state.pt is of no complete set, so the 6 save must keep train_state.prev.pt of step 2, the one that pairs
+    with ckpt.pt, not link the step-4 file over it. Resuming then finds the step-2 pair.
+    """
+    out = tmp_path / "run"
+    save(out, 2)
+    _killed_at_ckpt_rename(monkeypatch)
+    for step in (4, 6):
+        with pytest.raises(KeyboardInterrupt):
+            save(out, step)
+    monkeypatch.undo()
+    assert load(out / "train_state.pt")["step"] == 6 and load(out / "train_state.prev.pt")["step"] == 2
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["step"], state["step"], ckpt["save_id"]) == (2, 2, state["save_id"])
+
+
+def test_a_save_on_a_file_system_without_hard_links_keeps_a_copy(tmp_path, monkeypatch):
+    """os.link failing (FAT, some network mounts): the previous train_state.pt is kept as a copy, and a kill before
+    ckpt.pt's rename still resumes from the previous pair."""
+    out = tmp_path / "run"
+    save(out, 2)
+
+    def no_link(src, dst):
+        raise OSError(1, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_link)
+    _killed_at_ckpt_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        save(out, 4)
+    monkeypatch.undo()
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["step"], state["step"]) == (2, 2)
+
+
+def test_a_flag_that_the_saved_run_did_not_have_takes_its_default(tmp_path):
+    """A checkpoint of an older version lacks a flag added since: the resumed run gets that flag's default, not None."""
+    args = RunFlags(out_dir=str(tmp_path), resume="on")
+    ckpt = {"args": {"out_dir": str(tmp_path), "resume": "off", "sft": "out/sft", "lr": 0.5}}  # no eval_interval
+    merged = train_common.resumed_flags(args, ckpt)
+    assert (merged.lr, merged.eval_interval, merged.sft) == (0.5, 10, "out/sft")
+
+
+@pytest.mark.parametrize("mode", ["yes", "ON", ""])
+def test_wants_resume_refuses_a_mode_other_than_on_off_auto(tmp_path, mode):
+    with pytest.raises(utils.UserError, match=f"--resume '{mode}': expected on, off or auto"):
+        train_common.wants_resume(mode, str(tmp_path))
+
+
+def test_a_saved_state_without_a_flags_digest_does_not_check_that_flag(tmp_path):
+    """
+    A train_state.pt whose "inputs" lack a flag (one it did not read, or one a later version added) checks the
+    others only; a digest it has must match. Reference: hashlib.sha256 of each file's bytes.
+    """
+    import hashlib
+
+    (tmp_path / "a").write_text("a\n")
+    (tmp_path / "b").write_text("b\n")
+    inputs = {"--data": str(tmp_path / "a"), "--val_data": str(tmp_path / "b")}
+    fresh = {"--data": hashlib.sha256(b"a\n").hexdigest(), "--val_data": hashlib.sha256(b"b\n").hexdigest()}
+    assert train_common.input_digests(inputs) == fresh
+    assert train_common.input_digests(inputs, state={"inputs": {"--data": fresh["--data"]}}) == fresh
+    with pytest.raises(utils.UserError, match="--data .* is not what the run started from"):
+        train_common.input_digests(inputs, state={"inputs": {"--data": fresh["--val_data"]}})

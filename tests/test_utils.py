@@ -1096,3 +1096,78 @@ def test_gpu_peak_flops_matches_the_whole_name_not_a_shorter_ones_prefix(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     got, _ = train_common.peak_flops(utils.Runtime(torch.device("cuda"), "cuda", "bfloat16"))
     assert got == peak
+
+
+# -----------------------------------------------------------------------------
+# from mutation testing of the flag parser and the checkpoint files
+
+
+def test_suggest_lists_at_most_n_of_the_flags_a_prefix_abbreviates():
+    """Of the flags that start with the typo, the first n in the parser's order, joined as a sentence."""
+    options = ["--lr", "--lora_rank", "--lora_alpha", "--log_interval", "--lora_targets"]
+    assert utils.suggest("--l", options) == "--lr, --lora_rank or --lora_alpha"
+    assert utils.suggest("--lo", options, n=2) == "--lora_rank or --lora_alpha"
+    assert utils.suggest("--log", options) == "--log_interval"
+
+
+@pytest.mark.parametrize("word, value", [("1", True), ("TRUE", True), ("Yes", True), ("y", True), ("on", True),
+                                         ("0", False), ("FALSE", False), ("No", False), ("n", False), ("Off", False)])
+def test_a_bool_flag_takes_every_spelling_of_true_and_false_in_any_case(word, value):
+    @dataclasses.dataclass
+    class F:
+        compile: bool = not value
+
+    assert utils.parse_flags(F, ["--compile", word]).compile is value
+
+
+@pytest.mark.parametrize("word", ["none", "None", "NONE"])
+def test_an_optional_flag_takes_none_in_any_case(word):
+    @dataclasses.dataclass
+    class F:
+        top_k: int | None = 5
+
+    assert utils.parse_flags(F, ["--top_k", word]).top_k is None
+    assert utils.parse_flags(F, ["--top_k", "7"]).top_k == 7
+
+
+def test_help_says_required_for_a_required_flag_and_the_default_for_the_others():
+    parser = utils.FlagParser(prog="x")
+    parser.add_argument("--train", required=True, help="text to train on")
+    parser.add_argument("--vocab", type=int, default=512, help="vocabulary size")
+    text = " ".join(parser.format_help().split())
+    assert "text to train on (required)" in text and "vocabulary size (default: 512)" in text
+    assert "(default: None)" not in text
+
+
+def test_remove_stale_tmps_takes_only_a_pid_of_its_kind(tmp_path):
+    """
+    kind="old": export_hf's path.old<pid> of a dead process goes; a .tmp<pid> of a dead one stays (kind="tmp"'s), and
+    names without a pid ("x.tmp", "x.old") stay under either kind (no int("") error).
+    """
+    dead = dead_pid()
+    names = [f"model.old{dead}", f"model.tmp{dead}", "model.old", "model.tmp", "model.oldabc"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f"dir.old{dead}").mkdir()
+    utils.remove_stale_tmps(str(tmp_path / "model"), kind="old")
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in names + [f"dir.old{dead}"] if n != f"model.old{dead}")
+    utils.remove_stale_tmps(str(tmp_path / "model"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.tmp", "model.old", "model.oldabc", f"dir.old{dead}"])
+
+
+def test_load_checkpoint_of_a_directory_names_the_missing_file_it_was_asked_for(tmp_path):
+    utils.save_checkpoint(str(tmp_path), {"step": 1})  # a ckpt.pt, but no critic.pt
+    with pytest.raises(utils.UserError, match=r": not a checkpoint directory \(no critic.pt in it\)$"):
+        utils.load_checkpoint(str(tmp_path), "critic.pt")
+    assert utils.load_checkpoint(str(tmp_path))["step"] == 1
+
+
+def test_load_model_refuses_an_unknown_model_kind_naming_the_file(tmp_path):
+    from nanorlhf.model import GPT, GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8))
+    payload = {**utils.model_payload(gpt, Tokenizer.byte_level(), "sft", {}, 0), "model_kind": "critic"}
+    utils.save_checkpoint(str(tmp_path), payload)
+    with pytest.raises(utils.UserError, match=r"ckpt.pt: unknown model_kind 'critic'$"):
+        utils.load_model(str(tmp_path))
