@@ -15,6 +15,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
 TIMINGS = ("time", "tok_per_s", "mfu")  # the only metrics that differ between two identical runs
 
 
+def kill_at_rename(monkeypatch, name):
+    """
+    A kill (KeyboardInterrupt) as os.replace renames a file called `name` into place; other renames go on. Returns
+    the real os.replace, for the test to put back.
+    """
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == name:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return real_replace
+
+
 def script(name, *args, check=True):
     """Run ROOT/name with args; with check, fail the test (showing stderr) unless it exits 0."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=ROOT, env=ENV,

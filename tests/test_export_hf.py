@@ -19,7 +19,7 @@ import pytest
 import regex
 import torch
 
-from scripts import ROOT, script
+from scripts import ROOT, kill_at_rename, script
 
 sys.path.insert(0, ROOT)  # export_hf.py is a top-level script
 
@@ -712,14 +712,7 @@ def test_an_export_killed_while_replacing_an_export_in_place_leaves_no_readme(tm
     save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
     export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
     monkeypatch.chdir(tmp_path / "hf")
-    replace = os.replace
-
-    def killed_at_readme(src, dst):
-        if os.path.basename(dst) == "README.md":
-            raise KeyboardInterrupt
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_at_readme)
+    replace = kill_at_rename(monkeypatch, "README.md")
     with pytest.raises(KeyboardInterrupt):
         export_hf.export(str(tmp_path / "ppo"), ".", overwrite=True)
     monkeypatch.setattr(os, "replace", replace)
@@ -1034,14 +1027,7 @@ def test_an_export_killed_while_moving_into_out_is_refused_next(tmp_path, monkey
     """
     save(random_model(), Tokenizer.byte_level(), tmp_path / "ppo")
     (tmp_path / "hf").mkdir()
-    replace = os.replace
-
-    def killed_at_readme(src, dst):
-        if os.path.basename(dst) == "README.md":
-            raise KeyboardInterrupt
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_at_readme)
+    replace = kill_at_rename(monkeypatch, "README.md")
     with pytest.raises(KeyboardInterrupt):
         export_hf.export(str(tmp_path / "ppo"), str(tmp_path / "hf"))
     monkeypatch.setattr(os, "replace", replace)

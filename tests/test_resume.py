@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import ROOT, read_metrics, without_timings
+from scripts import ROOT, kill_at_rename, read_metrics, without_timings
 
 sys.path.insert(0, ROOT)  # the stages are top-level scripts
 
@@ -153,14 +153,7 @@ def test_a_fresh_runs_first_save_removes_the_earlier_model_before_its_renames(tm
     out = tmp_path / "out"
     save(out, 10, run="A")
     (out / "train_state.pt").unlink()  # what the fresh run's logger did
-    real = os.replace
-
-    def killed_before_ckpt(src, dst):
-        if os.path.basename(dst) == "ckpt.pt":
-            raise KeyboardInterrupt
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_before_ckpt)
+    kill_at_rename(monkeypatch, "ckpt.pt")
     with pytest.raises(KeyboardInterrupt):
         save(out, 10, run="B")
     assert sorted(os.listdir(out)) == ["train_state.pt"] and load(out / "train_state.pt")["run"] == "B"
@@ -668,14 +661,7 @@ def test_a_save_killed_before_its_last_rename_resumes_from_the_previous_pair(tmp
     """
     out = tmp_path / "run"
     save(out, 2, x=torch.tensor([2.0]))
-    real_replace = os.replace
-
-    def killed_at_ckpt(src, dst):
-        if os.path.basename(dst) == "ckpt.pt":
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_at_ckpt)
+    kill_at_rename(monkeypatch, "ckpt.pt")
     with pytest.raises(KeyboardInterrupt):
         save(out, 4, x=torch.tensor([4.0]))
     monkeypatch.undo()
@@ -688,18 +674,6 @@ def test_a_save_killed_before_its_last_rename_resumes_from_the_previous_pair(tmp
 # from mutation testing of save_files, resumed_flags, wants_resume and input_digests
 
 
-def _killed_at_ckpt_rename(monkeypatch):
-    """os.replace raises KeyboardInterrupt (a kill) when a save renames its ckpt.pt into place; the others go on."""
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if os.path.basename(dst) == "ckpt.pt":
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-
-
 def test_a_second_interrupted_save_keeps_the_first_ones_kept_version(tmp_path, monkeypatch):
     """
     Saves at steps 2, 4 (killed before ckpt.pt's rename), then 6 (the resumed run's, killed there too): the step-4
@@ -708,7 +682,7 @@ def test_a_second_interrupted_save_keeps_the_first_ones_kept_version(tmp_path, m
     """
     out = tmp_path / "run"
     save(out, 2)
-    _killed_at_ckpt_rename(monkeypatch)
+    kill_at_rename(monkeypatch, "ckpt.pt")
     for step in (4, 6):
         with pytest.raises(KeyboardInterrupt):
             save(out, step)
@@ -728,7 +702,7 @@ def test_a_save_on_a_file_system_without_hard_links_keeps_a_copy(tmp_path, monke
         raise OSError(1, "Operation not permitted", src)
 
     monkeypatch.setattr(os, "link", no_link)
-    _killed_at_ckpt_rename(monkeypatch)
+    kill_at_rename(monkeypatch, "ckpt.pt")
     with pytest.raises(KeyboardInterrupt):
         save(out, 4)
     monkeypatch.undo()
