@@ -410,9 +410,9 @@ def main():
           "gold: mean gold-judge score in [0, 1] ± standard error; win vs SFT: gold-judged, ties 1/2; KL to SFT: nats "
           "per response on the policy's own samples; RM score: (r - mean) / std of the demonstrations' rewards; "
           "length: tokens, EOS included; wall time: the training loop's seconds (SFT: its own stage; DPO: its "
-          "reference pass included; others start from it); models in memory: while training (PPO: actor, critic, reference, RM, 3 with a shared trunk, "
-          "2 with LoRA; GRPO/RLOO: policy, reference, RM; DPO: the policy, after one pass of the reference over the "
-          "data).", ""]
+          "reference pass included; others start from it); models in memory: while training (PPO: actor, critic, "
+          "reference, RM, 3 with a shared trunk, 2 with LoRA; GRPO/RLOO: policy, reference, RM; DPO: the policy, "
+          "after one pass of the reference over the data).", ""]
     if png:
         md += ["![held-out gold against KL to SFT](gold_vs_kl.png)", ""]
     md += [f"Full evaluation with responses side by side: `{os.path.join(eval_dir, 'report.md')}`.", ""]
