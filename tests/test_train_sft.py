@@ -59,7 +59,11 @@ def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes(data, tmp_path):
     out = tmp_path / "sft"
     args = ["--data", str(data / "sft.jsonl"), "--out_dir", str(out), *TINY, "--max_steps", "100000",
             "--log_interval", "1", "--ckpt_interval", "5"]
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"), *args], cwd=ROOT, env=ENV,
+    # Ctrl-C's handler set in the child first: a shell starts a background job with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored, so under `pytest &` the child would not see the signal at all
+    ctrl_c = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    p = subprocess.Popen([sys.executable, "-c", ctrl_c, os.path.join(ROOT, "train_sft.py"), *args], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in p.stdout:  # wait for step 6: the checkpoint of step 5 is saved by then
