@@ -178,6 +178,8 @@ def test_bad_tiktoken_file(tmp_path):
     missing = tmp_path / "nope.tiktoken"
     with pytest.raises(ValueError, match="nope.tiktoken"):
         Tokenizer.from_spec(str(missing))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(missing))}: tokenizer file not found$"):
+        load_tiktoken(str(missing))  # the reader's own check, for callers that pass it a path (Tokenizer.gpt2)
     byte_ranks = {bytes([i]): i for i in range(256)}
     path = tmp_path / "bad.tiktoken"
     save_tiktoken(byte_ranks, path)
