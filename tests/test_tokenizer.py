@@ -66,6 +66,7 @@ SOURCES = ["byte", "bpe", "gpt2"]
 def test_byte_level_roundtrip_unicode():
     tok = Tokenizer.byte_level()
     assert (tok.eos_id, tok.pad_id, tok.vocab_size, tok.name) == (256, 257, 258, "byte")
+    assert repr(tok) == "Tokenizer(name='byte', vocab_size=258, eos_id=256, pad_id=257)"
     rng = random.Random(1)
     for _ in range(200):
         s = random_text(rng, rng.randint(0, 60))
@@ -102,9 +103,9 @@ def test_bpe_merges_stay_inside_chunks():
     assert Tokenizer("t", ranks).encode("ab ab") == [256, 257]
 
 
-def naive_bpe(text, vocab_size):
+def naive_bpe(text, vocab_size, pattern=GPT2_PATTERN):
     """Plain reference: recount every pair over all chunks before each merge (minbpe-style)."""
-    words = Counter(regex.findall(GPT2_PATTERN, text))
+    words = Counter(regex.findall(pattern, text))
     seqs = {w: list(w.encode("utf-8")) for w in words}
     vocab = [bytes([i]) for i in range(256)]
     while len(vocab) < vocab_size:
@@ -211,6 +212,10 @@ def test_tiktoken_file_with_blank_lines_loads(tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:10] + ["", "  "] + lines[10:]) + "\n\n")
     assert load_tiktoken(str(path)) == trained_ranks()
+    # any whitespace between token and rank, as tiktoken's own reader takes it: a tab, two spaces, a CRLF line end
+    lines[20], lines[30], lines[40] = lines[20].replace(" ", "\t"), lines[30].replace(" ", "  "), lines[40] + "\r"
+    path.write_text("\n".join(lines) + "\n")
+    assert load_tiktoken(str(path)) == trained_ranks()
 
 
 def test_tiktoken_file_missing_a_byte_or_with_a_token_twice(tmp_path):
@@ -280,6 +285,8 @@ def test_no_special_token_injection(source):
 def test_decode_drops_pad_and_eos():
     tok = Tokenizer.byte_level()
     assert tok.decode([tok.pad_id, 104, tok.eos_id, 105, tok.pad_id]) == "hi"
+    # broken UTF-8 (the first two of the three bytes of U+4E2D) becomes one U+FFFD, not an error
+    assert tok.decode([104, 0xE4, 0xB8, 105]) == "h\ufffdi" and tok.decode([0xE4, 0xB8, tok.eos_id]) == "\ufffd"
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -525,3 +532,149 @@ def test_train_cli_says_when_the_corpus_gives_fewer_merges_than_asked(tmp_path, 
     err = capsys.readouterr().err
     assert n < 1000 and err.count("\n") == 1, err
     assert f"gave only {n - 256} merges of the 744 asked for" in err and f"vocabulary of {n}" in err, err
+
+# -----------------------------------------------------------------------------
+# edges the tests above leave open (mutation round, session 21)
+
+
+def test_bpe_vocab_of_just_the_bytes_and_its_own_split_pattern():
+    # vocab_size 256 is allowed and means no merges at all
+    assert train_bpe("aaabdaaabac", 256) == {bytes([i]): i for i in range(256)}
+    with pytest.raises(AssertionError, match="at least 256"):
+        train_bpe("aaabdaaabac", 255)
+    # the pattern argument is the one used: r"[a-z]+ ?" keeps the space with the word before it, so "b " is a pair
+    # (GPT-2's pattern puts it with the word after): "ab ab ab" -> "ab " x2, "ab": ab 3 -> 256, then (256, 32) 2 -> 257
+    ranks = train_bpe("ab ab ab", 300, pattern=r"[a-z]+ ?")
+    assert len(ranks) == 258 and ranks[b"ab"] == 256 and ranks[b"ab "] == 257
+    rng = random.Random(11)
+    text = "".join(rng.choice("ab c\n") for _ in range(600))
+    assert train_bpe(text, 300, pattern=r"\S+\s?") == naive_bpe(text, 300, pattern=r"\S+\s?")
+
+
+def test_bpe_ties_over_hundreds_of_merges_and_the_progress_line(capsys):
+    # 600 distinct two-letter words, each twice, one per line: every pair has count 2, so the merges go in the order
+    # of the pairs (smallest first), one word each; verbose prints a line every 500 merges, here exactly one
+    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = [x + y for x in letters for y in letters][:600]
+    text = "\n".join(words * 2)
+    ranks = train_bpe(text, 256 + 600, verbose=True)
+    assert sorted(ranks, key=ranks.get)[256:] == sorted(w.encode() for w in words)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith(f"merge 500: {words[499].encode()!r} count 2 vocab 756 ("), out
+    assert train_bpe(text, 256 + 600) == ranks and capsys.readouterr().out == ""  # quiet unless verbose
+
+
+def test_load_tiktoken_errors_name_the_problem(tmp_path):
+    # a folder is not a tokenizer file, for the reader and for from_spec
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: tokenizer file not found$"):
+        load_tiktoken(str(tmp_path))
+    with pytest.raises(ValueError, match=f"^expected byte, gpt2 .* there is no file {re.escape(str(tmp_path))}$"):
+        Tokenizer.from_spec(str(tmp_path))
+    path = tmp_path / "bad.tiktoken"
+    # several bytes missing: the count and the first of them
+    ranks = {bytes([i]): i for i in range(256)}
+    del ranks[b"\x07"], ranks[b"\x03"]
+    ranks[b"ab"], ranks[b"cd"] = 3, 7
+    save_tiktoken(ranks, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: 2 single-byte tokens are missing \(e.g. byte 3\)$"):
+        load_tiktoken(str(path))
+    # one rank twice and one left out, the largest rank still n - 1: bytes 0..254 at 0..254, byte 255 and b"ab" at 256
+    ranks = {bytes([i]): i for i in range(255)}
+    ranks[b"\xff"], ranks[b"ab"] = 256, 256
+    save_tiktoken(ranks, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: ranks must be exactly 0\.\.256, each once$"):
+        load_tiktoken(str(path))
+    # a bad line is quoted, up to 80 bytes
+    path.write_text("A" * 100 + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:1: expected 'base64_token rank', got "
+                                         rf"{re.escape(repr(b'A' * 80))}$"):
+        load_tiktoken(str(path))
+
+
+def test_gpt2_constructors_offline(tmp_path, monkeypatch):
+    """Tokenizer.gpt2(path) is named gpt2 whatever the file; from_spec("gpt2") takes tiktoken's encoding, its ranks and
+    its split pattern, and says what to do when tiktoken cannot get it."""
+    import tiktoken
+
+    ranks = dict(trained_ranks())
+    save_tiktoken(ranks, tmp_path / "small.tiktoken")
+    tok = Tokenizer.gpt2(str(tmp_path / "small.tiktoken"))
+    assert (tok.name, tok.mergeable_ranks, tok.eos_id) == ("gpt2", ranks, 400)
+    fake = tiktoken.Encoding("fake", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake if name == "gpt2" else pytest.fail(name))
+    tok = Tokenizer.from_spec("gpt2")
+    assert (tok.name, tok.pattern, tok.mergeable_ranks, tok.vocab_size) == ("gpt2", r"\S+|\s+", ranks, 402)
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError, match=r"^could not get tiktoken's 'gpt2' encoding \(no network and no cache\?\): "
+                                         r"ConnectionError: no route to host\. Pass the path to a gpt2\.tiktoken file"):
+        Tokenizer.from_spec("gpt2")
+
+
+def test_checkpoint_dict_lists_tokens_by_rank_and_is_checked():
+    ranks = trained_ranks()
+    shuffled = list(ranks.items())
+    random.Random(12).shuffle(shuffled)
+    tok = Tokenizer("s", dict(shuffled))  # the dict's own order must not matter
+    d = tok.to_dict()
+    assert d["ranks"] == [base64.b64encode(t).decode("ascii") for t in sorted(ranks, key=ranks.get)]
+    assert tok.same_encoding(make_tokenizer("bpe")) and Tokenizer.from_dict(d).mergeable_ranks == ranks
+    d = Tokenizer.byte_level().to_dict()
+    bad = dict(d, ranks=[base64.b64encode(b"\x00\x00").decode("ascii")] + d["ranks"][1:])  # byte 0 replaced
+    with pytest.raises(ValueError, match=r"^tokenizer in checkpoint: 1 single-byte tokens are missing \(e.g. byte 0\)$"):
+        Tokenizer.from_dict(bad)
+    with pytest.raises(AssertionError):  # special ids that are not the ones the ranks give
+        Tokenizer.from_dict(dict(d, special_tokens={EOS: 257, PAD: 256}))
+
+
+def test_decode_refuses_an_id_past_the_vocabulary():
+    tok = Tokenizer.byte_level()
+    for bad in (258, 300):  # not silently dropped like PAD
+        with pytest.raises(KeyError):
+            tok.decode([104, bad])
+
+
+def test_render_messages_system_anywhere_and_content_must_be_text():
+    tok = Tokenizer.byte_level()
+    ids, mask = tok.render_messages([{"role": "user", "content": "u"}, {"role": "system", "content": "s"},
+                                     {"role": "assistant", "content": "a"}])
+    assert ids == list(b"\n\nHuman: us\n\nAssistant: a") + [256] and mask == [0] * 23 + [1, 1, 1]
+    for content, name in [(None, "NoneType"), (3, "int"), (["hi"], "list")]:
+        with pytest.raises(ValueError, match=rf"^message content must be a string, got {name}$"):
+            tok.render_messages([{"role": "user", "content": content}])
+
+
+def test_train_cli_bytes_only_non_ascii_unreadable_and_progress(tmp_path, monkeypatch, capsys):
+    import nanorlhf.tokenizer as tokenizer
+
+    # --vocab_size 256 (no merges) is allowed; the report counts UTF-8 bytes, not characters
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "x.tiktoken"
+    text = "le café, naïve façade. " * 20
+    corpus.write_text(text, encoding="utf-8")
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "256", "--out", str(out)])
+    assert load_tiktoken(str(out)) == {bytes([i]): i for i in range(256)}
+    stdout, err = capsys.readouterr()
+    n_bytes = len(text.encode())
+    assert err == "" and "trained 0 merges" in stdout, (stdout, err)
+    assert f"compression on the training text: 1.00 bytes/token ({n_bytes} tokens)" in stdout, stdout
+    # a corpus of whitespace only is not empty: it trains (" \n" is one chunk: (32, 10) 50 times, (10, 32) 49)
+    corpus.write_text(" \n" * 50)
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "258", "--out", str(out)])
+    assert load_tiktoken(str(out))[b" \n"] == 256 and capsys.readouterr().err == ""
+    # the trainer's progress lines reach the terminal: 600 words, one merge each (see the test of the ties)
+    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    corpus.write_text("\n".join([x + y for x in letters for y in letters][:600] * 2))
+    tokenizer.main(["--train", str(corpus), "--vocab_size", "800", "--out", str(out)])
+    assert "merge 500: b'Jf' count 2 vocab 756 (" in capsys.readouterr().out
+    # a corpus that is not UTF-8, or not there (with an --out that is), is refused in one line, exit status 2
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: pytest.fail("trained on an unreadable corpus"))
+    for train in (bad, tmp_path / "missing.txt"):
+        with pytest.raises(SystemExit) as e:
+            tokenizer.main(["--train", str(train), "--vocab_size", "300", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and f"cannot read {train}: " in err, err
