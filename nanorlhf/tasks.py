@@ -238,6 +238,16 @@ META_KEYS = ("annotator_beta", "annotator_agreement", "gold_demonstrator", "gold
              "gold_perfect")
 
 
+def _finite_number(v):
+    """A JSON number usable as a float: not a bool, not NaN or inf, not an integer beyond a float's range (1.8e308)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float (JSON's integers have no limit)
+        return False
+
+
 def task_meta(data_path):
     """
     meta.json next to a data file (or in a data directory), or None when it is not built-in task data.
@@ -258,7 +268,7 @@ def task_meta(data_path):
         return None
     for k in META_KEYS:
         v = meta.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not _finite_number(v):
             from nanorlhf.data import DataError  # here, not at the top: the task itself needs no torch
             what = "missing" if k not in meta else f"expected a finite number, got {v!r:.40}"
             raise DataError(f"{path}: field '{k}': {what} (this looks like the built-in task's meta.json; "

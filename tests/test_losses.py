@@ -57,6 +57,22 @@ def sft_batch(seed, B=5, T=12, V=11):
 CHUNKS = [7 * 13 * 2 - 1, 7 * 13 * 2, losses.CHUNK_LOGITS]
 
 
+def test_row_chunks_are_whole_rows_of_at_most_chunk_logits():
+    """The docstring's examples (on expanded views, no memory), and as many whole rows as fit, one at least."""
+    def rows(B, T, V):
+        x = torch.zeros(1, 1, 1).expand(B, T, V)
+        labels = torch.zeros(1, 1, dtype=torch.long).expand(B, T)
+        chunks = list(losses.row_chunks(x, labels))
+        assert all(a.shape[0] == b.shape[0] for a, b in chunks)
+        return [a.shape[0] for a, _ in chunks]
+
+    assert rows(64, 64, 258) == [64]
+    assert rows(64, 256, 50257) == [1] * 64
+    assert rows(5, 2 ** 11, 2 ** 10) == [2, 2, 1]  # exactly two rows of 2^21 logits fit in 2^22
+    assert rows(3, 2 ** 11, 2 ** 11 + 1) == [1, 1, 1]  # one row is over 2^22 already: a chunk of one
+    assert rows(3, 0, 7) == [3]  # no positions: one chunk of every row
+
+
 @pytest.mark.parametrize("chunk_logits", CHUNKS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
 def test_logprobs_from_logits_matches_loop(temperature, chunk_logits, monkeypatch):
@@ -161,7 +177,7 @@ def test_masked_stats_match_loop():
 def test_masked_stats_empty_is_zero():
     x = torch.full((2, 3), float("inf"))
     mask = torch.zeros(2, 3)
-    for value in (masked_sum(x, mask), masked_mean(x, mask), masked_var(x, mask)):
+    for value in (masked_sum(x, mask), masked_mean(x, mask), masked_var(x, mask), masked_var(x, mask, unbiased=False)):
         assert value.item() == 0.0
     assert torch.equal(masked_mean(x, mask, dim=1), torch.zeros(2))
     assert masked_var(torch.tensor([[5.0, 1.0]]), torch.tensor([[1, 0]])).item() == 0.0  # n = 1: 0, not NaN
@@ -199,8 +215,11 @@ def ref_sft_loss(logits, idx, response_mask):
 
 
 def test_sft_loss_matches_loop():
-    for seed in range(3):
+    for seed in range(4):
         logits, idx, response_mask = sft_batch(seed)
+        if seed == 3:  # rows without a prompt: their response starts at position 0, which no logits predict
+            response_mask[:3] = 0
+            response_mask[0, :5] = response_mask[1, :1] = response_mask[2, :12] = 1
         ref, _ = ref_sft_loss(logits, idx, response_mask)
         assert abs(sft_loss(logits, idx, response_mask).item() - ref) < 1e-5
 
@@ -269,6 +288,13 @@ def test_sft_loss_all_masked_is_zero_not_nan():
     only_first = torch.zeros(2, 5, dtype=torch.long)
     only_first[:, 0] = 1
     assert sft_loss(logits, idx, only_first).item() == 0.0
+    # sequences of one token: no targets at all (logits[:, :-1] is empty), 0 and no error
+    one = torch.randn(3, 1, 7, requires_grad=True)
+    loss = sft_loss(one, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(one.grad, torch.zeros_like(one))
+    assert logprobs_from_logits(one[:, :0], torch.zeros(3, 0, dtype=torch.long)).shape == (3, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -414,4 +440,7 @@ def test_clip_fraction_counts_the_tokens_where_the_clipped_term_is_used(per_sequ
     # the docstring's example, and no real tokens -> 0
     ratio = torch.tensor([[1.5, 0.9, 1.5]])
     assert clip_fraction(ratio, torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), eps).item() == pytest.approx(1 / 3)
+    # in the dtype of ratio: float64 gives 1/3 to the last bit, which a float32 share does not
+    got = clip_fraction(ratio.double(), torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64), torch.ones(1, 3), eps)
+    assert got.dtype == torch.float64 and got.item() == 1 / 3
     assert clip_fraction(ratio, torch.ones(1, 3), torch.zeros(1, 3), eps).item() == 0

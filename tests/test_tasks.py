@@ -291,6 +291,12 @@ def test_generate_task_files(tmp_path):
     assert 0.8 < meta["annotator_agreement"] < 0.97
     assert abs(meta["ranking_agreement"] - meta["annotator_agreement"]) < 0.04
     assert meta["annotator_agreement"] == pytest.approx(annotator_agreement(prefs_eval, meta["annotator_beta"]))
+    # measured on prefs_eval.jsonl (prefs.jsonl's tie fraction differs here; its ranking agreement happens not to)
+    assert meta["ranking_agreement"] == pytest.approx(ranking_agreement(prefs_eval), abs=1e-12)
+    assert meta["gold_tie_fraction"] == pytest.approx(gold_tie_fraction(prefs_eval), abs=1e-12)
+    assert gold_tie_fraction(prefs_eval) != gold_tie_fraction(prefs)
+    # the default 3 to 8 digits: all six lengths occur (1/6 of 1000 prompts each, 3 digits a bit less)
+    assert {len(p) for s in sets for p in map(parse_prompt, s)} == set(range(3, 9))
 
 
 def test_a_candidate_that_renders_in_exactly_max_rendered_tokens_is_kept_and_one_more_is_not(tmp_path, monkeypatch):
@@ -398,13 +404,18 @@ def test_task_meta_is_only_the_task_s(tmp_path):
     assert task_meta(str(data)) == {**meta, "task": "mine"} == task_meta(str(tmp_path))
     for field, value, what in (("annotator_beta", None, "missing"), ("gold_perfect", "1", "expected a finite number"),
                                ("annotator_agreement", True, "expected a finite number"),
-                               ("gold_demonstrator", float("nan"), "expected a finite number")):
+                               ("gold_demonstrator", float("nan"), "expected a finite number"),
+                               ("gold_perfect", 10 ** 400, "expected a finite number")):  # JSON ints have no limit
         broken = {k: v for k, v in {**meta, field: value}.items() if v is not None}
         (tmp_path / "meta.json").write_text(json.dumps(broken))
         with pytest.raises(DataError) as e:
             task_meta(str(data))
         assert str(e.value).startswith(f"{tmp_path / 'meta.json'}: field '{field}': {what}"), e.value
         assert "\n" not in str(e.value)
+    # a field that is there but null is not missing: it is not a number
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "gold_perfect": None}))
+    with pytest.raises(DataError, match=r"field 'gold_perfect': expected a finite number, got None \("):
+        task_meta(str(data))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -460,6 +471,101 @@ def test_cli_reports_an_out_dir_it_cannot_write_in_one_line(tmp_path, capsys):
         main(["--out_dir", str(out), "--n_sft", "20", "--n_prefs", "10", "--n_prefs_eval", "10", "--n_prompts", "10",
               "--n_eval", "10"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"--out_dir {out} cannot be written: {out}" in err and "Traceback" not in err, err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    # the file it could not write, not its .tmp (os.replace's error names both, the .tmp first)
+    assert f"--out_dir {out} cannot be written: {out / 'prefs.jsonl'}: Is a directory" in err, err
     assert (out / "sft.jsonl").exists() and not (out / "meta.json").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_corrupt_on_one_digit_duplicates_or_replaces_it():
+    """
+    One word: a swap or a drop has nothing to work on, so it replaces the digit instead (the same one 1 time in 10):
+    3/4 of the draws replace (7.5% give the word back unchanged), 1/4 duplicate it; never an empty answer.
+    """
+    rng = random.Random(9)
+    n = 4000
+    outs = [corrupt(["4"], rng) for _ in range(n)]
+    assert all(out == ["4", "4"] or (len(out) == 1 and out[0] in list("0123456789")) for out in outs)
+    assert abs(sum(out == ["4", "4"] for out in outs) / n - 0.25) < 0.03  # sd ~0.007
+    assert abs(sum(out == ["4"] for out in outs) / n - 0.075) < 0.02  # sd ~0.004
+
+
+def test_candidate_rough_variant_makes_one_to_three_mistakes(monkeypatch):
+    """With no demonstrator mistakes, corrupt runs 0 times (the demonstrator, 1/2) or 1, 2, 3 times (1/6 each)."""
+    import nanorlhf.tasks as T
+
+    calls, real = [0], T.corrupt
+
+    def counting(words, rng):
+        calls[0] += 1
+        return real(words, rng)
+
+    monkeypatch.setattr(T, "corrupt", counting)
+    rng = random.Random(10)
+    n = 6000
+    counts = Counter()
+    for _ in range(n):
+        calls[0] = 0
+        candidate("sort 9 8 7 6 5", rng, error_prob=0.0, habit_prob=0.5)
+        counts[calls[0]] += 1
+    assert set(counts) == {0, 1, 2, 3}, counts
+    for c, p in ((0, 1 / 2), (1, 1 / 6), (2, 1 / 6), (3, 1 / 6)):
+        assert abs(counts[c] / n - p) < 0.025, counts  # sd <= 0.0065
+
+
+def test_generate_task_sizes_digits_and_probabilities_reach_every_file(tmp_path):
+    """
+    Every size goes to its own file (all different here), prompts have min_digits to max_digits digits, and
+    error_prob 0, habit_prob 0 reach the demonstrations (all perfect) and the comparison candidates (none ends
+    in a filler).
+    """
+    d = tmp_path / "a"
+    meta = generate_task(str(d), seed=2, n_sft=20, n_prefs=4, n_prefs_eval=3, n_prompts=2, n_eval=1, error_prob=0.0,
+                         habit_prob=0.0, min_digits=2, max_digits=2)
+    sft, prefs = read_sft(str(d / "sft.jsonl")), read_prefs(str(d / "prefs.jsonl"))
+    prefs_eval, prompts = read_prefs(str(d / "prefs_eval.jsonl")), read_prompts(str(d / "prompts.jsonl"))
+    evals = [json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()]
+    assert [len(sft), len(prefs), len(prefs_eval), len(prompts), len(evals)] == [20, 4, 3, 2, 1]
+    every = [r["prompt"] for r in sft + prefs + prefs_eval + evals] + prompts
+    assert all(len(p.split()) == 3 for p in every), every
+    assert all(r["response"] == solve(r["prompt"]) for r in sft)
+    assert all(x.split()[-1] in list("0123456789") for r in prefs + prefs_eval for x in r["responses"])
+    assert meta["gold_demonstrator"] == meta["gold_perfect"] == 1.0
+    assert meta["ranking_agreement"] == ranking_agreement(prefs_eval) != ranking_agreement(prefs)
+    # 10 prompts of 1 digit exist; only 90% of them may be drawn
+    with pytest.raises(AssertionError):
+        generate_task(str(tmp_path / "b"), n_sft=6, n_prefs=1, n_prefs_eval=1, n_prompts=1, n_eval=1, min_digits=1,
+                      max_digits=1)
+
+
+def test_no_pairs_give_zero_agreements():
+    assert annotator_agreement([], 2.0) == ranking_agreement([]) == gold_tie_fraction([]) == 0.0
+    tied = [{"prompt": "sort 1 2", "responses": ["2 1", "0 0"], "ranking": [1, 0]}]  # gold 0 for both
+    assert annotator_agreement(tied, 2.0, ties="skip") == ranking_agreement(tied, ties="skip") == 0.0
+    assert gold_tie_fraction(tied) == 1.0
+
+
+def test_cli_takes_the_boundary_values_of_its_flags(tmp_path, capsys, monkeypatch):
+    """The ends of each flag's range are allowed, and reach generate_task as given."""
+    import nanorlhf.tasks as T
+
+    got = []
+
+    def fake_generate_task(**kw):
+        got.append(kw)
+        return {k: 0.5 for k in ("gold_perfect", "gold_demonstrator_without_habit", "gold_demonstrator",
+                                 "annotator_agreement", "annotator_agreement_untied", "gold_tie_fraction")}
+
+    monkeypatch.setattr(T, "generate_task", fake_generate_task)
+    sizes = ["--n_sft", "10", "--n_prefs", "10", "--n_prefs_eval", "10", "--n_prompts", "10", "--n_eval", "10"]
+    cases = [(["--k", "2"], "k", 2), (["--k", "100"], "k", 100), (["--annotator_beta", "0"], "annotator_beta", 0.0),
+             (["--error_prob", "0"], "error_prob", 0.0), (["--error_prob", "1"], "error_prob", 1.0),
+             (["--habit_prob", "0"], "habit_prob", 0.0), (["--habit_prob", "1"], "habit_prob", 1.0),
+             (["--n_eval", "0"], "n_eval", 0),
+             (["--n_sft", str(T.max_prompts() - 40)], "n_sft", T.max_prompts() - 40)]  # every prompt there is
+    for flags, key, value in cases:
+        main(["--out_dir", str(tmp_path / "data"), *sizes, *flags])
+        assert got[-1][key] == value, flags
+        assert capsys.readouterr().err == ""
+    assert len(got) == len(cases)
