@@ -1279,3 +1279,141 @@ def test_load_safetensors_package_error_is_a_value_error_naming_it(tmp_path, mon
     sys.modules["safetensors.torch"].load_file = load_file
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: Error while deserializing header"):
         load_safetensors(str(path))
+
+
+# -----------------------------------------------------------------------------
+# session 21 mutation round: edges that no test pinned down
+
+
+def test_config_checks_name_the_field():
+    """An unknown activation is a ValueError naming it and the choices (not a KeyError from the MLP); a sequence
+    longer than block_size without a mask names both lengths (not an IndexError from the position embedding)."""
+    with pytest.raises(ValueError, match=r"^activation 'relu': expected one of gelu_new, gelu$"):
+        GPTConfig(activation="relu")
+    model = make_gpt()
+    with pytest.raises(AssertionError, match=r"^sequence of length 33 > block_size 32$"):
+        model(torch.ones(1, 33, dtype=torch.long))
+    assert model(torch.ones(1, 32, dtype=torch.long)).shape == (1, 32, CONFIG.vocab_size)
+
+
+def test_no_bias_config_has_no_biases_and_matches_the_reference():
+    """bias=False: no bias in any Linear or LayerNorm (the scalar head keeps its own), the parameter count by hand,
+    and the logits of the float64 reference with every bias zero."""
+    config = dataclasses.replace(CONFIG, bias=False)
+    model = make_gpt(config, noise=0.05)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if n.endswith(".bias")], names
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    assert model.num_params() == V * C + config.block_size * C + L * (2 * C + 3 * C * C + C * C + 8 * C * C) + C
+    assert [n for n, _ in ScalarGPT(config).named_parameters() if n.endswith(".bias")] == ["head.bias"]
+    sd = to_hf(model.state_dict())
+    for name in list(sd):
+        if name.endswith(".weight") and ("ln_" in name or "c_" in name):
+            bias = name[:-len("weight")] + "bias"
+            sd[bias] = torch.zeros(sd[name].size(-1) if "c_" in name else sd[name].size(0), dtype=torch.float64)
+    idx = torch.tensor([[3, 17, 42, 8, 8, 0, 49]])
+    with torch.no_grad():
+        logits = model(idx)[0]
+    assert torch.allclose(logits, ref_logits(sd, config.n_head, idx[0].tolist()), atol=1e-10)
+
+
+def test_resize_vocab_to_the_same_size_is_a_no_op_and_never_shrinks():
+    model = make_gpt(noise=0.05)
+    idx = torch.tensor([[1, 2, 3, 49]])
+    before = model(idx)
+    model.resize_vocab(CONFIG.vocab_size)
+    assert model.config.vocab_size == CONFIG.vocab_size and torch.allclose(model(idx), before, atol=0)
+    with pytest.raises(AssertionError, match=r"only grows the vocabulary \(50 -> 49\)"):
+        model.resize_vocab(49)
+
+
+def test_policy_state_dict_is_a_plain_gpts():
+    """The shared actor-critic's policy_state_dict holds exactly a GPT's keys (no value head), and loads strictly."""
+    gpt = make_gpt(noise=0.05)
+    sd = ValueHeadGPT.from_gpt(gpt).policy_state_dict()
+    assert sorted(sd) == sorted(gpt.state_dict())
+    GPT(CONFIG).double().load_state_dict(sd)  # strict
+
+
+def test_generate_block_size_check_counts_real_prompt_tokens():
+    """Positions count real tokens only: a left-padded batch whose real prompts fit with the new tokens generates,
+    though its padded width would not fit; the message names the longest real prompt."""
+    model = make_gpt(noise=0.1)
+    rows = [[1] * 29, [2] * 6]
+    idx, mask = left_pad(rows, pad_id=3)
+    idx = torch.cat([torch.full((2, 6), 3), idx], 1)  # 35 columns, more than block_size 32
+    mask = torch.cat([torch.zeros(2, 6, dtype=torch.long), mask], 1)
+    out, lp = model.generate(idx, 4, temperature=0.0, attention_mask=mask, return_logprobs=True)  # 29 + 4 - 1 = 32
+    for b, r in enumerate(rows):
+        alone, lp_alone = model.generate(torch.tensor([r]), 4, temperature=0.0, return_logprobs=True)
+        assert torch.equal(out[b, -4:], alone[0, -4:]) and torch.allclose(lp[b], lp_alone[0], atol=1e-10)
+    with pytest.raises(ValueError, match=r"^prompt \(29\) \+ max_new_tokens \(5\) - 1 > block_size \(32\)$"):
+        model.generate(idx, 5, attention_mask=mask)
+
+
+def test_generate_zero_new_tokens_returns_the_prompts():
+    model = make_gpt()
+    idx, mask = left_pad([[5, 6, 7], [8]])
+    out, lp = model.generate(idx, 0, attention_mask=mask, return_logprobs=True)
+    assert torch.equal(out, idx) and lp.shape == (2, 0)
+    assert torch.equal(model.generate(idx, 0, attention_mask=mask), idx)
+
+
+def test_generate_in_train_mode_with_gradient_checkpointing_uses_the_cache():
+    """A model left in train mode with checkpointing on (no dropout) generates exactly what it does in eval mode,
+    through the KV cache as without it: checkpointing is for training forwards, never for the cached ones."""
+    model = make_gpt(noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]])
+    want, want_lp = model.generate(idx, 8, temperature=0.0, attention_mask=mask, return_logprobs=True,
+                                   use_cache=False)
+    model.grad_checkpointing = True
+    model.train()
+    for use_cache in (True, False):
+        out, lp = model.generate(idx, 8, temperature=0.0, attention_mask=mask, return_logprobs=True,
+                                 use_cache=use_cache)
+        assert torch.equal(out, want) and torch.allclose(lp, want_lp, atol=1e-10), use_cache
+
+
+def test_on_token_streams_what_generate_returns():
+    """on_token sees each step's tokens as they end up in the output: a pad after a row's EOS, not what the model
+    sampled there."""
+    model = make_gpt(noise=0.1)
+    idx, mask = left_pad([[5, 6, 7, 8], [20, 21], [30, 31, 32]], pad_id=1)
+    raw = model.generate(idx, 8, temperature=0.0, attention_mask=mask)[:, -8:]
+    eos = int(raw[0, 1])
+    streamed = []
+    out = model.generate(idx, 8, temperature=0.0, attention_mask=mask, eos_id=eos, pad_id=49,
+                         on_token=lambda t: streamed.append(t.tolist()))
+    assert (out[0, idx.size(1) + 2:] == 49).all() and out.size(1) > idx.size(1) + 2  # row 0 padded after its EOS
+    assert torch.tensor(streamed).t().tolist() == out[:, idx.size(1):].tolist()
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_every_token():
+    logits = torch.randn(300, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, la = sample_next_token(logits, 0.9, top_k=100, generator=torch.Generator().manual_seed(1))
+    b, lb = sample_next_token(logits, 0.9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    # probabilities 0.1, 0.4, 0.2, 0.3; top_k=2 leaves {1: 0.4, 3: 0.3}, renormalised 4/7 and 3/7. top_p = 0.5 of
+    # that is reached by token 1 alone; of the unfiltered distribution it would take tokens 1 and 3
+    logits = torch.log(torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)).expand(500, 4)
+    tok, _ = sample_next_token(logits, 1.0, top_k=2, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == {1}
+
+
+def test_shared_value_head_runs_in_float32_under_bf16_autocast():
+    # forward(values=True) of the shared actor-critic: the values, as ScalarGPT's, are the float32 head of the bf16
+    # trunk's hidden states, equal to their float64 product (a bf16 head misses by ~2^-8 of a value)
+    model = ValueHeadGPT.from_gpt(make_gpt(dtype=torch.float32, noise=0.1))
+    torch.nn.init.normal_(model.value_head.weight, std=2.0)
+    torch.nn.init.normal_(model.value_head.bias, std=2.0)
+    idx, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [9, 10, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.trunk(idx, mask)  # (B, T, C)
+        logits, values = model(idx, mask, values=True)  # (B, T, V), (B, T)
+    assert logits.dtype == torch.float32 and values.dtype == torch.float32 and values.shape == (2, 7)
+    ref = h.double() @ model.value_head.weight.double()[0] + model.value_head.bias.double()  # (B, T)
+    assert ref.abs().max() > 5
+    assert (values.double() - ref).abs().max() < 1e-4

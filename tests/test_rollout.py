@@ -196,6 +196,9 @@ def test_next_prompt_indices_are_the_seeded_permutation_of_each_pass():
     torch.manual_seed(1)
     assert stream(5, {"epoch": 0, "pos": 0}, 10)[0] == whole
     assert stream(6, {"epoch": 0, "pos": 0}, 10)[0] != whole
+    # and no pass of one seed repeats a pass of another (seed 6's first is not seed 5's second, say)
+    other = stream(6, {"epoch": 0, "pos": 0}, 10)[0]
+    assert len({tuple(p) for p in passes} | {tuple(other[i:i + n]) for i in range(0, 28, n)}) == 8
     for b, state in enumerate(states[:-1]):
         assert stream(5, json.loads(json.dumps(state)), 10 - b)[0] == whole[3 * b:], b
 
@@ -251,3 +254,30 @@ def test_decode_response_drops_only_the_template_space_and_what_the_mask_leaves_
         assert decode_response(tok, ids) == want, repr(text)
         junk = ids + [ord("x"), ord(" ")]  # past the EOS, masked out
         assert decode_response(tok, junk, [1] * len(ids) + [0, 0]) == want, repr(text)
+
+
+def test_write_samples_by_hand(tmp_path):
+    """samples.jsonl one row per sample with its iteration; samples.txt as written out here, a gold of 0 included
+    (only gold None leaves it out)."""
+    from nanorlhf.rollout import write_samples
+    rows = [{"prompt": "sort 2 1", "response": "1 2", "score": 0.5, "gold": 0.0},
+            {"prompt": "x", "response": "", "score": -1.25, "gold": None}]
+    write_samples(str(tmp_path), 3, rows)
+    got = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert got == [{"iter": 3, **r} for r in rows]
+    assert (tmp_path / "samples.txt").read_text() == (
+        "=== iter 3  score 0.500  gold 0.000\nPROMPT: sort 2 1\nRESPONSE: 1 2\n\n"
+        "=== iter 3  score -1.250\nPROMPT: x\nRESPONSE: \n\n")
+
+
+def test_freeze_is_eval_mode_without_gradients():
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8)).train()
+    assert freeze(model) is model
+    assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
+
+
+def test_encode_rollout_prompts_refuses_a_response_length_that_leaves_no_room():
+    from nanorlhf.tokenizer import Tokenizer
+    with pytest.raises(utils.UserError, match=r"^--response_length 48 must be < block_size 48$"):
+        encode_rollout_prompts(["sort 3 1 2"], Tokenizer.byte_level(), 48, 48)
+    assert len(encode_rollout_prompts(["sort 3 1 2"], Tokenizer.byte_level(), 48, 47)[0]) == 1  # one token of room
