@@ -634,21 +634,19 @@ def main(argv=None):
     wall_s = sum(t for t in stage_times.values() if t is not None)
     device = str(rt.device) + (f" ({torch.cuda.get_device_name(rt.device)})" if rt.device_type == "cuda" else "")
 
-    # report.json
+    # report.json, policies.json and report.md, all three made before any is written: a stop while report.md and its
+    # pictures are made (the slowest part) leaves the earlier run's three as they were, not a mix of two runs
     os.makedirs(cfg.out_dir, exist_ok=True)
     pipeline_seed = int(sft_flags.get("seed", cfg.seed))
     report = report_json(summaries, rm_info, pipeline_seed, device, rt.dtype, round(wall_s, 1),
                          cfg.temperature)
-    write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-
     # policies.json: every evaluated policy's summary and its training wall time (compare.py reads it)
     policies = {name: {**summaries[name], "wall_s": stage_seconds(path)}
                 for name, path in paths.items()}
-    write_text(os.path.join(cfg.out_dir, "policies.json"), json.dumps(policies, indent=2) + "\n")
-
-    # report.md (and the pictures beside it)
     plt = pyplot()
     md = report_markdown(cfg, len(prompts), summaries, all_rows, rm_info, meta, stage_times, report, plt)
+    write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    write_text(os.path.join(cfg.out_dir, "policies.json"), json.dumps(policies, indent=2) + "\n")
     write_text(os.path.join(cfg.out_dir, "report.md"), md)
     if plt is None:
         print(f"pictures skipped: matplotlib is not installed ({PLOTS_HINT.replace('`', '')})")

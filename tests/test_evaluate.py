@@ -54,6 +54,9 @@ def test_win_rate_ties_count_half():
         assert evaluate.win_rate(a, b) + evaluate.win_rate(b, a) == pytest.approx(1.0)
     assert evaluate.win_rate([1.0, 0.5, 0.0], [0.5, 0.5, 0.5]) == 0.5
     assert evaluate.win_rate([0.3, 0.3], [0.3, 0.3]) == 0.5
+    for a, b in (([1.0, 0.0], [0.5]), ([0.5], [1.0, 0.0]), ([], [])):  # response i against response i: pairs only
+        with pytest.raises(AssertionError):
+            evaluate.win_rate(a, b)
 
 
 def test_summarize_matches_plain_formulas():
@@ -283,6 +286,10 @@ def test_evaluate_end_to_end(tmp_path):
     (["--temperature", "0", "--samples_per_prompt", "4"], "--samples_per_prompt 4 with --temperature 0: greedy "
                                                           "decoding gives each prompt one response"),
     (["--sft", "{d}/run/train_state.pt"], "--sft {d}/run/train_state.pt: not a nanorlhf model checkpoint"),
+    (["--samples_per_prompt", "0"], "--samples_per_prompt, --batch_size and --n_prompts must be at least 1"),
+    (["--batch_size", "0"], "--samples_per_prompt, --batch_size and --n_prompts must be at least 1"),
+    (["--n_prompts", "0"], "--samples_per_prompt, --batch_size and --n_prompts must be at least 1"),
+    (["--n_show", "-1"], "--n_show -1: must be 0 or more"),
 ])
 def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, argv, message):
     # a negative temperature sampled the least likely tokens; --max_new_tokens 0 wrote a report of empty responses;
@@ -293,6 +300,13 @@ def test_bad_flags_and_checkpoints_are_one_line_before_anything_loads(tmp_path, 
     with pytest.raises(UserError) as info:
         evaluate.main(["--sft", str(tmp_path / "missing"), "--data", str(tmp_path / "missing.jsonl"), *argv])
     assert str(info.value).startswith(message.format(d=tmp_path)), str(info.value)
+
+
+def test_flags_at_their_limits_pass(tmp_path):
+    """The least of each flag that check_flags takes: greedy (one sample), one token, one of each, no responses."""
+    for flags in ({"temperature": 0.0}, {"max_new_tokens": 1}, {"n_show": 0},
+                  {"samples_per_prompt": 1, "batch_size": 1, "n_prompts": 1}):
+        evaluate.check_flags(evaluate.Config(out_dir=str(tmp_path), **flags))
 
 
 def exit_status_and_error(capsys, main, argv):
@@ -925,3 +939,187 @@ def test_the_report_states_what_the_run_was_given_and_what_the_stages_recorded(t
            "the gold judge 0.900" in md, md
     assert "The reward model agrees with gold on 0.830 of the held-out pairs" in md, md
     assert "with the mean 0.125 and std 0.750 of the demonstrations' rewards" in md, md
+
+
+# -----------------------------------------------------------------------------
+# mutation round (session 21): the cells, --extra, the flags' messages, refusals that leave out_dir alone
+
+
+def test_cell_escapes_pipes_newlines_and_backticks_and_cuts_at_the_width():
+    """Escaped first (a pipe becomes two characters), then cut to the width with "..." (never longer than it)."""
+    assert evaluate.cell("a|b\nc`d") == "a\\|b⏎c'd"
+    for n in (1, 59, 60, 61, 100):
+        text = "x" * n
+        want = text if n <= 60 else "x" * 57 + "..."
+        assert evaluate.cell(text) == want and len(evaluate.cell(text)) <= 60, n
+    assert evaluate.cell("|" * 30) == "\\|" * 30  # 60 characters once escaped: fits
+    assert evaluate.cell("|" * 31) == ("\\|" * 31)[:57] + "..."
+    assert evaluate.cell("abcdef", width=5) == "ab..."
+
+
+def test_parse_extra_takes_name_path_pairs_and_refuses_the_rest():
+    assert evaluate.parse_extra(None) == {}
+    assert evaluate.parse_extra(" a = out/x ,, b=out/y=z, ") == {"a": "out/x", "b": "out/y=z"}
+    for extra, message in (("a=", "--extra: expected name=path, got 'a='"),
+                           ("a= ", "--extra: expected name=path, got 'a= '"),
+                           ("=out/x", "--extra: expected name=path, got '=out/x'"),
+                           ("b=out/y,out/x", "--extra: expected name=path, got 'out/x'"),
+                           ("sft=out/x", "--extra: name 'sft' is taken"),
+                           ("ppo=out/x", "--extra: name 'ppo' is taken"),
+                           ("init=out/x", "--extra: name 'init' is taken"),
+                           ("a=out/x, a =out/y", "--extra: name 'a' is taken")):  # a second a replaced the first
+        with pytest.raises(UserError) as info:
+            evaluate.parse_extra(extra)
+        assert str(info.value) == message, extra
+
+
+def earlier_report(out):
+    """out/report.md, report.json and policies.json of an earlier run -> their bytes, to check a failed run kept."""
+    out.mkdir()
+    for name in ("report.md", "report.json", "policies.json"):
+        (out / name).write_text(f"earlier {name}\n")
+    return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+
+
+def swapped_tokenizer():
+    """A byte-level tokenizer of the same size that gives other ids to other bytes."""
+    return Tokenizer("byte", {bytes([i]): 255 - i for i in range(256)})
+
+
+@pytest.mark.parametrize("case", ["ppo tokenizer", "extra tokenizer", "rm tokenizer", "extra missing",
+                                  "ppo corrupt", "default length", "rm block", "bad prompts line"])
+def test_refusals_name_the_input_and_leave_the_earlier_report(tmp_path, capsys, case):
+    """
+    Each refusal is one line naming the flag or file at fault (exit status 2), and the earlier report in --out_dir is
+    left as it was: a policy or reward model on another tokenizer than the SFT model's (its ids would mean other
+    text), an --extra checkpoint that is not there (named by --extra), a --ppo checkpoint that does not load, a
+    --max_new_tokens (here the default 64) that leaves no room for a prompt in the smallest block_size (the reward
+    model's counts), a bad line of --data.
+    """
+    data = prompts_and_sft(tmp_path, ["sort 3 1 2", "hello there"])
+    tok = Tokenizer.byte_level()
+    out = tmp_path / "out"
+    before = earlier_report(out)
+    argv = ["--data", str(data), "--sft", str(tmp_path / "sft"), "--out_dir", str(out), "--device", "cpu",
+            "--dtype", "float32", "--max_new_tokens", "4"]
+    other = str(tmp_path / "other")
+    if case in ("ppo tokenizer", "extra tokenizer"):
+        save_checkpoint(other, model_payload(tiny_gpt(2), swapped_tokenizer(), "ppo", {}, 5))
+        argv += ["--ppo", other] if case == "ppo tokenizer" else ["--extra", f"x={other}"]
+        message = f"{other}: its tokenizer differs from the SFT checkpoint's"
+    elif case == "rm tokenizer":
+        torch.manual_seed(0)
+        save_checkpoint(other, model_payload(ScalarGPT(GPTConfig(**TINY)), swapped_tokenizer(), "rm", {}, 5))
+        argv += ["--rm", other]
+        message = f"{other}: its tokenizer differs from the SFT checkpoint's"
+    elif case == "extra missing":
+        save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(2), tok, "ppo", {}, 5))
+        argv += ["--ppo", str(tmp_path / "ppo"), "--extra", f"x={other}"]
+        message = f"--extra {other}: "
+    elif case == "ppo corrupt":
+        os.makedirs(other)
+        (tmp_path / "other" / "ckpt.pt").write_bytes(b"not a checkpoint\n")
+        argv += ["--ppo", other]
+        message = f"--ppo {other}/ckpt.pt: cannot load checkpoint ("
+    elif case == "default length":
+        argv = argv[:-2]  # no --ppo whose response_length to take: 64, all of block_size 64
+        message = "--max_new_tokens 64 leaves no room for a prompt in block_size 64"
+    elif case == "rm block":
+        torch.manual_seed(0)
+        save_checkpoint(other, model_payload(ScalarGPT(GPTConfig(**{**TINY, "block_size": 32})), tok, "rm", {}, 5))
+        argv = argv[:-1] + ["32", "--rm", other]  # room for a prompt in the policies' 64, none in the RM's 32
+        message = "--max_new_tokens 32 leaves no room for a prompt in block_size 32"
+    else:
+        with open(data, "a") as f:
+            f.write('{"prompt": "sort 2 1"}\n{"answer": "1 2"}\n')
+        message = f"{data}:4"
+    code, err = exit_status_and_error(capsys, evaluate.main, argv)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert {name: (out / name).read_bytes() for name in sorted(os.listdir(out))} == before
+
+
+def test_a_prompt_budget_of_one_token_is_enough(tmp_path, capsys, one_thread):
+    """--max_new_tokens block_size - 1 leaves one token of each prompt, its last, and says how many were cut."""
+    data = prompts_and_sft(tmp_path, ["sort 3 1 2", "hello there", "sort 2 1"])
+    out = tmp_path / "out"
+    evaluate.main(["--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--n_show", "0",
+                   "--max_new_tokens", "63", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert "note: 3 prompts longer than 1 tokens were cut from the left" in capsys.readouterr().out
+    policies = json.loads((out / "policies.json").read_text())
+    assert policies["sft"]["n"] == 3 and 1 <= policies["sft"]["length"] <= 63
+    md = (out / "report.md").read_text()
+    assert "## Responses side by side" not in md and "| prompt |" not in md  # --n_show 0: no empty table
+
+
+def test_load_policies_seeds_init_with_seed_and_puts_every_model_in_eval_mode(tmp_path):
+    """
+    "init" is GPT(the SFT config) initialised right after torch.manual_seed(--seed), whatever the global generator
+    held before; every policy is in eval mode (a checkpoint with dropout would otherwise sample with it).
+    """
+    tok = Tokenizer.byte_level()
+    save_checkpoint(str(tmp_path / "sft"), model_payload(tiny_gpt(1), tok, "sft", {}, 10))
+    save_checkpoint(str(tmp_path / "ppo"), model_payload(tiny_gpt(2), tok, "ppo", {}, 5))
+    cfg = SimpleNamespace(sft=str(tmp_path / "sft"), ppo=str(tmp_path / "ppo"), extra=f"x={tmp_path / 'ppo'}",
+                          init_row=True, seed=7)
+    rt = setup_runtime("cpu", "float32", 0)
+    torch.manual_seed(7)
+    want = GPT(GPTConfig(**TINY)).state_dict()
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        models, paths, _, _ = evaluate.load_policies(cfg, rt)
+        assert list(models) == ["sft", "ppo", "x", "init"] and list(paths) == ["sft", "ppo", "x"]
+        assert not any(m.training for m in models.values())
+        got = models["init"].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), global_seed
+
+
+def test_report_markdown_states_the_wall_time_the_task_s_scale_and_only_the_sections_there_are(tmp_path):
+    """
+    The wall time line gives each stage's seconds ("?" where a stage's metrics have none) and this evaluation's;
+    the task's meta.json numbers each under its own name; the PPO curves when any is logged (here no gold);
+    no responses section with --n_show 0.
+    """
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"iter": i, "rm_score": 0.1 * i, "kl": 0.5 * i}) + "\n" for i in range(1, 4)))
+    s = {"gold": 0.5, "gold_sem": 0.02, "rm": None, "kl": 1.0, "win_rate_vs_sft": 0.6, "length": 9.0, "eos": 1.0,
+         "n": 8}
+    summaries = {"sft": {**s, "kl": 0.0, "win_rate_vs_sft": 0.5}, "ppo": s}
+    rows = {name: {"prompt": ["sort 1 2"], "response": ["1 2"], "gold": [1.0]} for name in summaries}
+    cfg = SimpleNamespace(data="eval.jsonl", samples_per_prompt=1, temperature=1.0, max_new_tokens=10, seed=0,
+                          sft=str(tmp_path / "sft"), rm=None, ppo=str(tmp_path / "ppo"), out_dir=str(tmp_path / "out"),
+                          n_show=0)
+    rm_info = {"accuracy": None, "annotator_agreement": None, "gold_accuracy": None, "reward_mean": 0.0,
+               "reward_std": 1.0}
+    meta = {"gold_demonstrator": 0.61, "gold_demonstrator_without_habit": 0.72, "gold_perfect": 1.0}
+    report = {"wall_s": 14.4, "device": "cpu", "dtype": "float32", "seed": 0}
+    md = evaluate.report_markdown(cfg, 1, summaries, rows, rm_info, meta,
+                                  {"sft": 10.0, "ppo": None, "eval": 4.4}, report, None)
+    assert "wall time 14 s = sft 10 + ppo ? + eval 4 s (each stage's loop" in md, md
+    assert ("For scale, from the task's meta.json: the demonstrator scores 0.610, the demonstrator without its habit "
+            "0.720, a perfect policy 1.000.") in md, md
+    assert "## PPO learning curves" in md and "| iter | rm score | KL |" in md, md
+    assert "## Responses side by side" not in md and "| prompt |" not in md
+
+
+def test_a_stop_while_the_report_is_drawn_leaves_the_earlier_report(tmp_path, monkeypatch, capsys, one_thread):
+    """
+    A Ctrl-C (or a failed picture) while report.md and its pictures were made, the slowest part of the writing, left
+    this run's report.json and policies.json beside the earlier run's report.md: now the three are written together,
+    after report.md is made, and the earlier ones are kept whole.
+    """
+    data = prompts_and_sft(tmp_path, ["sort 3 1 2", "hello there"])
+    out = tmp_path / "out"
+    before = earlier_report(out)
+    real = evaluate.report_markdown
+
+    def made_then_stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "report_markdown", made_then_stopped)
+    code, err = exit_status_and_error(capsys, evaluate.main, [
+        "--data", str(data), "--sft", str(tmp_path / "sft"), "--init_row", "false", "--max_new_tokens", "4",
+        "--out_dir", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert (code, err) == (130, "interrupted\n")
+    assert {name: (out / name).read_bytes() for name in sorted(os.listdir(out)) if not name.endswith(".png")} == before
