@@ -621,7 +621,7 @@ def test_calibration_table_matches_a_plain_binning_also_at_certainty():
     assert all(abs(c - a) > 1e-3 for c, a, _ in want_table)  # confidence and accuracy differ in every bin
 
 
-def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monkeypatch, one_thread):
+def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monkeypatch, capsys, one_thread):
     """
     Every number of the metrics rows and of the final normalisation against a plain float64 recount, on a run whose
     weights do not move (the optimizer is handed lr 0) and whose clock ticks 0.5 s a step: --grad_accum 2 over
@@ -647,6 +647,7 @@ def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monk
         "--max_steps", str(max_steps), "--log_interval", "3", "--eval_interval", "5", "--ckpt_interval", "4",
         "--eval_batches", "3", "--device", "cpu", "--dtype", "float32"])
     train_rm.main()
+    stdout = capsys.readouterr().out
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 3, 5, 6, 7, 7] and rows[-1]["final"]
 
@@ -721,6 +722,25 @@ def test_metrics_rows_and_the_normalisation_match_a_plain_recount(tmp_path, monk
     for std in (final["reward_std"], ckpt["reward_std"]):
         assert std == pytest.approx(want_std, rel=1e-5)
     assert ckpt["model"]["head.bias"].item() == pytest.approx(model.head.bias.item() - np.mean(val_scores), abs=1e-5)
+    # the progress lines: the row's numbers and the latest held-out metrics; the last lines: accuracy and the
+    # normalisation over the held-out responses (their number, not the records')
+
+    def val_line(r):
+        return f"val acc {r['val_acc']:.3f} margin {r['val_margin']:.2f} ece {r['val_ece']:.3f}"
+
+    lines = stdout.splitlines()
+    steps_said = [x for x in lines if x.startswith("step ")]
+    assert steps_said[0] == f"step 0/{max_steps} | {val_line(rows[0])}" and len(steps_said) == len(rows) - 1
+    latest = rows[0]
+    for row, line in zip(rows[1:-1], steps_said[1:]):
+        latest = row if "val_acc" in row else latest
+        assert line.startswith(f"step {row['step']}/{max_steps} | loss {row['loss']:.3f} | acc {row['acc']:.3f} | "
+                               f"{val_line(latest)} | {train_common.fmt_count(row['tok_per_s'])} tok/s | "
+                               f"mfu {100 * row['mfu']:.1f}% | ") and line.endswith(" left"), (line, row)
+    n_responses = sum(len(r["responses"]) for r in val_records)
+    assert n_responses > len(val_records) and lines[-2] == f"held-out pairwise accuracy {final['val_acc']:.3f}"
+    assert lines[-1].startswith(f"done: step {max_steps}; rewards on {n_responses} held-out responses: mean "
+                                f"{final['reward_mean']:.2e}, std {want_std:.3f}; "), lines[-1]
 
 
 def frozen_rm_run(monkeypatch, argv):
@@ -732,7 +752,7 @@ def frozen_rm_run(monkeypatch, argv):
     train_rm.main()
 
 
-def test_gold_numbers_match_a_plain_count_over_the_held_out_records(tmp_path, monkeypatch, one_thread):
+def test_gold_numbers_match_a_plain_count_over_the_held_out_records(tmp_path, monkeypatch, capsys, one_thread):
     """
     The built-in task: the final row's val_gold_acc is the fraction of the held-out pairs gold orders strictly on
     which the (fixed, random) RM agrees with gold, each record's responses scored alone, a score tie 1/2; and
@@ -764,6 +784,11 @@ def test_gold_numbers_match_a_plain_count_over_the_held_out_records(tmp_path, mo
     assert len(records) == 12 and n > 10 and 0 < agree < n
     assert final["val_gold_acc"] == pytest.approx(agree / n, rel=1e-5)
     assert final["annotator_agreement"] == pytest.approx(sum(annot) / len(annot), rel=1e-5)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("held-out pairwise accuracy"))
+    assert line == (f"held-out pairwise accuracy {final['val_acc']:.3f} vs the annotator's agreement with gold on the "
+                    f"same pairs {final['annotator_agreement']:.3f}; RM agrees with gold on {agree / n:.3f} of the "
+                    f"pairs gold does not tie"), line
+    assert f"{agree / n:.3f}" != f"{final['annotator_agreement']:.3f}"
 
 
 def test_a_lora_run_trains_the_head_in_full_and_the_adapters_only(tmp_path, monkeypatch, one_thread):
@@ -873,3 +898,68 @@ def test_center_coef_and_the_normalisation_on_demonstrations_match_a_plain_recou
     assert ckpt["reward_std"] == pytest.approx(float(np.std(first4, ddof=1)), rel=1e-5)
     assert ckpt["model"]["head.bias"].item() == pytest.approx(model.head.bias.item() - np.mean(first4), abs=1e-5)
     assert abs(np.mean(first4) - np.mean(demo_scores[:3])) > 1e-3 and abs(np.mean(first4) - np.mean(demo_scores)) > 1e-3
+
+
+def test_allow_ties_counts_the_ties_of_both_files_and_eval_batches_limits_the_held_out_metrics(tmp_path, monkeypatch,
+                                                                                              capsys, one_thread):
+    """
+    --allow_ties with ties in both files: the training file's record loses 1 response, the held-out file's 3 (a record
+    of two identical responses, dropped whole, and one of 4 with 3 copies of its best): the data line says 4 (counted by
+    hand). --eval_batches 1 of the 2 held-out batches: the step-0 held-out loss is the plain mean over the records of
+    the first batch only. The one checkpoint of the last step is the normalised one.
+    """
+    model, tok = random_tiny_rm(tmp_path, 6)
+    rng = random.Random(6)
+    train = random_prefs(rng, 6, 0) + [{"prompt": "t1", "responses": ["a b", "c", "a b"], "ranking": [2, 1, 0]}]
+    val = random_prefs(rng, 3, 100) + [{"prompt": "t2", "responses": ["x", "x"], "ranking": [0, 1]},
+                                       {"prompt": "t3", "responses": ["y", "z", "y", "y"], "ranking": [0, 1, 2, 3]}]
+    for name, rows in (("prefs", train), ("val", val)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    real_save, saved = train_rm.save_run, []  # the last step is saved once, normalised: no plain checkpoint before it
+
+    def save_run(out_dir, payload, *a, **kw):
+        saved.append((payload["step"], "reward_std" in payload))
+        return real_save(out_dir, payload, *a, **kw)
+
+    monkeypatch.setattr(train_rm, "save_run", save_run)
+    frozen_rm_run(monkeypatch, ["--data", str(tmp_path / "prefs.jsonl"), "--val_data", str(tmp_path / "val.jsonl"),
+                                "--init_from", str(tmp_path / "init"), "--out_dir", str(out), "--sft_data", "",
+                                "--allow_ties", "--batch_size", "2", "--eval_batches", "1", "--max_steps", "1",
+                                "--device", "cpu", "--dtype", "float32"])
+    data_line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data: "))
+    assert data_line.endswith("; 4 tied responses dropped"), data_line
+    assert saved == [(1, True)], saved
+    kept = val[:3] + [{"prompt": "t3", "responses": ["y", "z"], "ranking": [0, 1]}]  # as drop_ties leaves them
+    lengths = [max(len(tok.render(r["prompt"], y)[0]) for y in r["responses"]) for r in kept]
+    first = train_rm.LengthGroupedSampler(lengths, 2, seed=0).batches(0)[0]
+    model = model.double()
+    with torch.no_grad():
+        losses = [sum(math.log1p(math.exp(-x.item())) for x in plain_record(model, tok, r)[1])
+                  / len(plain_record(model, tok, r)[1]) for r in kept]
+    want = sum(losses[i] for i in first) / len(first)
+    assert abs(want - sum(losses) / len(losses)) > 1e-3  # the other batch would show
+    assert read_metrics(out)[0]["val_loss"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--norm_samples", "1"], "--norm_samples must be at least 2, got 1"),
+    (["--center_coef", "-0.01"], "--center_coef must be >= 0, got -0.01"),
+])
+def test_check_flags_refuses_norm_samples_and_center_coef_just_past_their_bounds(argv, message):
+    with pytest.raises(utils.UserError) as e:
+        train_rm.check_flags(train_common.parse_stage_flags(train_rm.Config, argv))
+    assert str(e.value) == message
+    train_rm.check_flags(train_common.parse_stage_flags(train_rm.Config, ["--norm_samples", "2", "--center_coef", "0"]))
+
+
+def test_out_dir_that_is_init_from_is_refused(tmp_path, monkeypatch, capsys):
+    # a run pointed at the checkpoint it starts from would overwrite it: refused before anything is read or written
+    random_tiny_rm(tmp_path, 7)
+    init = tmp_path / "init"
+    before = (init / "ckpt.pt").read_bytes()
+    code, err = run_rm(monkeypatch, capsys, ["--data", str(tmp_path / "none.jsonl"), "--init_from", str(init),
+                                             "--out_dir", str(init) + "/", "--device", "cpu"])
+    assert code == 2 and err == (f"error: --out_dir {init}/ is also --init_from: the run would overwrite the "
+                                 f"checkpoint it starts from; pick another --out_dir\n"), err
+    assert sorted(p.name for p in init.iterdir()) == ["ckpt.pt"] and (init / "ckpt.pt").read_bytes() == before

@@ -192,7 +192,7 @@ def test_scratch_only_flags_are_refused_with_init_from(data, full_run, tmp_path)
 def test_scratch_only_flags_named_with_init_from_are_refused_at_any_value(argv, named):
     args = train_common.parse_stage_flags(sft_stage.Config, ["--init_from", "out/sft", *argv])
     with pytest.raises(utils.UserError, match=f"^{named}: only for a model from scratch; --init_from out/sft keeps "
-                                              f"the checkpoint's; leave (it|them) out$"):
+                                              f"the checkpoint's; leave {'them' if ', ' in named else 'it'} out$"):
         sft_stage.check_flags(args)
     # a resumed run's saved flags (built in code, no _given) were checked when it started
     sft_stage.check_flags(sft_stage.Config(init_from="out/sft", n_layer=1, activation="gelu_new"))
@@ -281,6 +281,13 @@ def test_init_from_hf_gpt2_takes_gpt2s_tokenizer(tmp_path):
     assert (tok.name, tok.vocab_size, model.config.vocab_size) == ("gpt2", 50258, 50258)
     with pytest.raises(utils.UserError, match="is a Hugging Face GPT-2: pass --tokenizer gpt2"):
         init_model("--init_from", str(hf_dir))
+    # a GPT-2 that already has the pad row (50258, as a fine-tuned one exported without its tokenizer.tiktoken): taken
+    config = dataclasses.replace(config, vocab_size=50258)
+    export_hf.save_safetensors(hf.hf_state_dict(GPT(config).state_dict(), config, "gpt"),
+                               str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps(hf.hf_config(config, "gpt", 50256, 50257)))
+    model, tok = init_model("--init_from", str(hf_dir), "--tokenizer", str(GPT2_FILE))
+    assert (tok.name, tok.vocab_size, model.config.vocab_size) == ("gpt2", 50258, 50258)
 
 
 def test_resume_flag_forms(tmp_path):
@@ -730,6 +737,15 @@ def test_metrics_rows_match_a_plain_recount_of_the_steps(tmp_path, monkeypatch, 
             assert row["val_loss"] == pytest.approx(total.item() / count, rel=1e-5), row
         first = row["step"]
     assert rows[0]["val_loss"] == pytest.approx(total.item() / count, rel=1e-5)
+    # the progress lines: step of --max_steps, the row's numbers, and the latest held-out loss (of step 0 until step 5)
+    lines = [x for x in stdout.splitlines() if x.startswith("step ")]
+    assert lines[0] == f"step 0/{max_steps} | val {total.item() / count:.3f}" and len(lines) == len(rows), lines
+    for row, line in zip(rows[1:], lines[1:]):
+        assert line.startswith(f"step {row['step']}/{max_steps} | loss {row['loss']:.3f} | "
+                               f"val {total.item() / count:.3f} | {train_common.fmt_count(row['tok_per_s'])} tok/s | "
+                               f"mfu {100 * row['mfu']:.1f}% | "
+                               f"pad {100 * row['pad_frac']:.0f}% | ") and line.endswith(" left"), (line, row)
+    assert {round(100 * r["mfu"], 1) for r in rows[1:]} != {0.0}  # MFU shows in the line
     assert len({round(s[0], 6) for s in steps}) == max_steps and len({round(s[4], 6) for s in steps}) > 2
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 7 and state["window"]["steps"] == 0
@@ -763,3 +779,126 @@ def test_a_lora_run_resumed_ends_where_the_uninterrupted_one_does(tmp_path, monk
     for x, y in zip(want[1:], got[1:]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), y
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3), y
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer", "0"], "--n_layer must be at least 1, got 0"),
+    (["--n_head", "0"], "--n_head must be at least 1, got 0"),
+    (["--n_embd", "0"], "--n_embd must be at least 1, got 0"),
+    (["--n_embd", "100", "--n_head", "3"], "--n_embd 100 must be divisible by --n_head 3"),
+    (["--block_size", "1"], "--block_size must be at least 2, got 1"),
+    (["--dropout", "1.0"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.01"], "--dropout must be in [0, 1), got -0.01"),
+])
+def test_check_flags_refuses_a_model_shape_just_past_each_bound(argv, message):
+    # each bound refused one step past it, with the message naming the flag and the value (the bounds themselves pass
+    # below): a check loosened to >= 0 or <= 1, or a message naming another flag, shows here
+    args = train_common.parse_stage_flags(sft_stage.Config, argv)
+    with pytest.raises(utils.UserError) as e:
+        sft_stage.check_flags(args)
+    assert str(e.value) == message
+
+
+def test_check_flags_accepts_a_model_shape_at_each_bound():
+    for argv in (["--n_layer", "1", "--n_head", "1", "--n_embd", "1", "--block_size", "2", "--dropout", "0"],
+                 ["--n_embd", "99", "--n_head", "3", "--dropout", "0.99"]):
+        sft_stage.check_flags(train_common.parse_stage_flags(sft_stage.Config, argv))
+
+
+def test_init_from_scratch_with_a_missing_tokenizer_file_names_the_flag():
+    with pytest.raises(utils.UserError, match=r"^--tokenizer /nonexistent\.tiktoken: expected byte, gpt2 or the path "
+                                              r"of a \.tiktoken file, and there is no file /nonexistent\.tiktoken$"):
+        init_model("--tokenizer", "/nonexistent.tiktoken")
+    with pytest.raises(utils.UserError, match=r"^--init_from /nonexistent/dir: expected 'scratch', a nanorlhf "
+                                              r"checkpoint directory \(ckpt\.pt\) or a Hugging Face GPT-2 directory"):
+        init_model("--init_from", "/nonexistent/dir")
+
+
+def test_init_from_an_hf_dir_whose_config_has_no_usable_vocab_size_is_one_line(tmp_path):
+    # config.json without vocab_size (a KeyError), or with 0: one line naming the directory and the file
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    config = hf_dir / "config.json"
+    config.write_text(json.dumps({"n_layer": 1}))
+    with pytest.raises(utils.UserError, match=f"^--init_from {hf_dir}: no vocab_size in {config} \\(KeyError: "):
+        init_model("--init_from", str(hf_dir))
+    config.write_text(json.dumps({"vocab_size": 0}))
+    with pytest.raises(utils.UserError, match=f"^--init_from {hf_dir}: vocab_size 0 in {config} is not a positive "):
+        init_model("--init_from", str(hf_dir))
+
+
+def test_out_dir_that_is_init_from_is_refused(tmp_path, monkeypatch, capsys):
+    # a run pointed at the checkpoint it starts from would overwrite it: refused before anything is read or written
+    model, tok = random_tiny_gpt(4)
+    init = tmp_path / "init"
+    utils.save_checkpoint(str(init), utils.model_payload(model, tok, "sft", sft_stage.Config(), 0))
+    before = (init / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--data", str(tmp_path / "none.jsonl"), "--init_from",
+                                      str(init), "--out_dir", str(init) + "/", "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(sft_stage.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: --out_dir {init}/ is also --init_from: the run would overwrite the "
+                                         f"checkpoint it starts from; pick another --out_dir\n"), err
+    assert sorted(os.listdir(init)) == ["ckpt.pt"] and (init / "ckpt.pt").read_bytes() == before
+
+
+def test_data_line_counts_cut_and_dropped_examples_of_both_splits_and_eval_batches_limits_val(tmp_path, monkeypatch,
+                                                                                               capsys, one_thread):
+    """
+    --block_size 48 under a 64-token checkpoint: of the training file 3 fit, 1 has its prompt cut, 1 its response too
+    long (dropped); of the held-out file 1 fits, 2 are cut, 1 dropped. The data line counts both files' (hand-counted:
+    3 cut, 2 dropped); and with --eval_batches 2 of the 3 held-out batches, the step-0 held-out loss is the plain
+    float64 mean over the targets of the first 2 batches only. Stopped at step 1 of 3, the progress line says 1/3.
+    """
+    model, tok = random_tiny_gpt(5)
+    init = tmp_path / "init"
+    utils.save_checkpoint(str(init), utils.model_payload(model, tok, "sft", sft_stage.Config(), 0))
+    fits = [{"prompt": f"sort {i} 1", "response": "1 " * (i + 1)} for i in range(3)]
+    cut = [{"prompt": "p" * (30 + i), "response": "ab" * (i + 1)} for i in range(2)]  # 52 tokens of prompt alone
+    dropped = [{"prompt": f"q{i}", "response": "x" * 50} for i in range(2)]
+    for name, rows in (("sft", fits + cut[:1] + dropped[:1]), ("val", fits[:1] + cut + dropped[1:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert all(len(tok.render(r["prompt"], r["response"])[0]) > 48 for r in cut + dropped)
+    assert all(len(tok.render(r["prompt"], r["response"])[0]) <= 48 for r in fits)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_sft.py", "--data", str(tmp_path / "sft.jsonl"), "--val_data",
+                                      str(tmp_path / "val.jsonl"), "--init_from", str(init), "--out_dir", str(out),
+                                      "--block_size", "48", "--batch_size", "1", "--eval_batches", "2",
+                                      "--max_steps", "3", "--stop_at", "1", "--device", "cpu", "--dtype", "float32"])
+    sft_stage.main()
+    stdout = capsys.readouterr().out
+    # the progress line counts to --max_steps, not to --stop_at
+    assert stdout.splitlines()[-2].startswith("step 1/3 | loss "), stdout
+    assert stdout.splitlines()[-1] == "stopped at step 1 (--stop_at); continue with --resume", stdout
+    assert ("data: 4 train, 3 val examples; longer than 48 tokens: 3 cut from the left of the prompt, 2 dropped "
+            "(response does not fit)") in stdout.splitlines(), stdout
+    val = sft_stage.encode_sft(sft_stage.read_sft(str(tmp_path / "val.jsonl")), tok, 48)[0]
+    first = sft_stage.LengthGroupedSampler([len(ids) for ids, _ in val], 1, seed=0).batches(0)[:2]
+    with torch.no_grad():
+        total, count = plain_sft_loss(model.double(), [val[i] for b in first for i in b])
+        everything = plain_sft_loss(model, val)
+    assert abs(everything[0].item() / everything[1] - total.item() / count) > 1e-3  # the third batch would show
+    assert read_metrics(out)[0]["val_loss"] == pytest.approx(total.item() / count, rel=1e-5)
+
+
+def test_a_conversation_cut_inside_an_earlier_response_counts_only_the_targets_some_position_predicts():
+    """
+    A two-turn conversation cut from the left inside its first response: its first token is a response token (mask 1)
+    that no position predicts. The held-out loss is still the float64 sum of -log p over the predicted targets divided
+    by their number (counting that first token too would divide by one more).
+    """
+    model, tok = random_tiny_gpt(6)
+    model = model.double()
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the quick brown fox"},
+            {"role": "user", "content": "w"}, {"role": "assistant", "content": "xy"}]
+    ids, _ = tok.render_messages(msgs)
+    block = len(ids) - ids.index(tok.eos_id) + 4  # 3 tokens of the first response and its EOS kept
+    examples = sft_stage.encode_sft([{"messages": msgs}, {"prompt": "a", "response": "bc"}], tok, block)[0]
+    assert len(examples) == 2 and examples[0][1][:4] == [1, 1, 1, 1] and examples[1][1][0] == 0
+    batch = sft_stage.make_batch(examples, tok.pad_id, 64)
+    got = sft_stage.evaluate(model, [batch], utils.Runtime(torch.device("cpu"), "cpu", "float32"))
+    with torch.no_grad():
+        total, count = plain_sft_loss(model, examples)
+    assert sft_stage.n_targets(batch) == count
+    assert got == pytest.approx(total.item() / count, rel=1e-9)
