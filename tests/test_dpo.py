@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import random
+import re
 import sys
 
 import pytest
@@ -63,6 +64,8 @@ def test_dpo_loss_and_stats_match_float64_loop():
         assert loss.item() == pytest.approx(want, rel=1e-12)
         assert stats["margin"].item() == pytest.approx(sum(margins) / P, rel=1e-9, abs=1e-12)
         assert stats["chosen_reward"].item() == pytest.approx(sum(beta * (pc[i] - rc[i]) for i in range(P)) / P, rel=1e-9)
+        assert stats["rejected_reward"].item() == pytest.approx(sum(beta * (pr[i] - rr[i]) for i in range(P)) / P,
+                                                                rel=1e-9)
         # the constructed ties are exact only up to float rounding: compare with ties counted 1/2 when the
         # float64 margin came out exactly 0, which is what dpo_loss sees
         exact = [(torch.tensor(pc[i], dtype=torch.float64) - rc[i]) - (torch.tensor(pr[i], dtype=torch.float64) - rr[i])
@@ -474,16 +477,17 @@ def test_evaluate_is_the_mean_over_all_pairs():
 
 
 def test_rows_average_the_steps_since_the_last_row_over_the_pairs_of_each_step(tiny_run, tmp_path, monkeypatch,
-                                                                               one_thread):
+                                                                               capsys, one_thread):
     """
     6 steps of 2 micro-batches of prompts with K = 2, 3 or 4 responses (1, 3 or 6 pairs: the micro-batches of a step
-    hold different numbers of pairs), stopped after step 4 (--stop_at) and resumed, rows at steps 2, 3 (an
-    evaluation), 4 (the stop's evaluation) and 6 (an evaluation). Each row recomputed from the
-    training batches and batch_loss's numbers captured in the run: loss, acc, margin, chosen_reward and
-    rejected_reward are the means over the steps since the last row of each step's mean over its pairs; tokens
-    the mean over those steps of the real tokens of the step's rows (no shared prompts), pad_frac the mean of the
-    step's mean padding fraction; lr the textbook schedule at the row's step (linear warmup to --lr over --warmup
-    steps, then cosine to --min_lr at --max_steps, not at --stop_at). Every evaluation runs the first --eval_batches
+    hold different numbers of pairs), stopped after step 5 (--stop_at) and resumed, rows at steps 2, 3 (an
+    evaluation), 4, 5 (the stop's evaluation, off the schedule: the resumed run carries its sums on, so that the row
+    of step 6 averages steps 5 and 6 as the uninterrupted run's would) and 6 (an evaluation). Each row recomputed
+    from the training batches and batch_loss's numbers captured in the run: loss, acc, margin, chosen_reward and
+    rejected_reward are the means over the steps since the last row of each step's mean over its pairs; tokens the
+    mean over those steps of the real tokens of the step's rows (no shared prompts), pad_frac the mean of the step's
+    mean padding fraction; lr the textbook schedule at the row's step (linear warmup to --lr over --warmup steps,
+    then cosine to --min_lr at --max_steps, not at --stop_at). Every evaluation runs the first --eval_batches
     held-out batches.
     """
     records = [{"prompt": f"sort {i} {i + 1}", "responses": ["1 2", "2 1", "1 1 2", "2"][:2 + i % 3],
@@ -507,13 +511,34 @@ def test_rows_average_the_steps_since_the_last_row_over_the_pairs_of_each_step(t
     out = tmp_path / "out"
     argv = dpo_cmd(tiny_run, out, "--data", str(data), "--grad_accum", "2", "--log_interval", "2", "--share_prompts",
                    "false", "--dtype", "float32", "--min_lr", "2e-4", gold=False)
-    monkeypatch.setattr(sys, "argv", argv + ["--stop_at", "4"])
+    monkeypatch.setattr(sys, "argv", argv + ["--stop_at", "5"])
+    capsys.readouterr()
     train_dpo.main()
+    stopped = capsys.readouterr().out.splitlines()
+    (tmp_path / "at_stop").mkdir()
+    (tmp_path / "at_stop" / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes())
     monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--out_dir", str(out), "--resume"])
     train_dpo.main()
+    resumed = capsys.readouterr().out.splitlines()
     rows = read_metrics(str(out))
-    assert [r["step"] for r in rows] == [0, 2, 3, 4, 6] and len(calls) == 12
-    assert [("val_loss" in r) for r in rows] == [True, False, True, True, True]
+    assert [r["step"] for r in rows] == [0, 2, 3, 4, 5, 6] and len(calls) == 12
+    # the progress lines: the step of the whole schedule (--max_steps, not --stop_at), the held-out numbers where the
+    # row has them; the budget line's prompts per step are --batch_size x --grad_accum; the last line how it ended
+    progress = {int(line.split("/")[0][5:]): line for line in stopped + resumed if line.startswith("step ")}
+    assert sorted(progress) == [0, 2, 3, 4, 5, 6] and all(progress[s].startswith(f"step {s}/6 | ") for s in progress)
+    for r in rows:
+        val = f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.3f} margin {r['val_margin']:.3f}" if "val_loss" in r \
+            else "val -"
+        assert f"| {val} |" in progress[r["step"]] + " |", progress[r["step"]]
+    assert sum(", 6 steps x 8 prompts, models in memory while training: 1," in line for line in stopped) == 1
+    assert stopped[-1] == "stopped at step 5 (--stop_at); continue with --resume"
+    assert re.fullmatch(rf"done: step 6; \d+m\d\ds; saved {re.escape(str(out))}/ckpt\.pt", resumed[-1]), resumed[-1]
+    # the resumed run trains the policy of the stop's checkpoint: step 6's first loss is that policy's on its batch
+    policy = utils.load_model(str(tmp_path / "at_stop"), kind="gpt")[0]
+    batch, loss, _ = calls[10]
+    rt = utils.Runtime(torch.device("cpu"), "cpu", "float32")
+    assert real_loss(policy, batch, 0.1, rt)[0].item() == pytest.approx(loss, rel=1e-6)
+    assert [("val_loss" in r) for r in rows] == [True, False, True, False, True, True]
     assert len(evals) == 4 and all(e == evals[0] for e in evals) and len(evals[0]) == 2  # --eval_batches 2
 
     steps = []  # per step: the means over its pairs, its real tokens, its mean padding fraction
@@ -538,10 +563,60 @@ def test_rows_average_the_steps_since_the_last_row_over_the_pairs_of_each_step(t
             return 1e-3 * (s + 1) / 2
         return 2e-4 + 0.5 * (1 + math.cos(math.pi * (s - 2) / (6 - 2))) * (1e-3 - 2e-4)
 
-    for row, (first, last) in zip(rows[1:], [(1, 2), (3, 3), (4, 4), (5, 6)]):
+    for row, (first, last) in zip(rows[1:], [(1, 2), (3, 3), (4, 4), (5, 5), (5, 6)]):
         window = steps[first - 1:last]
         for key in ("loss", "acc", "margin", "chosen_reward", "rejected_reward", "tokens", "pad_frac"):
             want = sum(s[key] for s in window) / len(window)
             assert row[key] == pytest.approx(want, rel=1e-5, abs=1e-6), (row["step"], key)
         assert row["lr"] == pytest.approx(lr_at(row["step"] - 1), rel=1e-5), row["step"]  # logged to 6 digits
-    assert len({r["lr"] for r in rows[1:]}) == 3  # the peak at steps 2 and 3
+    assert len({r["lr"] for r in rows[1:]}) == 4  # the peak at steps 2 and 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"beta": 0.0}, "--beta must be > 0, got 0.0"),
+    ({"beta": -0.1}, "--beta must be > 0, got -0.1"),
+    ({"gold": "yes"}, "--gold 'yes': expected auto, on or off"),
+    ({"gold_prompts": 0}, "--gold_prompts and --response_length must be >= 1 and --temperature > 0"),
+    ({"response_length": 0}, "--gold_prompts and --response_length must be >= 1 and --temperature > 0"),
+    ({"temperature": 0.0}, "--gold_prompts and --response_length must be >= 1 and --temperature > 0"),
+])
+def test_check_flags_refuses_each_bad_value_in_one_message(flags, message):
+    with pytest.raises(utils.UserError) as e:
+        train_dpo.check_flags(train_dpo.Config(**flags))
+    assert str(e.value) == message
+    # the smallest values allowed pass
+    train_dpo.check_flags(train_dpo.Config(beta=1e-9, gold_prompts=1, response_length=1, temperature=1e-9))
+
+
+def test_gold_on_names_the_held_out_file_its_prompts_come_from(tiny_run, tmp_path, monkeypatch, capsys, one_thread):
+    """
+    The gold score samples the held-out prompts: with --val_data, those of that file. The task's prompts in --data
+    and others in --val_data: --gold on is refused naming --val_data's file, before anything is written.
+    """
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": f"yes {i}", "rejected": "no"}) + "\n"
+                           for i in range(4)))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--data", write_prefs(tmp_path / "prefs.jsonl"), "--val_data",
+                                      str(val), "--sft", str(tiny_run / "sft"), "--out_dir", str(out), "--gold", "on"])
+    with pytest.raises(SystemExit) as e:
+        utils.run(train_dpo.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --gold on: {val} holds prompts that are not the built-in "
+                                                f"task's, e.g. 'hello 0'"), err
+    assert not out.exists()
+
+
+def test_resume_refuses_a_changed_held_out_file(tiny_run, tmp_path, monkeypatch, one_thread):
+    """--val_data is one of the inputs train_state.pt records: edited after the run started, --resume is refused."""
+    val = write_prefs(tmp_path / "val.jsonl")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--data", write_prefs(tmp_path / "prefs.jsonl"), "--val_data",
+                                      val, "--sft", str(tiny_run / "sft"), "--out_dir", str(out), "--batch_size", "4",
+                                      "--max_steps", "2", "--stop_at", "1", "--eval_batches", "1", "--gold", "off"])
+    train_dpo.main()
+    write_prefs(tmp_path / "val.jsonl", [{"prompt": "sort 9 1", "chosen": "1 9", "rejected": "9 1"}])
+    monkeypatch.setattr(sys, "argv", ["train_dpo.py", "--out_dir", str(out), "--resume"])
+    changed = re.escape(f"--resume: --val_data {val} is not what the run started from")
+    with pytest.raises(utils.UserError, match=changed):
+        train_dpo.main()

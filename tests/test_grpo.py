@@ -21,10 +21,10 @@ from scripts import ROOT, read_metrics, script
 sys.path.insert(0, ROOT)  # train_grpo.py is a top-level script
 
 from nanorlhf import data as D
-from nanorlhf import utils
+from nanorlhf import tasks, utils
 from nanorlhf.losses import clipped_surrogate
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-from nanorlhf.rollout import disable_dropout, freeze, generate_responses
+from nanorlhf.rollout import decode_response, disable_dropout, freeze, generate_responses
 from nanorlhf.tokenizer import Tokenizer
 
 import train_grpo
@@ -650,11 +650,9 @@ def test_equal_groups_counts_equal_scores_with_the_kl_in_the_reward(tiny_ckpts, 
 
 
 @pytest.mark.parametrize("flags, message", [
+    # one refusal as the user sees it; each check's message: test_check_args_refuses_each_bad_value_in_one_message
+    # (--max_grad_norm -1: test_check_args_rejects_a_negative_grad_clip_and_a_clip_coef_or_lr_of_0_or_less)
     (("--group_size", "1"), "--group_size 1"),
-    (("--batch_size", "10", "--num_minibatches", "1"), "divisible by --group_size 4"),
-    (("--advantage", "ppo"), "--advantage 'ppo'"),
-    (("--kl_in", "both"), "--kl_in 'both'"),
-    (("--max_grad_norm", "-1"), "--max_grad_norm must be >= 0"),
 ])
 def test_bad_flags_exit_2_and_write_nothing(tiny_ckpts, flags, message):
     out = tiny_ckpts / "bad"
@@ -724,26 +722,27 @@ def test_bad_prompts_file_exits_2_and_writes_nothing(tiny_ckpts, tmp_path):
 def test_nan_loss_stops_naming_the_minibatch_and_keeps_the_checkpoint(tiny_ckpts, tmp_path, monkeypatch, capsys,
                                                                       one_thread):
     """
-    A NaN surrogate in the 3rd minibatch of iteration 2 (2 epochs x 2 minibatches per iteration) stops the run with
-    one line naming iteration 2, epoch 2, minibatch 1 and the loss, exit status 2, before the optimizer step: the
-    checkpoint of iteration 1 (and its train_state.pt) stays, with finite weights.
+    A NaN surrogate in the 4th minibatch of iteration 2 (2 epochs x 2 minibatches of 2 micro-batches per iteration:
+    the 15th call) stops the run with one line naming iteration 2, epoch 2, minibatch 2 (not micro-batch 3) and the
+    loss, exit status 2, before the optimizer step: the checkpoint of iteration 1 (and its train_state.pt) stays, with
+    finite weights.
     """
     real, calls = train_grpo.clipped_surrogate, [0]
 
-    def nan_at_call_7(*a, **kw):
+    def nan_at_call_15(*a, **kw):
         pg_tokens, ratio = real(*a, **kw)
         calls[0] += 1
-        return (pg_tokens * float("nan") if calls[0] == 7 else pg_tokens), ratio
+        return (pg_tokens * float("nan") if calls[0] == 15 else pg_tokens), ratio
 
-    monkeypatch.setattr(train_grpo, "clipped_surrogate", nan_at_call_7)
+    monkeypatch.setattr(train_grpo, "clipped_surrogate", nan_at_call_15)
     out = tmp_path / "out"
-    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--num_epochs", "2", "--save_interval", "1",
-                    "--gold", "off")[1:]
+    argv = grpo_cmd(tiny_ckpts, out, "--num_iterations", "3", "--num_epochs", "2", "--grad_accum", "2",
+                    "--save_interval", "1", "--gold", "off")[1:]
     with pytest.raises(SystemExit) as e:
         utils.run(lambda: train_grpo.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: iteration 2 epoch 2 minibatch 1: non-finite loss nan"), err
+    assert err.startswith("error: iteration 2 epoch 2 minibatch 2: non-finite loss nan"), err
     for name in ("ckpt.pt", "train_state.pt"):
         assert torch.load(out / name, weights_only=True)["step"] == 1, name
     model = torch.load(out / "ckpt.pt", weights_only=True)["model"]
@@ -787,7 +786,7 @@ def test_a_resume_cannot_shorten_the_run(tiny_ckpts, tmp_path, capsys, one_threa
 
 
 def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_one(tiny_ckpts, tmp_path, monkeypatch,
-                                                                                  one_thread):
+                                                                                  capsys, one_thread):
     """
     rloo (KL in the reward, so scores and rewards differ), 3 iterations, run whole and stopped after iteration 2
     then resumed: the same metrics rows (times aside), weights and optimizer state, and each row recomputed with
@@ -796,9 +795,14 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
     of the whole schedule (not of --stop_at). Responses of N = 6 tokens for B = 8 episodes.
     """
     real_exp, real_update, seen = train_grpo.make_experience, train_grpo.grpo_update, []
+    real_pick, picked = train_grpo.next_prompt_indices, []
+
+    def keep_prompts(*a, **kw):
+        picked.append(real_pick(*a, **kw))
+        return picked[-1]
 
     def keep_experience(*a, **kw):
-        seen.append({"exp": real_exp(*a, **kw)})
+        seen.append({"exp": real_exp(*a, **kw), "prompts": picked[-1][0]})
         return seen[-1]["exp"]
 
     def keep_update(actor, opt, exp, args, rt, lr, iteration=None):
@@ -807,14 +811,29 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
 
     monkeypatch.setattr(train_grpo, "make_experience", keep_experience)
     monkeypatch.setattr(train_grpo, "grpo_update", keep_update)
+    monkeypatch.setattr(train_grpo, "next_prompt_indices", keep_prompts)
+    # a judge that scores the random policy's responses apart (the task's gives them all 0): the rows' gold must be the
+    # mean over all B rows, not over the --num_samples written
+    monkeypatch.setattr(tasks, "gold", lambda prompt, response: (len(prompt) + len(response)) % 5 / 4)
     argv = grpo_cmd(tiny_ckpts, tmp_path / "whole", "--advantage", "rloo", "--num_iterations", "3", "--num_epochs",
-                    "2", "--lr", "1e-3", "--gold", "off", "--dtype", "float32", "--response_length", "6")[1:]
+                    "2", "--lr", "1e-3", "--dtype", "float32", "--response_length", "6")[1:]  # gold: the task's prompts
+    capsys.readouterr()
     train_grpo.main(argv)
+    printed = {"whole": capsys.readouterr().out.splitlines()}
     whole_seen, seen[:] = list(seen), []
     out = tmp_path / "resumed"
     train_grpo.main(argv[:argv.index("--out_dir") + 1] + [str(out)] + argv[argv.index("--out_dir") + 2:] +
                     ["--stop_at", "2"])
+    printed["stopped"] = capsys.readouterr().out.splitlines()
     train_grpo.main(["--out_dir", str(out), "--resume"])
+    printed["resumed"] = capsys.readouterr().out.splitlines()
+    # the progress lines name the iteration of the whole schedule, the last line how the run ended
+    for name, iters in (("whole", [1, 2, 3]), ("stopped", [1, 2]), ("resumed", [3])):
+        assert [line.split(" |")[0] for line in printed[name] if line.startswith("iter ")] == \
+            [f"iter {i}/3" for i in iters], printed[name]
+    assert printed["stopped"][-1] == "stopped at iteration 2 (--stop_at); continue with --resume"
+    for name, d in (("whole", tmp_path / "whole"), ("resumed", out)):
+        assert re.fullmatch(rf"done: iteration 3; \d+m\d\ds; saved {re.escape(str(d))}/ckpt\.pt", printed[name][-1])
     whole, resumed = read_metrics(str(tmp_path / "whole")), read_metrics(str(out))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(whole)
@@ -826,6 +845,7 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
         assert all(torch.equal(v[n], b["optimizer"]["state"][k][n]) for n in v)
 
     assert [r["iter"] for r in whole] == [1, 2, 3] and len(whole_seen) == 3 and len(seen) == 3
+    tok, prompts = Tokenizer.byte_level(), D.read_prompts(str(tiny_ckpts / "prompts.jsonl"))
     for rows, runs in ((whole, whole_seen), (resumed, seen)):
         for row, run in zip(rows, runs):
             exp, upd, B = run["exp"], run["upd"], 8
@@ -836,7 +856,14 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
                       if mask[b][t]) for b in range(B)]
             scores = exp["scores"].tolist()
             groups = [scores[g * 4:g * 4 + 4] for g in range(B // 4)]
+            entropy = [exp["entropy"][b, t].item() for b in range(B) for t in range(len(mask[b])) if mask[b][t]]
             want = {"score": sum(scores) / B, "rm_score": sum(exp["rm_scores"].tolist()) / B, "kl": sum(kl) / B,
+                    "entropy": sum(entropy) / len(entropy),  # the mean over the real tokens, not the rows
+                    # the judge's score of every row (not of the --num_samples written), row b a response to the
+                    # prompt of its group b // 4
+                    "gold": sum(tasks.gold(prompts[run["prompts"][b // 4]],
+                                           decode_response(tok, exp["response"][b].tolist(), mask[b]))
+                                for b in range(B)) / B,
                     "reward": sum(s - 0.3 * k for s, k in zip(scores, kl)) / B,
                     "equal_groups": sum(len(set(g)) == 1 for g in groups) / len(groups),
                     "adv_abs": sum(abs(x) for x in exp["advantages"].tolist()) / B, "response_length": sum(n) / B,
@@ -845,3 +872,64 @@ def test_rows_are_the_rollouts_numbers_and_a_resumed_run_is_the_uninterrupted_on
                 assert row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (row["iter"], k)
             assert {k: row[k] for k in upd} == pytest.approx(upd, rel=1e-5) and "kl_loss" not in row  # 6 digits
     assert any(r["kl"] != 0 for r in whole) and any(r["score"] != r["reward"] for r in whole)
+    # the samples of iterations 1 and 2 (--sample_interval 2): the first --num_samples (4) rows, with their RM scores
+    # (not the KL-shaped rewards of rloo)
+    samples = [json.loads(line) for line in open(tmp_path / "whole" / "samples.jsonl")]
+    assert [s["iter"] for s in samples] == [1] * 4 + [2] * 4
+    for i, run in enumerate(whole_seen[:2]):
+        got = [s["score"] for s in samples[4 * i:4 * i + 4]]
+        assert got == pytest.approx(run["exp"]["scores"][:4].tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"group_size": 1}, "--group_size 1: a group needs at least 2 responses (G >= 2)"),
+    ({"batch_size": 10, "num_minibatches": 1}, "--batch_size 10 must be divisible by --group_size 4 (whole groups)"),
+    ({"advantage": "ppo"}, "--advantage 'ppo': expected one of grpo, dr_grpo, rloo"),
+    ({"kl_in": "both"}, "--kl_in 'both': expected auto, loss or reward"),
+    ({"kl_coef": -0.1}, "--kl_coef must be >= 0"),
+    ({"adv_eps": 0.0}, "--adv_eps must be > 0"),
+    ({"num_epochs": 0}, "--num_iterations and --num_epochs must be >= 1"),
+    ({"num_iterations": 0}, "--num_iterations and --num_epochs must be >= 1"),
+])
+def test_check_args_refuses_each_bad_value_in_one_message(flags, message):
+    with pytest.raises(utils.UserError) as e:
+        train_grpo.check_args(train_grpo.Args(**flags))
+    assert str(e.value) == message
+
+
+def test_check_args_passes_the_smallest_values_and_resolves_the_kl_from_kl_in():
+    args = train_grpo.Args(group_size=2, batch_size=2, num_minibatches=1, kl_coef=0.0, adv_eps=1e-12, num_epochs=1,
+                           num_iterations=1)
+    train_grpo.check_args(args)
+    assert (args.kl_in, args.kl_coef) == ("loss", 0.0)  # beta 0 given: kept, not the default 0.2
+    # an explicit --kl_in picks the default beta of its placement, whatever the advantage
+    for kind, where, beta in (("rloo", "loss", 0.2), ("grpo", "reward", 0.3), ("dr_grpo", "reward", 0.3)):
+        args = train_grpo.Args(advantage=kind, kl_in=where)
+        train_grpo.check_args(args)
+        assert (args.kl_in, args.kl_coef) == (where, beta), kind
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tiny_ckpts, tmp_path):
+    """The RM would score other tokens than the policy's: refused before anything is written."""
+    ckpt = utils.load_checkpoint(str(tiny_ckpts / "rm"))
+    ranks = ckpt["tokenizer"]["ranks"]
+    other = {**ckpt, "tokenizer": {**ckpt["tokenizer"], "ranks": [ranks[1], ranks[0], *ranks[2:]]}}
+    utils.save_checkpoint(str(tmp_path / "rm"), other)
+    out = tmp_path / "out"
+    with pytest.raises(utils.UserError, match=re.escape(f"{tiny_ckpts / 'sft'} and {tmp_path / 'rm'} use different "
+                                                        f"tokenizers")):
+        train_grpo.main(grpo_cmd(tiny_ckpts, out, "--rm", str(tmp_path / "rm"), "--num_iterations", "1")[1:])
+    assert not out.exists()
+
+
+def test_resume_refuses_a_changed_reward_model(tiny_ckpts, tmp_path, one_thread):
+    """--rm is one of the inputs train_state.pt records: retrained after the run started, --resume is refused."""
+    import shutil
+    rm, out = tmp_path / "rm", tmp_path / "out"
+    shutil.copytree(tiny_ckpts / "rm", rm)
+    train_grpo.main(grpo_cmd(tiny_ckpts, out, "--rm", str(rm), "--num_iterations", "2", "--stop_at", "1",
+                             "--gold", "off")[1:])
+    _, _, reward_model = tiny_setup(5)
+    utils.save_checkpoint(str(rm), utils.model_payload(reward_model, Tokenizer.byte_level(), "rm", {"seed": 0}, 1))
+    with pytest.raises(utils.UserError, match=re.escape(f"--resume: --rm {rm} is not what the run started from")):
+        train_grpo.main(["--out_dir", str(out), "--resume"])
