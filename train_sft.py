@@ -201,7 +201,8 @@ def init_model(args):
 
 
 def make_batch(examples, pad_id, max_len):
-    """[(ids, response_mask), ...] -> right-padded batch dict (idx, attention_mask, response_mask), T % 8 == 0."""
+    """[(ids, response_mask), ...] -> right-padded batch dict (idx, attention_mask, response_mask); T is the longest
+    rounded up to a multiple of 8, never above max_len."""
     return collate([ids for ids, _ in examples], pad_id, masks=[m for _, m in examples], max_len=max_len)
 
 
