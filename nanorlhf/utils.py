@@ -240,6 +240,8 @@ class FlagParser(argparse.ArgumentParser):
                 hint = suggest(name, options)
                 self.error(f"unknown flag {name}" + (f" (did you mean {hint}?)" if hint else " (see --help)"))
         ns, extras = self.parse_known_args(args, namespace)
+        if "--" in extras:  # the end of the flags, which argparse keeps: the argument after it is the unexpected one
+            extras.remove("--")
         if extras:
             what = f"unknown flag {extras[0]}" if extras[0].startswith("-") else f"unexpected argument {extras[0]!r}"
             self.error(f"{what} (flags are --name value; see --help)")

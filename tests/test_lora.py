@@ -315,6 +315,77 @@ def test_adapter_state_dict_count_trainable_and_flags_put_back_the_adapters():
         assert torch.equal(fresh(idx, mask), model(idx, mask))
 
 
+def test_from_linear_keeps_the_weights_dtype_and_device_and_inits_a_as_nn_linear():
+    """
+    A and B in the base weight's dtype and on its device (a float64 layer stays float64, a meta one allocates
+    nothing); A drawn as nn.Linear draws its weight, uniform in +-1/sqrt(in), B zero; alpha / r need not be whole.
+    """
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 5, dtype=torch.float64)
+    layer = lora.LoRALinear.from_linear(lin, rank=8, alpha=3)  # scaling 0.375
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert not layer.lora_B.any()
+    bound = 1 / 64 ** 0.5
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound  # of 512 uniform draws
+    assert layer.extra_repr().endswith(", rank=8, alpha=3")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    W, b, A, B = (t.detach() for t in (lin.weight, lin.bias, layer.lora_A, layer.lora_B))
+    ref = [[float(b[o]) + sum(float(x[n, i]) * float(W[o, i]) for i in range(64))
+            + 0.375 * sum(float(B[o, r]) * sum(float(x[n, i]) * float(A[r, i]) for i in range(64)) for r in range(8))
+            for o in range(5)] for n in range(3)]
+    torch.testing.assert_close(layer(x), torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    meta = lora.LoRALinear.from_linear(torch.nn.Linear(4, 3, device="meta"), rank=2, alpha=2)
+    assert meta.lora_A.device.type == meta.lora_B.device.type == "meta"
+
+
+def test_state_dicts_are_copies_unwrap_a_compiled_model_and_take_an_empty_state():
+    """
+    merged_state_dict, adapter_state_dict and lora_payload's tensors are copies (a later step does not change
+    them), on the device asked for; a torch.compile wrapper gives the plain keys; an empty state (an FSDP rank other
+    than 0, which holds nothing) gives an empty payload with the run's settings.
+    """
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    lora.apply_lora(model, rank=2, alpha=4)
+    randomise_adapters(model)
+    want = {k: v.clone() for k, v in lora.merged_state_dict(model).items()}
+    want_adapters = {k: v.clone() for k, v in lora.adapter_state_dict(model).items()}
+    compiled = torch.nn.Module()  # as torch.compile wraps a model: the model is its submodule _orig_mod
+    compiled._orig_mod = model
+    got, adapters = lora.merged_state_dict(compiled), lora.adapter_state_dict(compiled)
+    payload = lora.lora_payload(model, {"model": dict(model.state_dict())}, 2, 4, "c_fc")
+    trainable = {k: v.clone() for k, v in payload["lora"]["trainable"].items()}
+    assert {k: v for k, v in payload["lora"].items() if k != "trainable"} == {"rank": 2, "alpha": 4, "targets": "c_fc"}
+    assert trainable.keys() == want_adapters.keys()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert adapters.keys() == want_adapters.keys() and all(torch.equal(adapters[k], want_adapters[k]) for k in adapters)
+    assert all(torch.equal(payload["lora"]["trainable"][k], trainable[k]) for k in trainable)
+    assert all(torch.equal(payload["model"][k], want[k]) for k in want)
+    assert {v.device.type for v in lora.merged_state_dict(model, device="meta").values()} == {"meta"}
+    assert lora.merged_state_dict(model, state={}) == {}
+    empty = lora.lora_payload(model, {"model": {}}, 2, 4, "c_fc")
+    assert empty == {"model": {}, "lora": {"rank": 2, "alpha": 4, "targets": "c_fc", "trainable": {}}}
+
+
+def test_adapters_come_back_on_after_an_error_and_no_match_names_the_first_layers():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    lora.apply_lora(model, rank=2, alpha=4)
+    with pytest.raises(RuntimeError, match="inside"):
+        with lora.adapters_off(model):
+            raise RuntimeError("inside")
+    assert all(m.enabled for m in lora.lora_layers(model))
+    with pytest.raises(ValueError) as e:
+        lora.apply_lora(GPT(CONFIG), rank=2, alpha=4, targets="q_proj")
+    assert str(e.value) == ("LoRA targets 'q_proj' match no Linear layer (the layers are named like "
+                            "transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc)")
+
+
 # -----------------------------------------------------------------------------
 # LoRA in train_sft.py and train_rm.py (subprocess runs on a small copy of the built-in task)
 

@@ -418,7 +418,8 @@ def test_a_save_syncs_its_directory_after_the_renames(tmp_path, monkeypatch):
     assert ("fsync", out) in events[last_rename:]
     events.clear()
     utils.write_text(os.path.join(out, "report.md"), "x")
-    assert events[-2:] == [("replace", os.path.join(out, "report.md")), ("fsync", out)]
+    assert events == [("fsync", utils.tmp_name(os.path.join(out, "report.md"))),  # the bytes, before the rename
+                      ("replace", os.path.join(out, "report.md")), ("fsync", out)]
 
 
 def run_main(main, capsys):
@@ -534,9 +535,15 @@ def test_a_gpu_past_the_last_is_one_line_naming_the_gpus(monkeypatch, request):
     assert chosen == []
     assert utils.setup_runtime("cuda:1", "float32").device == torch.device("cuda:1")
     assert chosen == [torch.device("cuda:1")]
+    # auto is cuda where it is available; a device without an index leaves the current one as it is
+    assert utils.setup_runtime("auto", "float32").device == torch.device("cuda")
+    assert utils.setup_runtime("cuda", "float32").device == torch.device("cuda")
+    assert chosen == [torch.device("cuda:1")]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(utils.UserError, match=r"this machine has cpu, cuda \(cuda:0\)$"):
         utils.setup_runtime("cuda:1", "float32")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert utils.available_devices() == "cpu, cuda (cuda:0), mps"
 
 
 def test_load_model_with_a_stage_refuses_another_stages_scalar_model(tmp_path):
@@ -1171,3 +1178,96 @@ def test_load_model_refuses_an_unknown_model_kind_naming_the_file(tmp_path):
     utils.save_checkpoint(str(tmp_path), payload)
     with pytest.raises(utils.UserError, match=r"ckpt.pt: unknown model_kind 'critic'$"):
         utils.load_model(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# from mutation testing of the checkpoint loaders, run() and the atomic writes (session 21)
+
+
+def test_check_weights_refuses_a_tensor_that_is_not_a_finite_float_naming_it():
+    ok = {"a": torch.randn(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16), "step": 3}
+    utils.check_weights("f.pt", ok)
+    utils.check_weights("f.pt", [1])  # no dict: left to the loader
+    for bad, what in ((torch.tensor([1, 2]), "has dtype int64, not a floating-point weight"),
+                      (torch.tensor([True]), "has dtype bool, not a floating-point weight"),
+                      (torch.tensor([1.0, float("inf")]), "holds inf or nan"),
+                      (torch.tensor([float("-inf")]), "holds inf or nan"),
+                      (torch.tensor([0.0, float("nan")]), "holds inf or nan")):
+        with pytest.raises(utils.UserError) as e:
+            utils.check_weights("f.pt", {**ok, "w": bad})
+        assert str(e.value) == f"f.pt: tensor 'w' {what}"
+
+
+def test_load_model_checks_the_weights_names_its_flag_and_moves_the_model(tmp_path):
+    from nanorlhf.model import GPT, GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=258, n_layer=1, n_head=2, n_embd=8))
+    payload = utils.model_payload(gpt, Tokenizer.byte_level(), "sft", {}, 0)
+    utils.save_checkpoint(str(tmp_path), payload)
+    model, _, _ = utils.load_model(str(tmp_path), device="meta", kind="gpt")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    payload["model"]["lm_head.weight"] = payload["model"]["lm_head.weight"].half().to(torch.int8)
+    utils.save_checkpoint(str(tmp_path), payload)
+    with pytest.raises(utils.UserError) as e:
+        utils.load_model(str(tmp_path), kind="gpt", flag="--sft")
+    assert str(e.value) == f"--sft {tmp_path}/ckpt.pt: tensor 'lm_head.weight' has dtype int8, not a floating-point weight"
+    with pytest.raises(utils.UserError) as e:
+        utils.load_model(str(tmp_path / "none"), flag="--sft")
+    assert str(e.value) == f"--sft {tmp_path}/none: no such checkpoint file"
+
+
+def test_run_turns_a_data_error_into_one_line_and_exit_2(capsys):
+    from nanorlhf.data import DataError
+
+    def main():
+        raise DataError("sft.jsonl line 3: no 'prompt'")
+
+    assert run_main(main, capsys) == (2, "error: sft.jsonl line 3: no 'prompt'\n")
+
+
+def test_a_full_disk_is_read_from_the_folder_of_the_file_being_written(tmp_path, monkeypatch):
+    asked = []
+
+    def statvfs(path):
+        asked.append(path)
+        return type("St", (), {"f_bavail": 0, "f_frsize": 4096})()
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(OSError) as e:
+        with utils.writing(str(tmp_path / "ckpt.pt")):
+            raise RuntimeError("unexpected pos 576 vs 534")
+    assert asked == [str(tmp_path)] and (e.value.errno, e.value.filename) == (28, str(tmp_path / "ckpt.pt"))
+
+
+def test_an_out_dir_of_spaces_is_empty():
+    with pytest.raises(utils.UserError, match=r"^--out_dir: empty \(give a directory\)$"):
+        utils.check_out_dir_flag("   ")
+
+
+def test_remove_resume_state_takes_the_train_state_and_every_prev_file_only(tmp_path):
+    names = ["ckpt.pt", "critic.pt", "metrics.jsonl", "train_state.pt", "ckpt.prev.pt", "train_state.prev.pt",
+             "critic.prev.pt", "prev.pt.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    utils.remove_resume_state(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "critic.pt", "metrics.jsonl", "prev.pt.txt"]
+
+
+def test_publish_metrics_puts_the_pending_files_in_place_and_drops_the_earlier_runs_others(tmp_path):
+    for name, text in (("metrics.jsonl", "old"), ("samples.jsonl", "old"), ("memory.json", "old")):
+        (tmp_path / name).write_text(text)
+    utils.publish_metrics(str(tmp_path))  # nothing pending: nothing changes
+    assert sorted(os.listdir(tmp_path)) == ["memory.json", "metrics.jsonl", "samples.jsonl"]
+    for name in ("metrics.jsonl", "memory.json"):
+        (tmp_path / utils.tmp_name(name)).write_text("new")
+    utils.publish_metrics(str(tmp_path))
+    assert {n: (tmp_path / n).read_text() for n in os.listdir(tmp_path)} == {"metrics.jsonl": "new",
+                                                                          "memory.json": "new"}
+
+
+def test_a_double_dash_ends_the_flags(capsys):
+    """What follows "--" is an argument, the one named in the error ("unknown flag --" before: argparse keeps it)."""
+    with pytest.raises(SystemExit):
+        utils.parse_flags(Flags, ["--steps", "3", "--", "x"])
+    assert capsys.readouterr().err.endswith(": error: unexpected argument 'x' (flags are --name value; see --help)\n")
