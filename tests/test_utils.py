@@ -1211,7 +1211,8 @@ def test_load_model_checks_the_weights_names_its_flag_and_moves_the_model(tmp_pa
     utils.save_checkpoint(str(tmp_path), payload)
     with pytest.raises(utils.UserError) as e:
         utils.load_model(str(tmp_path), kind="gpt", flag="--sft")
-    assert str(e.value) == f"--sft {tmp_path}/ckpt.pt: tensor 'lm_head.weight' has dtype int8, not a floating-point weight"
+    assert str(e.value) == (f"--sft {tmp_path}/ckpt.pt: tensor 'lm_head.weight' has dtype int8, not a "
+                            f"floating-point weight")
     with pytest.raises(utils.UserError) as e:
         utils.load_model(str(tmp_path / "none"), flag="--sft")
     assert str(e.value) == f"--sft {tmp_path}/none: no such checkpoint file"
