@@ -491,7 +491,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
     A NaN or inf loss or gradient norm stops with NonFiniteError (naming `where`, the epoch and the minibatch)
     before that minibatch's optimizer steps.
     critic None (and critic_opt None): the shared trunk; one forward gives logits and values, one optimizer
-    steps on pg_loss - ent_coef * entropy + vf_coef * vf_loss.
+    steps on pg_loss - ent_coef * entropy (+ ptx_coef * L_SFT) + vf_coef * vf_loss.
     probe: a dict that gets "activations", the bytes autograd saved for the first micro-batch (memory.json;
     footprint.saved_once).
     """
@@ -564,7 +564,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss
                     mb_stats["ptx_loss"] += ptx_loss.detach()
                 if shared:
-                    # one loss for the one trunk: pg_loss (- ent_coef * entropy) + vf_coef * vf_loss
+                    # one loss for the one trunk: pg_loss (- ent_coef * entropy) (+ ptx_coef * L_SFT) + vf_coef * vf_loss
                     (actor_loss + args.vf_coef * vf_loss * share).backward()
                 else:
                     actor_loss.backward()

@@ -1051,14 +1051,15 @@ def test_reward_model_tokenizer_must_encode_alike_whatever_its_name(tmp_path):
         train_ppo.main(tiny_ppo_args(d, d / "ppo2"))
     assert not (d / "ppo2").exists()
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"offload": "ref,rm"}, [("sft", "meta"), ("rm", "cpu"), ("rm", "meta"), ("sft", "cpu")]),
-    ({"offload": "rm", "critic": "shared"}, [("sft", "cpu"), ("rm", "cpu"), ("sft", "meta")]),
-    ({"offload": "rm", "critic": "shared", "lora_rank": 2}, [("sft", "cpu"), ("rm", "cpu")]),
-    ({"offload": "ref,rm", "lora_rank": 2}, [("sft", "meta"), ("rm", "meta")]),  # neither can be offloaded
+@pytest.mark.parametrize("flags, expected, offloaded_models", [
+    ({"offload": "ref,rm"}, [("sft", "meta"), ("rm", "cpu"), ("rm", "meta"), ("sft", "cpu")], ["ref", "reward_model"]),
+    ({"offload": "rm", "critic": "shared"}, [("sft", "cpu"), ("rm", "cpu"), ("sft", "meta")], ["reward_model"]),
+    ({"offload": "rm", "critic": "shared", "lora_rank": 2}, [("sft", "cpu"), ("rm", "cpu")], ["reward_model"]),
+    ({"offload": "ref,rm", "lora_rank": 2}, [("sft", "meta"), ("rm", "meta")], []),  # neither can be offloaded
 ])
 @pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter:UserWarning")  # "meta" stands for the device
-def test_build_models_puts_no_extra_full_model_on_the_accelerator(random_ckpts, monkeypatch, flags, expected):
+def test_build_models_puts_no_extra_full_model_on_the_accelerator(random_ckpts, monkeypatch, flags, expected,
+                                                                  offloaded_models):
     """
     An offloaded frozen model is loaded into CPU memory, never onto the accelerator first, and the shared trunk is
     built in CPU memory before it moves ("meta" stands in for the accelerator; the loads themselves stay on the CPU).
@@ -1071,10 +1072,13 @@ def test_build_models_puts_no_extra_full_model_on_the_accelerator(random_ckpts, 
         return real_load(path, "cpu", **kw)
 
     monkeypatch.setattr(utils, "load_model", load_model)
-    monkeypatch.setattr(train_ppo, "offload", lambda model, device: model)
+    offloaded = []
+    monkeypatch.setattr(train_ppo, "offload", lambda model, device: offloaded.append(model) or model)
     args = Args(sft=str(random_ckpts / "sft"), rm=str(random_ckpts / "rm"), **flags)
     models = train_ppo.build_models(args, "meta")
     assert loads == expected
+    # offload() is handed those frozen models, each once, and no other
+    assert sorted(map(id, offloaded)) == sorted(id(models[k]) for k in offloaded_models)
     if args.critic == "shared":  # built in CPU memory, then moved
         assert next(models["actor"].parameters()).device.type == "meta"
 
@@ -1152,3 +1156,127 @@ def test_rm_must_be_a_reward_model(tiny_pipeline):
     p = script(*ppo_cmd(tiny_pipeline, tiny_pipeline / "ppo_bad_rm", "--rm", str(tiny_pipeline / "sft")), check=False)
     assert p.returncode == 2 and "holds a language model" in p.stderr, p.stderr
     assert not (tiny_pipeline / "ppo_bad_rm").exists()
+
+
+@pytest.mark.parametrize("flags, given, message", [
+    ({"num_iterations": 0}, set(), "--num_iterations and --ppo_epochs must be >= 1"),
+    ({"ppo_epochs": 0}, set(), "--num_iterations and --ppo_epochs must be >= 1"),  # trained nothing, saved anyway
+    ({"ptx_coef": 0.5}, {"ptx_coef"}, "--ptx_coef > 0 needs --ptx_data (an SFT JSONL file)"),  # read_sft("") mid-start
+    ({"lora_rank": -1}, {"lora_rank"}, "--lora_rank -1: must be >= 0 (0 = no LoRA)"),
+    ({"lora_rank": 4, "lora_alpha": 0.0}, {"lora_rank", "lora_alpha"}, "--lora_alpha 0.0: must be > 0"),
+    ({"critic": "both"}, {"critic"}, "--critic 'both': expected separate or shared"),
+    ({"offload": "ref,actor"}, {"offload"},
+     "--offload 'ref,actor': unknown model ['actor'], expected ref, rm or ref,rm"),
+    ({"offload": "rm,critic,x"}, {"offload"}, "--offload 'rm,critic,x': unknown model ['critic']"),  # the first one
+    # a rank of 1 is LoRA too: its head must stay out of the targets
+    ({"lora_rank": 1, "lora_targets": "^head"}, {"lora_rank", "lora_targets"}, "'^head' matches head"),
+])
+def test_check_flags_refuses_each_with_its_own_line(flags, given, message):
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        train_ppo.check_flags(Args(**flags), given)
+
+
+@pytest.mark.parametrize("offload", ["ref", "rm", "rm,ref", "ref,,rm", ""])
+def test_check_flags_takes_every_subset_of_the_offloadable_models(offload):
+    train_ppo.check_flags(Args(offload=offload), {"offload"})
+
+
+def save_dropout_ckpts(d):
+    """Random tiny SFT and RM checkpoints whose configs have dropout 0.1, as a trained SFT model's may."""
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    torch.manual_seed(0)
+    utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
+    utils.save_checkpoint(str(d / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {}, 0))
+    return d
+
+
+def dropouts(model):
+    """Every dropout probability a model holds: its config's, each nn.Dropout's, each module's float `dropout`."""
+    out = [model.config.dropout]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            out.append(m.p)
+        elif isinstance(getattr(m, "dropout", None), float):
+            out.append(m.dropout)
+    return out
+
+
+@pytest.mark.parametrize("flags", [{}, {"critic": "shared"}, {"lora_rank": 2}, {"lora_rank": 2, "critic": "shared"}])
+def test_build_models_turns_dropout_off_and_freezes_what_the_table_says(tmp_path, flags):
+    """
+    From checkpoints with dropout 0.1: no model keeps any dropout; the reference and the reward model are frozen;
+    without LoRA every weight of the actor and critic trains; with LoRA only the adapters and the head on top (the
+    critic's head, or the shared trunk's value head) do; --grad_checkpointing reaches both trained models.
+    """
+    d = save_dropout_ckpts(tmp_path)
+    args = Args(sft=str(d / "sft"), rm=str(d / "rm"), grad_checkpointing=True, **flags)
+    m = train_ppo.build_models(args, "cpu")
+    actor, critic, ref, rm = m["actor"], m["critic"], m["ref"], m["reward_model"]
+    assert (critic is None) == (args.critic == "shared")
+    trained = [actor] + ([critic] if critic is not None else [])
+    # with LoRA the reference is the actor with its adapters off: its dropout is the actor's
+    checked = [("actor", actor), ("critic", critic), ("reward", rm)] + ([("ref", ref)] if not args.lora_rank else [])
+    for name, model in checked:
+        if model is not None:
+            assert dropouts(model) and all(p == 0.0 for p in dropouts(model)), name
+    assert not any(p.requires_grad for p in rm.parameters())
+    if not args.lora_rank:
+        assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+        assert not rm.training
+        for model in trained:
+            assert all(p.requires_grad for p in model.parameters())
+    else:
+        assert isinstance(ref, train_ppo.lora.AdaptersOff)
+        head = "value_head." if critic is None else "head."
+        for key, model in (("actor", actor), ("critic", critic)):
+            if model is None:
+                continue
+            for n, p in model.named_parameters():
+                want = "lora_" in n or (n.startswith(head) and (critic is None) == (key == "actor"))
+                assert p.requires_grad == want, (key, n)
+    for model in trained:
+        assert model.grad_checkpointing is True
+
+
+def test_a_resumed_shared_trunk_gets_its_saved_value_head_back(random_ckpts):
+    """
+    --critic shared on --resume: build_models puts the trunk from ckpt.pt and the value head from critic.pt (as
+    checkpoint_files wrote them) back, not the zero head a fresh run starts with.
+    """
+    args = Args(sft=str(random_ckpts / "sft"), rm=str(random_ckpts / "rm"), critic="shared")
+    m = train_ppo.build_models(args, "cpu")
+    actor = m["actor"]
+    assert not actor.value_head.weight.any()  # a fresh run: V = 0
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    opt = utils.configure_optimizer(actor, 1e-3, 0.0, (0.9, 0.95), "cpu")
+    out = str(random_ckpts / "ppo")
+    gen = torch.Generator().manual_seed(7)
+    gen.manual_seed(8)  # a state that is not the seed's: PPO-ptx's draws so far
+    payloads = train_ppo.checkpoint_files(args, 3, m["tok"], actor, None, opt, None, 0.25, {"epoch": 0, "pos": 0},
+                                          gen, {})
+    state = payloads[utils.TRAIN_STATE]
+    assert state["kl_coef"] == 0.25 and state["step"] == 3 and state["critic_optimizer"] is None
+    assert torch.equal(state["ptx_rng"], gen.get_state())
+    assert payloads[utils.CKPT]["models_resident"] == 3  # the shared trunk, the reference, the reward model
+    train_ppo.C.save_files(out, payloads)
+    files = train_ppo.C.complete_files(out, [utils.CKPT, train_ppo.CRITIC, utils.TRAIN_STATE])
+    again = train_ppo.build_models(args, "cpu", files)["actor"]
+    want = actor.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items())
+    assert again.value_head.weight.abs().sum() > 0
+
+
+def test_ptx_data_with_no_example_that_fits_the_context_is_refused(random_ckpts):
+    """
+    Every PPO-ptx example's response longer than block_size (a long prompt alone is cut, such an example is dropped):
+    one line naming the file, before metrics.jsonl is started (without the check the first update's draw fails).
+    """
+    sft = random_ckpts / "long.jsonl"
+    sft.write_text(json.dumps({"prompt": "sort 3 1", "response": "9 " * 40}) + "\n")
+    out = random_ckpts / "ppo"
+    with pytest.raises(utils.UserError, match=re.escape(f"{sft}: no example fits block_size 64")):
+        train_ppo.main(tiny_ppo_args(random_ckpts, out, "--ptx_coef", "1", "--ptx_data", str(sft)))
+    assert not (out / "metrics.jsonl").exists()
