@@ -564,7 +564,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp, args, rt, ptx=None, wh
                     actor_loss = actor_loss + args.ptx_coef * ptx_loss
                     mb_stats["ptx_loss"] += ptx_loss.detach()
                 if shared:
-                    # one loss for the one trunk: pg_loss (- ent_coef * entropy) (+ ptx_coef * L_SFT) + vf_coef * vf_loss
+                    # one loss for the one trunk: the actor's (pg, entropy, ptx terms) + vf_coef * vf_loss
                     (actor_loss + args.vf_coef * vf_loss * share).backward()
                 else:
                     actor_loss.backward()
