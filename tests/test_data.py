@@ -2,6 +2,7 @@ import itertools
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,25 @@ BAD = [
      ":1: field 'chosen': empty prompt before the last '\\n\\nAssistant:'"),
     (read_prompts, lines({"prompt": "a"}, {"text": "b"}), ":2: field 'prompt': missing"),
     (read_prompts, b'{"prompt": "a"}\n\x80\n', ":2: not valid UTF-8 (byte 0x80 at column 1)"),
+    # a byte order mark is skipped at the start of the file only: one further on (files joined with cat) is an error
+    (read_prompts, "\ufeff" + lines({"prompt": "a"}, "\ufeff" + json.dumps({"prompt": "b"})),
+     ":2: malformed JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (column 1)"),
+    # lines end at "\n" (a "\r\n" ending is whitespace JSON allows); a lone "\r" ends no line
+    (read_prompts, b'{"prompt": "a"}\r\n{"prompt": "b"}\r{"prompt": "c"}\r\n', ":2: malformed JSON: Extra data"),
+    (read_sft, lines({"prompt": "p", "response": True}), ":1: field 'response': expected a non-empty string, got a boolean"),
+    (read_sft, lines({"prompt": 1.5, "response": "r"}), ":1: field 'prompt': expected a non-empty string, got a number"),
+    (read_sft, lines({"messages": [{"role": "user", "content": "u"}, {"role": "assistant"}]}),
+     ":1: field 'messages[1].content': missing"),
+    (read_prefs, lines({"prompt": "p", "ranking": [0, 1]}), ":1: field 'responses': missing"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 0, 0]}),
+     ":1: field 'ranking': expected a permutation of 0..1 (best first), got [1, 0, 0]"),
+    (read_prefs, lines({"prompt": "p", "responses": ["a", "b", "c", "b"], "ranking": [0, 1, 2, 3]}),
+     ":1: field 'responses': responses 1 and 3 are identical"),
+    # a cut multi-byte character: the byte named is the one it starts with, at its column
+    (read_prompts, b'{"prompt": "\xe2\x82("}\n', ":1: not valid UTF-8 (byte 0xe2 at column 13)"),
+    # transcripts that start with the assistant marker: split there, with nothing before it
+    (read_prefs, lines({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}),
+     ":1: field 'chosen': empty prompt before the last '\\n\\nAssistant:'"),
 ]
 
 
@@ -173,11 +193,13 @@ def test_hh_split_of_a_stripped_transcript():
             ("Human: hi\n\nAssistant: hello there", "\n\nHuman: hi\n\nAssistant: hello there"),
             ("Human: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6",
              "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6"),
-            (" \nHuman:hi\n\nAssistant:yo", "\n\nHuman: hi\n\nAssistant: yo")]:
+            (" \nHuman:hi\n\nAssistant:yo", "\n\nHuman: hi\n\nAssistant: yo"),
+            ("Human:  hi\n\nAssistant:   yo", "\n\nHuman:  hi\n\nAssistant:   yo")]:
         prompt, response = split_hh(transcript)
         assert TOK.render(prompt, response)[0] == TOK.encode(rendered) + [TOK.eos_id]
     assert split_hh("Human: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: yes") == ("a\n\nAssistant: b\n\nHuman: c?", "yes")
     assert split_hh("hi\n\nAssistant: yo") == ("hi", "yo")  # no human marker: the prompt is kept as it is
+    assert split_hh("\n\nHuman:  hi\n\nAssistant:  yo") == (" hi", " yo")  # only the template's one space goes
 
 
 def test_read_prefs_stripped_hh_transcripts(tmp_path):
@@ -224,6 +246,63 @@ TEMPLATED = [
 @pytest.mark.parametrize("reader,content,expected", TEMPLATED, ids=[f"{r.__name__}-{i}" for i, (r, _, _) in enumerate(TEMPLATED)])
 def test_already_templated_text_is_refused(tmp_path, reader, content, expected):
     refused_in_one_line(tmp_path, reader, content, expected)
+
+
+def test_already_templated_turns_whole_message(tmp_path):
+    # the template named is the one rendering puts around that role; the hint names what to give instead
+    says = "already holds the chat template (it starts with {!r}, and rendering adds {!r} itself); give the bare {}"
+    for obj, field, marker, template, what in [
+            ({"messages": [{"role": "user", "content": "Human: hi"}, {"role": "assistant", "content": "yo"}]},
+             "messages[0].content", "Human:", "\n\nHuman: {prompt}\n\nAssistant:", "message"),
+            ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Human: yo"}]},
+             "messages[1].content", "Human:", "\n\nAssistant: {response}", "message"),
+            ({"prompt": "hi", "response": "Assistant: yo"}, "response", "Assistant:", "\n\nAssistant: {response}",
+             "response")]:
+        path = write(tmp_path, lines(obj))
+        with pytest.raises(DataError) as e:
+            read_sft(path)
+        assert str(e.value) == f"{path}:1: field '{field}': " + says.format(marker, template, what)
+
+
+def test_hh_record_missing_a_half_exact_message(tmp_path):
+    # an HH record with one of its two transcripts: the missing one is named, without the list of formats
+    for obj, missing in [({"rejected": HH["rejected"]}, "chosen"), ({"chosen": HH["chosen"]}, "rejected")]:
+        path = write(tmp_path, lines(obj))
+        with pytest.raises(DataError) as e:
+            read_prefs(path)
+        assert str(e.value) == f"{path}:1: field '{missing}': missing"
+
+
+def test_read_sft_chat_may_end_with_any_turn(tmp_path):
+    # one assistant turn anywhere is enough: a trailing user turn is read (encode_sft then leaves it out)
+    msgs = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    assert read_sft(write(tmp_path, lines({"messages": msgs}))) == [{"messages": msgs}]
+
+
+def test_malformed_json_huge_integer_message_is_one_clause(tmp_path):
+    path = write(tmp_path, lines({"prompt": "p", "response": "r"}).replace("}", ', "n": ' + "7" * 5000 + "}"))
+    with pytest.raises(DataError) as e:
+        read_sft(path)
+    assert str(e.value) == (f"{path}:1: malformed JSON: Exceeds the limit (4300 digits) for integer string "
+                            "conversion: value has 5000 digits")
+
+
+def test_bad_long_ranking_is_shown_cut_to_60_characters(tmp_path):
+    k = 30
+    ranking = [0] * k  # json.dumps: "[0, 0, ..." of 3 * 30 characters
+    path = write(tmp_path, lines({"prompt": "p", "responses": [f"r{i}" for i in range(k)], "ranking": ranking}))
+    with pytest.raises(DataError) as e:
+        read_prefs(path)
+    shown = "[" + "0, " * 19 + "0,"  # the first 60 characters
+    assert len(shown) == 60
+    assert str(e.value) == f"{path}:1: field 'ranking': expected a permutation of 0..29 (best first), got {shown}"
+
+
+def test_only_the_full_markers_are_refused(tmp_path):
+    # a prompt that ends with 'Assistant:' without the template's '\n\n' before it holds no template
+    path = write(tmp_path, lines({"prompt": "Reply as the Assistant:", "chosen": "ok", "rejected": "no"}))
+    assert read_prefs(path)[0]["prompt"] == "Reply as the Assistant:"
+    assert read_prompts(path) == ["Reply as the Assistant:"]
 
 
 def test_already_templated_prompt_message_and_exit_status(tmp_path, capsys):
@@ -463,6 +542,41 @@ def test_sampler_drop_last_and_no_shuffle():
     assert len(places) > 1
 
 
+def test_sampler_batches_match_plain_reference():
+    # the docstring's recipe written out with Python's (stable) sort: a chunk's equal lengths keep the shuffled order,
+    # so the batches are the same on every machine and numpy build (an unstable sort may order ties either way)
+    rng = random.Random(7)
+    for n, bs, chunk_batches in [(97, 4, 3), (64, 8, 2), (50, 5, 50), (200, 7, 4)]:
+        lengths = [rng.randint(1, 4) for _ in range(n)]  # many ties
+        for seed, epoch in [(0, 0), (1, 0), (0, 1), (3, 2)]:
+            g = np.random.default_rng([seed, epoch])
+            perm = g.permutation(n).tolist()
+            want = []
+            for c in range(0, n, chunk_batches * bs):
+                chunk = sorted(perm[c:c + chunk_batches * bs], key=lambda i: lengths[i])
+                want += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+            want = [want[i] for i in g.permutation(len(want)).tolist()]
+            assert LengthGroupedSampler(lengths, bs, seed=seed, chunk_batches=chunk_batches).batches(epoch) == want
+        ordered = sorted(range(n), key=lambda i: lengths[i])
+        assert LengthGroupedSampler(lengths, bs, shuffle=False).batches(5) == [ordered[i:i + bs] for i in range(0, n, bs)]
+    # (seed, epoch) is one key, not their sum: seed 1's epoch 1 is not seed 2's epoch 0
+    lengths = [rng.randint(1, 50) for _ in range(100)]
+    assert LengthGroupedSampler(lengths, 4, seed=1).batches(1) != LengthGroupedSampler(lengths, 4, seed=2).batches(0)
+
+
+def test_sampler_len_is_the_number_of_batches():
+    for n in range(1, 30):
+        for bs in range(1, 9):
+            for drop_last in (False, True):
+                want = n // bs if drop_last else (n + bs - 1) // bs
+                for shuffle in (True, False):
+                    s = LengthGroupedSampler(list(range(n)), bs, shuffle=shuffle, drop_last=drop_last)
+                    got = list(s)
+                    assert len(s) == len(got) == want, (n, bs, drop_last, shuffle)
+                    short = [b for b in got if len(b) != bs]
+                    assert len(short) == (0 if drop_last or n % bs == 0 else 1) and all(len(b) < bs for b in short)
+
+
 def test_sampler_resume_continues_identically():
     lengths = [random.Random(i).randint(1, 50) for i in range(300)]
     ref = LengthGroupedSampler(lengths, batch_size=8, seed=3)
@@ -489,8 +603,10 @@ def test_sampler_resume_continues_identically():
         resumed.set_epoch(epoch)  # the usual loop: keeps the restored position in the restored epoch
         got += list(resumed)
     assert got == stream
-    with pytest.raises(DataError, match="sampler state is for 300 examples"):
-        LengthGroupedSampler(lengths[:10], batch_size=8).load_state_dict(state)
+    for other_n in (10, 600):  # fewer or more examples than the state was saved for
+        with pytest.raises(DataError) as e:
+            LengthGroupedSampler(lengths[:10] if other_n == 10 else lengths * 2, batch_size=8).load_state_dict(state)
+        assert str(e.value) == f"resume: the sampler state is for 300 examples, the data has {other_n}"
     # the state carries the seed: a sampler built with another seed (a changed --seed flag) resumes the stream
     other = LengthGroupedSampler(lengths, batch_size=8, seed=4)
     other.load_state_dict(state)
@@ -499,6 +615,12 @@ def test_sampler_resume_continues_identically():
         other.set_epoch(epoch)
         rest += list(other)
     assert got[:50] + rest == stream
+    # set_epoch to an earlier epoch (an evaluation pass over epoch 0, say) goes back to its start
+    s = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    s.set_epoch(2)
+    assert list(s) == s.batches(2)
+    s.set_epoch(0)
+    assert list(s) == s.batches(0) == stream[:len(s)]
 
 
 # -----------------------------------------------------------------------------
@@ -558,6 +680,7 @@ def test_shared_prefix_len_leaves_each_sequence_its_last_token():
     assert shared_prefix_len([[1, 2], [1, 2]]) == 1
     assert shared_prefix_len([[5, 1], [6, 1]]) == 0
     assert shared_prefix_len([[7]]) == 0
+    assert shared_prefix_len([[], [1, 2]]) == 0  # never below 0
 
 
 def test_pack_shared_prefix_layout():
@@ -604,6 +727,10 @@ def test_pack_shared_prefix_unpacks_to_collates_width_under_max_len():
     plain = collate([s for g in groups for s in g], pad_id=0, max_len=60)
     assert p["unpack"].shape == plain["idx"].shape == (4, 60)
     assert p["packed_idx"].size(1) == 88  # 30 + 28 + 29 = 87 tokens, rounded up to 88 > max_len
+    assert torch.equal(p["packed_idx"].flatten()[p["unpack"]] * plain["attention_mask"], plain["idx"])
+    # without max_len the unpacked width is still collate's (the longest sequence, 59, rounded up), not the packed row's
+    p, plain = pack_shared_prefix(groups, pad_id=0), collate([s for g in groups for s in g], pad_id=0)
+    assert p["unpack"].shape == plain["idx"].shape == (4, 64) and p["packed_idx"].size(1) == 88
     assert torch.equal(p["packed_idx"].flatten()[p["unpack"]] * plain["attention_mask"], plain["idx"])
 
 
