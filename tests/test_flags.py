@@ -395,3 +395,134 @@ def test_a_rollouts_minibatch_must_split_into_grad_accum_micro_batches(monkeypat
         else:
             with pytest.raises(utils.UserError, match=r"^--stop_at must be in 1\.\.7 \(--num_iterations\)"):
                 train_common.check_rollout_flags(args)
+
+
+@pytest.mark.parametrize("name", ["train_sft.py", "train_rm.py", "train_dpo.py"])
+def test_check_loop_flags_takes_each_bound_and_refuses_just_past_it(name, monkeypatch):
+    """
+    check_loop_flags at the edge of every bound, each refusal one line naming the flag and its value: the counts at 1
+    pass, at 0 are refused; --lr > 0 with 0 <= --min_lr <= --lr (min_lr = lr, a constant rate, and min_lr 0 pass);
+    --warmup, --weight_decay and --grad_clip 0 pass, just below 0 are refused; the LoRA flags named without a rank are
+    refused in one line, both together too; with a rank, --lora_alpha must be > 0 and --lora_rank >= 0.
+    """
+    from nanorlhf import train_common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    config = runpy.run_path(os.path.join(ROOT, name), run_name="not_main")["Config"]
+
+    def check(*argv):
+        train_common.check_loop_flags(utils.parse_flags(config, list(argv)))
+
+    for flag_name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                      "ckpt_interval"):
+        check(f"--{flag_name}", "1", "--warmup", "0")
+        with pytest.raises(utils.UserError, match=rf"^--{flag_name} must be at least 1, got 0$"):
+            check(f"--{flag_name}", "0")
+    for lr, min_lr in (("1e-3", "1e-3"), ("1e-3", "0"), ("1e-3", "5e-4"), ("1e-9", "1e-9")):
+        check(f"--lr={lr}", f"--min_lr={min_lr}")
+    for lr, min_lr in (("0", "0"), ("-1e-3", "-1e-3"), ("1e-3", "1.001e-3"), ("1e-3", "-1e-9")):
+        with pytest.raises(utils.UserError, match=re.escape(f"need --lr > 0 and 0 <= --min_lr <= --lr, got --lr "
+                                                            f"{float(lr)} --min_lr {float(min_lr)}")):
+            check(f"--lr={lr}", f"--min_lr={min_lr}")
+    for flag_name, message in (("warmup", "--warmup must be >= 0 (0: no warmup), got -1"),
+                               ("weight_decay", "--weight_decay must be >= 0, got -1e-09"),
+                               ("grad_clip", "--grad_clip must be >= 0 (0: no clipping), got -1e-09")):
+        check(f"--{flag_name}", "0")
+        below = "-1" if flag_name == "warmup" else "-1e-9"
+        with pytest.raises(utils.UserError, match=f"^{re.escape(message)}$"):
+            check(f"--{flag_name}={below}")
+    if not hasattr(config, "lora_rank"):
+        return
+    for argv, message in ((["--lora_targets", "c_fc"], "--lora_targets does nothing without --lora_rank > 0"),
+                          (["--lora_alpha", "8", "--lora_targets", "c_fc"],
+                           "--lora_alpha and --lora_targets do nothing without --lora_rank > 0"),
+                          (["--lora_rank", "4", "--lora_alpha", "0"], "--lora_alpha must be > 0, got 0.0"),
+                          (["--lora_rank=-1"], "--lora_rank must be >= 0 (0 = no LoRA), got -1")):
+        with pytest.raises(utils.UserError, match=f"^{re.escape(message)}$"):
+            check(*argv)
+    check("--lora_rank", "1", "--lora_alpha", "1e-9", "--lora_targets", "c_fc")
+
+
+def test_read_split_needs_a_val_frac_strictly_between_0_and_1_only_without_val_data():
+    """
+    read_split: without --val_data, --val_frac 0 or 1 (or past them) is refused naming the flag, not a split of one
+    record or of none; with --val_data, --val_frac is not read. round(val_frac * n) records held out, at least 1.
+    """
+    from nanorlhf import train_common
+
+    records = [{"i": i} for i in range(10)]
+    files = {"a.jsonl": records, "b.jsonl": records[:3]}
+    for val_frac in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(utils.UserError, match=re.escape(f"--val_frac must be in (0, 1) when there is no "
+                                                            f"--val_data, got {val_frac}")):
+            train_common.read_split(files.get, "a.jsonl", None, val_frac, seed=0)
+        assert train_common.read_split(files.get, "a.jsonl", "b.jsonl", val_frac, seed=0) == (records, records[:3])
+    for val_frac, n_val in ((1e-9, 1), (0.9, 9), (0.94, 9), (0.26, 3)):
+        train, val = train_common.read_split(files.get, "a.jsonl", None, val_frac, seed=3)
+        assert len(val) == n_val and len(train) == 10 - n_val
+        assert sorted(r["i"] for r in train + val) == list(range(10))
+
+
+def test_check_rollout_flags_takes_each_bound_and_refuses_just_past_it(monkeypatch):
+    """check_rollout_flags (PPO's and GRPO's) at the edge of every bound: each refusal one line naming the flag."""
+    from nanorlhf import train_common
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def check(*argv):
+        train_common.check_rollout_flags(utils.parse_flags(train_ppo.Args, list(argv)))
+
+    for argv in ([], ["--batch_size", "1", "--num_minibatches", "1", "--grad_accum", "1"], ["--beta1", "0", "--beta2", "0"],
+                 ["--beta1", "0.999999", "--beta2", "0.999999"], ["--temperature", "1e-6"], ["--response_length", "1"],
+                 ["--num_samples", "1", "--sample_interval", "1", "--save_interval", "1"], ["--gold", "on"],
+                 ["--gold", "off"], ["--gold", "auto"], ["--max_grad_norm", "0"], ["--weight_decay", "0"]):
+        check(*argv)
+    sizes = "--batch_size, --num_minibatches and --grad_accum must be >= 1"
+    intervals = "--sample_interval and --save_interval must be >= 1"
+    for argv, message in ((["--batch_size", "0"], sizes), (["--num_minibatches", "0"], sizes),
+                          (["--grad_accum", "0"], sizes),
+                          (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
+                          (["--beta2", "1"], "--beta2 must be in [0, 1), got 1.0"),
+                          (["--beta1=-0.1"], "--beta1 must be in [0, 1), got -0.1"),
+                          (["--temperature", "0"], "--temperature must be > 0 (a policy gradient needs a stochastic "
+                                                   "policy)"),
+                          (["--response_length", "0"], "--response_length must be >= 1"),
+                          (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+                          (["--sample_interval", "0"], intervals), (["--save_interval", "0"], intervals),
+                          (["--gold", "yes"], "--gold 'yes': expected auto, on or off"),
+                          (["--gold", ""], "--gold '': expected auto, on or off"),
+                          (["--max_grad_norm=-0.5"], "--max_grad_norm must be >= 0 (0: no clipping), got -0.5"),
+                          (["--weight_decay=-0.1"], "--weight_decay must be >= 0, got -0.1")):
+        with pytest.raises(utils.UserError, match=f"^{re.escape(message)}$"):
+            check(*argv)
+
+
+def test_gold_on_is_auto_when_every_prompt_is_the_tasks_and_on_refuses_one_that_is_not():
+    """train_common.gold_on, every mode against prompts all the task's, one foreign, and none: a table by hand."""
+    from nanorlhf import train_common
+
+    task, foreign = ["sort 3 1", "sort 9 8 7"], ["sort 3 1", "x" * 100, "hello"]
+    for mode, prompts, want in (("auto", task, True), ("auto", foreign, False), ("auto", [], True),
+                                ("on", task, True), ("off", task, False), ("off", foreign, False)):
+        assert train_common.gold_on(mode, prompts, "p.jsonl") is want, (mode, prompts)
+    with pytest.raises(utils.UserError) as e:  # the first foreign prompt, cut to 60 characters
+        train_common.gold_on("on", foreign, "p.jsonl")
+    assert str(e.value) == (f"--gold on: p.jsonl holds prompts that are not the built-in task's, e.g. {'x' * 60!r}, "
+                            f"which its gold judge cannot score (it would log 0); use --gold auto or off")
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--resume"], "on"), (["--resume", "--seed", "1"], "on"), (["--seed", "1", "--resume"], "on"),
+    (["--resume", "auto"], "auto"), (["--resume=auto", "--seed", "1"], "auto"), (["--seed", "1", "--resume=off"], "off"),
+    (["--resume", "--seed", "1", "--resume"], "on"), (["--resume", "--resume", "auto"], "auto"), ([], "off"),
+])
+def test_parse_stage_flags_reads_a_bare_resume_as_on_wherever_it_stands(argv, want):
+    """
+    train_common.parse_stage_flags: a bare --resume (last, or before another --flag) is `--resume on`, each of them
+    where there are several; `--resume=auto` is already a flag with its value, nothing is added after it.
+    """
+    from nanorlhf import train_common
+
+    args = train_common.parse_stage_flags(train_ppo.Args, argv)
+    assert args.resume == want and args.seed == (1 if "1" in argv else train_ppo.Args.seed)

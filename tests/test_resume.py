@@ -739,3 +739,87 @@ def test_a_saved_state_without_a_flags_digest_does_not_check_that_flag(tmp_path)
     assert train_common.input_digests(inputs, state={"inputs": {"--data": fresh["--data"]}}) == fresh
     with pytest.raises(utils.UserError, match="--data .* is not what the run started from"):
         train_common.input_digests(inputs, state={"inputs": {"--data": fresh["--val_data"]}})
+
+
+# -----------------------------------------------------------------------------
+# from mutation testing round 7: check_finite's message, load_run's note, input_digests of a large file
+
+
+def test_check_finite_names_the_step_only_when_there_is_one():
+    """The message starts with `where: ` when a step is named, with "non-finite" itself when where is ""."""
+    nan, inf = torch.tensor(float("nan")), float("inf")
+    with pytest.raises(train_common.NonFiniteError) as e:
+        train_common.check_finite("", loss=nan, grad_norm=1.5)
+    assert str(e.value).startswith("non-finite loss nan, grad_norm 1.5; stopped before the optimizer step")
+    with pytest.raises(train_common.NonFiniteError) as e:
+        train_common.check_finite("iter 7", grad_norm=inf)
+    assert str(e.value).startswith("iter 7: non-finite grad_norm inf; stopped before the optimizer step")
+    train_common.check_finite("", loss=torch.tensor(2.0), grad_norm=0.0)  # finite: nothing
+
+
+def test_load_run_says_nothing_of_a_save_that_was_not_interrupted(tmp_path, capsys):
+    """The note of a kept .prev.pt version is printed only when load_run uses one (then it names it)."""
+    out = tmp_path / "run"
+    save(out, 2)
+    save(out, 4)
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["step"], state["step"]) == (4, 4) and capsys.readouterr().out == ""
+    torch.save({"step": 6, "save_id": "a later save"}, out / "train_state.pt.tmp")
+    os.link(out / "train_state.pt", out / "train_state.prev.pt")  # as save_files keeps it ...
+    os.replace(out / "train_state.pt.tmp", out / "train_state.pt")  # ... before a rename killed before ckpt.pt's
+    ckpt, state = train_common.load_run(str(out))
+    assert (ckpt["step"], state["step"]) == (4, 4)
+    assert capsys.readouterr().out == (f"note: a save in {out} was interrupted before ckpt.pt was replaced: resuming "
+                                       f"from step 4 with train_state.prev.pt\n")
+
+
+def test_input_digests_hash_every_byte_of_a_file_larger_than_a_read(tmp_path):
+    """input_digests reads in 1 MiB chunks: a file of 2.5 MiB, changed only in its last byte, has another digest."""
+    import hashlib
+
+    data = bytes(random.Random(5).getrandbits(8) for _ in range(1000)) * 2621 + b"a"
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(data)
+    got = train_common.input_digests({"--data": str(path)})
+    assert got == {"--data": hashlib.sha256(data).hexdigest()}
+    path.write_bytes(data[:-1] + b"b")
+    with pytest.raises(utils.UserError, match=f"^--resume: --data {path} is not what the run started from"):
+        train_common.input_digests({"--data": str(path)}, {"inputs": got})
+
+
+def test_an_input_that_fails_while_being_read_is_named_by_its_flag_alone(tmp_path, monkeypatch):
+    """An OSError that names no file (EIO from a read) is said after the flag and path, without a "None: " in it."""
+    (tmp_path / "d.jsonl").write_text("x\n")
+
+    class Failing:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(train_common, "open", lambda *a, **kw: Failing(), raising=False)
+    with pytest.raises(utils.UserError) as e:
+        train_common.input_digests({"--data": str(tmp_path / "d.jsonl")})
+    assert str(e.value) == f"--data {tmp_path / 'd.jsonl'}: Input/output error"
+
+
+def test_keep_samples_until_removes_both_files_when_no_row_is_kept(tmp_path):
+    """
+    A fresh run in a directory whose earlier model is gone (no metrics pending: the samples are not kept for a first
+    save), or a checkpoint older than every sample row: samples.jsonl and samples.txt both go, not left as they were.
+    """
+    from nanorlhf.rollout import write_samples
+
+    row = {"prompt": "sort 2 1", "response": "1 2", "score": 0.5, "gold": None}
+    for iteration, iters in ((0, (1, 2)), (1, (2, 3))):
+        out = tmp_path / f"from_{iteration}"
+        out.mkdir()
+        for it in iters:
+            write_samples(str(out), it, [row])
+        assert sorted(os.listdir(out)) == ["samples.jsonl", "samples.txt"]
+        train_common.keep_samples_until(str(out), iteration)
+        assert os.listdir(out) == [], iteration
