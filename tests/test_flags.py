@@ -473,8 +473,8 @@ def test_check_rollout_flags_takes_each_bound_and_refuses_just_past_it(monkeypat
     def check(*argv):
         train_common.check_rollout_flags(utils.parse_flags(train_ppo.Args, list(argv)))
 
-    for argv in ([], ["--batch_size", "1", "--num_minibatches", "1", "--grad_accum", "1"], ["--beta1", "0", "--beta2", "0"],
-                 ["--beta1", "0.999999", "--beta2", "0.999999"], ["--temperature", "1e-6"], ["--response_length", "1"],
+    for argv in ([], ["--batch_size", "1", "--num_minibatches", "1", "--grad_accum", "1"],
+                 ["--beta1", "0", "--beta2", "0"], ["--beta1", "0.999999", "--beta2", "0.999999"], ["--temperature", "1e-6"], ["--response_length", "1"],
                  ["--num_samples", "1", "--sample_interval", "1", "--save_interval", "1"], ["--gold", "on"],
                  ["--gold", "off"], ["--gold", "auto"], ["--max_grad_norm", "0"], ["--weight_decay", "0"]):
         check(*argv)
@@ -514,7 +514,8 @@ def test_gold_on_is_auto_when_every_prompt_is_the_tasks_and_on_refuses_one_that_
 
 @pytest.mark.parametrize("argv, want", [
     (["--resume"], "on"), (["--resume", "--seed", "1"], "on"), (["--seed", "1", "--resume"], "on"),
-    (["--resume", "auto"], "auto"), (["--resume=auto", "--seed", "1"], "auto"), (["--seed", "1", "--resume=off"], "off"),
+    (["--resume", "auto"], "auto"), (["--resume=auto", "--seed", "1"], "auto"),
+    (["--seed", "1", "--resume=off"], "off"),
     (["--resume", "--seed", "1", "--resume"], "on"), (["--resume", "--resume", "auto"], "auto"), ([], "off"),
 ])
 def test_parse_stage_flags_reads_a_bare_resume_as_on_wherever_it_stands(argv, want):
