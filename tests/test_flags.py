@@ -474,7 +474,8 @@ def test_check_rollout_flags_takes_each_bound_and_refuses_just_past_it(monkeypat
         train_common.check_rollout_flags(utils.parse_flags(train_ppo.Args, list(argv)))
 
     for argv in ([], ["--batch_size", "1", "--num_minibatches", "1", "--grad_accum", "1"],
-                 ["--beta1", "0", "--beta2", "0"], ["--beta1", "0.999999", "--beta2", "0.999999"], ["--temperature", "1e-6"], ["--response_length", "1"],
+                 ["--beta1", "0", "--beta2", "0"], ["--beta1", "0.999999", "--beta2", "0.999999"],
+                 ["--temperature", "1e-6"], ["--response_length", "1"],
                  ["--num_samples", "1", "--sample_interval", "1", "--save_interval", "1"], ["--gold", "on"],
                  ["--gold", "off"], ["--gold", "auto"], ["--max_grad_norm", "0"], ["--weight_decay", "0"]):
         check(*argv)
