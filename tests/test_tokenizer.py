@@ -551,11 +551,16 @@ def test_bpe_vocab_of_just_the_bytes_and_its_own_split_pattern():
     assert train_bpe(text, 300, pattern=r"\S+\s?") == naive_bpe(text, 300, pattern=r"\S+\s?")
 
 
+def two_letter_words(n):
+    """The first n of "AA", "AB", ..., "Az", "BA", ...: each word a different pair of letters (n <= 2704)."""
+    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    return [x + y for x in letters for y in letters][:n]
+
+
 def test_bpe_ties_over_hundreds_of_merges_and_the_progress_line(capsys):
     # 600 distinct two-letter words, each twice, one per line: every pair has count 2, so the merges go in the order
     # of the pairs (smallest first), one word each; verbose prints a line every 500 merges, here exactly one
-    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words = [x + y for x in letters for y in letters][:600]
+    words = two_letter_words(600)
     text = "\n".join(words * 2)
     ranks = train_bpe(text, 256 + 600, verbose=True)
     assert sorted(ranks, key=ranks.get)[256:] == sorted(w.encode() for w in words)
@@ -665,8 +670,7 @@ def test_train_cli_bytes_only_non_ascii_unreadable_and_progress(tmp_path, monkey
     tokenizer.main(["--train", str(corpus), "--vocab_size", "258", "--out", str(out)])
     assert load_tiktoken(str(out))[b" \n"] == 256 and capsys.readouterr().err == ""
     # the trainer's progress lines reach the terminal: 600 words, one merge each (see the test of the ties)
-    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    corpus.write_text("\n".join([x + y for x in letters for y in letters][:600] * 2))
+    corpus.write_text("\n".join(two_letter_words(600) * 2))
     tokenizer.main(["--train", str(corpus), "--vocab_size", "800", "--out", str(out)])
     assert "merge 500: b'Jf' count 2 vocab 756 (" in capsys.readouterr().out
     # a corpus that is not UTF-8, or not there (with an --out that is), is refused in one line, exit status 2
