@@ -127,7 +127,7 @@ def check_loop_flags(args):
     utils.check(args.warmup >= 0, f"--warmup must be >= 0 (0: no warmup), got {args.warmup}")
     utils.check(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
     # a trial run shortened below its warmup is allowed, but its learning rate rises to the end and never decays
-    if args.warmup > args.max_steps and os.environ.get("RANK", "0") == "0":
+    if args.warmup > args.max_steps and dist.is_main():
         last_lr = utils.cosine_lr(args.max_steps - 1, args.lr, args.warmup, args.max_steps, args.min_lr)
         print(f"note: --warmup {args.warmup} is longer than --max_steps {args.max_steps}: the learning rate rises for "
               f"the whole run and ends at {last_lr:.3g}, short of --lr {args.lr:g}")
