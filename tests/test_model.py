@@ -1331,7 +1331,8 @@ def test_policy_state_dict_is_a_plain_gpts():
     """The shared actor-critic's policy_state_dict holds exactly a GPT's keys (no value head), and loads strictly."""
     gpt = make_gpt(noise=0.05)
     sd = ValueHeadGPT.from_gpt(gpt).policy_state_dict()
-    assert sorted(sd) == sorted(gpt.state_dict())
+    want = gpt.state_dict()
+    assert sorted(sd) == sorted(want) and all(torch.equal(v, want[k]) for k, v in sd.items())  # its own weights
     GPT(CONFIG).double().load_state_dict(sd)  # strict
 
 
@@ -1381,6 +1382,7 @@ def test_on_token_streams_what_generate_returns():
     idx, mask = left_pad([[5, 6, 7, 8], [20, 21], [30, 31, 32]], pad_id=1)
     raw = model.generate(idx, 8, temperature=0.0, attention_mask=mask)[:, -8:]
     eos = int(raw[0, 1])
+    assert (raw[0, 2:] != 49).any()  # what row 0 samples after its EOS is not the pad already
     streamed = []
     out = model.generate(idx, 8, temperature=0.0, attention_mask=mask, eos_id=eos, pad_id=49,
                          on_token=lambda t: streamed.append(t.tolist()))

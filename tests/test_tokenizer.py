@@ -557,11 +557,19 @@ def two_letter_words(n):
     return [x + y for x in letters for y in letters][:n]
 
 
+def shuffled_lines(lines):
+    """The lines in a fixed shuffled order, joined: which pair a BPE trainer sees first is then not the smallest."""
+    lines = list(lines)
+    random.Random(13).shuffle(lines)
+    return "\n".join(lines)
+
+
 def test_bpe_ties_over_hundreds_of_merges_and_the_progress_line(capsys):
-    # 600 distinct two-letter words, each twice, one per line: every pair has count 2, so the merges go in the order
-    # of the pairs (smallest first), one word each; verbose prints a line every 500 merges, here exactly one
+    # 600 distinct two-letter words, each twice, one per line, in a shuffled order: every pair has count 2, so the
+    # merges go in the order of the pairs (smallest first, not first seen), one word each; verbose prints a line every
+    # 500 merges, here exactly one
     words = two_letter_words(600)
-    text = "\n".join(words * 2)
+    text = shuffled_lines(words * 2)
     ranks = train_bpe(text, 256 + 600, verbose=True)
     assert sorted(ranks, key=ranks.get)[256:] == sorted(w.encode() for w in words)
     out = capsys.readouterr().out
@@ -670,7 +678,7 @@ def test_train_cli_bytes_only_non_ascii_unreadable_and_progress(tmp_path, monkey
     tokenizer.main(["--train", str(corpus), "--vocab_size", "258", "--out", str(out)])
     assert load_tiktoken(str(out))[b" \n"] == 256 and capsys.readouterr().err == ""
     # the trainer's progress lines reach the terminal: 600 words, one merge each (see the test of the ties)
-    corpus.write_text("\n".join(two_letter_words(600) * 2))
+    corpus.write_text(shuffled_lines(two_letter_words(600) * 2))
     tokenizer.main(["--train", str(corpus), "--vocab_size", "800", "--out", str(out)])
     assert "merge 500: b'Jf' count 2 vocab 756 (" in capsys.readouterr().out
     # a corpus that is not UTF-8, or not there (with an --out that is), is refused in one line, exit status 2

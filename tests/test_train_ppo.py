@@ -817,9 +817,9 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_checkpoint(tiny_pipeline, 
     assert all(torch.isfinite(v).all() for v in model.values())
 
 
-def save_random_ckpts(d, rm_block_size=64):
+def save_random_ckpts(d, rm_block_size=64, dropout=0.0):
     tok = Tokenizer.byte_level()
-    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=dropout)
     torch.manual_seed(0)
     utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
     rm_config = dataclasses.replace(config, block_size=rm_block_size)
@@ -1181,16 +1181,6 @@ def test_check_flags_takes_every_subset_of_the_offloadable_models(offload):
     train_ppo.check_flags(Args(offload=offload), {"offload"})
 
 
-def save_dropout_ckpts(d):
-    """Random tiny SFT and RM checkpoints whose configs have dropout 0.1, as a trained SFT model's may."""
-    tok = Tokenizer.byte_level()
-    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
-    torch.manual_seed(0)
-    utils.save_checkpoint(str(d / "sft"), utils.model_payload(GPT(config), tok, "sft", {}, 0))
-    utils.save_checkpoint(str(d / "rm"), utils.model_payload(ScalarGPT(config), tok, "rm", {}, 0))
-    return d
-
-
 def dropouts(model):
     """Every dropout probability a model holds: its config's, each nn.Dropout's, each module's float `dropout`."""
     out = [model.config.dropout]
@@ -1209,7 +1199,7 @@ def test_build_models_turns_dropout_off_and_freezes_what_the_table_says(tmp_path
     without LoRA every weight of the actor and critic trains; with LoRA only the adapters and the head on top (the
     critic's head, or the shared trunk's value head) do; --grad_checkpointing reaches both trained models.
     """
-    d = save_dropout_ckpts(tmp_path)
+    d = save_random_ckpts(tmp_path, dropout=0.1)  # as a trained SFT model's config may have
     args = Args(sft=str(d / "sft"), rm=str(d / "rm"), grad_checkpointing=True, **flags)
     m = train_ppo.build_models(args, "cpu")
     actor, critic, ref, rm = m["actor"], m["critic"], m["ref"], m["reward_model"]
@@ -1219,11 +1209,11 @@ def test_build_models_turns_dropout_off_and_freezes_what_the_table_says(tmp_path
     checked = [("actor", actor), ("critic", critic), ("reward", rm)] + ([("ref", ref)] if not args.lora_rank else [])
     for name, model in checked:
         if model is not None:
-            assert dropouts(model) and all(p == 0.0 for p in dropouts(model)), name
-    assert not any(p.requires_grad for p in rm.parameters())
+            found = dropouts(model)
+            assert len(found) > 1 and all(p == 0.0 for p in found), (name, found)  # the config's and its modules'
+    assert not any(p.requires_grad for p in rm.parameters()) and not rm.training
     if not args.lora_rank:
         assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
-        assert not rm.training
         for model in trained:
             assert all(p.requires_grad for p in model.parameters())
     else:
